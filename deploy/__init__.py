@@ -1,0 +1,3 @@
+"""The Ray Serve application: GPU model deployment, HTTP ingress and the handle API."""
+
+__all__: list[str] = []

@@ -1,0 +1,34 @@
+"""fa3trt: FlashAttention-3 inside TensorRT engines, served on Ray.
+
+Importing this package needs neither TensorRT, CUDA nor FA3: those are imported lazily by the
+modules that use them (``fa3trt._trt`` alone imports TensorRT; ``fa3trt.attention`` alone FA3).
+"""
+
+from fa3trt.attention import attention
+from fa3trt.errors import (
+    ConfigError,
+    EngineCorruptError,
+    EngineMismatchError,
+    EngineNotFoundError,
+    Fa3TrtError,
+    InvalidInputError,
+    MissingDependencyError,
+    PluginNotRegisteredError,
+)
+from fa3trt.model import ModelConfig, build_model, save_weights
+
+__all__ = [
+    "attention",
+    "ModelConfig",
+    "build_model",
+    "save_weights",
+    "Fa3TrtError",
+    "InvalidInputError",
+    "ConfigError",
+    "MissingDependencyError",
+    "EngineNotFoundError",
+    "EngineMismatchError",
+    "EngineCorruptError",
+    "PluginNotRegisteredError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,403 @@
+"""The ``attn::custom_attn`` op: non-causal multi-head attention over (B, S, H, D) tensors.
+
+Contract:
+- q, k, v are laid out (batch, seq, heads, head_dim) like FA3; fp32, fp16 or bf16, one dtype.
+- ``seq_lens`` (int32, shape (B,)) is optional. Keys past a sequence's length are ignored and
+  the output rows past it are zero, so a padded batch equals each sequence run alone.
+- ``mode`` 0 computes in the input dtype; 1 is FP8 (FA3's e4m3 path with per-head descale
+  factors when FA3 is installed, else an FP8 quantize/dequantize of q, k, v computed in the
+  input dtype, announced once with a warning: the numerics of FP8 without its speed).
+
+The kernel is chosen once per device and logged: FA3 (``flash_attn_interface``) on sm90, else
+PyTorch SDPA (cuDNN first on sm90, flash otherwise), else math on CPU. ``FA3TRT_ATTN_KERNEL``
+overrides the choice. Ragged batches never use a dense boolean mask on GPU: FA3 uses
+``seqused_q/k``; the SDPA kernels run each sequence at its own length (lengths known on the
+host) or PyTorch's flash kernel with ``seqused_k`` (lengths only on the device, no host sync).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fa3trt.errors import InvalidInputError
+
+__all__ = [
+    "attention",
+    "custom_attn",
+    "reference_attention",
+    "select_kernel",
+    "available_kernels",
+    "run_kernel",
+    "fp8_quantize",
+    "MODE_NATIVE",
+    "MODE_FP8",
+    "KERNEL_ENV",
+]
+
+log = logging.getLogger(__name__)
+
+MODE_NATIVE = 0
+MODE_FP8 = 1
+KERNEL_ENV = "FA3TRT_ATTN_KERNEL"
+PLUGIN_NAME = "CustomAttnPlugin"
+PLUGIN_VERSION = "1"
+PLUGIN_DOMAIN = "attn"
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FP8_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = float(torch.finfo(_FP8_DTYPE).max)
+
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- FA3 (optional)
+@functools.cache
+def _fa3_module():  # type: ignore[no-untyped-def]
+    """The FA3 Python interface, or None. Imported once; the only place FA3 is imported."""
+    try:
+        import flash_attn_interface  # type: ignore[import-not-found]
+    except Exception as e:  # an ABI mismatch raises OSError/RuntimeError, not only ImportError
+        log.debug("FA3 unavailable: %s", e)
+        return None
+    return flash_attn_interface
+
+
+def _first(result: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    # FA3 releases differ: some return out, others (out, lse).
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _padded_cu_seqlens(batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    # Sequence i starts at row i*seq of the flattened padded batch; seqused_* give the lengths.
+    return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
+
+
+def _fa3_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    descale: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    fa3 = _fa3_module()
+    extra = {}
+    if descale is not None:
+        extra = {"q_descale": descale[0], "k_descale": descale[1], "v_descale": descale[2]}
+    if seq_lens is None:
+        return _first(fa3.flash_attn_func(q, k, v, causal=False, **extra))
+    b, s, h, d = q.shape
+    cu = _padded_cu_seqlens(b, s, q.device)
+    lens = seq_lens.to(device=q.device, dtype=torch.int32)
+    out = _first(
+        fa3.flash_attn_varlen_func(
+            q.reshape(b * s, h, d),
+            k.reshape(b * s, h, d),
+            v.reshape(b * s, h, d),
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
+            max_seqlen_q=s,
+            max_seqlen_k=s,
+            seqused_q=lens,
+            seqused_k=lens,
+            causal=False,
+            **extra,
+        )
+    ).view(b, s, h, -1)
+    return _zero_tail_rows(out, lens)
+
+
+# --------------------------------------------------------------------------- SDPA kernels
+_SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def _sdpa_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None) -> torch.Tensor:
+    ctx = sdpa_kernel(_SDPA_BACKENDS[backend]) if backend else nullcontext()
+    with ctx:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return o.transpose(1, 2).contiguous()
+
+
+def _zero_tail_rows(out: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(out.shape[1], device=out.device)[None, :] < lens.to(out.device)[:, None]
+    return out.masked_fill_(~rows[:, :, None, None], 0)
+
+
+def _host_lengths(seq_lens: torch.Tensor) -> list[int]:
+    # Free for CPU tensors; a device tensor costs one sync, which callers that care avoid by
+    # passing host lengths (the serving path always has them on the host).
+    return [int(x) for x in seq_lens.tolist()]
+
+
+def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, backend: str) -> torch.Tensor:
+    """Each sequence at its own length: no padded keys are ever read, no mask is built."""
+    b, s = q.shape[:2]
+    lens = _host_lengths(seq_lens)
+    if all(n == s for n in lens):
+        return _sdpa_dense(q, k, v, backend)
+    out = torch.empty_like(q)
+    for i, n in enumerate(lens):
+        if n > 0:
+            out[i, :n] = _sdpa_dense(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n], backend)[0]
+        if n < s:
+            out[i, n:].zero_()
+    return out
+
+
+def _sdpa_kernel(backend: str) -> Kernel:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+        if seq_lens is None:
+            return _sdpa_dense(q, k, v, backend)
+        return _per_sequence(q, k, v, seq_lens, backend)
+
+    return run
+
+
+def _flash_seqused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch's flash kernel with ``seqused_k``: ragged without a host sync (lengths stay on device)."""
+    if seq_lens is None:
+        return _sdpa_dense(q, k, v, "flash")
+    b, s, h, d = q.shape
+    cu = _padded_cu_seqlens(b, s, q.device)
+    lens = seq_lens.to(device=q.device, dtype=torch.int32)
+    out = torch.ops.aten._flash_attention_forward(
+        q.reshape(b * s, h, d), k.reshape(b * s, h, d), v.reshape(b * s, h, d),
+        cu, cu, s, s, 0.0, False, False, seqused_k=lens,
+    )[0].view(b, s, h, d)
+    return _zero_tail_rows(out, lens)
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain softmax(QK^T/sqrt(d))V with a key-padding mask, in float64 on the input's device.
+
+    The numerical reference for tests and benchmarks; not used by any serving path.
+    """
+    b, s, h, d = q.shape
+    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
+    scores = qd @ kd.transpose(-1, -2) / d**0.5
+    if seq_lens is not None:
+        keep = torch.arange(s, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    out = (scores.softmax(-1) @ vd).transpose(1, 2)
+    if seq_lens is not None:
+        out = torch.nan_to_num(out)  # a zero-length sequence has no keys at all
+        out = _zero_tail_rows(out.contiguous(), seq_lens)
+    return out.to(q.dtype)
+
+
+def _math_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """CPU: SDPA's math/CPU kernel with a key-padding mask (cheap at the sizes a CPU serves)."""
+    if seq_lens is None:
+        return _sdpa_dense(q, k, v, None)
+    s = q.shape[1]
+    keep = torch.arange(s, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
+    # A zero-length sequence would mask every key; give it one so softmax stays finite, and
+    # zero its rows below like every other padded row.
+    keep[:, 0] = True
+    o = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None, None, :]
+    )
+    return _zero_tail_rows(o.transpose(1, 2).contiguous(), seq_lens)
+
+
+KERNELS: dict[str, Kernel] = {
+    "fa3": _fa3_kernel,
+    "cudnn": _sdpa_kernel("cudnn"),
+    "flash": _sdpa_kernel("flash"),
+    "flash_seqused": _flash_seqused,
+    "efficient": _sdpa_kernel("efficient"),
+    "math": _math_kernel,
+}
+
+
+def available_kernels(device: torch.device | str) -> list[str]:
+    """Kernels that can run on ``device`` (FA3 only when it imports and the GPU is sm90)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ["math"]
+    names = ["cudnn", "flash", "flash_seqused", "efficient", "math"]
+    if _fa3_module() is not None and torch.cuda.get_device_capability(device) == (9, 0):
+        names.insert(0, "fa3")
+    return names
+
+
+_select_lock = threading.Lock()
+_selected: dict[str, str] = {}
+
+
+def select_kernel(device: torch.device | str) -> str:
+    """The kernel this process uses on ``device``: chosen once, logged once."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    name = _selected.get(key)
+    if name is not None:
+        return name
+    with _select_lock:
+        if key in _selected:
+            return _selected[key]
+        available = available_kernels(device)
+        forced = os.environ.get(KERNEL_ENV)
+        if forced:
+            if forced not in available:
+                raise InvalidInputError(
+                    f"{KERNEL_ENV}={forced!r} is not available on {device}; choose one of {available}"
+                )
+            name, why = forced, f"forced by {KERNEL_ENV}"
+        elif device.type != "cuda":
+            name, why = "math", "CPU"
+        elif "fa3" in available:
+            name, why = "fa3", "flash_attn_interface imports and the GPU is sm90"
+        elif torch.cuda.get_device_capability(device) >= (9, 0):
+            name, why = "cudnn", "sm90+ without FA3: cuDNN SDPA is the fastest PyTorch kernel there"
+        else:
+            name, why = "flash", "pre-sm90 GPU without FA3"
+        log.info("attention kernel on %s: %s (%s)", device, name, why)
+        _selected[key] = name
+        return name
+
+
+def run_kernel(
+    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run one named kernel directly (benchmarks and tests); no validation, mode 0."""
+    return KERNELS[name](q, k, v, seq_lens)
+
+
+# --------------------------------------------------------------------------- FP8
+def fp8_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(batch, head) e4m3 quantization of a (B, S, H, D) tensor.
+
+    Returns (fp8 tensor, descale of shape (B, H) in float32) with ``t ≈ fp8 * descale``.
+    """
+    amax = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)  # (B, H)
+    descale = amax / _FP8_MAX
+    q8 = (t.float() / descale[:, None, :, None]).clamp(-_FP8_MAX, _FP8_MAX).to(_FP8_DTYPE)
+    return q8, descale
+
+
+def _fp8_dequantize(q8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q8.float() * descale[:, None, :, None]).to(dtype)
+
+
+_fp8_warned = False
+
+
+def _run_fp8(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    global _fp8_warned
+    (q8, qs), (k8, ks), (v8, vs) = fp8_quantize(q), fp8_quantize(k), fp8_quantize(v)
+    if kernel == "fa3":
+        out = _fa3_kernel(q8, k8, v8, seq_lens, descale=(qs, ks, vs))
+        return out.to(q.dtype)
+    if not _fp8_warned:
+        _fp8_warned = True
+        warnings.warn(
+            "attention mode=1 (FP8): FA3 is not installed, so q, k, v are quantized to FP8 e4m3 "
+            f"and computed with the {kernel!r} kernel in {q.dtype}: FP8 numerics without FP8 speed. "
+            "Build FA3 (flash-attention hopper/) for the FP8 kernel.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    deq = [_fp8_dequantize(t8, s, q.dtype) for t8, s in ((q8, qs), (k8, ks), (v8, vs))]
+    return KERNELS[kernel](deq[0], deq[1], deq[2], seq_lens)
+
+
+# --------------------------------------------------------------------------- the op
+@torch.library.custom_op("attn::custom_attn", mutates_args=())
+def custom_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None, mode: int
+) -> torch.Tensor:
+    kernel = select_kernel(q.device)
+    if mode == MODE_FP8:
+        return _run_fp8(kernel, q, k, v, seq_lens)
+    return KERNELS[kernel](q, k, v, seq_lens)
+
+
+@custom_attn.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None, mode: int) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def _is_tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None, mode: int) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise InvalidInputError(
+                f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}; "
+                "reshape (B, S, H*D) inputs with .view(B, S, H, D)"
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise InvalidInputError(f"{name} has dtype {t.dtype}; use one of float32, float16, bfloat16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InvalidInputError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.shape[:3] == k.shape[:3] == v.shape[:3]) or q.shape[3] != k.shape[3]:
+        raise InvalidInputError(
+            "q, k, v must agree on (batch, seq, heads) and q, k on head_dim; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if mode not in (MODE_NATIVE, MODE_FP8):
+        raise InvalidInputError(f"mode must be 0 (input dtype) or 1 (FP8), got {mode!r}")
+    if seq_lens is None:
+        return
+    b, s = q.shape[:2]
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != b:
+        raise InvalidInputError(f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(seq_lens.shape)}")
+    if seq_lens.dtype not in (torch.int32, torch.int64):
+        raise InvalidInputError(f"seq_lens must be int32, got {seq_lens.dtype}")
+    if seq_lens.device.type == "cpu" and not _is_tracing() and b > 0:
+        lo, hi = int(seq_lens.min()), int(seq_lens.max())
+        if lo < 0 or hi > s:
+            raise InvalidInputError(
+                f"seq_lens must lie in [0, {s}] (the padded sequence length), got min {lo}, max {hi}"
+            )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None = None,
+    mode: int = MODE_NATIVE,
+    *,
+    plugin_namespace: str = "",
+) -> torch.Tensor:
+    """Attention over (B, S, H, D) tensors; see the module docstring for the contract.
+
+    Under ``torch.onnx.export`` this emits one ``attn::CustomAttnPlugin`` node (the TensorRT
+    plugin's name, version and fields) instead of tracing into a kernel.
+    """
+    _validate(q, k, v, seq_lens, mode)
+    if seq_lens is not None and seq_lens.dtype != torch.int32:
+        seq_lens = seq_lens.to(torch.int32)
+    if torch.onnx.is_in_onnx_export():
+        if seq_lens is None:
+            seq_lens = torch.full((q.shape[0],), q.shape[1], dtype=torch.int32, device=q.device)
+        return torch.onnx.ops.symbolic(
+            f"{PLUGIN_DOMAIN}::{PLUGIN_NAME}",
+            [q, k, v, seq_lens],
+            attrs={"mode": int(mode), "plugin_version": PLUGIN_VERSION, "plugin_namespace": plugin_namespace},
+            dtype=q.dtype,
+            shape=q.shape,
+            version=1,
+        )
+    return custom_attn(q, k, v, seq_lens, int(mode))

@@ -1,0 +1,147 @@
+"""Backends: what runs a padded batch. ``TorchBackend`` (the embedded default, CPU or CUDA) and
+``TensorRTBackend`` (``fa3trt.runtime``) share one protocol and the same model, weights and op.
+
+``load_backend("auto" | "torch" | "tensorrt", ...)`` picks one and logs why: ``auto`` takes
+TensorRT when it imports and a CUDA GPU is present, else the torch backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from fa3trt import _trt
+from fa3trt.attention import select_kernel
+from fa3trt.buckets import Buckets
+from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
+from fa3trt.model import ModelConfig, build_model
+
+__all__ = ["Backend", "TorchBackend", "load_backend", "BackendKind", "default_device"]
+
+log = logging.getLogger(__name__)
+
+BackendKind = Literal["auto", "torch", "tensorrt"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs the model on a padded batch.
+
+    ``run(x, seq_lens)``: x (B, L, hidden) on the CPU or the backend's device, seq_lens int32 (B,)
+    on the CPU; returns (B, L, hidden) on the backend's device in the model dtype, rows past
+    each length zero. ``warmup`` runs each (batch, seq) shape once so first requests pay no
+    compile or allocation cost.
+    """
+
+    name: str
+    device: torch.device
+    hidden: int
+
+    def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor: ...
+
+    def warmup(self, shapes: Sequence[tuple[int, int]]) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class TorchBackend:
+    """The PyTorch model, eager, in inference mode, on CPU or CUDA."""
+
+    name = "torch"
+
+    def __init__(
+        self, config: ModelConfig, weights: str | os.PathLike[str] | None = None, device: torch.device | str | None = None
+    ) -> None:
+        self.config = config
+        self.device = torch.device(device) if device is not None else default_device()
+        self.hidden = config.hidden
+        self.dtype = config.torch_dtype
+        self.weights = None if weights is None else os.fspath(weights)
+        self.model = build_model(config, weights, self.device)
+        self.kernel = select_kernel(self.device)
+
+    def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.hidden:
+            raise InvalidInputError(f"x must have shape (batch, seq, {self.hidden}), got {tuple(x.shape)}")
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        # Lengths stay on the host: the attention kernels dispatch per sequence without a sync.
+        with torch.inference_mode():
+            return self.model(x, seq_lens.to("cpu", torch.int32))
+
+    def warmup(self, shapes: Sequence[tuple[int, int]]) -> None:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(0)
+        for b, s in shapes:
+            x = torch.randn(b, s, self.hidden, generator=g)
+            self.run(x, torch.full((b,), s, dtype=torch.int32))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("torch backend warmed %d shapes in %.2fs", len(shapes), time.perf_counter() - t0)
+
+    def describe(self) -> dict[str, Any]:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "device_name": name,
+            "dtype": self.config.dtype,
+            "attention_kernel": self.kernel,
+            "model": self.config.to_dict(),
+            "weights": self.weights,
+        }
+
+
+def load_backend(
+    kind: BackendKind = "auto",
+    config: ModelConfig | None = None,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    device: torch.device | str | None = None,
+    buckets: Buckets | None = None,
+    store: str | None = None,
+    build_if_missing: bool = False,
+    max_batch_tokens: int | None = None,
+) -> Backend:
+    """Pick and construct a backend. ``config`` defaults to the ``tiny`` preset.
+
+    The TensorRT backend loads this GPU's engine for (model, buckets) from ``store``; with
+    ``build_if_missing`` it builds it first, else a missing engine is an error naming the
+    build command.
+    """
+    config = config or ModelConfig.preset("tiny")
+    if kind not in ("auto", "torch", "tensorrt"):
+        raise ConfigError(f"backend must be 'auto', 'torch' or 'tensorrt', got {kind!r}")
+    if kind == "auto":
+        if not _trt.available():
+            log.info("backend auto -> torch: TensorRT is not importable")
+            kind = "torch"
+        elif not torch.cuda.is_available():
+            log.info("backend auto -> torch: TensorRT imports but no CUDA GPU is visible")
+            kind = "torch"
+        else:
+            log.info("backend auto -> tensorrt: TensorRT %s and a CUDA GPU are present", _trt.version())
+            kind = "tensorrt"
+    if kind == "torch":
+        return TorchBackend(config, weights, device)
+    if not torch.cuda.is_available():
+        raise MissingDependencyError("backend 'tensorrt' needs a CUDA GPU and none is visible; use backend 'torch'")
+    _trt.trt()  # raises with the install hint
+    from fa3trt.runtime import TensorRTBackend
+
+    return TensorRTBackend.load(
+        config,
+        weights=weights,
+        buckets=buckets or Buckets((256, 1024, 4096)),
+        store=store,
+        build_if_missing=build_if_missing,
+        max_batch_tokens=max_batch_tokens,
+    )

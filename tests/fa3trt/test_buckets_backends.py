@@ -1,0 +1,60 @@
+"""Buckets, batch assembly and the torch backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fa3trt
+from fa3trt.backends import Backend, TorchBackend, load_backend
+from fa3trt.buckets import Buckets, assemble, padding_ratio, split_rows
+from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
+from tests.utils import rel_err
+
+
+def test_bucket_index_and_limits() -> None:
+    b = Buckets((128, 512, 2048))
+    assert [b.index(n) for n in (1, 128, 129, 512, 513, 2048)] == [0, 0, 1, 1, 2, 2]
+    assert [b.lower(i) for i in range(3)] == [1, 129, 513]
+    assert b.batch_limit(0, 8192) == 64 and b.batch_limit(2, 1000) == 1
+    with pytest.raises(InvalidInputError, match="2049 exceeds the largest bucket"):
+        b.index(2049)
+    with pytest.raises(InvalidInputError, match=">= 1, got 0"):
+        b.index(0)
+    for bad in ((), (512, 128), (0, 4), (4, 4)):
+        with pytest.raises(ConfigError):
+            Buckets(bad)
+
+
+def test_assemble_split_roundtrip() -> None:
+    rows = [np.random.rand(n, 8).astype(np.float32) for n in (5, 1, 3)]
+    x, lens = assemble(rows)
+    assert x.shape == (3, 5, 8) and lens.tolist() == [5, 1, 3] and lens.dtype == torch.int32
+    assert torch.all(x[1, 1:] == 0)
+    for r, back in zip(rows, split_rows(x, lens)):
+        np.testing.assert_array_equal(back.numpy(), r)
+    assert padding_ratio([5, 1, 3]) == pytest.approx((15 - 9) / 15)
+
+
+def test_torch_backend_matches_model_per_sequence() -> None:
+    cfg = fa3trt.ModelConfig.preset("tiny")
+    be = load_backend("torch", cfg)
+    assert isinstance(be, Backend) and be.describe()["backend"] == "torch"
+    model = fa3trt.build_model(cfg)
+    rows = [torch.randn(n, 256) for n in (31, 4)]
+    x, lens = assemble(rows)
+    y = be.run(x, lens)
+    for i, r in enumerate(rows):
+        assert rel_err(y[i, : len(r)], model(r[None])[0]) < 1e-5
+    be.warmup([(1, 8), (2, 16)])
+
+
+def test_load_backend_auto_and_errors() -> None:
+    be = load_backend("auto")
+    assert isinstance(be, TorchBackend)  # no TensorRT on this machine
+    with pytest.raises(ConfigError, match="'auto', 'torch' or 'tensorrt'"):
+        load_backend("onnx")  # type: ignore[arg-type]
+    if not torch.cuda.is_available():
+        with pytest.raises(MissingDependencyError, match="CUDA GPU"):
+            load_backend("tensorrt")
