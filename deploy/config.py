@@ -1,0 +1,130 @@
+"""The application's arguments (``args:`` of an application in ``serve_config.yaml``).
+
+Validated with pydantic; unknown keys are refused, every field has a bound and a description.
+``build_jobs`` reads the same schema, so what is served is exactly what is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fa3trt.buckets import Buckets
+from fa3trt.errors import ConfigError
+from fa3trt.model import ModelConfig
+
+__all__ = ["ModelSpec", "BucketOverride", "BatchingConfig", "AppArgs", "load_serve_config", "APP_IMPORT_PATH"]
+
+APP_IMPORT_PATH = "deploy.app:build_app"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which model a replica serves."""
+
+    preset: Literal["tiny", "seed"] = Field("tiny", description="Model preset: tiny (CPU) or seed (4096 wide, 32 heads).")
+    layers: int | None = Field(None, ge=1, le=512, description="Override the preset's layer count.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Override the preset's dtype.")
+    attn_mode: Literal[0, 1] = Field(0, description="0: attention in the model dtype; 1: FP8 attention.")
+    seed: int = Field(0, ge=0, description="Seed of the weight init when no weights file is given.")
+    weights: str | None = Field(None, description="Safetensors weights file; default: seeded init.")
+
+    def config(self) -> ModelConfig:
+        overrides: dict[str, Any] = {"attn_mode": self.attn_mode, "seed": self.seed}
+        if self.layers is not None:
+            overrides["layers"] = self.layers
+        if self.dtype is not None:
+            overrides["dtype"] = self.dtype
+        return ModelConfig.preset(self.preset, **overrides)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"weights file {v!r} does not exist; give a safetensors file or omit weights")
+        return v
+
+
+class BucketOverride(_Strict):
+    """Batching knobs for one bucket, overriding the global ones."""
+
+    max_batch_size: int | None = Field(None, ge=1, le=4096, description="Largest batch of this bucket.")
+    batch_wait_timeout_s: float | None = Field(None, ge=0.0, le=10.0, description="Longest wait to fill a batch.")
+
+
+class BatchingConfig(_Strict):
+    """Knobs that ``reconfigure`` can change on a live replica (Serve ``user_config``)."""
+
+    max_batch_tokens: int = Field(16384, ge=1, le=1 << 24, description="Token budget per batch; a bucket's batch limit is this divided by its edge.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0, description="Longest wait for a batch to fill, in seconds.")
+    max_concurrent_batches: int = Field(1, ge=1, le=64, description="Batches of one bucket that may run at once.")
+    bucket_overrides: dict[int, BucketOverride] = Field(default_factory=dict, description="Per-bucket overrides, keyed by bucket edge.")
+
+
+class AppArgs(_Strict):
+    """Everything ``deploy.app:build_app`` takes."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    buckets: list[int] = Field(default_factory=lambda: [128, 512, 2048], min_length=1, max_length=64, description="Ascending sequence-length edges; one batch queue (and one TensorRT profile) each.")
+    backend: Literal["auto", "tensorrt", "torch"] = Field("auto", description="auto: TensorRT when it imports and a GPU is present, else torch.")
+    store: str = Field("./engines", min_length=1, description="Engine store: a folder or an fsspec URI every node can reach.")
+    build_if_missing: bool = Field(False, description="Build this GPU's engine at replica start when the store lacks it.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    replicas: int | Literal["auto"] = Field("auto", description="auto: one per GPU in the cluster (one CPU replica without GPUs).")
+    autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config passed through (min_replicas, max_replicas, target_ongoing_requests, ...); replaces replicas.")
+    max_queued_requests: int = Field(512, ge=1, le=1 << 20, description="Requests queued per handle before Serve answers 503.")
+    max_body_bytes: int = Field(64 << 20, ge=1024, le=1 << 32, description="Largest HTTP request body; larger ones get 413.")
+    reject_nonfinite: bool = Field(True, description="Refuse inputs holding NaN or Inf (422).")
+    request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest time a request may take end to end.")
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets_valid(cls, v: list[int]) -> list[int]:
+        try:
+            Buckets(tuple(v))
+        except ConfigError as e:
+            raise ValueError(str(e)) from e
+        return v
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"replicas must be 'auto' or an integer >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _overrides_name_buckets(self) -> AppArgs:
+        unknown = sorted(set(self.batching.bucket_overrides) - set(self.buckets))
+        if unknown:
+            raise ValueError(f"batching.bucket_overrides names edges {unknown} that are not buckets {self.buckets}")
+        return self
+
+    def bucket_set(self) -> Buckets:
+        return Buckets(tuple(self.buckets))
+
+
+def load_serve_config(path: str | Path) -> list[tuple[str, AppArgs]]:
+    """(application name, validated args) for every fa3trt application in a Serve config file."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"serve config {str(path)!r} does not exist") from None
+    apps = (doc or {}).get("applications") or []
+    out = []
+    for app in apps:
+        if app.get("import_path") == APP_IMPORT_PATH:
+            try:
+                out.append((app.get("name", "default"), AppArgs.model_validate(app.get("args") or {})))
+            except ValueError as e:
+                raise ConfigError(f"{path}: application {app.get('name')!r} has invalid args: {e}") from e
+    if not out:
+        raise ConfigError(f"{path} has no application with import_path {APP_IMPORT_PATH!r}")
+    return out
+

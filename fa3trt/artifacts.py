@@ -1,0 +1,93 @@
+"""What a model spec turns into in the store: its exported ONNX (shared by every GPU type) and
+the weights the torch backend serves.
+
+``onnx_key(config, weights)`` names the ONNX export of a model spec: a hash of everything that
+changes the exported graph (model config, weights content, opset, plugin version, torch's
+major.minor version, which owns the exporter). ``ensure_onnx`` exports once and shares the file
+through the store; every later caller, on any node, fetches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fa3trt.attention import PLUGIN_NAME, PLUGIN_VERSION
+from fa3trt.export import OPSET, export_onnx, file_sha256
+from fa3trt.model import ModelConfig, build_model
+from fa3trt.store import ArtifactStore
+
+__all__ = ["weights_digest", "onnx_key", "ensure_onnx", "spec_hash"]
+
+log = logging.getLogger(__name__)
+
+
+def weights_digest(config: ModelConfig, weights: str | os.PathLike[str] | None) -> str:
+    """sha256 of the weights file, or ``seed:<n>`` for the seeded init."""
+    return f"seed:{config.seed}" if weights is None else file_sha256(weights)
+
+
+def _torch_minor() -> str:
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def spec_hash(parts: dict[str, Any], n: int = 32) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def onnx_key(config: ModelConfig, weights: str | os.PathLike[str] | None) -> str:
+    """Store key of the ONNX export of (config, weights). Ignores ``config.name`` (a label)."""
+    parts = {
+        "model": config.compute_hash(),
+        "weights": weights_digest(config, weights),
+        "opset": OPSET,
+        "plugin": f"{PLUGIN_NAME}/{PLUGIN_VERSION}",
+        "torch": _torch_minor(),
+    }
+    return "onnx-" + spec_hash(parts)
+
+
+def ensure_onnx(
+    store: ArtifactStore,
+    config: ModelConfig,
+    weights: str | os.PathLike[str] | None,
+    workdir: str | os.PathLike[str],
+) -> tuple[Path, dict[str, Any]]:
+    """A local path to the ONNX of (config, weights), exported and stored on first use.
+
+    Returns (path, metadata); metadata has the file's ``sha256``. An export with external data
+    is stored as two entries, ``<key>`` and ``<key>.onnx.data``, and restored side by side.
+    """
+    key = onnx_key(config, weights)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{key}.onnx"
+    data_name = f"{key}.onnx.data"
+    if store.has("onnx", key):
+        blob, meta = store.get("onnx", key)
+        path.write_bytes(blob)
+        if meta.get("external_data"):
+            ext, _ = store.get("onnx", data_name)
+            (workdir / data_name).write_bytes(ext)
+        return path, meta
+    log.info("exporting ONNX %s for model %s", key, config.name)
+    model = build_model(config, weights, "cuda" if torch.cuda.is_available() else "cpu")
+    res = export_onnx(model, path)
+    meta = {
+        "onnx_sha256": res.sha256,
+        "external_data": res.external_data,
+        "plugin_nodes": res.plugin_nodes,
+        "model": config.to_dict(),
+        "weights": weights_digest(config, weights),
+        "torch": torch.__version__,
+    }
+    if res.external_data:
+        store.put("onnx", data_name, (workdir / data_name).read_bytes(), {"of": key})
+    meta = store.put("onnx", key, path.read_bytes(), meta)
+    return path, meta
