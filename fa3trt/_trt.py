@@ -21,6 +21,9 @@ def _load() -> ModuleType | Exception:
         import tensorrt
     except Exception as e:  # a broken install raises OSError for a missing libnvinfer, too
         return e
+    if not hasattr(tensorrt, "Runtime"):
+        # tensorrt-stubs alone installs `tensorrt` as a namespace package of .pyi files.
+        return ImportError("only tensorrt-stubs is installed, not TensorRT")
     return tensorrt
 
 

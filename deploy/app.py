@@ -1,0 +1,344 @@
+"""The Ray Serve application: ``deploy.app:build_app`` builds it from ``serve_config.yaml`` args.
+
+Two deployments:
+- ``ModelServer``: one replica per GPU (``num_gpus: 1``; one CPU replica on a cluster without
+  GPUs). It loads its backend (the TensorRT engine for its GPU, or the torch model), warms up
+  every bucket before it reports ready, and keeps one ``@serve.batch`` queue per sequence-length
+  bucket with its own batch limit (token budget // bucket edge). A batch is padded to its
+  longest member and runs with ``seq_lens``; each caller gets exactly its own rows back. A batch
+  that fails is split and retried in halves, so only the requests that really fail, fail.
+- ``Ingress``: FastAPI over HTTP (``POST /v1/infer`` in .npy or JSON, ``GET /v1/info``,
+  ``GET /v1/stats``) and the handle API (``serve.get_app_handle("fa3trt").infer.remote(x)``).
+
+``max_ongoing_requests`` of the model replicas is derived so every bucket's batches can fill.
+"""
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from deploy.codec import (
+    BadRequest,
+    HTTPStatusError,
+    decode_json,
+    decode_npy,
+    encode_json,
+    encode_npy,
+    from_numpy_like,
+    to_numpy,
+    validate_sequence,
+)
+from deploy.config import AppArgs, BatchingConfig
+from fa3trt.buckets import Buckets, assemble, padding_ratio
+from fa3trt.errors import InvalidInputError
+
+__all__ = ["build_app", "ModelServer", "Ingress", "derive_max_ongoing", "replica_plan"]
+
+log = logging.getLogger("ray.serve")
+
+NPY = "application/x-npy"
+
+
+def bucket_limits(buckets: Buckets, batching: BatchingConfig) -> list[tuple[int, float]]:
+    """(max_batch_size, batch_wait_timeout_s) per bucket, overrides applied."""
+    out = []
+    for i, edge in enumerate(buckets.edges):
+        o = batching.bucket_overrides.get(edge)
+        size = (o.max_batch_size if o and o.max_batch_size else None) or buckets.batch_limit(i, batching.max_batch_tokens)
+        wait = o.batch_wait_timeout_s if o and o.batch_wait_timeout_s is not None else batching.batch_wait_timeout_s
+        out.append((size, wait))
+    return out
+
+
+def derive_max_ongoing(args: AppArgs) -> int:
+    """Enough in-flight requests per replica for every bucket's batches to fill at once."""
+    limits = bucket_limits(args.bucket_set(), args.batching)
+    return sum(size for size, _ in limits) * args.batching.max_concurrent_batches + len(limits)
+
+
+def replica_plan(args: AppArgs, cluster_gpus: float) -> dict[str, Any]:
+    """Deployment options for the model replicas on a cluster with ``cluster_gpus`` GPUs."""
+    gpus = int(cluster_gpus)
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
+        "max_ongoing_requests": derive_max_ongoing(args),
+        "max_queued_requests": args.max_queued_requests,
+        "user_config": args.batching.model_dump(),
+    }
+    if args.autoscaling is not None:
+        opts["autoscaling_config"] = args.autoscaling
+    else:
+        opts["num_replicas"] = (gpus or 1) if args.replicas == "auto" else args.replicas
+    return opts
+
+
+class _Metrics:
+    """Per-bucket Serve metrics (exported through Ray's Prometheus endpoint) and local counters."""
+
+    def __init__(self, edges: tuple[int, ...]) -> None:
+        from ray.serve import metrics
+
+        tag = ("bucket",)
+        self.batch_size = metrics.Histogram("fa3trt_batch_size", description="Requests per batch.", boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=tag)
+        self.padding = metrics.Histogram("fa3trt_padding_ratio", description="Padded tokens / computed tokens per batch.", boundaries=[0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75], tag_keys=tag)
+        self.queue_wait = metrics.Histogram("fa3trt_queue_wait_s", description="Seconds from arrival to batch start.", boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5], tag_keys=tag)
+        self.compute = metrics.Histogram("fa3trt_compute_s", description="Seconds of backend compute per batch.", boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5], tag_keys=tag)
+        self.rejected = metrics.Counter("fa3trt_rejected_requests", description="Requests refused before batching.", tag_keys=tag)
+        self.failed = metrics.Counter("fa3trt_failed_requests", description="Requests whose batch failed.", tag_keys=tag)
+        self.local = {e: {"batches": 0, "requests": 0, "max_batch": 0, "tokens": 0, "computed_tokens": 0, "failed": 0} for e in edges}
+        self.rejected_local = 0
+
+    def record(self, edge: int, lens: list[int], waits: list[float], compute_s: float) -> None:
+        tags = {"bucket": str(edge)}
+        self.batch_size.observe(len(lens), tags=tags)
+        self.padding.observe(padding_ratio(lens), tags=tags)
+        for w in waits:
+            self.queue_wait.observe(w, tags=tags)
+        self.compute.observe(compute_s, tags=tags)
+        s = self.local[edge]
+        s["batches"] += 1
+        s["requests"] += len(lens)
+        s["max_batch"] = max(s["max_batch"], len(lens))
+        s["tokens"] += sum(lens)
+        s["computed_tokens"] += len(lens) * max(lens)
+
+
+@serve.deployment
+class ModelServer:
+    """One model replica: a backend and one batch queue per bucket."""
+
+    def __init__(self, args: dict[str, Any], batching: dict[str, Any] | None = None) -> None:
+        """``args``: AppArgs without ``batching``, which arrives as Serve's ``user_config``
+        through ``reconfigure`` (so changing it never restarts the replica). ``batching`` is
+        for use outside Serve."""
+        from fa3trt.backends import load_backend
+
+        self.args = AppArgs.model_validate(args)
+        self.buckets = self.args.bucket_set()
+        cfg = self.args.model.config()
+        self._t0 = time.perf_counter()
+        self.backend = load_backend(
+            self.args.backend,
+            cfg,
+            weights=self.args.model.weights,
+            buckets=self.buckets,
+            store=self.args.store,
+            build_if_missing=self.args.build_if_missing,
+            max_batch_tokens=self.args.batching.max_batch_tokens,
+        )
+        self.metrics = _Metrics(self.buckets.edges)
+        self.replica = self._replica_id()
+        self._queues: list[Any] = []
+        self._max_concurrent = 0
+        self.limits: list[tuple[int, float]] = []
+        if batching is not None:
+            self.reconfigure(batching)
+
+    @staticmethod
+    def _replica_id() -> str:
+        try:
+            return str(serve.get_replica_context().replica_id.unique_id)
+        except Exception:  # outside Serve (direct construction in tests)
+            return f"pid{os.getpid()}"
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply batching knobs (Serve ``user_config``): at start, then live on every change.
+
+        The first call builds one batch queue per bucket and warms every bucket at its edge,
+        alone and at its batch limit, before the replica reports ready.
+        """
+        batching = BatchingConfig.model_validate(user_config)
+        unknown = sorted(set(batching.bucket_overrides) - set(self.buckets.edges))
+        if unknown:
+            raise ValueError(f"bucket_overrides names edges {unknown} that are not buckets {list(self.buckets.edges)}")
+        self.limits = bucket_limits(self.buckets, batching)
+        if not self._queues:
+            self._max_concurrent = batching.max_concurrent_batches
+            for i, (size, wait) in enumerate(self.limits):
+                queue = serve.batch(max_batch_size=size, batch_wait_timeout_s=wait, max_concurrent_batches=self._max_concurrent)
+                self._queues.append(queue(self._make_batch_fn(i)))
+            self.backend.warmup(sorted({(b, e) for (size, _), e in zip(self.limits, self.buckets.edges) for b in (1, size)}))
+            log.info("fa3trt replica %s ready in %.1fs: %s", self.replica, time.perf_counter() - self._t0, self.backend.describe())
+        else:
+            if batching.max_concurrent_batches != self._max_concurrent:
+                log.warning("max_concurrent_batches changes only at deployment; keeping %d", self._max_concurrent)
+            for q, (size, wait) in zip(self._queues, self.limits):
+                q.set_max_batch_size(size)
+                q.set_batch_wait_timeout_s(wait)
+        log.info("batching: %s", dict(zip(self.buckets.edges, self.limits)))
+
+    def _make_batch_fn(self, i: int) -> Callable[[list[tuple[np.ndarray, float]]], Awaitable[list[Any]]]:
+        edge = self.buckets.edges[i]
+
+        async def run_batch(items: list[tuple[np.ndarray, float]]) -> list[Any]:
+            start = time.perf_counter()
+            waits = [start - t for _, t in items]
+            # Compute off the event loop so the queues keep filling while the device works.
+            results = await asyncio.to_thread(self._run_split, [x for x, _ in items], edge)
+            lens = [x.shape[0] for x, _ in items]
+            self.metrics.record(edge, lens, waits, time.perf_counter() - start)
+            return results
+
+        return run_batch
+
+    def _run_split(self, xs: list[np.ndarray], edge: int) -> list[Any]:
+        """Run a batch; on failure retry its halves, so a failure stays with the requests that cause it."""
+        try:
+            x, lens = assemble(xs)
+            y = self.backend.run(x, lens).float().cpu().numpy()
+            return [y[i, : a.shape[0]] for i, a in enumerate(xs)]
+        except Exception as e:
+            if self.backend.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(xs) == 1:
+                log.error("request of %d tokens failed in bucket %d: %r", xs[0].shape[0], edge, e)
+                self.metrics.failed.inc(tags={"bucket": str(edge)})
+                self.metrics.local[edge]["failed"] += 1
+                return [RuntimeError(f"inference failed: {type(e).__name__}: {e}")]
+            log.warning("batch of %d failed in bucket %d (%r); retrying in halves", len(xs), edge, e)
+            h = len(xs) // 2
+            return self._run_split(xs[:h], edge) + self._run_split(xs[h:], edge)
+
+    async def infer(self, x: Any) -> Any:
+        """One sequence (S, hidden) in, (S, hidden) out in the caller's dtype and type."""
+        arr, like = to_numpy(x)
+        try:
+            i = validate_sequence(arr, self.backend.hidden, self.buckets, self.args.reject_nonfinite)
+        except InvalidInputError:
+            self.metrics.rejected.inc(tags={"bucket": "none"})
+            self.metrics.rejected_local += 1
+            raise
+        result = await self._queues[i]((np.asarray(arr, dtype=np.float32), time.perf_counter()))
+        if isinstance(result, Exception):
+            raise result
+        return from_numpy_like(result, like)
+
+    async def infer_tagged(self, x: Any) -> tuple[Any, str]:
+        """``infer`` plus the id of the replica that answered (for the HTTP header)."""
+        return await self.infer(x), self.replica
+
+    def info(self) -> dict[str, Any]:
+        d = self.backend.describe()
+        d.update(
+            replica=self.replica,
+            buckets=list(self.buckets.edges),
+            batch_limits={e: size for e, (size, _) in zip(self.buckets.edges, self.limits)},
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
+        return d
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "rejected": self.metrics.rejected_local,
+            "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
+        }
+
+    def check_health(self) -> None:
+        x = torch.zeros(1, 1, self.backend.hidden)
+        x[0, 0, 0] = 1.0
+        y = self.backend.run(x, torch.ones(1, dtype=torch.int32))
+        if not torch.isfinite(y).all():
+            raise RuntimeError("health check: the backend returned non-finite values")
+
+
+api = FastAPI(title="fa3trt", description="FlashAttention-3 transformer inference")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    """HTTP in front of the model replicas, and the app's handle API."""
+
+    def __init__(self, model: DeploymentHandle, args: dict[str, Any]) -> None:
+        self.model = model
+        self.args = AppArgs.model_validate(args)
+        self.buckets = self.args.bucket_set()
+        self.hidden = self.args.model.config().hidden
+
+    async def infer(self, x: Any) -> Any:
+        """Handle API: a NumPy array or CPU torch tensor (S, hidden) -> the same type and shape."""
+        arr, _ = to_numpy(x)
+        validate_sequence(arr, self.hidden, self.buckets, self.args.reject_nonfinite)
+        return await self.model.infer.remote(x)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPStatusError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPStatusError(413, f"body exceeds the limit of {limit} bytes; send a shorter sequence")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @api.post("/v1/infer")
+    async def infer_http(self, request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if ctype not in (NPY, "application/json"):
+                raise HTTPStatusError(415, f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json")
+            body = await self._read_body(request)
+            x = decode_npy(body) if ctype == NPY else decode_json(body)
+            validate_sequence(x, self.hidden, self.buckets, self.args.reject_nonfinite)
+            y, replica = await asyncio.wait_for(self.model.infer_tagged.remote(x), self.args.request_timeout_s)
+        except HTTPStatusError as e:
+            return JSONResponse({"error": e.detail}, status_code=e.status)
+        except BadRequest as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        except InvalidInputError as e:
+            return JSONResponse({"error": str(e)}, status_code=422)
+        except BackPressureError as e:
+            return JSONResponse({"error": f"server busy, retry later ({e})"}, status_code=503, headers={"Retry-After": "1"})
+        except TimeoutError:
+            return JSONResponse({"error": f"request timed out after {self.args.request_timeout_s}s"}, status_code=504)
+        headers = {"x-fa3trt-replica": replica}
+        if ctype == NPY:
+            return Response(encode_npy(y), media_type=NPY, headers=headers)
+        return JSONResponse(encode_json(y), headers=headers)
+
+    @api.get("/v1/info")
+    async def info(self) -> dict[str, Any]:
+        d: dict[str, Any] = await self.model.info.remote()
+        d["app_args"] = self.args.model_dump()
+        return d
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = await self.model.stats.remote()
+        return s
+
+
+def build_app(args: dict[str, Any]) -> "serve.Application":
+    """Serve application builder (``import_path: deploy.app:build_app``)."""
+    import ray
+
+    args = dict(args or {})
+    # Environment overrides, so one serve_config.yaml serves the tiny model on a laptop and the
+    # seed model on a GPU cluster: FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=2 serve run ...
+    for var, field in (("FA3TRT_MODEL_PRESET", "preset"), ("FA3TRT_MODEL_LAYERS", "layers")):
+        if os.environ.get(var):
+            args["model"] = dict(args.get("model") or {}, **{field: os.environ[var]})
+            log.info("fa3trt app: %s=%s overrides model.%s", var, os.environ[var], field)
+    parsed = AppArgs.model_validate(args)
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    opts = replica_plan(parsed, gpus)
+    log.info("fa3trt app: %s GPUs in the cluster -> model deployment options %s", gpus, opts)
+    # Batching travels as user_config, not as constructor args: changing it reconfigures live.
+    static = parsed.model_dump(exclude={"batching"})
+    model = ModelServer.options(**opts).bind(static)
+    return Ingress.options(max_queued_requests=parsed.max_queued_requests).bind(model, static)

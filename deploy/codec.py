@@ -1,0 +1,144 @@
+"""Request decoding and validation, shared by the HTTP ingress and the handle API.
+
+A request is one sequence ``x`` of shape (S, hidden), float16/32/64 (or a CPU torch tensor,
+bfloat16 included). Everything else is an ``InvalidInputError`` naming the problem, raised
+before the request joins a batch. ``.npy`` bodies are parsed by hand from their header so that
+nothing is unpickled and nothing is allocated before the header's shape is checked against the
+bytes actually sent.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from fa3trt.buckets import Buckets
+from fa3trt.errors import InvalidInputError
+
+__all__ = ["decode_npy", "encode_npy", "decode_json", "encode_json", "validate_sequence", "to_numpy", "from_numpy_like", "BadRequest", "HTTPStatusError"]
+
+_ACCEPTED = (np.float16, np.float32, np.float64)
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class HTTPStatusError(Exception):
+    """An HTTP-level refusal (413, 415) decided before the body is parsed."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class BadRequest(InvalidInputError):
+    """The body could not be parsed at all (HTTP 400), as opposed to a well-formed but invalid input (422)."""
+
+
+def decode_npy(body: bytes) -> np.ndarray:
+    """Parse a ``.npy`` body without pickle and without trusting its header's size."""
+    if not body.startswith(_NPY_MAGIC) or len(body) < 10:
+        raise BadRequest("body is not a .npy file (bad magic); send numpy.save output with Content-Type application/x-npy")
+    major = body[6]
+    if major == 1:
+        hlen, start = int.from_bytes(body[8:10], "little"), 10
+    elif major in (2, 3):
+        if len(body) < 12:
+            raise BadRequest("truncated .npy header")
+        hlen, start = int.from_bytes(body[8:12], "little"), 12
+    else:
+        raise BadRequest(f".npy format version {major} is not supported; use numpy.save")
+    if start + hlen > len(body) or hlen > 65536:
+        raise BadRequest("truncated or oversized .npy header")
+    try:
+        header = ast.literal_eval(body[start : start + hlen].decode("latin1"))
+        descr, fortran, shape = header["descr"], bool(header["fortran_order"]), tuple(header["shape"])
+        dtype = np.dtype(descr)
+    except Exception as e:
+        raise BadRequest(f"corrupt .npy header ({e}); send numpy.save output") from e
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise InvalidInputError(
+            f".npy dtype {dtype} is refused (object or structured arrays would need pickle); send a float array"
+        )
+    if not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise BadRequest(f"corrupt .npy header: shape {shape}")
+    data = memoryview(body)[start + hlen :]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise BadRequest(
+            f".npy header says shape {shape} of {dtype} ({expected} bytes) but the body carries {len(data)} bytes: "
+            "the file is truncated or its header lies"
+        )
+    arr = np.frombuffer(data, dtype=dtype)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_json(body: bytes) -> np.ndarray:
+    """``{"x": [[...], ...]}`` -> float32 array."""
+    try:
+        doc = json.loads(body)
+    except ValueError as e:
+        raise BadRequest(f"malformed JSON ({e}); send {{\"x\": [[...], ...]}}") from e
+    if not isinstance(doc, dict) or "x" not in doc:
+        raise InvalidInputError('JSON body must be an object with key "x" holding a list of rows, e.g. {"x": [[0.1, 0.2]]}')
+    x = doc["x"]
+    if not isinstance(x, list) or not all(isinstance(r, list) for r in x):
+        raise InvalidInputError('"x" must be a list of rows (a 2-D list of numbers)')
+    widths = {len(r) for r in x}
+    if len(widths) > 1:
+        raise InvalidInputError(f'"x" has ragged rows (row lengths {sorted(widths)[:5]}); every row must have hidden numbers')
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in x for v in r):
+        raise InvalidInputError('"x" must hold only numbers')
+    return np.asarray(x, dtype=np.float32).reshape(len(x), widths.pop() if widths else 0)
+
+
+def encode_json(arr: np.ndarray) -> dict[str, Any]:
+    return {"y": arr.astype(np.float64).tolist()}
+
+
+def to_numpy(x: Any) -> tuple[np.ndarray, Any]:
+    """(float array, how to give the answer back in the caller's type)."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise InvalidInputError(f"tensor is on {x.device}; send a CPU tensor (or a NumPy array)")
+        if not (x.is_floating_point() and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
+            raise InvalidInputError(f"tensor dtype {x.dtype} is not accepted; send float16, bfloat16, float32 or float64")
+        return x.detach().float().numpy() if x.dtype == torch.bfloat16 else x.detach().numpy(), x.dtype
+    if isinstance(x, np.ndarray):
+        return x, x.dtype
+    raise InvalidInputError(
+        f"expected a NumPy array or a CPU torch tensor of shape (S, hidden), got {type(x).__name__}"
+    )
+
+
+def from_numpy_like(y: np.ndarray, like: Any) -> Any:
+    """The answer in the request's own type and dtype."""
+    if isinstance(like, torch.dtype):
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(like)
+    return y.astype(like, copy=False)
+
+
+def validate_sequence(x: np.ndarray, hidden: int, buckets: Buckets, reject_nonfinite: bool = True) -> int:
+    """Check one request; returns its bucket index."""
+    if x.ndim != 2:
+        raise InvalidInputError(
+            f"x must be 2-D (seq_len, {hidden}), got shape {x.shape}; send one sequence per request"
+        )
+    if x.dtype.type not in _ACCEPTED and x.dtype != np.dtype("float32"):
+        raise InvalidInputError(f"x has dtype {x.dtype}; send float16, float32 or float64")
+    if x.shape[1] != hidden:
+        raise InvalidInputError(f"x has hidden size {x.shape[1]}, this model takes {hidden}: shape must be (seq_len, {hidden})")
+    i = buckets.index(x.shape[0])
+    if reject_nonfinite and not np.isfinite(x).all():
+        raise InvalidInputError("x holds NaN or Inf; send finite values (or serve with reject_nonfinite: false)")
+    return i

@@ -1,0 +1,151 @@
+"""Request decoding/validation and the app's config schema (no Ray needed)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from deploy.app import bucket_limits, derive_max_ongoing, replica_plan
+from deploy.codec import BadRequest, decode_json, decode_npy, encode_npy, from_numpy_like, to_numpy, validate_sequence
+from deploy.config import AppArgs, load_serve_config
+from fa3trt.buckets import Buckets
+from fa3trt.errors import ConfigError, InvalidInputError
+
+B = Buckets((128, 512))
+
+
+def _npy(arr: np.ndarray, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, **kw)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def test_npy_roundtrip_and_fortran_order() -> None:
+    x = np.random.rand(5, 8).astype(np.float32)
+    np.testing.assert_array_equal(decode_npy(encode_npy(x)), x)
+    f = np.asfortranarray(np.random.rand(3, 4))
+    np.testing.assert_array_equal(decode_npy(_npy(f)), f)
+
+
+def test_npy_pickle_refused_never_unpickled() -> None:
+    body = _npy(np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InvalidInputError, match="object or structured arrays would need pickle"):
+        decode_npy(body)
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        (b"hello world", "bad magic"),
+        (b"\x93NUMPY\x01\x00\x40\x00{'descr': '<f4',", "truncated"),
+        (b"\x93NUMPY\x01\x00\x08\x00not-dict", "corrupt .npy header"),
+    ],
+)
+def test_npy_corrupt(body: bytes, match: str) -> None:
+    with pytest.raises(BadRequest, match=match):
+        decode_npy(body)
+
+
+def test_npy_truncated_and_lying_header() -> None:
+    body = _npy(np.zeros((4, 8), np.float32))
+    with pytest.raises(BadRequest, match="truncated or its header lies"):
+        decode_npy(body[:-5])
+    # A header that claims a huge shape must be refused before anything is allocated.
+    lie = body.replace(b"(4, 8)", b"(99999999999, 8)".ljust(6))
+    header_fixed = _npy(np.zeros((4, 8), np.float32)).replace(b"(4, 8), }", b"(9999999999999, 8), }")
+    for b in (lie, header_fixed):
+        with pytest.raises(BadRequest):
+            decode_npy(b)
+
+
+def test_json_decoding() -> None:
+    x = decode_json(json.dumps({"x": [[1, 2], [3.5, 4]]}).encode())
+    assert x.dtype == np.float32 and x.shape == (2, 2)
+    with pytest.raises(BadRequest, match="malformed JSON"):
+        decode_json(b"{nope")
+    with pytest.raises(InvalidInputError, match="ragged rows"):
+        decode_json(b'{"x": [[1, 2], [3]]}')
+    with pytest.raises(InvalidInputError, match="only numbers"):
+        decode_json(b'{"x": [["a", 2]]}')
+    with pytest.raises(InvalidInputError, match='key "x"'):
+        decode_json(b"[1, 2]")
+
+
+@pytest.mark.parametrize(
+    "arr, match",
+    [
+        (np.zeros((2, 3, 8), np.float32), "2-D"),
+        (np.zeros((4, 7), np.float32), "hidden size 7"),
+        (np.zeros((0, 8), np.float32), ">= 1, got 0"),
+        (np.zeros((513, 8), np.float32), "exceeds the largest bucket"),
+        (np.zeros((4, 8), np.int32), "dtype int32"),
+        (np.zeros((4, 8), np.complex64), "dtype complex64"),
+        (np.full((4, 8), np.nan, np.float32), "NaN or Inf"),
+        (np.full((4, 8), np.inf, np.float64), "NaN or Inf"),
+    ],
+)
+def test_validate_sequence_rejects(arr: np.ndarray, match: str) -> None:
+    with pytest.raises(InvalidInputError, match=match):
+        validate_sequence(arr, 8, B)
+
+
+def test_validate_sequence_accepts_and_nonfinite_opt_out() -> None:
+    assert validate_sequence(np.zeros((128, 8), np.float16), 8, B) == 0
+    assert validate_sequence(np.zeros((129, 8)), 8, B) == 1
+    assert validate_sequence(np.full((3, 8), np.nan, np.float32), 8, B, reject_nonfinite=False) == 0
+
+
+def test_handle_types() -> None:
+    t = torch.randn(3, 8, dtype=torch.bfloat16)
+    arr, like = to_numpy(t)
+    assert arr.dtype == np.float32 and like == torch.bfloat16
+    back = from_numpy_like(arr, like)
+    assert isinstance(back, torch.Tensor) and back.dtype == torch.bfloat16
+    with pytest.raises(InvalidInputError, match="NumPy array or a CPU torch tensor"):
+        to_numpy([[1.0, 2.0]])
+    with pytest.raises(InvalidInputError, match="dtype torch.int64"):
+        to_numpy(torch.zeros(2, 2, dtype=torch.int64))
+
+
+def test_app_args_refuse_unknown_and_bad_values() -> None:
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        AppArgs.model_validate({"bukets": [1]})
+    with pytest.raises(ValidationError, match="strictly ascending"):
+        AppArgs.model_validate({"buckets": [512, 128]})
+    with pytest.raises(ValidationError, match="not buckets"):
+        AppArgs.model_validate({"buckets": [128], "batching": {"bucket_overrides": {256: {"max_batch_size": 2}}}})
+    with pytest.raises(ValidationError, match="does not exist"):
+        AppArgs.model_validate({"model": {"weights": "/nonexistent.safetensors"}})
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({"replicas": 0})
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({"backend": "onnx"})
+
+
+def test_batch_limits_and_replica_plan() -> None:
+    args = AppArgs.model_validate(
+        {"buckets": [128, 512, 2048], "batching": {"max_batch_tokens": 4096, "bucket_overrides": {512: {"max_batch_size": 3, "batch_wait_timeout_s": 0.5}}}}
+    )
+    assert bucket_limits(args.bucket_set(), args.batching) == [(32, 0.005), (3, 0.5), (2, 0.005)]
+    assert derive_max_ongoing(args) == 32 + 3 + 2 + 3
+    cpu = replica_plan(args, 0)
+    assert cpu["num_replicas"] == 1 and cpu["ray_actor_options"] == {"num_cpus": 1}
+    gpu = replica_plan(args, 2)
+    assert gpu["num_replicas"] == 2 and gpu["ray_actor_options"]["num_gpus"] == 1
+    auto = replica_plan(AppArgs.model_validate({"autoscaling": {"min_replicas": 1, "max_replicas": 4}}), 4)
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4} and "num_replicas" not in auto
+    assert replica_plan(AppArgs.model_validate({"replicas": 3}), 8)["num_replicas"] == 3
+
+
+def test_repo_serve_config_is_valid(tmp_path: object) -> None:
+    ((name, args),) = load_serve_config("serve_config.yaml")
+    assert name == "fa3trt" and args.model.preset == "tiny"
+    with pytest.raises(ConfigError, match="no application"):
+        p = tmp_path / "c.yaml"  # type: ignore[operator]
+        p.write_text("applications: []\n")
+        load_serve_config(p)
