@@ -167,7 +167,7 @@ class ModelServer:
             self._max_concurrent = batching.max_concurrent_batches
             for i, (size, wait) in enumerate(self.limits):
                 queue = serve.batch(max_batch_size=size, batch_wait_timeout_s=wait, max_concurrent_batches=self._max_concurrent)
-                self._queues.append(queue(self._make_batch_fn(i)))
+                self._queues.append(queue(self._make_batch_fn(i)))  # type: ignore[arg-type]  # Ray's stub types only the sync form
             self.backend.warmup(sorted({(b, e) for (size, _), e in zip(self.limits, self.buckets.edges) for b in (1, size)}))
             log.info("fa3trt replica %s ready in %.1fs: %s", self.replica, time.perf_counter() - self._t0, self.backend.describe())
         else:
@@ -340,5 +340,5 @@ def build_app(args: dict[str, Any]) -> "serve.Application":
     log.info("fa3trt app: %s GPUs in the cluster -> model deployment options %s", gpus, opts)
     # Batching travels as user_config, not as constructor args: changing it reconfigures live.
     static = parsed.model_dump(exclude={"batching"})
-    model = ModelServer.options(**opts).bind(static)
-    return Ingress.options(max_queued_requests=parsed.max_queued_requests).bind(model, static)
+    model = ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment
+    return Ingress.options(max_queued_requests=parsed.max_queued_requests).bind(model, static)  # type: ignore[attr-defined]

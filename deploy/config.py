@@ -70,12 +70,12 @@ class BatchingConfig(_Strict):
 class AppArgs(_Strict):
     """Everything ``deploy.app:build_app`` takes."""
 
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec())
     buckets: list[int] = Field(default_factory=lambda: [128, 512, 2048], min_length=1, max_length=64, description="Ascending sequence-length edges; one batch queue (and one TensorRT profile) each.")
     backend: Literal["auto", "tensorrt", "torch"] = Field("auto", description="auto: TensorRT when it imports and a GPU is present, else torch.")
     store: str = Field("./engines", min_length=1, description="Engine store: a folder or an fsspec URI every node can reach.")
     build_if_missing: bool = Field(False, description="Build this GPU's engine at replica start when the store lacks it.")
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig())
     replicas: int | Literal["auto"] = Field("auto", description="auto: one per GPU in the cluster (one CPU replica without GPUs).")
     autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config passed through (min_replicas, max_replicas, target_ongoing_requests, ...); replaces replicas.")
     max_queued_requests: int = Field(512, ge=1, le=1 << 20, description="Requests queued per handle before Serve answers 503.")

@@ -15,6 +15,8 @@ from fa3trt.errors import (
     MissingDependencyError,
     PluginNotRegisteredError,
 )
+from fa3trt.backends import load_backend
+from fa3trt.export import export_onnx
 from fa3trt.model import ModelConfig, build_model, save_weights
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "save_weights",
+    "export_onnx",
+    "load_backend",
     "Fa3TrtError",
     "InvalidInputError",
     "ConfigError",

@@ -9,7 +9,7 @@ python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e '.[dev]'
 # The stubs declare tensorrt as a dependency, which no reachable index serves.
 python3 -m pip install -q --no-deps 'tensorrt-stubs>=10'
-python3 -m mypy fa3trt
+python3 -m mypy fa3trt build_jobs deploy
 set +e
 python3 -m pytest "$@"
 rc=$?

@@ -1,0 +1,94 @@
+"""Shared pieces of the benchmark scripts: device timing, the card's name, JSON + PNG output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def card() -> str:
+    if not torch.cuda.is_available():
+        return f"cpu ({platform.processor() or platform.machine()})"
+    return torch.cuda.get_device_name()
+
+
+def time_cuda_ms(fn: Callable[[], Any], *, warmup: int = 3, iters: int = 10, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the mean device time of ``iters`` back-to-back calls (ms)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / iters)
+    return statistics.median(samples)
+
+
+def time_host_ms(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 5) -> float:
+    """Median wall time of ``fn`` (CPU work, or GPU work that synchronizes itself)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def gemm_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """The card's measured dense matrix-product rate on random data (the MFU denominator)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = time_cuda_ms(lambda: a @ b, warmup=5, iters=20)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def save(out_dir: str | Path, name: str, result: dict[str, Any]) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"card": card(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1, sort_keys=True))
+    return path
+
+
+def bar_plot(out_dir: str | Path, name: str, labels: list[str], values: list[float], ylabel: str, title: str, goal: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), 4))
+    ax.bar(range(len(values)), values, color="#4c72b0")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if goal is not None:
+        ax.axhline(goal, color="#c44e52", linestyle="--", linewidth=1)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    path = Path(out_dir) / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,97 @@
+"""Attention kernels on one GPU: TFLOP/s of every available kernel at the project's shapes.
+
+Shapes (bf16, 32 heads of 128): the seed's 1x15708, 1x4096, and a ragged batch of 8 sequences
+padded to 2048 (lengths 2048 down to 300). Ragged rows report *useful* TFLOP/s (FLOPs of the
+real lengths only) and are compared with the same kernel on the unmasked full 8x2048 batch;
+"cudnn+mask" is the dense boolean padding mask the project avoids, measured as the baseline.
+Goals: the default kernel >= 95% of the fastest at each dense shape; ragged >= 90% of unmasked.
+
+    python bench/attention.py --out docs/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from _common import bar_plot, card, save, time_cuda_ms  # type: ignore[import-not-found]
+from fa3trt.attention import available_kernels, reference_attention, run_kernel, select_kernel
+
+H, D = 32, 128
+RAGGED = [2048, 1900, 1700, 1500, 1200, 900, 600, 300]
+
+
+def flops(lengths: list[int]) -> float:
+    return sum(4.0 * n * n * H * D for n in lengths)
+
+
+def masked_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    s = q.shape[1]
+    keep = torch.arange(s, device=q.device)[None, :] < lens.to(q.device)[:, None]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None, None, :])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--seed-len", type=int, default=15708)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    default = select_kernel(dev)
+    kernels = [k for k in available_kernels(dev) if k != "math"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def qkv(b: int, s: int) -> list[torch.Tensor]:
+        return [torch.randn(b, s, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3)]
+
+    rows: list[dict[str, Any]] = []
+    for label, b, s in (("seed 1x%d" % args.seed_len, 1, args.seed_len), ("1x4096", 1, 4096), ("full 8x2048", 8, 2048)):
+        q, k, v = qkv(b, s)
+        for name in kernels:
+            ms = time_cuda_ms(lambda: run_kernel(name, q, k, v))
+            rows.append({"shape": label, "kernel": name, "ms": ms, "tflops": flops([s] * b) / ms / 1e9})
+    q, k, v = qkv(8, 2048)
+    lens_host = torch.tensor(RAGGED, dtype=torch.int32)
+    lens_dev = lens_host.cuda()
+    # Correctness of the ragged paths at this size, against the float64 reference on 2 sequences.
+    ref = reference_attention(q[6:8], k[6:8], v[6:8], lens_dev[6:8])
+    for name in kernels:
+        for where, lens in (("host lens", lens_host), ("device lens", lens_dev)):
+            out = run_kernel(name, q, k, v, lens)
+            err = float((out[6:8].double() - ref.double()).norm() / ref.double().norm())
+            ms = time_cuda_ms(lambda: run_kernel(name, q, k, v, lens))
+            rows.append({"shape": f"ragged 8x2048 ({where})", "kernel": name, "ms": ms, "tflops": flops(RAGGED) / ms / 1e9, "rel_err": err})
+    ms = time_cuda_ms(lambda: masked_cudnn(q, k, v, lens_dev))
+    rows.append({"shape": "ragged 8x2048 (device lens)", "kernel": "cudnn+mask", "ms": ms, "tflops": flops(RAGGED) / ms / 1e9})
+
+    summary: dict[str, Any] = {"default_kernel": default}
+    for shape in ("seed 1x%d" % args.seed_len, "1x4096", "full 8x2048"):
+        sel = [r for r in rows if r["shape"] == shape]
+        best = max(sel, key=lambda r: r["tflops"])
+        mine = next(r for r in sel if r["kernel"] == default)
+        summary[shape] = {"fastest": best["kernel"], "fastest_tflops": best["tflops"], "default_tflops": mine["tflops"], "default_vs_fastest": mine["tflops"] / best["tflops"]}
+    full = next(r for r in rows if r["shape"] == "full 8x2048" and r["kernel"] == default)
+    rag = next(r for r in rows if r["shape"] == "ragged 8x2048 (host lens)" and r["kernel"] == default)
+    summary["ragged_vs_unmasked"] = rag["tflops"] / full["tflops"]
+
+    print(f"card: {card()}   default kernel: {default}")
+    print(f"{'shape':32s} {'kernel':14s} {'ms':>8s} {'TFLOP/s':>9s} {'rel err':>9s}")
+    for r in rows:
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        print(f"{r['shape']:32s} {r['kernel']:14s} {r['ms']:8.3f} {r['tflops']:9.1f} {err:>9s}")
+    for shape in ("seed 1x%d" % args.seed_len, "1x4096", "full 8x2048"):
+        s = summary[shape]
+        print(f"{shape}: default {s['default_tflops']:.0f} TFLOP/s = {100 * s['default_vs_fastest']:.1f}% of fastest ({s['fastest']}); goal >= 95%")
+    print(f"ragged 8x2048 with {default} (useful FLOPs): {100 * summary['ragged_vs_unmasked']:.1f}% of unmasked; goal >= 90%")
+    save(args.out, "attention", {"rows": rows, "summary": summary, "ragged_lengths": RAGGED})
+    bar_plot(args.out, "attention", [f"{r['shape']}\n{r['kernel']}" for r in rows], [r["tflops"] for r in rows], "TFLOP/s (useful)", f"attention kernels, bf16, H={H} D={D} - {card()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""The TensorRT plugin: its plain decisions (CPU), its enqueue core exactly as TensorRT calls it
+(GPU: raw pointers of torch allocations, a side stream), and the plugin inside a real engine
+(TensorRT)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fa3trt import plugin
+from fa3trt.attention import PLUGIN_NAME, PLUGIN_VERSION, reference_attention
+from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError, PluginNotRegisteredError
+from fa3trt.plugin import (
+    EnqueueCache,
+    choose_enqueue_kernel,
+    enqueue_core,
+    format_supported,
+    output_shape,
+    parse_fields,
+    run_enqueue,
+    serialize_fields,
+)
+from tests.utils import gpu, rel_err, requires_tensorrt
+
+# --------------------------------------------------------------------------- CPU: plain functions
+
+
+def test_fields_roundtrip_and_validation(caplog: pytest.LogCaptureFixture) -> None:
+    for mode in (0, 1):
+        fields = serialize_fields(mode)
+        assert [n for n, _ in fields] == list(plugin.FIELD_NAMES)
+        assert fields[0][1].dtype == np.int32
+        assert parse_fields(fields) == {"mode": mode}
+    assert parse_fields([]) == {"mode": 0}  # the op's default
+    # The ONNX parser may pass int64 attributes and the lookup attributes too.
+    assert parse_fields([("mode", np.array([1], np.int64)), ("plugin_version", b"1"), ("plugin_namespace", b"")]) == {"mode": 1}
+    with pytest.raises(ConfigError, match="mode=3; use 0 .* or 1"):
+        parse_fields([("mode", np.array([3], np.int32))])
+    with pytest.raises(ConfigError, match="one int32"):
+        parse_fields([("mode", np.array([0, 1], np.int32))])
+    with caplog.at_level(logging.WARNING, logger="fa3trt.plugin"):
+        assert parse_fields([("scale", np.array([1.0]))]) == {"mode": 0}
+    assert "unknown field 'scale'" in caplog.text
+
+
+def test_format_combinations() -> None:
+    for t in ("HALF", "BF16", "FLOAT"):
+        assert format_supported(0, [t], True)
+        assert format_supported(2, [t, t, t], True)
+        assert format_supported(3, [t, t, t, "INT32"], True)
+        assert format_supported(4, [t, t, t, "INT32", t], True)
+    assert not format_supported(0, ["INT8"], True)
+    assert not format_supported(0, ["HALF"], False)  # only linear layouts
+    assert not format_supported(1, ["HALF", "BF16"], True)  # k must match q
+    assert not format_supported(3, ["HALF", "HALF", "HALF", "INT64"], True)
+    assert not format_supported(4, ["HALF", "HALF", "HALF", "INT32", "FLOAT"], True)
+    assert not format_supported(5, ["HALF"] * 6, True)
+    assert not format_supported(0, ["HALF"], True, num_inputs=3)
+
+
+def test_output_shape_uses_each_inputs_own_dims() -> None:
+    assert output_shape((2, 7, 4, 64), (2, 7, 4, 64), (2, 7, 4, 64)) == (2, 7, 4, 64)
+    # The seed filled V's shape from Q: a V that disagrees must be an error, not a silent misread.
+    with pytest.raises(InvalidInputError, match=r"v \(2, 7, 4, 32\)"):
+        output_shape((2, 7, 4, 64), (2, 7, 4, 64), (2, 7, 4, 32))
+    with pytest.raises(InvalidInputError, match="k must be 4-D"):
+        output_shape((2, 7, 4, 64), (2, 7, 256), (2, 7, 4, 64))
+
+
+def test_enqueue_kernel_choice() -> None:
+    sm90, sm80, sm75 = (9, 0), (8, 0), (7, 5)
+    with_fa3 = ["fa3", "cudnn", "flash", "flash_seqused", "efficient", "math"]
+    without = with_fa3[1:]
+    assert choose_enqueue_kernel(torch.bfloat16, with_fa3, sm90) == "fa3"
+    assert choose_enqueue_kernel(torch.float16, without, sm90) == "flash_seqused"
+    assert choose_enqueue_kernel(torch.float16, without, sm80) == "flash_seqused"
+    assert choose_enqueue_kernel(torch.float16, without, sm75) == "efficient_seqused"
+    assert choose_enqueue_kernel(torch.float32, with_fa3, sm90) == "efficient_seqused"
+    # Every choice reads the lengths on the device: never a host-length kernel.
+    for forced in (None, "cudnn", "math", "flash"):
+        assert choose_enqueue_kernel(torch.float16, without, sm90, forced) in plugin.DEVICE_LENGTH_KERNELS
+    assert choose_enqueue_kernel(torch.float16, with_fa3, sm90, "efficient_seqused") == "efficient_seqused"
+    with pytest.raises(ConfigError, match="FA3 is not available"):
+        choose_enqueue_kernel(torch.float16, without, sm90, "fa3")
+    with pytest.raises(ConfigError, match="cannot run torch.float32"):
+        choose_enqueue_kernel(torch.float32, with_fa3, sm90, "flash_seqused")
+
+
+def test_view_cache_hits_bounds_and_keys() -> None:
+    made: list[tuple[int, tuple[int, ...], torch.dtype]] = []
+
+    def factory(ptr: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        made.append((ptr, shape, dtype))
+        return torch.empty(shape, dtype=dtype)
+
+    cache = EnqueueCache(max_views=8, factory=factory)
+    a = cache.view(0x1000, (2, 3), torch.float16)
+    assert cache.view(0x1000, (2, 3), torch.float16) is a
+    assert (cache.hits, cache.misses) == (1, 1)
+    # Same pointer, another shape or dtype: another view (TensorRT reuses memory across shapes).
+    cache.view(0x1000, (3, 2), torch.float16)
+    cache.view(0x1000, (2, 3), torch.bfloat16)
+    assert cache.misses == 3 and len(made) == 3
+    for i in range(20):
+        cache.view(0x2000 + i, (1,), torch.int32)
+    assert len(cache) == 8  # bounded
+    assert cache.view(0x2000 + 19, (1,), torch.int32) is not None and cache.hits == 2
+    with pytest.raises(ConfigError, match="max_views"):
+        EnqueueCache(max_views=1)
+
+
+def test_run_enqueue_reports_failure_with_reason(caplog: pytest.LogCaptureFixture) -> None:
+    # Validation happens before any device memory is touched, so this runs on a CPU.
+    with caplog.at_level(logging.ERROR, logger="fa3trt.plugin"):
+        status = run_enqueue(1, 2, 3, 4, 5, (1, 8, 2, 16), (1, 8, 2, 16), (1, 8, 2, 8), torch.float16, 0, 0)
+    assert status == 1
+    assert "enqueue failed" in caplog.text and "v (1, 8, 2, 8)" in caplog.text
+    assert run_enqueue(1, 2, 3, 4, 5, (1, 8, 2, 16), (1, 8, 2, 16), (1, 8, 2, 16), torch.int8, 0, 0) == 1
+    assert run_enqueue(1, 2, 3, 4, 5, (1, 8, 2, 16), (1, 8, 2, 16), (1, 8, 2, 16), torch.float16, 0, 7) == 1
+    # An empty batch is a no-op, not an error.
+    assert run_enqueue(0, 0, 0, 0, 0, (0, 8, 2, 16), (0, 8, 2, 16), (0, 8, 2, 16), torch.float16, 0, 0) == 0
+
+
+def test_device_view_rejects_bad_arguments() -> None:
+    with pytest.raises(InvalidInputError, match="no device view for dtype torch.int8"):
+        plugin.device_view(0x1000, (4,), torch.int8)
+    with pytest.raises(InvalidInputError, match="null device pointer"):
+        plugin.device_view(0, (4,), torch.float16)
+
+
+@pytest.mark.skipif(plugin.tensorrt_available(), reason="checks the behaviour without TensorRT")
+def test_registration_without_tensorrt() -> None:
+    assert not plugin.is_registered()
+    with pytest.raises(PluginNotRegisteredError, match=r"call fa3trt.plugin.register_plugin\(''\) before parsing ONNX"):
+        plugin.require_registered()
+    with pytest.raises(MissingDependencyError, match="install TensorRT"):
+        plugin.register_plugin()
+    with pytest.raises(MissingDependencyError, match="install TensorRT"):
+        plugin.plugin_classes()
+
+
+# --------------------------------------------------------------------------- GPU: the enqueue core
+
+
+def _qkv(b: int, s: int, h: int, d: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return tuple(torch.randn(b, s, h, d, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+
+
+def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor,
+          stream: torch.cuda.Stream, mode: int = 0, cache: EnqueueCache | None = None) -> None:
+    enqueue_core(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, stream.cuda_stream, mode, cache=cache,
+    )
+
+
+_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_enqueue_core_matches_reference(dtype: torch.dtype) -> None:
+    b, s, h, d = 3, 70, 4, 64
+    q, k, v = _qkv(b, s, h, d, dtype)
+    lens = torch.tensor([70, 33, 1], dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # inputs were made on the current stream
+    _call(q, k, v, lens, out, side)
+    side.synchronize()
+    want = reference_attention(q, k, v, lens.cpu())
+    for i, n in enumerate(lens.tolist()):
+        assert rel_err(out[i, :n], want[i, :n]) < _TOL[dtype], (i, n)
+        assert torch.all(out[i, n:] == 0)
+
+
+@gpu
+def test_enqueue_core_fp8_mode_is_close() -> None:
+    q, k, v = _qkv(2, 64, 4, 64, torch.bfloat16)
+    lens = torch.tensor([64, 20], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    _call(q, k, v, lens, out, side, mode=1)
+    side.synchronize()
+    want = reference_attention(q, k, v, lens.cpu())
+    assert rel_err(out[1, :20], want[1, :20]) < 0.1
+    assert torch.all(out[1, 20:] == 0)
+
+
+@gpu
+def test_enqueue_core_runs_on_the_given_stream() -> None:
+    """A race test: q is written on TensorRT's stream after a long GPU sleep. An enqueue that
+    runs on PyTorch's current stream instead starts before q is written and reads zeros."""
+    b, s, h, d = 2, 256, 4, 64
+    q_true, k, v = _qkv(b, s, h, d, torch.float16)
+    lens = torch.tensor([256, 100], dtype=torch.int32, device="cuda")
+    q = torch.zeros_like(q_true)
+    out = torch.zeros_like(q)
+    cache = EnqueueCache()
+    trt_stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    _call(q, k, v, lens, out, trt_stream, cache=cache)  # warm: kernels loaded, views cached
+    trt_stream.synchronize()
+    q.zero_()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(trt_stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before q exists
+        q.copy_(q_true)
+    t0 = time.perf_counter()
+    _call(q, k, v, lens, out, trt_stream, cache=cache)
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    want = reference_attention(q_true, k, v, lens.cpu())
+    assert rel_err(out[0], want[0]) < 5e-3 and rel_err(out[1, :100], want[1, :100]) < 5e-3
+    # The call returned while the stream was still sleeping: it never waited for the device.
+    assert host_s < 0.05, f"enqueue_core blocked the host for {host_s * 1e3:.1f} ms"
+
+
+@gpu
+def test_enqueue_core_never_syncs() -> None:
+    q, k, v = _qkv(2, 128, 4, 64, torch.bfloat16)
+    lens = torch.tensor([128, 5], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    side = torch.cuda.Stream()
+    cache = EnqueueCache()
+    _call(q, k, v, lens, out, side, cache=cache)  # first call may build constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronization raises
+    try:
+        _call(q, k, v, lens, out, side, cache=cache)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+def _alloc_stats() -> tuple[int, int, int]:
+    st = torch.cuda.memory_stats()
+    return st["allocation.all.allocated"], st["allocated_bytes.all.allocated"], st["segment.all.allocated"]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_enqueue_core_allocates_no_copies(dtype: torch.dtype) -> None:
+    """Per call, the core allocates at most what the bare kernel allocates (its result and
+    log-sum-exp): no copy of q, k, v, no extra output, and no new cudaMalloc segment."""
+    b, s, h, d = 2, 512, 8, 64
+    q, k, v = _qkv(b, s, h, d, dtype)
+    lens = torch.tensor([512, 300], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    cache = EnqueueCache()
+    stream = torch.cuda.current_stream()
+    name = plugin._kernel_for(torch.cuda.current_device(), dtype)
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda")
+    shp = plugin._kernel_input_shape(name, b, s, h, d)
+
+    def bare() -> None:
+        plugin._run_kernel(name, q.view(shp), k.view(shp), v.view(shp), lens, cu, s)
+
+    for _ in range(3):
+        _call(q, k, v, lens, out, stream, cache=cache)
+        bare()
+    torch.cuda.synchronize()
+    n0, b0, seg0 = _alloc_stats()
+    _call(q, k, v, lens, out, stream, cache=cache)
+    torch.cuda.synchronize()
+    n1, b1, seg1 = _alloc_stats()
+    bare()
+    torch.cuda.synchronize()
+    n2, b2, _ = _alloc_stats()
+    core_n, core_bytes, bare_n, bare_bytes = n1 - n0, b1 - b0, n2 - n1, b2 - b1
+    assert core_bytes <= bare_bytes, (core_bytes, bare_bytes)
+    assert core_n <= bare_n, (core_n, bare_n)
+    assert core_bytes < 2 * q.nbytes  # a copy of q, k and v would be 3 * q.nbytes on top
+    assert seg1 == seg0  # steady state: no cudaMalloc
+
+
+@gpu
+def test_views_are_zero_copy_and_cached() -> None:
+    q, k, v = _qkv(1, 64, 2, 64, torch.bfloat16)
+    view = plugin.device_view(q.data_ptr(), tuple(q.shape), torch.bfloat16)
+    assert view.dtype == torch.bfloat16 and view.data_ptr() == q.data_ptr() and torch.equal(view, q)
+    lens = torch.tensor([64], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    cache = EnqueueCache()
+    side = torch.cuda.Stream()
+    _call(q, k, v, lens, out, side, cache=cache)
+    misses = cache.misses
+    for _ in range(5):
+        _call(q, k, v, lens, out, side, cache=cache)
+    assert cache.misses == misses and cache.hits >= 5 * 4
+    q2 = q.clone()
+    _call(q2, k, v, lens, out, side, cache=cache)
+    assert cache.misses == misses + 1  # only the new pointer is wrapped
+    side.synchronize()
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+def _single_node_onnx(path: str, b: int, s: int, h: int, d: int, dtype: str, mode: int = 0) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    et = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16, "float32": TensorProto.FLOAT}[dtype]
+    dims = ["B", "S", h, d]
+    ins = [helper.make_tensor_value_info(n, et, dims) for n in ("q", "k", "v")]
+    ins.append(helper.make_tensor_value_info("seq_lens", TensorProto.INT32, ["B"]))
+    out = helper.make_tensor_value_info("y", et, dims)
+    node = helper.make_node(
+        PLUGIN_NAME, ["q", "k", "v", "seq_lens"], ["y"], domain="attn",
+        mode=mode, plugin_version=PLUGIN_VERSION, plugin_namespace="",
+    )
+    graph = helper.make_graph([node], "attn", ins, [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("attn", 1)])
+    onnx.save(model, path)
+
+
+@gpu
+@requires_tensorrt
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_plugin_in_a_real_engine(tmp_path: object, dtype: str) -> None:
+    """One plugin node built into an engine, serialized, deserialized (create_plugin with the
+    runtime phase) and run; compared with the float64 reference."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    import tensorrt as trt  # tests may import it; the library goes through fa3trt._trt
+
+    plugin.register_plugin()
+    assert plugin.is_registered()
+    plugin.register_plugin()  # idempotent
+    path = f"{tmp_path}/attn.onnx"
+    h, d = 4, 64
+    _single_node_onnx(path, 2, 64, h, d, dtype)
+    prof = Profile()
+    for n in ("q", "k", "v"):
+        prof.add(n, min=(1, 1, h, d), opt=(2, 64, h, d), max=(4, 128, h, d))
+    prof.add("seq_lens", min=(1,), opt=(2,), max=(4,))
+    data = bytes(EngineBytesFromNetwork(NetworkFromOnnxPath(path, strongly_typed=True), CreateConfig(profiles=[prof]))())
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(data)
+    ctx = engine.create_execution_context()
+    tdt = getattr(torch, dtype)
+    q, k, v = _qkv(3, 100, h, d, tdt)
+    lens = torch.tensor([100, 57, 1], dtype=torch.int32, device="cuda")
+    y = torch.full_like(q, float("nan"))
+    for name, t in (("q", q), ("k", k), ("v", v), ("seq_lens", lens)):
+        assert ctx.set_input_shape(name, tuple(t.shape))
+        assert ctx.set_tensor_address(name, t.data_ptr())
+    assert ctx.set_tensor_address("y", y.data_ptr())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    assert ctx.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    want = reference_attention(q, k, v, lens.cpu())
+    for i, n in enumerate(lens.tolist()):
+        assert rel_err(y[i, :n], want[i, :n]) < _TOL[tdt]
+        assert torch.all(y[i, n:] == 0)
+
+
+@requires_tensorrt
+def test_build_without_registration_is_a_clear_error(tmp_path: object) -> None:
+    """In a fresh process that never registered the plugin, a build fails before parsing."""
+    code = f"""
+import sys
+from fa3trt.build import BuildConfig, build_engine
+from fa3trt.errors import PluginNotRegisteredError
+try:
+    build_engine({str(tmp_path)!r} + "/missing.onnx", BuildConfig())
+except PluginNotRegisteredError as e:
+    assert "register_plugin" in str(e), e
+    print("refused")
+    sys.exit(0)
+sys.exit("build_engine did not refuse")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "refused" in r.stdout, r.stderr
