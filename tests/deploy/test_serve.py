@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import io
-import os
 import shutil
-import subprocess
 import sys
 import textwrap
 import time
@@ -25,52 +23,15 @@ import torch
 import yaml
 
 import fa3trt
+from tests.deploy.cluster import ROOT, URL, run, serve_cluster
 
-ROOT = Path(__file__).resolve().parents[2]
-URL = "http://127.0.0.1:8000"
 ATOL = 1e-4
-
-
-def _run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _wait_ready(proc: subprocess.Popen[str], timeout: float = 240) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve run exited with {proc.returncode}")
-        try:
-            if requests.get(f"{URL}/v1/info", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise TimeoutError("the app did not become ready")
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    ray_bin = shutil.which("ray") or "ray"
-    serve_bin = shutil.which("serve") or "serve"
-    # `ray start` turns on token authentication; the CLI clients need to be told to send the token.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
-    out = _run([ray_bin, "start", "--head", "--num-cpus=2", "--port=6379", "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env)
-    assert out.returncode == 0, out.stderr
-    env["RAY_ADDRESS"] = "auto"
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w")
-    proc = subprocess.Popen([serve_bin, "run", "serve_config.yaml"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_ready(proc)
+    with serve_cluster(tmp_path_factory.mktemp("serve")) as env:
         yield env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        _run([ray_bin, "stop", "--force"], env)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +129,7 @@ def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], model
 
 def test_handle_from_another_ray_job(cluster: dict[str, str], model: torch.nn.Module, tmp_path: Path) -> None:
     out = tmp_path / "handle.npz"
-    r = _run([sys.executable, "examples/handle_client.py", "--save", str(out)], cluster, timeout=180)
+    r = run([sys.executable, "examples/handle_client.py", "--save", str(out)], cluster, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "-> y (300, 256) float32" in r.stdout and "Tensor (7, 256) torch.bfloat16" in r.stdout
     data = np.load(out, allow_pickle=False)
@@ -188,7 +149,7 @@ def test_reconfigure_changes_batching_live(cluster: dict[str, str], tmp_path: Pa
     cfg["applications"][0]["deployments"] = [{"name": "ModelServer", "user_config": batching}]
     path = tmp_path / "reconf.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    r = _run([shutil.which("serve") or "serve", "deploy", str(path)], cluster)
+    r = run([shutil.which("serve") or "serve", "deploy", str(path)], cluster)
     assert r.returncode == 0, r.stderr
     t0 = time.time()
     while time.time() - t0 < 60:
@@ -220,7 +181,7 @@ KILL = textwrap.dedent(
 
 def test_replica_killed_is_replaced_and_keeps_serving(cluster: dict[str, str], model: torch.nn.Module) -> None:
     old = requests.get(f"{URL}/v1/info", timeout=30).json()["replica"]
-    r = _run([sys.executable, "-c", KILL], cluster)
+    r = run([sys.executable, "-c", KILL], cluster)
     assert r.returncode == 0 and "killed" in r.stdout, r.stderr
     x = np.random.rand(20, 256).astype(np.float32)
     t0, ok = time.time(), False

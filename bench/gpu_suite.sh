@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project, for a lent GPU machine (see docs/benchmarks.md).
+#   bash bench/gpu_suite.sh kernels   # GPU tests of the op and plugin core + kernel/plugin/model benchmarks
+#   bash bench/gpu_suite.sh ray       # Ray on 2 GPUs: build jobs on both cards, two Serve replicas
+# Logs and results go to ${OUT:-docs/benchmarks}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-docs/benchmarks}
+mkdir -p "$out"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+[ -d /tmp/site/bin ] && export PATH="/tmp/site/bin:$PATH"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_${1}.txt"
+case "$1" in
+  kernels)
+    python3 -m pytest -q -m gpu tests/fa3trt -p no:cacheprovider 2>&1 | tee "$out/gpu_tests_kernels.log" | tail -25
+    python3 bench/attention.py --out "$out" 2>&1 | tee "$out/attention.log"
+    python3 bench/plugin_overhead.py --out "$out" 2>&1 | tee "$out/plugin_overhead.log"
+    python3 bench/model_throughput.py --out "$out" 2>&1 | tee "$out/model_throughput.log"
+    ;;
+  ray)
+    python3 -m pytest -q -s -m gpu tests/build_jobs/test_gpu.py tests/deploy/test_gpu_serve.py -p no:cacheprovider 2>&1 | tee "$out/gpu_tests_ray.log" | tail -40
+    ;;
+  *) echo "usage: $0 kernels|ray" >&2; exit 2 ;;
+esac

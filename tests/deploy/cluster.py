@@ -1,0 +1,59 @@
+"""A real local Ray cluster with `serve run serve_config.yaml` on it, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+URL = "http://127.0.0.1:8000"
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_ready(proc: subprocess.Popen[str], timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve run exited with {proc.returncode}")
+        try:
+            if requests.get(f"{URL}/v1/info", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError("the app did not become ready")
+
+
+@contextmanager
+def serve_cluster(log_dir: Path, extra_env: dict[str, str] | None = None, num_cpus: int = 2) -> Iterator[dict[str, str]]:
+    """`ray start --head`, then `serve run serve_config.yaml`; yields the env for client processes."""
+    ray_bin = shutil.which("ray") or "ray"
+    serve_bin = shutil.which("serve") or "serve"
+    # `ray start` turns on token authentication; the CLI clients need to be told to send the token.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", **(extra_env or {}))
+    out = run([ray_bin, "start", "--head", f"--num-cpus={num_cpus}", "--port=6379", "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env)
+    assert out.returncode == 0, out.stderr
+    env["RAY_ADDRESS"] = "auto"
+    log = open(log_dir / "serve.log", "w")
+    proc = subprocess.Popen([serve_bin, "run", "serve_config.yaml"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_ready(proc)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        run([ray_bin, "stop", "--force"], env)
+        log.close()
