@@ -9,16 +9,15 @@ out=${OUT:-docs/benchmarks}
 mkdir -p "$out"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 [ -d /tmp/site/bin ] && export PATH="/tmp/site/bin:$PATH"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu_${1}.txt"
+log="$out/gpu_${1}.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
 case "$1" in
   kernels)
-    python3 -m pytest -q -m gpu tests/fa3trt -p no:cacheprovider 2>&1 | tee "$out/gpu_tests_kernels.log" | tail -25
-    python3 bench/attention.py --out "$out" 2>&1 | tee "$out/attention.log"
-    python3 bench/plugin_overhead.py --out "$out" 2>&1 | tee "$out/plugin_overhead.log"
-    python3 bench/model_throughput.py --out "$out" 2>&1 | tee "$out/model_throughput.log"
+    python3 -m pytest -q -m gpu tests/fa3trt -p no:cacheprovider 2>&1 | tee -a "$log" | tail -25
+    for b in attention plugin_overhead model_throughput; do python3 bench/$b.py --out "$out" 2>&1 | tee -a "$log"; done
     ;;
   ray)
-    python3 -m pytest -q -s -m gpu tests/build_jobs/test_gpu.py tests/deploy/test_gpu_serve.py -p no:cacheprovider 2>&1 | tee "$out/gpu_tests_ray.log" | tail -40
+    python3 -m pytest -q -s -m gpu tests/build_jobs/test_gpu.py tests/deploy/test_gpu_serve.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -60
     ;;
   *) echo "usage: $0 kernels|ray" >&2; exit 2 ;;
 esac

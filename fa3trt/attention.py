@@ -17,13 +17,16 @@ host) or PyTorch's flash kernel with ``seqused_k`` (lengths only on the device, 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,7 @@ __all__ = [
     "MODE_NATIVE",
     "MODE_FP8",
     "KERNEL_ENV",
+    "onnx_export_mode",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,7 +130,12 @@ _SDPA_BACKENDS = {
 
 
 def _sdpa_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None) -> torch.Tensor:
-    ctx = sdpa_kernel(_SDPA_BACKENDS[backend]) if backend else nullcontext()
+    # The named backend first, the others after it: a shape the named kernel does not take
+    # (cuDNN refuses a key length of 1, say) still runs, on the next kernel in line.
+    ctx: contextlib.AbstractContextManager[Any] = nullcontext()
+    if backend:
+        first = _SDPA_BACKENDS[backend]
+        ctx = sdpa_kernel([first] + [b for b in _SDPA_BACKENDS.values() if b != first], set_priority=True)
     with ctx:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return o.transpose(1, 2).contiguous()
@@ -143,6 +152,16 @@ def _host_lengths(seq_lens: torch.Tensor) -> list[int]:
     return [int(x) for x in seq_lens.tolist()]
 
 
+def _one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """(1, n, H, D) -> (1, n, H, D) (any layout). cuDNN through its op directly: the SDPA front
+    end and its context manager cost more host time than a short sequence's kernel."""
+    if backend == "cudnn" and q.shape[1] >= 2:
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, False
+        )[0].transpose(1, 2)
+    return _sdpa_dense(q, k, v, backend)
+
+
 def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, backend: str) -> torch.Tensor:
     """Each sequence at its own length: no padded keys are ever read, no mask is built."""
     b, s = q.shape[:2]
@@ -152,10 +171,35 @@ def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: t
     out = torch.empty_like(q)
     for i, n in enumerate(lens):
         if n > 0:
-            out[i, :n] = _sdpa_dense(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n], backend)[0]
+            out[i : i + 1, :n] = _one_sequence(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n], backend)
         if n < s:
             out[i, n:].zero_()
     return out
+
+
+def _cudnn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """cuDNN's ragged (packed) kernel in one launch, lengths on the host or the device, no sync.
+
+    The valid rows are scattered into a packed buffer whose layout is computed on the device
+    (sequence i starts at cumsum(lens)[i]; padded rows all land on one spare row past the end),
+    attention runs over the packed rows with cu_seqlens, and the rows are gathered back.
+    """
+    if seq_lens is None:
+        return _sdpa_dense(q, k, v, "cudnn")
+    b, s, h, d = q.shape
+    lens = seq_lens.to(device=q.device, dtype=torch.int32, non_blocking=True)
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum(lens, 0, out=cu[1:])
+    rows = torch.arange(s, device=q.device, dtype=torch.int32)
+    keep = rows[None, :] < lens[:, None]
+    spare = b * s
+    dest = torch.where(keep, cu[:-1, None] + rows[None, :], spare).view(-1).long()
+    packed = [t.new_empty(spare + 1, h, d).index_copy_(0, dest, t.reshape(spare, h, d)) for t in (q, k, v)]
+    o = torch.ops.aten._cudnn_attention_forward(
+        packed[0][:spare], packed[1][:spare], packed[2][:spare], None, cu, cu, s, s, False
+    )[0]
+    out = o.reshape(spare, h, d).index_select(0, dest.clamp_max(spare - 1)).view(b, s, h, d)
+    return out.masked_fill_(~keep[:, :, None, None], 0)
 
 
 def _sdpa_kernel(backend: str) -> Kernel:
@@ -221,6 +265,7 @@ KERNELS: dict[str, Kernel] = {
     "cudnn": _sdpa_kernel("cudnn"),
     "flash": _sdpa_kernel("flash"),
     "flash_seqused": _flash_seqused,
+    "cudnn_varlen": _cudnn_varlen,
     "efficient": _sdpa_kernel("efficient"),
     "math": _math_kernel,
 }
@@ -232,6 +277,8 @@ def available_kernels(device: torch.device | str) -> list[str]:
     if device.type != "cuda":
         return ["math"]
     names = ["cudnn", "flash", "flash_seqused", "efficient", "math"]
+    if hasattr(torch.ops.aten, "_cudnn_attention_forward"):  # cuDNN's packed (ragged) entry point
+        names.insert(1, "cudnn_varlen")
     if _fa3_module() is not None and torch.cuda.get_device_capability(device) == (9, 0):
         names.insert(0, "fa3")
     return names
@@ -335,8 +382,27 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor 
     return torch.empty_like(q)
 
 
+# Set by fa3trt.export for the duration of an export: torch.onnx.is_in_onnx_export() is not
+# set by every torch release's dynamo exporter (2.11 leaves it False), this flag always is.
+_exporting: contextvars.ContextVar[bool] = contextvars.ContextVar("fa3trt_exporting", default=False)
+
+
+@contextlib.contextmanager
+def onnx_export_mode() -> Iterator[None]:
+    """Within this block ``attention`` emits the ``CustomAttnPlugin`` ONNX node."""
+    token = _exporting.set(True)
+    try:
+        yield
+    finally:
+        _exporting.reset(token)
+
+
+def _in_export() -> bool:
+    return _exporting.get() or torch.onnx.is_in_onnx_export()
+
+
 def _is_tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    return torch.compiler.is_compiling() or _in_export()
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None, mode: int) -> None:
@@ -389,7 +455,7 @@ def attention(
     _validate(q, k, v, seq_lens, mode)
     if seq_lens is not None and seq_lens.dtype != torch.int32:
         seq_lens = seq_lens.to(torch.int32)
-    if torch.onnx.is_in_onnx_export():
+    if _in_export():
         if seq_lens is None:
             seq_lens = torch.full((q.shape[0],), q.shape[1], dtype=torch.int32, device=q.device)
         return torch.onnx.ops.symbolic(

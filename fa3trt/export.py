@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fa3trt.attention import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION
+from fa3trt.attention import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION, onnx_export_mode
 from fa3trt.errors import ExportError
 from fa3trt.model import ModelConfig, Transformer, build_model
 
@@ -86,16 +86,17 @@ def export_onnx(
     if external_data is None:
         external_data = n_bytes > _PROTOBUF_LIMIT - (64 << 20)
     try:
-        program = torch.onnx.export(
-            model,
-            (x, seq_lens),
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=["x", "seq_lens"],
-            output_names=["y"],
-            dynamic_shapes={"x": {0: batch, 1: seq}, "seq_lens": {0: batch}},
-            verbose=False,
-        )
+        with onnx_export_mode():
+            program = torch.onnx.export(
+                model,
+                (x, seq_lens),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=["x", "seq_lens"],
+                output_names=["y"],
+                dynamic_shapes={"x": {0: batch, 1: seq}, "seq_lens": {0: batch}},
+                verbose=False,
+            )
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed for ModelConfig({cfg.name}): {e}") from e
     if program is None:  # the dynamo exporter always returns a program; guard the type

@@ -47,7 +47,12 @@ def serve_cluster(log_dir: Path, extra_env: dict[str, str] | None = None, num_cp
     log = open(log_dir / "serve.log", "w")
     proc = subprocess.Popen([serve_bin, "run", "serve_config.yaml"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_ready(proc)
+        try:
+            wait_ready(proc)
+        except Exception as e:
+            log.flush()
+            tail = (log_dir / "serve.log").read_text(errors="replace")[-6000:]
+            raise RuntimeError(f"{e}; serve run log tail:\n{tail}") from e
         yield env
     finally:
         proc.terminate()
