@@ -61,6 +61,15 @@ def _device_us(fn: Callable[[], None], iters: int) -> float:
     return start.elapsed_time(end) / iters * 1e3
 
 
+def _wall_us(fn: Callable[[], None], iters: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
 def _allocs(fn: Callable[[], None]) -> dict[str, int]:
     torch.cuda.synchronize()
     a = torch.cuda.memory_stats()
@@ -118,6 +127,8 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int) ->
         "iters": iters,
         "host_us": {k: min(v) for k, v in host.items()},
         "device_us": {"bare": _device_us(bare, iters), "core": _device_us(core, iters)},
+        # Wall time with a full synchronize around the loop: a check on the event timing above.
+        "wall_us": {"bare": _wall_us(bare, iters), "core": _wall_us(core, iters)},
         "alloc_per_call": {"bare": _allocs(bare), "core": _allocs(core)},
         "max_abs_diff_core_vs_bare": max_diff,
         "view_cache": {"hits": cache.hits, "misses": cache.misses},

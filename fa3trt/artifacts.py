@@ -77,7 +77,7 @@ def ensure_onnx(
             (workdir / data_name).write_bytes(ext)
         return path, meta
     log.info("exporting ONNX %s for model %s", key, config.name)
-    model = build_model(config, weights, "cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(config, weights)  # exported on the CPU: the graph is device-independent
     res = export_onnx(model, path)
     meta = {
         "onnx_sha256": res.sha256,

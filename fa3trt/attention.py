@@ -162,44 +162,49 @@ def _one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: st
     return _sdpa_dense(q, k, v, backend)
 
 
+_SIDE_STREAMS = 4
+_side_streams: dict[int, list[torch.cuda.Stream]] = {}
+
+
+def _streams_for(device: torch.device) -> list[torch.cuda.Stream]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    streams = _side_streams.get(index)
+    if streams is None:
+        streams = _side_streams.setdefault(index, [torch.cuda.Stream(device) for _ in range(_SIDE_STREAMS)])
+    return streams
+
+
 def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, backend: str) -> torch.Tensor:
-    """Each sequence at its own length: no padded keys are ever read, no mask is built."""
+    """Each sequence at its own length: no padded keys are ever read, no mask is built.
+
+    On CUDA the sequences run on a few side streams, longest first, so the short ones fill
+    the multiprocessors the long ones leave idle instead of running one after another.
+    """
     b, s = q.shape[:2]
     lens = _host_lengths(seq_lens)
     if all(n == s for n in lens):
         return _sdpa_dense(q, k, v, backend)
     out = torch.empty_like(q)
-    for i, n in enumerate(lens):
-        if n > 0:
-            out[i : i + 1, :n] = _one_sequence(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n], backend)
-        if n < s:
-            out[i, n:].zero_()
+    order = sorted(range(b), key=lambda i: -lens[i])
+    if q.device.type != "cuda":
+        streams: list[torch.cuda.Stream | None] = [None]
+    else:
+        main = torch.cuda.current_stream(q.device)
+        side = _streams_for(q.device)
+        for st in side:
+            st.wait_stream(main)  # inputs and `out` were made on the main stream
+        streams = list(side)
+    for j, i in enumerate(order):
+        n, st = lens[i], streams[j % len(streams)]
+        with torch.cuda.stream(st) if st is not None else nullcontext():
+            if n > 0:
+                out[i : i + 1, :n] = _one_sequence(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n], backend)
+            if n < s:
+                out[i, n:].zero_()
+    if q.device.type == "cuda":
+        for st in streams:
+            main.wait_stream(st)  # type: ignore[arg-type]
     return out
-
-
-def _cudnn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
-    """cuDNN's ragged (packed) kernel in one launch, lengths on the host or the device, no sync.
-
-    The valid rows are scattered into a packed buffer whose layout is computed on the device
-    (sequence i starts at cumsum(lens)[i]; padded rows all land on one spare row past the end),
-    attention runs over the packed rows with cu_seqlens, and the rows are gathered back.
-    """
-    if seq_lens is None:
-        return _sdpa_dense(q, k, v, "cudnn")
-    b, s, h, d = q.shape
-    lens = seq_lens.to(device=q.device, dtype=torch.int32, non_blocking=True)
-    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum(lens, 0, out=cu[1:])
-    rows = torch.arange(s, device=q.device, dtype=torch.int32)
-    keep = rows[None, :] < lens[:, None]
-    spare = b * s
-    dest = torch.where(keep, cu[:-1, None] + rows[None, :], spare).view(-1).long()
-    packed = [t.new_empty(spare + 1, h, d).index_copy_(0, dest, t.reshape(spare, h, d)) for t in (q, k, v)]
-    o = torch.ops.aten._cudnn_attention_forward(
-        packed[0][:spare], packed[1][:spare], packed[2][:spare], None, cu, cu, s, s, False
-    )[0]
-    out = o.reshape(spare, h, d).index_select(0, dest.clamp_max(spare - 1)).view(b, s, h, d)
-    return out.masked_fill_(~keep[:, :, None, None], 0)
 
 
 def _sdpa_kernel(backend: str) -> Kernel:
@@ -265,7 +270,6 @@ KERNELS: dict[str, Kernel] = {
     "cudnn": _sdpa_kernel("cudnn"),
     "flash": _sdpa_kernel("flash"),
     "flash_seqused": _flash_seqused,
-    "cudnn_varlen": _cudnn_varlen,
     "efficient": _sdpa_kernel("efficient"),
     "math": _math_kernel,
 }
@@ -277,8 +281,6 @@ def available_kernels(device: torch.device | str) -> list[str]:
     if device.type != "cuda":
         return ["math"]
     names = ["cudnn", "flash", "flash_seqused", "efficient", "math"]
-    if hasattr(torch.ops.aten, "_cudnn_attention_forward"):  # cuDNN's packed (ragged) entry point
-        names.insert(1, "cudnn_varlen")
     if _fa3_module() is not None and torch.cuda.get_device_capability(device) == (9, 0):
         names.insert(0, "fa3")
     return names

@@ -14,6 +14,7 @@ compares with the PyTorch model. ``python -m fa3trt.export --check`` does both f
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import logging
 import os
@@ -75,7 +76,11 @@ def export_onnx(
     import onnx
 
     cfg = model.cfg
-    device = next(model.parameters()).device
+    if next(model.parameters()).device.type != "cpu":
+        # Trace on the CPU: the graph does not depend on the device, and some torch releases
+        # (2.11) give the plugin node's placeholder output a CPU device inside a CUDA graph.
+        model = copy.deepcopy(model).to("cpu")
+    device = torch.device("cpu")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.randn(sample_batch, sample_seq, cfg.hidden, device=device, dtype=cfg.torch_dtype)

@@ -51,7 +51,7 @@ def test_two_items_build_on_two_gpus_at_once(gpu_cluster: dict[str, float], tmp_
         print(
             f"{r.spec}: {r.status} backend={r.backend} gpu_type={r.gpu_type} CUDA_VISIBLE_DEVICES={r.cuda_visible_devices} "
             f"ray_gpu_ids={r.gpu_ids} device={r.details.get('device_name')} uuid={r.details.get('device_uuid')} "
-            f"window=({r.start:.2f}, {r.end:.2f}) plugin_registered={r.plugin_registered} key={r.key} error={r.error}"
+            f"window=({r.start}, {r.end}) plugin_registered={r.plugin_registered} key={r.key} error={r.error}"
         )
     assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
     a, b = results
