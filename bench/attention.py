@@ -6,7 +6,7 @@ real lengths only) and are compared with the same kernel on the unmasked full 8x
 "cudnn+mask" is the dense boolean padding mask the project avoids, measured as the baseline.
 Goals: the default kernel >= 95% of the fastest at each dense shape; ragged >= 90% of unmasked.
 
-    python bench/attention.py --out docs/benchmarks
+    python -m bench.attention --out docs/benchmarks
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from _common import bar_plot, card, save, time_cuda_ms  # type: ignore[import-not-found]
+from bench._common import bar_plot, card, save, time_cuda_ms
 from fa3trt.attention import available_kernels, reference_attention, run_kernel, select_kernel
 
 H, D = 32, 128

@@ -2,6 +2,7 @@
 # Every GPU check and benchmark of the project, for a lent GPU machine (see docs/benchmarks.md).
 #   bash bench/gpu_suite.sh kernels   # GPU tests of the op and plugin core + kernel/plugin/model benchmarks
 #   bash bench/gpu_suite.sh ray       # Ray on 2 GPUs: build jobs on both cards, two Serve replicas
+#   bash bench/gpu_suite.sh serving   # the serving benchmark (seed preset) with its baselines, 1 and 2 replicas
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,10 +15,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log
 case "$1" in
   kernels)
     python3 -m pytest -q -m gpu tests/fa3trt -p no:cacheprovider 2>&1 | tee -a "$log" | tail -25
-    for b in attention plugin_overhead model_throughput; do python3 bench/$b.py --out "$out" 2>&1 | tee -a "$log"; done
+    for b in attention plugin_overhead model_throughput; do python3 -m bench.$b --out "$out" 2>&1 | tee -a "$log"; done
     ;;
   ray)
     python3 -m pytest -q -s -m gpu tests/build_jobs/test_gpu.py tests/deploy/test_gpu_serve.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -60
     ;;
-  *) echo "usage: $0 kernels|ray" >&2; exit 2 ;;
+  serving)
+    python3 -m bench.serving --preset seed --layers 2 --mix 256-2048 --requests 256 --concurrency 32 --out "$out" 2>&1 | grep -vE "^\(|INFO|WARNING" | tee -a "$log"
+    ;;
+  *) echo "usage: $0 kernels|ray|serving" >&2; exit 2 ;;
 esac

@@ -6,7 +6,7 @@ shape (1 x 15708) and at 4 x 4096, and the same layers written as plain eager Py
 cuDNN SDPA (the baseline: what the backend must not lose). Reports tokens/s and model FLOP
 utilization = model TFLOP/s / GEMM TFLOP/s. Goal: >= 75%.
 
-    python bench/model_throughput.py --out docs/benchmarks
+    python -m bench.model_throughput --out docs/benchmarks
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from _common import bar_plot, card, gemm_tflops, save, time_cuda_ms  # type: ignore[import-not-found]
+from bench._common import bar_plot, card, gemm_tflops, save, time_cuda_ms
 from fa3trt.backends import TorchBackend
 from fa3trt.model import ModelConfig, Transformer
 

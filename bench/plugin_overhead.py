@@ -9,7 +9,7 @@ plus device time per call, and the caching allocator's per-call allocation count
 bare vs core (core must not exceed bare: no copies of q, k, v or the output) and cudaMalloc
 segments (must stay 0). Goal: core - bare <= 30 us of host time.
 
-    python bench/plugin_overhead.py --out docs/benchmarks
+    python -m bench.plugin_overhead --out docs/benchmarks
 
 Writes plugin_overhead.json and plugin_overhead.png there and prints a table with the card name.
 """

@@ -67,20 +67,28 @@ def derive_max_ongoing(args: AppArgs) -> int:
     return sum(size for size, _ in limits) * args.batching.max_concurrent_batches + len(limits)
 
 
-def replica_plan(args: AppArgs, cluster_gpus: float) -> dict[str, Any]:
-    """Deployment options for the model replicas on a cluster with ``cluster_gpus`` GPUs."""
+def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) -> dict[str, Any]:
+    """Deployment options for the model replicas on a cluster with these GPUs and CPUs.
+
+    One replica per GPU (``num_gpus: 1``). Without GPUs, the CPUs are shared out among the
+    replicas: Ray sizes a replica's thread pools (OMP_NUM_THREADS) by its ``num_cpus``, and
+    a CPU replica computes with all the threads it is given.
+    """
     gpus = int(cluster_gpus)
-    opts: dict[str, Any] = {
-        "ray_actor_options": {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1},
+    if args.autoscaling is not None:
+        sizing: dict[str, Any] = {"autoscaling_config": args.autoscaling}
+        n = int(args.autoscaling.get("max_replicas", 1))
+    else:
+        n = (gpus or 1) if args.replicas == "auto" else args.replicas
+        sizing = {"num_replicas": n}
+    actor = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": max(1, int(cluster_cpus) // max(1, n))}
+    return {
+        "ray_actor_options": actor,
         "max_ongoing_requests": derive_max_ongoing(args),
         "max_queued_requests": args.max_queued_requests,
         "user_config": args.batching.model_dump(),
+        **sizing,
     }
-    if args.autoscaling is not None:
-        opts["autoscaling_config"] = args.autoscaling
-    else:
-        opts["num_replicas"] = (gpus or 1) if args.replicas == "auto" else args.replicas
-    return opts
 
 
 class _Metrics:
@@ -335,8 +343,9 @@ def build_app(args: dict[str, Any]) -> "serve.Application":
             args["model"] = dict(args.get("model") or {}, **{field: os.environ[var]})
             log.info("fa3trt app: %s=%s overrides model.%s", var, os.environ[var], field)
     parsed = AppArgs.model_validate(args)
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    opts = replica_plan(parsed, gpus)
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
+    gpus = resources.get("GPU", 0)
+    opts = replica_plan(parsed, gpus, resources.get("CPU", 1))
     log.info("fa3trt app: %s GPUs in the cluster -> model deployment options %s", gpus, opts)
     # Batching travels as user_config, not as constructor args: changing it reconfigures live.
     static = parsed.model_dump(exclude={"batching"})

@@ -191,8 +191,8 @@ def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: t
     else:
         main = torch.cuda.current_stream(q.device)
         side = _streams_for(q.device)
-        for st in side:
-            st.wait_stream(main)  # inputs and `out` were made on the main stream
+        for side_stream in side:
+            side_stream.wait_stream(main)  # inputs and `out` were made on the main stream
         streams = list(side)
     for j, i in enumerate(order):
         n, st = lens[i], streams[j % len(streams)]
@@ -202,8 +202,8 @@ def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: t
             if n < s:
                 out[i, n:].zero_()
     if q.device.type == "cuda":
-        for st in streams:
-            main.wait_stream(st)  # type: ignore[arg-type]
+        for side_stream in side:
+            main.wait_stream(side_stream)
     return out
 
 

@@ -133,13 +133,14 @@ def test_batch_limits_and_replica_plan() -> None:
     )
     assert bucket_limits(args.bucket_set(), args.batching) == [(32, 0.005), (3, 0.5), (2, 0.005)]
     assert derive_max_ongoing(args) == 32 + 3 + 2 + 3
-    cpu = replica_plan(args, 0)
-    assert cpu["num_replicas"] == 1 and cpu["ray_actor_options"] == {"num_cpus": 1}
-    gpu = replica_plan(args, 2)
+    cpu = replica_plan(args, 0, 8)
+    assert cpu["num_replicas"] == 1 and cpu["ray_actor_options"] == {"num_cpus": 8}
+    assert replica_plan(AppArgs.model_validate({"replicas": 3}), 0, 8)["ray_actor_options"] == {"num_cpus": 2}
+    gpu = replica_plan(args, 2, 64)
     assert gpu["num_replicas"] == 2 and gpu["ray_actor_options"]["num_gpus"] == 1
-    auto = replica_plan(AppArgs.model_validate({"autoscaling": {"min_replicas": 1, "max_replicas": 4}}), 4)
+    auto = replica_plan(AppArgs.model_validate({"autoscaling": {"min_replicas": 1, "max_replicas": 4}}), 4, 64)
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4} and "num_replicas" not in auto
-    assert replica_plan(AppArgs.model_validate({"replicas": 3}), 8)["num_replicas"] == 3
+    assert replica_plan(AppArgs.model_validate({"replicas": 3}), 8, 64)["num_replicas"] == 3
 
 
 def test_repo_serve_config_is_valid(tmp_path: object) -> None:

@@ -1,0 +1,211 @@
+"""Load generator for a running fa3trt app: closed loop (fixed concurrency) or open loop (Poisson
+arrivals), over HTTP (.npy bodies) or a Ray deployment handle, with a progress bar and a summary.
+
+    python -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --requests 400 --concurrency 32
+    python -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --mode open --rate 40 --duration 30
+
+Every response is checked for shape, dtype and finiteness (a wrong answer counts as an error).
+Mixes: ``seed`` (15000-16500 tokens), ``256-2048``, ``256-16384``, or any ``LO-HI``; lengths are
+drawn uniformly. The summary prints requests/s, tokens/s, p50/p90/p99 latency and, from the
+app's /v1/stats, the batch sizes and padding ratio observed during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+MIXES = {"seed": (15000, 16500), "256-2048": (256, 2048), "256-16384": (256, 16384)}
+
+Send = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+
+def parse_mix(mix: str, max_len: int | None = None) -> tuple[int, int]:
+    lo, hi = MIXES.get(mix) or tuple(int(x) for x in mix.split("-"))  # type: ignore[misc]
+    if not 1 <= lo <= hi:
+        raise ValueError(f"mix {mix!r} must be LO-HI with 1 <= LO <= HI, or one of {sorted(MIXES)}")
+    if max_len is not None and hi > max_len:
+        raise ValueError(f"mix {mix!r} reaches {hi} tokens but the app's largest bucket is {max_len}")
+    return lo, hi
+
+
+@dataclass
+class LoadResult:
+    mode: str
+    requests: int
+    errors: int
+    seconds: float
+    tokens: int
+    latencies_ms: list[float] = field(repr=False)
+    first_error: str | None = None
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def pct(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        return float(np.percentile(self.latencies_ms, q))
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
+        d.update(rps=self.rps, tokens_per_s=self.tokens_per_s, p50_ms=self.pct(50), p90_ms=self.pct(90), p99_ms=self.pct(99))
+        return d
+
+
+def make_inputs(n: int, lo: int, hi: int, hidden: int, seed: int = 0, dtype: Any = np.float32) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # A few distinct arrays per length class are enough: the server does not cache.
+    pool = [rng.standard_normal((hi, hidden)).astype(dtype) for _ in range(4)]
+    return [pool[i % 4][: int(n_)] for i, n_ in enumerate(rng.integers(lo, hi + 1, n))]
+
+
+async def run_load(
+    send: Send,
+    inputs: list[np.ndarray],
+    *,
+    mode: str = "closed",
+    concurrency: int = 16,
+    rate: float = 10.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> LoadResult:
+    """Drive ``send`` with ``inputs``: closed loop at ``concurrency``, or open loop at ``rate``/s."""
+    from tqdm import tqdm
+
+    lat: list[float] = []
+    errors: list[str] = []
+    bar = tqdm(total=len(inputs), desc=f"{mode} load", unit="req", disable=not progress, leave=False)
+
+    async def one(x: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        try:
+            y = await send(x)
+            if y.shape != x.shape or y.dtype != x.dtype or not np.isfinite(y).all():
+                raise ValueError(f"bad answer: shape {y.shape} dtype {y.dtype} for input {x.shape} {x.dtype}")
+            lat.append((time.perf_counter() - t0) * 1e3)
+        except Exception as e:  # counted, reported; the run goes on
+            errors.append(f"{type(e).__name__}: {e}"[:300])
+        bar.update(1)
+
+    t_start = time.perf_counter()
+    if mode == "closed":
+        queue = list(reversed(inputs))
+
+        async def worker() -> None:
+            while queue:
+                await one(queue.pop())
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elif mode == "open":
+        rng = np.random.default_rng(seed)
+        tasks = []
+        next_t = time.perf_counter()
+        for x in inputs:
+            next_t += rng.exponential(1.0 / rate)
+            await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(x)))
+        await asyncio.gather(*tasks)
+    else:
+        raise ValueError(f"mode must be 'closed' or 'open', got {mode!r}")
+    bar.close()
+    seconds = time.perf_counter() - t_start
+    tokens = sum(x.shape[0] for x in inputs)
+    return LoadResult(mode, len(inputs), len(errors), seconds, tokens, lat, errors[0] if errors else None)
+
+
+def http_sender(url: str, session: Any) -> Send:
+    async def send(x: np.ndarray) -> np.ndarray:
+        buf = io.BytesIO()
+        np.save(buf, x)
+        async with session.post(f"{url}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}) as r:
+            body = await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"HTTP {r.status}: {body[:200]!r}")
+            return np.load(io.BytesIO(body), allow_pickle=False)
+
+    return send
+
+
+def handle_sender(handle: Any) -> Send:
+    async def send(x: np.ndarray) -> np.ndarray:
+        return await handle.infer.remote(x)
+
+    return send
+
+
+def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Per-bucket batches, requests, mean batch size and padding ratio between two /v1/stats."""
+    out = {}
+    for edge, a in after["buckets"].items():
+        b = before["buckets"].get(edge, {})
+        d = {k: a[k] - b.get(k, 0) for k in ("batches", "requests", "tokens", "computed_tokens")}
+        if d["batches"]:
+            d["mean_batch"] = d["requests"] / d["batches"]
+            d["padding_ratio"] = 1 - d["tokens"] / d["computed_tokens"] if d["computed_tokens"] else 0.0
+            out[edge] = d
+    return out
+
+
+def print_summary(name: str, res: LoadResult, stats: dict[str, Any] | None = None) -> None:
+    s = res.summary()
+    print(
+        f"{name:34s} {s['requests']:5d} req {s['errors']:3d} err {s['rps']:8.2f} req/s {s['tokens_per_s']:10.0f} tok/s "
+        f"p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms"
+    )
+    if res.first_error:
+        print(f"   first error: {res.first_error}")
+    for edge, d in (stats or {}).items():
+        print(f"   bucket {edge:>6s}: {d['batches']:4d} batches, mean batch {d['mean_batch']:5.2f}, padding {100 * d['padding_ratio']:4.1f}%")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--mix", default="256-2048")
+    p.add_argument("--mode", choices=["closed", "open"], default="closed")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rate", type=float, default=10.0, help="open loop: mean arrivals per second")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--json", default=None, help="write the summary here")
+    args = p.parse_args()
+
+    import aiohttp
+    import requests
+
+    info = requests.get(f"{args.url}/v1/info", timeout=30).json()
+    lo, hi = parse_mix(args.mix, max(info["buckets"]))
+    inputs = make_inputs(args.requests, lo, hi, info["model"]["hidden"], dtype=np.dtype(args.dtype))
+
+    async def go() -> LoadResult:
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+            return await run_load(http_sender(args.url, session), inputs, mode=args.mode, concurrency=args.concurrency, rate=args.rate)
+
+    before = requests.get(f"{args.url}/v1/stats", timeout=30).json()
+    res = asyncio.run(go())
+    stats = stats_delta(before, requests.get(f"{args.url}/v1/stats", timeout=30).json())
+    print(f"{info['device_name']} backend={info['backend']} buckets={info['buckets']} mix={args.mix} mode={args.mode}")
+    print_summary(f"{args.mode} c={args.concurrency}" if args.mode == "closed" else f"open rate={args.rate}/s", res, stats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "result": res.summary(), "stats": stats, "median_latency_ms": statistics.median(res.latencies_ms) if res.latencies_ms else None}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

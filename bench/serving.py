@@ -1,0 +1,182 @@
+"""Serving benchmark: the project's bucketed batching against its baselines, in one run on one
+machine, through Ray Serve deployment handles (closed loop, fixed concurrency).
+
+Scenarios, all on the same model, mix and concurrency:
+  direct         backend.run on one request at a time, no Serve (the no-serving baseline)
+  noop serve     a Serve deployment that returns its input (Serve's own cost; batch-1 latency)
+  unbatched      the app with max_batch_size 1 in every bucket
+  one bucket     the app with a single bucket (everything padded to the largest length)
+  buckets        the app as configured (one queue per bucket)
+  buckets xN     the same with N replicas (N = number of GPUs, when there are 2 or more)
+plus an open-loop (Poisson) run of `buckets` at ~70% of its closed-loop throughput.
+
+    python -m bench.serving --preset tiny --mix 256-2048 --out docs/benchmarks        # CPU, a laptop
+    python -m bench.serving --preset seed --layers 2 --mix 256-2048 --out docs/benchmarks   # one GPU per replica
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench._common import card, save
+from bench.serve_load import LoadResult, handle_sender, make_inputs, parse_mix, print_summary, run_load, stats_delta
+
+
+def bucket_edges(hi: int) -> list[int]:
+    edges, e = [], 256
+    while e < hi:
+        edges.append(e)
+        e *= 2
+    return edges + [hi]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--mix", default="256-2048")
+    p.add_argument("--requests", type=int, default=160)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--name", default=None, help="result file name (default serving_<preset>_<mix>)")
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    from deploy.app import build_app
+    from fa3trt.backends import TorchBackend
+    from fa3trt.model import ModelConfig
+
+    lo, hi = parse_mix(args.mix)
+    model: dict[str, Any] = {"preset": args.preset} | ({"layers": args.layers} if args.layers else {})
+    cfg = ModelConfig.preset(args.preset, **({"layers": args.layers} if args.layers else {}))
+    inputs = make_inputs(args.requests, lo, hi, cfg.hidden)
+    gpus = torch.cuda.device_count()
+    results: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, res: LoadResult, stats: dict[str, Any] | None = None) -> None:
+        print_summary(name, res, stats)
+        results[name] = res.summary() | {"stats": stats or {}}
+
+    # 1. direct backend, one request at a time, no Serve.
+    backend = TorchBackend(cfg)
+    backend.warmup([(1, hi)])
+
+    async def direct(x: np.ndarray) -> np.ndarray:
+        y = backend.run(torch.from_numpy(x)[None], torch.tensor([x.shape[0]], dtype=torch.int32))
+        return y[0].float().cpu().numpy().astype(x.dtype)
+
+    record("direct (no Serve, batch 1)", asyncio.run(run_load(direct, inputs, concurrency=1, progress=False)))
+    del backend
+    if gpus:
+        torch.cuda.empty_cache()
+
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8123})
+
+    @serve.deployment(max_ongoing_requests=1000)
+    class Noop:
+        async def infer(self, x: np.ndarray) -> np.ndarray:
+            return x
+
+    def load(name: str, concurrency: int, mode: str = "closed", rate: float = 0.0, data: list[np.ndarray] | None = None) -> LoadResult:
+        handle = serve.get_app_handle("fa3trt")
+        before = handle.stats.remote().result()
+
+        async def go() -> LoadResult:
+            return await run_load(handle_sender(handle), data or inputs, mode=mode, concurrency=concurrency, rate=rate, progress=False)
+
+        res = asyncio.run(go())
+        record(name, res, stats_delta(before, handle.stats.remote().result()))
+        return res
+
+    def deploy(**over: Any) -> None:
+        app_args: dict[str, Any] = {
+            "model": model, "backend": "torch", "buckets": bucket_edges(hi),
+            "batching": {"max_batch_tokens": args.max_batch_tokens, "batch_wait_timeout_s": 0.005},
+            "replicas": 1,
+        }
+        app_args.update(over)
+        serve.run(build_app(app_args), name="fa3trt", route_prefix="/", blocking=False)
+        handle = serve.get_app_handle("fa3trt")
+        handle.infer.remote(inputs[0]).result()  # ready and warm
+
+    # 2. a no-op Serve deployment: the floor of Serve's own latency at batch 1.
+    serve.run(Noop.bind(), name="noop", route_prefix="/noop")
+    noop = serve.get_app_handle("noop")
+    res = asyncio.run(run_load(handle_sender(noop), inputs[:64], concurrency=1, progress=False))
+    record("noop serve (batch 1)", res)
+    serve.delete("noop")
+
+    # 3-5. the app: unbatched, one bucket, buckets; batch-1 latency of the buckets app.
+    edges = bucket_edges(hi)
+    deploy(batching={"max_batch_tokens": args.max_batch_tokens, "bucket_overrides": {e: {"max_batch_size": 1} for e in edges}})
+    load("serve unbatched", args.concurrency)
+    deploy(buckets=[hi])
+    load("serve one bucket", args.concurrency)
+    deploy()
+    closed = load("serve buckets", args.concurrency)
+    load("serve buckets (batch 1 latency)", 1, data=inputs[:64])
+    # 6. open loop at ~70% of the closed-loop throughput.
+    load("serve buckets open loop (70%)", args.concurrency, mode="open", rate=0.7 * closed.rps)
+    # 7. scaling over GPUs.
+    if gpus >= 2:
+        deploy(replicas=gpus)
+        load(f"serve buckets x{gpus} replicas", args.concurrency * gpus, data=inputs + inputs)
+    serve.shutdown()
+    ray.shutdown()
+
+    r = results
+    summary = {
+        "bucketed_vs_unbatched_throughput": r["serve buckets"]["rps"] / r["serve unbatched"]["rps"],
+        "bucketed_vs_one_bucket_throughput": r["serve buckets"]["rps"] / r["serve one bucket"]["rps"],
+        "bucketed_p99_vs_unbatched_p99": r["serve buckets"]["p99_ms"] / r["serve unbatched"]["p99_ms"],
+        "batch1_p50_vs_noop_p50_ms": [r["serve buckets (batch 1 latency)"]["p50_ms"], r["noop serve (batch 1)"]["p50_ms"]],
+        "padding_ratio_buckets": _padding(r["serve buckets"]["stats"]),
+        "padding_ratio_one_bucket": _padding(r["serve one bucket"]["stats"]),
+    }
+    if gpus >= 2:
+        summary["scaling_vs_one_replica"] = r[f"serve buckets x{gpus} replicas"]["rps"] / r["serve buckets"]["rps"]
+    print(f"card: {card()}  model {args.preset} layers={cfg.layers}  mix {args.mix}  concurrency {args.concurrency}")
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+    name = args.name or f"serving_{args.preset}_{args.mix}"
+    save(args.out, name, {"args": vars(args), "results": results, "summary": summary, "time_unix": time.time()})
+    _plot(args.out, name, results, f"{args.preset}, mix {args.mix}, {card()}")
+
+
+def _padding(stats: dict[str, Any]) -> float:
+    tok = sum(d["tokens"] for d in stats.values())
+    comp = sum(d["computed_tokens"] for d in stats.values())
+    return 1 - tok / comp if comp else 0.0
+
+
+def _plot(out: str, name: str, results: dict[str, dict[str, Any]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if "latency" not in n and "noop" not in n]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    a.barh(names, [results[n]["tokens_per_s"] for n in names], color="#4c72b0")
+    a.set_xlabel("tokens/s")
+    b.barh(names, [results[n]["p99_ms"] for n in names], color="#dd8452")
+    b.set_xlabel("p99 latency (ms)")
+    b.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(f"{out}/{name}.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
