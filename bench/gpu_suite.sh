@@ -21,7 +21,7 @@ case "$1" in
     python3 -m pytest -q -s -m gpu tests/build_jobs/test_gpu.py tests/deploy/test_gpu_serve.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -60
     ;;
   serving)
-    python3 -m bench.serving --preset seed --layers 2 --mix 256-2048 --requests 256 --concurrency 32 --out "$out" 2>&1 | grep -vE "^\(|INFO|WARNING" | tee -a "$log"
+    python3 -m bench.serving --preset seed --layers 2 --mix 256-2048 --requests "${REQUESTS:-256}" --concurrency 32 --out "$out" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     ;;
   *) echo "usage: $0 kernels|ray|serving" >&2; exit 2 ;;
 esac

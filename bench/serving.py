@@ -17,6 +17,7 @@ plus an open-loop (Poisson) run of `buckets` at ~70% of its closed-loop throughp
 from __future__ import annotations
 
 import argparse
+import sys
 import asyncio
 import time
 from typing import Any
@@ -64,6 +65,7 @@ def main() -> None:
 
     def record(name: str, res: LoadResult, stats: dict[str, Any] | None = None) -> None:
         print_summary(name, res, stats)
+        sys.stdout.flush()
         results[name] = res.summary() | {"stats": stats or {}}
 
     # 1. direct backend, one request at a time, no Serve.

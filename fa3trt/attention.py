@@ -162,48 +162,23 @@ def _one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: st
     return _sdpa_dense(q, k, v, backend)
 
 
-_SIDE_STREAMS = 4
-_side_streams: dict[int, list[torch.cuda.Stream]] = {}
-
-
-def _streams_for(device: torch.device) -> list[torch.cuda.Stream]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    streams = _side_streams.get(index)
-    if streams is None:
-        streams = _side_streams.setdefault(index, [torch.cuda.Stream(device) for _ in range(_SIDE_STREAMS)])
-    return streams
-
-
 def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, backend: str) -> torch.Tensor:
     """Each sequence at its own length: no padded keys are ever read, no mask is built.
 
-    On CUDA the sequences run on a few side streams, longest first, so the short ones fill
-    the multiprocessors the long ones leave idle instead of running one after another.
+    (Measured on an H200 at 8 sequences of 2048..300 tokens: 410 useful TFLOP/s against 190
+    for cuDNN with a boolean padding mask; running the sequences on four side streams gave
+    no gain, so they run in order on the caller's stream.)
     """
     b, s = q.shape[:2]
     lens = _host_lengths(seq_lens)
     if all(n == s for n in lens):
         return _sdpa_dense(q, k, v, backend)
     out = torch.empty_like(q)
-    order = sorted(range(b), key=lambda i: -lens[i])
-    if q.device.type != "cuda":
-        streams: list[torch.cuda.Stream | None] = [None]
-    else:
-        main = torch.cuda.current_stream(q.device)
-        side = _streams_for(q.device)
-        for side_stream in side:
-            side_stream.wait_stream(main)  # inputs and `out` were made on the main stream
-        streams = list(side)
-    for j, i in enumerate(order):
-        n, st = lens[i], streams[j % len(streams)]
-        with torch.cuda.stream(st) if st is not None else nullcontext():
-            if n > 0:
-                out[i : i + 1, :n] = _one_sequence(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n], backend)
-            if n < s:
-                out[i, n:].zero_()
-    if q.device.type == "cuda":
-        for side_stream in side:
-            main.wait_stream(side_stream)
+    for i, n in enumerate(lens):
+        if n > 0:
+            out[i : i + 1, :n] = _one_sequence(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n], backend)
+        if n < s:
+            out[i, n:].zero_()
     return out
 
 
