@@ -203,7 +203,7 @@ class ModelServer:
     def _run_split(self, xs: list[np.ndarray], edge: int) -> list[Any]:
         """Run a batch; on failure retry its halves, so a failure stays with the requests that cause it."""
         try:
-            x, lens = assemble(xs)
+            x, lens = assemble(xs, self.backend.dtype, self.backend.device)
             y = self.backend.run(x, lens).float().cpu().numpy()
             return [y[i, : a.shape[0]] for i, a in enumerate(xs)]
         except Exception as e:
@@ -272,13 +272,11 @@ class Ingress:
     def __init__(self, model: DeploymentHandle, args: dict[str, Any]) -> None:
         self.model = model
         self.args = AppArgs.model_validate(args)
-        self.buckets = self.args.bucket_set()
-        self.hidden = self.args.model.config().hidden
 
     async def infer(self, x: Any) -> Any:
-        """Handle API: a NumPy array or CPU torch tensor (S, hidden) -> the same type and shape."""
-        arr, _ = to_numpy(x)
-        validate_sequence(arr, self.hidden, self.buckets, self.args.reject_nonfinite)
+        """Handle API: a NumPy array or CPU torch tensor (S, hidden) -> the same type and shape.
+
+        Validated once, by the model replica, before the request joins a batch."""
         return await self.model.infer.remote(x)
 
     async def _read_body(self, request: Request) -> bytes:
@@ -302,7 +300,6 @@ class Ingress:
                 raise HTTPStatusError(415, f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json")
             body = await self._read_body(request)
             x = decode_npy(body) if ctype == NPY else decode_json(body)
-            validate_sequence(x, self.hidden, self.buckets, self.args.reject_nonfinite)
             y, replica = await asyncio.wait_for(self.model.infer_tagged.remote(x), self.args.request_timeout_s)
         except HTTPStatusError as e:
             return JSONResponse({"error": e.detail}, status_code=e.status)

@@ -12,7 +12,9 @@ The kernel is chosen once per device and logged: FA3 (``flash_attn_interface``) 
 PyTorch SDPA (cuDNN first on sm90, flash otherwise), else math on CPU. ``FA3TRT_ATTN_KERNEL``
 overrides the choice. Ragged batches never use a dense boolean mask on GPU: FA3 uses
 ``seqused_q/k``; the SDPA kernels run each sequence at its own length (lengths known on the
-host) or PyTorch's flash kernel with ``seqused_k`` (lengths only on the device, no host sync).
+host) or PyTorch's flash kernel with ``seqused_k`` (one launch, no host sync). The cuDNN
+kernel runs a shape from its second sighting on (cuDNN plans each new shape, which costs more
+than the attention itself for one-off lengths) and the flash kernel before that.
 """
 
 from __future__ import annotations
@@ -182,15 +184,6 @@ def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: t
     return out
 
 
-def _sdpa_kernel(backend: str) -> Kernel:
-    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
-        if seq_lens is None:
-            return _sdpa_dense(q, k, v, backend)
-        return _per_sequence(q, k, v, seq_lens, backend)
-
-    return run
-
-
 def _flash_seqused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
     """PyTorch's flash kernel with ``seqused_k``: ragged without a host sync (lengths stay on device)."""
     if seq_lens is None:
@@ -203,6 +196,55 @@ def _flash_seqused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: 
         cu, cu, s, s, 0.0, False, False, seqused_k=lens,
     )[0].view(b, s, h, d)
     return _zero_tail_rows(out, lens)
+
+
+# cuDNN builds an execution plan per new shape (tens to hundreds of ms: it showed as 59 ms
+# p50 per single request of random length on an H100), then runs faster than any other
+# PyTorch kernel. So a shape runs on cuDNN from its second sighting on, when it is likely to
+# recur; until then on PyTorch's flash kernel, which needs no plan. A fixed-shape workload
+# (the seed's 1 x 15708) is on cuDNN from its second call; a stream of random lengths never
+# pays a plan build.
+_CUDNN_AFTER = 2
+_CUDNN_MAX_SHAPES = 4096
+_shape_sightings: dict[tuple[object, ...], int] = {}
+
+
+def _cudnn_ready(q: torch.Tensor, n: int) -> bool:
+    """Count a sighting of the (1 or B, n, H, D) shape; True once cuDNN should run it."""
+    key = (q.shape[0], n, q.shape[2], q.shape[3], q.dtype, q.device)
+    seen = _shape_sightings.get(key, 0) + 1
+    if len(_shape_sightings) >= _CUDNN_MAX_SHAPES and key not in _shape_sightings:
+        _shape_sightings.clear()  # a bounded memory of shapes; forgetting only costs flash runs
+    _shape_sightings[key] = seen
+    return seen >= _CUDNN_AFTER
+
+
+def _cudnn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """cuDNN for shapes that recur, PyTorch's flash kernel for the rest (see above).
+
+    Ragged batches run each sequence at its own length on cuDNN when every length recurs,
+    else in one launch of the flash kernel with device-side lengths.
+    """
+    if q.device.type != "cuda":
+        return _math_kernel(q, k, v, seq_lens)
+    b, s = q.shape[:2]
+    lens = None if seq_lens is None else _host_lengths(seq_lens)
+    if lens is None or all(n == s for n in lens):
+        return _sdpa_dense(q, k, v, "cudnn" if _cudnn_ready(q, s) else "flash")
+    one = q[:1]
+    ready = all(_cudnn_ready(one, n) for n in set(lens) if n > 0)
+    if ready or q.dtype == torch.float32:  # the flash kernel takes fp16/bf16 only
+        return _per_sequence(q, k, v, seq_lens, "cudnn" if ready else "efficient")  # type: ignore[arg-type]
+    return _flash_seqused(q, k, v, seq_lens)
+
+
+def _sdpa_kernel(backend: str) -> Kernel:
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+        if seq_lens is None:
+            return _sdpa_dense(q, k, v, backend)
+        return _per_sequence(q, k, v, seq_lens, backend)
+
+    return run
 
 
 def reference_attention(
@@ -242,7 +284,7 @@ def _math_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: to
 
 KERNELS: dict[str, Kernel] = {
     "fa3": _fa3_kernel,
-    "cudnn": _sdpa_kernel("cudnn"),
+    "cudnn": _cudnn_kernel,
     "flash": _sdpa_kernel("flash"),
     "flash_seqused": _flash_seqused,
     "efficient": _sdpa_kernel("efficient"),

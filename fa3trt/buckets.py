@@ -58,16 +58,26 @@ class Buckets:
         return max(1, max_batch_tokens // self.edges[i])
 
 
-def assemble(rows: Sequence[np.ndarray | torch.Tensor], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (S_i, D) sequences into a zero-padded (B, max S_i, D) tensor and int32 ``seq_lens``."""
+def assemble(
+    rows: Sequence[np.ndarray | torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (S_i, D) sequences into a (B, max S_i, D) batch, zero past each length, and
+    int32 ``seq_lens`` (on the CPU: the kernels dispatch on host lengths).
+
+    The batch is built directly in ``dtype`` on ``device``: rows are copied once, converted on
+    the way, and only the padding is zeroed.
+    """
     if not rows:
         raise InvalidInputError("cannot assemble an empty batch")
     lens = [int(r.shape[0]) for r in rows]
-    d = int(rows[0].shape[1])
-    out = torch.zeros((len(rows), max(lens), d), dtype=dtype)
+    d, longest = int(rows[0].shape[1]), max(lens)
+    out = torch.empty((len(rows), longest, d), dtype=dtype, device=device)
     for i, r in enumerate(rows):
-        t = torch.from_numpy(r) if isinstance(r, np.ndarray) else r
-        out[i, : lens[i]] = t
+        out[i, : lens[i]].copy_(torch.from_numpy(r) if isinstance(r, np.ndarray) else r)
+        if lens[i] < longest:
+            out[i, lens[i] :].zero_()
     return out, torch.tensor(lens, dtype=torch.int32)
 
 

@@ -230,6 +230,7 @@ class TensorRTBackend:
         self.engine = engine
         self.config = config
         self.device = engine.device
+        self.dtype = engine.input_dtype
         self.hidden = config.hidden
         self.key = key
         self.store_uri = store_uri

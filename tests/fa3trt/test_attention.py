@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -9,6 +11,9 @@ import fa3trt
 from fa3trt.attention import available_kernels, fp8_quantize, reference_attention, run_kernel, select_kernel
 from fa3trt.errors import InvalidInputError
 from tests.utils import gpu, rel_err
+
+# The module itself (the package exports a function of the same name).
+A = importlib.import_module("fa3trt.attention")
 
 # Tolerances for ||out - ref|| / ||ref|| (see the device method notes: fp32 far under 1e-3,
 # bf16/fp16 operands between 1e-3 and 1e-2).
@@ -61,8 +66,6 @@ def test_fp8_mode_error_bound() -> None:
     # output error stays well inside 10% of the output norm. This bound is the promise.
     q, k, v = _qkv(2, 64, 4, 64, torch.float32)
     with pytest.warns(RuntimeWarning, match="FP8"):
-        import fa3trt.attention as A
-
         A._fp8_warned = False
         out = fa3trt.attention(q, k, v, mode=1)
     err = rel_err(out, reference_attention(q, k, v))
@@ -112,6 +115,16 @@ def test_op_is_registered_with_fake_kernel() -> None:
         q = torch.empty(2, 8, 2, 16)
         out = torch.ops.attn.custom_attn(q, q, q, None, 0)
         assert out.shape == q.shape
+
+
+def test_cudnn_takes_a_shape_from_its_second_sighting() -> None:
+    q = torch.empty(2, 77, 4, 8)
+    A._shape_sightings.clear()
+    assert not A._cudnn_ready(q, 77)  # first sighting: no plan build for a one-off shape
+    assert A._cudnn_ready(q, 77) and A._cudnn_ready(q, 77)
+    assert not A._cudnn_ready(q, 78)
+    A._shape_sightings.update({("x", i): 1 for i in range(A._CUDNN_MAX_SHAPES)})
+    assert not A._cudnn_ready(q, 79) and len(A._shape_sightings) == 1  # bounded memory
 
 
 def test_cpu_kernel_choice() -> None:
