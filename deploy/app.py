@@ -347,4 +347,8 @@ def build_app(args: dict[str, Any]) -> "serve.Application":
     # Batching travels as user_config, not as constructor args: changing it reconfigures live.
     static = parsed.model_dump(exclude={"batching"})
     model = ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment
-    return Ingress.options(max_queued_requests=parsed.max_queued_requests).bind(model, static)  # type: ignore[attr-defined]
+    # The ingress only awaits the model replicas: it must let through at least what all of them
+    # can batch at once, or it becomes the limit (Serve's default is 5 in flight).
+    replicas = int(opts.get("num_replicas") or (parsed.autoscaling or {}).get("max_replicas", 1))
+    ingress_opts = {"max_ongoing_requests": opts["max_ongoing_requests"] * max(1, replicas), "max_queued_requests": parsed.max_queued_requests}
+    return Ingress.options(**ingress_opts).bind(model, static)  # type: ignore[attr-defined]
