@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,6 +47,9 @@ from fa3trt.errors import InvalidInputError
 __all__ = ["build_app", "ModelServer", "Ingress", "derive_max_ongoing", "replica_plan"]
 
 log = logging.getLogger("ray.serve")
+# Requests arrive as read-only NumPy views of Ray's object store; they are only read (copied
+# into the batch), so torch's warning about non-writable arrays is noise here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 NPY = "application/x-npy"
 
@@ -249,6 +253,7 @@ class ModelServer:
     def stats(self) -> dict[str, Any]:
         return {
             "replica": self.replica,
+            "rss_bytes": _rss_bytes(),
             "rejected": self.metrics.rejected_local,
             "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
         }
@@ -259,6 +264,15 @@ class ModelServer:
         y = self.backend.run(x, torch.ones(1, dtype=torch.int32))
         if not torch.isfinite(y).all():
             raise RuntimeError("health check: the backend returned non-finite values")
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux), for leak checks; None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 api = FastAPI(title="fa3trt", description="FlashAttention-3 transformer inference")
