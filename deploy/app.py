@@ -231,7 +231,8 @@ class ModelServer:
             self.metrics.rejected.inc(tags={"bucket": "none"})
             self.metrics.rejected_local += 1
             raise
-        result = await self._queues[i]((np.asarray(arr, dtype=np.float32), time.perf_counter()))
+        # Any accepted float dtype: the batch is assembled once, converted to the backend's dtype.
+        result = await self._queues[i]((arr, time.perf_counter()))
         if isinstance(result, Exception):
             raise result
         return from_numpy_like(result, like)

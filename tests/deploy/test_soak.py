@@ -18,7 +18,8 @@ import fa3trt
 from bench.serve_load import handle_sender, run_load
 from tests.utils import slow
 
-pytestmark = slow
+SOAK_S = float(os.environ.get("FA3TRT_SOAK_S", "600"))
+pytestmark = [slow, pytest.mark.timeout(int(SOAK_S) + 600)]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def handle() -> Iterator[object]:
 
 
 def test_soak(handle: object) -> None:
-    duration = float(os.environ.get("FA3TRT_SOAK_S", "600"))
+    duration = SOAK_S
     rng = np.random.default_rng(0)
     pool = [rng.standard_normal((int(n), 256)).astype(np.float32) for n in rng.integers(16, 512, 32)]
     model = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
