@@ -17,28 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fa3trt._timing import time_cuda_ms  # noqa: E402  (re-exported for the benchmarks)
+
 
 def card() -> str:
     if not torch.cuda.is_available():
         return f"cpu ({platform.processor() or platform.machine()})"
     return torch.cuda.get_device_name()
-
-
-def time_cuda_ms(fn: Callable[[], Any], *, warmup: int = 3, iters: int = 10, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the mean device time of ``iters`` back-to-back calls (ms)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / iters)
-    return statistics.median(samples)
 
 
 def time_host_ms(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 5) -> float:

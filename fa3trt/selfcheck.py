@@ -16,11 +16,11 @@ import logging
 import sys
 import tempfile
 import time
-from typing import Any
 
 import torch
 
 from fa3trt import _trt
+from fa3trt._timing import time_cuda_ms
 
 __all__ = ["main", "missing_requirements", "TOLERANCE", "EXIT_MISSING"]
 
@@ -48,18 +48,6 @@ def missing_requirements() -> list[str]:
     except ImportError:
         missing.append("polygraphy: pip install polygraphy")
     return missing
-
-
-def _time_ms(fn: Any, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             err = float((got.float() - want.float()).abs().max())
             ok = err <= tol  # False for NaN too
             failed |= not ok
-            t_trt = _time_ms(lambda: trt_be.run(x, lens), args.iters)
-            t_torch = _time_ms(lambda: torch_be.run(x, lens), args.iters)
+            t_trt = time_cuda_ms(lambda: trt_be.run(x, lens), warmup=1, iters=args.iters, repeats=1)
+            t_torch = time_cuda_ms(lambda: torch_be.run(x, lens), warmup=1, iters=args.iters, repeats=1)
             rows.append((edge, b, lens.tolist(), err, tol, t_trt, t_torch, "ok" if ok else "MISMATCH"))
     print(f"\n{'bucket':>7} {'batch':>5} {'lengths':<18} {'max abs err':>11} {'tol':>7} {'trt ms':>8} {'torch ms':>8}  result")
     for edge, b, ls, err, tol, tt, tp, res in rows:
