@@ -164,15 +164,14 @@ def _one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: st
     return _sdpa_dense(q, k, v, backend)
 
 
-def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, backend: str) -> torch.Tensor:
+def _per_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], backend: str) -> torch.Tensor:
     """Each sequence at its own length: no padded keys are ever read, no mask is built.
 
     (Measured on an H200 at 8 sequences of 2048..300 tokens: 410 useful TFLOP/s against 190
     for cuDNN with a boolean padding mask; running the sequences on four side streams gave
     no gain, so they run in order on the caller's stream.)
     """
-    b, s = q.shape[:2]
-    lens = _host_lengths(seq_lens)
+    s = q.shape[1]
     if all(n == s for n in lens):
         return _sdpa_dense(q, k, v, backend)
     out = torch.empty_like(q)
@@ -234,7 +233,7 @@ def _cudnn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: t
     one = q[:1]
     ready = all(_cudnn_ready(one, n) for n in set(lens) if n > 0)
     if ready or q.dtype == torch.float32:  # the flash kernel takes fp16/bf16 only
-        return _per_sequence(q, k, v, seq_lens, "cudnn" if ready else "efficient")  # type: ignore[arg-type]
+        return _per_sequence(q, k, v, lens, "cudnn" if ready else "efficient")
     return _flash_seqused(q, k, v, seq_lens)
 
 
@@ -242,7 +241,7 @@ def _sdpa_kernel(backend: str) -> Kernel:
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         if seq_lens is None:
             return _sdpa_dense(q, k, v, backend)
-        return _per_sequence(q, k, v, seq_lens, backend)
+        return _per_sequence(q, k, v, _host_lengths(seq_lens), backend)
 
     return run
 
