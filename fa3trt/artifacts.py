@@ -9,8 +9,6 @@ through the store; every later caller, on any node, fetches it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fa3trt._hashing import spec_hash
 from fa3trt.attention import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.export import OPSET, export_onnx, file_sha256
 from fa3trt.model import ModelConfig, build_model
@@ -35,10 +34,6 @@ def weights_digest(config: ModelConfig, weights: str | os.PathLike[str] | None) 
 
 def _torch_minor() -> str:
     return ".".join(torch.__version__.split("+")[0].split(".")[:2])
-
-
-def spec_hash(parts: dict[str, Any], n: int = 32) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:n]
 
 
 def onnx_key(config: ModelConfig, weights: str | os.PathLike[str] | None) -> str:

@@ -20,11 +20,8 @@ TensorRT; only ``build_engine`` and ``current_environment`` touch it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fa3trt import _trt
+from fa3trt._hashing import spec_hash
 from fa3trt.artifacts import ensure_onnx, onnx_key, weights_digest
 from fa3trt.attention import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.buckets import Buckets
@@ -133,7 +131,7 @@ class BuildConfig:
         d = self.to_dict()
         for name in HASH_IGNORES:
             d.pop(name)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
+        return spec_hash(d)
 
 
 @dataclass(frozen=True)
@@ -195,10 +193,6 @@ def onnx_hidden(onnx_path: str | os.PathLike[str]) -> int:
 
 
 # --------------------------------------------------------------------------- keys and checks
-def _key_part(value: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "-", value)
-
-
 def engine_key(
     onnx_sha256: str, build_config_hash: str, trt_version: str, compute_capability: str, plugin_version: str
 ) -> str:
@@ -211,8 +205,7 @@ def engine_key(
         "plugin": f"{PLUGIN_NAME}/{plugin_version}",
         "format": METADATA_FORMAT,
     }
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-    return f"engine-{digest}"
+    return f"engine-{spec_hash(parts)}"
 
 
 def current_environment(device: torch.device | int | None = None) -> dict[str, str]:

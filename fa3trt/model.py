@@ -9,8 +9,6 @@ seed gives the same weights on every device and backend.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fa3trt._hashing import spec_hash
 from fa3trt.attention import MODE_FP8, MODE_NATIVE, attention
 from fa3trt.errors import ConfigError, InvalidInputError
 
@@ -87,7 +86,7 @@ class ModelConfig:
         """Hash of everything that changes the model's graph or numerics (``name`` is ignored)."""
         d = self.to_dict()
         d.pop("name")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return spec_hash(d, 16)
 
 
 PRESETS: dict[str, ModelConfig] = {
