@@ -148,28 +148,43 @@ def handle_sender(handle: Any) -> Send:
     return send
 
 
-def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """Per-bucket batches, requests, mean batch size and padding ratio between two /v1/stats."""
-    out = {}
+def stats_delta(before: dict[str, Any], after: dict[str, Any], seconds: float | None = None) -> dict[str, Any]:
+    """What one replica's /v1/stats counters did between two readings: per bucket its batches,
+    requests, mean batch size and padding ratio; ``busy_fraction`` (time with a batch in flight
+    over ``seconds``) when given. Empty when the two readings came from different replicas."""
+    if before.get("replica") != after.get("replica"):
+        return {}
+    buckets = {}
     for edge, a in after["buckets"].items():
         b = before["buckets"].get(edge, {})
         d = {k: a[k] - b.get(k, 0) for k in ("batches", "requests", "tokens", "computed_tokens")}
         if d["batches"]:
             d["mean_batch"] = d["requests"] / d["batches"]
             d["padding_ratio"] = 1 - d["tokens"] / d["computed_tokens"] if d["computed_tokens"] else 0.0
-            out[edge] = d
+            buckets[edge] = d
+    out: dict[str, Any] = {"replica": after.get("replica"), "buckets": buckets}
+    if seconds and "busy_s" in after:
+        out["busy_fraction"] = (after["busy_s"] - before.get("busy_s", 0.0)) / seconds
     return out
+
+
+def padding_ratio(stats: dict[str, Any]) -> float:
+    """Padded tokens over computed tokens across the buckets of a ``stats_delta``."""
+    tok = sum(d["tokens"] for d in stats.get("buckets", {}).values())
+    comp = sum(d["computed_tokens"] for d in stats.get("buckets", {}).values())
+    return 1 - tok / comp if comp else 0.0
 
 
 def print_summary(name: str, res: LoadResult, stats: dict[str, Any] | None = None) -> None:
     s = res.summary()
+    busy = (stats or {}).get("busy_fraction")
     print(
         f"{name:34s} {s['requests']:5d} req {s['errors']:3d} err {s['rps']:8.2f} req/s {s['tokens_per_s']:10.0f} tok/s "
-        f"p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms"
+        f"p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms" + (f"  busy {100 * busy:4.0f}%" if busy is not None else "")
     )
     if res.first_error:
         print(f"   first error: {res.first_error}")
-    for edge, d in (stats or {}).items():
+    for edge, d in (stats or {}).get("buckets", {}).items():
         print(f"   bucket {edge:>6s}: {d['batches']:4d} batches, mean batch {d['mean_batch']:5.2f}, padding {100 * d['padding_ratio']:4.1f}%")
 
 
@@ -199,7 +214,7 @@ def main() -> None:
 
     before = requests.get(f"{args.url}/v1/stats", timeout=30).json()
     res = asyncio.run(go())
-    stats = stats_delta(before, requests.get(f"{args.url}/v1/stats", timeout=30).json())
+    stats = stats_delta(before, requests.get(f"{args.url}/v1/stats", timeout=30).json(), res.seconds)
     print(f"{info['device_name']} backend={info['backend']} buckets={info['buckets']} mix={args.mix} mode={args.mode}")
     print_summary(f"{args.mode} c={args.concurrency}" if args.mode == "closed" else f"open rate={args.rate}/s", res, stats)
     if args.json:

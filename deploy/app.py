@@ -108,8 +108,23 @@ class _Metrics:
         self.compute = metrics.Histogram("fa3trt_compute_s", description="Seconds of backend compute per batch.", boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5], tag_keys=tag)
         self.rejected = metrics.Counter("fa3trt_rejected_requests", description="Requests refused before batching.", tag_keys=tag)
         self.failed = metrics.Counter("fa3trt_failed_requests", description="Requests whose batch failed.", tag_keys=tag)
-        self.local = {e: {"batches": 0, "requests": 0, "max_batch": 0, "tokens": 0, "computed_tokens": 0, "failed": 0} for e in edges}
+        self.local = {e: {"batches": 0, "requests": 0, "max_batch": 0, "tokens": 0, "computed_tokens": 0, "failed": 0, "compute_s": 0.0} for e in edges}
         self.rejected_local = 0
+        # Seconds with at least one batch in flight (the replica's busy time; batches of several
+        # buckets overlap, so this is a union of intervals, not a sum). Event-loop only.
+        self.busy_s = 0.0
+        self._active = 0
+        self._busy_since = 0.0
+
+    def batch_started(self) -> None:
+        if self._active == 0:
+            self._busy_since = time.perf_counter()
+        self._active += 1
+
+    def batch_ended(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self.busy_s += time.perf_counter() - self._busy_since
 
     def record(self, edge: int, lens: list[int], waits: list[float], compute_s: float) -> None:
         tags = {"bucket": str(edge)}
@@ -124,6 +139,7 @@ class _Metrics:
         s["max_batch"] = max(s["max_batch"], len(lens))
         s["tokens"] += sum(lens)
         s["computed_tokens"] += len(lens) * max(lens)
+        s["compute_s"] += compute_s
 
 
 @serve.deployment
@@ -196,8 +212,12 @@ class ModelServer:
         async def run_batch(items: list[tuple[np.ndarray, float]]) -> list[Any]:
             start = time.perf_counter()
             waits = [start - t for _, t in items]
-            # Compute off the event loop so the queues keep filling while the device works.
-            results = await asyncio.to_thread(self._run_split, [x for x, _ in items], edge)
+            self.metrics.batch_started()
+            try:
+                # Compute off the event loop so the queues keep filling while the device works.
+                results = await asyncio.to_thread(self._run_split, [x for x, _ in items], edge)
+            finally:
+                self.metrics.batch_ended()
             lens = [x.shape[0] for x, _ in items]
             self.metrics.record(edge, lens, waits, time.perf_counter() - start)
             return results
@@ -208,7 +228,9 @@ class ModelServer:
         """Run a batch; on failure retry its halves, so a failure stays with the requests that cause it."""
         try:
             x, lens = assemble(xs, self.backend.dtype, self.backend.device)
-            y = self.backend.run(x, lens).float().cpu().numpy()
+            # Back in the requests' dtype when they share float16 (half the bytes to move), else float32.
+            out_dtype = torch.float16 if all(a.dtype == np.float16 for a in xs) else torch.float32
+            y = self.backend.run(x, lens).to(out_dtype).cpu().numpy()
             return [y[i, : a.shape[0]] for i, a in enumerate(xs)]
         except Exception as e:
             if self.backend.device.type == "cuda":
@@ -256,6 +278,7 @@ class ModelServer:
             "replica": self.replica,
             "rss_bytes": _rss_bytes(),
             "rejected": self.metrics.rejected_local,
+            "busy_s": self.metrics.busy_s,
             "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
         }
 

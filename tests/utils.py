@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -16,3 +20,20 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     if not torch.isfinite(got).all():
         return float("inf")
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def captured_log(name: str, level: int = logging.WARNING) -> Iterator[list[str]]:
+    """Messages of logger ``name`` within the block (Ray's loggers do not propagate to caplog)."""
+    messages: list[str] = []
+
+    class _List(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger, handler = logging.getLogger(name), _List(level)
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

@@ -204,3 +204,58 @@ def test_cli_end_to_end(cluster: None, workdir: Path) -> None:
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert "2 skipped, 2 planned" in dry.stdout
     assert not (REPO / "unused").exists()
+
+
+def _kill_worker_running(task_name: str, timeout: float = 120) -> int:
+    """SIGKILL the Ray worker process while it runs ``task_name`` (Ray titles it ``ray::NAME``)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    title = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith(f"ray::{task_name}"):
+                os.kill(int(pid), signal.SIGKILL)
+                return int(pid)
+        time.sleep(0.02)
+    raise TimeoutError(f"no worker ran {task_name} within {timeout}s")
+
+
+def _build_in_thread(cfg: Path, max_retries: int) -> tuple[threading.Thread, list[list[BuildResult]]]:
+    out: list[list[BuildResult]] = []
+    t = threading.Thread(target=lambda: out.append(build_all(cfg, progress=False, max_retries=max_retries)))
+    t.start()
+    return t, out
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_worker_killed_mid_build_is_retried_or_reported(cluster: None, workdir: Path, retries: int) -> None:
+    """A build worker that dies (SIGKILL, as on a node failure or the OOM killer) is retried up to
+    ``max_retries`` times; past that the item is reported failed, and the store shows nothing of it."""
+    store = workdir / f"kill-store-{retries}"
+    cfg = write_config(workdir / f"kill-{retries}.yaml", [app("dies", store, dtype="bfloat16", seed=10 + retries)])
+    ray.get(ray.remote(lambda: None).options(resources={"accelerator_type:H100": 0.001}).remote())  # a warm worker pool
+    thread, out = _build_in_thread(cfg, retries)
+    killed = _kill_worker_running("build:dies@H100")
+    thread.join(300)
+    assert out, "build_all did not return"
+    results = {r.gpu_type: r for r in out[0]}
+    assert results["A100"].status == "ok"
+    dead = results["H100"]
+    st = ArtifactStore(store)
+    if retries:
+        assert dead.status == "ok", dead.error
+        assert dead.pid != killed  # it ran again, in another worker
+        assert st.get(RECORD_KIND, dead.item_key)[1]["pid"] == dead.pid
+    else:
+        assert dead.status == "failed"
+        assert "dies@H100" in (dead.error or "") and "died" in (dead.error or "").lower(), dead.error
+        assert not st.has(RECORD_KIND, dead.item_key)
+    for kind in ("onnx", "artifacts", RECORD_KIND):  # whatever is visible is whole
+        for entry in st.list(kind):
+            st.get(kind, entry["key"])

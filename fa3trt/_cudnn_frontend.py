@@ -1,0 +1,294 @@
+"""Ragged-batch attention in one cuDNN SDPA launch, through NVIDIA's cuDNN frontend (``cudnn``).
+
+Why: PyTorch's cuDNN SDPA takes no per-sequence lengths. A padded batch then runs either with
+a dense boolean mask (every padded tile computed and masked: ~190 useful TFLOP/s on an H200 at
+8 sequences of 2048..300 tokens) or one launch per sequence (~384 useful TFLOP/s, a launch and
+a cuDNN plan per distinct length). The cuDNN graph API has a *padding mask* driven by two
+device tensors, ``seq_len_q`` and ``seq_len_kv`` (int32, shape (B, 1, 1, 1)): the kernel stops
+each sequence's query and key loops at its length, so padded tiles are skipped rather than
+masked, in one launch, with the lengths never leaving the GPU (no host sync). The execution
+plan depends on (B, S, H, D, dtype) only, not on the lengths, so one plan serves every length
+mix of a padded shape.
+
+Layout: q, k, v, o are (B, S, H, D) contiguous; cuDNN is told dims (B, H, S, D) with the
+strides of that BSHD memory, (S*H*D, D, H*D, 1), so nothing is transposed or copied.
+
+cuDNN leaves the output rows past ``seq_len_q`` undefined (its own tests zero them on both
+sides before comparing: test/python/sdpa/fp16.py), so they are zeroed here, by a Triton kernel
+that writes only the padded rows (a masked fill over the whole output would cost ~10% of the
+attention itself at 8x2048x32x128), else by ``masked_fill_``.
+
+Threading: cuDNN handles must not be shared between threads, and a built graph holds mutable
+execution state, so each thread keeps its own handle per device and its own bounded LRU of
+built graphs (no locks on the hot path). A handle follows torch's current stream; the stream
+is re-set on the handle only when it changes.
+
+The ``cudnn`` package is imported lazily (``available()``, first ``ragged_attention``), never
+when fa3trt is imported. It finds libcudnn itself: an ``LD_LIBRARY_PATH`` entry holding
+libcudnn.so.9 first, then ``<purelib>/nvidia/cudnn/lib``, then ``dlopen("libcudnn.so.9")``,
+which resolves to the copy torch's libtorch_cuda.so already loaded (torch is imported first).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["available", "ragged_attention", "CudnnGraphUnsupportedError", "frontend_versions", "cached_plans"]
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 64  # built graphs kept per thread (LRU); each holds an execution plan
+
+# Tensor uids of the graph's variant pack (ints work as keys on every frontend release).
+_UID_Q, _UID_K, _UID_V, _UID_O, _UID_LEN_Q, _UID_LEN_KV = 1, 2, 3, 4, 5, 6
+
+_DTYPES = (torch.bfloat16, torch.float16)
+
+GraphKey = tuple[int, int, int, int, torch.dtype, int]
+
+
+class CudnnGraphUnsupportedError(RuntimeError):
+    """cuDNN refused (or failed to build) the ragged SDPA graph for a shape; fall back."""
+
+
+@functools.cache
+def _module() -> Any | None:
+    """The ``cudnn`` frontend module, or None. torch is imported first (module top), so the
+    libcudnn.so.9 its CUDA library links is already in the process when cudnn looks for one."""
+    try:
+        import cudnn  # type: ignore[import-not-found]
+
+        cudnn.backend_version()  # raises when no libcudnn could be loaded
+    except Exception as e:  # ImportError, OSError from dlopen, RuntimeError from the binding
+        log.debug("cuDNN frontend unavailable: %s", e)
+        return None
+    return cudnn
+
+
+def available() -> bool:
+    """True when the cuDNN frontend imports, finds libcudnn, and a CUDA device is visible."""
+    try:
+        return torch.cuda.is_available() and _module() is not None
+    except Exception:  # never let a probe raise
+        return False
+
+
+def frontend_versions() -> dict[str, str]:
+    """{'frontend': cudnn.__version__, 'backend': cuDNN library version} (empty if unavailable)."""
+    m = _module()
+    if m is None:
+        return {}
+    return {"frontend": str(getattr(m, "__version__", "?")), "backend": str(m.backend_version_string())}
+
+
+def _require() -> Any:
+    m = _module()
+    if m is None:
+        raise RuntimeError("the cuDNN frontend (pip package nvidia-cudnn-frontend, module cudnn) is not available")
+    return m
+
+
+# --------------------------------------------------------------------------- per-thread state
+@dataclass
+class _Graph:
+    graph: Any
+    workspace: int  # bytes
+    build_ms: float
+
+
+class _ThreadState(threading.local):
+    def __init__(self) -> None:
+        self.handles: dict[int, Any] = {}  # device index -> cuDNN handle
+        self.streams: dict[int, int] = {}  # device index -> stream last set on that handle
+        self.graphs: collections.OrderedDict[GraphKey, _Graph | CudnnGraphUnsupportedError] = collections.OrderedDict()
+
+
+_state = _ThreadState()
+
+
+def cached_plans() -> int:
+    """Graphs (built or refused) cached for the calling thread."""
+    return len(_state.graphs)
+
+
+def _handle(cudnn: Any, device: int, stream: int) -> Any:
+    """This thread's handle on ``device`` (the current CUDA device), set to ``stream``."""
+    h = _state.handles.get(device)
+    if h is None:
+        h = _state.handles[device] = cudnn.create_handle()  # bound to the current device
+    if _state.streams.get(device) != stream:
+        cudnn.set_stream(handle=h, stream=stream)
+        _state.streams[device] = stream
+    return h
+
+
+def _build(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
+    b, s, h, d, dtype, _ = key
+    io = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
+    f32, i32 = cudnn.data_type.FLOAT, cudnn.data_type.INT32
+    t0 = time.perf_counter()
+    g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+    dims, strides = [b, h, s, d], [s * h * d, d, h * d, 1]  # BHSD dims over BSHD memory
+    q = g.tensor(name="q", dim=dims, stride=strides, data_type=io, uid=_UID_Q)
+    k = g.tensor(name="k", dim=dims, stride=strides, data_type=io, uid=_UID_K)
+    v = g.tensor(name="v", dim=dims, stride=strides, data_type=io, uid=_UID_V)
+    len_q = g.tensor(name="seq_len_q", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=_UID_LEN_Q)
+    len_kv = g.tensor(name="seq_len_kv", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=_UID_LEN_KV)
+    common = dict(
+        name="ragged_sdpa", q=q, k=k, v=v, attn_scale=1.0 / math.sqrt(d),
+        use_padding_mask=True, seq_len_q=len_q, seq_len_kv=len_kv,
+    )
+    try:
+        result = g.sdpa(generate_stats=False, **common)
+    except TypeError:  # releases before generate_stats took is_inference
+        result = g.sdpa(is_inference=True, **common)
+    o = result[0]
+    o.set_output(True).set_dim(dims).set_stride(strides).set_uid(_UID_O)
+    g.validate()
+    g.build_operation_graph()
+    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    g.check_support()
+    g.build_plans()
+    workspace = int(g.get_workspace_size())
+    return _Graph(g, workspace, (time.perf_counter() - t0) * 1e3)
+
+
+def _graph(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
+    cache = _state.graphs
+    hit = cache.get(key)
+    if hit is None:
+        try:
+            hit = _build(cudnn, handle, key)
+            log.info("cuDNN ragged SDPA plan for B,S,H,D=%s %s built in %.0f ms", key[:4], key[4], hit.build_ms)
+        except Exception as e:  # cudnnGraphNotSupportedError, RuntimeError from the binding, ...
+            b, s, h, d, dtype, dev = key
+            hit = CudnnGraphUnsupportedError(
+                f"cuDNN refused the ragged SDPA graph for q/k/v (B={b}, S={s}, H={h}, D={d}) {dtype} "
+                f"on cuda:{dev}: {type(e).__name__}: {e}"
+            )
+        cache[key] = hit  # a refusal is cached too: a caller falling back must not pay a rebuild per call
+        if len(cache) > MAX_GRAPHS:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    if isinstance(hit, CudnnGraphUnsupportedError):
+        raise hit
+    return hit
+
+
+# --------------------------------------------------------------------------- padded rows
+@functools.cache
+def _triton_zero_tail() -> Any | None:
+    """A Triton kernel zeroing rows >= len of each sequence of a (B, S, ROW) tensor, or None."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception as e:
+        log.debug("Triton unavailable, padded rows are zeroed with masked_fill_: %s", e)
+        return None
+
+    @triton.jit
+    def zero_tail(out_ptr, lens_ptr, S, ROW, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # type: ignore[no-untyped-def]
+        b = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        n = tl.load(lens_ptr + b)
+        keep = (rows >= n) & (rows < S)  # rows to zero; all-false for a block inside the sequence
+        base = out_ptr + b.to(tl.int64) * S * ROW + rows[:, None].to(tl.int64) * ROW
+        zeros = tl.zeros((BLOCK_S, BLOCK_C), dtype=out_ptr.dtype.element_ty)
+        for c in range(0, ROW, BLOCK_C):
+            cols = c + tl.arange(0, BLOCK_C)
+            tl.store(base + cols[None, :], zeros, mask=keep[:, None] & (cols[None, :] < ROW))
+
+    return zero_tail
+
+
+def _zero_tail_(out: torch.Tensor, lens: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Zero out[b, lens[b]:] in place (no host sync). ``method``: auto, triton or masked_fill."""
+    b, s = out.shape[:2]
+    row = out[0, 0].numel() if b and s else 0
+    if row == 0:
+        return out
+    kernel = _triton_zero_tail() if method in ("auto", "triton") else None
+    if kernel is None and method == "triton":
+        raise RuntimeError("Triton is not available")
+    if kernel is not None:
+        block_s, block_c = 8, 512
+        kernel[(b, triton_cdiv(s, block_s))](out, lens, s, row, BLOCK_S=block_s, BLOCK_C=block_c)
+        return out
+    pad = torch.arange(s, device=out.device)[None, :] >= lens[:, None]
+    return out.masked_fill_(pad.view(b, s, *([1] * (out.dim() - 2))), 0)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------- the op
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must share one (B, S, H, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must be one of bfloat16/float16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device.type != "cuda" or k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one CUDA device; got {q.device}, {k.device}, {v.device}")
+    if seq_lens.dim() != 1 or seq_lens.shape[0] != q.shape[0]:
+        raise ValueError(f"seq_lens must have shape ({q.shape[0]},); got {tuple(seq_lens.shape)}")
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> None:
+    """One cuDNN SDPA launch into ``out`` on the current stream; padded rows left as cuDNN leaves them."""
+    cudnn = _require()
+    b, s, h, d = q.shape
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    key: GraphKey = (b, s, h, d, q.dtype, dev)
+    guard = torch.cuda.device(dev) if torch.cuda.current_device() != dev else None
+    if guard is not None:
+        guard.__enter__()
+    try:
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        handle = _handle(cudnn, dev, stream)
+        entry = _graph(cudnn, handle, key)
+        workspace = torch.empty(max(entry.workspace, 1), dtype=torch.uint8, device=q.device)
+        lens4 = lens.view(b, 1, 1, 1)
+        pack = {
+            # BHSD views of the BSHD tensors: exactly the dims/strides the graph declared.
+            _UID_Q: q.transpose(1, 2),
+            _UID_K: k.transpose(1, 2),
+            _UID_V: v.transpose(1, 2),
+            _UID_O: out.transpose(1, 2),
+            _UID_LEN_Q: lens4,
+            _UID_LEN_KV: lens4,
+        }
+        entry.graph.execute(pack, workspace, handle=handle)
+    finally:
+        if guard is not None:
+            guard.__exit__(None, None, None)
+
+
+def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Non-causal softmax(q k^T / sqrt(D)) v per sequence of a padded (B, S, H, D) batch.
+
+    ``seq_lens`` (int32, (B,), on q's device; others are converted, a host tensor at the cost
+    of a copy) gives each sequence's length for queries and keys alike. Keys past a length are
+    never read, rows past it are zero in the returned new tensor. One cuDNN launch plus one
+    small zeroing kernel on torch's current stream; no host sync. The first call for a
+    (B, S, H, D, dtype, device) on a thread builds a cuDNN plan (tens to hundreds of ms).
+
+    Raises CudnnGraphUnsupportedError (a RuntimeError) when cuDNN refuses the shape, and
+    RuntimeError when the frontend is not installed.
+    """
+    _check(q, k, v, seq_lens)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    lens = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    out = torch.empty_like(q)
+    _launch(q, k, v, lens, out)
+    return _zero_tail_(out, lens)

@@ -1,0 +1,91 @@
+"""A batch that fails is split and retried in halves: only the requests that fail on their own
+fail, and the replica keeps serving.
+
+The CPU test gives the replica's real torch backend a memory budget in tokens per batch (past
+it the backend raises ``torch.OutOfMemoryError``, as CUDA's allocator does), so the policy is
+checked in CI; ``test_gpu_oom.py`` provokes real CUDA out-of-memory errors on a GPU. Answers
+are compared with the model run on each sequence alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import fa3trt
+from deploy.app import ModelServer
+from tests.utils import captured_log, rel_err
+
+EDGE = 128
+
+
+class TokenBudget:
+    """The replica's backend, refusing batches of more than ``budget`` computed tokens."""
+
+    def __init__(self, backend: Any, budget: int) -> None:
+        self._backend = backend
+        self.budget = budget
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.shape[0])
+        if x.shape[0] * x.shape[1] > self.budget:
+            raise torch.OutOfMemoryError(f"{x.shape[0] * x.shape[1]} tokens > budget {self.budget}")
+        return self._backend.run(x, seq_lens)
+
+
+@pytest.fixture(scope="module")
+def server() -> Any:
+    return ModelServer.func_or_class({"model": {"preset": "tiny"}, "backend": "torch", "buckets": [64, EDGE]}, {"max_batch_tokens": 1024})
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
+
+
+def _want(model: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)[None])[0]
+
+
+def test_failed_batch_is_split_until_it_fits(server: Any, model: torch.nn.Module) -> None:
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((int(n), 256)).astype(np.float32) for n in (128, 100, 90, 128, 70, 128, 110, 128)]
+    real = server.backend
+    server.backend = budget = TokenBudget(real, budget=2 * EDGE)
+    try:
+        with captured_log("ray.serve") as messages:
+            ys = server._run_split(xs, EDGE)
+    finally:
+        server.backend = real
+    assert budget.batches[0] == 8 and max(b for b in budget.batches if b <= 2) == 2  # 8 -> 4 -> 2
+    assert sum("retrying in halves" in m for m in messages) == 3  # one 8 and two 4s
+    for x, y in zip(xs, ys):
+        assert isinstance(y, np.ndarray) and y.shape == x.shape
+        assert rel_err(torch.from_numpy(y), _want(model, x)) < 1e-4
+
+
+def test_only_the_request_that_fails_alone_fails(server: Any, model: torch.nn.Module) -> None:
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((int(n), 256)).astype(np.float32) for n in (40, 128, 60, 30)]
+    failed_before = server.metrics.local[EDGE]["failed"]
+    real = server.backend
+    server.backend = TokenBudget(real, budget=100)  # the 128-token request never fits
+    try:
+        ys = server._run_split(xs, EDGE)
+    finally:
+        server.backend = real
+    assert isinstance(ys[1], RuntimeError) and "OutOfMemoryError" in str(ys[1])
+    for i in (0, 2, 3):
+        assert rel_err(torch.from_numpy(ys[i]), _want(model, xs[i])) < 1e-4
+    assert server.metrics.local[EDGE]["failed"] == failed_before + 1
+    # The replica keeps serving: the request that failed succeeds once memory allows.
+    y = server._run_split([xs[1]], EDGE)[0]
+    assert rel_err(torch.from_numpy(y), _want(model, xs[1])) < 1e-4
