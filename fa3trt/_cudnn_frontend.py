@@ -188,7 +188,8 @@ def _graph(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
 # --------------------------------------------------------------------------- padded rows
 @functools.cache
 def _triton_zero_tail() -> Any | None:
-    """A Triton kernel zeroing rows >= len of each sequence of a (B, S, ROW) tensor, or None."""
+    """A Triton kernel zeroing rows >= len of each sequence of a (B, S, ROW) tensor, or None.
+    ROW (H*D) is a compile-time constant: one compile per head layout, an unrolled column loop."""
     try:
         import triton
         import triton.language as tl
@@ -197,7 +198,7 @@ def _triton_zero_tail() -> Any | None:
         return None
 
     @triton.jit
-    def zero_tail(out_ptr, lens_ptr, S, ROW, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):  # type: ignore[no-untyped-def]
+    def zero_tail(out_ptr, lens_ptr, S, ROW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
         b = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
         n = tl.load(lens_ptr + b)
@@ -222,14 +223,10 @@ def _zero_tail_(out: torch.Tensor, lens: torch.Tensor, method: str = "auto") -> 
         raise RuntimeError("Triton is not available")
     if kernel is not None:
         block_s, block_c = 8, 512
-        kernel[(b, triton_cdiv(s, block_s))](out, lens, s, row, BLOCK_S=block_s, BLOCK_C=block_c)
+        kernel[(b, -(-s // block_s))](out, lens, s, ROW=row, BLOCK_S=block_s, BLOCK_C=block_c)
         return out
     pad = torch.arange(s, device=out.device)[None, :] >= lens[:, None]
     return out.masked_fill_(pad.view(b, s, *([1] * (out.dim() - 2))), 0)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------------- the op
@@ -250,10 +247,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tenso
     b, s, h, d = q.shape
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     key: GraphKey = (b, s, h, d, q.dtype, dev)
-    guard = torch.cuda.device(dev) if torch.cuda.current_device() != dev else None
-    if guard is not None:
-        guard.__enter__()
-    try:
+    with torch.cuda.device(dev):  # handle creation and plan build bind to the current device
         stream = torch.cuda.current_stream(dev).cuda_stream
         handle = _handle(cudnn, dev, stream)
         entry = _graph(cudnn, handle, key)
@@ -269,9 +263,6 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tenso
             _UID_LEN_KV: lens4,
         }
         entry.graph.execute(pack, workspace, handle=handle)
-    finally:
-        if guard is not None:
-            guard.__exit__(None, None, None)
 
 
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
@@ -288,7 +279,8 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     """
     _check(q, k, v, seq_lens)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    lens = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    # Clamped on the device: a length past S would make cuDNN read past the tensors.
+    lens = seq_lens.to(device=q.device, dtype=torch.int32).clamp(0, q.shape[1])
     out = torch.empty_like(q)
     _launch(q, k, v, lens, out)
     return _zero_tail_(out, lens)

@@ -307,9 +307,11 @@ class EnqueueCache:
         self._views: dict[tuple[int, Shape, torch.dtype], torch.Tensor] = {}
         self._streams: dict[tuple[int, int], torch.cuda.ExternalStream] = {}
         self._consts: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+        self._bindings: dict[tuple[Any, ...], Any] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.binding_hits = 0
 
     def __len__(self) -> int:
         return len(self._views)
@@ -327,6 +329,19 @@ class EnqueueCache:
             self._views[key] = t
             self.misses += 1
         return t
+
+    def binding(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """The per-call binding of ``enqueue_core`` for ``key``, made by ``make`` on a miss."""
+        b = self._bindings.get(key)
+        if b is not None:
+            self.binding_hits += 1
+            return b
+        b = make()
+        with self._lock:
+            while len(self._bindings) >= self.max_views:
+                self._bindings.pop(next(iter(self._bindings)))
+            self._bindings[key] = b
+        return b
 
     def stream(self, handle: int, device: torch.device) -> torch.cuda.ExternalStream:
         key = (handle, device.index if device.index is not None else torch.cuda.current_device())
@@ -396,6 +411,56 @@ def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
     raise ConfigError(f"{PLUGIN_NAME}: kernel {name!r} cannot run inside TensorRT; use one of {DEVICE_LENGTH_KERNELS}")
 
 
+class _Binding:
+    """Everything one (pointers, shapes, dtype, stream, mode, kernel) call needs, made once.
+
+    TensorRT calls ``enqueue`` with the same buffers again and again, so the steady state is
+    one dict lookup for all of it. Also the stream as the (id, device index, device type)
+    triple PyTorch's stream setter takes: switching streams without building ``Stream``
+    objects costs a fraction of the ``torch.cuda.stream`` context manager.
+    """
+
+    __slots__ = ("ptrs", "dtype", "qkv", "lens", "lens_col", "out", "out_shape", "stream", "stream_ids",
+                 "device_index", "cu", "rows", "keep", "keep4", "zero", "name", "mode", "shape")
+
+    def __init__(self, cache: EnqueueCache, q_ptr: int, k_ptr: int, v_ptr: int, seq_lens_ptr: int, out_ptr: int,
+                 q_shape: Shape, k_shape: Shape, v_shape: Shape, dtype: torch.dtype, stream_handle: int,
+                 mode: int, kernel: str | None) -> None:
+        b, s, h, d = self.out_shape = output_shape(q_shape, k_shape, v_shape)
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InvalidInputError(f"{PLUGIN_NAME}: dtype {dtype} is not supported; use float16, bfloat16 or float32")
+        if mode not in (MODE_NATIVE, MODE_FP8):
+            raise InvalidInputError(f"{PLUGIN_NAME}: mode must be 0 or 1, got {mode!r}")
+        self.shape, self.mode, self.dtype, self.ptrs = (b, s, h, d), mode, dtype, (q_ptr, k_ptr, v_ptr)
+        self.out = cache.view(out_ptr, self.out_shape, dtype)
+        device = self.out.device
+        self.device_index = device.index if device.index is not None else torch.cuda.current_device()
+        self.name = kernel or _kernel_for(self.device_index, dtype)
+        self.lens = cache.view(seq_lens_ptr, (b,), torch.int32)
+        self.lens_col = cache.view(seq_lens_ptr, (b, 1), torch.int32)
+        self.stream = cache.stream(stream_handle, device)
+        self.stream_ids = (self.stream.stream_id, self.stream.device_index, self.stream.device_type)
+        with torch.cuda.stream(self.stream):
+            self.cu, self.rows, self.keep, self.keep4, self.zero = cache.constants(stream_handle, device, b, s, dtype)
+        # The kernel's input views (FP8 quantizes from (B, S, H, D) views of its own, per call).
+        kshape = _kernel_input_shape(self.name, b, s, h, d)
+        self.qkv = None if mode == MODE_FP8 else tuple(cache.view(p, kshape, dtype) for p in self.ptrs)
+
+    def run(self, cache: EnqueueCache) -> None:
+        if self.qkv is None:
+            q_ptr, k_ptr, v_ptr = self.ptrs
+            res = _fp8_attention(self.name, cache, q_ptr, k_ptr, v_ptr, self.shape, self.dtype, self.lens, self.cu)
+        else:
+            q, k, v = self.qkv
+            res = _run_kernel(self.name, q, k, v, self.lens, self.cu, self.shape[1])
+        torch.lt(self.rows, self.lens_col, out=self.keep)
+        torch.where(self.keep4, res.view(self.out_shape), self.zero, out=self.out)
+
+
+_get_stream = torch._C._cuda_getCurrentStream if hasattr(torch._C, "_cuda_getCurrentStream") else None
+_set_stream = torch._C._cuda_setStream if hasattr(torch._C, "_cuda_setStream") else None
+
+
 def enqueue_core(
     q_ptr: int,
     k_ptr: int,
@@ -422,32 +487,22 @@ def enqueue_core(
     waits for the device. Temporaries (the kernel's result and log-sum-exp) come from PyTorch's
     caching allocator on that stream, so steady state does no cudaMalloc. Raises on bad input.
     """
-    b, s, h, d = out_shape = output_shape(q_shape, k_shape, v_shape)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise InvalidInputError(f"{PLUGIN_NAME}: dtype {dtype} is not supported; use float16, bfloat16 or float32")
-    if mode not in (MODE_NATIVE, MODE_FP8):
-        raise InvalidInputError(f"{PLUGIN_NAME}: mode must be 0 or 1, got {mode!r}")
-    if b * s * h * d == 0:
+    if q_shape[0] * q_shape[1] * q_shape[2] * q_shape[3] == 0:
+        output_shape(q_shape, k_shape, v_shape)  # still refuse mismatched shapes
         return
     cache = cache if cache is not None else _default_cache
-    out = cache.view(out_ptr, out_shape, dtype)
-    device = out.device
-    name = kernel or _kernel_for(device.index if device.index is not None else torch.cuda.current_device(), dtype)
-    lens = cache.view(seq_lens_ptr, (b,), torch.int32)
-    lens_col = cache.view(seq_lens_ptr, (b, 1), torch.int32)
-    stream = cache.stream(stream_handle, device)
-    with torch.cuda.stream(stream):
-        cu, rows, keep, keep4, zero = cache.constants(stream_handle, device, b, s, dtype)
-        if mode == MODE_FP8:
-            res = _fp8_attention(name, cache, q_ptr, k_ptr, v_ptr, (b, s, h, d), dtype, lens, cu)
-        else:
-            kshape = _kernel_input_shape(name, b, s, h, d)
-            q = cache.view(q_ptr, kshape, dtype)
-            k = cache.view(k_ptr, kshape, dtype)
-            v = cache.view(v_ptr, kshape, dtype)
-            res = _run_kernel(name, q, k, v, lens, cu, s)
-        torch.lt(rows, lens_col, out=keep)
-        torch.where(keep4, res.view(out_shape), zero, out=out)
+    key = (q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, q_shape, k_shape, v_shape, dtype, stream_handle, mode, kernel)
+    bind = cache.binding(key, lambda: _Binding(cache, *key))  # type: ignore[arg-type]
+    if _get_stream is None or _set_stream is None or torch.cuda.current_device() != bind.device_index:
+        with torch.cuda.stream(bind.stream):
+            bind.run(cache)
+        return
+    prev = _get_stream(bind.device_index)
+    _set_stream(*bind.stream_ids)
+    try:
+        bind.run(cache)
+    finally:
+        _set_stream(*prev)
 
 
 def _fp8_attention(

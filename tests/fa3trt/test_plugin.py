@@ -295,7 +295,7 @@ def test_views_are_zero_copy_and_cached() -> None:
     misses = cache.misses
     for _ in range(5):
         _call(q, k, v, lens, out, side, cache=cache)
-    assert cache.misses == misses and cache.hits >= 5 * 4
+    assert cache.misses == misses and cache.binding_hits >= 5  # one lookup per call, nothing rebuilt
     q2 = q.clone()
     _call(q2, k, v, lens, out, side, cache=cache)
     assert cache.misses == misses + 1  # only the new pointer is wrapped
