@@ -64,7 +64,7 @@ def main() -> None:
     par = timed(f"at once on {gpus} GPUs", [specs(tmp / "par")])
     ray.shutdown()
     speedup = seq["wall_s"] / par["wall_s"]
-    print(f"parallel speed-up: {speedup:.2f}x (ideal {min(gpus, args.specs)}x)")
+    print(f"parallel speed-up: {speedup:.2f}x" + (f" (ideal {min(gpus, args.specs)}x)" if gpus else ""))
     save(args.out, "build_timing", {"backend": backend, "gpus": gpus, "specs": args.specs, "rows": [seq, par], "speedup": speedup})
     bar_plot(args.out, "build_timing", [seq["label"], par["label"]], [seq["wall_s"], par["wall_s"]], "wall seconds",
              f"build {args.specs} specs ({backend}) - {card()} x{gpus}")
