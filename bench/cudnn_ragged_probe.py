@@ -122,7 +122,7 @@ def main() -> int:
         say(f"zeroing kernel first call (Triton compile if Triton): {ms:.1f} ms; triton={cf._triton_zero_tail() is not None}")
         out, ms = timed_first_call(lambda: cf.ragged_attention(q, k, v, lens))
         st["out"] = out
-        entry = cf._state.graphs.get((8, 2048, H, D, torch.bfloat16, torch.cuda.current_device()))
+        entry = cf._state.graphs.get((8, 2048, H, D, torch.bfloat16, torch.cuda.current_device(), tuple(q.stride())))
         say(f"ragged_attention first call (plan build + run): {ms:.1f} ms; plan build alone: {getattr(entry, 'build_ms', float('nan')):.1f} ms")
         if entry is not None and not isinstance(entry, Exception):
             say(f"workspace {entry.workspace} bytes; plans cached on this thread: {cf.cached_plans()}")

@@ -54,7 +54,8 @@ _UID_Q, _UID_K, _UID_V, _UID_O, _UID_LEN_Q, _UID_LEN_KV = 1, 2, 3, 4, 5, 6
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
-GraphKey = tuple[int, int, int, int, torch.dtype, int]
+# (B, S, H, D, dtype, device index, q/k/v strides in (B, S, H, D) order)
+GraphKey = tuple[int, int, int, int, torch.dtype, int, tuple[int, ...]]
 
 
 class CudnnGraphUnsupportedError(RuntimeError):
@@ -133,15 +134,17 @@ def _handle(cudnn: Any, device: int, stream: int) -> Any:
 
 
 def _build(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
-    b, s, h, d, dtype, _ = key
+    b, s, h, d, dtype, _, (sb, ss, sh, sd) = key
     io = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
     f32, i32 = cudnn.data_type.FLOAT, cudnn.data_type.INT32
     t0 = time.perf_counter()
     g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
-    dims, strides = [b, h, s, d], [s * h * d, d, h * d, 1]  # BHSD dims over BSHD memory
-    q = g.tensor(name="q", dim=dims, stride=strides, data_type=io, uid=_UID_Q)
-    k = g.tensor(name="k", dim=dims, stride=strides, data_type=io, uid=_UID_K)
-    v = g.tensor(name="v", dim=dims, stride=strides, data_type=io, uid=_UID_V)
+    # BHSD dims over BSHD memory. q, k, v keep their own strides (a fused QKV projection's
+    # views have a token stride of 3*H*D), so they are never copied; the output is contiguous.
+    dims, strides, in_strides = [b, h, s, d], [s * h * d, d, h * d, 1], [sb, sh, ss, sd]
+    q = g.tensor(name="q", dim=dims, stride=in_strides, data_type=io, uid=_UID_Q)
+    k = g.tensor(name="k", dim=dims, stride=in_strides, data_type=io, uid=_UID_K)
+    v = g.tensor(name="v", dim=dims, stride=in_strides, data_type=io, uid=_UID_V)
     len_q = g.tensor(name="seq_len_q", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=_UID_LEN_Q)
     len_kv = g.tensor(name="seq_len_kv", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=_UID_LEN_KV)
     common = dict(
@@ -171,7 +174,7 @@ def _graph(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
             hit = _build(cudnn, handle, key)
             log.info("cuDNN ragged SDPA plan for B,S,H,D=%s %s built in %.0f ms", key[:4], key[4], hit.build_ms)
         except Exception as e:  # cudnnGraphNotSupportedError, RuntimeError from the binding, ...
-            b, s, h, d, dtype, dev = key
+            b, s, h, d, dtype, dev, _ = key
             hit = CudnnGraphUnsupportedError(
                 f"cuDNN refused the ragged SDPA graph for q/k/v (B={b}, S={s}, H={h}, D={d}) {dtype} "
                 f"on cuda:{dev}: {type(e).__name__}: {e}"
@@ -247,7 +250,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tenso
     cudnn = _require()
     b, s, h, d = q.shape
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    key: GraphKey = (b, s, h, d, q.dtype, dev)
+    key: GraphKey = (b, s, h, d, q.dtype, dev, tuple(q.stride()))
     with torch.cuda.device(dev):  # handle creation and plan build bind to the current device
         stream = torch.cuda.current_stream(dev).cuda_stream
         handle = _handle(cudnn, dev, stream)
@@ -279,7 +282,8 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     RuntimeError when the frontend is not installed.
     """
     _check(q, k, v, seq_lens)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if q.stride(3) != 1 or k.stride() != q.stride() or v.stride() != q.stride():
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # Clamped on the device: a length past S would make cuDNN read past the tensors.
     lens = seq_lens.to(device=q.device, dtype=torch.int32).clamp(0, q.shape[1])
     out = torch.empty_like(q)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fa3trt import _cudnn_frontend
 from fa3trt.errors import InvalidInputError
 
 __all__ = [
@@ -208,9 +209,9 @@ _CUDNN_MAX_SHAPES = 4096
 _shape_sightings: dict[tuple[object, ...], int] = {}
 
 
-def _cudnn_ready(q: torch.Tensor, n: int) -> bool:
-    """Count a sighting of the (1 or B, n, H, D) shape; True once cuDNN should run it."""
-    key = (q.shape[0], n, q.shape[2], q.shape[3], q.dtype, q.device)
+def _cudnn_ready(q: torch.Tensor, n: int, graph: str = "sdpa") -> bool:
+    """Count a sighting of the (1 or B, n, H, D) shape for a cuDNN ``graph``; True once cuDNN should run it."""
+    key = (graph, q.shape[0], n, q.shape[2], q.shape[3], q.dtype, q.device)
     seen = _shape_sightings.get(key, 0) + 1
     if len(_shape_sightings) >= _CUDNN_MAX_SHAPES and key not in _shape_sightings:
         _shape_sightings.clear()  # a bounded memory of shapes; forgetting only costs flash runs
@@ -218,18 +219,45 @@ def _cudnn_ready(q: torch.Tensor, n: int) -> bool:
     return seen >= _CUDNN_AFTER
 
 
+def _cudnn_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor | None:
+    """A ragged batch in one cuDNN launch with a padding mask (cuDNN frontend), or None when the
+    frontend is missing, refuses the shape, or fails: the caller then takes another path."""
+    if q.dtype == torch.float32 or not _cudnn_frontend.available():
+        return None
+    try:
+        return _cudnn_frontend.ragged_attention(q, k, v, seq_lens)
+    except RuntimeError as e:
+        _log_once(f"cuDNN padded-batch SDPA unavailable for {tuple(q.shape)} {q.dtype} ({e}); using per-sequence kernels")
+        return None
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.warning("%s", message)
+
+
 def _cudnn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
     """cuDNN for shapes that recur, PyTorch's flash kernel for the rest (see above).
 
-    Ragged batches run each sequence at its own length on cuDNN when every length recurs,
-    else in one launch of the flash kernel with device-side lengths.
+    Ragged batches run in one cuDNN launch with a padding mask when the cuDNN frontend is
+    installed (lengths stay on the device; tiles past each length are skipped), else each
+    sequence at its own length on cuDNN when every length recurs, else in one launch of the
+    flash kernel with device-side lengths.
     """
     if q.device.type != "cuda":
         return _math_kernel(q, k, v, seq_lens)
     b, s = q.shape[:2]
+    if seq_lens is not None and seq_lens.device.type == "cuda" and _cudnn_ready(q, s, "padded"):
+        out = _cudnn_padded(q, k, v, seq_lens)  # device lengths: no host sync on this path
+        if out is not None:
+            return out
     lens = None if seq_lens is None else _host_lengths(seq_lens)
     if lens is None or all(n == s for n in lens):
         return _sdpa_dense(q, k, v, "cudnn" if _cudnn_ready(q, s) else "flash")
+    if seq_lens is not None and seq_lens.device.type != "cuda" and _cudnn_ready(q, s, "padded"):
+        out = _cudnn_padded(q, k, v, seq_lens)
+        if out is not None:
+            return out
     one = q[:1]
     ready = all(_cudnn_ready(one, n) for n in set(lens) if n > 0)
     if ready or q.dtype == torch.float32:  # the flash kernel takes fp16/bf16 only
@@ -281,9 +309,17 @@ def _math_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: to
     return _zero_tail_rows(o.transpose(1, 2).contiguous(), seq_lens)
 
 
+def _cudnn_padded_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """The cuDNN frontend's padded-batch graph for every call (benchmarks; dense calls on SDPA cuDNN)."""
+    if seq_lens is None:
+        return _sdpa_dense(q, k, v, "cudnn")
+    return _cudnn_frontend.ragged_attention(q, k, v, seq_lens)
+
+
 KERNELS: dict[str, Kernel] = {
     "fa3": _fa3_kernel,
     "cudnn": _cudnn_kernel,
+    "cudnn_padded": _cudnn_padded_kernel,
     "flash": _sdpa_kernel("flash"),
     "flash_seqused": _flash_seqused,
     "efficient": _sdpa_kernel("efficient"),
@@ -297,6 +333,8 @@ def available_kernels(device: torch.device | str) -> list[str]:
     if device.type != "cuda":
         return ["math"]
     names = ["cudnn", "flash", "flash_seqused", "efficient", "math"]
+    if _cudnn_frontend.available():
+        names.insert(1, "cudnn_padded")
     if _fa3_module() is not None and torch.cuda.get_device_capability(device) == (9, 0):
         names.insert(0, "fa3")
     return names

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fa3trt import _trt
+from fa3trt import _cudnn_frontend, _trt
 # Private helpers of the op are imported by name: `fa3trt.attention` as an attribute of the
 # package is the `attention` function, not the module.
 from fa3trt.attention import (
@@ -87,7 +87,7 @@ FIELD_NAMES = ("mode",)
 # Attributes the ONNX parser consumes to find the creator; they may also reach create_plugin.
 _LOOKUP_ATTRS = ("plugin_version", "plugin_namespace")
 
-DEVICE_LENGTH_KERNELS = ("fa3", "flash_seqused", "efficient_seqused")
+DEVICE_LENGTH_KERNELS = ("fa3", "cudnn_padded", "flash_seqused", "efficient_seqused")
 """Kernels that read ``seq_lens`` on the device. Inside TensorRT the lengths exist only on the
 device, and reading them on the host would synchronize the stream on every call, so the SDPA
 kernels that loop over host lengths (cudnn, flash, efficient, math) cannot run in ``enqueue``."""
@@ -206,9 +206,10 @@ def choose_enqueue_kernel(
 ) -> str:
     """The kernel ``enqueue`` runs: one that reads ``seq_lens`` on the device (no host sync).
 
-    FA3 (``seqused_q/k``) when it is available (it is only listed on sm90); else PyTorch's
-    flash kernel with ``seqused_k`` on sm80+ for fp16/bf16; else PyTorch's memory-efficient
-    kernel with ``seqlen_k``, the one of the three that takes fp32 and runs before sm80.
+    FA3 (``seqused_q/k``) when it is available (it is only listed on sm90); else cuDNN's
+    padded-batch graph (the cuDNN frontend, listed when it imports) on sm90 for fp16/bf16;
+    else PyTorch's flash kernel with ``seqused_k`` on sm80+ for fp16/bf16; else PyTorch's
+    memory-efficient kernel with ``seqlen_k``, the one that takes fp32 and runs before sm80.
     ``forced`` (``FA3TRT_ATTN_KERNEL``) wins when it names one of these and fits the dtype;
     a host-length kernel there is ignored (it would sync every call) and logged.
     """
@@ -220,7 +221,12 @@ def choose_enqueue_kernel(
                     f"{KERNEL_ENV}=fa3 but FA3 is not available here (needs flash_attn_interface and an sm90 GPU); "
                     f"unset {KERNEL_ENV} or install FA3"
                 )
-            if forced in ("fa3", "flash_seqused") and not fits_flash:
+            if forced == "cudnn_padded" and "cudnn_padded" not in available:
+                raise ConfigError(
+                    f"{KERNEL_ENV}=cudnn_padded but the cuDNN frontend is not available here; "
+                    f"unset {KERNEL_ENV} or pip install nvidia-cudnn-frontend"
+                )
+            if forced in ("fa3", "cudnn_padded", "flash_seqused") and not fits_flash:
                 raise ConfigError(
                     f"{KERNEL_ENV}={forced} cannot run {dtype} on compute capability {capability}; "
                     f"use {KERNEL_ENV}=efficient_seqused or unset it"
@@ -231,6 +237,8 @@ def choose_enqueue_kernel(
         return "efficient_seqused"
     if "fa3" in available:
         return "fa3"
+    if "cudnn_padded" in available and capability >= (9, 0):
+        return "cudnn_padded"
     return "flash_seqused"
 
 
@@ -384,6 +392,8 @@ def _kernel_input_shape(name: str, b: int, s: int, h: int, d: int) -> Shape:
     # FA3 and flash take packed (total, H, D) with cu_seqlens; the memory-efficient kernel takes
     # (1, total, H, D) when cu_seqlens are given. Building the views in these shapes directly
     # saves a reshape per tensor per call.
+    if name == "cudnn_padded":
+        return (b, s, h, d)
     return (1, b * s, h, d) if name == "efficient_seqused" else (b * s, h, d)
 
 
@@ -402,6 +412,8 @@ def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
                 seqused_q=lens, seqused_k=lens, causal=False,
             )
         )
+    if name == "cudnn_padded":
+        return _cudnn_frontend.ragged_attention(q, k, v, lens)
     if name == "flash_seqused":
         return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, s, s, 0.0, False, False, seqused_k=lens)[0]
     if name == "efficient_seqused":

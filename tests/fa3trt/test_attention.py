@@ -159,3 +159,21 @@ def test_gpu_default_kernel_and_fp8() -> None:
         assert name in ("fa3", "cudnn")
     out = fa3trt.attention(q, k, v, mode=1)
     assert rel_err(out, reference_attention(q, k, v)) < 0.1
+
+
+@gpu
+def test_ragged_batch_on_fused_qkv_views() -> None:
+    """q, k, v as a fused QKV projection hands them over (views with a token stride of 3*H*D),
+    through the default kernel's first, second and later sightings of the shape: every path it
+    takes (flash before the shape recurs, cuDNN after) matches the reference and zeroes the tails."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    qkv = torch.randn(3, 700, 3, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    lens = torch.tensor([700, 513, 9], dtype=torch.int32)
+    want = reference_attention(q, k, v, lens.cuda())
+    for lens_on in (lens, lens.cuda(), lens.cuda(), lens):
+        got = run_kernel("cudnn", q, k, v, lens_on)
+        assert rel_err(got, want) < TOL[torch.bfloat16]
+        for i, n in enumerate(lens.tolist()):
+            assert torch.all(got[i, n:] == 0)

@@ -82,6 +82,13 @@ def test_enqueue_kernel_choice() -> None:
     assert choose_enqueue_kernel(torch.float16, without, sm80) == "flash_seqused"
     assert choose_enqueue_kernel(torch.float16, without, sm75) == "efficient_seqused"
     assert choose_enqueue_kernel(torch.float32, with_fa3, sm90) == "efficient_seqused"
+    with_frontend = ["cudnn", "cudnn_padded", "flash", "flash_seqused", "efficient", "math"]
+    assert choose_enqueue_kernel(torch.bfloat16, with_frontend, sm90) == "cudnn_padded"
+    assert choose_enqueue_kernel(torch.bfloat16, ["fa3", *with_frontend], sm90) == "fa3"
+    assert choose_enqueue_kernel(torch.float16, with_frontend, sm80) == "flash_seqused"
+    assert choose_enqueue_kernel(torch.float32, with_frontend, sm90) == "efficient_seqused"
+    with pytest.raises(ConfigError, match="cuDNN frontend is not available"):
+        choose_enqueue_kernel(torch.float16, without, sm90, "cudnn_padded")
     # Every choice reads the lengths on the device: never a host-length kernel.
     for forced in (None, "cudnn", "math", "flash"):
         assert choose_enqueue_kernel(torch.float16, without, sm90, forced) in plugin.DEVICE_LENGTH_KERNELS
