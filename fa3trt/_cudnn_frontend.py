@@ -33,12 +33,13 @@ which resolves to the copy torch's libtorch_cuda.so already loaded (torch is imp
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -105,6 +106,7 @@ class _Graph:
     graph: Any
     workspace: int  # bytes
     build_ms: float
+    workspaces: dict[int, torch.Tensor] = field(default_factory=dict)  # stream handle -> buffer
 
 
 class _ThreadState(threading.local):
@@ -251,25 +253,31 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tenso
     b, s, h, d = q.shape
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
     key: GraphKey = (b, s, h, d, q.dtype, dev, tuple(q.stride()))
-    with torch.cuda.device(dev):  # handle creation and plan build bind to the current device
+    # Handle creation and plan build bind to the current device: switch only when it differs.
+    ctx = torch.cuda.device(dev) if torch.cuda.current_device() != dev else contextlib.nullcontext()
+    with ctx:
         stream = torch.cuda.current_stream(dev).cuda_stream
         handle = _handle(cudnn, dev, stream)
         entry = _graph(cudnn, handle, key)
-        workspace = torch.empty(max(entry.workspace, 1), dtype=torch.uint8, device=q.device)
-        lens4 = lens.view(b, 1, 1, 1)
+        # One workspace per (graph, stream): calls on one stream run in order, so it is reused.
+        workspace = entry.workspaces.get(stream)
+        if workspace is None:
+            workspace = entry.workspaces[stream] = torch.empty(max(entry.workspace, 1), dtype=torch.uint8, device=q.device)
         pack = {
             # BHSD views of the BSHD tensors: exactly the dims/strides the graph declared.
             _UID_Q: q.transpose(1, 2),
             _UID_K: k.transpose(1, 2),
             _UID_V: v.transpose(1, 2),
             _UID_O: out.transpose(1, 2),
-            _UID_LEN_Q: lens4,
-            _UID_LEN_KV: lens4,
+            _UID_LEN_Q: lens.view(b, 1, 1, 1),
+            _UID_LEN_KV: lens.view(b, 1, 1, 1),
         }
         entry.graph.execute(pack, workspace, handle=handle)
 
 
-def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+def ragged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, *, zero_tail: bool = True
+) -> torch.Tensor:
     """Non-causal softmax(q k^T / sqrt(D)) v per sequence of a padded (B, S, H, D) batch.
 
     ``seq_lens`` (int32, (B,), on q's device; others are converted, a host tensor at the cost
@@ -279,7 +287,8 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     (B, S, H, D, dtype, device) on a thread builds a cuDNN plan (tens to hundreds of ms).
 
     Raises CudnnGraphUnsupportedError (a RuntimeError) when cuDNN refuses the shape, and
-    RuntimeError when the frontend is not installed.
+    RuntimeError when the frontend is not installed. ``zero_tail=False`` leaves the padded rows
+    as cuDNN leaves them (for a caller that masks them itself, like the TensorRT plugin).
     """
     _check(q, k, v, seq_lens)
     if q.stride(3) != 1 or k.stride() != q.stride() or v.stride() != q.stride():
@@ -288,4 +297,4 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
     lens = seq_lens.to(device=q.device, dtype=torch.int32).clamp(0, q.shape[1])
     out = torch.empty_like(q)
     _launch(q, k, v, lens, out)
-    return _zero_tail_(out, lens)
+    return _zero_tail_(out, lens) if zero_tail else out

@@ -239,10 +239,11 @@ def _log_once(message: str) -> None:
 def _cudnn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
     """cuDNN for shapes that recur, PyTorch's flash kernel for the rest (see above).
 
-    Ragged batches run in one cuDNN launch with a padding mask when the cuDNN frontend is
-    installed (lengths stay on the device; tiles past each length are skipped), else each
-    sequence at its own length on cuDNN when every length recurs, else in one launch of the
-    flash kernel with device-side lengths.
+    Ragged batches with lengths on the host run each sequence at its own length on cuDNN when
+    every length recurs (fastest: 384 useful TFLOP/s at 8x2048..300 on an H200), else in one
+    cuDNN launch with a padding mask (the cuDNN frontend, when installed, once the padded shape
+    recurs: 373), else in one launch of the flash kernel with device-side lengths (214).
+    Lengths on the device take the padding-mask launch first: no host sync.
     """
     if q.device.type != "cuda":
         return _math_kernel(q, k, v, seq_lens)
@@ -254,14 +255,14 @@ def _cudnn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: t
     lens = None if seq_lens is None else _host_lengths(seq_lens)
     if lens is None or all(n == s for n in lens):
         return _sdpa_dense(q, k, v, "cudnn" if _cudnn_ready(q, s) else "flash")
-    if seq_lens is not None and seq_lens.device.type != "cuda" and _cudnn_ready(q, s, "padded"):
-        out = _cudnn_padded(q, k, v, seq_lens)
-        if out is not None:
-            return out
     one = q[:1]
     ready = all(_cudnn_ready(one, n) for n in set(lens) if n > 0)
     if ready or q.dtype == torch.float32:  # the flash kernel takes fp16/bf16 only
         return _per_sequence(q, k, v, lens, "cudnn" if ready else "efficient")
+    if seq_lens is not None and _cudnn_ready(q, s, "padded"):  # the padded shape recurs, its lengths do not
+        out = _cudnn_padded(q, k, v, seq_lens)
+        if out is not None:
+            return out
     return _flash_seqused(q, k, v, seq_lens)
 
 

@@ -413,7 +413,7 @@ def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
             )
         )
     if name == "cudnn_padded":
-        return _cudnn_frontend.ragged_attention(q, k, v, lens)
+        return _cudnn_frontend.ragged_attention(q, k, v, lens, zero_tail=False)  # the masked write zeroes them
     if name == "flash_seqused":
         return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, s, s, 0.0, False, False, seqused_k=lens)[0]
     if name == "efficient_seqused":

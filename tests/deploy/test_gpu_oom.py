@@ -46,6 +46,15 @@ def _fill_leaving(nbytes: int) -> torch.Tensor:
     return torch.empty(max(0, free - nbytes), dtype=torch.uint8, device="cuda")
 
 
+def _warm(server: Any, xs: list[np.ndarray]) -> None:
+    """Run every batch the split can produce, twice, with memory to spare: kernels, cuDNN plans
+    and library workspaces (some allocated outside PyTorch) all exist before memory runs out."""
+    spans = [(i, i + n) for n in (8, 4, 2, 1) for i in range(0, len(xs), n)]
+    for _ in range(2):
+        for a, b in spans:
+            assert all(isinstance(y, np.ndarray) for y in server._run_split(xs[a:b], EDGE))
+
+
 def _single_request_bytes(server: Any, x: np.ndarray) -> int:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -59,8 +68,9 @@ def _single_request_bytes(server: Any, x: np.ndarray) -> int:
 def test_oom_batch_is_split_and_every_request_answered(setup: tuple[Any, torch.nn.Module, list[np.ndarray]]) -> None:
     server, model, xs = setup
     want = [_want(model, x) for x in xs]
+    _warm(server, xs)
     need = _single_request_bytes(server, xs[0])
-    filler = _fill_leaving(int(2.6 * need) + (64 << 20))  # room for two requests, not eight
+    filler = _fill_leaving(3 * need + (256 << 20))  # room for two requests, not four or eight
     try:
         with captured_log("ray.serve") as messages:
             ys = server._run_split(xs, EDGE)
@@ -76,6 +86,7 @@ def test_oom_batch_is_split_and_every_request_answered(setup: tuple[Any, torch.n
 
 def test_requests_that_cannot_fit_fail_alone_and_the_replica_recovers(setup: tuple[Any, torch.nn.Module, list[np.ndarray]]) -> None:
     server, model, xs = setup
+    failed = server.metrics.local[EDGE]["failed"]
     filler = _fill_leaving(8 << 20)  # room for no request at all
     try:
         ys = server._run_split(xs[:2], EDGE)
@@ -83,7 +94,7 @@ def test_requests_that_cannot_fit_fail_alone_and_the_replica_recovers(setup: tup
         del filler
         torch.cuda.empty_cache()
     assert all(isinstance(y, RuntimeError) and "OutOfMemoryError" in str(y) for y in ys), ys
-    assert server.metrics.local[EDGE]["failed"] == 2
+    assert server.metrics.local[EDGE]["failed"] == failed + 2
     ys = server._run_split(xs[:4], EDGE)
     for x, y in zip(xs[:4], ys):
         assert rel_err(torch.from_numpy(y.astype(np.float32)), _want(model, x)) < 2e-2
