@@ -193,7 +193,7 @@ def main() -> int:
                 rows.append((f"  zeroing alone ({method})", zms, float("nan")))
             except Exception as e:
                 say(f"zeroing {method}: {e}")
-        for _ in range(2):  # the cuDNN per-sequence path plans each length from its second sighting
+        for _ in range(2):  # warm-up calls
             run_kernel("cudnn", q, k, v, lens_host)
         per_ms = time_cuda_ms(lambda: run_kernel("cudnn", q, k, v, lens_host))
         rows.append(("per-sequence cuDNN (run_kernel cudnn, host lens)", per_ms, tflops(flop, per_ms)))

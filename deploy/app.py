@@ -226,6 +226,25 @@ class ModelServer:
 
     def _run_split(self, xs: list[np.ndarray], edge: int) -> list[Any]:
         """Run a batch; on failure retry its halves, so a failure stays with the requests that cause it."""
+        result = self._attempt(xs)
+        if not isinstance(result, str):
+            return result
+        # The failed attempt's frames (the batch, its activations) are gone with _attempt's
+        # return: only now is its memory free for the halves (a retry from inside the except
+        # block would run with the failed batch's tensors still held by the traceback).
+        if self.backend.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(xs) == 1:
+            log.error("request of %d tokens failed in bucket %d: %s", xs[0].shape[0], edge, result)
+            self.metrics.failed.inc(tags={"bucket": str(edge)})
+            self.metrics.local[edge]["failed"] += 1
+            return [RuntimeError(f"inference failed: {result}")]
+        log.warning("batch of %d failed in bucket %d (%s); retrying in halves", len(xs), edge, result)
+        h = len(xs) // 2
+        return self._run_split(xs[:h], edge) + self._run_split(xs[h:], edge)
+
+    def _attempt(self, xs: list[np.ndarray]) -> list[np.ndarray] | str:
+        """The batch's answers, or why it failed (a message only: no traceback outlives the call)."""
         try:
             x, lens = assemble(xs, self.backend.dtype, self.backend.device)
             # Back in the requests' dtype when they share float16 (half the bytes to move), else float32.
@@ -233,16 +252,7 @@ class ModelServer:
             y = self.backend.run(x, lens).to(out_dtype).cpu().numpy()
             return [y[i, : a.shape[0]] for i, a in enumerate(xs)]
         except Exception as e:
-            if self.backend.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(xs) == 1:
-                log.error("request of %d tokens failed in bucket %d: %r", xs[0].shape[0], edge, e)
-                self.metrics.failed.inc(tags={"bucket": str(edge)})
-                self.metrics.local[edge]["failed"] += 1
-                return [RuntimeError(f"inference failed: {type(e).__name__}: {e}")]
-            log.warning("batch of %d failed in bucket %d (%r); retrying in halves", len(xs), edge, e)
-            h = len(xs) // 2
-            return self._run_split(xs[:h], edge) + self._run_split(xs[h:], edge)
+            return f"{type(e).__name__}: {e}"
 
     async def infer(self, x: Any) -> Any:
         """One sequence (S, hidden) in, (S, hidden) out in the caller's dtype and type."""

@@ -13,8 +13,8 @@ PyTorch SDPA (cuDNN first on sm90, flash otherwise), else math on CPU. ``FA3TRT_
 overrides the choice. Ragged batches never use a dense boolean mask on GPU: FA3 uses
 ``seqused_q/k``; the SDPA kernels run each sequence at its own length (lengths known on the
 host) or PyTorch's flash kernel with ``seqused_k`` (one launch, no host sync). The cuDNN
-kernel runs a shape from its second sighting on (cuDNN plans each new shape, which costs more
-than the attention itself for one-off lengths) and the flash kernel before that.
+kernel runs a shape once the work seen in it would have repaid cuDNN's plan build (see
+``_CUDNN_AFTER_FLOPS``) and the flash kernel before that.
 """
 
 from __future__ import annotations
@@ -198,25 +198,30 @@ def _flash_seqused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: 
     return _zero_tail_rows(out, lens)
 
 
-# cuDNN builds an execution plan per new shape (tens to hundreds of ms: it showed as 59 ms
-# p50 per single request of random length on an H100), then runs faster than any other
-# PyTorch kernel. So a shape runs on cuDNN from its second sighting on, when it is likely to
-# recur; until then on PyTorch's flash kernel, which needs no plan. A fixed-shape workload
-# (the seed's 1 x 15708) is on cuDNN from its second call; a stream of random lengths never
-# pays a plan build.
-_CUDNN_AFTER = 2
+# cuDNN builds an execution plan per new shape (50-90 ms on an H100/H200; it showed as 59 ms
+# p50 per single request of random length in serving), then runs ~1.8x faster than PyTorch's
+# flash kernel, which needs no plan. Which one pays depends on how much work the shape will
+# still see, which is unknown: so the shape runs on flash until the attention work done in it
+# would have repaid a plan build (ski rental: never more than twice the better choice). With
+# cuDNN saving ~45% of flash's time at ~350 TFLOP/s, 50 ms of plan is repaid by ~40 TFLOP.
+# The seed's fixed 1x15708 shape (4 TFLOP per call) is on cuDNN from its 10th call; a stream
+# of random lengths stays on flash and never pays a plan build. (Counting sightings instead
+# made a 2-layer model build a plan on every request: its second layer is a second sighting.)
+_CUDNN_AFTER_FLOPS = 40e12
 _CUDNN_MAX_SHAPES = 4096
-_shape_sightings: dict[tuple[object, ...], int] = {}
+_shape_flops: dict[tuple[object, ...], float] = {}
 
 
 def _cudnn_ready(q: torch.Tensor, n: int, graph: str = "sdpa") -> bool:
-    """Count a sighting of the (1 or B, n, H, D) shape for a cuDNN ``graph``; True once cuDNN should run it."""
+    """Count one call of the (1 or B, n, H, D) shape for a cuDNN ``graph``; True once it should run on cuDNN."""
     key = (graph, q.shape[0], n, q.shape[2], q.shape[3], q.dtype, q.device)
-    seen = _shape_sightings.get(key, 0) + 1
-    if len(_shape_sightings) >= _CUDNN_MAX_SHAPES and key not in _shape_sightings:
-        _shape_sightings.clear()  # a bounded memory of shapes; forgetting only costs flash runs
-    _shape_sightings[key] = seen
-    return seen >= _CUDNN_AFTER
+    done = _shape_flops.get(key, 0.0)
+    if done >= _CUDNN_AFTER_FLOPS:
+        return True
+    if len(_shape_flops) >= _CUDNN_MAX_SHAPES and key not in _shape_flops:
+        _shape_flops.clear()  # a bounded memory of shapes; forgetting only costs flash runs
+    _shape_flops[key] = done + 4.0 * q.shape[0] * n * n * q.shape[2] * q.shape[3]
+    return _shape_flops[key] >= _CUDNN_AFTER_FLOPS
 
 
 def _cudnn_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -117,14 +118,19 @@ def test_op_is_registered_with_fake_kernel() -> None:
         assert out.shape == q.shape
 
 
-def test_cudnn_takes_a_shape_from_its_second_sighting() -> None:
-    q = torch.empty(2, 77, 4, 8)
-    A._shape_sightings.clear()
-    assert not A._cudnn_ready(q, 77)  # first sighting: no plan build for a one-off shape
-    assert A._cudnn_ready(q, 77) and A._cudnn_ready(q, 77)
-    assert not A._cudnn_ready(q, 78)
-    A._shape_sightings.update({("x", i): 1 for i in range(A._CUDNN_MAX_SHAPES)})
-    assert not A._cudnn_ready(q, 79) and len(A._shape_sightings) == 1  # bounded memory
+def test_cudnn_takes_a_shape_once_its_work_would_repay_a_plan() -> None:
+    seed = torch.empty(1, 15708, 32, 128)  # 4.04 TFLOP of attention per call
+    per_call = 4.0 * 15708**2 * 32 * 128
+    calls = math.ceil(A._CUDNN_AFTER_FLOPS / per_call)
+    A._shape_flops.clear()
+    assert [A._cudnn_ready(seed, 15708) for _ in range(calls)] == [False] * (calls - 1) + [True]
+    assert A._cudnn_ready(seed, 15708)
+    # One request's layers are several calls of one shape: a short one-off shape stays on flash.
+    short = torch.empty(1, 1500, 32, 128)
+    assert not any(A._cudnn_ready(short, 1500) for _ in range(48))
+    assert not A._cudnn_ready(seed, 15000)  # another shape starts from nothing
+    A._shape_flops.update({("x", i): 1.0 for i in range(A._CUDNN_MAX_SHAPES)})
+    assert not A._cudnn_ready(short, 1499) and len(A._shape_flops) == 1  # bounded memory
 
 
 def test_cpu_kernel_choice() -> None:
