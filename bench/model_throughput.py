@@ -12,6 +12,7 @@ utilization = model TFLOP/s / GEMM TFLOP/s. Goal: >= 75%.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 from typing import Any
 
@@ -20,9 +21,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench._common import bar_plot, card, gemm_tflops, save, time_cuda_ms
-from fa3trt import attention as A
 from fa3trt.backends import TorchBackend
 from fa3trt.model import ModelConfig, Transformer
+
+
+A = importlib.import_module("fa3trt.attention")  # the module (fa3trt.attention is also the function)
 
 
 def model_flops(cfg: ModelConfig, b: int, s: int) -> float:

@@ -66,9 +66,11 @@ def bucket_limits(buckets: Buckets, batching: BatchingConfig) -> list[tuple[int,
 
 
 def derive_max_ongoing(args: AppArgs) -> int:
-    """Enough in-flight requests per replica for every bucket's batches to fill at once."""
+    """In-flight requests per replica: every bucket's running batches full, plus one more full
+    batch per bucket already received and waiting, so the next batch starts the moment the
+    device is free (a request's bytes take longer to arrive than a short batch to run)."""
     limits = bucket_limits(args.bucket_set(), args.batching)
-    return sum(size for size, _ in limits) * args.batching.max_concurrent_batches + len(limits)
+    return sum(size for size, _ in limits) * (args.batching.max_concurrent_batches + 1) + len(limits)
 
 
 def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def test_batch_limits_and_replica_plan() -> None:
         {"buckets": [128, 512, 2048], "batching": {"max_batch_tokens": 4096, "bucket_overrides": {512: {"max_batch_size": 3, "batch_wait_timeout_s": 0.5}}}}
     )
     assert bucket_limits(args.bucket_set(), args.batching) == [(32, 0.005), (3, 0.5), (2, 0.005)]
-    assert derive_max_ongoing(args) == 32 + 3 + 2 + 3
+    assert derive_max_ongoing(args) == 2 * (32 + 3 + 2) + 3  # running and waiting batches, one spare per bucket
     cpu = replica_plan(args, 0, 8)
     assert cpu["num_replicas"] == 1 and cpu["ray_actor_options"] == {"num_cpus": 8}
     assert replica_plan(AppArgs.model_validate({"replicas": 3}), 0, 8)["ray_actor_options"] == {"num_cpus": 2}
