@@ -251,6 +251,11 @@ def _log_ignored_force(forced: str) -> None:
 
 
 @functools.cache
+def _log_fallback(reason: str) -> None:
+    log.warning("%s: %s; this shape runs on flash_seqused", PLUGIN_NAME, reason)
+
+
+@functools.cache
 def _kernel_for(device_index: int, dtype: torch.dtype) -> str:
     device = torch.device("cuda", device_index)
     name = choose_enqueue_kernel(
@@ -413,7 +418,12 @@ def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
             )
         )
     if name == "cudnn_padded":
-        return _cudnn_frontend.ragged_attention(q, k, v, lens, zero_tail=False)  # the masked write zeroes them
+        try:
+            return _cudnn_frontend.ragged_attention(q, k, v, lens, zero_tail=False)  # the masked write zeroes them
+        except _cudnn_frontend.CudnnGraphUnsupportedError as e:  # cached per shape: one refusal, then this path
+            _log_fallback(str(e))
+            b, s_, h, d = q.shape
+            return _run_kernel("flash_seqused", q.view(b * s_, h, d), k.view(b * s_, h, d), v.view(b * s_, h, d), lens, cu, s)
     if name == "flash_seqused":
         return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, s, s, 0.0, False, False, seqused_k=lens)[0]
     if name == "efficient_seqused":
