@@ -253,7 +253,8 @@ def _cudnn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: t
     if q.device.type != "cuda":
         return _math_kernel(q, k, v, seq_lens)
     b, s = q.shape[:2]
-    if seq_lens is not None and seq_lens.device.type == "cuda" and _cudnn_ready(q, s, "padded"):
+    on_device = seq_lens is not None and seq_lens.device.type == "cuda"
+    if seq_lens is not None and on_device and _cudnn_ready(q, s, "padded"):
         out = _cudnn_padded(q, k, v, seq_lens)  # device lengths: no host sync on this path
         if out is not None:
             return out
@@ -264,7 +265,8 @@ def _cudnn_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: t
     ready = all(_cudnn_ready(one, n) for n in set(lens) if n > 0)
     if ready or q.dtype == torch.float32:  # the flash kernel takes fp16/bf16 only
         return _per_sequence(q, k, v, lens, "cudnn" if ready else "efficient")
-    if seq_lens is not None and _cudnn_ready(q, s, "padded"):  # the padded shape recurs, its lengths do not
+    # Host lengths only: device lengths had their one look at the padded shape above.
+    if seq_lens is not None and not on_device and _cudnn_ready(q, s, "padded"):  # the shape recurs, its lengths do not
         out = _cudnn_padded(q, k, v, seq_lens)
         if out is not None:
             return out

@@ -43,6 +43,7 @@ from fa3trt.attention import (
     _fa3_module,
     _first,
     _fp8_dequantize,
+    _log_once,
     _run_fp8,
     available_kernels,
     fp8_quantize,
@@ -251,11 +252,6 @@ def _log_ignored_force(forced: str) -> None:
 
 
 @functools.cache
-def _log_fallback(reason: str) -> None:
-    log.warning("%s: %s; this shape runs on flash_seqused", PLUGIN_NAME, reason)
-
-
-@functools.cache
 def _kernel_for(device_index: int, dtype: torch.dtype) -> str:
     device = torch.device("cuda", device_index)
     name = choose_enqueue_kernel(
@@ -421,7 +417,7 @@ def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
         try:
             return _cudnn_frontend.ragged_attention(q, k, v, lens, zero_tail=False)  # the masked write zeroes them
         except _cudnn_frontend.CudnnGraphUnsupportedError as e:  # cached per shape: one refusal, then this path
-            _log_fallback(str(e))
+            _log_once(f"{PLUGIN_NAME}: {e}; this shape runs on flash_seqused")
             b, s_, h, d = q.shape
             return _run_kernel("flash_seqused", q.view(b * s_, h, d), k.view(b * s_, h, d), v.view(b * s_, h, d), lens, cu, s)
     if name == "flash_seqused":
