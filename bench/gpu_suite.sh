@@ -4,6 +4,8 @@
 #   bash bench/gpu_suite.sh serving   # the serving benchmark (seed preset) with its baselines, 256-2048 mix
 #   bash bench/gpu_suite.sh long      # the serving benchmark on the seed (15000-16500) and 256-16384 mixes
 #   bash bench/gpu_suite.sh ray       # 2 GPUs: build jobs on both cards, two Serve replicas, build timing, 1 vs 2 replicas
+#   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, build jobs, 1, 2, 4 (, 8) replicas at saturation
+#   bash bench/gpu_suite.sh scale-serve  # all GPUs: `serve run serve_config.yaml` (one replica per GPU) over HTTP
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +35,39 @@ case "$1" in
     python3 -m bench.build_timing --specs 2 --out "$out" 2>&1 | grep -vE "^\(|INFO|WARNING" | tee -a "$log"
     serving --mix 256-2048 --requests "${REQUESTS:-256}" --concurrency 32 --scenarios scale --name serving_seed_scaling
     ;;
-  *) echo "usage: $0 kernels|serving|long|ray" >&2; exit 2 ;;
+  scale|scale-serve)
+    # The scale-out run (docs/benchmarks.md, "Scale-out"): a Ray cluster over every GPU of the machine.
+    n=$(nvidia-smi -L | wc -l)
+    counts=$(python3 -c "print(','.join(str(c) for c in (1, 2, 4, 8) if c <= $n))")
+    export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=2
+    ray stop --force >/dev/null 2>&1
+    ray start --head --num-gpus="$n" --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | tail -2 | tee -a "$log"
+    export RAY_ADDRESS=auto
+    if [ "$1" = scale ]; then
+      python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers 2 --mix 256-2048 \
+        --out "$out" --name "scaling_seed_256-2048_${n}gpu" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+      # Engines (torch artifacts where TensorRT is missing) for the served model, one per GPU type.
+      timeout 240 python3 -m build_jobs --address auto --store /tmp/fa3trt-engines --no-progress 2>&1 | tail -12 | tee -a "$log"
+    else
+      serve run serve_config.yaml >"$out/serve_run.log" 2>&1 &
+      for _ in $(seq 300); do curl -sf http://127.0.0.1:8000/v1/info >/dev/null && serve status 2>/dev/null | grep -q "status: RUNNING" && break; sleep 1; done
+      serve status 2>&1 | grep -E "status|replica_states|RUNNING" | head -8 | tee -a "$log"
+      python3 -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --requests 64 --concurrency $((16 * n)) --dtype float16 2>&1 | tail -3 | tee -a "$log"
+      python3 -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --requests $((256 * n)) --concurrency $((48 * n)) --dtype float16 \
+        --json "$out/scale_serve_http_${n}gpu.json" 2>&1 | grep -v "load:" | tail -8 | tee -a "$log"
+      python3 - <<'PY' 2>&1 | tee -a "$log"
+import collections, requests
+seen = {}
+for _ in range(64):
+    i = requests.get("http://127.0.0.1:8000/v1/info", timeout=30).json()
+    seen[i["replica"]] = (i["device_name"], i["cuda_visible_devices"], i["backend"], i["attention_kernel"])
+for rid, v in sorted(seen.items()):
+    print("replica", rid, *v)
+print(len(seen), "replicas answered on", len({v[1] for v in seen.values()}), "distinct GPUs")
+PY
+      serve shutdown -y >/dev/null 2>&1
+    fi
+    ray stop --force >/dev/null 2>&1
+    ;;
+  *) echo "usage: $0 kernels|serving|long|ray|scale|scale-serve" >&2; exit 2 ;;
 esac

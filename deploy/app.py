@@ -40,11 +40,11 @@ from deploy.codec import (
     to_numpy,
     validate_sequence,
 )
-from deploy.config import AppArgs, BatchingConfig
+from deploy.config import AppArgs, BatchingConfig, apply_env_overrides
 from fa3trt.buckets import Buckets, assemble, padding_ratio
 from fa3trt.errors import InvalidInputError
 
-__all__ = ["build_app", "ModelServer", "Ingress", "derive_max_ongoing", "replica_plan"]
+__all__ = ["build_app", "ModelServer", "Ingress", "derive_max_ongoing", "replica_plan", "ingress_plan"]
 
 log = logging.getLogger("ray.serve")
 # Requests arrive as read-only NumPy views of Ray's object store; they are only read (copied
@@ -94,6 +94,23 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         "max_queued_requests": args.max_queued_requests,
         "user_config": args.batching.model_dump(),
         **sizing,
+    }
+
+
+def ingress_plan(model_opts: dict[str, Any], args: AppArgs) -> dict[str, Any]:
+    """Deployment options for the ingress in front of model replicas deployed with ``model_opts``.
+
+    One ingress replica per model replica (at most), so the ingress, which copies every request
+    and answer once more through the object store, grows with the GPUs instead of becoming the
+    ceiling of a scaled-out app. Ingress replicas hold no GPU and ask for no CPU. Each only awaits
+    the model replicas, so it lets through what all of them can batch at once (Serve's default of
+    5 in flight would be the limit)."""
+    auto = model_opts.get("autoscaling_config") or {}
+    replicas = max(1, int(model_opts.get("num_replicas") or auto.get("max_replicas", 1)))
+    return {
+        "num_replicas": replicas,
+        "max_ongoing_requests": model_opts["max_ongoing_requests"] * replicas,
+        "max_queued_requests": args.max_queued_requests,
     }
 
 
@@ -382,13 +399,7 @@ def build_app(args: dict[str, Any]) -> "serve.Application":
     """Serve application builder (``import_path: deploy.app:build_app``)."""
     import ray
 
-    args = dict(args or {})
-    # Environment overrides, so one serve_config.yaml serves the tiny model on a laptop and the
-    # seed model on a GPU cluster: FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=2 serve run ...
-    for var, field in (("FA3TRT_MODEL_PRESET", "preset"), ("FA3TRT_MODEL_LAYERS", "layers")):
-        if os.environ.get(var):
-            args["model"] = dict(args.get("model") or {}, **{field: os.environ[var]})
-            log.info("fa3trt app: %s=%s overrides model.%s", var, os.environ[var], field)
+    args = apply_env_overrides(args)
     parsed = AppArgs.model_validate(args)
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     gpus = resources.get("GPU", 0)
@@ -397,8 +408,4 @@ def build_app(args: dict[str, Any]) -> "serve.Application":
     # Batching travels as user_config, not as constructor args: changing it reconfigures live.
     static = parsed.model_dump(exclude={"batching"})
     model = ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment
-    # The ingress only awaits the model replicas: it must let through at least what all of them
-    # can batch at once, or it becomes the limit (Serve's default is 5 in flight).
-    replicas = int(opts.get("num_replicas") or (parsed.autoscaling or {}).get("max_replicas", 1))
-    ingress_opts = {"max_ongoing_requests": opts["max_ongoing_requests"] * max(1, replicas), "max_queued_requests": parsed.max_queued_requests}
-    return Ingress.options(**ingress_opts).bind(model, static)  # type: ignore[attr-defined]
+    return Ingress.options(**ingress_plan(opts, parsed)).bind(model, static)  # type: ignore[attr-defined]

@@ -6,6 +6,9 @@ Validated with pydantic; unknown keys are refused, every field has a bound and a
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,9 +19,11 @@ from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
 from fa3trt.model import ModelConfig
 
-__all__ = ["ModelSpec", "BucketOverride", "BatchingConfig", "AppArgs", "load_serve_config", "APP_IMPORT_PATH"]
+__all__ = ["ModelSpec", "BucketOverride", "BatchingConfig", "AppArgs", "load_serve_config", "apply_env_overrides", "APP_IMPORT_PATH", "ENV_OVERRIDES"]
 
 APP_IMPORT_PATH = "deploy.app:build_app"
+
+log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -110,6 +115,23 @@ class AppArgs(_Strict):
         return Buckets(tuple(self.buckets))
 
 
+# Environment overrides, so one serve_config.yaml serves the tiny model on a laptop and the seed
+# model on a GPU cluster (FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=2 serve run ...). The app
+# and the build jobs both apply them, so the engines built are the ones the replicas load.
+ENV_OVERRIDES = (("FA3TRT_MODEL_PRESET", "preset"), ("FA3TRT_MODEL_LAYERS", "layers"))
+
+
+def apply_env_overrides(args: dict[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A copy of an application's raw args with ``ENV_OVERRIDES`` applied to ``model``."""
+    env = os.environ if environ is None else environ
+    args = dict(args or {})
+    for var, field in ENV_OVERRIDES:
+        if env.get(var):
+            args["model"] = dict(args.get("model") or {}, **{field: env[var]})
+            log.info("fa3trt: %s=%s overrides model.%s", var, env[var], field)
+    return args
+
+
 def load_serve_config(path: str | Path) -> list[tuple[str, AppArgs]]:
     """(application name, validated args) for every fa3trt application in a Serve config file."""
     try:
@@ -121,7 +143,7 @@ def load_serve_config(path: str | Path) -> list[tuple[str, AppArgs]]:
     for app in apps:
         if app.get("import_path") == APP_IMPORT_PATH:
             try:
-                out.append((app.get("name", "default"), AppArgs.model_validate(app.get("args") or {})))
+                out.append((app.get("name", "default"), AppArgs.model_validate(apply_env_overrides(app.get("args") or {}))))
             except ValueError as e:
                 raise ConfigError(f"{path}: application {app.get('name')!r} has invalid args: {e}") from e
     if not out:

@@ -1,0 +1,181 @@
+"""Scale-out benchmark: the app's saturated throughput with 1, 2, 4 ... replicas, one per GPU, in
+one Ray session on one cluster.
+
+For each replica count N the app is deployed with N replicas (and N ingress replicas), warmed,
+and driven through deployment handles by N load-client actors (separate processes, as other Ray
+jobs would call it) at a fixed concurrency per replica, so the load grows with the replicas and
+the client is never the limit. Throughput is total requests over the span from the first
+client's start to the last client's end. Efficiency is throughput(N) / (N x throughput(1)), the
+first count's throughput scaled when it is not 1.
+
+    ray start --head && python -m bench.scaling --address auto --replicas 1,2,4 --preset seed --layers 2
+    python -m bench.scaling --address local --replicas 1,2 --preset tiny --requests-per-replica 48  # CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from bench._common import card, save
+from bench.serve_load import handle_sender, make_inputs, parse_mix, run_load
+from bench.serving import BATCH_WAIT_S, bucket_edges
+
+APP = "fa3trt-scaling"
+
+
+class LoadClient:
+    """One load-generating process: its own handle, its own inputs, a closed loop."""
+
+    def __init__(self, app: str, hidden: int, mix: tuple[int, int], dtype: str, seed: int) -> None:
+        self.app, self.hidden, self.mix, self.dtype, self.seed = app, hidden, mix, dtype, seed
+
+    def run(self, requests: int, concurrency: int, start_at: float) -> dict[str, Any]:
+        from ray import serve
+
+        handle = serve.get_app_handle(self.app)
+        inputs = make_inputs(requests, *self.mix, self.hidden, seed=self.seed, dtype=np.dtype(self.dtype))
+        time.sleep(max(0.0, start_at - time.time()))
+        t0 = time.time()
+        res = asyncio.run(run_load(handle_sender(handle), inputs, concurrency=concurrency, progress=False))
+        return {"start": t0, "end": time.time(), "requests": res.requests, "errors": res.errors, "tokens": res.tokens, "latencies_ms": res.latencies_ms, "first_error": res.first_error}
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from the clients' results: totals over the span all of them ran in."""
+    span = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    lat = np.concatenate([np.asarray(p["latencies_ms"], dtype=np.float64) for p in parts])
+    requests, tokens = sum(p["requests"] for p in parts), sum(p["tokens"] for p in parts)
+    pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: float("nan"))
+    return {
+        "requests": requests, "errors": sum(p["errors"] for p in parts), "seconds": span,
+        "rps": requests / span, "tokens_per_s": tokens / span, "p50_ms": pct(50), "p99_ms": pct(99),
+        "clients": len(parts), "first_error": next((p["first_error"] for p in parts if p["first_error"]), None),
+    }
+
+
+def efficiency(results: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """throughput(N) / (N x per-replica throughput of the smallest count)."""
+    base_n = min(results)
+    per_replica = results[base_n]["rps"] / base_n
+    return {n: r["rps"] / (n * per_replica) for n, r in results.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--address", default=None, help="Ray cluster: 'auto' (a `ray start` cluster), 'local', ray://... (default: Ray's resolution)")
+    p.add_argument("--replicas", default="1,2,4", help="comma-separated replica counts")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "tensorrt"])
+    p.add_argument("--store", default=None, help="artifact store, for the tensorrt backend")
+    p.add_argument("--mix", default="256-2048")
+    p.add_argument("--requests-per-replica", type=int, default=384)
+    p.add_argument("--warmup-per-replica", type=int, default=64)
+    p.add_argument("--concurrency-per-replica", type=int, default=48)
+    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="request payload dtype")
+    p.add_argument("--goal", type=float, default=0.9, help="efficiency goal drawn on the plot")
+    p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--name", default=None, help="result file name (default scaling_<preset>_<mix>)")
+    args = p.parse_args()
+    counts = sorted({int(n) for n in args.replicas.split(",")})
+    if not counts or counts[0] < 1:
+        p.error(f"--replicas {args.replicas!r}: give positive replica counts, e.g. 1,2,4")
+
+    import ray
+    from ray import serve
+
+    from deploy.app import build_app
+    from fa3trt.model import ModelConfig
+
+    lo, hi = parse_mix(args.mix)
+    hidden = ModelConfig.preset(args.preset, **({"layers": args.layers} if args.layers else {})).hidden
+    ray.init(address=args.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus and counts[-1] > gpus:
+        p.error(f"--replicas {args.replicas!r} asks for {counts[-1]} replicas but the cluster has {gpus} GPUs (one replica per GPU); lower the counts or add GPUs")
+    gpu_free = int(ray.available_resources().get("GPU", 0))
+    if gpus and gpu_free < counts[-1]:
+        p.error(f"only {gpu_free} of {gpus} GPUs are free (another app holds the rest); `serve shutdown` it first")
+    serve.start(http_options={"host": "127.0.0.1", "port": 8124})
+    # Clients reserve no CPU, so they never wait behind replicas for a slot on a small machine.
+    client_cls = ray.remote(num_cpus=0)(LoadClient)
+    model: dict[str, Any] = {"preset": args.preset} | ({"layers": args.layers} if args.layers else {})
+    results: dict[int, dict[str, Any]] = {}
+    t_start = time.perf_counter()
+    for n in counts:
+        app_args: dict[str, Any] = {
+            "model": model, "backend": args.backend, "buckets": bucket_edges(hi), "replicas": n,
+            "batching": {"max_batch_tokens": args.max_batch_tokens, "batch_wait_timeout_s": BATCH_WAIT_S},
+        } | ({"store": args.store} if args.store else {})
+        serve.run(build_app(app_args), name=APP, route_prefix="/scaling")
+        clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
+
+        def drive(per_replica: int) -> dict[str, Any]:
+            start_at = time.time() + 2.0  # every client has made its inputs and handle by then
+            parts = ray.get([c.run.remote(per_replica, args.concurrency_per_replica, start_at) for c in clients])
+            return merge(parts)
+
+        drive(args.warmup_per_replica)  # every replica sees every bucket's shapes before timing
+        r = results[n] = drive(args.requests_per_replica)
+        print(
+            f"[{time.perf_counter() - t_start:6.0f}s] {n} replica(s): {r['requests']} req {r['errors']} err "
+            f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms",
+            flush=True,
+        )
+        if r["first_error"]:
+            print(f"   first error: {r['first_error']}")
+        for c in clients:
+            ray.kill(c)
+        serve.delete(APP)
+    serve.shutdown()
+    ray.shutdown()
+
+    eff = efficiency(results)
+    print(f"card: {card()} x{gpus or 0}  model {args.preset} layers={args.layers}  mix {args.mix}  concurrency {args.concurrency_per_replica}/replica")
+    print(f"{'replicas':>8s} {'req/s':>9s} {'speedup':>8s} {'efficiency':>10s} {'p50 ms':>9s} {'p99 ms':>9s}")
+    for n, r in results.items():
+        print(f"{n:8d} {r['rps']:9.2f} {r['rps'] / results[counts[0]]['rps'] * counts[0]:7.2f}x {eff[n]:10.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f}")
+    name = args.name or f"scaling_{args.preset}_{args.mix}"
+    summary = {"efficiency": {str(n): e for n, e in eff.items()}, "goal": args.goal, "met": all(e >= args.goal for e in eff.values())}
+    save(args.out, name, {"args": vars(args), "gpus": gpus, "results": {str(n): r for n, r in results.items()}, "summary": summary, "time_unix": time.time()})
+    _plot(args.out, name, results, eff, args.goal, f"{args.preset} ({args.layers or 'preset'} layers), mix {args.mix}, {card()}")
+
+
+def _plot(out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int, float], goal: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = sorted(results)
+    per = results[ns[0]]["rps"] / ns[0]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(ns, [results[n]["rps"] for n in ns], "o-", label="measured", color="#4c72b0")
+    a.plot(ns, [n * per for n in ns], "--", label="ideal (N x one replica)", color="gray")
+    a.plot(ns, [goal * n * per for n in ns], ":", label=f"goal ({goal:g} x ideal)", color="#c44e52")
+    a.set_xlabel("replicas (one per GPU)")
+    a.set_ylabel("requests/s at saturation")
+    a.set_xticks(ns)
+    a.legend()
+    b.bar([str(n) for n in ns], [eff[n] for n in ns], color="#55a868")
+    b.axhline(goal, color="#c44e52", linestyle=":")
+    b.set_ylim(0, 1.1)
+    b.set_xlabel("replicas")
+    b.set_ylabel("scaling efficiency")
+    for i, n in enumerate(ns):
+        b.text(i, eff[n] + 0.02, f"{eff[n]:.2f}", ha="center")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(f"{out}/{name}.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
