@@ -41,6 +41,8 @@ case "$1" in
     counts=$(python3 -c "print(','.join(str(c) for c in (1, 2, 4, 8) if c <= $n))")
     export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=2
     ray stop --force >/dev/null 2>&1
+    # Token authentication is on: every process (drivers, the serve CLI) reads ~/.ray/auth_token.
+    ray get-auth-token --generate >/dev/null 2>&1 || true
     ray start --head --num-gpus="$n" --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | tail -2 | tee -a "$log"
     export RAY_ADDRESS=auto
     if [ "$1" = scale ]; then
