@@ -6,7 +6,10 @@ and driven through deployment handles by N load-client actors (separate processe
 jobs would call it) at a fixed concurrency per replica, so the load grows with the replicas and
 the client is never the limit. Throughput is total requests over the span from the first
 client's start to the last client's end. Efficiency is throughput(N) / (N x throughput(1)), the
-first count's throughput scaled when it is not 1.
+first count's throughput scaled when it is not 1. Each replica's own counters (requests, busy
+fraction, compute time per batch) are read before and after, so a shortfall shows whether the
+replicas were idle (the path to them is the limit) or busy but slower (a shared host resource).
+``--route model`` sends to the model deployment directly, skipping the ingress hop.
 
     ray start --head && python -m bench.scaling --address auto --replicas 1,2,4 --preset seed --layers 2
     python -m bench.scaling --address local --replicas 1,2 --preset tiny --requests-per-replica 48  # CPU dry run
@@ -16,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import time
 from typing import Any
 
 import numpy as np
 
 from bench._common import card, save
-from bench.serve_load import handle_sender, make_inputs, parse_mix, run_load
+from bench.serve_load import handle_sender, make_inputs, parse_mix, run_load, stats_delta
 from bench.serving import BATCH_WAIT_S, bucket_edges
 
 APP = "fa3trt-scaling"
@@ -31,13 +35,13 @@ APP = "fa3trt-scaling"
 class LoadClient:
     """One load-generating process: its own handle, its own inputs, a closed loop."""
 
-    def __init__(self, app: str, hidden: int, mix: tuple[int, int], dtype: str, seed: int) -> None:
-        self.app, self.hidden, self.mix, self.dtype, self.seed = app, hidden, mix, dtype, seed
+    def __init__(self, app: str, route: str, hidden: int, mix: tuple[int, int], dtype: str, seed: int) -> None:
+        self.app, self.route, self.hidden, self.mix, self.dtype, self.seed = app, route, hidden, mix, dtype, seed
 
     def run(self, requests: int, concurrency: int, start_at: float) -> dict[str, Any]:
         from ray import serve
 
-        handle = serve.get_app_handle(self.app)
+        handle = serve.get_app_handle(self.app) if self.route == "ingress" else serve.get_deployment_handle("ModelServer", app_name=self.app)
         inputs = make_inputs(requests, *self.mix, self.hidden, seed=self.seed, dtype=np.dtype(self.dtype))
         time.sleep(max(0.0, start_at - time.time()))
         t0 = time.time()
@@ -56,6 +60,31 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "rps": requests / span, "tokens_per_s": tokens / span, "p50_ms": pct(50), "p99_ms": pct(99),
         "clients": len(parts), "first_error": next((p["first_error"] for p in parts if p["first_error"]), None),
     }
+
+
+def replica_stats(handle: Any, n: int, tries: int = 40) -> dict[str, dict[str, Any]]:
+    """Every replica's counters, by replica id (each stats call reaches one replica at random)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(tries * n):
+        st = handle.stats.remote().result()
+        seen[st["replica"]] = st
+        if len(seen) >= n:
+            break
+    return seen
+
+
+def per_replica(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
+    """Requests, busy fraction and compute per batch of each replica over one timed pass."""
+    rows = []
+    for rid, a in sorted(after.items()):
+        d = stats_delta(before.get(rid, {"replica": rid, "buckets": {}}), a, seconds)
+        batches = sum(b["batches"] for b in d["buckets"].values())
+        rows.append({
+            "replica": rid, "requests": sum(b["requests"] for b in d["buckets"].values()), "batches": batches,
+            "busy_fraction": d.get("busy_fraction"),
+            "compute_ms_per_batch": 1e3 * sum(b.get("compute_s", 0.0) for b in d["buckets"].values()) / max(1, batches),
+        })
+    return rows
 
 
 def efficiency(results: dict[int, dict[str, Any]]) -> dict[int, float]:
@@ -79,6 +108,7 @@ def main() -> None:
     p.add_argument("--concurrency-per-replica", type=int, default=48)
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="request payload dtype")
+    p.add_argument("--route", choices=["ingress", "model"], default="ingress", help="send through the app's ingress (the user's path) or to the model deployment directly")
     p.add_argument("--goal", type=float, default=0.9, help="efficiency goal drawn on the plot")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default=None, help="result file name (default scaling_<preset>_<mix>)")
@@ -103,6 +133,8 @@ def main() -> None:
     gpu_free = int(ray.available_resources().get("GPU", 0))
     if gpus and gpu_free < counts[-1]:
         p.error(f"only {gpu_free} of {gpus} GPUs are free (another app holds the rest); `serve shutdown` it first")
+    host = {"cpus": resources.get("CPU"), "object_store_gb": resources.get("object_store_memory", 0) / 1e9, "dev_shm_gb": shutil.disk_usage("/dev/shm").total / 1e9}
+    print(f"cluster: {gpus} GPUs, {host['cpus']:g} CPUs, object store {host['object_store_gb']:.1f} GB, /dev/shm {host['dev_shm_gb']:.1f} GB; route {args.route}", flush=True)
     serve.start(http_options={"host": "127.0.0.1", "port": 8124})
     # Clients reserve no CPU, so they never wait behind replicas for a slot on a small machine.
     client_cls = ray.remote(num_cpus=0)(LoadClient)
@@ -115,7 +147,8 @@ def main() -> None:
             "batching": {"max_batch_tokens": args.max_batch_tokens, "batch_wait_timeout_s": BATCH_WAIT_S},
         } | ({"store": args.store} if args.store else {})
         serve.run(build_app(app_args), name=APP, route_prefix="/scaling")
-        clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
+        clients = [client_cls.remote(APP, args.route, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
+        app_handle = serve.get_app_handle(APP)
 
         def drive(per_replica: int) -> dict[str, Any]:
             start_at = time.time() + 2.0  # every client has made its inputs and handle by then
@@ -123,7 +156,9 @@ def main() -> None:
             return merge(parts)
 
         drive(args.warmup_per_replica)  # every replica sees every bucket's shapes before timing
+        before = replica_stats(app_handle, n)
         r = results[n] = drive(args.requests_per_replica)
+        r["replicas"] = per_replica(before, replica_stats(app_handle, n), r["seconds"])
         print(
             f"[{time.perf_counter() - t_start:6.0f}s] {n} replica(s): {r['requests']} req {r['errors']} err "
             f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms",
@@ -131,6 +166,9 @@ def main() -> None:
         )
         if r["first_error"]:
             print(f"   first error: {r['first_error']}")
+        for row in r["replicas"]:
+            busy = f"{100 * row['busy_fraction']:4.0f}%" if row["busy_fraction"] is not None else "   -"
+            print(f"   replica {row['replica'][:8]}: {row['requests']:5d} req {row['batches']:4d} batches  busy {busy}  {row['compute_ms_per_batch']:7.1f} ms/batch")
         for c in clients:
             ray.kill(c)
         serve.delete(APP)
@@ -144,8 +182,8 @@ def main() -> None:
         print(f"{n:8d} {r['rps']:9.2f} {r['rps'] / results[counts[0]]['rps'] * counts[0]:7.2f}x {eff[n]:10.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f}")
     name = args.name or f"scaling_{args.preset}_{args.mix}"
     summary = {"efficiency": {str(n): e for n, e in eff.items()}, "goal": args.goal, "met": all(e >= args.goal for e in eff.values())}
-    save(args.out, name, {"args": vars(args), "gpus": gpus, "results": {str(n): r for n, r in results.items()}, "summary": summary, "time_unix": time.time()})
-    _plot(args.out, name, results, eff, args.goal, f"{args.preset} ({args.layers or 'preset'} layers), mix {args.mix}, {card()}")
+    save(args.out, name, {"args": vars(args), "gpus": gpus, "host": host, "results": {str(n): r for n, r in results.items()}, "summary": summary, "time_unix": time.time()})
+    _plot(args.out, name, results, eff, args.goal, f"{args.preset} ({args.layers or 'preset'} layers), mix {args.mix}, via {args.route}, {card()}")
 
 
 def _plot(out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int, float], goal: float, title: str) -> None:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from deploy.codec import all_finite
+
 MIXES = {"seed": (15000, 16500), "256-2048": (256, 2048), "256-16384": (256, 16384)}
 
 Send = Callable[[np.ndarray], Awaitable[np.ndarray]]
@@ -95,7 +97,7 @@ async def run_load(
         t0 = time.perf_counter()
         try:
             y = await send(x)
-            if y.shape != x.shape or y.dtype != x.dtype or not np.isfinite(y).all():
+            if y.shape != x.shape or y.dtype != x.dtype or not all_finite(y):
                 raise ValueError(f"bad answer: shape {y.shape} dtype {y.dtype} for input {x.shape} {x.dtype}")
             lat.append((time.perf_counter() - t0) * 1e3)
         except Exception as e:  # counted, reported; the run goes on
@@ -157,7 +159,7 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any], seconds: float | 
     buckets = {}
     for edge, a in after["buckets"].items():
         b = before["buckets"].get(edge, {})
-        d = {k: a[k] - b.get(k, 0) for k in ("batches", "requests", "tokens", "computed_tokens")}
+        d = {k: a[k] - b.get(k, 0) for k in ("batches", "requests", "tokens", "computed_tokens", "compute_s") if k in a}
         if d["batches"]:
             d["mean_batch"] = d["requests"] / d["batches"]
             d["padding_ratio"] = 1 - d["tokens"] / d["computed_tokens"] if d["computed_tokens"] else 0.0

@@ -21,7 +21,7 @@ import torch
 from fa3trt.buckets import Buckets
 from fa3trt.errors import InvalidInputError
 
-__all__ = ["decode_npy", "encode_npy", "decode_json", "encode_json", "validate_sequence", "to_numpy", "from_numpy_like", "BadRequest", "HTTPStatusError"]
+__all__ = ["decode_npy", "encode_npy", "decode_json", "encode_json", "validate_sequence", "all_finite", "to_numpy", "from_numpy_like", "BadRequest", "HTTPStatusError"]
 
 _ACCEPTED = (np.float16, np.float32, np.float64)
 _NPY_MAGIC = b"\x93NUMPY"
@@ -128,6 +128,19 @@ def from_numpy_like(y: np.ndarray, like: Any) -> Any:
     return y.astype(like, copy=False)
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every element is finite, at the cost of one pass over the bytes.
+
+    NumPy's float16 arithmetic is emulated (``np.isfinite`` on a 1152 x 4096 float16 array took
+    10.7 ms, eight times the float32 time): a half is finite exactly when its five exponent bits
+    are not all ones, i.e. when its bits with the sign cleared are below 0x7C00."""
+    if x.size == 0:
+        return True
+    if x.dtype == np.float16:
+        return int((x.view(np.uint16) & 0x7FFF).max()) < 0x7C00
+    return bool(np.isfinite(x).all())
+
+
 def validate_sequence(x: np.ndarray, hidden: int, buckets: Buckets, reject_nonfinite: bool = True) -> int:
     """Check one request; returns its bucket index."""
     if x.ndim != 2:
@@ -139,6 +152,6 @@ def validate_sequence(x: np.ndarray, hidden: int, buckets: Buckets, reject_nonfi
     if x.shape[1] != hidden:
         raise InvalidInputError(f"x has hidden size {x.shape[1]}, this model takes {hidden}: shape must be (seq_len, {hidden})")
     i = buckets.index(x.shape[0])
-    if reject_nonfinite and not np.isfinite(x).all():
+    if reject_nonfinite and not all_finite(x):
         raise InvalidInputError("x holds NaN or Inf; send finite values (or serve with reject_nonfinite: false)")
     return i

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from deploy.app import bucket_limits, derive_max_ongoing, ingress_plan, replica_plan
-from deploy.codec import BadRequest, decode_json, decode_npy, encode_npy, from_numpy_like, to_numpy, validate_sequence
+from deploy.codec import BadRequest, decode_json, decode_npy, encode_npy, all_finite, from_numpy_like, to_numpy, validate_sequence
 from deploy.config import AppArgs, apply_env_overrides, load_serve_config
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError, InvalidInputError
@@ -98,6 +98,20 @@ def test_validate_sequence_accepts_and_nonfinite_opt_out() -> None:
     assert validate_sequence(np.zeros((128, 8), np.float16), 8, B) == 0
     assert validate_sequence(np.zeros((129, 8)), 8, B) == 1
     assert validate_sequence(np.full((3, 8), np.nan, np.float32), 8, B, reject_nonfinite=False) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_matches_numpy(dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    info = np.finfo(dtype)
+    specials = [np.nan, np.inf, -np.inf, -np.nan, info.max, -info.max, info.tiny, info.smallest_subnormal, 0.0, -0.0]
+    for special in specials:
+        x = rng.standard_normal((7, 33)).astype(dtype)
+        x[3, 5] = special
+        # Strided views too: a slice of a batch is not contiguous.
+        for view in (x, x[:, ::2], x.T):
+            assert all_finite(view) == bool(np.isfinite(view).all()), (dtype, special, view.strides)
+    assert all_finite(np.zeros((0, 8), dtype))
 
 
 def test_handle_types() -> None:
