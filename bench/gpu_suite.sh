@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh serving   # the serving benchmark (seed preset) with its baselines, 256-2048 mix
 #   bash bench/gpu_suite.sh long      # the serving benchmark on the seed (15000-16500) and 256-16384 mixes
 #   bash bench/gpu_suite.sh ray       # 2 GPUs: build jobs on both cards, two Serve replicas, build timing, 1 vs 2 replicas
-#   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation, via ingress and direct
+#   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
@@ -46,11 +46,8 @@ case "$1" in
     ray start --head --num-gpus="$n" --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "shm|object store|Ray runtime started" | tee -a "$log"
     export RAY_ADDRESS=auto
     if [ "$1" = scale ]; then
-      for route in ingress model; do
-        [ $route = model ] && counts="1,$n"  # the ingress hop's share: the same load sent to the model deployment
-        python3 -m bench.scaling --address auto --replicas "$counts" --route $route --preset seed --layers 2 --mix 256-2048 \
-          --out "$out" --name "scaling_seed_256-2048_${n}gpu_$route" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
-      done
+      python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers 2 --mix 256-2048 \
+        --out "$out" --name "scaling_seed_256-2048_${n}gpu" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     else
       # Engines (torch artifacts where TensorRT is missing) for the served model, one per GPU type.
       timeout 240 python3 -m build_jobs --address auto --no-progress 2>&1 | tail -4 | tee -a "$log"

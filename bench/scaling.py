@@ -1,7 +1,7 @@
 """Scale-out benchmark: the app's saturated throughput with 1, 2, 4 ... replicas, one per GPU, in
 one Ray session on one cluster.
 
-For each replica count N the app is deployed with N replicas (and N ingress replicas), warmed,
+For each replica count N the app is deployed with N replicas, warmed,
 and driven through deployment handles by N load-client actors (separate processes, as other Ray
 jobs would call it) at a fixed concurrency per replica, so the load grows with the replicas and
 the client is never the limit. Throughput is total requests over the span from the first
@@ -9,7 +9,6 @@ client's start to the last client's end. Efficiency is throughput(N) / (N x thro
 first count's throughput scaled when it is not 1. Each replica's own counters (requests, busy
 fraction, compute time per batch) are read before and after, so a shortfall shows whether the
 replicas were idle (the path to them is the limit) or busy but slower (a shared host resource).
-``--route model`` sends to the model deployment directly, skipping the ingress hop.
 
     ray start --head && python -m bench.scaling --address auto --replicas 1,2,4 --preset seed --layers 2
     python -m bench.scaling --address local --replicas 1,2 --preset tiny --requests-per-replica 48  # CPU dry run
@@ -35,13 +34,13 @@ APP = "fa3trt-scaling"
 class LoadClient:
     """One load-generating process: its own handle, its own inputs, a closed loop."""
 
-    def __init__(self, app: str, route: str, hidden: int, mix: tuple[int, int], dtype: str, seed: int) -> None:
-        self.app, self.route, self.hidden, self.mix, self.dtype, self.seed = app, route, hidden, mix, dtype, seed
+    def __init__(self, app: str, hidden: int, mix: tuple[int, int], dtype: str, seed: int) -> None:
+        self.app, self.hidden, self.mix, self.dtype, self.seed = app, hidden, mix, dtype, seed
 
     def run(self, requests: int, concurrency: int, start_at: float) -> dict[str, Any]:
         from ray import serve
 
-        handle = serve.get_app_handle(self.app) if self.route == "ingress" else serve.get_deployment_handle("ModelServer", app_name=self.app)
+        handle = serve.get_app_handle(self.app)
         inputs = make_inputs(requests, *self.mix, self.hidden, seed=self.seed, dtype=np.dtype(self.dtype))
         time.sleep(max(0.0, start_at - time.time()))
         t0 = time.time()
@@ -108,7 +107,6 @@ def main() -> None:
     p.add_argument("--concurrency-per-replica", type=int, default=48)
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="request payload dtype")
-    p.add_argument("--route", choices=["ingress", "model"], default="ingress", help="send through the app's ingress (the user's path) or to the model deployment directly")
     p.add_argument("--goal", type=float, default=0.9, help="efficiency goal drawn on the plot")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default=None, help="result file name (default scaling_<preset>_<mix>)")
@@ -134,7 +132,7 @@ def main() -> None:
     if gpus and gpu_free < counts[-1]:
         p.error(f"only {gpu_free} of {gpus} GPUs are free (another app holds the rest); `serve shutdown` it first")
     host = {"cpus": resources.get("CPU"), "object_store_gb": resources.get("object_store_memory", 0) / 1e9, "dev_shm_gb": shutil.disk_usage("/dev/shm").total / 1e9}
-    print(f"cluster: {gpus} GPUs, {host['cpus']:g} CPUs, object store {host['object_store_gb']:.1f} GB, /dev/shm {host['dev_shm_gb']:.1f} GB; route {args.route}", flush=True)
+    print(f"cluster: {gpus} GPUs, {host['cpus']:g} CPUs, object store {host['object_store_gb']:.1f} GB, /dev/shm {host['dev_shm_gb']:.1f} GB", flush=True)
     serve.start(http_options={"host": "127.0.0.1", "port": 8124})
     # Clients reserve no CPU, so they never wait behind replicas for a slot on a small machine.
     client_cls = ray.remote(num_cpus=0)(LoadClient)
@@ -147,7 +145,7 @@ def main() -> None:
             "batching": {"max_batch_tokens": args.max_batch_tokens, "batch_wait_timeout_s": BATCH_WAIT_S},
         } | ({"store": args.store} if args.store else {})
         serve.run(build_app(app_args), name=APP, route_prefix="/scaling")
-        clients = [client_cls.remote(APP, args.route, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
+        clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
         app_handle = serve.get_app_handle(APP)
 
         def drive(per_replica: int) -> dict[str, Any]:
@@ -183,7 +181,7 @@ def main() -> None:
     name = args.name or f"scaling_{args.preset}_{args.mix}"
     summary = {"efficiency": {str(n): e for n, e in eff.items()}, "goal": args.goal, "met": all(e >= args.goal for e in eff.values())}
     save(args.out, name, {"args": vars(args), "gpus": gpus, "host": host, "results": {str(n): r for n, r in results.items()}, "summary": summary, "time_unix": time.time()})
-    _plot(args.out, name, results, eff, args.goal, f"{args.preset} ({args.layers or 'preset'} layers), mix {args.mix}, via {args.route}, {card()}")
+    _plot(args.out, name, results, eff, args.goal, f"{args.preset} ({args.layers or 'preset'} layers), mix {args.mix}, {card()}")
 
 
 def _plot(out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int, float], goal: float, title: str) -> None:

@@ -1,14 +1,14 @@
 """The Ray Serve application: ``deploy.app:build_app`` builds it from ``serve_config.yaml`` args.
 
-Two deployments:
-- ``ModelServer``: one replica per GPU (``num_gpus: 1``; one CPU replica on a cluster without
-  GPUs). It loads its backend (the TensorRT engine for its GPU, or the torch model), warms up
-  every bucket before it reports ready, and keeps one ``@serve.batch`` queue per sequence-length
-  bucket with its own batch limit (token budget // bucket edge). A batch is padded to its
-  longest member and runs with ``seq_lens``; each caller gets exactly its own rows back. A batch
-  that fails is split and retried in halves, so only the requests that really fail, fail.
-- ``Ingress``: FastAPI over HTTP (``POST /v1/infer`` in .npy or JSON, ``GET /v1/info``,
-  ``GET /v1/stats``) and the handle API (``serve.get_app_handle("fa3trt").infer.remote(x)``).
+One deployment, ``ModelServer``: one replica per GPU (``num_gpus: 1``; one CPU replica on a
+cluster without GPUs). It loads its backend (the TensorRT engine for its GPU, or the torch
+model), warms up every bucket before it reports ready, and keeps one ``@serve.batch`` queue per
+sequence-length bucket with its own batch limit (token budget // bucket edge). A batch is padded
+to its longest member and runs with ``seq_lens``; each caller gets exactly its own rows back. A
+batch that fails is split and retried in halves, so only the requests that really fail, fail.
+It is also the app's ingress: FastAPI over HTTP (``POST /v1/infer`` in .npy or JSON,
+``GET /v1/info``, ``GET /v1/stats``) and the handle API
+(``serve.get_app_handle("fa3trt").infer.remote(x)``), so a request reaches its replica in one hop.
 
 ``max_ongoing_requests`` of the model replicas is derived so every bucket's batches can fill.
 """
@@ -26,8 +26,6 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
 from deploy.codec import (
     BadRequest,
@@ -44,7 +42,7 @@ from deploy.config import AppArgs, BatchingConfig, apply_env_overrides
 from fa3trt.buckets import Buckets, assemble, padding_ratio
 from fa3trt.errors import InvalidInputError
 
-__all__ = ["build_app", "ModelServer", "Ingress", "derive_max_ongoing", "replica_plan", "ingress_plan"]
+__all__ = ["build_app", "ModelServer", "ModelReplica", "derive_max_ongoing", "replica_plan"]
 
 log = logging.getLogger("ray.serve")
 # Requests arrive as read-only NumPy views of Ray's object store; they are only read (copied
@@ -97,23 +95,6 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
     }
 
 
-def ingress_plan(model_opts: dict[str, Any], args: AppArgs) -> dict[str, Any]:
-    """Deployment options for the ingress in front of model replicas deployed with ``model_opts``.
-
-    One ingress replica per model replica (at most), so the ingress, which copies every request
-    and answer once more through the object store, grows with the GPUs instead of becoming the
-    ceiling of a scaled-out app. Ingress replicas hold no GPU and ask for no CPU. Each only awaits
-    the model replicas, so it lets through what all of them can batch at once (Serve's default of
-    5 in flight would be the limit)."""
-    auto = model_opts.get("autoscaling_config") or {}
-    replicas = max(1, int(model_opts.get("num_replicas") or auto.get("max_replicas", 1)))
-    return {
-        "num_replicas": replicas,
-        "max_ongoing_requests": model_opts["max_ongoing_requests"] * replicas,
-        "max_queued_requests": args.max_queued_requests,
-    }
-
-
 class _Metrics:
     """Per-bucket Serve metrics (exported through Ray's Prometheus endpoint) and local counters."""
 
@@ -161,9 +142,25 @@ class _Metrics:
         s["compute_s"] += compute_s
 
 
-@serve.deployment
-class ModelServer:
-    """One model replica: a backend and one batch queue per bucket."""
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux), for leak checks; None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+api = FastAPI(title="fa3trt", description="FlashAttention-3 transformer inference")
+
+
+class ModelReplica:
+    """One model replica: a backend, one batch queue per bucket, and the app's HTTP routes.
+
+    HTTP (through Serve's proxy) and handle calls reach the replica directly: no hop in between
+    copies a request or its answer once more (on 4 H200s a separate ingress deployment cost
+    the app a quarter of its throughput: docs/benchmarks.md, "Scale-out"). Deployed as
+    ``ModelServer``; a plain class here, so workers import it from this module by name."""
 
     def __init__(self, args: dict[str, Any], batching: dict[str, Any] | None = None) -> None:
         """``args``: AppArgs without ``batching``, which arrives as Serve's ``user_config``
@@ -189,6 +186,7 @@ class ModelServer:
         self._queues: list[Any] = []
         self._max_concurrent = 0
         self.limits: list[tuple[int, float]] = []
+        self.batching: BatchingConfig | None = None
         if batching is not None:
             self.reconfigure(batching)
 
@@ -210,6 +208,7 @@ class ModelServer:
         if unknown:
             raise ValueError(f"bucket_overrides names edges {unknown} that are not buckets {list(self.buckets.edges)}")
         self.limits = bucket_limits(self.buckets, batching)
+        self.batching = batching
         if not self._queues:
             self._max_concurrent = batching.max_concurrent_batches
             for i, (size, wait) in enumerate(self.limits):
@@ -288,21 +287,61 @@ class ModelServer:
             raise result
         return from_numpy_like(result, like)
 
-    async def infer_tagged(self, x: Any) -> tuple[Any, str]:
-        """``infer`` plus the id of the replica that answered (for the HTTP header)."""
-        return await self.infer(x), self.replica
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPStatusError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPStatusError(413, f"body exceeds the limit of {limit} bytes; send a shorter sequence")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
+    @api.post("/v1/infer")
+    async def infer_http(self, request: Request) -> Response:
+        """HTTP: one sequence as .npy (the answer in the request's dtype) or JSON ``{"x": [[...]]}``.
+
+        A full queue is answered 503 by Serve's proxy before the body reaches the replica."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if ctype not in (NPY, "application/json"):
+                raise HTTPStatusError(415, f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json")
+            body = await self._read_body(request)
+            x = decode_npy(body) if ctype == NPY else decode_json(body)
+            # A request that times out is cancelled: its batch queue drops it.
+            y = await asyncio.wait_for(self.infer(x), self.args.request_timeout_s)
+        except HTTPStatusError as e:
+            return JSONResponse({"error": e.detail}, status_code=e.status)
+        except BadRequest as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+        except InvalidInputError as e:
+            return JSONResponse({"error": str(e)}, status_code=422)
+        except TimeoutError:
+            return JSONResponse({"error": f"request timed out after {self.args.request_timeout_s}s"}, status_code=504)
+        headers = {"x-fa3trt-replica": self.replica}
+        if ctype == NPY:
+            return Response(encode_npy(y), media_type=NPY, headers=headers)
+        return JSONResponse(encode_json(y), headers=headers)
+
+    @api.get("/v1/info")
     def info(self) -> dict[str, Any]:
+        """The replica's backend, device, buckets and batch limits, and the app's arguments."""
         d = self.backend.describe()
         d.update(
             replica=self.replica,
             buckets=list(self.buckets.edges),
             batch_limits={e: size for e, (size, _) in zip(self.buckets.edges, self.limits)},
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            app_args=self.args.model_dump() | ({"batching": self.batching.model_dump()} if self.batching else {}),
         )
         return d
 
+    @api.get("/v1/stats")
     def stats(self) -> dict[str, Any]:
+        """This replica's counters since it started: per bucket batches, requests, tokens, compute."""
         return {
             "replica": self.replica,
             "rss_bytes": _rss_bytes(),
@@ -319,80 +358,9 @@ class ModelServer:
             raise RuntimeError("health check: the backend returned non-finite values")
 
 
-def _rss_bytes() -> int | None:
-    """This process's resident memory (Linux), for leak checks; None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-api = FastAPI(title="fa3trt", description="FlashAttention-3 transformer inference")
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-@serve.ingress(api)
-class Ingress:
-    """HTTP in front of the model replicas, and the app's handle API."""
-
-    def __init__(self, model: DeploymentHandle, args: dict[str, Any]) -> None:
-        self.model = model
-        self.args = AppArgs.model_validate(args)
-
-    async def infer(self, x: Any) -> Any:
-        """Handle API: a NumPy array or CPU torch tensor (S, hidden) -> the same type and shape.
-
-        Validated once, by the model replica, before the request joins a batch."""
-        return await self.model.infer.remote(x)
-
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.args.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HTTPStatusError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPStatusError(413, f"body exceeds the limit of {limit} bytes; send a shorter sequence")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    @api.post("/v1/infer")
-    async def infer_http(self, request: Request) -> Response:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        try:
-            if ctype not in (NPY, "application/json"):
-                raise HTTPStatusError(415, f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json")
-            body = await self._read_body(request)
-            x = decode_npy(body) if ctype == NPY else decode_json(body)
-            y, replica = await asyncio.wait_for(self.model.infer_tagged.remote(x), self.args.request_timeout_s)
-        except HTTPStatusError as e:
-            return JSONResponse({"error": e.detail}, status_code=e.status)
-        except BadRequest as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
-        except InvalidInputError as e:
-            return JSONResponse({"error": str(e)}, status_code=422)
-        except BackPressureError as e:
-            return JSONResponse({"error": f"server busy, retry later ({e})"}, status_code=503, headers={"Retry-After": "1"})
-        except TimeoutError:
-            return JSONResponse({"error": f"request timed out after {self.args.request_timeout_s}s"}, status_code=504)
-        headers = {"x-fa3trt-replica": replica}
-        if ctype == NPY:
-            return Response(encode_npy(y), media_type=NPY, headers=headers)
-        return JSONResponse(encode_json(y), headers=headers)
-
-    @api.get("/v1/info")
-    async def info(self) -> dict[str, Any]:
-        d: dict[str, Any] = await self.model.info.remote()
-        d["app_args"] = self.args.model_dump()
-        return d
-
-    @api.get("/v1/stats")
-    async def stats(self) -> dict[str, Any]:
-        s: dict[str, Any] = await self.model.stats.remote()
-        return s
+# Wrapped apart from the class definition: the class stays importable as deploy.app.ModelReplica,
+# so Ray ships it by reference (the worker imports this module) instead of pickling it by value.
+ModelServer = serve.deployment(name="ModelServer")(serve.ingress(api)(ModelReplica))
 
 
 def build_app(args: dict[str, Any]) -> "serve.Application":
@@ -407,5 +375,4 @@ def build_app(args: dict[str, Any]) -> "serve.Application":
     log.info("fa3trt app: %s GPUs in the cluster -> model deployment options %s", gpus, opts)
     # Batching travels as user_config, not as constructor args: changing it reconfigures live.
     static = parsed.model_dump(exclude={"batching"})
-    model = ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment
-    return Ingress.options(**ingress_plan(opts, parsed)).bind(model, static)  # type: ignore[attr-defined]
+    return ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from deploy.app import bucket_limits, derive_max_ongoing, ingress_plan, replica_plan
+from deploy.app import bucket_limits, derive_max_ongoing, replica_plan
 from deploy.codec import BadRequest, decode_json, decode_npy, encode_npy, all_finite, from_numpy_like, to_numpy, validate_sequence
 from deploy.config import AppArgs, apply_env_overrides, load_serve_config
 from fa3trt.buckets import Buckets
@@ -155,19 +155,6 @@ def test_batch_limits_and_replica_plan() -> None:
     auto = replica_plan(AppArgs.model_validate({"autoscaling": {"min_replicas": 1, "max_replicas": 4}}), 4, 64)
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4} and "num_replicas" not in auto
     assert replica_plan(AppArgs.model_validate({"replicas": 3}), 8, 64)["num_replicas"] == 3
-
-
-def test_ingress_grows_with_the_model_replicas() -> None:
-    args = AppArgs.model_validate({"buckets": [128, 512], "max_queued_requests": 77})
-    for gpus, want in ((0, 1), (1, 1), (4, 4), (8, 8)):
-        model = replica_plan(args, gpus, 64)
-        ingress = ingress_plan(model, args)
-        assert ingress["num_replicas"] == want, (gpus, ingress)
-        # Each ingress replica lets through what every model replica can batch at once.
-        assert ingress["max_ongoing_requests"] == model["max_ongoing_requests"] * want
-        assert ingress["max_queued_requests"] == 77
-    auto_args = AppArgs.model_validate({"autoscaling": {"min_replicas": 1, "max_replicas": 6}})
-    assert ingress_plan(replica_plan(auto_args, 8, 64), auto_args)["num_replicas"] == 6
 
 
 def test_env_overrides_reach_the_app_and_the_build(monkeypatch: pytest.MonkeyPatch) -> None:

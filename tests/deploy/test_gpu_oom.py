@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fa3trt
-from deploy.app import ModelServer
+from deploy.app import ModelReplica
 from tests.utils import captured_log, gpu, rel_err
 
 pytestmark = gpu
@@ -24,7 +24,7 @@ EDGE = 4096
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[Any, torch.nn.Module, list[np.ndarray]]:
-    server = ModelServer.func_or_class(
+    server = ModelReplica(
         {"model": {"preset": "seed", "layers": 1}, "backend": "torch", "buckets": [EDGE]}, {"max_batch_tokens": 8 * EDGE}
     )
     assert server.backend.device.type == "cuda"

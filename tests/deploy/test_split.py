@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fa3trt
-from deploy.app import ModelServer
+from deploy.app import ModelReplica
 from tests.utils import captured_log, rel_err
 
 EDGE = 128
@@ -42,7 +42,7 @@ class TokenBudget:
 
 @pytest.fixture(scope="module")
 def server() -> Any:
-    return ModelServer.func_or_class({"model": {"preset": "tiny"}, "backend": "torch", "buckets": [64, EDGE]}, {"max_batch_tokens": 1024})
+    return ModelReplica({"model": {"preset": "tiny"}, "backend": "torch", "buckets": [64, EDGE]}, {"max_batch_tokens": 1024})
 
 
 @pytest.fixture(scope="module")
