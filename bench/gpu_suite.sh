@@ -33,7 +33,8 @@ case "$1" in
   ray)
     python3 -m pytest -q -s -m gpu tests/build_jobs/test_gpu.py tests/deploy/test_gpu_serve.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -60
     python3 -m bench.build_timing --specs 2 --out "$out" 2>&1 | grep -vE "^\(|INFO|WARNING" | tee -a "$log"
-    serving --mix 256-2048 --requests "${REQUESTS:-256}" --concurrency 32 --scenarios scale --name serving_seed_scaling
+    python3 -m bench.scaling --address local --replicas 1,2 --preset seed --layers 2 --mix 256-2048 --out "$out" \
+      --name scaling_seed_256-2048_2gpu 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     ;;
   scale|scale-serve)
     # The scale-out run (docs/benchmarks.md, "Scale-out"): a Ray cluster over every GPU of the machine.

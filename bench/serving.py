@@ -7,10 +7,10 @@ Scenarios, all on the same model, mix and concurrency:
   unbatched      the app with max_batch_size 1 in every bucket
   one bucket     the app with a single bucket (everything padded to the largest length)
   buckets        the app as configured (one queue per bucket)
-  buckets xN     the same with N replicas (N = number of GPUs, when there are 2 or more)
 plus an open-loop (Poisson) run of `buckets` at ~70% of its closed-loop throughput. Each
 result records the replica's busy fraction (time with a batch in flight / run time).
-``--scenarios`` picks a subset (e.g. ``direct,buckets,scale`` for a long-sequence mix).
+``--scenarios`` picks a subset (e.g. ``direct,buckets`` for a long-sequence mix). Scaling over
+replicas is ``bench.scaling``.
 
     python -m bench.serving --preset tiny --mix 256-2048 --out docs/benchmarks        # CPU, a laptop
     python -m bench.serving --preset seed --layers 2 --mix 256-2048 --out docs/benchmarks   # one GPU per replica
@@ -31,7 +31,7 @@ from bench._common import card, save
 from bench.serve_load import LoadResult, handle_sender, make_inputs, padding_ratio, parse_mix, print_summary, run_load, stats_delta
 
 BATCH_WAIT_S = 0.005
-SCENARIOS = ("direct", "noop", "unbatched", "one-bucket", "buckets", "batch1", "open", "scale")
+SCENARIOS = ("direct", "noop", "unbatched", "one-bucket", "buckets", "batch1", "open")
 
 
 def bucket_edges(hi: int) -> list[int]:
@@ -152,13 +152,6 @@ def main() -> None:
         # 6. open loop at ~70% of the closed-loop throughput.
         if "open" in want:
             load("serve buckets open loop (70%)", args.concurrency, mode="open", rate=0.7 * closed.rps)
-    # 7. scaling over GPUs: one replica per GPU, the load scaled with them.
-    if "scale" in want and gpus >= 2:
-        if "serve buckets" not in results:
-            deploy()
-            load("serve buckets", args.concurrency * gpus, data=inputs + inputs)
-        deploy(replicas=gpus)
-        load(f"serve buckets x{gpus} replicas", args.concurrency * gpus, data=inputs + inputs)
     serve.shutdown()
     ray.shutdown()
 
@@ -186,7 +179,6 @@ def main() -> None:
             summary[key] = padding_ratio(r[name]["stats"])
     if "serve buckets" in r and "busy_fraction" in r["serve buckets"]["stats"]:
         summary["busy_fraction_buckets"] = r["serve buckets"]["stats"]["busy_fraction"]
-    ratio("scaling_vs_one_replica", f"serve buckets x{gpus} replicas", "serve buckets")
     print(f"card: {card()}  model {args.preset} layers={cfg.layers}  mix {args.mix}  concurrency {args.concurrency}")
     for k, v in summary.items():
         print(f"  {k}: {v}")
