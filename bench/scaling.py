@@ -181,7 +181,7 @@ def main() -> None:
     name = args.name or f"scaling_{args.preset}_{args.mix}"
     summary = {"efficiency": {str(n): e for n, e in eff.items()}, "goal": args.goal, "met": all(e >= args.goal for e in eff.values())}
     save(args.out, name, {"args": vars(args), "gpus": gpus, "host": host, "results": {str(n): r for n, r in results.items()}, "summary": summary, "time_unix": time.time()})
-    _plot(args.out, name, results, eff, args.goal, f"{args.preset} ({args.layers or 'preset'} layers), mix {args.mix}, {card()}")
+    _plot(args.out, name, results, eff, args.goal, f"{args.preset} ({args.layers or 'preset'} layers), mix {args.mix}, {card()} x{max(gpus, 1)}")
 
 
 def _plot(out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int, float], goal: float, title: str) -> None:
