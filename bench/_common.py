@@ -57,23 +57,35 @@ def save(out_dir: str | Path, name: str, result: dict[str, Any]) -> Path:
     return path
 
 
-def bar_plot(out_dir: str | Path, name: str, labels: list[str], values: list[float], ylabel: str, title: str, goal: float | None = None) -> Path:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display on the machines the benchmarks run on)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), 4))
+    return plt
+
+
+def save_figure(fig: Any, out_dir: str | Path, name: str, title: str, dpi: int = 110) -> Path:
+    """Title, lay out, write ``out_dir/name.png`` and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(out_dir) / f"{name}.png"
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def bar_plot(out_dir: str | Path, name: str, labels: list[str], values: list[float], ylabel: str, title: str, goal: float | None = None) -> Path:
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.7 * len(labels)), 4))
     ax.bar(range(len(values)), values, color="#4c72b0")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
     if goal is not None:
         ax.axhline(goal, color="#c44e52", linestyle="--", linewidth=1)
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    fig.tight_layout()
-    path = Path(out_dir) / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir, name, title, dpi=120)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import card, save
+from bench._common import card, pyplot, save, save_figure
 from bench.serve_load import handle_sender, make_inputs, parse_mix, run_load, stats_delta
 from bench.serving import BATCH_WAIT_S, bucket_edges
 
@@ -185,14 +185,9 @@ def main() -> None:
 
 
 def _plot(out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int, float], goal: float, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ns = sorted(results)
     per = results[ns[0]]["rps"] / ns[0]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(11, 4))
     a.plot(ns, [results[n]["rps"] for n in ns], "o-", label="measured", color="#4c72b0")
     a.plot(ns, [n * per for n in ns], "--", label="ideal (N x one replica)", color="gray")
     a.plot(ns, [goal * n * per for n in ns], ":", label=f"goal ({goal:g} x ideal)", color="#c44e52")
@@ -207,10 +202,7 @@ def _plot(out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int
     b.set_ylabel("scaling efficiency")
     for i, n in enumerate(ns):
         b.text(i, eff[n] + 0.02, f"{eff[n]:.2f}", ha="center")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(f"{out}/{name}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, name, title)
 
 
 if __name__ == "__main__":

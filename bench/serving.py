@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench._common import card, save
+from bench._common import card, pyplot, save, save_figure
 from bench.serve_load import LoadResult, handle_sender, make_inputs, padding_ratio, parse_mix, print_summary, run_load, stats_delta
 
 BATCH_WAIT_S = 0.005
@@ -188,22 +188,14 @@ def main() -> None:
 
 
 def _plot(out: str, name: str, results: dict[str, dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [n for n in results if "latency" not in n and "noop" not in n]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(12, 4))
     a.barh(names, [results[n]["tokens_per_s"] for n in names], color="#4c72b0")
     a.set_xlabel("tokens/s")
     b.barh(names, [results[n]["p99_ms"] for n in names], color="#dd8452")
     b.set_xlabel("p99 latency (ms)")
     b.set_yticks([])
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(f"{out}/{name}.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, name, title)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A real local Ray cluster with `serve run serve_config.yaml` on it, for end-to-end tests."""
+"""Real Ray for end-to-end tests: a local cluster with `serve run serve_config.yaml` on it, or
+the app deployed on an in-process Ray."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -62,3 +64,22 @@ def serve_cluster(log_dir: Path, extra_env: dict[str, str] | None = None, num_cp
             proc.kill()
         run([ray_bin, "stop", "--force"], env)
         log.close()
+
+
+@contextmanager
+def local_app(args: dict[str, Any], port: int) -> Iterator[str]:
+    """The app built from ``args`` on an in-process Ray (2 CPUs), HTTP on ``port``; yields its URL.
+    Its handle is ``serve.get_app_handle("fa3trt")``."""
+    import ray
+    from ray import serve
+
+    from deploy.app import build_app
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="fa3trt", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

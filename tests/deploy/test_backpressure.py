@@ -12,18 +12,13 @@ import numpy as np
 import pytest
 import requests
 
+from tests.deploy.cluster import local_app
+
 PORT = 8011
 
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[str]:
-    import ray
-    from ray import serve
-
-    from deploy.app import build_app
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     # One bucket, batches of one, a tiny queue: a flood must overflow it.
     args = {
         "backend": "torch",
@@ -31,12 +26,8 @@ def app() -> Iterator[str]:
         "batching": {"max_batch_tokens": 2048, "batch_wait_timeout_s": 0.0},
         "max_queued_requests": 2,
     }
-    serve.run(build_app(args), name="fa3trt", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{PORT}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_app(args, PORT) as url:
+        yield url
 
 
 def _post(url: str, x: np.ndarray) -> tuple[int, float, bytes]:

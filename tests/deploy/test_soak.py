@@ -16,6 +16,7 @@ import torch
 
 import fa3trt
 from bench.serve_load import handle_sender, run_load
+from tests.deploy.cluster import local_app
 from tests.utils import slow
 
 SOAK_S = float(os.environ.get("FA3TRT_SOAK_S", "600"))
@@ -24,19 +25,10 @@ pytestmark = [slow, pytest.mark.timeout(int(SOAK_S) + 600)]
 
 @pytest.fixture(scope="module")
 def handle() -> Iterator[object]:
-    import ray
     from ray import serve
 
-    from deploy.app import build_app
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": 8012})
-    serve.run(build_app({"backend": "torch", "buckets": [128, 512]}), name="fa3trt", route_prefix="/")
-    try:
+    with local_app({"backend": "torch", "buckets": [128, 512]}, 8012):
         yield serve.get_app_handle("fa3trt")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_soak(handle: object) -> None:

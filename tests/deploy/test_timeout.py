@@ -15,6 +15,7 @@ import requests
 import torch
 
 import fa3trt
+from tests.deploy.cluster import local_app
 
 PORT = 8013
 TIMEOUT_S = 1.0
@@ -23,25 +24,14 @@ WAIT_S = 4.0  # the slow bucket waits this long to fill a batch: longer than the
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[str]:
-    import ray
-    from ray import serve
-
-    from deploy.app import build_app
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     args = {
         "backend": "torch",
         "buckets": [64, 256],
         "request_timeout_s": TIMEOUT_S,
         "batching": {"max_batch_tokens": 4096, "batch_wait_timeout_s": 0.0, "bucket_overrides": {256: {"batch_wait_timeout_s": WAIT_S}}},
     }
-    serve.run(build_app(args), name="fa3trt", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{PORT}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_app(args, PORT) as url:
+        yield url
 
 
 def _post(url: str, x: np.ndarray) -> tuple[int, float, requests.Response]:
