@@ -1,10 +1,10 @@
 """Scale-out benchmark: the app's saturated throughput with 1, 2, 4 ... replicas, one per GPU, in
 one Ray session on one cluster.
 
-For each replica count N the app is deployed with N replicas, warmed,
-and driven through deployment handles by N load-client actors (separate processes, as other Ray
-jobs would call it) at a fixed concurrency per replica, so the load grows with the replicas and
-the client is never the limit. Throughput is total requests over the span from the first
+For each replica count N the app is deployed with N replicas, warmed, and driven through
+deployment handles by N load-client actors (separate processes, as other Ray jobs would call
+it) at a fixed concurrency per replica, so the load grows with the replicas and the client is
+never the limit. Throughput is total requests over the span from the first
 client's start to the last client's end. Efficiency is throughput(N) / (N x throughput(1)), the
 first count's throughput scaled when it is not 1. Each replica's own counters (requests, busy
 fraction, compute time per batch) are read before and after, so a shortfall shows whether the
@@ -128,9 +128,11 @@ def main() -> None:
     gpus = int(resources.get("GPU", 0))
     if gpus and counts[-1] > gpus:
         p.error(f"--replicas {args.replicas!r} asks for {counts[-1]} replicas but the cluster has {gpus} GPUs (one replica per GPU); lower the counts or add GPUs")
-    gpu_free = int(ray.available_resources().get("GPU", 0))
-    if gpus and gpu_free < counts[-1]:
-        p.error(f"only {gpu_free} of {gpus} GPUs are free (another app holds the rest); `serve shutdown` it first")
+    # One replica per GPU; without GPUs the replicas share out every CPU (deploy.app.replica_plan).
+    kind, need = ("GPU", counts[-1]) if gpus else ("CPU", resources.get("CPU", 1))
+    free = ray.available_resources().get(kind, 0)
+    if free < need:
+        p.error(f"only {free:g} {kind}s of the cluster's {resources.get(kind, 0):g} are free and the run needs {need:g} (another app holds the rest); `serve shutdown` it first")
     host = {"cpus": resources.get("CPU"), "object_store_gb": resources.get("object_store_memory", 0) / 1e9, "dev_shm_gb": shutil.disk_usage("/dev/shm").total / 1e9}
     print(f"cluster: {gpus} GPUs, {host['cpus']:g} CPUs, object store {host['object_store_gb']:.1f} GB, /dev/shm {host['dev_shm_gb']:.1f} GB", flush=True)
     serve.start(http_options={"host": "127.0.0.1", "port": 8124})
@@ -170,7 +172,7 @@ def main() -> None:
         for c in clients:
             ray.kill(c)
         serve.delete(APP)
-    serve.shutdown()
+    # Only this benchmark's app is removed: Serve and any other app on the cluster stay as they were.
     ray.shutdown()
 
     eff = efficiency(results)
