@@ -26,7 +26,7 @@ import numpy as np
 
 from bench._common import card, pyplot, save, save_figure
 from bench.serve_load import handle_sender, make_inputs, parse_mix, run_load, stats_delta
-from bench.serving import BATCH_WAIT_S, bucket_edges
+from bench.serving import app_args
 
 APP = "fa3trt-scaling"
 
@@ -142,11 +142,8 @@ def main() -> None:
     results: dict[int, dict[str, Any]] = {}
     t_start = time.perf_counter()
     for n in counts:
-        app_args: dict[str, Any] = {
-            "model": model, "backend": args.backend, "buckets": bucket_edges(hi), "replicas": n,
-            "batching": {"max_batch_tokens": args.max_batch_tokens, "batch_wait_timeout_s": BATCH_WAIT_S},
-        } | ({"store": args.store} if args.store else {})
-        serve.run(build_app(app_args), name=APP, route_prefix="/scaling")
+        store = {"store": args.store} if args.store else {}
+        serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend=args.backend, replicas=n, **store)), name=APP, route_prefix="/scaling")
         clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
         app_handle = serve.get_app_handle(APP)
 

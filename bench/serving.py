@@ -42,6 +42,13 @@ def bucket_edges(hi: int) -> list[int]:
     return edges + [hi]
 
 
+def app_args(model: dict[str, Any], hi: int, max_batch_tokens: int, **over: Any) -> dict[str, Any]:
+    """The benchmarked app's arguments: power-of-two buckets up to the mix's longest sequence,
+    ``max_batch_tokens`` per batch, the benchmarks' batch wait; ``over`` replaces any of them."""
+    batching = {"max_batch_tokens": max_batch_tokens, "batch_wait_timeout_s": BATCH_WAIT_S}
+    return {"model": model, "buckets": bucket_edges(hi), "batching": batching} | over
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny")
@@ -118,13 +125,7 @@ def main() -> None:
         return res
 
     def deploy(**over: Any) -> None:
-        app_args: dict[str, Any] = {
-            "model": model, "backend": "torch", "buckets": bucket_edges(hi),
-            "batching": {"max_batch_tokens": args.max_batch_tokens, "batch_wait_timeout_s": BATCH_WAIT_S},
-            "replicas": 1,
-        }
-        app_args.update(over)
-        serve.run(build_app(app_args), name="fa3trt", route_prefix="/", blocking=False)
+        serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend="torch", replicas=1) | over), name="fa3trt", route_prefix="/", blocking=False)
         handle = serve.get_app_handle("fa3trt")
         handle.infer.remote(inputs[0]).result()  # ready and warm
 
