@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh serving   # the serving benchmark (seed preset) with its baselines, 256-2048 mix
 #   bash bench/gpu_suite.sh long      # the serving benchmark on the seed (15000-16500) and 256-16384 mixes
 #   bash bench/gpu_suite.sh ray       # 2 GPUs: build jobs on both cards, two Serve replicas, build timing, 1 vs 2 replicas
-#   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation
+#   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation (LAYERS=2)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
@@ -19,7 +19,7 @@ serving() { python3 -m bench.serving --preset seed --layers 2 "$@" --out "$out" 
 case "$1" in
   kernels)
     python3 -m pytest -q -m gpu tests/fa3trt tests/deploy/test_gpu_oom.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -25
-    for b in attention plugin_overhead model_throughput cudnn_ragged_probe; do
+    for b in attention plugin_overhead host_path model_throughput cudnn_ragged_probe; do
       [ -f "bench/$b.py" ] && python3 -m bench.$b --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     done
     ;;
@@ -40,15 +40,16 @@ case "$1" in
     # The scale-out run (docs/benchmarks.md, "Scale-out"): a Ray cluster over every GPU of the machine.
     n=$(nvidia-smi -L | wc -l)
     counts=$(python3 -c "print(','.join(str(c) for c in (1, 2, 4, 8) if c <= $n))")
-    export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=2
+    layers=${LAYERS:-2}
+    export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=$layers
     ray stop --force >/dev/null 2>&1
     # Token authentication is on: every process (drivers, the serve CLI) reads ~/.ray/auth_token.
     ray get-auth-token --generate >/dev/null 2>&1 || true
     ray start --head --num-gpus="$n" --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "shm|object store|Ray runtime started" | tee -a "$log"
     export RAY_ADDRESS=auto
     if [ "$1" = scale ]; then
-      python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers 2 --mix 256-2048 \
-        --out "$out" --name "scaling_seed_256-2048_${n}gpu" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+      python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers "$layers" --mix 256-2048 \
+        --out "$out" --name "scaling_seed${layers}_256-2048_${n}gpu" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     else
       # Engines (torch artifacts where TensorRT is missing) for the served model, one per GPU type.
       timeout 240 python3 -m build_jobs --address auto --no-progress 2>&1 | tail -4 | tee -a "$log"

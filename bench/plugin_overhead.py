@@ -3,7 +3,10 @@
 For each shape (default: the seed's 1x15708x32x128 bf16, and a short 1x256x32x128), on one GPU
 in one process: host microseconds per call of
   bare      the attention kernel the plugin uses, called on torch tensors (its own output)
-  core      fa3trt.plugin.enqueue_core on raw pointers with its view cache (steady state)
+  core      fa3trt.plugin.enqueue_core on raw pointers with its view cache (steady state); with
+            the cuDNN kernel, cuDNN writes TensorRT's buffer and a Triton kernel zeroes the tails
+  masked    enqueue_core with write="masked": the kernel's own result copied in by a masked write
+            (the only way for kernels that take no output buffer; the cuDNN path before)
   uncached  enqueue_core with a fresh cache per call (views and constants rebuilt every call)
 plus device time per call, and the caching allocator's per-call allocation count and bytes for
 bare vs core (core must not exceed bare: no copies of q, k, v or the output) and cudaMalloc
@@ -97,6 +100,7 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int) ->
     kshape = plugin._kernel_input_shape(name, b, s, h, d)
     qk, kk, vk = q.view(kshape), k.view(kshape), v.view(kshape)
     cache = plugin.EnqueueCache()
+    masked_cache = plugin.EnqueueCache()
     args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), out.data_ptr(),
             tuple(q.shape), tuple(k.shape), tuple(v.shape), dtype, stream.cuda_stream, 0)
 
@@ -106,16 +110,19 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int) ->
     def core() -> None:
         plugin.enqueue_core(*args, cache=cache, kernel=name)
 
+    def masked() -> None:
+        plugin.enqueue_core(*args, cache=masked_cache, kernel=name, write="masked")
+
     def uncached() -> None:
         plugin.enqueue_core(*args, cache=plugin.EnqueueCache(), kernel=name)
 
     with torch.cuda.stream(stream):
-        return _measure(shape, dtype, iters, name, qk, kk, vk, lens, cu, s, out, cache, args, bare, core, uncached)
+        return _measure(shape, dtype, iters, name, qk, kk, vk, lens, cu, s, out, cache, args, bare, core, masked, uncached)
 
 
 def _parts(cache: Any, args: tuple[Any, ...], name: str, out: torch.Tensor, iters: int) -> dict[str, float]:
     """Host µs of each step the core adds to the bare kernel, timed alone (the profile)."""
-    key = (*args, name)
+    key = (*args, name, "auto")
     bind = cache.binding(key, lambda: None)  # the core's own buffers, made by its first call
     dev = bind.device_index
     res = torch.empty_like(out)
@@ -132,31 +139,46 @@ def _parts(cache: Any, args: tuple[Any, ...], name: str, out: torch.Tensor, iter
         with torch.cuda.stream(bind.stream):
             pass
 
-    return {
+    parts = {
         "binding lookup": _host_us(lambda: cache.binding(key, lambda: None), iters),
         "stream switch": _host_us(switch, iters),
         "torch.cuda.stream context (replaced)": _host_us(context, iters),
-        "lt (keep mask)": _host_us(lambda: torch.lt(bind.rows, bind.lens_col, out=bind.keep), iters),
-        "where (masked write)": _host_us(lambda: torch.where(bind.keep4, res, bind.zero, out=bind.out), iters),
     }
+    if bind.direct:
+        launch = next(iter(bind.launchers.values()))
+        parts.update({
+            "clamp lengths (direct)": _host_us(lambda: torch.clamp(bind.lens, 0, bind.shape[1], out=bind.lens_safe), iters),
+            "prepared cuDNN launch (direct)": _host_us(launch, iters),
+            "zero padded rows, Triton (direct)": _host_us(bind.zero_tail, iters),
+        })
+    parts.update({
+        "lt keep mask (masked)": _host_us(lambda: torch.lt(bind.rows, bind.lens_col, out=bind.keep), iters),
+        "where into out (masked)": _host_us(lambda: torch.where(bind.keep4, res, bind.zero, out=bind.out), iters),
+    })
+    return parts
 
 
 def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, name: str, qk: torch.Tensor, kk: torch.Tensor,
              vk: torch.Tensor, lens: torch.Tensor, cu: torch.Tensor, s: int, out: torch.Tensor, cache: Any, args: tuple[Any, ...],
-             bare: Callable[[], None], core: Callable[[], None], uncached: Callable[[], None]) -> dict[str, Any]:
+             bare: Callable[[], None], core: Callable[[], None], masked: Callable[[], None],
+             uncached: Callable[[], None]) -> dict[str, Any]:
     b, _, h, d = shape
-    for fn in (bare, core, uncached, bare, core):  # warm: kernel load, allocator pools, caches
+    for fn in (bare, core, masked, uncached, bare, core, masked):  # warm: kernel load, allocator pools, caches
         fn()
     torch.cuda.synchronize()
     want = plugin._run_kernel(name, qk, kk, vk, lens, cu, s).view(b, s, h, d)
     core()
     torch.cuda.synchronize()
     max_diff = float((out.float() - want.float()).abs().max())
+    out.fill_(float("nan"))
+    masked()
+    torch.cuda.synchronize()
+    max_diff = max(max_diff, float((out.float() - want.float()).abs().max()))
     del want
     # Interleave repeats so clock drift hits all three alike; keep the best (least noisy) of each.
-    host = {"bare": [], "core": [], "uncached": []}  # type: dict[str, list[float]]
+    host = {"bare": [], "core": [], "masked": [], "uncached": []}  # type: dict[str, list[float]]
     for _ in range(3):
-        for label, fn in (("bare", bare), ("core", core), ("uncached", uncached)):
+        for label, fn in (("bare", bare), ("core", core), ("masked", masked), ("uncached", uncached)):
             host[label].append(_host_us(fn, iters))
     res: dict[str, Any] = {
         "shape": list(shape),
@@ -164,7 +186,8 @@ def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, n
         "kernel": name,
         "iters": iters,
         "host_us": {k: min(v) for k, v in host.items()},
-        "device_us": {"bare": _device_us(bare, iters), "core": _device_us(core, iters)},
+        "device_us": {"bare": _device_us(bare, iters), "core": _device_us(core, iters), "masked": _device_us(masked, iters)},
+        "write": "direct" if cache.binding((*args, name, "auto"), lambda: None).direct else "masked",
         # Wall time with a full synchronize around the loop: a check on the event timing above.
         "wall_us": {"bare": _wall_us(bare, iters), "core": _wall_us(core, iters)},
         "alloc_per_call": {"bare": _allocs(bare), "core": _allocs(core)},
@@ -173,6 +196,7 @@ def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, n
         "parts_host_us": _parts(cache, args, name, out, iters),
     }
     res["overhead_us"] = res["host_us"]["core"] - res["host_us"]["bare"]
+    res["masked_overhead_us"] = res["host_us"]["masked"] - res["host_us"]["bare"]
     res["uncached_overhead_us"] = res["host_us"]["uncached"] - res["host_us"]["bare"]
     ab, ac = res["alloc_per_call"]["bare"], res["alloc_per_call"]["core"]
     res["no_extra_allocations"] = ac["bytes"] <= ab["bytes"] and ac["allocations"] <= ab["allocations"] and ac["segments"] == 0
@@ -187,12 +211,12 @@ def plot(results: list[dict[str, Any]], card: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = ["x".join(map(str, r["shape"])) + f"\n{r['dtype']} ({r['kernel']})" for r in results]
-    kinds = ["bare", "core", "uncached"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.25
+    kinds = ["bare", "core", "masked", "uncached"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.2
     for j, kind in enumerate(kinds):
         vals = [r["host_us"][kind] for r in results]
-        bars = ax.bar([i + (j - 1) * width for i in range(len(results))], vals, width, label=kind)
+        bars = ax.bar([i + (j - 1.5) * width for i in range(len(results))], vals, width, label=kind)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(results)), labels)
     ax.set_ylabel("host time per call (µs)")
@@ -218,13 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"card: {card} (sm{'.'.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}")
     dtype = getattr(torch, args.dtype)
     results = [measure(shape, dtype, args.iters) for shape in args.shapes]
-    hdr = f"{'shape':>18} {'kernel':>17} {'bare us':>8} {'core us':>8} {'+us':>6} {'uncached +us':>12} {'dev ms':>8} {'allocs b/c':>10} {'MB b/c':>13} {'segs':>4} {'diff':>8}"
+    hdr = f"{'shape':>18} {'kernel':>17} {'write':>7} {'bare us':>8} {'core us':>8} {'+us':>6} {'masked +us':>10} {'uncached +us':>12} {'dev ms':>8} {'allocs b/c':>10} {'MB b/c':>13} {'segs':>4} {'diff':>8}"
     print(hdr)
     for r in results:
         ab, ac = r["alloc_per_call"]["bare"], r["alloc_per_call"]["core"]
         print(
-            f"{'x'.join(map(str, r['shape'])):>18} {r['kernel']:>17} {r['host_us']['bare']:>8.1f} {r['host_us']['core']:>8.1f} "
-            f"{r['overhead_us']:>6.1f} {r['uncached_overhead_us']:>12.1f} {r['device_us']['core'] / 1e3:>8.3f} "
+            f"{'x'.join(map(str, r['shape'])):>18} {r['kernel']:>17} {r['write']:>7} {r['host_us']['bare']:>8.1f} {r['host_us']['core']:>8.1f} "
+            f"{r['overhead_us']:>6.1f} {r['masked_overhead_us']:>10.1f} {r['uncached_overhead_us']:>12.1f} {r['device_us']['core'] / 1e3:>8.3f} "
             f"{ab['allocations']:>4}/{ac['allocations']:<5} {ab['bytes'] / 2**20:>6.1f}/{ac['bytes'] / 2**20:<6.1f} "
             f"{ac['segments']:>4} {r['max_abs_diff_core_vs_bare']:>8.1e}"
         )

@@ -4,14 +4,16 @@ one Ray session on one cluster.
 For each replica count N the app is deployed with N replicas, warmed, and driven through
 deployment handles by N load-client actors (separate processes, as other Ray jobs would call
 it) at a fixed concurrency per replica, so the load grows with the replicas and the client is
-never the limit. Throughput is total requests over the span from the first
-client's start to the last client's end. Efficiency is throughput(N) / (N x throughput(1)), the
+never the limit. The clients start together and send for ``--duration`` seconds; throughput is
+the answers that arrive inside one window common to all of them (from ``--ramp`` seconds after
+the start to the deadline), so neither the ramp-up nor the drain after the deadline, nor the
+spread of the clients' ends, is counted against larger replica counts. Efficiency is throughput(N) / (N x throughput(1)), the
 first count's throughput scaled when it is not 1. Each replica's own counters (requests, busy
 fraction, compute time per batch) are read before and after, so a shortfall shows whether the
 replicas were idle (the path to them is the limit) or busy but slower (a shared host resource).
 
     ray start --head && python -m bench.scaling --address auto --replicas 1,2,4 --preset seed --layers 2
-    python -m bench.scaling --address local --replicas 1,2 --preset tiny --requests-per-replica 48  # CPU dry run
+    python -m bench.scaling --address local --replicas 1,2 --preset tiny --duration 10  # CPU dry run
 """
 
 from __future__ import annotations
@@ -37,26 +39,32 @@ class LoadClient:
     def __init__(self, app: str, hidden: int, mix: tuple[int, int], dtype: str, seed: int) -> None:
         self.app, self.hidden, self.mix, self.dtype, self.seed = app, hidden, mix, dtype, seed
 
-    def run(self, requests: int, concurrency: int, start_at: float) -> dict[str, Any]:
+    def run(self, duration: float, concurrency: int, start_at: float) -> dict[str, Any]:
+        """Closed loop from ``start_at`` (wall clock) until ``start_at + duration``."""
         from ray import serve
 
         handle = serve.get_app_handle(self.app)
-        inputs = make_inputs(requests, *self.mix, self.hidden, seed=self.seed, dtype=np.dtype(self.dtype))
+        inputs = make_inputs(512, *self.mix, self.hidden, seed=self.seed, dtype=np.dtype(self.dtype))
         time.sleep(max(0.0, start_at - time.time()))
         t0 = time.time()
-        res = asyncio.run(run_load(handle_sender(handle), inputs, concurrency=concurrency, progress=False))
-        return {"start": t0, "end": time.time(), "requests": res.requests, "errors": res.errors, "tokens": res.tokens, "latencies_ms": res.latencies_ms, "first_error": res.first_error}
+        res = asyncio.run(run_load(handle_sender(handle), inputs, concurrency=concurrency, progress=False, duration=start_at + duration - t0))
+        return {"start": t0, "end": time.time(), "requests": res.requests, "errors": res.errors, "completions": res.completions, "first_error": res.first_error}
 
 
-def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from the clients' results: totals over the span all of them ran in."""
-    span = max(p["end"] for p in parts) - min(p["start"] for p in parts)
-    lat = np.concatenate([np.asarray(p["latencies_ms"], dtype=np.float64) for p in parts])
-    requests, tokens = sum(p["requests"] for p in parts), sum(p["tokens"] for p in parts)
+def merge(parts: list[dict[str, Any]], window: tuple[float, float]) -> dict[str, Any]:
+    """One result from the clients' results: the answers that arrived inside ``window`` (wall
+    clock, common to all clients) per second of it, and their latencies."""
+    t0, t1 = window
+    if t1 <= t0:
+        raise ValueError(f"empty measurement window {window}")
+    inside = [c for p in parts for c in p["completions"] if t0 <= c[0] <= t1]
+    lat = np.asarray([c[1] for c in inside], dtype=np.float64)
     pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: float("nan"))
+    seconds = t1 - t0
     return {
-        "requests": requests, "errors": sum(p["errors"] for p in parts), "seconds": span,
-        "rps": requests / span, "tokens_per_s": tokens / span, "p50_ms": pct(50), "p99_ms": pct(99),
+        "requests": len(inside), "errors": sum(p["errors"] for p in parts), "seconds": seconds,
+        "rps": len(inside) / seconds, "tokens_per_s": sum(c[2] for c in inside) / seconds, "p50_ms": pct(50), "p99_ms": pct(99),
+        "sent": sum(p["requests"] for p in parts), "span_s": max(p["end"] for p in parts) - min(p["start"] for p in parts),
         "clients": len(parts), "first_error": next((p["first_error"] for p in parts if p["first_error"]), None),
     }
 
@@ -102,8 +110,9 @@ def main() -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "tensorrt"])
     p.add_argument("--store", default=None, help="artifact store, for the tensorrt backend")
     p.add_argument("--mix", default="256-2048")
-    p.add_argument("--requests-per-replica", type=int, default=384)
-    p.add_argument("--warmup-per-replica", type=int, default=64)
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load per replica count")
+    p.add_argument("--ramp", type=float, default=5.0, help="seconds at the start of --duration not counted (queues filling)")
+    p.add_argument("--warmup", type=float, default=8.0, help="seconds of untimed load first, so every replica sees every bucket")
     p.add_argument("--concurrency-per-replica", type=int, default=48)
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="request payload dtype")
@@ -114,6 +123,8 @@ def main() -> None:
     counts = sorted({int(n) for n in args.replicas.split(",")})
     if not counts or counts[0] < 1:
         p.error(f"--replicas {args.replicas!r}: give positive replica counts, e.g. 1,2,4")
+    if not 0 <= args.ramp < args.duration:
+        p.error(f"--ramp {args.ramp} must be at least 0 and shorter than --duration {args.duration}")
 
     import ray
     from ray import serve
@@ -147,15 +158,16 @@ def main() -> None:
         clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
         app_handle = serve.get_app_handle(APP)
 
-        def drive(per_replica: int) -> dict[str, Any]:
-            start_at = time.time() + 2.0  # every client has made its inputs and handle by then
-            parts = ray.get([c.run.remote(per_replica, args.concurrency_per_replica, start_at) for c in clients])
-            return merge(parts)
+        def drive(seconds: float) -> dict[str, Any]:
+            start_at = time.time() + 3.0  # every client has made its inputs and handle by then
+            parts = ray.get([c.run.remote(seconds, args.concurrency_per_replica, start_at) for c in clients])
+            return merge(parts, (start_at + min(args.ramp, seconds / 2), start_at + seconds))
 
-        drive(args.warmup_per_replica)  # every replica sees every bucket's shapes before timing
+        drive(args.warmup)  # every replica sees every bucket's shapes before timing
         before = replica_stats(app_handle, n)
-        r = results[n] = drive(args.requests_per_replica)
-        r["replicas"] = per_replica(before, replica_stats(app_handle, n), r["seconds"])
+        r = results[n] = drive(args.duration)
+        # The counters cover the whole pass (ramp and drain included), so busy is over its span.
+        r["replicas"] = per_replica(before, replica_stats(app_handle, n), r["span_s"])
         print(
             f"[{time.perf_counter() - t_start:6.0f}s] {n} replica(s): {r['requests']} req {r['errors']} err "
             f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms",

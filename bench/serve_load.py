@@ -49,6 +49,8 @@ class LoadResult:
     tokens: int
     latencies_ms: list[float] = field(repr=False)
     first_error: str | None = None
+    # (wall-clock end, latency ms, tokens) of every good answer, for windowed rates across clients.
+    completions: list[tuple[float, float, int]] = field(default_factory=list, repr=False)
 
     @property
     def rps(self) -> float:
@@ -64,7 +66,7 @@ class LoadResult:
         return float(np.percentile(self.latencies_ms, q))
 
     def summary(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("latencies_ms", "completions")}
         d.update(rps=self.rps, tokens_per_s=self.tokens_per_s, p50_ms=self.pct(50), p90_ms=self.pct(90), p99_ms=self.pct(99))
         return d
 
@@ -85,49 +87,70 @@ async def run_load(
     rate: float = 10.0,
     seed: int = 0,
     progress: bool = True,
+    duration: float | None = None,
 ) -> LoadResult:
-    """Drive ``send`` with ``inputs``: closed loop at ``concurrency``, or open loop at ``rate``/s."""
+    """Drive ``send`` with ``inputs``: closed loop at ``concurrency``, or open loop at ``rate``/s.
+
+    Without ``duration`` every input is sent once. With it, requests go out for ``duration``
+    seconds, cycling through ``inputs`` (closed loop: each worker sends its next request until
+    the deadline; open loop: arrivals stop at the deadline), and the answers in flight then are
+    awaited. ``seconds`` runs to the last answer.
+    """
     from tqdm import tqdm
 
+    if mode not in ("closed", "open"):
+        raise ValueError(f"mode must be 'closed' or 'open', got {mode!r}")
+    if not inputs:
+        raise ValueError("run_load needs at least one input")
+    if duration is not None and duration <= 0:
+        raise ValueError(f"duration must be > 0 seconds, got {duration}")
     lat: list[float] = []
+    done: list[tuple[float, float, int]] = []
     errors: list[str] = []
-    bar = tqdm(total=len(inputs), desc=f"{mode} load", unit="req", disable=not progress, leave=False)
+    sent = [0, 0]  # requests, tokens
+    bar = tqdm(total=None if duration else len(inputs), desc=f"{mode} load", unit="req", disable=not progress, leave=False)
 
     async def one(x: np.ndarray) -> None:
+        sent[0] += 1
+        sent[1] += x.shape[0]
         t0 = time.perf_counter()
         try:
             y = await send(x)
             if y.shape != x.shape or y.dtype != x.dtype or not all_finite(y):
                 raise ValueError(f"bad answer: shape {y.shape} dtype {y.dtype} for input {x.shape} {x.dtype}")
-            lat.append((time.perf_counter() - t0) * 1e3)
+            ms = (time.perf_counter() - t0) * 1e3
+            lat.append(ms)
+            done.append((time.time(), ms, x.shape[0]))
         except Exception as e:  # counted, reported; the run goes on
             errors.append(f"{type(e).__name__}: {e}"[:300])
         bar.update(1)
 
     t_start = time.perf_counter()
+    deadline = t_start + duration if duration else None
     if mode == "closed":
-        queue = list(reversed(inputs))
+        order = iter(range(1 << 62)) if deadline else iter(range(len(inputs)))
 
         async def worker() -> None:
-            while queue:
-                await one(queue.pop())
+            for i in order:
+                if deadline and time.perf_counter() >= deadline:
+                    return
+                await one(inputs[i % len(inputs)])
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elif mode == "open":
+    else:
         rng = np.random.default_rng(seed)
         tasks = []
         next_t = time.perf_counter()
-        for x in inputs:
+        for i in range(1 << 62) if deadline else range(len(inputs)):
             next_t += rng.exponential(1.0 / rate)
+            if deadline and next_t >= deadline:
+                break
             await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(x)))
+            tasks.append(asyncio.create_task(one(inputs[i % len(inputs)])))
         await asyncio.gather(*tasks)
-    else:
-        raise ValueError(f"mode must be 'closed' or 'open', got {mode!r}")
     bar.close()
     seconds = time.perf_counter() - t_start
-    tokens = sum(x.shape[0] for x in inputs)
-    return LoadResult(mode, len(inputs), len(errors), seconds, tokens, lat, errors[0] if errors else None)
+    return LoadResult(mode, sent[0], len(errors), seconds, sent[1], lat, errors[0] if errors else None, done)
 
 
 def http_sender(url: str, session: Any) -> Send:
@@ -198,6 +221,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rate", type=float, default=10.0, help="open loop: mean arrivals per second")
+    p.add_argument("--duration", type=float, default=None, help="send for this many seconds (inputs reused) instead of --requests once each")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--json", default=None, help="write the summary here")
     args = p.parse_args()
@@ -212,7 +236,7 @@ def main() -> None:
     async def go() -> LoadResult:
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-            return await run_load(http_sender(args.url, session), inputs, mode=args.mode, concurrency=args.concurrency, rate=args.rate)
+            return await run_load(http_sender(args.url, session), inputs, mode=args.mode, concurrency=args.concurrency, rate=args.rate, duration=args.duration)
 
     before = requests.get(f"{args.url}/v1/stats", timeout=30).json()
     res = asyncio.run(go())

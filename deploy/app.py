@@ -39,7 +39,7 @@ from deploy.codec import (
     validate_sequence,
 )
 from deploy.config import AppArgs, BatchingConfig, apply_env_overrides
-from fa3trt.buckets import Buckets, assemble, padding_ratio
+from fa3trt.buckets import Buckets, assemble, padding_ratio, to_host
 from fa3trt.errors import InvalidInputError
 
 __all__ = ["build_app", "ModelServer", "ModelReplica", "derive_max_ongoing", "replica_plan"]
@@ -268,7 +268,7 @@ class ModelReplica:
             x, lens = assemble(xs, self.backend.dtype, self.backend.device)
             # Back in the requests' dtype when they share float16 (half the bytes to move), else float32.
             out_dtype = torch.float16 if all(a.dtype == np.float16 for a in xs) else torch.float32
-            y = self.backend.run(x, lens).to(out_dtype).cpu().numpy()
+            y = to_host(self.backend.run(x, lens).to(out_dtype)).numpy()
             return [y[i, : a.shape[0]] for i, a in enumerate(xs)]
         except Exception as e:
             return f"{type(e).__name__}: {e}"

@@ -40,11 +40,12 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["available", "ragged_attention", "CudnnGraphUnsupportedError", "frontend_versions", "cached_plans"]
+__all__ = ["available", "ragged_attention", "prepare", "zero_tail_launcher", "CudnnGraphUnsupportedError", "frontend_versions", "cached_plans"]
 
 log = logging.getLogger(__name__)
 
@@ -218,18 +219,38 @@ def _triton_zero_tail() -> Any | None:
     return zero_tail
 
 
+_BLOCK_S, _BLOCK_C = 8, 512
+
+
+def zero_tail_launcher(out: torch.Tensor, lens: torch.Tensor) -> Callable[[], None] | None:
+    """A launch that zeroes out[b, lens[b]:] of a contiguous (B, S, ...) tensor in place, with
+    its grid and arguments fixed once (for a caller that zeroes the same buffer again and
+    again), or None without Triton. Lengths past S zero nothing, lengths below 0 everything."""
+    kernel = _triton_zero_tail()
+    b, s = out.shape[:2]
+    row = math.prod(out.shape[2:])
+    if kernel is None or not out.is_contiguous():
+        return None
+    grid = (b, -(-s // _BLOCK_S))
+
+    def launch() -> None:
+        if b and s and row:
+            kernel[grid](out, lens, s, ROW=row, BLOCK_S=_BLOCK_S, BLOCK_C=_BLOCK_C)
+
+    return launch
+
+
 def _zero_tail_(out: torch.Tensor, lens: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """Zero out[b, lens[b]:] in place (no host sync). ``method``: auto, triton or masked_fill."""
     b, s = out.shape[:2]
-    row = out[0, 0].numel() if b and s else 0
-    if row == 0:
+    row = math.prod(out.shape[2:])
+    if b == 0 or s == 0 or row == 0:
         return out
-    kernel = _triton_zero_tail() if method in ("auto", "triton") else None
-    if kernel is None and method == "triton":
+    launch = zero_tail_launcher(out, lens) if method in ("auto", "triton") else None
+    if launch is None and method == "triton":
         raise RuntimeError("Triton is not available")
-    if kernel is not None:
-        block_s, block_c = 8, 512
-        kernel[(b, -(-s // block_s))](out, lens, s, ROW=row, BLOCK_S=block_s, BLOCK_C=block_c)
+    if launch is not None:
+        launch()
         return out
     pad = torch.arange(s, device=out.device)[None, :] >= lens[:, None]
     return out.masked_fill_(pad.view(b, s, *([1] * (out.dim() - 2))), 0)
@@ -247,8 +268,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Te
         raise ValueError(f"seq_lens must have shape ({q.shape[0]},); got {tuple(seq_lens.shape)}")
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> None:
-    """One cuDNN SDPA launch into ``out`` on the current stream; padded rows left as cuDNN leaves them."""
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
+    """A launch of the ragged graph on exactly these tensors, on the current stream, for the
+    calling thread: handle, plan, workspace and variant pack are looked up once, so each call
+    is one ``execute``. For a caller that runs the same buffers again and again (the TensorRT
+    plugin). Padded rows are left as cuDNN leaves them. Raises CudnnGraphUnsupportedError.
+    """
     cudnn = _require()
     b, s, h, d = q.shape
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
@@ -259,20 +284,26 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tenso
         stream = torch.cuda.current_stream(dev).cuda_stream
         handle = _handle(cudnn, dev, stream)
         entry = _graph(cudnn, handle, key)
-        # One workspace per (graph, stream): calls on one stream run in order, so it is reused.
-        workspace = entry.workspaces.get(stream)
-        if workspace is None:
-            workspace = entry.workspaces[stream] = torch.empty(max(entry.workspace, 1), dtype=torch.uint8, device=q.device)
-        pack = {
-            # BHSD views of the BSHD tensors: exactly the dims/strides the graph declared.
-            _UID_Q: q.transpose(1, 2),
-            _UID_K: k.transpose(1, 2),
-            _UID_V: v.transpose(1, 2),
-            _UID_O: out.transpose(1, 2),
-            _UID_LEN_Q: lens.view(b, 1, 1, 1),
-            _UID_LEN_KV: lens.view(b, 1, 1, 1),
-        }
-        entry.graph.execute(pack, workspace, handle=handle)
+    # One workspace per (graph, stream): calls on one stream run in order, so it is reused.
+    workspace = entry.workspaces.get(stream)
+    if workspace is None:
+        workspace = entry.workspaces[stream] = torch.empty(max(entry.workspace, 1), dtype=torch.uint8, device=q.device)
+    # Only the data pointers are read: the graph declared BHSD dims over this BSHD memory.
+    pack = {_UID_Q: q, _UID_K: k, _UID_V: v, _UID_O: out, _UID_LEN_Q: lens, _UID_LEN_KV: lens}
+    graph, streams = entry.graph, _state.streams
+
+    def launch() -> None:
+        if streams.get(dev) != stream:  # another launch on this thread moved the handle
+            cudnn.set_stream(handle=handle, stream=stream)
+            streams[dev] = stream
+        graph.execute(pack, workspace, handle=handle)
+
+    return launch
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> None:
+    """One cuDNN SDPA launch into ``out`` on the current stream; padded rows left as cuDNN leaves them."""
+    prepare(q, k, v, lens, out)()
 
 
 def ragged_attention(

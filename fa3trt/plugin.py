@@ -439,11 +439,12 @@ class _Binding:
     """
 
     __slots__ = ("ptrs", "dtype", "qkv", "lens", "lens_col", "out", "out_shape", "stream", "stream_ids",
-                 "device_index", "cu", "rows", "keep", "keep4", "zero", "name", "mode", "shape")
+                 "device_index", "cu", "rows", "keep", "keep4", "zero", "name", "mode", "shape", "direct",
+                 "lens_safe", "launchers", "zero_tail")
 
     def __init__(self, cache: EnqueueCache, q_ptr: int, k_ptr: int, v_ptr: int, seq_lens_ptr: int, out_ptr: int,
                  q_shape: Shape, k_shape: Shape, v_shape: Shape, dtype: torch.dtype, stream_handle: int,
-                 mode: int, kernel: str | None) -> None:
+                 mode: int, kernel: str | None, write: str = "auto") -> None:
         b, s, h, d = self.out_shape = output_shape(q_shape, k_shape, v_shape)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise InvalidInputError(f"{PLUGIN_NAME}: dtype {dtype} is not supported; use float16, bfloat16 or float32")
@@ -463,8 +464,41 @@ class _Binding:
         # The kernel's input views (FP8 quantizes from (B, S, H, D) views of its own, per call).
         kshape = _kernel_input_shape(self.name, b, s, h, d)
         self.qkv = None if mode == MODE_FP8 else tuple(cache.view(p, kshape, dtype) for p in self.ptrs)
+        if write not in ("auto", "direct", "masked"):
+            raise ConfigError(f"{PLUGIN_NAME}: write must be 'auto', 'direct' or 'masked', got {write!r}")
+        # Direct: cuDNN writes TensorRT's buffer itself, then one kernel zeroes the padded rows.
+        # Masked: the kernel's own result is copied in by one masked write (every other kernel).
+        self.zero_tail = _cudnn_frontend.zero_tail_launcher(self.out, self.lens)
+        can_direct = self.name == "cudnn_padded" and mode == MODE_NATIVE and self.zero_tail is not None
+        if write == "direct" and not can_direct:
+            raise ConfigError(f"{PLUGIN_NAME}: a direct write needs the cudnn_padded kernel in mode 0 and Triton; this call runs {self.name}")
+        self.direct = can_direct and write != "masked"
+        self.launchers: dict[int, Callable[[], None]] = {}  # thread id -> prepared cuDNN launch
+        with torch.cuda.stream(self.stream):
+            self.lens_safe = torch.empty((b,), dtype=torch.int32, device=device) if self.direct else None
+
+    def _run_direct(self) -> bool:
+        """cuDNN straight into ``out`` (lengths clamped to S first: cuDNN must not read past the
+        buffers), then the padded rows zeroed. False when cuDNN refuses the shape."""
+        launch = self.launchers.get(threading.get_ident())
+        if launch is None:
+            assert self.qkv is not None and self.lens_safe is not None
+            q, k, v = self.qkv
+            try:
+                launch = _cudnn_frontend.prepare(q, k, v, self.lens_safe, self.out)
+            except _cudnn_frontend.CudnnGraphUnsupportedError as e:
+                _log_once(f"{PLUGIN_NAME}: {e}; this shape runs on flash_seqused")
+                self.direct = False
+                return False
+            self.launchers[threading.get_ident()] = launch
+        torch.clamp(self.lens, 0, self.shape[1], out=self.lens_safe)
+        launch()
+        self.zero_tail()  # type: ignore[misc]  # set whenever direct is
+        return True
 
     def run(self, cache: EnqueueCache) -> None:
+        if self.direct and self._run_direct():
+            return
         if self.qkv is None:
             q_ptr, k_ptr, v_ptr = self.ptrs
             res = _fp8_attention(self.name, cache, q_ptr, k_ptr, v_ptr, self.shape, self.dtype, self.lens, self.cu)
@@ -494,22 +528,25 @@ def enqueue_core(
     *,
     cache: EnqueueCache | None = None,
     kernel: str | None = None,
+    write: str = "auto",
 ) -> None:
     """Attention from q/k/v/seq_lens device pointers into ``out_ptr``, on stream ``stream_handle``.
 
     Exactly what TensorRT hands ``enqueue``: raw pointers, each input's own dims, one dtype and
     a ``cudaStream_t``. All work is queued on that stream (``torch.cuda.ExternalStream``), never
     on PyTorch's current stream: TensorRT produced the inputs on it and reads the output after
-    it. Zero copies of q, k, v; the output is written in place by one fused masked copy
-    (``torch.where`` into the out view) that also zeroes rows past each length. The host never
-    waits for the device. Temporaries (the kernel's result and log-sum-exp) come from PyTorch's
+    it. Zero copies of q, k, v. The output is written in place: with the cuDNN padding-mask
+    kernel (``write="auto"`` or ``"direct"``), cuDNN writes ``out_ptr`` itself and one Triton
+    kernel zeroes the rows past each length; with any other kernel, or ``write="masked"``, the
+    kernel's result is copied in by one fused masked write (``torch.where`` into the out view)
+    that also zeroes those rows. The host never waits for the device. Temporaries (the kernel's result and log-sum-exp) come from PyTorch's
     caching allocator on that stream, so steady state does no cudaMalloc. Raises on bad input.
     """
     if q_shape[0] * q_shape[1] * q_shape[2] * q_shape[3] == 0:
         output_shape(q_shape, k_shape, v_shape)  # still refuse mismatched shapes
         return
     cache = cache if cache is not None else _default_cache
-    key = (q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, q_shape, k_shape, v_shape, dtype, stream_handle, mode, kernel)
+    key = (q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, q_shape, k_shape, v_shape, dtype, stream_handle, mode, kernel, write)
     bind = cache.binding(key, lambda: _Binding(cache, *key))  # type: ignore[arg-type]
     if _get_stream is None or _set_stream is None or torch.cuda.current_device() != bind.device_index:
         with torch.cuda.stream(bind.stream):

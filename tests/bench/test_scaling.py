@@ -9,16 +9,22 @@ import pytest
 from bench.scaling import efficiency, merge, per_replica
 
 
-def test_merge_spans_all_clients() -> None:
-    a = {"start": 100.0, "end": 110.0, "requests": 50, "errors": 0, "tokens": 5000, "latencies_ms": [10.0] * 50, "first_error": None}
-    b = {"start": 101.0, "end": 112.0, "requests": 30, "errors": 2, "tokens": 3000, "latencies_ms": [30.0] * 28, "first_error": "ValueError: x"}
-    m = merge([a, b])
-    assert m["seconds"] == pytest.approx(12.0)  # first start to last end, not a sum or a mean
-    assert m["requests"] == 80 and m["errors"] == 2 and m["clients"] == 2
-    assert m["rps"] == pytest.approx(80 / 12) and m["tokens_per_s"] == pytest.approx(8000 / 12)
-    lat = np.array([10.0] * 50 + [30.0] * 28)
+def test_merge_counts_only_the_common_window() -> None:
+    # Client a: one answer a second from t=100.5 to 111.5; client b from 101.5 to 112.5, with errors.
+    a = {"start": 100.0, "end": 112.0, "requests": 12, "errors": 0, "first_error": None,
+         "completions": [(100.5 + i, 10.0, 100) for i in range(12)]}
+    b = {"start": 101.0, "end": 113.0, "requests": 14, "errors": 2, "first_error": "ValueError: x",
+         "completions": [(101.5 + i, 30.0, 200) for i in range(12)]}
+    m = merge([a, b], window=(102.0, 110.0))
+    # Inside [102, 110]: a's answers at 102.5 ... 109.5 (8), b's at 102.5 ... 109.5 (8).
+    assert m["requests"] == 16 and m["seconds"] == pytest.approx(8.0)
+    assert m["rps"] == pytest.approx(2.0) and m["tokens_per_s"] == pytest.approx((8 * 100 + 8 * 200) / 8)
+    lat = np.array([10.0] * 8 + [30.0] * 8)
     assert m["p50_ms"] == pytest.approx(np.percentile(lat, 50)) and m["p99_ms"] == pytest.approx(np.percentile(lat, 99))
-    assert m["first_error"] == "ValueError: x"
+    assert m["errors"] == 2 and m["sent"] == 26 and m["clients"] == 2 and m["first_error"] == "ValueError: x"
+    assert m["span_s"] == pytest.approx(13.0)
+    with pytest.raises(ValueError, match="empty measurement window"):
+        merge([a], window=(5.0, 5.0))
 
 
 def test_efficiency_against_the_smallest_count() -> None:

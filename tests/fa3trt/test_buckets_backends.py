@@ -8,7 +8,7 @@ import torch
 
 import fa3trt
 from fa3trt.backends import Backend, TorchBackend, load_backend
-from fa3trt.buckets import Buckets, assemble, padding_ratio, split_rows
+from fa3trt.buckets import Buckets, assemble, padding_ratio, split_rows, to_host
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
 from tests.utils import rel_err
 
@@ -35,6 +35,37 @@ def test_assemble_split_roundtrip() -> None:
     for r, back in zip(rows, split_rows(x, lens)):
         np.testing.assert_array_equal(back.numpy(), r)
     assert padding_ratio([5, 1, 3]) == pytest.approx((15 - 9) / 15)
+
+
+def test_assemble_converts_mixed_dtypes() -> None:
+    rows = [np.random.rand(4, 8).astype(np.float64), np.random.rand(2, 8).astype(np.float16)]
+    x, _ = assemble(rows, torch.bfloat16)
+    assert x.dtype == torch.bfloat16 and torch.all(x[1, 2:] == 0)
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(x[i, : len(r)].float().numpy(), r.astype(np.float32), rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("src", [np.float16, np.float32, np.float64])
+def test_assemble_on_gpu_stages_through_pinned_memory(src: type) -> None:
+    rows = [np.random.default_rng(i).standard_normal((n, 64)).astype(src) for i, n in enumerate((37, 100, 1))]
+    # Leave NaN in the pinned pool: the staged padding is whatever a reused block holds, and
+    # must still come out zero.
+    for _ in range(3):
+        torch.empty((3, 100, 64), dtype=torch.float32, pin_memory=True).fill_(float("nan"))
+        torch.empty((3, 100, 64), dtype=torch.float16, pin_memory=True).fill_(float("nan"))
+    x, lens = assemble(rows, torch.bfloat16, "cuda")
+    assert x.device.type == "cuda" and x.dtype == torch.bfloat16 and lens.device.type == "cpu"
+    ref, _ = assemble(rows, torch.bfloat16)  # the CPU path: the rows converted once, padding zeroed
+    torch.testing.assert_close(x.cpu(), ref, rtol=0, atol=0)
+    host = to_host(x)
+    assert host.is_pinned() and host.dtype == torch.bfloat16
+    torch.testing.assert_close(host, ref, rtol=0, atol=0)
+
+
+def test_to_host_leaves_cpu_tensors_alone() -> None:
+    t = torch.randn(2, 3)
+    assert to_host(t) is t
 
 
 def test_torch_backend_matches_model_per_sequence() -> None:

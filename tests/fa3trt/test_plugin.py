@@ -161,10 +161,10 @@ def _qkv(b: int, s: int, h: int, d: int, dtype: torch.dtype, seed: int = 0) -> t
 
 
 def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor,
-          stream: torch.cuda.Stream, mode: int = 0, cache: EnqueueCache | None = None) -> None:
+          stream: torch.cuda.Stream, mode: int = 0, cache: EnqueueCache | None = None, write: str = "auto") -> None:
     enqueue_core(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), out.data_ptr(),
-        tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, stream.cuda_stream, mode, cache=cache,
+        tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, stream.cuda_stream, mode, cache=cache, write=write,
     )
 
 
@@ -186,6 +186,37 @@ def test_enqueue_core_matches_reference(dtype: torch.dtype) -> None:
     for i, n in enumerate(lens.tolist()):
         assert rel_err(out[i, :n], want[i, :n]) < _TOL[dtype], (i, n)
         assert torch.all(out[i, n:] == 0)
+
+
+@gpu
+@pytest.mark.parametrize("write", ["direct", "masked"])
+def test_enqueue_core_write_paths(write: str) -> None:
+    """Both ways of filling TensorRT's buffer: cuDNN straight into it plus a zeroing kernel, and
+    the masked copy of the kernel's own result. Lengths past S are clamped (cuDNN must not
+    read past the buffers), a length of 0 gives an all-zero sequence; the buffer starts as NaN."""
+    dtype = torch.bfloat16
+    b, s, h, d = 4, 96, 4, 64
+    if write == "direct" and plugin._kernel_for(torch.cuda.current_device(), dtype) != "cudnn_padded":
+        with pytest.raises(ConfigError, match="direct write needs the cudnn_padded kernel"):
+            _call(*_qkv(b, s, h, d, dtype), torch.full((b,), s, dtype=torch.int32, device="cuda"),
+                  torch.empty(b, s, h, d, device="cuda", dtype=dtype), torch.cuda.current_stream(), write=write)
+        pytest.skip("the direct write runs with the cudnn_padded kernel only (sm90 with the cuDNN frontend)")
+    q, k, v = _qkv(b, s, h, d, dtype)
+    lens = torch.tensor([96, 41, 0, 500], dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    cache = EnqueueCache()
+    for _ in range(2):  # the second call runs the cached binding and prepared launch
+        _call(q, k, v, lens, out, side, cache=cache, write=write)
+    side.synchronize()
+    assert cache.binding_hits == 1
+    used = lens.clamp(0, s).cpu()
+    want = reference_attention(q, k, v, used)
+    for i, n in enumerate(used.tolist()):
+        if n:
+            assert rel_err(out[i, :n], want[i, :n]) < _TOL[dtype], (i, n)
+        assert torch.all(out[i, n:] == 0), (i, n)
 
 
 @gpu

@@ -1,0 +1,68 @@
+"""The load generator's loops, driven against an in-process echo coroutine (a server that
+answers after a fixed delay), so their counting and timing can be checked exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from bench.serve_load import run_load
+
+
+def _echo(delay: float, fail_len: int | None = None):  # type: ignore[no-untyped-def]
+    in_flight = [0, 0]  # now, most at once
+
+    async def send(x: np.ndarray) -> np.ndarray:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        await asyncio.sleep(delay)
+        in_flight[0] -= 1
+        if x.shape[0] == fail_len:
+            raise RuntimeError("refused")
+        return x.copy()
+
+    return send, in_flight
+
+
+def _inputs(lengths: list[int]) -> list[np.ndarray]:
+    return [np.ones((n, 4), dtype=np.float16) for n in lengths]
+
+
+def test_closed_loop_sends_each_input_once() -> None:
+    send, in_flight = _echo(0.01, fail_len=3)
+    res = asyncio.run(run_load(send, _inputs([1, 2, 3, 4] * 5), concurrency=4, progress=False))
+    assert res.requests == 20 and res.errors == 5 and res.tokens == 5 * 10
+    assert len(res.latencies_ms) == len(res.completions) == 15 and in_flight[1] == 4
+    assert res.first_error == "RuntimeError: refused"
+    assert sum(c[2] for c in res.completions) == 5 * (1 + 2 + 4)
+
+
+def test_closed_loop_for_a_duration_keeps_concurrency_and_cycles_inputs() -> None:
+    send, in_flight = _echo(0.02)
+    t0 = time.time()
+    res = asyncio.run(run_load(send, _inputs([8, 16]), concurrency=5, progress=False, duration=0.5))
+    # 5 workers x ~25 round trips of 20 ms; every request sent before the deadline is answered.
+    assert 60 <= res.requests <= 130 and res.errors == 0 and in_flight[1] == 5
+    assert len(res.completions) == res.requests and res.tokens == sum(c[2] for c in res.completions)
+    ends = [c[0] for c in res.completions]
+    assert t0 < min(ends) and max(ends) <= t0 + 0.5 + 0.2 and ends == sorted(ends)
+    assert {c[2] for c in res.completions} == {8, 16}
+
+
+def test_open_loop_for_a_duration_stops_arrivals_at_the_deadline() -> None:
+    send, _ = _echo(0.005)
+    res = asyncio.run(run_load(send, _inputs([2]), mode="open", rate=200.0, progress=False, duration=0.5, seed=1))
+    assert 50 <= res.requests <= 160 and res.errors == 0  # Poisson, mean 100
+
+
+def test_bad_arguments() -> None:
+    send, _ = _echo(0.0)
+    with pytest.raises(ValueError, match="mode must be"):
+        asyncio.run(run_load(send, _inputs([1]), mode="burst", progress=False))
+    with pytest.raises(ValueError, match="duration must be > 0"):
+        asyncio.run(run_load(send, _inputs([1]), duration=0, progress=False))
+    with pytest.raises(ValueError, match="at least one input"):
+        asyncio.run(run_load(send, [], progress=False))
