@@ -68,13 +68,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="8x2048,32x512,1x15708", help="batch x longest row, comma-separated")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--threads", type=int, default=4, help="PyTorch CPU threads, as a GPU replica has (deploy.app.replica_plan: 4 on a 64-core 4-GPU host)")
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.host_path measures host<->GPU copies and needs a CUDA GPU")
+    torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = [measure(b, s, args.iters) for b, s in shapes]
-    print(f"card: {card()}  hidden {HIDDEN}, float16 requests, bfloat16 model; wall ms per batch (GB/s)")
+    print(f"card: {card()}  hidden {HIDDEN}, float16 requests, bfloat16 model, {args.threads} CPU threads; wall ms per batch (GB/s)")
     print(f"{'batch':>10s} {'MB':>6s} {'h2d base':>15s} {'h2d staged':>15s} {'x':>5s} {'d2h base':>15s} {'d2h pinned':>15s} {'x':>5s}")
     for r in rows:
         mb = r["request_bytes"] / 1e6

@@ -4,8 +4,10 @@ One deployment, ``ModelServer``: one replica per GPU (``num_gpus: 1``; one CPU r
 cluster without GPUs). It loads its backend (the TensorRT engine for its GPU, or the torch
 model), warms up every bucket before it reports ready, and keeps one ``@serve.batch`` queue per
 sequence-length bucket with its own batch limit (token budget // bucket edge). A batch is padded
-to its longest member and runs with ``seq_lens``; each caller gets exactly its own rows back. A
-batch that fails is split and retried in halves, so only the requests that really fail, fail.
+to its longest member and runs with ``seq_lens``; each caller gets exactly its own rows back.
+NaN and Inf are looked for on the device, in the assembled batch, and refuse only the requests
+holding them. A batch that fails is split and retried in halves, so only the requests that
+really fail, fail.
 It is also the app's ingress: FastAPI over HTTP (``POST /v1/infer`` in .npy or JSON,
 ``GET /v1/info``, ``GET /v1/stats``) and the handle API
 (``serve.get_app_handle("fa3trt").infer.remote(x)``), so a request reaches its replica in one hop.
@@ -85,7 +87,14 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
     else:
         n = (gpus or 1) if args.replicas == "auto" else args.replicas
         sizing = {"num_replicas": n}
-    actor = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": max(1, int(cluster_cpus) // max(1, n))}
+    if gpus:
+        # A GPU replica's PyTorch threads (OMP_NUM_THREADS = its num_cpus) copy every request
+        # into the staging buffer; on a 64-core 4-GPU host one thread per replica made that copy
+        # the slowest step of a 2-layer model's batch (docs/benchmarks.md, "Scale-out").
+        cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else max(1, min(4, int(cluster_cpus) // gpus // 2))
+        actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
+    else:
+        actor = {"num_cpus": max(1, int(cluster_cpus) // max(1, n))}
     return {
         "ray_actor_options": actor,
         "max_ongoing_requests": derive_max_ongoing(args),
@@ -262,31 +271,57 @@ class ModelReplica:
         h = len(xs) // 2
         return self._run_split(xs[:h], edge) + self._run_split(xs[h:], edge)
 
-    def _attempt(self, xs: list[np.ndarray]) -> list[np.ndarray] | str:
-        """The batch's answers, or why it failed (a message only: no traceback outlives the call)."""
+    def _attempt(self, xs: list[np.ndarray]) -> list[np.ndarray | InvalidInputError] | str:
+        """The batch's answers (an InvalidInputError for a request holding NaN or Inf), or why it
+        failed (a message only: no traceback outlives the call)."""
         try:
             x, lens = assemble(xs, self.backend.dtype, self.backend.device)
+            finite = self._finite_rows(x) if self.args.reject_nonfinite else None
             # Back in the requests' dtype when they share float16 (half the bytes to move), else float32.
             out_dtype = torch.float16 if all(a.dtype == np.float16 for a in xs) else torch.float32
             y = to_host(self.backend.run(x, lens).to(out_dtype)).numpy()
-            return [y[i, : a.shape[0]] for i, a in enumerate(xs)]
+            ok = finite.tolist() if finite is not None else [True] * len(xs)
         except Exception as e:
             return f"{type(e).__name__}: {e}"
+        return [y[i, : a.shape[0]] if ok[i] else self._nonfinite_error() for i, a in enumerate(xs)]
+
+    @staticmethod
+    def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+        """(B,) bool on x's device: whether each sequence of the batch is free of NaN and Inf.
+
+        Checked here, on the device, rather than on each request as it arrives: one pass over
+        the batch (min and max propagate NaN and show an Inf) that the GPU does in microseconds
+        and whose answer comes back with the batch's, instead of a pass over every request's
+        bytes on the replica's event loop. Every layer works per token or per sequence, so a
+        bad sequence spoils only its own rows of the output, which are not returned."""
+        lo, hi = torch.aminmax(x.view(x.shape[0], -1), dim=1)
+        return torch.isfinite(lo) & torch.isfinite(hi)
+
+    def _nonfinite_error(self) -> InvalidInputError:
+        dtype = str(self.backend.dtype).replace("torch.", "")
+        return InvalidInputError(f"x holds NaN or Inf (checked as the model's {dtype}); send finite values (or serve with reject_nonfinite: false)")
 
     async def infer(self, x: Any) -> Any:
         """One sequence (S, hidden) in, (S, hidden) out in the caller's dtype and type."""
         arr, like = to_numpy(x)
         try:
-            i = validate_sequence(arr, self.backend.hidden, self.buckets, self.args.reject_nonfinite)
+            # Shape, dtype and length here; NaN and Inf in the batch, on the device (_finite_rows).
+            i = validate_sequence(arr, self.backend.hidden, self.buckets, reject_nonfinite=False)
         except InvalidInputError:
-            self.metrics.rejected.inc(tags={"bucket": "none"})
-            self.metrics.rejected_local += 1
+            self._count_rejected("none")
             raise
         # Any accepted float dtype: the batch is assembled once, converted to the backend's dtype.
         result = await self._queues[i]((arr, time.perf_counter()))
+        if isinstance(result, InvalidInputError):
+            self._count_rejected(str(self.buckets.edges[i]))
+            raise result
         if isinstance(result, Exception):
             raise result
         return from_numpy_like(result, like)
+
+    def _count_rejected(self, bucket: str) -> None:
+        self.metrics.rejected.inc(tags={"bucket": bucket})
+        self.metrics.rejected_local += 1
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.args.max_body_bytes
@@ -336,6 +371,7 @@ class ModelReplica:
             buckets=list(self.buckets.edges),
             batch_limits={e: size for e, (size, _) in zip(self.buckets.edges, self.limits)},
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            cpu_threads=torch.get_num_threads(),
             app_args=self.args.model_dump() | ({"batching": self.batching.model_dump()} if self.batching else {}),
         )
         return d

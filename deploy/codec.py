@@ -2,9 +2,10 @@
 
 A request is one sequence ``x`` of shape (S, hidden), float16/32/64 (or a CPU torch tensor,
 bfloat16 included). Everything else is an ``InvalidInputError`` naming the problem, raised
-before the request joins a batch. ``.npy`` bodies are parsed by hand from their header so that
-nothing is unpickled and nothing is allocated before the header's shape is checked against the
-bytes actually sent.
+before the request joins a batch; only NaN and Inf are looked for later, on the device, in the
+batch (``deploy.app``; ``validate_sequence(reject_nonfinite=True)`` checks them on the host).
+``.npy`` bodies are parsed by hand from their header so that nothing is unpickled and nothing
+is allocated before the header's shape is checked against the bytes actually sent.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
@@ -85,7 +85,8 @@ class AppArgs(_Strict):
     autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config passed through (min_replicas, max_replicas, target_ongoing_requests, ...); replaces replicas.")
     max_queued_requests: int = Field(512, ge=1, le=1 << 20, description="Requests queued per handle before Serve answers 503.")
     max_body_bytes: int = Field(64 << 20, ge=1024, le=1 << 32, description="Largest HTTP request body; larger ones get 413.")
-    reject_nonfinite: bool = Field(True, description="Refuse inputs holding NaN or Inf (422).")
+    reject_nonfinite: bool = Field(True, description="Refuse inputs holding NaN or Inf (422); checked on the device, in the batch.")
+    replica_cpus: int | Literal["auto"] = Field("auto", description="CPUs reserved per GPU replica (its PyTorch threads stage batches): auto = half its share of the cluster's CPUs, 1 to 4.")
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest time a request may take end to end.")
 
     @field_validator("buckets")
@@ -97,11 +98,11 @@ class AppArgs(_Strict):
             raise ValueError(str(e)) from e
         return v
 
-    @field_validator("replicas")
+    @field_validator("replicas", "replica_cpus")
     @classmethod
-    def _replicas_positive(cls, v: int | str) -> int | str:
+    def _count_positive(cls, v: int | str, info: ValidationInfo) -> int | str:
         if isinstance(v, int) and v < 1:
-            raise ValueError(f"replicas must be 'auto' or an integer >= 1, got {v}")
+            raise ValueError(f"{info.field_name} must be 'auto' or an integer >= 1, got {v}")
         return v
 
     @model_validator(mode="after")

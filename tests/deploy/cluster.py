@@ -4,6 +4,7 @@ the app deployed on an in-process Ray."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -41,8 +42,10 @@ def serve_cluster(log_dir: Path, extra_env: dict[str, str] | None = None, num_cp
     """`ray start --head`, then `serve run serve_config.yaml`; yields the env for client processes."""
     ray_bin = shutil.which("ray") or "ray"
     serve_bin = shutil.which("serve") or "serve"
-    # `ray start` turns on token authentication; the CLI clients need to be told to send the token.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", **(extra_env or {}))
+    # Token authentication, with a token of this cluster's own in the environment of every
+    # process started here (`ray start`, `serve run`, client drivers): nothing is read from or
+    # written to ~/.ray, so a fresh machine needs no `ray get-auth-token --generate` first.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **(extra_env or {}))
     out = run([ray_bin, "start", "--head", f"--num-cpus={num_cpus}", "--port=6379", "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env)
     assert out.returncode == 0, out.stderr
     env["RAY_ADDRESS"] = "auto"

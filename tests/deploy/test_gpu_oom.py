@@ -15,6 +15,7 @@ import torch
 
 import fa3trt
 from deploy.app import ModelReplica
+from fa3trt.errors import InvalidInputError
 from tests.utils import captured_log, gpu, rel_err
 
 pytestmark = gpu
@@ -98,3 +99,18 @@ def test_requests_that_cannot_fit_fail_alone_and_the_replica_recovers(setup: tup
     ys = server._run_split(xs[:4], EDGE)
     for x, y in zip(xs[:4], ys):
         assert rel_err(torch.from_numpy(y.astype(np.float32)), _want(model, x)) < 2e-2
+
+
+def test_nonfinite_rows_are_refused_in_the_batch_on_the_gpu(setup: tuple[Any, torch.nn.Module, list[np.ndarray]]) -> None:
+    """NaN and Inf are found on the device, in the float16 -> bfloat16 batch; the bad requests
+    get InvalidInputError and the good ones batched with them the model's answer."""
+    server, model, xs = setup
+    bad_nan, bad_inf = xs[1].copy(), xs[2].copy()
+    bad_nan[-1, 4095] = np.nan  # the last value of the row: a reduction must reach it
+    bad_inf[0, 0] = -np.inf
+    batch = [xs[0], bad_nan, bad_inf, xs[3]]
+    ys = server._run_split(batch, EDGE)
+    for i in (1, 2):
+        assert isinstance(ys[i], InvalidInputError) and "NaN or Inf" in str(ys[i]) and "bfloat16" in str(ys[i])
+    for i in (0, 3):
+        assert rel_err(torch.from_numpy(ys[i].astype(np.float32)), _want(model, batch[i])) < 2e-2

@@ -17,6 +17,7 @@ import torch
 
 import fa3trt
 from deploy.app import ModelReplica
+from fa3trt.errors import InvalidInputError
 from tests.utils import captured_log, rel_err
 
 EDGE = 128
@@ -89,3 +90,28 @@ def test_only_the_request_that_fails_alone_fails(server: Any, model: torch.nn.Mo
     # The replica keeps serving: the request that failed succeeds once memory allows.
     y = server._run_split([xs[1]], EDGE)[0]
     assert rel_err(torch.from_numpy(y), _want(model, xs[1])) < 1e-4
+
+
+def test_nonfinite_requests_are_refused_in_the_batch(server: Any, model: torch.nn.Module) -> None:
+    """NaN and Inf are checked on the assembled batch: the bad requests get InvalidInputError,
+    the good ones batched with them the model's answer, and nothing is retried or failed."""
+    rng = np.random.default_rng(2)
+    xs = [rng.standard_normal((int(n), 256)).astype(np.float32) for n in (50, 128, 70, 90, 20)]
+    xs[1][127, 255] = np.nan  # the last value: the check must cover whole rows
+    xs[3][0, 0] = np.inf
+    failed_before = server.metrics.local[EDGE]["failed"]
+    with captured_log("ray.serve") as messages:
+        ys = server._run_split(xs, EDGE)
+    for i in (1, 3):
+        assert isinstance(ys[i], InvalidInputError) and "NaN or Inf" in str(ys[i]), ys[i]
+    for i in (0, 2, 4):
+        assert rel_err(torch.from_numpy(ys[i]), _want(model, xs[i])) < 1e-4
+    assert server.metrics.local[EDGE]["failed"] == failed_before and not any("retrying" in m for m in messages)
+    # Opted out, the same batch is computed as sent.
+    server.args = server.args.model_copy(update={"reject_nonfinite": False})
+    try:
+        ys = server._run_split(xs, EDGE)
+    finally:
+        server.args = server.args.model_copy(update={"reject_nonfinite": True})
+    assert all(isinstance(y, np.ndarray) for y in ys) and np.isnan(ys[1]).any()
+    assert rel_err(torch.from_numpy(ys[0]), _want(model, xs[0])) < 1e-4
