@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from deploy.affinity import pin_to_gpu_node
 from deploy.codec import (
     BadRequest,
     HTTPStatusError,
@@ -182,6 +183,9 @@ class ModelReplica:
         self.buckets = self.args.bucket_set()
         cfg = self.args.model.config()
         self._t0 = time.perf_counter()
+        # Before anything is allocated: page-locked buffers are first-touched on the GPU's node.
+        gpu = self.args.numa_affinity and torch.cuda.is_available()
+        self.cpu_affinity = pin_to_gpu_node(torch.cuda.current_device()) if gpu else None
         self.backend = load_backend(
             self.args.backend,
             cfg,
@@ -372,6 +376,7 @@ class ModelReplica:
             batch_limits={e: size for e, (size, _) in zip(self.buckets.edges, self.limits)},
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
             cpu_threads=torch.get_num_threads(),
+            cpu_affinity=self.cpu_affinity,
             app_args=self.args.model_dump() | ({"batching": self.batching.model_dump()} if self.batching else {}),
         )
         return d
