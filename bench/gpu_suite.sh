@@ -39,7 +39,9 @@ case "$1" in
   scale|scale-serve)
     # The scale-out run (docs/benchmarks.md, "Scale-out"): a Ray cluster over every GPU of the machine.
     n=$(nvidia-smi -L | wc -l)
-    counts=$(python3 -c "print(','.join(str(c) for c in (1, 2, 4, 8) if c <= $n))")
+    counts=${REPLICAS:-$(python3 -c "print(','.join(str(c) for c in (1, 2, 4, 8) if c <= $n))")}
+    nvidia-smi topo -m 2>&1 | grep -E "^GPU|CPU Affinity" | tee -a "$log"
+    lscpu 2>/dev/null | grep -iE "^Socket|^NUMA node" | tee -a "$log"
     layers=${LAYERS:-2}
     export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=$layers
     ray stop --force >/dev/null 2>&1
