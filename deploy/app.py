@@ -90,8 +90,8 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         sizing = {"num_replicas": n}
     if gpus:
         # A GPU replica's PyTorch threads (OMP_NUM_THREADS = its num_cpus) copy every request
-        # into the staging buffer; on a 64-core 4-GPU host one thread per replica made that copy
-        # the slowest step of a 2-layer model's batch (docs/benchmarks.md, "Scale-out").
+        # into the staging buffer: on a 64-core 4-GPU host one replica with 4 threads served
+        # 205-214 req/s of a 2-layer model, with 1 thread 177 (docs/benchmarks.md, "Scale-out").
         cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else max(1, min(4, int(cluster_cpus) // gpus // 2))
         actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
     else:
