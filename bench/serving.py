@@ -71,7 +71,7 @@ def main() -> None:
 
     from deploy.app import build_app
     from fa3trt.backends import TorchBackend
-    from fa3trt.buckets import assemble
+    from fa3trt.buckets import assemble, to_host
     from fa3trt.model import ModelConfig
 
     lo, hi = parse_mix(args.mix)
@@ -88,14 +88,15 @@ def main() -> None:
         sys.stdout.flush()
         results[name] = res.summary() | {"stats": stats or {}}
 
-    # 1. direct backend, one request at a time, no Serve (the same assembly as a replica's).
+    # 1. direct backend, one request at a time, no Serve (the same host path as a replica's:
+    #    assembly into a page-locked batch, the answer back by one DMA).
     if "direct" in want:
         backend = TorchBackend(cfg)
         backend.warmup([(1, hi)])
 
         async def direct(x: np.ndarray) -> np.ndarray:
             xb, lens = assemble([x], backend.dtype, backend.device)
-            return backend.run(xb, lens)[0].to(torch.float16 if x.dtype == np.float16 else torch.float32).cpu().numpy()
+            return to_host(backend.run(xb, lens)[0].to(torch.float16 if x.dtype == np.float16 else torch.float32)).numpy()
 
         res = asyncio.run(run_load(direct, inputs, concurrency=1, progress=False))
         record("direct (no Serve, batch 1)", res)
