@@ -83,6 +83,8 @@ def pin_process(cpus: set[int]) -> int:
 def pin_to_gpu_node(device: torch.device | int = 0) -> list[int] | None:
     """Move this process onto the CPUs next to ``device`` that it may use; the CPUs chosen, or
     None when nothing was changed (locality unknown, or no allowed CPU is local)."""
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir("/proc/self/task"):
+        return None  # not Linux: no per-thread affinity to set
     local = gpu_local_cpus(device)
     allowed = os.sched_getaffinity(0)
     cpus = sorted(set(local or ()) & allowed)
