@@ -44,6 +44,8 @@ case "$1" in
     lscpu 2>/dev/null | grep -iE "^Socket|^NUMA node" | tee -a "$log"
     layers=${LAYERS:-2}
     export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=$layers
+    # scale-serve measures HTTP through the proxy and straight to every replica (direct ingress).
+    [ "$1" = scale-serve ] && export RAY_SERVE_ENABLE_DIRECT_INGRESS=1
     ray stop --force >/dev/null 2>&1
     # Token authentication is on: every process (drivers, the serve CLI) reads ~/.ray/auth_token.
     ray get-auth-token --generate >/dev/null 2>&1 || true
@@ -61,6 +63,8 @@ case "$1" in
       python3 -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --requests 64 --concurrency $((16 * n)) --dtype float16 2>&1 | tail -3 | tee -a "$log"
       python3 -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --requests $((256 * n)) --concurrency $((48 * n)) --dtype float16 \
         --json "$out/scale_serve_http_${n}gpu.json" 2>&1 | grep -v "load:" | tail -8 | tee -a "$log"
+      python3 -m bench.serve_load --direct --target-host 127.0.0.1 --mix 256-2048 --requests $((256 * n)) --concurrency $((48 * n)) \
+        --dtype float16 --json "$out/scale_serve_direct_${n}gpu.json" 2>&1 | grep -v "load:" | tail -$((8 + n)) | tee -a "$log"
       python3 - <<'PY' 2>&1 | tee -a "$log"
 import collections, requests
 seen = {}

@@ -3,6 +3,7 @@ arrivals), over HTTP (.npy bodies) or a Ray deployment handle, with a progress b
 
     python -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --requests 400 --concurrency 32
     python -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --mode open --rate 40 --duration 30
+    python -m bench.serve_load --direct --mix 256-2048 --concurrency 64   # every replica's own port
 
 Every response is checked for shape, dtype and finiteness (a wrong answer counts as an error).
 Mixes: ``seed`` (15000-16500 tokens), ``256-2048``, ``256-16384``, or any ``LO-HI``; lengths are
@@ -15,11 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,17 +157,54 @@ async def run_load(
     return LoadResult(mode, sent[0], len(errors), seconds, sent[1], lat, errors[0] if errors else None, done)
 
 
-def http_sender(url: str, session: Any) -> Send:
+def http_sender(urls: str | list[str], session: Any) -> Send:
+    """POST .npy bodies to ``urls`` in turn (one URL: a Serve proxy; several: replicas that
+    serve HTTP themselves, see ``direct_targets``)."""
+    targets = itertools.cycle([urls] if isinstance(urls, str) else urls)
+
     async def send(x: np.ndarray) -> np.ndarray:
         buf = io.BytesIO()
         np.save(buf, x)
-        async with session.post(f"{url}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}) as r:
+        async with session.post(f"{next(targets)}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}) as r:
             body = await r.read()
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {body[:200]!r}")
             return np.load(io.BytesIO(body), allow_pickle=False)
 
     return send
+
+
+def ray_auth_token() -> str | None:
+    """The Ray cluster's auth token as Ray's own clients find it (env, token file), or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
+def direct_targets(dashboard: str, app: str = "fa3trt", host: str | None = None, token: str | None = None) -> list[str]:
+    """Base URLs of an app's replicas that serve HTTP themselves (Ray Serve's direct ingress,
+    on when Ray starts with RAY_SERVE_ENABLE_DIRECT_INGRESS=1): each listens on its own port,
+    and Serve's REST API lists them as the app's target group. ``host`` replaces the listed
+    node IP (``127.0.0.1`` when ``http_options.host`` binds the loopback only)."""
+    import requests
+
+    token = token or ray_auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    r = requests.get(f"{dashboard}/api/serve/applications/", headers=headers, timeout=30)
+    r.raise_for_status()
+    urls = []
+    for group in r.json().get("target_groups") or []:
+        # Proxy target groups name no ingress deployment; direct-ingress ones name the app's.
+        if group.get("app_name") == app and group.get("protocol") == "HTTP" and group.get("ingress_deployment_name"):
+            prefix = str(group.get("route_prefix") or "/").rstrip("/")
+            urls += [f"http://{host or t['ip']}:{t['port']}{prefix}" for t in group.get("targets") or []]
+    if not urls:
+        raise RuntimeError(
+            f"Serve at {dashboard} lists no direct-ingress HTTP targets for app {app!r}: start Ray with "
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (or send to the proxy with --url)"
+        )
+    return urls
 
 
 def handle_sender(handle: Any) -> Send:
@@ -215,7 +256,11 @@ def print_summary(name: str, res: LoadResult, stats: dict[str, Any] | None = Non
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL; several, comma-separated, are used in turn")
+    p.add_argument("--direct", action="store_true", help="send to every replica's own HTTP port (Serve direct ingress) instead of --url")
+    p.add_argument("--dashboard", default="http://127.0.0.1:8265", help="--direct: Ray dashboard whose Serve REST API lists the replicas")
+    p.add_argument("--app", default="fa3trt", help="--direct: the Serve application's name")
+    p.add_argument("--target-host", default=None, help="--direct: connect to this host instead of each listed node IP (e.g. 127.0.0.1)")
     p.add_argument("--mix", default="256-2048")
     p.add_argument("--mode", choices=["closed", "open"], default="closed")
     p.add_argument("--requests", type=int, default=200)
@@ -229,23 +274,34 @@ def main() -> None:
     import aiohttp
     import requests
 
-    info = requests.get(f"{args.url}/v1/info", timeout=30).json()
+    urls = direct_targets(args.dashboard, args.app, args.target_host) if args.direct else [u.rstrip("/") for u in args.url.split(",") if u]
+    if args.direct:
+        print(f"direct ingress: {len(urls)} replica(s): {', '.join(urls)}")
+    info = requests.get(f"{urls[0]}/v1/info", timeout=30).json()
     lo, hi = parse_mix(args.mix, max(info["buckets"]))
     inputs = make_inputs(args.requests, lo, hi, info["model"]["hidden"], dtype=np.dtype(args.dtype))
 
     async def go() -> LoadResult:
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-            return await run_load(http_sender(args.url, session), inputs, mode=args.mode, concurrency=args.concurrency, rate=args.rate, duration=args.duration)
+            return await run_load(http_sender(urls, session), inputs, mode=args.mode, concurrency=args.concurrency, rate=args.rate, duration=args.duration)
 
-    before = requests.get(f"{args.url}/v1/stats", timeout=30).json()
+    # Each direct URL is one replica, so its counters are that replica's; through a proxy a
+    # stats call reaches any replica and the two readings match only with one replica.
+    before = [requests.get(f"{u}/v1/stats", timeout=30).json() for u in urls]
     res = asyncio.run(go())
-    stats = stats_delta(before, requests.get(f"{args.url}/v1/stats", timeout=30).json(), res.seconds)
+    stats = [stats_delta(b, requests.get(f"{u}/v1/stats", timeout=30).json(), res.seconds) for u, b in zip(urls, before)]
     print(f"{info['device_name']} backend={info['backend']} buckets={info['buckets']} mix={args.mix} mode={args.mode}")
-    print_summary(f"{args.mode} c={args.concurrency}" if args.mode == "closed" else f"open rate={args.rate}/s", res, stats)
+    print_summary(f"{args.mode} c={args.concurrency}" if args.mode == "closed" else f"open rate={args.rate}/s", res, stats[0] if len(stats) == 1 else None)
+    if len(stats) > 1:
+        for st in stats:
+            busy = st.get("busy_fraction")
+            n = sum(d["requests"] for d in st.get("buckets", {}).values())
+            print(f"   replica {str(st.get('replica'))[:8]}: {n:5d} req" + (f"  busy {100 * busy:4.0f}%" if busy is not None else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "result": res.summary(), "stats": stats, "median_latency_ms": statistics.median(res.latencies_ms) if res.latencies_ms else None}, f, indent=1)
+            json.dump({"info": info, "urls": urls, "result": res.summary(), "stats": stats if len(stats) > 1 else stats[0],
+                       "median_latency_ms": statistics.median(res.latencies_ms) if res.latencies_ms else None}, f, indent=1)
 
 
 if __name__ == "__main__":
