@@ -4,7 +4,8 @@
 #   bash bench/gpu_suite.sh serving   # the serving benchmark (seed preset) with its baselines, 256-2048 mix
 #   bash bench/gpu_suite.sh long      # the serving benchmark on the seed (15000-16500) and 256-16384 mixes
 #   bash bench/gpu_suite.sh ray       # 2 GPUs: build jobs on both cards, two Serve replicas, build timing, 1 vs 2 replicas
-#   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation (LAYERS=2)
+#   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation
+#                                     # (LAYERS=2, REPLICAS=1,2,4; PROFILE=1 PROFILE_AT=<s>: py-spy flame graphs of replicas and clients)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
@@ -52,6 +53,14 @@ case "$1" in
     ray start --head --num-gpus="$n" --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "shm|object store|Ray runtime started" | tee -a "$log"
     export RAY_ADDRESS=auto
     if [ "$1" = scale ]; then
+      if [ "${PROFILE:-0}" = 1 ] && command -v py-spy >/dev/null; then
+        # Once the largest count is under load (PROFILE_AT s after the start; 180 suits 1,2,4), sample every replica and
+        # load client for 15 s: flame graphs of where their time goes.
+        (sleep "${PROFILE_AT:-180}"
+         for pid in $(pgrep -f "ServeReplica|LoadClient"); do
+           py-spy record --pid "$pid" --duration 15 --rate 100 --nonblocking --output "$out/pyspy_$(tr -c 'A-Za-z0-9' _ </proc/$pid/comm | cut -c1-24)_$pid.svg" >/dev/null 2>&1 &
+         done; wait) &
+      fi
       python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers "$layers" --mix 256-2048 \
         --out "$out" --name "scaling_seed${layers}_256-2048_${n}gpu" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     else
