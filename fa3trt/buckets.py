@@ -98,15 +98,13 @@ def assemble(
         # The padding is staged as whatever the pinned block held; it is zeroed on the GPU below.
         # The caching host allocator keeps the block until this copy has completed.
         out = stage.to(target, non_blocking=True).to(dtype)
-        for i, n in enumerate(lens):
-            if n < longest:
-                out[i, n:].zero_()
-        return out, seq_lens
-    out = torch.empty((len(rows), longest, d), dtype=dtype, device=target)
-    for i, r in enumerate(srcs):
-        out[i, : lens[i]].copy_(r)
-        if lens[i] < longest:
-            out[i, lens[i] :].zero_()
+    else:
+        out = torch.empty((len(rows), longest, d), dtype=dtype, device=target)
+        for i, r in enumerate(srcs):
+            out[i, : lens[i]].copy_(r)
+    for i, n in enumerate(lens):
+        if n < longest:
+            out[i, n:].zero_()
     return out, seq_lens
 
 
