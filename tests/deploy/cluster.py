@@ -3,6 +3,7 @@ the app deployed on an in-process Ray."""
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import shutil
@@ -13,10 +14,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
 URL = "http://127.0.0.1:8000"
+
+
+def post_npy(url: str, x: np.ndarray, timeout: float = 60) -> requests.Response:
+    """POST one sequence as a .npy body to ``url``/v1/infer."""
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return requests.post(f"{url}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=timeout)
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:

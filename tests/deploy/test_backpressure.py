@@ -10,9 +10,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import requests
 
-from tests.deploy.cluster import local_app
+from tests.deploy.cluster import local_app, post_npy
 
 PORT = 8011
 
@@ -31,10 +30,8 @@ def app() -> Iterator[str]:
 
 
 def _post(url: str, x: np.ndarray) -> tuple[int, float, bytes]:
-    buf = io.BytesIO()
-    np.save(buf, x)
     t0 = time.perf_counter()
-    r = requests.post(f"{url}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=120)
+    r = post_npy(url, x, timeout=120)
     return r.status_code, time.perf_counter() - t0, r.content
 
 

@@ -16,7 +16,7 @@ import torch
 
 import fa3trt
 from bench.serve_load import direct_targets
-from tests.deploy.cluster import URL, run, serve_cluster
+from tests.deploy.cluster import URL, post_npy, run, serve_cluster
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,7 @@ def test_replicas_answer_on_their_own_ports(cluster: dict[str, str]) -> None:
     assert len(urls) == 1 and urls[0] != URL and 30000 <= int(urls[0].rsplit(":", 1)[1]) <= 31000, urls
     model = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
     x = np.random.default_rng(0).standard_normal((37, 256)).astype(np.float32)
-    buf = io.BytesIO()
-    np.save(buf, x)
-    r = requests.post(f"{urls[0]}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=60)
+    r = post_npy(urls[0], x)
     assert r.status_code == 200, r.text
     with torch.inference_mode():
         want = model(torch.from_numpy(x)[None])[0].numpy()

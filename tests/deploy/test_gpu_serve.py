@@ -19,7 +19,7 @@ import requests
 import torch
 
 import fa3trt
-from tests.deploy.cluster import URL, run, serve_cluster
+from tests.deploy.cluster import URL, post_npy, run, serve_cluster
 from tests.utils import gpu, rel_err
 
 pytestmark = gpu
@@ -35,9 +35,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 
 
 def _post(x: np.ndarray) -> requests.Response:
-    buf = io.BytesIO()
-    np.save(buf, x)
-    return requests.post(f"{URL}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=120)
+    return post_npy(URL, x, timeout=120)
 
 
 def test_one_replica_per_gpu_both_serving(cluster: dict[str, str], tmp_path: Path) -> None:

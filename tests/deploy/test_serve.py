@@ -23,7 +23,7 @@ import torch
 import yaml
 
 import fa3trt
-from tests.deploy.cluster import ROOT, URL, run, serve_cluster
+from tests.deploy.cluster import ROOT, URL, post_npy, run, serve_cluster
 
 ATOL = 1e-4
 
@@ -45,9 +45,7 @@ def _expect(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def _post_npy(x: np.ndarray) -> requests.Response:
-    buf = io.BytesIO()
-    np.save(buf, x)
-    return requests.post(f"{URL}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=60)
+    return post_npy(URL, x)
 
 
 def test_http_npy_and_json_match_the_model(cluster: dict[str, str], model: torch.nn.Module) -> None:

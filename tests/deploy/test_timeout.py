@@ -15,7 +15,7 @@ import requests
 import torch
 
 import fa3trt
-from tests.deploy.cluster import local_app
+from tests.deploy.cluster import local_app, post_npy
 
 PORT = 8013
 TIMEOUT_S = 1.0
@@ -35,10 +35,8 @@ def app() -> Iterator[str]:
 
 
 def _post(url: str, x: np.ndarray) -> tuple[int, float, requests.Response]:
-    buf = io.BytesIO()
-    np.save(buf, x)
     t0 = time.perf_counter()
-    r = requests.post(f"{url}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=60)
+    r = post_npy(url, x)
     return r.status_code, time.perf_counter() - t0, r
 
 
