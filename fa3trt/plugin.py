@@ -468,11 +468,11 @@ class _Binding:
             raise ConfigError(f"{PLUGIN_NAME}: write must be 'auto', 'direct' or 'masked', got {write!r}")
         # Direct: cuDNN writes TensorRT's buffer itself, then one kernel zeroes the padded rows.
         # Masked: the kernel's own result is copied in by one masked write (every other kernel).
-        self.zero_tail = _cudnn_frontend.zero_tail_launcher(self.out, self.lens)
-        can_direct = self.name == "cudnn_padded" and mode == MODE_NATIVE and self.zero_tail is not None
-        if write == "direct" and not can_direct:
+        wants_direct = self.name == "cudnn_padded" and mode == MODE_NATIVE and write != "masked"
+        self.zero_tail = _cudnn_frontend.zero_tail_launcher(self.out, self.lens) if wants_direct else None
+        if write == "direct" and self.zero_tail is None:
             raise ConfigError(f"{PLUGIN_NAME}: a direct write needs the cudnn_padded kernel in mode 0 and Triton; this call runs {self.name}")
-        self.direct = can_direct and write != "masked"
+        self.direct = self.zero_tail is not None
         self.launchers: dict[int, Callable[[], None]] = {}  # thread id -> prepared cuDNN launch
         with torch.cuda.stream(self.stream):
             self.lens_safe = torch.empty((b,), dtype=torch.int32, device=device) if self.direct else None
@@ -539,8 +539,9 @@ def enqueue_core(
     kernel (``write="auto"`` or ``"direct"``), cuDNN writes ``out_ptr`` itself and one Triton
     kernel zeroes the rows past each length; with any other kernel, or ``write="masked"``, the
     kernel's result is copied in by one fused masked write (``torch.where`` into the out view)
-    that also zeroes those rows. The host never waits for the device. Temporaries (the kernel's result and log-sum-exp) come from PyTorch's
-    caching allocator on that stream, so steady state does no cudaMalloc. Raises on bad input.
+    that also zeroes those rows. The host never waits for the device. Temporaries (the kernel's
+    result and log-sum-exp) come from PyTorch's caching allocator on that stream, so steady
+    state does no cudaMalloc. Raises on bad input.
     """
     if q_shape[0] * q_shape[1] * q_shape[2] * q_shape[3] == 0:
         output_shape(q_shape, k_shape, v_shape)  # still refuse mismatched shapes
