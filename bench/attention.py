@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,16 @@ RAGGED = [2048, 1900, 1700, 1500, 1200, 900, 600, 300]
 
 def flops(lengths: list[int]) -> float:
     return sum(4.0 * n * n * H * D for n in lengths)
+
+
+def first_call_ms(fn: Callable[[], Any]) -> float:
+    """Wall time of one call to the end of its GPU work: a JIT compile or plan build on a
+    kernel's first sight of a shape (or of its compile key) shows here."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def settle(fn: Callable[[], Any], padded_flops: float) -> None:
@@ -67,9 +78,10 @@ def main() -> None:
     for label, b, s in (("seed 1x%d" % args.seed_len, 1, args.seed_len), ("1x4096", 1, 4096), ("full 8x2048", 8, 2048)):
         q, k, v = qkv(b, s)
         for name in kernels:
+            first = first_call_ms(lambda: run_kernel(name, q, k, v))
             settle(lambda: run_kernel(name, q, k, v), flops([s] * b))
             ms = time_cuda_ms(lambda: run_kernel(name, q, k, v))
-            rows.append({"shape": label, "kernel": name, "ms": ms, "tflops": flops([s] * b) / ms / 1e9})
+            rows.append({"shape": label, "kernel": name, "ms": ms, "tflops": flops([s] * b) / ms / 1e9, "first_call_ms": first})
     q, k, v = qkv(8, 2048)
     lens_host = torch.tensor(RAGGED, dtype=torch.int32)
     lens_dev = lens_host.cuda()
@@ -77,11 +89,12 @@ def main() -> None:
     ref = reference_attention(q[6:8], k[6:8], v[6:8], lens_dev[6:8])
     for name in kernels:
         for where, lens in (("host lens", lens_host), ("device lens", lens_dev)):
+            first = first_call_ms(lambda: run_kernel(name, q, k, v, lens))
             settle(lambda: run_kernel(name, q, k, v, lens), flops([2048] * 8))
             out = run_kernel(name, q, k, v, lens)
             err = float((out[6:8].double() - ref.double()).norm() / ref.double().norm())
             ms = time_cuda_ms(lambda: run_kernel(name, q, k, v, lens))
-            rows.append({"shape": f"ragged 8x2048 ({where})", "kernel": name, "ms": ms, "tflops": flops(RAGGED) / ms / 1e9, "rel_err": err})
+            rows.append({"shape": f"ragged 8x2048 ({where})", "kernel": name, "ms": ms, "tflops": flops(RAGGED) / ms / 1e9, "rel_err": err, "first_call_ms": first})
     ms = time_cuda_ms(lambda: masked_cudnn(q, k, v, lens_dev))
     rows.append({"shape": "ragged 8x2048 (device lens)", "kernel": "cudnn+mask", "ms": ms, "tflops": flops(RAGGED) / ms / 1e9})
 
@@ -96,10 +109,11 @@ def main() -> None:
     summary["ragged_vs_unmasked"] = rag["tflops"] / full["tflops"]
 
     print(f"card: {card()}   default kernel: {default}")
-    print(f"{'shape':32s} {'kernel':14s} {'ms':>8s} {'TFLOP/s':>9s} {'rel err':>9s}")
+    print(f"{'shape':32s} {'kernel':14s} {'ms':>8s} {'TFLOP/s':>9s} {'rel err':>9s} {'1st call ms':>12s}")
     for r in rows:
-        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-        print(f"{r['shape']:32s} {r['kernel']:14s} {r['ms']:8.3f} {r['tflops']:9.1f} {err:>9s}")
+        err_txt = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        first_txt = f"{r['first_call_ms']:.1f}" if "first_call_ms" in r else ""
+        print(f"{r['shape']:32s} {r['kernel']:14s} {r['ms']:8.3f} {r['tflops']:9.1f} {err_txt:>9s} {first_txt:>12s}")
     for shape in ("seed 1x%d" % args.seed_len, "1x4096", "full 8x2048"):
         s = summary[shape]
         print(f"{shape}: default {s['default_tflops']:.0f} TFLOP/s = {100 * s['default_vs_fastest']:.1f}% of fastest ({s['fastest']}); goal >= 95%")

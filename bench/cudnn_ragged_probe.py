@@ -29,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from fa3trt import _cudnn_frontend as cf  # noqa: E402
+from fa3trt._tail import triton_kernel, zero_tail_  # noqa: E402
 from fa3trt._timing import time_cuda_ms  # noqa: E402
 from fa3trt.attention import reference_attention, run_kernel  # noqa: E402
 
@@ -118,8 +119,8 @@ def main() -> int:
     st: dict[str, Any] = {}
 
     def first_calls() -> None:
-        _, ms = timed_first_call(lambda: cf._zero_tail_(torch.empty_like(q), lens))  # same shape: same Triton specialization
-        say(f"zeroing kernel first call (Triton compile if Triton): {ms:.1f} ms; triton={cf._triton_zero_tail() is not None}")
+        _, ms = timed_first_call(lambda: zero_tail_(torch.empty_like(q), lens))  # same shape: same Triton specialization
+        say(f"zeroing kernel first call (Triton compile if Triton): {ms:.1f} ms; triton={triton_kernel() is not None}")
         out, ms = timed_first_call(lambda: cf.ragged_attention(q, k, v, lens))
         st["out"] = out
         entry = cf._state.graphs.get((8, 2048, H, D, torch.bfloat16, torch.cuda.current_device(), tuple(q.stride())))
@@ -189,7 +190,7 @@ def main() -> int:
         rows.append(("  cuDNN launch alone (no zeroing)", raw_ms, tflops(flop, raw_ms)))
         for method in ("triton", "masked_fill"):
             try:
-                zms = time_cuda_ms(lambda: cf._zero_tail_(raw, lens, method))
+                zms = time_cuda_ms(lambda: zero_tail_(raw, lens, method))
                 rows.append((f"  zeroing alone ({method})", zms, float("nan")))
             except Exception as e:
                 say(f"zeroing {method}: {e}")

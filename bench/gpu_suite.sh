@@ -14,13 +14,17 @@ out=${OUT:-docs/benchmarks}
 mkdir -p "$out"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 [ -d /tmp/site/bin ] && export PATH="/tmp/site/bin:$PATH"
+# FlashAttention's CuTe DSL: the DSL's packages (a .pth file elsewhere) and a disk cache of compiled kernels.
+[ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] && export PYTHONPATH="$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages"
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=${FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED:-1}
+export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FLASH_ATTENTION_CUTE_DSL_CACHE_DIR:-/tmp/flash_cute_cache}
 log="$out/gpu_${1}.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
 serving() { python3 -m bench.serving --preset seed --layers 2 "$@" --out "$out" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"; }
 case "$1" in
   kernels)
     python3 -m pytest -q -m gpu tests/fa3trt tests/deploy/test_gpu_oom.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -25
-    for b in attention plugin_overhead host_path model_throughput cudnn_ragged_probe; do
+    for b in ${BENCHES:-attention plugin_overhead host_path model_throughput cudnn_ragged_probe}; do
       [ -f "bench/$b.py" ] && python3 -m bench.$b --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     done
     ;;

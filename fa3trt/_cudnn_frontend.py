@@ -14,10 +14,7 @@ Layout: q, k, v, o are (B, S, H, D) contiguous; cuDNN is told dims (B, H, S, D) 
 strides of that BSHD memory, (S*H*D, D, H*D, 1), so nothing is transposed or copied.
 
 cuDNN leaves the output rows past ``seq_len_q`` undefined (its own tests zero them on both
-sides before comparing: test/python/sdpa/fp16.py), so they are zeroed here, by a Triton kernel
-that writes only the padded rows (a masked fill reads and writes the whole output: by bandwidth
-~0.05 ms at 8x2048x32x128 on an H200, ~10% of the ragged attention itself), else by
-``masked_fill_``.
+sides before comparing: test/python/sdpa/fp16.py), so they are zeroed here (``fa3trt._tail``).
 
 Threading: cuDNN handles must not be shared between threads, and a built graph holds mutable
 execution state, so each thread keeps its own handle per device and its own bounded LRU of
@@ -45,7 +42,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "ragged_attention", "prepare", "zero_tail_launcher", "CudnnGraphUnsupportedError", "frontend_versions", "cached_plans"]
+from fa3trt._tail import zero_tail_
+
+__all__ = ["available", "ragged_attention", "prepare", "CudnnGraphUnsupportedError", "frontend_versions", "cached_plans"]
 
 log = logging.getLogger(__name__)
 
@@ -192,70 +191,6 @@ def _graph(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
     return hit
 
 
-# --------------------------------------------------------------------------- padded rows
-@functools.cache
-def _triton_zero_tail() -> Any | None:
-    """A Triton kernel zeroing rows >= len of each sequence of a (B, S, ROW) tensor, or None.
-    ROW (H*D) is a compile-time constant: one compile per head layout, an unrolled column loop."""
-    try:
-        import triton
-        import triton.language as tl
-    except Exception as e:
-        log.debug("Triton unavailable, padded rows are zeroed with masked_fill_: %s", e)
-        return None
-
-    @triton.jit
-    def zero_tail(out_ptr, lens_ptr, S, ROW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-        b = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-        n = tl.load(lens_ptr + b)
-        keep = (rows >= n) & (rows < S)  # rows to zero; all-false for a block inside the sequence
-        base = out_ptr + b.to(tl.int64) * S * ROW + rows[:, None].to(tl.int64) * ROW
-        zeros = tl.zeros((BLOCK_S, BLOCK_C), dtype=out_ptr.dtype.element_ty)
-        for c in range(0, ROW, BLOCK_C):
-            cols = c + tl.arange(0, BLOCK_C)
-            tl.store(base + cols[None, :], zeros, mask=keep[:, None] & (cols[None, :] < ROW))
-
-    return zero_tail
-
-
-_BLOCK_S, _BLOCK_C = 8, 512
-
-
-def zero_tail_launcher(out: torch.Tensor, lens: torch.Tensor) -> Callable[[], None] | None:
-    """A launch that zeroes out[b, lens[b]:] of a contiguous (B, S, ...) tensor in place, with
-    its grid and arguments fixed once (for a caller that zeroes the same buffer again and
-    again), or None without Triton. Lengths past S zero nothing, lengths below 0 everything."""
-    kernel = _triton_zero_tail()
-    b, s = out.shape[:2]
-    row = math.prod(out.shape[2:])
-    if kernel is None or not out.is_contiguous():
-        return None
-    grid = (b, -(-s // _BLOCK_S))
-
-    def launch() -> None:
-        if b and s and row:
-            kernel[grid](out, lens, s, ROW=row, BLOCK_S=_BLOCK_S, BLOCK_C=_BLOCK_C)
-
-    return launch
-
-
-def _zero_tail_(out: torch.Tensor, lens: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """Zero out[b, lens[b]:] in place (no host sync). ``method``: auto, triton or masked_fill."""
-    b, s = out.shape[:2]
-    row = math.prod(out.shape[2:])
-    if b == 0 or s == 0 or row == 0:
-        return out
-    launch = zero_tail_launcher(out, lens) if method in ("auto", "triton") else None
-    if launch is None and method == "triton":
-        raise RuntimeError("Triton is not available")
-    if launch is not None:
-        launch()
-        return out
-    pad = torch.arange(s, device=out.device)[None, :] >= lens[:, None]
-    return out.masked_fill_(pad.view(b, s, *([1] * (out.dim() - 2))), 0)
-
-
 # --------------------------------------------------------------------------- the op
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -328,4 +263,4 @@ def ragged_attention(
     lens = seq_lens.to(device=q.device, dtype=torch.int32).clamp(0, q.shape[1])
     out = torch.empty_like(q)
     _launch(q, k, v, lens, out)
-    return _zero_tail_(out, lens) if zero_tail else out
+    return zero_tail_(out, lens) if zero_tail else out

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fa3trt import _cudnn_frontend
+from fa3trt import _cudnn_frontend, _flash_cute
 from fa3trt.errors import InvalidInputError
 
 __all__ = [
@@ -317,6 +317,14 @@ def _math_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: to
     return _zero_tail_rows(o.transpose(1, 2).contiguous(), seq_lens)
 
 
+def _flash_cute_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """FlashAttention's Hopper kernel (CuTe DSL): dense, or ragged through ``seqused_q/k`` in one
+    launch with the lengths on the device. fp32 and head dims it is not built for go to cuDNN."""
+    if not _flash_cute.supports(q):
+        return _cudnn_kernel(q, k, v, seq_lens)
+    return _flash_cute.attention(q, k, v, seq_lens)
+
+
 def _cudnn_padded_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
     """The cuDNN frontend's padded-batch graph for every call (benchmarks; dense calls on SDPA cuDNN)."""
     if seq_lens is None:
@@ -326,6 +334,7 @@ def _cudnn_padded_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_
 
 KERNELS: dict[str, Kernel] = {
     "fa3": _fa3_kernel,
+    "flash_cute": _flash_cute_kernel,
     "cudnn": _cudnn_kernel,
     "cudnn_padded": _cudnn_padded_kernel,
     "flash": _sdpa_kernel("flash"),
@@ -336,13 +345,16 @@ KERNELS: dict[str, Kernel] = {
 
 
 def available_kernels(device: torch.device | str) -> list[str]:
-    """Kernels that can run on ``device`` (FA3 only when it imports and the GPU is sm90)."""
+    """Kernels that can run on ``device`` (FA3 and FlashAttention's CuTe DSL kernel only when
+    they import and the GPU is sm90)."""
     device = torch.device(device)
     if device.type != "cuda":
         return ["math"]
     names = ["cudnn", "flash", "flash_seqused", "efficient", "math"]
     if _cudnn_frontend.available():
         names.insert(1, "cudnn_padded")
+    if _flash_cute.available(device):
+        names.insert(0, "flash_cute")
     if _fa3_module() is not None and torch.cuda.get_device_capability(device) == (9, 0):
         names.insert(0, "fa3")
     return names
@@ -376,6 +388,8 @@ def select_kernel(device: torch.device | str) -> str:
             name, why = "math", "CPU"
         elif "fa3" in available:
             name, why = "fa3", "flash_attn_interface imports and the GPU is sm90"
+        elif "flash_cute" in available:
+            name, why = "flash_cute", "FlashAttention's CuTe DSL kernels import and the GPU is sm90"
         elif torch.cuda.get_device_capability(device) >= (9, 0):
             name, why = "cudnn", "sm90+ without FA3: cuDNN SDPA is the fastest PyTorch kernel there"
         else:

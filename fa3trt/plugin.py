@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fa3trt import _cudnn_frontend, _trt
+from fa3trt import _cudnn_frontend, _flash_cute, _tail, _trt
 # Private helpers of the op are imported by name: `fa3trt.attention` as an attribute of the
 # package is the `attention` function, not the module.
 from fa3trt.attention import (
@@ -60,6 +60,7 @@ __all__ = [
     "PLUGIN_VERSION",
     "FIELD_NAMES",
     "DEVICE_LENGTH_KERNELS",
+    "DIRECT_WRITE_KERNELS",
     "register_plugin",
     "is_registered",
     "require_registered",
@@ -88,10 +89,15 @@ FIELD_NAMES = ("mode",)
 # Attributes the ONNX parser consumes to find the creator; they may also reach create_plugin.
 _LOOKUP_ATTRS = ("plugin_version", "plugin_namespace")
 
-DEVICE_LENGTH_KERNELS = ("fa3", "cudnn_padded", "flash_seqused", "efficient_seqused")
+DEVICE_LENGTH_KERNELS = ("fa3", "flash_cute", "cudnn_padded", "flash_seqused", "efficient_seqused")
 """Kernels that read ``seq_lens`` on the device. Inside TensorRT the lengths exist only on the
 device, and reading them on the host would synchronize the stream on every call, so the SDPA
 kernels that loop over host lengths (cudnn, flash, efficient, math) cannot run in ``enqueue``."""
+
+
+DIRECT_WRITE_KERNELS = ("flash_cute", "cudnn_padded")
+"""Kernels that write TensorRT's output buffer themselves (mode 0), followed by one kernel that
+zeroes the padded rows; the others' results are copied in by one masked write."""
 
 
 class LazyTensorRT:
@@ -207,7 +213,8 @@ def choose_enqueue_kernel(
 ) -> str:
     """The kernel ``enqueue`` runs: one that reads ``seq_lens`` on the device (no host sync).
 
-    FA3 (``seqused_q/k``) when it is available (it is only listed on sm90); else cuDNN's
+    FA3 (``seqused_q/k``) when it is available (it is only listed on sm90); else FlashAttention's
+    CuTe DSL kernel (``seqused_q/k``, listed on sm90 when it imports); else cuDNN's
     padded-batch graph (the cuDNN frontend, listed when it imports) on sm90 for fp16/bf16;
     else PyTorch's flash kernel with ``seqused_k`` on sm80+ for fp16/bf16; else PyTorch's
     memory-efficient kernel with ``seqlen_k``, the one that takes fp32 and runs before sm80.
@@ -222,12 +229,17 @@ def choose_enqueue_kernel(
                     f"{KERNEL_ENV}=fa3 but FA3 is not available here (needs flash_attn_interface and an sm90 GPU); "
                     f"unset {KERNEL_ENV} or install FA3"
                 )
+            if forced == "flash_cute" and "flash_cute" not in available:
+                raise ConfigError(
+                    f"{KERNEL_ENV}=flash_cute but FlashAttention's CuTe DSL kernels are not available here "
+                    f"(needs an sm90 GPU); unset {KERNEL_ENV} or {_flash_cute.INSTALL_HINT}"
+                )
             if forced == "cudnn_padded" and "cudnn_padded" not in available:
                 raise ConfigError(
                     f"{KERNEL_ENV}=cudnn_padded but the cuDNN frontend is not available here; "
                     f"unset {KERNEL_ENV} or pip install nvidia-cudnn-frontend"
                 )
-            if forced in ("fa3", "cudnn_padded", "flash_seqused") and not fits_flash:
+            if forced in ("fa3", "flash_cute", "cudnn_padded", "flash_seqused") and not fits_flash:
                 raise ConfigError(
                     f"{KERNEL_ENV}={forced} cannot run {dtype} on compute capability {capability}; "
                     f"use {KERNEL_ENV}=efficient_seqused or unset it"
@@ -238,6 +250,8 @@ def choose_enqueue_kernel(
         return "efficient_seqused"
     if "fa3" in available:
         return "fa3"
+    if "flash_cute" in available:
+        return "flash_cute"
     if "cudnn_padded" in available and capability >= (9, 0):
         return "cudnn_padded"
     return "flash_seqused"
@@ -393,7 +407,7 @@ def _kernel_input_shape(name: str, b: int, s: int, h: int, d: int) -> Shape:
     # FA3 and flash take packed (total, H, D) with cu_seqlens; the memory-efficient kernel takes
     # (1, total, H, D) when cu_seqlens are given. Building the views in these shapes directly
     # saves a reshape per tensor per call.
-    if name == "cudnn_padded":
+    if name in ("cudnn_padded", "flash_cute"):
         return (b, s, h, d)
     return (1, b * s, h, d) if name == "efficient_seqused" else (b * s, h, d)
 
@@ -413,6 +427,9 @@ def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
                 seqused_q=lens, seqused_k=lens, causal=False,
             )
         )
+    if name == "flash_cute":
+        # Lengths past S clamped (the kernel must not read past the buffers); rows zeroed by the caller.
+        return _flash_cute.attention(q, k, v, lens.clamp(0, s), zero_tail=False)
     if name == "cudnn_padded":
         try:
             return _cudnn_frontend.ragged_attention(q, k, v, lens, zero_tail=False)  # the masked write zeroes them
@@ -455,6 +472,9 @@ class _Binding:
         device = self.out.device
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         self.name = kernel or _kernel_for(self.device_index, dtype)
+        if self.name == "flash_cute" and not _flash_cute.supports_head_dim(d):
+            _log_once(f"{PLUGIN_NAME}: head dim {d} is not one FlashAttention's CuTe kernel is built for; this shape runs on flash_seqused")
+            self.name = "flash_seqused"
         self.lens = cache.view(seq_lens_ptr, (b,), torch.int32)
         self.lens_col = cache.view(seq_lens_ptr, (b, 1), torch.int32)
         self.stream = cache.stream(stream_handle, device)
@@ -466,31 +486,49 @@ class _Binding:
         self.qkv = None if mode == MODE_FP8 else tuple(cache.view(p, kshape, dtype) for p in self.ptrs)
         if write not in ("auto", "direct", "masked"):
             raise ConfigError(f"{PLUGIN_NAME}: write must be 'auto', 'direct' or 'masked', got {write!r}")
-        # Direct: cuDNN writes TensorRT's buffer itself, then one kernel zeroes the padded rows.
+        # Direct: the kernel writes TensorRT's buffer itself, then one kernel zeroes the padded
+        # rows (cuDNN's padding-mask graph and FlashAttention's CuTe kernel take an output).
         # Masked: the kernel's own result is copied in by one masked write (every other kernel).
-        wants_direct = self.name == "cudnn_padded" and mode == MODE_NATIVE and write != "masked"
-        self.zero_tail = _cudnn_frontend.zero_tail_launcher(self.out, self.lens) if wants_direct else None
+        wants_direct = self.name in DIRECT_WRITE_KERNELS and mode == MODE_NATIVE and write != "masked"
+        self.zero_tail = _tail.zero_tail_launcher(self.out, self.lens) if wants_direct else None
         if write == "direct" and self.zero_tail is None:
-            raise ConfigError(f"{PLUGIN_NAME}: a direct write needs the cudnn_padded kernel in mode 0 and Triton; this call runs {self.name}")
+            raise ConfigError(
+                f"{PLUGIN_NAME}: a direct write needs one of {DIRECT_WRITE_KERNELS} in mode 0 and Triton; "
+                f"this call runs {self.name}"
+            )
         self.direct = self.zero_tail is not None
-        self.launchers: dict[int, Callable[[], None]] = {}  # thread id -> prepared cuDNN launch
+        self.launchers: dict[int, Callable[[], None]] = {}  # thread id -> prepared launch
         with torch.cuda.stream(self.stream):
             self.lens_safe = torch.empty((b,), dtype=torch.int32, device=device) if self.direct else None
 
-    def _run_direct(self) -> bool:
-        """cuDNN straight into ``out`` (lengths clamped to S first: cuDNN must not read past the
-        buffers), then the padded rows zeroed. False when cuDNN refuses the shape."""
+    def _launcher(self) -> Callable[[], None] | None:
+        """This thread's launch of the kernel into ``out`` with the clamped lengths, made once;
+        None when cuDNN refuses the shape (the binding then takes the masked path for good)."""
         launch = self.launchers.get(threading.get_ident())
-        if launch is None:
-            assert self.qkv is not None and self.lens_safe is not None
-            q, k, v = self.qkv
+        if launch is not None:
+            return launch
+        assert self.qkv is not None and self.lens_safe is not None
+        q, k, v = self.qkv
+        lens, out = self.lens_safe, self.out
+        if self.name == "flash_cute":
+            def launch() -> None:
+                _flash_cute.attention(q, k, v, lens, out=out, zero_tail=False)
+        else:
             try:
-                launch = _cudnn_frontend.prepare(q, k, v, self.lens_safe, self.out)
+                launch = _cudnn_frontend.prepare(q, k, v, lens, out)
             except _cudnn_frontend.CudnnGraphUnsupportedError as e:
                 _log_once(f"{PLUGIN_NAME}: {e}; this shape runs on flash_seqused")
                 self.direct = False
-                return False
-            self.launchers[threading.get_ident()] = launch
+                return None
+        self.launchers[threading.get_ident()] = launch
+        return launch
+
+    def _run_direct(self) -> bool:
+        """The kernel straight into ``out`` (lengths clamped to S first: it must not read past
+        the buffers), then the padded rows zeroed. False when cuDNN refuses the shape."""
+        launch = self._launcher()
+        if launch is None:
+            return False
         torch.clamp(self.lens, 0, self.shape[1], out=self.lens_safe)
         launch()
         self.zero_tail()  # type: ignore[misc]  # set whenever direct is
@@ -535,8 +573,9 @@ def enqueue_core(
     Exactly what TensorRT hands ``enqueue``: raw pointers, each input's own dims, one dtype and
     a ``cudaStream_t``. All work is queued on that stream (``torch.cuda.ExternalStream``), never
     on PyTorch's current stream: TensorRT produced the inputs on it and reads the output after
-    it. Zero copies of q, k, v. The output is written in place: with the cuDNN padding-mask
-    kernel (``write="auto"`` or ``"direct"``), cuDNN writes ``out_ptr`` itself and one Triton
+    it. Zero copies of q, k, v. The output is written in place: with FlashAttention's CuTe
+    kernel or the cuDNN padding-mask kernel (``DIRECT_WRITE_KERNELS``; ``write="auto"`` or
+    ``"direct"``), the kernel writes ``out_ptr`` itself and one Triton
     kernel zeroes the rows past each length; with any other kernel, or ``write="masked"``, the
     kernel's result is copied in by one fused masked write (``torch.where`` into the out view)
     that also zeroes those rows. The host never waits for the device. Temporaries (the kernel's

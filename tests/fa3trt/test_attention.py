@@ -162,7 +162,7 @@ def test_gpu_default_kernel_and_fp8() -> None:
     name = select_kernel("cuda")
     major, _ = torch.cuda.get_device_capability()
     if major == 9:
-        assert name in ("fa3", "cudnn")
+        assert name in ("fa3", "flash_cute", "cudnn")
     out = fa3trt.attention(q, k, v, mode=1)
     assert rel_err(out, reference_attention(q, k, v)) < 0.1
 
@@ -178,8 +178,37 @@ def test_ragged_batch_on_fused_qkv_views() -> None:
     assert not q.is_contiguous()
     lens = torch.tensor([700, 513, 9], dtype=torch.int32)
     want = reference_attention(q, k, v, lens.cuda())
-    for lens_on in (lens, lens.cuda(), lens.cuda(), lens):
-        got = run_kernel("cudnn", q, k, v, lens_on)
-        assert rel_err(got, want) < TOL[torch.bfloat16]
-        for i, n in enumerate(lens.tolist()):
-            assert torch.all(got[i, n:] == 0)
+    for name in [n for n in ("cudnn", "flash_cute") if n in available_kernels("cuda")]:
+        for lens_on in (lens, lens.cuda(), lens.cuda(), lens):
+            got = run_kernel(name, q, k, v, lens_on)
+            assert rel_err(got, want) < TOL[torch.bfloat16], name
+            for i, n in enumerate(lens.tolist()):
+                assert torch.all(got[i, n:] == 0), name
+
+
+@gpu
+def test_flash_cute_runs_on_the_current_stream_into_out() -> None:
+    """FlashAttention's CuTe kernel queues on torch's current stream (the TensorRT plugin sets
+    it to TensorRT's): q is written on a side stream after a long GPU sleep, so a launch on
+    any other stream reads zeros. With ``out=`` the result lands in the caller's buffer."""
+    if "flash_cute" not in available_kernels("cuda"):
+        pytest.skip("FlashAttention's CuTe DSL kernels are not installed (pip extra 'hopper') or the GPU is not sm90")
+    from fa3trt import _flash_cute
+
+    q_true, k, v = _qkv(2, 384, 8, 128, torch.bfloat16, "cuda")
+    lens = torch.tensor([384, 129], dtype=torch.int32, device="cuda")
+    q = torch.zeros_like(q_true)
+    out = torch.full_like(q, float("nan"))
+    _flash_cute.attention(q, k, v, lens, out=out)  # compile outside the race
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        q.copy_(q_true)
+        got = _flash_cute.attention(q, k, v, lens, out=out)
+    torch.cuda.synchronize()
+    assert got.data_ptr() == out.data_ptr()
+    want = reference_attention(q_true, k, v, lens)
+    assert rel_err(out[0], want[0]) < TOL[torch.bfloat16]
+    assert rel_err(out[1, :129], want[1, :129]) < TOL[torch.bfloat16]
+    assert torch.all(out[1, 129:] == 0)

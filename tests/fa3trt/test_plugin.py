@@ -89,6 +89,16 @@ def test_enqueue_kernel_choice() -> None:
     assert choose_enqueue_kernel(torch.float32, with_frontend, sm90) == "efficient_seqused"
     with pytest.raises(ConfigError, match="cuDNN frontend is not available"):
         choose_enqueue_kernel(torch.float16, without, sm90, "cudnn_padded")
+    # FlashAttention's CuTe DSL kernel: after FA3, before cuDNN; never for fp32.
+    with_cute = ["flash_cute", *with_frontend]
+    assert choose_enqueue_kernel(torch.bfloat16, with_cute, sm90) == "flash_cute"
+    assert choose_enqueue_kernel(torch.bfloat16, ["fa3", *with_cute], sm90) == "fa3"
+    assert choose_enqueue_kernel(torch.float32, with_cute, sm90) == "efficient_seqused"
+    assert choose_enqueue_kernel(torch.float16, with_cute, sm90, "cudnn_padded") == "cudnn_padded"
+    with pytest.raises(ConfigError, match="CuTe DSL kernels are not available"):
+        choose_enqueue_kernel(torch.float16, with_frontend, sm90, "flash_cute")
+    with pytest.raises(ConfigError, match="cannot run torch.float32"):
+        choose_enqueue_kernel(torch.float32, with_cute, sm90, "flash_cute")
     # Every choice reads the lengths on the device: never a host-length kernel.
     for forced in (None, "cudnn", "math", "flash"):
         assert choose_enqueue_kernel(torch.float16, without, sm90, forced) in plugin.DEVICE_LENGTH_KERNELS
@@ -191,16 +201,16 @@ def test_enqueue_core_matches_reference(dtype: torch.dtype) -> None:
 @gpu
 @pytest.mark.parametrize("write", ["direct", "masked"])
 def test_enqueue_core_write_paths(write: str) -> None:
-    """Both ways of filling TensorRT's buffer: cuDNN straight into it plus a zeroing kernel, and
-    the masked copy of the kernel's own result. Lengths past S are clamped (cuDNN must not
+    """Both ways of filling TensorRT's buffer: the kernel straight into it plus a zeroing kernel,
+    and the masked copy of the kernel's own result. Lengths past S are clamped (no kernel may
     read past the buffers), a length of 0 gives an all-zero sequence; the buffer starts as NaN."""
     dtype = torch.bfloat16
     b, s, h, d = 4, 96, 4, 64
-    if write == "direct" and plugin._kernel_for(torch.cuda.current_device(), dtype) != "cudnn_padded":
-        with pytest.raises(ConfigError, match="direct write needs the cudnn_padded kernel"):
+    if write == "direct" and plugin._kernel_for(torch.cuda.current_device(), dtype) not in plugin.DIRECT_WRITE_KERNELS:
+        with pytest.raises(ConfigError, match="direct write needs one of"):
             _call(*_qkv(b, s, h, d, dtype), torch.full((b,), s, dtype=torch.int32, device="cuda"),
                   torch.empty(b, s, h, d, device="cuda", dtype=dtype), torch.cuda.current_stream(), write=write)
-        pytest.skip("the direct write runs with the cudnn_padded kernel only (sm90 with the cuDNN frontend)")
+        pytest.skip(f"the direct write runs with {plugin.DIRECT_WRITE_KERNELS} only (sm90 with one of them installed)")
     q, k, v = _qkv(b, s, h, d, dtype)
     lens = torch.tensor([96, 41, 0, 500], dtype=torch.int32, device="cuda")
     out = torch.full_like(q, float("nan"))

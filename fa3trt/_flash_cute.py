@@ -1,0 +1,100 @@
+"""FlashAttention's Hopper forward kernel from its CuTe DSL implementation (``flash_attn.cute``).
+
+Why: FA3 proper (``flash_attn_interface``) has no wheel and is built from source with nvcc.
+The same project (Dao-AILab flash-attention) ships its kernels rewritten in NVIDIA's CuTe DSL
+as Python wheels (``pip install "fa3trt[hopper]"``: ``flash-attn-4`` and
+``nvidia-cutlass-dsl``). On sm90 that package runs the FA3 design (TMA loads, warp-specialized
+producer/consumer warpgroups, softmax overlapped with the two GEMMs), compiled just in time.
+Its ``seqused_q/k`` path takes the padded (B, S, H, D) batch with per-sequence lengths on the
+device and launches only the query tiles inside each sequence (a varlen tile scheduler), and
+each tile stops at its sequence's last key: the ragged batch costs its useful work, in one
+launch, with no host sync.
+
+Compilation: one JIT compile per (dtype, head dim, dense or ragged, ...) key, not per sequence
+length or batch size, on the first call of that key in a process (seconds; see
+docs/benchmarks.md). ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps the compiled kernels on
+disk for the next process. Output rows past a sequence's length are not written by the kernel;
+they are zeroed here (``fa3trt._tail``) unless the caller zeroes them itself.
+
+The package is imported lazily (``available()`` on an sm90 device), never when fa3trt is
+imported: its import loads the DSL's MLIR compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fa3trt._tail import zero_tail_
+
+__all__ = ["available", "attention", "INSTALL_HINT"]
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "fa3trt[hopper]" (flash-attn-4 and nvidia-cutlass-dsl[cu13] or [cu12] to match torch\'s CUDA)'
+
+_DTYPES = (torch.float16, torch.bfloat16)
+_HEAD_DIMS = (64, 96, 128, 192, 256)
+
+
+@functools.cache
+def _forward() -> Callable[..., Any] | None:
+    """The package's forward entry point, or None. It takes ``out=`` and returns (out, lse, ...)."""
+    try:
+        from flash_attn.cute.interface import _flash_attn_fwd  # type: ignore[import-not-found]
+    except Exception as e:  # ImportError, or OSError/RuntimeError from the DSL's native libraries
+        log.debug("FlashAttention CuTe DSL unavailable: %s", e)
+        return None
+    return _flash_attn_fwd  # type: ignore[no-any-return]
+
+
+def available(device: torch.device | str) -> bool:
+    """The kernel can run on ``device``: an sm90 GPU and the package imports."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 9 and _forward() is not None
+
+
+def supports_head_dim(d: int) -> bool:
+    return d in _HEAD_DIMS
+
+
+def supports(q: torch.Tensor) -> bool:
+    """fp16/bf16 and a head dim the sm90 kernel is built for."""
+    return q.dtype in _DTYPES and supports_head_dim(q.shape[-1])
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    zero_tail: bool = True,
+) -> torch.Tensor:
+    """Non-causal attention over a (B, S, H, D) batch on torch's current stream; no host sync.
+
+    ``seq_lens`` (int32 (B,), any device; each within [0, S], which callers guarantee or clamp):
+    keys past a length are never read and rows past it are zero (or left unwritten with
+    ``zero_tail=False``). ``out``: a contiguous (B, S, H, D) tensor of q's dtype to write into
+    instead of a new one. q, k, v may be strided views (a fused QKV projection's) whose last
+    dimension is contiguous.
+    """
+    fwd = _forward()
+    if fwd is None:
+        raise RuntimeError(f"the FlashAttention CuTe DSL kernels are not installed; {INSTALL_HINT}")
+    lens = None
+    if seq_lens is not None:
+        lens = seq_lens.to(device=q.device, dtype=torch.int32)
+        if not lens.is_contiguous():
+            lens = lens.contiguous()
+    result = fwd(q, k, v, seqused_q=lens, seqused_k=lens, causal=False, out=out)[0]
+    if lens is not None and zero_tail:
+        zero_tail_(result, lens)
+    return result  # type: ignore[no-any-return]
