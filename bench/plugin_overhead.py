@@ -4,7 +4,8 @@ For each shape (default: the seed's 1x15708x32x128 bf16, and a short 1x256x32x12
 in one process: host microseconds per call of
   bare      the attention kernel the plugin uses, called on torch tensors (its own output)
   core      fa3trt.plugin.enqueue_core on raw pointers with its view cache (steady state); with
-            the cuDNN kernel, cuDNN writes TensorRT's buffer and a Triton kernel zeroes the tails
+            a direct-write kernel (FlashAttention's CuTe kernel, cuDNN's padding-mask graph) the
+            kernel writes TensorRT's buffer and a Triton kernel zeroes the tails
   masked    enqueue_core with write="masked": the kernel's own result copied in by a masked write
             (the only way for kernels that take no output buffer; the cuDNN path before)
   uncached  enqueue_core with a fresh cache per call (views and constants rebuilt every call)
@@ -86,7 +87,7 @@ def _allocs(fn: Callable[[], None]) -> dict[str, int]:
     }
 
 
-def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int) -> dict[str, Any]:
+def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, name: str) -> dict[str, Any]:
     b, s, h, d = shape
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=dtype, generator=g) for _ in range(3))
@@ -95,7 +96,6 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int) ->
     # One side stream for all three (as TensorRT's would be): only host cost differs, and the
     # device timings below record their events on the stream the core queues its work on.
     stream = torch.cuda.Stream()
-    name = plugin._kernel_for(torch.cuda.current_device(), dtype)
     cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda")
     kshape = plugin._kernel_input_shape(name, b, s, h, d)
     qk, kk, vk = q.view(kshape), k.view(kshape), v.view(kshape)
@@ -146,10 +146,11 @@ def _parts(cache: Any, args: tuple[Any, ...], name: str, out: torch.Tensor, iter
     }
     if bind.direct:
         launch = next(iter(bind.launchers.values()))
+        if not bind.zero_first:
+            parts["clamp lengths (direct)"] = _host_us(lambda: torch.clamp(bind.lens, 0, bind.shape[1], out=bind.lens_safe), iters)
         parts.update({
-            "clamp lengths (direct)": _host_us(lambda: torch.clamp(bind.lens, 0, bind.shape[1], out=bind.lens_safe), iters),
-            "prepared cuDNN launch (direct)": _host_us(launch, iters),
-            "zero padded rows, Triton (direct)": _host_us(bind.zero_tail, iters),
+            f"prepared {name} launch (direct)": _host_us(launch, iters),
+            "zero padded rows" + (" + clamp lengths" if bind.zero_first else "") + ", Triton (direct)": _host_us(bind.zero_tail, iters),
         })
     parts.update({
         "lt keep mask (masked)": _host_us(lambda: torch.lt(bind.rows, bind.lens_col, out=bind.keep), iters),
@@ -204,6 +205,15 @@ def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, n
     return res
 
 
+def _default_kernels(dtype: torch.dtype) -> list[str]:
+    """The plugin's pick first, then the other direct-write kernels available on this GPU."""
+    from fa3trt.attention import available_kernels
+
+    pick = plugin._kernel_for(torch.cuda.current_device(), dtype)
+    here = available_kernels("cuda")
+    return [pick] + [k for k in plugin.DIRECT_WRITE_KERNELS if k != pick and k in here and dtype != torch.float32]
+
+
 def plot(results: list[dict[str, Any]], card: str, path: Path) -> None:
     import matplotlib
 
@@ -212,7 +222,7 @@ def plot(results: list[dict[str, Any]], card: str, path: Path) -> None:
 
     labels = ["x".join(map(str, r["shape"])) + f"\n{r['dtype']} ({r['kernel']})" for r in results]
     kinds = ["bare", "core", "masked", "uncached"]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(max(8, 2.5 * len(results)), 4))
     width = 0.2
     for j, kind in enumerate(kinds):
         vals = [r["host_us"][kind] for r in results]
@@ -234,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--iters", type=int, default=50, help="calls per timing (default 50)")
     p.add_argument("--out", default="docs/benchmarks", help="folder for plugin_overhead.json/.png")
+    p.add_argument("--kernels", default="", help="comma-separated plugin kernels (default: the plugin's own "
+                   "pick and every other kernel here that writes the output buffer directly)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("plugin_overhead needs a CUDA GPU; none is visible (run it on the GPU machine)", file=sys.stderr)
@@ -241,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name()
     print(f"card: {card} (sm{'.'.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}")
     dtype = getattr(torch, args.dtype)
-    results = [measure(shape, dtype, args.iters) for shape in args.shapes]
+    kernels = args.kernels.split(",") if args.kernels else _default_kernels(dtype)
+    results = [measure(shape, dtype, args.iters, name) for name in kernels for shape in args.shapes]
     hdr = f"{'shape':>18} {'kernel':>17} {'write':>7} {'bare us':>8} {'core us':>8} {'+us':>6} {'masked +us':>10} {'uncached +us':>12} {'dev ms':>8} {'allocs b/c':>10} {'MB b/c':>13} {'segs':>4} {'diff':>8}"
     print(hdr)
     for r in results:

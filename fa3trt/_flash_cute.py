@@ -91,7 +91,11 @@ def attention(
         raise RuntimeError(f"the FlashAttention CuTe DSL kernels are not installed; {INSTALL_HINT}")
     lens = None
     if seq_lens is not None:
-        lens = seq_lens.to(device=q.device, dtype=torch.int32)
+        if seq_lens.device.type == "cpu":
+            # Through page-locked memory, queued: a copy from pageable memory would block the
+            # host until the GPU drained, leaving it idle between launches.
+            seq_lens = seq_lens.to(torch.int32).pin_memory()
+        lens = seq_lens.to(device=q.device, dtype=torch.int32, non_blocking=True)
         if not lens.is_contiguous():
             lens = lens.contiguous()
     result = fwd(q, k, v, seqused_q=lens, seqused_k=lens, causal=False, out=out)[0]

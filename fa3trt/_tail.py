@@ -36,10 +36,15 @@ def triton_kernel() -> Any | None:
         return None
 
     @triton.jit
-    def zero_tail(out_ptr, lens_ptr, S, ROW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    def zero_tail(out_ptr, lens_ptr, clamped_ptr, S, ROW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                  CLAMP: tl.constexpr):
         b = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
         n = tl.load(lens_ptr + b)
+        if CLAMP:  # also write the lengths clamped into [0, S] (for a kernel launched after this one)
+            n = tl.minimum(tl.maximum(n, 0), S)
+            if tl.program_id(1) == 0:
+                tl.store(clamped_ptr + b, n)
         keep = (rows >= n) & (rows < S)  # rows to zero; all-false for a block inside the sequence
         base = out_ptr + b.to(tl.int64) * S * ROW + rows[:, None].to(tl.int64) * ROW
         zeros = tl.zeros((BLOCK_S, BLOCK_C), dtype=out_ptr.dtype.element_ty)
@@ -50,20 +55,28 @@ def triton_kernel() -> Any | None:
     return zero_tail
 
 
-def zero_tail_launcher(out: torch.Tensor, lens: torch.Tensor) -> Callable[[], None] | None:
+def zero_tail_launcher(
+    out: torch.Tensor, lens: torch.Tensor, clamp_into: torch.Tensor | None = None
+) -> Callable[[], None] | None:
     """A launch that zeroes out[b, lens[b]:] of a contiguous (B, S, ...) tensor in place, with
     its grid and arguments fixed once (for a caller that zeroes the same buffer again and
-    again), or None without Triton. Lengths past S zero nothing, lengths below 0 everything."""
+    again), or None without Triton. Lengths past S zero nothing, lengths below 0 everything.
+    With ``clamp_into`` (int32 (B,)), the same launch also writes the lengths clamped into
+    [0, S] there: for a kernel that runs next and must not read past S."""
     kernel = triton_kernel()
     b, s = out.shape[:2]
     row = math.prod(out.shape[2:])
     if kernel is None or not out.is_contiguous():
         return None
     grid = (b, -(-s // _BLOCK_S))
+    clamped = lens if clamp_into is None else clamp_into
+    clamp = clamp_into is not None
 
     def launch() -> None:
         if b and s and row:
-            kernel[grid](out, lens, s, ROW=row, BLOCK_S=_BLOCK_S, BLOCK_C=_BLOCK_C)
+            kernel[grid](out, lens, clamped, s, ROW=row, BLOCK_S=_BLOCK_S, BLOCK_C=_BLOCK_C, CLAMP=clamp)
+        elif clamp and b:
+            torch.clamp(lens, 0, s, out=clamped)
 
     return launch
 

@@ -317,11 +317,25 @@ def _math_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: to
     return _zero_tail_rows(o.transpose(1, 2).contiguous(), seq_lens)
 
 
+# Dense batches shorter than this run on cuDNN once its plan for the shape is paid for: on an
+# H200 (bf16, 32 heads of 128) cuDNN led FlashAttention's CuTe kernel at 8x2048 (620 vs 575
+# TFLOP/s), 16x1024 (589 vs 507) and 1x1024 (350 vs 253), and trailed it from 1x4096 up
+# (662 vs 692; 558 vs 669 at the seed's 1x15708). docs/benchmarks.md, section 1.
+_CUTE_DENSE_MIN_SEQ = 4096
+
+
 def _flash_cute_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
-    """FlashAttention's Hopper kernel (CuTe DSL): dense, or ragged through ``seqused_q/k`` in one
-    launch with the lengths on the device. fp32 and head dims it is not built for go to cuDNN."""
+    """FlashAttention's Hopper kernel (CuTe DSL) for ragged batches (``seqused_q/k``, one launch,
+    lengths on the device) and long dense ones; short dense shapes that recur go to cuDNN (see
+    above), fp32 and head dims it is not built for to the cuDNN kernel's own paths."""
     if not _flash_cute.supports(q):
         return _cudnn_kernel(q, k, v, seq_lens)
+    s = q.shape[1]
+    dense = seq_lens is None or (seq_lens.device.type == "cpu" and bool((seq_lens == s).all()))
+    if dense:
+        if s < _CUTE_DENSE_MIN_SEQ and _cudnn_ready(q, s):
+            return _sdpa_dense(q, k, v, "cudnn")
+        return _flash_cute.attention(q, k, v)
     return _flash_cute.attention(q, k, v, seq_lens)
 
 

@@ -457,7 +457,7 @@ class _Binding:
 
     __slots__ = ("ptrs", "dtype", "qkv", "lens", "lens_col", "out", "out_shape", "stream", "stream_ids",
                  "device_index", "cu", "rows", "keep", "keep4", "zero", "name", "mode", "shape", "direct",
-                 "lens_safe", "launchers", "zero_tail")
+                 "lens_safe", "launchers", "zero_tail", "zero_first")
 
     def __init__(self, cache: EnqueueCache, q_ptr: int, k_ptr: int, v_ptr: int, seq_lens_ptr: int, out_ptr: int,
                  q_shape: Shape, k_shape: Shape, v_shape: Shape, dtype: torch.dtype, stream_handle: int,
@@ -489,8 +489,16 @@ class _Binding:
         # Direct: the kernel writes TensorRT's buffer itself, then one kernel zeroes the padded
         # rows (cuDNN's padding-mask graph and FlashAttention's CuTe kernel take an output).
         # Masked: the kernel's own result is copied in by one masked write (every other kernel).
+        # FlashAttention's CuTe kernel writes no row past a length, so its padded rows are zeroed
+        # first, by the launch that also clamps the lengths it reads: one small kernel per call.
         wants_direct = self.name in DIRECT_WRITE_KERNELS and mode == MODE_NATIVE and write != "masked"
-        self.zero_tail = _tail.zero_tail_launcher(self.out, self.lens) if wants_direct else None
+        self.zero_first = self.name == "flash_cute"
+        with torch.cuda.stream(self.stream):
+            self.lens_safe = torch.empty((b,), dtype=torch.int32, device=device) if wants_direct else None
+        self.zero_tail = None
+        if wants_direct:
+            clamp_into = self.lens_safe if self.zero_first else None
+            self.zero_tail = _tail.zero_tail_launcher(self.out, self.lens, clamp_into=clamp_into)
         if write == "direct" and self.zero_tail is None:
             raise ConfigError(
                 f"{PLUGIN_NAME}: a direct write needs one of {DIRECT_WRITE_KERNELS} in mode 0 and Triton; "
@@ -498,8 +506,6 @@ class _Binding:
             )
         self.direct = self.zero_tail is not None
         self.launchers: dict[int, Callable[[], None]] = {}  # thread id -> prepared launch
-        with torch.cuda.stream(self.stream):
-            self.lens_safe = torch.empty((b,), dtype=torch.int32, device=device) if self.direct else None
 
     def _launcher(self) -> Callable[[], None] | None:
         """This thread's launch of the kernel into ``out`` with the clamped lengths, made once;
@@ -524,14 +530,19 @@ class _Binding:
         return launch
 
     def _run_direct(self) -> bool:
-        """The kernel straight into ``out`` (lengths clamped to S first: it must not read past
-        the buffers), then the padded rows zeroed. False when cuDNN refuses the shape."""
+        """The kernel straight into ``out`` with the lengths clamped to S (it must not read past
+        the buffers), and the padded rows zeroed. False when cuDNN refuses the shape."""
         launch = self._launcher()
         if launch is None:
             return False
-        torch.clamp(self.lens, 0, self.shape[1], out=self.lens_safe)
-        launch()
-        self.zero_tail()  # type: ignore[misc]  # set whenever direct is
+        zero_tail: Callable[[], None] = self.zero_tail  # type: ignore[assignment]  # set whenever direct is
+        if self.zero_first:
+            zero_tail()  # zeroes the padded rows and writes lens_safe
+            launch()
+        else:  # cuDNN leaves the padded rows undefined: zero them after it
+            torch.clamp(self.lens, 0, self.shape[1], out=self.lens_safe)
+            launch()
+            zero_tail()
         return True
 
     def run(self, cache: EnqueueCache) -> None:
