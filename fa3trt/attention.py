@@ -317,11 +317,12 @@ def _math_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: to
     return _zero_tail_rows(o.transpose(1, 2).contiguous(), seq_lens)
 
 
-# Dense batches shorter than this run on cuDNN once its plan for the shape is paid for: on an
-# H200 (bf16, 32 heads of 128) cuDNN led FlashAttention's CuTe kernel at 8x2048 (620 vs 575
-# TFLOP/s), 16x1024 (589 vs 507) and 1x1024 (350 vs 253), and trailed it from 1x4096 up
-# (662 vs 692; 558 vs 669 at the seed's 1x15708). docs/benchmarks.md, section 1.
-_CUTE_DENSE_MIN_SEQ = 4096
+# Dense batches shorter than this run on cuDNN once its plan for the shape is paid for. On
+# H200s (bf16, 32 heads of 128; three runs) cuDNN led FlashAttention's CuTe kernel at 1x1024
+# (350 vs 253 TFLOP/s), 16x1024 (589 vs 507) and 8x2048 (620 vs 575), was level at 1x4096
+# (634-662 vs 532-692, run to run), and trailed it from 1x6144 up (671 vs 719; 558-568 vs
+# 669-679 at the seed's 1x15708). docs/benchmarks.md, section 1.
+_CUTE_DENSE_MIN_SEQ = 6144
 
 
 def _flash_cute_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
