@@ -5,7 +5,8 @@
 #   bash bench/gpu_suite.sh long      # the serving benchmark on the seed (15000-16500) and 256-16384 mixes
 #   bash bench/gpu_suite.sh ray       # 2 GPUs: build jobs on both cards, two Serve replicas, build timing, 1 vs 2 replicas
 #   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation
-#                                     # (LAYERS=2, REPLICAS=1,2,4; PROFILE=1 PROFILE_AT=<s>: py-spy flame graphs of replicas and clients)
+#                                     # (LAYERS=2, REPLICAS=1,2,4, VERIFY=values|shape; PROFILE=1 PROFILE_AT=<s>: py-spy
+#                                     #  flame graphs of replicas and clients)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
@@ -65,8 +66,9 @@ case "$1" in
            py-spy record --pid "$pid" --duration 15 --rate 100 --nonblocking --output "$out/pyspy_$(tr -c 'A-Za-z0-9' _ </proc/$pid/comm | cut -c1-24)_$pid.svg" >/dev/null 2>&1 &
          done; wait) &
       fi
-      python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers "$layers" --mix 256-2048 \
-        --out "$out" --name "scaling_seed${layers}_256-2048_${n}gpu" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+      verify=${VERIFY:-values}  # VERIFY=shape: load clients check shape and dtype only (less of the shared host's bandwidth)
+      python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers "$layers" --mix 256-2048 --verify "$verify" \
+        --out "$out" --name "scaling_seed${layers}_256-2048_${n}gpu$([ "$verify" = values ] || echo "_verify-$verify")" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     else
       # Engines (torch artifacts where TensorRT is missing) for the served model, one per GPU type.
       timeout 240 python3 -m build_jobs --address auto --no-progress 2>&1 | tail -4 | tee -a "$log"

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from bench._common import card, pyplot, save, save_figure
-from bench.serve_load import handle_sender, make_inputs, parse_mix, run_load, stats_delta
+from bench.serve_load import VERIFY, handle_sender, make_inputs, parse_mix, run_load, stats_delta
 from bench.serving import app_args
 
 APP = "fa3trt-scaling"
@@ -39,7 +39,7 @@ class LoadClient:
     def __init__(self, app: str, hidden: int, mix: tuple[int, int], dtype: str, seed: int) -> None:
         self.app, self.hidden, self.mix, self.dtype, self.seed = app, hidden, mix, dtype, seed
 
-    def run(self, duration: float, concurrency: int, start_at: float) -> dict[str, Any]:
+    def run(self, duration: float, concurrency: int, start_at: float, verify: str = "values") -> dict[str, Any]:
         """Closed loop from ``start_at`` (wall clock) until ``start_at + duration``."""
         from ray import serve
 
@@ -47,7 +47,8 @@ class LoadClient:
         inputs = make_inputs(512, *self.mix, self.hidden, seed=self.seed, dtype=np.dtype(self.dtype))
         time.sleep(max(0.0, start_at - time.time()))
         t0 = time.time()
-        res = asyncio.run(run_load(handle_sender(handle), inputs, concurrency=concurrency, progress=False, duration=start_at + duration - t0))
+        res = asyncio.run(run_load(handle_sender(handle), inputs, concurrency=concurrency, progress=False,
+                                  duration=start_at + duration - t0, verify=verify))
         return {"start": t0, "end": time.time(), "requests": res.requests, "errors": res.errors, "completions": res.completions, "first_error": res.first_error}
 
 
@@ -117,6 +118,8 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="request payload dtype")
     p.add_argument("--goal", type=float, default=0.9, help="efficiency goal drawn on the plot")
+    p.add_argument("--verify", choices=VERIFY, default="values",
+                   help="load clients check each answer's values (one pass over its bytes) or only its shape and dtype")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default=None, help="result file name (default scaling_<preset>_<mix>)")
     args = p.parse_args()
@@ -160,7 +163,7 @@ def main() -> None:
 
         def drive(seconds: float) -> dict[str, Any]:
             start_at = time.time() + 3.0  # every client has made its inputs and handle by then
-            parts = ray.get([c.run.remote(seconds, args.concurrency_per_replica, start_at) for c in clients])
+            parts = ray.get([c.run.remote(seconds, args.concurrency_per_replica, start_at, args.verify) for c in clients])
             return merge(parts, (start_at + min(args.ramp, seconds / 2), start_at + seconds))
 
         drive(args.warmup)  # every replica sees every bucket's shapes before timing

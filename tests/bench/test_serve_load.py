@@ -66,3 +66,24 @@ def test_bad_arguments() -> None:
         asyncio.run(run_load(send, _inputs([1]), duration=0, progress=False))
     with pytest.raises(ValueError, match="at least one input"):
         asyncio.run(run_load(send, [], progress=False))
+
+
+def test_answer_checks() -> None:
+    """verify="values" refuses an answer holding NaN or Inf; "shape" checks shape and dtype only."""
+    async def nan_echo(x: np.ndarray) -> np.ndarray:
+        y = x.copy()
+        y[-1, 0] = np.nan
+        return y
+
+    async def wrong_shape(x: np.ndarray) -> np.ndarray:
+        return x[:-1].copy()
+
+    inputs = _inputs([3, 5])
+    res = asyncio.run(run_load(nan_echo, inputs, concurrency=2, progress=False))
+    assert res.errors == 2 and res.first_error is not None and "bad answer" in res.first_error
+    res = asyncio.run(run_load(nan_echo, inputs, concurrency=2, progress=False, verify="shape"))
+    assert res.errors == 0 and len(res.completions) == 2
+    res = asyncio.run(run_load(wrong_shape, inputs, concurrency=2, progress=False, verify="shape"))
+    assert res.errors == 2
+    with pytest.raises(ValueError, match="verify must be one of"):
+        asyncio.run(run_load(nan_echo, inputs, progress=False, verify="none"))
