@@ -91,6 +91,7 @@ def per_replica(before: dict[str, dict[str, Any]], after: dict[str, dict[str, An
             "replica": rid, "requests": sum(b["requests"] for b in d["buckets"].values()), "batches": batches,
             "busy_fraction": d.get("busy_fraction"),
             "compute_ms_per_batch": 1e3 * sum(b.get("compute_s", 0.0) for b in d["buckets"].values()) / max(1, batches),
+            "phases_ms_per_batch": d.get("phases_ms_per_batch", {}),
         })
     return rows
 
@@ -180,7 +181,9 @@ def main() -> None:
             print(f"   first error: {r['first_error']}")
         for row in r["replicas"]:
             busy = f"{100 * row['busy_fraction']:4.0f}%" if row["busy_fraction"] is not None else "   -"
-            print(f"   replica {row['replica'][:8]}: {row['requests']:5d} req {row['batches']:4d} batches  busy {busy}  {row['compute_ms_per_batch']:7.1f} ms/batch")
+            ph = row["phases_ms_per_batch"]
+            parts = "  (" + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()) + ")" if ph else ""
+            print(f"   replica {row['replica'][:8]}: {row['requests']:5d} req {row['batches']:4d} batches  busy {busy}  {row['compute_ms_per_batch']:7.1f} ms/batch{parts}")
         for c in clients:
             ray.kill(c)
         serve.delete(APP)

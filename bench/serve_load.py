@@ -239,6 +239,11 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any], seconds: float | 
             d["padding_ratio"] = 1 - d["tokens"] / d["computed_tokens"] if d["computed_tokens"] else 0.0
             buckets[edge] = d
     out: dict[str, Any] = {"replica": after.get("replica"), "buckets": buckets}
+    pa, pb = after.get("phases_s"), before.get("phases_s", {})
+    if pa:
+        n = pa["batches"] - pb.get("batches", 0)
+        if n:
+            out["phases_ms_per_batch"] = {k: 1e3 * (v - pb.get(k, 0.0)) / n for k, v in pa.items() if k != "batches"}
     if seconds and "busy_s" in after:
         out["busy_fraction"] = (after["busy_s"] - before.get("busy_s", 0.0)) / seconds
     return out
@@ -262,6 +267,9 @@ def print_summary(name: str, res: LoadResult, stats: dict[str, Any] | None = Non
         print(f"   first error: {res.first_error}")
     for edge, d in (stats or {}).get("buckets", {}).items():
         print(f"   bucket {edge:>6s}: {d['batches']:4d} batches, mean batch {d['mean_batch']:5.2f}, padding {100 * d['padding_ratio']:4.1f}%")
+    phases = (stats or {}).get("phases_ms_per_batch")
+    if phases:
+        print("   per batch (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
 
 
 def main() -> None:

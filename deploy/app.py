@@ -18,6 +18,7 @@ It is also the app's ingress: FastAPI over HTTP (``POST /v1/infer`` in .npy or J
 import asyncio
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -120,6 +121,11 @@ class _Metrics:
         self.failed = metrics.Counter("fa3trt_failed_requests", description="Requests whose batch failed.", tag_keys=tag)
         self.local = {e: {"batches": 0, "requests": 0, "max_batch": 0, "tokens": 0, "computed_tokens": 0, "failed": 0, "compute_s": 0.0} for e in edges}
         self.rejected_local = 0
+        # Where a batch's time goes, summed over batches (seconds; from the compute threads):
+        # staging the requests into one device batch, the model from launch to answers on the
+        # host, of which the device was busy ("gpu", CUDA events), and cutting the answers.
+        self.phases = {"assemble": 0.0, "model": 0.0, "gpu": 0.0, "answers": 0.0, "batches": 0}
+        self._phase_lock = threading.Lock()
         # Seconds with at least one batch in flight (the replica's busy time; batches of several
         # buckets overlap, so this is a union of intervals, not a sum). Event-loop only.
         self.busy_s = 0.0
@@ -136,6 +142,15 @@ class _Metrics:
         if self._active == 0:
             self.busy_s += time.perf_counter() - self._busy_since
 
+    def record_phases(self, assemble_s: float, model_s: float, gpu_s: float, answers_s: float) -> None:
+        with self._phase_lock:
+            p = self.phases
+            p["assemble"] += assemble_s
+            p["model"] += model_s
+            p["gpu"] += gpu_s
+            p["answers"] += answers_s
+            p["batches"] += 1
+
     def record(self, edge: int, lens: list[int], waits: list[float], compute_s: float) -> None:
         tags = {"bucket": str(edge)}
         self.batch_size.observe(len(lens), tags=tags)
@@ -150,6 +165,13 @@ class _Metrics:
         s["tokens"] += sum(lens)
         s["computed_tokens"] += len(lens) * max(lens)
         s["compute_s"] += compute_s
+
+
+def _timing_events(device: torch.device) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
+    """A pair of CUDA timing events on ``device`` (the model's device time), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
 
 def _rss_bytes() -> int | None:
@@ -279,15 +301,27 @@ class ModelReplica:
         """The batch's answers (an InvalidInputError for a request holding NaN or Inf), or why it
         failed (a message only: no traceback outlives the call)."""
         try:
+            t0 = time.perf_counter()
             x, lens = assemble(xs, self.backend.dtype, self.backend.device)
             finite = self._finite_rows(x) if self.args.reject_nonfinite else None
             # Back in the requests' dtype when they share float16 (half the bytes to move), else float32.
             out_dtype = torch.float16 if all(a.dtype == np.float16 for a in xs) else torch.float32
-            y = to_host(self.backend.run(x, lens).to(out_dtype)).numpy()
+            t1 = time.perf_counter()
+            events = _timing_events(x.device)
+            if events:
+                events[0].record()
+            y_dev = self.backend.run(x, lens).to(out_dtype)
+            if events:
+                events[1].record()
+            y = to_host(y_dev).numpy()
+            t2 = time.perf_counter()
             ok = finite.tolist() if finite is not None else [True] * len(xs)
         except Exception as e:
             return f"{type(e).__name__}: {e}"
-        return [y[i, : a.shape[0]] if ok[i] else self._nonfinite_error() for i, a in enumerate(xs)]
+        answers = [y[i, : a.shape[0]] if ok[i] else self._nonfinite_error() for i, a in enumerate(xs)]
+        gpu_s = events[0].elapsed_time(events[1]) / 1e3 if events else t2 - t1
+        self.metrics.record_phases(t1 - t0, t2 - t1, gpu_s, time.perf_counter() - t2)
+        return answers
 
     @staticmethod
     def _finite_rows(x: torch.Tensor) -> torch.Tensor:
@@ -389,6 +423,7 @@ class ModelReplica:
             "rss_bytes": _rss_bytes(),
             "rejected": self.metrics.rejected_local,
             "busy_s": self.metrics.busy_s,
+            "phases_s": dict(self.metrics.phases),
             "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
         }
 

@@ -87,3 +87,17 @@ def test_answer_checks() -> None:
     assert res.errors == 2
     with pytest.raises(ValueError, match="verify must be one of"):
         asyncio.run(run_load(nan_echo, inputs, progress=False, verify="none"))
+
+
+def test_stats_delta_per_batch_phases() -> None:
+    from bench.serve_load import stats_delta
+
+    before = {"replica": "r", "busy_s": 1.0, "buckets": {"256": {"batches": 2, "requests": 3, "tokens": 500, "computed_tokens": 512, "compute_s": 0.1}},
+              "phases_s": {"assemble": 0.01, "model": 0.05, "gpu": 0.04, "answers": 0.001, "batches": 2}}
+    after = {"replica": "r", "busy_s": 3.0, "buckets": {"256": {"batches": 6, "requests": 9, "tokens": 1500, "computed_tokens": 1536, "compute_s": 0.3}},
+             "phases_s": {"assemble": 0.03, "model": 0.13, "gpu": 0.12, "answers": 0.005, "batches": 6}}
+    d = stats_delta(before, after, seconds=4.0)
+    assert d["busy_fraction"] == pytest.approx(0.5)
+    assert d["buckets"]["256"]["mean_batch"] == pytest.approx(1.5)
+    assert d["phases_ms_per_batch"] == pytest.approx({"assemble": 5.0, "model": 20.0, "gpu": 20.0, "answers": 1.0})
+    assert stats_delta(before, {**after, "replica": "other"}) == {}

@@ -108,7 +108,8 @@ def test_client_errors_do_not_hurt_good_requests(cluster: dict[str, str], model:
 
 
 def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], model: torch.nn.Module) -> None:
-    before = requests.get(f"{URL}/v1/stats", timeout=30).json()["buckets"]
+    stats0 = requests.get(f"{URL}/v1/stats", timeout=30).json()
+    before = stats0["buckets"]
     rng = np.random.default_rng(3)
     small = [rng.standard_normal((int(n), 256)).astype(np.float32) for n in rng.integers(60, 128, 48)]
     mid = [rng.standard_normal((int(n), 256)).astype(np.float32) for n in rng.integers(300, 512, 8)]
@@ -117,8 +118,17 @@ def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], model
     for x, r in zip(small + mid, rs):
         assert r.status_code == 200
         np.testing.assert_allclose(np.load(io.BytesIO(r.content)), _expect(model, x), atol=ATOL)
-    after = requests.get(f"{URL}/v1/stats", timeout=30).json()["buckets"]
+    stats1 = requests.get(f"{URL}/v1/stats", timeout=30).json()
+    after = stats1["buckets"]
     d = {e: {k: after[e][k] - before[e][k] for k in ("requests", "tokens")} for e in after}
+    # Where the batches' time went: every batch timed, each phase within its batches' compute time.
+    p0, p1 = stats0["phases_s"], stats1["phases_s"]
+    n = p1["batches"] - p0["batches"]
+    assert n == sum(after[e]["batches"] - before[e]["batches"] for e in after) > 0
+    compute = sum(after[e]["compute_s"] - before[e]["compute_s"] for e in after)
+    phases = {k: p1[k] - p0[k] for k in ("assemble", "model", "gpu", "answers")}
+    assert all(v > 0 for k, v in phases.items() if k != "answers") and phases["answers"] >= 0, phases
+    assert phases["assemble"] + phases["model"] + phases["answers"] <= compute, (phases, compute)
     # Never mixed across buckets: each bucket saw exactly its own requests and tokens.
     assert d["128"] == {"requests": 48, "tokens": sum(len(x) for x in small)}
     assert d["512"] == {"requests": 8, "tokens": sum(len(x) for x in mid)}
