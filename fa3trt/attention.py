@@ -9,12 +9,14 @@ Contract:
   input dtype, announced once with a warning: the numerics of FP8 without its speed).
 
 The kernel is chosen once per device and logged: FA3 (``flash_attn_interface``) on sm90, else
-PyTorch SDPA (cuDNN first on sm90, flash otherwise), else math on CPU. ``FA3TRT_ATTN_KERNEL``
-overrides the choice. Ragged batches never use a dense boolean mask on GPU: FA3 uses
-``seqused_q/k``; the SDPA kernels run each sequence at its own length (lengths known on the
-host) or PyTorch's flash kernel with ``seqused_k`` (one launch, no host sync). The cuDNN
-kernel runs a shape once the work seen in it would have repaid cuDNN's plan build (see
-``_CUDNN_AFTER_FLOPS``) and the flash kernel before that.
+FlashAttention's CuTe DSL kernel on sm90 (``flash_attn.cute``, see ``fa3trt._flash_cute``; cuDNN
+for dense shapes under ``_CUTE_DENSE_MIN_SEQ``), else PyTorch SDPA (cuDNN first on sm90, flash
+otherwise), else math on CPU. ``FA3TRT_ATTN_KERNEL`` overrides the choice. Ragged batches never
+use a dense boolean mask on GPU: FA3 and the CuTe kernel use ``seqused_q/k``; the SDPA kernels
+run each sequence at its own length (lengths known on the host), cuDNN's padding-mask graph, or
+PyTorch's flash kernel with ``seqused_k`` (one launch, no host sync). The cuDNN kernel runs a
+shape once the work seen in it would have repaid cuDNN's plan build (see ``_CUDNN_AFTER_FLOPS``)
+and a plan-free kernel before that.
 """
 
 from __future__ import annotations
