@@ -78,7 +78,18 @@ def test_torch_backend_matches_model_per_sequence() -> None:
     y = be.run(x, lens)
     for i, r in enumerate(rows):
         assert rel_err(y[i, : len(r)], model(r[None])[0]) < 1e-5
+    seen: list[tuple[tuple[int, ...], list[int]]] = []
+    run = be.run
+
+    def recording_run(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        seen.append((tuple(x.shape), lens.tolist()))
+        return run(x, lens)
+
+    be.run = recording_run  # type: ignore[method-assign]
     be.warmup([(1, 8), (2, 16)])
+    # Every shape at full length, then one ragged batch at the smallest (kernels with a
+    # separately compiled ragged variant are ready for the first padded batch).
+    assert seen == [((1, 8, 256), [8]), ((2, 16, 256), [16, 16]), ((1, 8, 256), [4])]
 
 
 def test_load_backend_auto_and_errors() -> None:
