@@ -57,6 +57,11 @@ case "$1" in
     ray get-auth-token --generate >/dev/null 2>&1 || true
     ray start --head --num-gpus="$n" --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "shm|object store|Ray runtime started" | tee -a "$log"
     export RAY_ADDRESS=auto
+    # Every GPU's SM clock, power, temperature and utilization every 5 s through the run: a batch
+    # that takes longer with more replicas shows here if the cards themselves slowed down.
+    nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
+      --format=csv -l 5 >"$out/gpu_clocks_${1}_${n}gpu.csv" 2>/dev/null &
+    smi=$!
     if [ "$1" = scale ]; then
       if [ "${PROFILE:-0}" = 1 ] && command -v py-spy >/dev/null; then
         # Once the largest count is under load (PROFILE_AT s after the start; 180 suits 1,2,4), sample every replica and
@@ -93,6 +98,7 @@ PY
       serve shutdown -y >/dev/null 2>&1
     fi
     ray stop --force >/dev/null 2>&1
+    kill "$smi" 2>/dev/null
     ;;
   *) echo "usage: $0 kernels|serving|long|ray|scale|scale-serve" >&2; exit 2 ;;
 esac
