@@ -212,3 +212,16 @@ def test_flash_cute_runs_on_the_current_stream_into_out() -> None:
     assert rel_err(out[0], want[0]) < TOL[torch.bfloat16]
     assert rel_err(out[1, :129], want[1, :129]) < TOL[torch.bfloat16]
     assert torch.all(out[1, 129:] == 0)
+
+
+def test_flash_cute_without_the_package_or_a_gpu() -> None:
+    """Off sm90 (or without the wheels) the CuTe kernel is not offered, and calling it directly
+    says what to install."""
+    from fa3trt import _flash_cute
+
+    assert not _flash_cute.available("cpu")
+    q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
+    assert _flash_cute.supports(q) and not _flash_cute.supports(q.float()) and not _flash_cute.supports(q[..., :32])
+    if _flash_cute._forward() is None:
+        with pytest.raises(RuntimeError, match="hopper"):
+            _flash_cute.attention(q, q, q)
