@@ -123,7 +123,8 @@ class _Metrics:
         self.rejected_local = 0
         # Where a batch's time goes, summed over batches (seconds; from the compute threads):
         # staging the requests into one device batch, the model from launch to answers on the
-        # host, of which the device was busy ("gpu", CUDA events), and cutting the answers.
+        # host, of which the GPU was busy ("gpu", CUDA events; 0 on a CPU replica), and cutting
+        # the answers.
         self.phases = {"assemble": 0.0, "model": 0.0, "gpu": 0.0, "answers": 0.0, "batches": 0}
         self._phase_lock = threading.Lock()
         # Seconds with at least one batch in flight (the replica's busy time; batches of several
@@ -319,7 +320,7 @@ class ModelReplica:
         except Exception as e:
             return f"{type(e).__name__}: {e}"
         answers = [y[i, : a.shape[0]] if ok[i] else self._nonfinite_error() for i, a in enumerate(xs)]
-        gpu_s = events[0].elapsed_time(events[1]) / 1e3 if events else t2 - t1
+        gpu_s = events[0].elapsed_time(events[1]) / 1e3 if events else 0.0  # no GPU: none of its time
         self.metrics.record_phases(t1 - t0, t2 - t1, gpu_s, time.perf_counter() - t2)
         return answers
 
