@@ -152,6 +152,10 @@ class _Metrics:
             p["answers"] += answers_s
             p["batches"] += 1
 
+    def phases_snapshot(self) -> dict[str, float]:
+        with self._phase_lock:
+            return dict(self.phases)
+
     def record(self, edge: int, lens: list[int], waits: list[float], compute_s: float) -> None:
         tags = {"bucket": str(edge)}
         self.batch_size.observe(len(lens), tags=tags)
@@ -424,7 +428,7 @@ class ModelReplica:
             "rss_bytes": _rss_bytes(),
             "rejected": self.metrics.rejected_local,
             "busy_s": self.metrics.busy_s,
-            "phases_s": dict(self.metrics.phases),
+            "phases_s": self.metrics.phases_snapshot(),
             "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
         }
 
