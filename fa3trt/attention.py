@@ -320,10 +320,11 @@ def _math_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: to
 
 
 # Dense batches shorter than this run on cuDNN once its plan for the shape is paid for. On
-# H200s (bf16, 32 heads of 128; three runs) cuDNN led FlashAttention's CuTe kernel at 1x1024
-# (350 vs 253 TFLOP/s), 16x1024 (589 vs 507) and 8x2048 (620 vs 575), was level at 1x4096
-# (634-662 vs 532-692, run to run), and trailed it from 1x6144 up (671 vs 719; 558-568 vs
-# 669-679 at the seed's 1x15708). docs/benchmarks.md, section 1.
+# H200s (bf16, 32 heads of 128) cuDNN led FlashAttention's CuTe kernel at 1x1024 (350 vs 253
+# TFLOP/s) and 16x1024 (589 vs 507), the two were level within the run-to-run spread at 8x2048
+# (cuDNN 546-631, CuTe 570-679 over four to eight runs) and 1x4096 (554-662 vs 532-692), and
+# the CuTe kernel led from 1x6144 up (719 vs 671; 669-684 vs 558-579 at the seed's 1x15708).
+# docs/benchmarks.md, section 1.
 _CUTE_DENSE_MIN_SEQ = 6144
 
 
