@@ -32,7 +32,7 @@ import torch
 
 from fa3trt._tail import zero_tail_
 
-__all__ = ["available", "attention", "INSTALL_HINT"]
+__all__ = ["available", "attention", "supports", "supports_head_dim", "INSTALL_HINT"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def available(device: torch.device | str) -> bool:
 
 
 def supports_head_dim(d: int) -> bool:
+    """A head dim the sm90 kernel is built for."""
     return d in _HEAD_DIMS
 
 
