@@ -6,7 +6,10 @@ real lengths only) and are compared with the same kernel on the unmasked full 8x
 "cudnn+mask" is the dense boolean padding mask the project avoids, measured as the baseline.
 Goals: the default kernel >= 95% of the fastest at each dense shape; ragged >= 90% of unmasked.
 Every kernel is timed in the steady state of a recurring shape: the default (adaptive cuDNN)
-kernel is first called until the shape has repaid a cuDNN plan (fa3trt.attention).
+kernel is first called until the shape has repaid a cuDNN plan (fa3trt.attention). The goal's
+ragged/unmasked ratio is measured again in alternation (``--rounds`` pairs of timings back to
+back), the figure to trust: single timings minutes apart differ by up to ~9% on one card.
+The first call of each kernel and shape is timed too (JIT compiles and plan builds show there).
 
     python -m bench.attention --out docs/benchmarks
 """
