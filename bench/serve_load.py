@@ -115,12 +115,12 @@ async def run_load(
         raise ValueError("run_load needs at least one input")
     if duration is not None and duration <= 0:
         raise ValueError(f"duration must be > 0 seconds, got {duration}")
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
     lat: list[float] = []
     done: list[tuple[float, float, int]] = []
     errors: list[str] = []
     sent = [0, 0]  # requests, tokens
-    if verify not in VERIFY:
-        raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
     check_values = verify == "values"
     bar = tqdm(total=None if duration else len(inputs), desc=f"{mode} load", unit="req", disable=not progress, leave=False)
 
