@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh long      # the serving benchmark on the seed (15000-16500) and 256-16384 mixes
 #   bash bench/gpu_suite.sh ray       # 2 GPUs: build jobs on both cards, two Serve replicas, build timing, 1 vs 2 replicas
 #   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation
-#                                     # (LAYERS=2, REPLICAS=1,2,4, VERIFY=values|shape; PROFILE=1 PROFILE_AT=<s>: py-spy
+#                                     # (LAYERS=2, REPLICAS=1,2,4, VERIFY=values|shape, APP_JSON, SUFFIX; PROFILE=1 PROFILE_AT=<s>: py-spy
 #                                     #  flame graphs of replicas and clients)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 # Logs and results go to ${OUT:-docs/benchmarks}.
@@ -60,7 +60,7 @@ case "$1" in
     # Every GPU's SM clock, power, temperature and utilization every 5 s through the run: a batch
     # that takes longer with more replicas shows here if the cards themselves slowed down.
     nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
-      --format=csv -l 5 >"$out/gpu_clocks_${1}_${n}gpu.csv" 2>/dev/null &
+      --format=csv -l 5 >"$out/gpu_clocks_${1}_${n}gpu${SUFFIX:-}.csv" 2>/dev/null &
     smi=$!
     if [ "$1" = scale ]; then
       if [ "${PROFILE:-0}" = 1 ] && command -v py-spy >/dev/null; then
@@ -72,8 +72,10 @@ case "$1" in
          done; wait) &
       fi
       verify=${VERIFY:-values}  # VERIFY=shape: load clients check shape and dtype only (less of the shared host's bandwidth)
+      # APP_JSON: app arguments to override (e.g. '{"stream_per_bucket": false}'); SUFFIX names the result.
       python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers "$layers" --mix 256-2048 --verify "$verify" \
-        --out "$out" --name "scaling_seed${layers}_256-2048_${n}gpu$([ "$verify" = values ] || echo "_verify-$verify")" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+        --app-json "${APP_JSON:-{\}}" --out "$out" \
+        --name "scaling_seed${layers}_256-2048_${n}gpu$([ "$verify" = values ] || echo "_verify-$verify")${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     else
       # Engines (torch artifacts where TensorRT is missing) for the served model, one per GPU type.
       timeout 240 python3 -m build_jobs --address auto --no-progress 2>&1 | tail -4 | tee -a "$log"

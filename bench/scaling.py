@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import time
 from typing import Any
@@ -121,6 +122,7 @@ def main() -> None:
     p.add_argument("--goal", type=float, default=0.9, help="efficiency goal drawn on the plot")
     p.add_argument("--verify", choices=VERIFY, default="values",
                    help="load clients check each answer's values (one pass over its bytes) or only its shape and dtype")
+    p.add_argument("--app-json", default="{}", help="app arguments to override, as JSON (e.g. '{\"stream_per_bucket\": false}')")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default=None, help="result file name (default scaling_<preset>_<mix>)")
     args = p.parse_args()
@@ -129,6 +131,12 @@ def main() -> None:
         p.error(f"--replicas {args.replicas!r}: give positive replica counts, e.g. 1,2,4")
     if not 0 <= args.ramp < args.duration:
         p.error(f"--ramp {args.ramp} must be at least 0 and shorter than --duration {args.duration}")
+    try:
+        extra = json.loads(args.app_json)
+    except json.JSONDecodeError as e:
+        p.error(f"--app-json {args.app_json!r} is not JSON: {e}")
+    if not isinstance(extra, dict):
+        p.error(f"--app-json must be a JSON object of app arguments, got {args.app_json!r}")
 
     import ray
     from ray import serve
@@ -157,8 +165,8 @@ def main() -> None:
     results: dict[int, dict[str, Any]] = {}
     t_start = time.perf_counter()
     for n in counts:
-        store = {"store": args.store} if args.store else {}
-        serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend=args.backend, replicas=n, **store)), name=APP, route_prefix="/scaling")
+        over = ({"store": args.store} if args.store else {}) | extra
+        serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend=args.backend, replicas=n, **over)), name=APP, route_prefix="/scaling")
         clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
         app_handle = serve.get_app_handle(APP)
 

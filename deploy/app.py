@@ -16,6 +16,7 @@ It is also the app's ingress: FastAPI over HTTP (``POST /v1/infer`` in .npy or J
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -223,6 +224,14 @@ class ModelReplica:
             max_batch_tokens=self.args.batching.max_batch_tokens,
         )
         self.metrics = _Metrics(self.buckets.edges)
+        # One CUDA stream per bucket: a bucket's batch waits for its own copies and kernels only,
+        # and one bucket's copies overlap another's kernels. (On one shared stream every
+        # answer's sync also waited for whatever the other buckets had queued.) A bucket's
+        # batches stay in one stream's order, which the TensorRT backend's per-profile context
+        # and output buffer rely on.
+        dev = self.backend.device
+        own = dev.type == "cuda" and self.args.stream_per_bucket
+        self._streams = [torch.cuda.Stream(dev) if own else None for _ in self.buckets.edges]
         self.replica = self._replica_id()
         self._queues: list[Any] = []
         self._max_concurrent = 0
@@ -284,8 +293,11 @@ class ModelReplica:
         return run_batch
 
     def _run_split(self, xs: list[np.ndarray], edge: int) -> list[Any]:
-        """Run a batch; on failure retry its halves, so a failure stays with the requests that cause it."""
-        result = self._attempt(xs)
+        """Run a batch of the bucket ``edge`` on that bucket's stream; on failure retry its
+        halves, so a failure stays with the requests that cause it."""
+        stream = self._streams[self.buckets.edges.index(edge)]
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            result = self._attempt(xs)
         if not isinstance(result, str):
             return result
         # The failed attempt's frames (the batch, its activations) are gone with _attempt's

@@ -44,6 +44,7 @@ __all__ = [
     "custom_attn",
     "reference_attention",
     "select_kernel",
+    "lengths_on_device",
     "available_kernels",
     "run_kernel",
     "fp8_quantize",
@@ -415,6 +416,17 @@ def select_kernel(device: torch.device | str) -> str:
         log.info("attention kernel on %s: %s (%s)", device, name, why)
         _selected[key] = name
         return name
+
+
+def lengths_on_device(kernel: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``kernel`` takes a padded batch's lengths on the GPU with no host sync (FA3 and
+    FlashAttention's CuTe kernel, fp16/bf16, head dims they are built for). The SDPA kernels
+    dispatch on lengths on the host instead."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if kernel == "flash_cute":
+        return _flash_cute.supports_head_dim(head_dim)
+    return kernel == "fa3"
 
 
 def run_kernel(

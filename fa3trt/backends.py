@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from fa3trt import _trt
-from fa3trt.attention import select_kernel
+from fa3trt.attention import lengths_on_device, select_kernel
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
 from fa3trt.model import ModelConfig, build_model
@@ -69,14 +69,30 @@ class TorchBackend:
         self.weights = None if weights is None else os.fspath(weights)
         self.model = build_model(config, weights, self.device)
         self.kernel = select_kernel(self.device)
+        self._lengths_on_device = lengths_on_device(self.kernel, self.dtype, config.head_dim)
 
     def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden:
             raise InvalidInputError(f"x must have shape (batch, seq, {self.hidden}), got {tuple(x.shape)}")
+        b, s = int(x.shape[0]), int(x.shape[1])
+        lens = seq_lens.to("cpu", torch.int32)
+        if lens.shape != (b,):
+            raise InvalidInputError(f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(lens.shape)}")
+        if b and (int(lens.min()) < 0 or int(lens.max()) > s):
+            raise InvalidInputError(f"seq_lens must lie in [0, {s}] (the padded length), got {lens.tolist()}")
         x = x.to(self.device, self.dtype, non_blocking=True)
-        # Lengths stay on the host: the attention kernels dispatch per sequence without a sync.
         with torch.inference_mode():
-            return self.model(x, seq_lens.to("cpu", torch.int32))
+            if self.device.type != "cuda":
+                return self.model(x, lens)
+            # A batch with no padding runs the dense kernels, with no lengths at all. Otherwise,
+            # for a kernel that reads them there, the lengths checked above go to the GPU once,
+            # queued, so no layer waits on the host for them; the SDPA kernels dispatch on host
+            # lengths.
+            if bool((lens == s).all()):
+                return self.model(x, None)
+            if self._lengths_on_device:
+                return self.model(x, lens.pin_memory().to(self.device, non_blocking=True))
+            return self.model(x, lens)
 
     def warmup(self, shapes: Sequence[tuple[int, int]]) -> None:
         t0 = time.perf_counter()

@@ -109,7 +109,7 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(d, cfg.mlp_ratio * d)
         self.fc2 = nn.Linear(cfg.mlp_ratio * d, d)
 
-    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
         h, hd = self.cfg.heads, self.cfg.head_dim
         q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, h, hd).unbind(2)
@@ -133,10 +133,13 @@ class Transformer(nn.Module):
                 f"x must have shape (batch, seq, {self.cfg.hidden}), got {tuple(x.shape)}"
             )
         b, s, _ = x.shape
-        if seq_lens is None:
-            seq_lens = torch.full((b,), s, dtype=torch.int32, device=x.device)
         for blk in self.blocks:
             x = blk(x, seq_lens)
+        if seq_lens is None:  # every sequence fills the batch: nothing to mask
+            return self.norm(x)
+        if seq_lens.device != x.device and x.device.type == "cuda":
+            # Queued from page-locked memory: a copy from pageable memory would wait for the GPU.
+            seq_lens = seq_lens.pin_memory().to(x.device, non_blocking=True)
         keep = torch.arange(s, device=x.device)[None, :] < seq_lens.to(x.device)[:, None]
         return self.norm(x) * keep[:, :, None].to(x.dtype)
 

@@ -115,3 +115,11 @@ def test_nonfinite_requests_are_refused_in_the_batch(server: Any, model: torch.n
         server.args = server.args.model_copy(update={"reject_nonfinite": True})
     assert all(isinstance(y, np.ndarray) for y in ys) and np.isnan(ys[1]).any()
     assert rel_err(torch.from_numpy(ys[0]), _want(model, xs[0])) < 1e-4
+
+
+def test_streams_per_bucket_only_on_a_gpu(server: Any) -> None:
+    # A CPU replica has no streams to give its buckets; the setting defaults on and is validated.
+    assert server.args.stream_per_bucket is True
+    assert server._streams == [None, None]
+    with pytest.raises(ValueError, match="stream_per_bucket"):
+        ModelReplica({"model": {"preset": "tiny"}, "backend": "torch", "stream_per_bucket": "sometimes"})

@@ -10,7 +10,7 @@ import fa3trt
 from fa3trt.backends import Backend, TorchBackend, load_backend
 from fa3trt.buckets import Buckets, assemble, padding_ratio, split_rows, to_host
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
-from tests.utils import rel_err
+from tests.utils import gpu, rel_err
 
 
 def test_bucket_index_and_limits() -> None:
@@ -90,6 +90,42 @@ def test_torch_backend_matches_model_per_sequence() -> None:
     # Every shape at full length, then one ragged batch at the smallest (kernels with a
     # separately compiled ragged variant are ready for the first padded batch).
     assert seen == [((1, 8, 256), [8]), ((2, 16, 256), [16, 16]), ((1, 8, 256), [4])]
+
+
+def test_torch_backend_refuses_bad_lengths() -> None:
+    be = load_backend("torch", fa3trt.ModelConfig.preset("tiny"))
+    x = torch.randn(2, 8, 256)
+    with pytest.raises(InvalidInputError, match=r"seq_lens must lie in \[0, 8\].*\[9, 3\]"):
+        be.run(x, torch.tensor([9, 3], dtype=torch.int32))
+    with pytest.raises(InvalidInputError, match=r"seq_lens must lie in \[0, 8\].*\[-1, 3\]"):
+        be.run(x, torch.tensor([-1, 3], dtype=torch.int32))
+    with pytest.raises(InvalidInputError, match=r"shape \(2,\)"):
+        be.run(x, torch.tensor([8], dtype=torch.int32))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("lengths", [(64, 64, 64), (64, 17, 1)], ids=["full", "ragged"])
+def test_torch_backend_on_gpu_matches_each_sequence_alone_without_a_sync(lengths: tuple[int, ...], dtype: str) -> None:
+    """Full batches run without lengths, padded ones with lengths on the device (FA3 or the
+    CuTe kernel, bf16) or on the host (the SDPA kernels); no path waits on the GPU inside
+    ``run``, and every sequence equals the float32 model run on it alone."""
+    cfg = fa3trt.ModelConfig.preset("tiny", dtype=dtype)
+    be = load_backend("torch", cfg, device="cuda")
+    ref = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
+    rows = [torch.randn(n, cfg.hidden) for n in lengths]
+    x, lens = assemble(rows, be.dtype, be.device)
+    be.run(x, lens)  # compiles and plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = be.run(x, lens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    y = y.float().cpu()
+    for i, r in enumerate(rows):
+        assert rel_err(y[i, : len(r)], ref(r[None])[0]) < (1e-4 if dtype == "float32" else 3e-2)
+        assert not y[i, len(r):].any()
 
 
 def test_load_backend_auto_and_errors() -> None:
