@@ -9,6 +9,8 @@ processes starting together. Each batch is ``--batch`` requests of random length
 - ``staged``: the replica's path: float16 rows on the host staged into page-locked memory,
   one DMA in, the model, the answers back by one DMA (``fa3trt.buckets.assemble``/``to_host``).
 - ``staged-copy``: the staging alone, no model: the host side's own ceiling.
+- ``device+graphs``, ``staged+graphs``: the first two with the backend's CUDA graphs
+  (``cuda_graphs=True``; every batch shape captured before the clock starts).
 
 Per count and path it prints batches/s over all processes, the efficiency
 throughput(N) / (N x throughput(1)), and per batch: wall time, the GPU time between CUDA events
@@ -42,7 +44,7 @@ from fa3trt.backends import TorchBackend
 from fa3trt.buckets import assemble, to_host
 from fa3trt.model import ModelConfig
 
-PATHS = ("device", "staged", "staged-copy")
+PATHS = ("device", "staged", "staged-copy", "device+graphs", "staged+graphs")
 
 
 def _worker(rank: int, args: dict[str, Any], paths: list[str], barrier: Any, results: Any) -> None:
@@ -71,11 +73,17 @@ def _loops(rank: int, args: dict[str, Any], paths: list[str], barrier: Any, resu
     backend.warmup([max(((x.shape[0], x.shape[1]) for x, _ in on_device), key=lambda bs: bs[1])])
     for x, lens in on_device[:4]:
         backend.run(x, lens)
+    graphed = None
+    if any(p.endswith("+graphs") for p in paths):
+        graphed = TorchBackend(cfg, device=device, cuda_graphs=True)
+        for x, lens in on_device:  # captures every shape the loop will see
+            graphed.run(x, lens)
     if cuda:
         torch.cuda.synchronize(device)
     for path in paths:
         barrier.wait()
-        results.put(_loop(rank, args, path, backend, batches, on_device))
+        be = graphed if path.endswith("+graphs") and graphed is not None else backend
+        results.put(_loop(rank, args, path.removesuffix("+graphs"), be, batches, on_device) | {"path": path})
 
 
 def _loop(rank: int, args: dict[str, Any], path: str, backend: TorchBackend, batches: list[list[np.ndarray]],

@@ -222,6 +222,7 @@ class ModelReplica:
             store=self.args.store,
             build_if_missing=self.args.build_if_missing,
             max_batch_tokens=self.args.batching.max_batch_tokens,
+            cuda_graphs=self.args.cuda_graphs,
         )
         self.metrics = _Metrics(self.buckets.edges)
         # One CUDA stream per bucket: a bucket's batch waits for its own copies and kernels only,
@@ -264,7 +265,11 @@ class ModelReplica:
             for i, (size, wait) in enumerate(self.limits):
                 queue = serve.batch(max_batch_size=size, batch_wait_timeout_s=wait, max_concurrent_batches=self._max_concurrent)
                 self._queues.append(queue(self._make_batch_fn(i)))  # type: ignore[arg-type]  # Ray's stub types only the sync form
-            self.backend.warmup(sorted({(b, e) for (size, _), e in zip(self.limits, self.buckets.edges) for b in (1, size)}))
+            # Each bucket warms on its own stream (per-stream library state; CUDA graphs are
+            # captured per stream).
+            for (size, _), e, stream in zip(self.limits, self.buckets.edges, self._streams):
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    self.backend.warmup(sorted({(1, e), (size, e)}))
             log.info("fa3trt replica %s ready in %.1fs: %s", self.replica, time.perf_counter() - self._t0, self.backend.describe())
         else:
             if batching.max_concurrent_batches != self._max_concurrent:

@@ -87,6 +87,7 @@ class AppArgs(_Strict):
     max_body_bytes: int = Field(64 << 20, ge=1024, le=1 << 32, description="Largest HTTP request body; larger ones get 413.")
     reject_nonfinite: bool = Field(True, description="Refuse inputs holding NaN or Inf (422); checked on the device, in the batch.")
     numa_affinity: bool = Field(True, description="Keep each GPU replica's threads on the CPUs of its GPU's NUMA node.")
+    cuda_graphs: bool = Field(False, description="Torch backend on a GPU: run batches as CUDA graphs, one per batch shape (rounded up: fewer than half again as many sequences, lengths to a multiple of 128), captured on first use; needs FA3 or the CuTe kernel (pip extra hopper).")
     stream_per_bucket: bool = Field(True, description="GPU replicas: each bucket's batches on a CUDA stream of their own, so one bucket's copies and answers never wait on another's kernels (false: every bucket on the default stream).")
     replica_cpus: int | Literal["auto"] = Field("auto", description="CPUs reserved per GPU replica (its PyTorch threads stage batches): auto = half its share of the cluster's CPUs, 1 to 4.")
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest time a request may take end to end.")

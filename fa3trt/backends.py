@@ -15,7 +15,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from fa3trt import _trt
+from fa3trt import _flash_cute, _trt
+from fa3trt._graphs import GraphRunner
 from fa3trt.attention import lengths_on_device, select_kernel
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
@@ -55,12 +56,20 @@ def default_device() -> torch.device:
 
 
 class TorchBackend:
-    """The PyTorch model, eager, in inference mode, on CPU or CUDA."""
+    """The PyTorch model in inference mode, on CPU or CUDA: eager, or on CUDA with
+    ``cuda_graphs`` as CUDA graphs per batch shape (``fa3trt._graphs``: batches rounded up to
+    a graph's shape, the sequence length to a multiple of ``graph_seq_step``)."""
 
     name = "torch"
 
     def __init__(
-        self, config: ModelConfig, weights: str | os.PathLike[str] | None = None, device: torch.device | str | None = None
+        self,
+        config: ModelConfig,
+        weights: str | os.PathLike[str] | None = None,
+        device: torch.device | str | None = None,
+        *,
+        cuda_graphs: bool = False,
+        graph_seq_step: int = 128,
     ) -> None:
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
@@ -70,6 +79,19 @@ class TorchBackend:
         self.model = build_model(config, weights, self.device)
         self.kernel = select_kernel(self.device)
         self._lengths_on_device = lengths_on_device(self.kernel, self.dtype, config.head_dim)
+        self.graphs: GraphRunner | None = None
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                raise ConfigError(f"cuda_graphs needs a CUDA device and this backend runs on {self.device}; set cuda_graphs to false")
+            if not self._lengths_on_device:
+                raise ConfigError(
+                    f"cuda_graphs needs an attention kernel that reads the lengths on the GPU (FA3, or FlashAttention's "
+                    f"CuTe kernel: fp16/bf16 on sm90, {_flash_cute.INSTALL_HINT}); this device runs {self.kernel!r} "
+                    f"in {config.dtype}: install it, or set cuda_graphs to false"
+                )
+            if graph_seq_step < 1:
+                raise ConfigError(f"graph_seq_step must be >= 1, got {graph_seq_step}")
+            self.graphs = GraphRunner(self.model, self.hidden, self.dtype, self.device, seq_step=graph_seq_step)
 
     def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden:
@@ -88,6 +110,10 @@ class TorchBackend:
             # for a kernel that reads them there, the lengths checked above go to the GPU once,
             # queued, so no layer waits on the host for them; the SDPA kernels dispatch on host
             # lengths.
+            if self.graphs is not None:
+                y = self.graphs.run(x, lens.pin_memory().to(self.device, non_blocking=True))
+                if y is not None:
+                    return y
             if bool((lens == s).all()):
                 return self.model(x, None)
             if self._lengths_on_device:
@@ -123,6 +149,7 @@ class TorchBackend:
             "device_name": name,
             "dtype": self.config.dtype,
             "attention_kernel": self.kernel,
+            "cuda_graphs": None if self.graphs is None else {"captured": len(self.graphs), "seq_step": self.graphs.seq_step},
             "model": self.config.to_dict(),
             "weights": self.weights,
         }
@@ -138,6 +165,7 @@ def load_backend(
     store: str | None = None,
     build_if_missing: bool = False,
     max_batch_tokens: int | None = None,
+    cuda_graphs: bool = False,
 ) -> Backend:
     """Pick and construct a backend. ``config`` defaults to the ``tiny`` preset.
 
@@ -159,7 +187,9 @@ def load_backend(
             log.info("backend auto -> tensorrt: TensorRT %s and a CUDA GPU are present", _trt.version())
             kind = "tensorrt"
     if kind == "torch":
-        return TorchBackend(config, weights, device)
+        return TorchBackend(config, weights, device, cuda_graphs=cuda_graphs)
+    if cuda_graphs:
+        log.info("cuda_graphs applies to the torch backend; the TensorRT engine runs as built")
     if not torch.cuda.is_available():
         raise MissingDependencyError("backend 'tensorrt' needs a CUDA GPU and none is visible; use backend 'torch'")
     _trt.trt()  # raises with the install hint

@@ -1,0 +1,110 @@
+"""CUDA graphs of the model for the torch backend (``TorchBackend(cuda_graphs=True)``).
+
+A batch of (B, S) runs as the replay of a graph captured for (B rounded up to a power of two,
+S rounded up to a multiple of ``seq_step``): one launch instead of the model's few dozen,
+so the host's share of a batch, which the eager model pays per kernel and under contention,
+nearly vanishes. The price is the rounding: padded rows and sequences are computed and dropped.
+
+Graphs are captured on first use of their shape (an eager run first, so kernels are compiled
+and libraries have their workspaces), each into a memory pool shared by the graphs replayed on
+the same CUDA stream: replays on one stream never overlap, and each replay's output is copied
+out before the next replay is queued, so the pool's buffers are reused safely. A replica's
+buckets have a stream each (deploy.app), so their graphs run side by side.
+
+The lengths go to the graph on the device and padded sequences get length 0, so every shape is
+one graph whatever its lengths: only kernels that take lengths on the device with no host
+sync (FA3, FlashAttention's CuTe kernel; ``fa3trt.attention.lengths_on_device``) qualify.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["GraphRunner"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor  # static input (B, S, hidden)
+    lens: torch.Tensor  # static lengths (B,), int32, on the device
+    y: torch.Tensor  # static output
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class GraphRunner:
+    """Runs ``model(x, lens)`` through CUDA graphs keyed by rounded shape and stream."""
+
+    def __init__(self, model: torch.nn.Module, hidden: int, dtype: torch.dtype, device: torch.device,
+                 seq_step: int = 128, max_graphs: int = 256) -> None:
+        self.model, self.hidden, self.dtype, self.device = model, hidden, dtype, device
+        self.seq_step, self.max_graphs = seq_step, max_graphs
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._pools: dict[int, Any] = {}  # stream handle -> memory pool of the graphs it replays
+        self._lock = threading.Lock()
+        self._full_logged = False
+
+    def shape_for(self, b: int, s: int) -> tuple[int, int]:
+        """The graph shape a (b, s) batch runs in: b rounded up to 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+        (fewer than half again as many sequences), s up to a multiple of ``seq_step``."""
+        p = 1 << max(0, b - 1).bit_length()  # the power of two at or above b
+        gb = 3 * p // 4 if p >= 4 and b <= 3 * p // 4 else p
+        return gb, -(-s // self.seq_step) * self.seq_step
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def run(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor | None:
+        """``x`` (b, s, hidden) in the model dtype on the device, ``lens`` int32 (b,) on the
+        device; the output (b, s, hidden), a tensor of its own. None when the graph budget
+        (``max_graphs``) is spent and this shape has no graph: run it eagerly."""
+        b, s = int(x.shape[0]), int(x.shape[1])
+        stream = torch.cuda.current_stream(self.device)
+        gb, gs = self.shape_for(b, s)
+        key = (gb, gs, stream.cuda_stream)
+        g = self._graphs.get(key)
+        if g is None:
+            with self._lock:
+                g = self._graphs.get(key)
+                if g is None:
+                    if len(self._graphs) >= self.max_graphs:
+                        if not self._full_logged:
+                            log.warning("%d CUDA graphs captured (max_graphs); new shapes run eagerly", len(self._graphs))
+                            self._full_logged = True
+                        return None
+                    g = self._capture(gb, gs, stream)
+                    self._graphs[key] = g
+        with g.lock:
+            g.x[:b, :s].copy_(x)
+            if s < gs:
+                g.x[:b, s:].zero_()
+            g.lens[:b].copy_(lens)
+            g.lens[b:].zero_()
+            g.graph.replay()
+            return g.y[:b, :s].clone()
+
+    def _capture(self, b: int, s: int, stream: torch.cuda.Stream) -> _Graph:
+        x = torch.zeros(b, s, self.hidden, dtype=self.dtype, device=self.device)
+        lens = torch.full((b,), s, dtype=torch.int32, device=self.device)
+        # One eager run on this stream first: kernels compile, cuBLAS and cuDNN set up their
+        # handles and workspaces for the stream, outside the capture.
+        self.model(x, lens)
+        stream.synchronize()
+        pool = self._pools.get(stream.cuda_stream)
+        graph = torch.cuda.CUDAGraph()
+        # Captured on torch's side stream (another thread of this bucket may queue work on
+        # ``stream`` meanwhile) and replayed on ``stream``; thread_local: other buckets' threads
+        # keep running their own streams during the capture.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            y = self.model(x, lens)
+        if pool is None:
+            self._pools[stream.cuda_stream] = graph.pool()
+        log.info("captured a CUDA graph for batch %d x %d tokens on stream %#x", b, s, stream.cuda_stream)
+        return _Graph(graph, x, lens, y)

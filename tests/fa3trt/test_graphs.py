@@ -1,0 +1,93 @@
+"""CUDA graphs in the torch backend (``cuda_graphs=True``). GPU tests need FA3 or the CuTe
+kernel (lengths on the device); every answer is checked against the float32 model run on
+each sequence alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fa3trt
+from fa3trt._graphs import GraphRunner
+from fa3trt.attention import lengths_on_device, select_kernel
+from fa3trt.backends import TorchBackend, load_backend
+from fa3trt.errors import ConfigError
+from tests.utils import gpu, rel_err
+
+
+def test_graph_shapes_round_up_a_little() -> None:
+    g = GraphRunner(torch.nn.Identity(), 8, torch.float32, torch.device("cpu"), seq_step=128)
+    assert [g.shape_for(b, 1)[0] for b in range(1, 18)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24]
+    assert [g.shape_for(1, s)[1] for s in (1, 128, 129, 2048, 2049)] == [128, 128, 256, 2048, 2176]
+    # Fewer than half again as many sequences as the batch holds.
+    assert all(b <= g.shape_for(b, 1)[0] < 1.5 * b for b in range(1, 300))
+
+
+def test_cuda_graphs_need_a_gpu_and_a_device_length_kernel() -> None:
+    cfg = fa3trt.ModelConfig.preset("tiny")
+    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device.*runs on cpu"):
+        TorchBackend(cfg, device="cpu", cuda_graphs=True)
+    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device"):
+        load_backend("torch", cfg, device="cpu", cuda_graphs=True)
+    assert load_backend("torch", cfg, device="cpu").describe()["cuda_graphs"] is None
+
+
+@pytest.fixture(scope="module")
+def graphed() -> tuple[TorchBackend, torch.nn.Module]:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not lengths_on_device(select_kernel("cuda"), torch.bfloat16, 64):
+        pytest.skip("needs FA3 or FlashAttention's CuTe kernel (sm90, pip extra hopper)")
+    cfg = fa3trt.ModelConfig.preset("tiny", dtype="bfloat16")
+    return TorchBackend(cfg, device="cuda", cuda_graphs=True), fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
+
+
+@gpu
+def test_graphed_batches_match_each_sequence_alone(graphed: tuple[TorchBackend, torch.nn.Module]) -> None:
+    be, ref = graphed
+    assert be.graphs is not None
+    g = torch.Generator().manual_seed(0)
+    for lengths in [(100, 37, 1), (120, 120, 120), (5, 90, 64, 3, 128), (300,), (0, 7)]:
+        rows = [torch.randn(n, 256, generator=g) for n in lengths]
+        x, lens = fa3trt.buckets.assemble(rows, be.dtype, be.device)
+        y = be.run(x, lens).float().cpu()
+        assert y.shape == (len(rows), max(lengths), 256)
+        for i, r in enumerate(rows):
+            if len(r):
+                assert rel_err(y[i, : len(r)], ref(r[None])[0]) < 3e-2, (lengths, i)
+            assert not y[i, len(r):].any()
+    # (3, 100) and (3, 120) share one graph; (5, ...) ran in a (6, 128) graph, (1, 300) in (1, 384), (2, 7) in (2, 128).
+    assert len(be.graphs) == 4 and be.describe()["cuda_graphs"]["captured"] == 4
+
+
+@gpu
+def test_a_replay_never_waits_on_the_gpu_and_answers_are_its_own(graphed: tuple[TorchBackend, torch.nn.Module]) -> None:
+    be, _ = graphed
+    a = torch.randn(2, 60, 256, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(2, 60, 256, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([60, 31], dtype=torch.int32)
+    be.run(a, lens)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ya = be.run(a, lens)
+        yb = be.run(b, lens)  # same graph: must not overwrite ya
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager = be.model(a, lens.cuda())
+    assert rel_err(ya.float(), eager.float()) < 1e-2 and rel_err(yb.float(), ya.float()) > 0.5
+
+
+@gpu
+def test_each_stream_has_its_own_graphs(graphed: tuple[TorchBackend, torch.nn.Module]) -> None:
+    be, _ = graphed
+    assert be.graphs is not None
+    x = torch.randn(1, 200, 256, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([200], dtype=torch.int32)
+    before = len(be.graphs)
+    ys = []
+    for stream in (torch.cuda.Stream(), torch.cuda.Stream()):
+        with torch.cuda.stream(stream):
+            ys.append(be.run(x, lens))
+        stream.synchronize()
+    assert len(be.graphs) == before + 2 and rel_err(ys[0].float(), ys[1].float()) < 1e-3
