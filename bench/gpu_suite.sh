@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log
 serving() { python3 -m bench.serving --preset seed --layers 2 "$@" --out "$out" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"; }
 case "$1" in
   kernels)
-    python3 -m pytest -q -m gpu tests/fa3trt tests/deploy/test_gpu_oom.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -25
+    python3 -m pytest -q -m gpu tests/fa3trt tests/deploy/test_gpu_oom.py tests/deploy/test_gpu_streams.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -25
     for b in ${BENCHES:-attention plugin_overhead host_path model_throughput cudnn_ragged_probe}; do
       [ -f "bench/$b.py" ] && python3 -m bench.$b --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     done
@@ -49,6 +49,9 @@ case "$1" in
     nvidia-smi topo -m 2>&1 | grep -E "^GPU|CPU Affinity" | tee -a "$log"
     lscpu 2>/dev/null | grep -iE "^Socket|^NUMA node" | tee -a "$log"
     layers=${LAYERS:-2}
+    # The model alone on 1, 2, 4 ... GPUs, without Ray: what the cards and the host allow.
+    [ "$1" = scale ] && python3 -m bench.multi_gpu --gpus "$counts" --layers "$layers" --out "$out" \
+      --name "multi_gpu_seed${layers}_256-2048_${n}gpu${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "Warning|warn" | tee -a "$log"
     export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=$layers
     # scale-serve measures HTTP through the proxy and straight to every replica (direct ingress).
     [ "$1" = scale-serve ] && export RAY_SERVE_ENABLE_DIRECT_INGRESS=1

@@ -40,6 +40,7 @@ import torch
 
 from bench._common import card, pyplot, save, save_figure
 from bench.serve_load import parse_mix
+from fa3trt.attention import lengths_on_device, select_kernel
 from fa3trt.backends import TorchBackend
 from fa3trt.buckets import assemble, to_host
 from fa3trt.model import ModelConfig
@@ -181,7 +182,7 @@ def run_count(count: int, args: dict[str, Any], paths: list[str]) -> list[dict[s
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpus", default="1,2,4", help="process counts (one GPU each)")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"any of {', '.join(PATHS)}")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"any of {', '.join(PATHS)} (the +graphs paths where the GPU's kernel allows CUDA graphs)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run, every process on the CPU")
     p.add_argument("--preset", default="seed")
     p.add_argument("--layers", type=int, default=2)
@@ -202,6 +203,11 @@ def main() -> None:
         have = torch.cuda.device_count()
         if max(counts) > have:
             raise SystemExit(f"--gpus asks for {max(counts)} GPUs, this machine has {have}; pass --gpus up to {have}")
+    cfg = ModelConfig.preset(a.preset, layers=a.layers) if a.layers else ModelConfig.preset(a.preset)
+    graphs_ok = a.device == "cuda" and lengths_on_device(select_kernel("cuda"), cfg.torch_dtype, cfg.head_dim)
+    if not graphs_ok and any(x.endswith("+graphs") for x in paths):
+        print("CUDA graphs need FA3 or the CuTe kernel on a GPU (fa3trt[hopper]): the +graphs paths are left out")
+        paths = [x for x in paths if not x.endswith("+graphs")]
     args = {"device": a.device, "preset": a.preset, "layers": a.layers, "mix": parse_mix(a.mix), "batch": a.batch,
             "duration": a.duration, "threads": a.threads, "start_timeout": a.start_timeout}
     name = a.name or f"multi_gpu_{a.preset}{a.layers}_{a.mix}_{a.device}"
