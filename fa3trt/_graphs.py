@@ -1,9 +1,11 @@
 """CUDA graphs of the model for the torch backend (``TorchBackend(cuda_graphs=True)``).
 
-A batch of (B, S) runs as the replay of a graph captured for (B rounded up to a power of two,
-S rounded up to a multiple of ``seq_step``): one launch instead of the model's few dozen,
-so the host's share of a batch, which the eager model pays per kernel and under contention,
-nearly vanishes. The price is the rounding: padded rows and sequences are computed and dropped.
+A batch of (B, S) runs as the replay of a graph captured for (B rounded up to 1, 2, 3, 4, 6,
+8, 12, ..., S rounded up to a multiple of ``seq_step``): one launch instead of the model's few
+dozen, so the host's share of a batch, which the eager model pays per kernel and under
+contention, nearly vanishes. The price is the rounding: padded rows and sequences are computed
+and dropped. Each graph keeps its own input and output buffers; once they hold ``max_bytes``,
+shapes without a graph run eagerly.
 
 Graphs are captured on first use of their shape (an eager run first, so kernels are compiled
 and libraries have their workspaces), each into a memory pool shared by the graphs replayed on
@@ -43,9 +45,10 @@ class GraphRunner:
     """Runs ``model(x, lens)`` through CUDA graphs keyed by rounded shape and stream."""
 
     def __init__(self, model: torch.nn.Module, hidden: int, dtype: torch.dtype, device: torch.device,
-                 seq_step: int = 128, max_graphs: int = 256) -> None:
+                 seq_step: int = 128, max_bytes: int = 8 << 30) -> None:
         self.model, self.hidden, self.dtype, self.device = model, hidden, dtype, device
-        self.seq_step, self.max_graphs = seq_step, max_graphs
+        self.seq_step, self.max_bytes = seq_step, max_bytes
+        self.static_bytes = 0  # held by the graphs' input and output buffers
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pools: dict[int, Any] = {}  # stream handle -> memory pool of the graphs it replays
         self._lock = threading.Lock()
@@ -63,8 +66,8 @@ class GraphRunner:
 
     def run(self, x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor | None:
         """``x`` (b, s, hidden) in the model dtype on the device, ``lens`` int32 (b,) on the
-        device; the output (b, s, hidden), a tensor of its own. None when the graph budget
-        (``max_graphs``) is spent and this shape has no graph: run it eagerly."""
+        device; the output (b, s, hidden), a tensor of its own. None when this shape has no graph
+        and the graphs' buffers already hold ``max_bytes``: run it eagerly."""
         b, s = int(x.shape[0]), int(x.shape[1])
         stream = torch.cuda.current_stream(self.device)
         gb, gs = self.shape_for(b, s)
@@ -74,13 +77,16 @@ class GraphRunner:
             with self._lock:
                 g = self._graphs.get(key)
                 if g is None:
-                    if len(self._graphs) >= self.max_graphs:
+                    need = 2 * gb * gs * self.hidden * x.element_size()
+                    if self.static_bytes + need > self.max_bytes:
                         if not self._full_logged:
-                            log.warning("%d CUDA graphs captured (max_graphs); new shapes run eagerly", len(self._graphs))
+                            log.warning("%d CUDA graphs hold %.1f GiB of buffers; shapes without a graph run eagerly",
+                                        len(self._graphs), self.static_bytes / 2**30)
                             self._full_logged = True
                         return None
                     g = self._capture(gb, gs, stream)
                     self._graphs[key] = g
+                    self.static_bytes += need
         with g.lock:
             g.x[:b, :s].copy_(x)
             if s < gs:
