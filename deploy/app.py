@@ -267,8 +267,8 @@ class ModelReplica:
                 self._queues.append(queue(self._make_batch_fn(i)))  # type: ignore[arg-type]  # Ray's stub types only the sync form
             # Each bucket warms on its own stream (per-stream library state; CUDA graphs are
             # captured per stream).
-            for (size, _), e, stream in zip(self.limits, self.buckets.edges, self._streams):
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for i, ((size, _), e) in enumerate(zip(self.limits, self.buckets.edges)):
+                with self._on_stream(i):
                     self.backend.warmup(sorted({(1, e), (size, e)}))
             log.info("fa3trt replica %s ready in %.1fs: %s", self.replica, time.perf_counter() - self._t0, self.backend.describe())
         else:
@@ -278,6 +278,11 @@ class ModelReplica:
                 q.set_max_batch_size(size)
                 q.set_batch_wait_timeout_s(wait)
         log.info("batching: %s", dict(zip(self.buckets.edges, self.limits)))
+
+    def _on_stream(self, i: int) -> contextlib.AbstractContextManager[Any]:
+        """Bucket ``i``'s CUDA stream as the current stream (nothing on a CPU replica)."""
+        stream = self._streams[i]
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _make_batch_fn(self, i: int) -> Callable[[list[tuple[np.ndarray, float]]], Awaitable[list[Any]]]:
         edge = self.buckets.edges[i]
@@ -300,8 +305,7 @@ class ModelReplica:
     def _run_split(self, xs: list[np.ndarray], edge: int) -> list[Any]:
         """Run a batch of the bucket ``edge`` on that bucket's stream; on failure retry its
         halves, so a failure stays with the requests that cause it."""
-        stream = self._streams[self.buckets.edges.index(edge)]
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        with self._on_stream(self.buckets.edges.index(edge)):
             result = self._attempt(xs)
         if not isinstance(result, str):
             return result
@@ -452,8 +456,10 @@ class ModelReplica:
     def check_health(self) -> None:
         x = torch.zeros(1, 1, self.backend.hidden)
         x[0, 0, 0] = 1.0
-        y = self.backend.run(x, torch.ones(1, dtype=torch.int32))
-        if not torch.isfinite(y).all():
+        with self._on_stream(0):  # the smallest bucket's: its warm shapes (and CUDA graph) serve
+            y = self.backend.run(x, torch.ones(1, dtype=torch.int32))
+            ok = bool(torch.isfinite(y).all())
+        if not ok:
             raise RuntimeError("health check: the backend returned non-finite values")
 
 
