@@ -227,9 +227,9 @@ class ModelReplica:
         self.metrics = _Metrics(self.buckets.edges)
         # One CUDA stream per bucket: a bucket's batch waits for its own copies and kernels only,
         # and one bucket's copies overlap another's kernels. (On one shared stream every
-        # answer's sync also waited for whatever the other buckets had queued.) A bucket's
-        # batches stay in one stream's order, which the TensorRT backend's per-profile context
-        # and output buffer rely on.
+        # answer's sync also waited for whatever the other buckets had queued.) With TensorRT
+        # a bucket's batches meet its own profile; a batch that needs another bucket's profile
+        # waits for that profile's last use (fa3trt.runtime.TensorRTBackend.run).
         dev = self.backend.device
         own = dev.type == "cuda" and self.args.stream_per_bucket
         self._streams = [torch.cuda.Stream(dev) if own else None for _ in self.buckets.edges]

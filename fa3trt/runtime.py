@@ -236,6 +236,7 @@ class TensorRTBackend:
         self.store_uri = store_uri
         self.buckets = buckets
         self._lock = threading.Lock()
+        self._last_use: dict[int, tuple[int, torch.cuda.Event]] = {}  # profile -> (stream, event after its last use)
 
     @classmethod
     def load(
@@ -281,10 +282,21 @@ class TensorRTBackend:
         if x.dim() != 3 or x.shape[-1] != self.hidden:
             raise InvalidInputError(f"x must have shape (batch, seq, {self.hidden}), got {tuple(x.shape)}")
         x = x.to(self.device, self.engine.input_dtype, non_blocking=True)
+        stream = torch.cuda.current_stream(self.device)
+        p = self.engine.profile_for(int(x.shape[0]), int(x.shape[1]))
         with self._lock:
-            # The copy is queued before the lock is released, so a later batch on the same
-            # profile (same stream order) cannot overwrite the engine's buffer before it is read.
-            return self.engine(x, seq_lens).clone()
+            # A profile's context and output buffer serve one batch at a time. On one stream
+            # its order keeps them apart (the copy below is queued before the lock is released);
+            # a batch on another stream (a replica runs each bucket on its own) first waits for
+            # the profile's last use there to be copied out.
+            last = self._last_use.get(p)
+            if last is not None and last[0] != stream.cuda_stream:
+                stream.wait_event(last[1])
+            y = self.engine(x, seq_lens).clone()
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._last_use[p] = (stream.cuda_stream, done)
+            return y
 
     def warmup(self, shapes: Sequence[tuple[int, int]]) -> None:
         t0 = time.perf_counter()
