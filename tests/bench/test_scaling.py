@@ -54,3 +54,12 @@ def test_per_replica_deltas() -> None:
     assert rows["r1"]["compute_ms_per_batch"] == pytest.approx(1e3 * 2.0 / 30)
     assert rows["r2"]["requests"] == 30 and rows["r2"]["busy_fraction"] == pytest.approx(0.9)
     assert rows["r2"]["compute_ms_per_batch"] == pytest.approx(1e3 * 1.5 / 20)
+
+
+@pytest.mark.parametrize(("value", "message"), [("{nope", "is not JSON"), ("[1, 2]", "must be a JSON object")])
+def test_app_json_is_checked_before_anything_starts(value: str, message: str) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "bench.scaling", "--app-json", value], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr
