@@ -5,7 +5,7 @@
 #   bash bench/gpu_suite.sh long      # the serving benchmark on the seed (15000-16500) and 256-16384 mixes
 #   bash bench/gpu_suite.sh ray       # 2 GPUs: build jobs on both cards, two Serve replicas, build timing, 1 vs 2 replicas
 #   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation
-#                                     # (LAYERS=2, REPLICAS=1,2,4, VERIFY=values|shape, APP_JSON, SUFFIX; PROFILE=1 PROFILE_AT=<s>: py-spy
+#                                     # (LAYERS=2, REPLICAS=1,2,4, VERIFY=values|shape, APP_JSON, SUFFIX, NOOP=0|1; PROFILE=1 PROFILE_AT=<s>: py-spy
 #                                     #  flame graphs of replicas and clients)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 # Logs and results go to ${OUT:-docs/benchmarks}.
@@ -79,6 +79,9 @@ case "$1" in
       python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers "$layers" --mix 256-2048 --verify "$verify" \
         --app-json "${APP_JSON:-{\}}" --out "$out" \
         --name "scaling_seed${layers}_256-2048_${n}gpu$([ "$verify" = values ] || echo "_verify-$verify")${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+      # The same load on replicas that return their input: the serving path's own ceiling on this host.
+      [ "${NOOP:-1}" = 1 ] && python3 -m bench.scaling --address auto --replicas "$counts" --noop --mix 256-2048 --preset seed \
+        --out "$out" --name "scaling_noop_256-2048_${n}gpu${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     else
       # Engines (torch artifacts where TensorRT is missing) for the served model, one per GPU type.
       timeout 240 python3 -m build_jobs --address auto --no-progress 2>&1 | tail -4 | tee -a "$log"

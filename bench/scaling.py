@@ -12,6 +12,9 @@ first count's throughput scaled when it is not 1. Each replica's own counters (r
 fraction, compute time per batch) are read before and after, so a shortfall shows whether the
 replicas were idle (the path to them is the limit) or busy but slower (a shared host resource).
 
+With ``--noop`` the replicas return their input instead (same placement, payloads and load):
+the serving path's own ceiling on the host, against which the app's efficiency reads.
+
     ray start --head && python -m bench.scaling --address auto --replicas 1,2,4 --preset seed --layers 2
     python -m bench.scaling --address local --replicas 1,2 --preset tiny --duration 10  # CPU dry run
 """
@@ -32,6 +35,14 @@ from bench.serve_load import VERIFY, handle_sender, make_inputs, parse_mix, run_
 from bench.serving import app_args
 
 APP = "fa3trt-scaling"
+
+
+class Echo:
+    """A replica that returns its input (``--noop``): the serving path alone (handles, Ray's
+    object store, the replica's event loop) at the same payloads, placement and load."""
+
+    async def infer(self, x: np.ndarray) -> np.ndarray:
+        return x
 
 
 class LoadClient:
@@ -122,6 +133,7 @@ def main() -> None:
     p.add_argument("--goal", type=float, default=0.9, help="efficiency goal drawn on the plot")
     p.add_argument("--verify", choices=VERIFY, default="values",
                    help="load clients check each answer's values (one pass over its bytes) or only its shape and dtype")
+    p.add_argument("--noop", action="store_true", help="replicas that return their input instead of the app: the serving path's own ceiling")
     p.add_argument("--app-json", default="{}", help="app arguments to override, as JSON (e.g. '{\"stream_per_bucket\": false}')")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default=None, help="result file name (default scaling_<preset>_<mix>)")
@@ -165,8 +177,13 @@ def main() -> None:
     results: dict[int, dict[str, Any]] = {}
     t_start = time.perf_counter()
     for n in counts:
-        over = ({"store": args.store} if args.store else {}) | extra
-        serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend=args.backend, replicas=n, **over)), name=APP, route_prefix="/scaling")
+        if args.noop:
+            actor = {"num_cpus": 1} | ({"num_gpus": 1} if gpus else {})  # placed as model replicas are: one per GPU
+            echo = serve.deployment(name="Echo", num_replicas=n, max_ongoing_requests=4 * args.concurrency_per_replica, ray_actor_options=actor)(Echo)
+            serve.run(echo.bind(), name=APP, route_prefix="/scaling")
+        else:
+            over = ({"store": args.store} if args.store else {}) | extra
+            serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend=args.backend, replicas=n, **over)), name=APP, route_prefix="/scaling")
         clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
         app_handle = serve.get_app_handle(APP)
 
@@ -176,10 +193,10 @@ def main() -> None:
             return merge(parts, (start_at + min(args.ramp, seconds / 2), start_at + seconds))
 
         drive(args.warmup)  # every replica sees every bucket's shapes before timing
-        before = replica_stats(app_handle, n)
+        before = None if args.noop else replica_stats(app_handle, n)
         r = results[n] = drive(args.duration)
         # The counters cover the whole pass (ramp and drain included), so busy is over its span.
-        r["replicas"] = per_replica(before, replica_stats(app_handle, n), r["span_s"])
+        r["replicas"] = [] if before is None else per_replica(before, replica_stats(app_handle, n), r["span_s"])
         print(
             f"[{time.perf_counter() - t_start:6.0f}s] {n} replica(s): {r['requests']} req {r['errors']} err "
             f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms",
@@ -199,14 +216,16 @@ def main() -> None:
     ray.shutdown()
 
     eff = efficiency(results)
-    print(f"card: {card()} x{gpus or 0}  model {args.preset} layers={args.layers}  mix {args.mix}  concurrency {args.concurrency_per_replica}/replica")
+    what = "echo replicas (--noop), no model" if args.noop else f"model {args.preset} layers={args.layers}"
+    print(f"card: {card()} x{gpus or 0}  {what}  mix {args.mix}  concurrency {args.concurrency_per_replica}/replica")
     print(f"{'replicas':>8s} {'req/s':>9s} {'speedup':>8s} {'efficiency':>10s} {'p50 ms':>9s} {'p99 ms':>9s}")
     for n, r in results.items():
         print(f"{n:8d} {r['rps']:9.2f} {r['rps'] / results[counts[0]]['rps'] * counts[0]:7.2f}x {eff[n]:10.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f}")
     name = args.name or f"scaling_{args.preset}_{args.mix}"
     summary = {"efficiency": {str(n): e for n, e in eff.items()}, "goal": args.goal, "met": all(e >= args.goal for e in eff.values())}
     save(args.out, name, {"args": vars(args), "gpus": gpus, "host": host, "results": {str(n): r for n, r in results.items()}, "summary": summary, "time_unix": time.time()})
-    _plot(args.out, name, results, eff, args.goal, f"{args.preset} ({args.layers or 'preset'} layers), mix {args.mix}, {card()} x{max(gpus, 1)}")
+    what = "echo replicas" if args.noop else f"{args.preset} ({args.layers or 'preset'} layers)"
+    _plot(args.out, name, results, eff, args.goal, f"{what}, mix {args.mix}, {card()} x{max(gpus, 1)}")
 
 
 def _plot(out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int, float], goal: float, title: str) -> None:

@@ -1,7 +1,10 @@
 """The scale-out benchmark's arithmetic: merging the load clients' results, efficiency against
-the smallest replica count, and per-replica counters from two stats readings."""
+the smallest replica count, and per-replica counters from two stats readings; its arguments;
+and one whole run with echo replicas on the CPU."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,3 +66,20 @@ def test_app_json_is_checked_before_anything_starts(value: str, message: str) ->
 
     r = subprocess.run([sys.executable, "-m", "bench.scaling", "--app-json", value], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr
+
+
+def test_noop_run_end_to_end_on_the_cpu(tmp_path: Path) -> None:
+    """The whole benchmark on a local cluster with echo replicas: clients start together, every
+    answer is checked, and the result file holds the count's throughput."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bench.scaling", "--address", "local", "--replicas", "1", "--noop", "--preset", "tiny",
+           "--duration", "4", "--warmup", "1", "--ramp", "1", "--concurrency-per-replica", "4", "--out", str(tmp_path), "--name", "noop"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "noop.json").read_text())
+    one = result["results"]["1"]
+    assert one["errors"] == 0 and one["rps"] > 0 and one["replicas"] == []
+    assert result["summary"]["efficiency"] == {"1": 1.0}
