@@ -49,17 +49,20 @@ class LoadClient:
     """One load-generating process: its own handle, its own inputs, a closed loop."""
 
     def __init__(self, app: str, hidden: int, mix: tuple[int, int], dtype: str, seed: int) -> None:
-        self.app, self.hidden, self.mix, self.dtype, self.seed = app, hidden, mix, dtype, seed
+        from ray import serve
+
+        self.handle = serve.get_app_handle(app)
+        self.inputs = make_inputs(512, *mix, hidden, seed=seed, dtype=np.dtype(dtype))
+
+    def ready(self) -> bool:
+        """Returns once the constructor (handle and inputs) is done."""
+        return True
 
     def run(self, duration: float, concurrency: int, start_at: float, verify: str = "values") -> dict[str, Any]:
         """Closed loop from ``start_at`` (wall clock) until ``start_at + duration``."""
-        from ray import serve
-
-        handle = serve.get_app_handle(self.app)
-        inputs = make_inputs(512, *self.mix, self.hidden, seed=self.seed, dtype=np.dtype(self.dtype))
         time.sleep(max(0.0, start_at - time.time()))
         t0 = time.time()
-        res = asyncio.run(run_load(handle_sender(handle), inputs, concurrency=concurrency, progress=False,
+        res = asyncio.run(run_load(handle_sender(self.handle), self.inputs, concurrency=concurrency, progress=False,
                                   duration=start_at + duration - t0, verify=verify))
         return {"start": t0, "end": time.time(), "requests": res.requests, "errors": res.errors, "completions": res.completions, "first_error": res.first_error}
 
@@ -187,8 +190,10 @@ def main() -> None:
         clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
         app_handle = serve.get_app_handle(APP)
 
+        ray.get([c.ready.remote() for c in clients])  # every client has its handle and inputs
+
         def drive(seconds: float) -> dict[str, Any]:
-            start_at = time.time() + 3.0  # every client has made its inputs and handle by then
+            start_at = time.time() + 1.0  # every client is waiting by then
             parts = ray.get([c.run.remote(seconds, args.concurrency_per_replica, start_at, args.verify) for c in clients])
             return merge(parts, (start_at + min(args.ramp, seconds / 2), start_at + seconds))
 
