@@ -84,6 +84,7 @@ def test_each_stream_has_its_own_graphs(graphed: tuple[TorchBackend, torch.nn.Mo
     assert be.graphs is not None
     x = torch.randn(1, 200, 256, device="cuda", dtype=torch.bfloat16)
     lens = torch.tensor([200], dtype=torch.int32)
+    torch.cuda.synchronize()  # x is written on the default stream, read on the others
     before = len(be.graphs)
     ys = []
     for stream in (torch.cuda.Stream(), torch.cuda.Stream()):
