@@ -3,7 +3,7 @@ allow before any serving machinery is involved.
 
 One process per GPU runs the torch backend in a closed loop for ``--duration`` seconds, all
 processes starting together. Each batch is ``--batch`` requests of random lengths from
-``--mix``, padded to the longest (as a replica's bucket batch is). Three paths, each alone:
+``--mix``, padded to the longest (as a replica's bucket batch is). The paths, one at a time:
 
 - ``device``: inputs already on the GPU; the model, then a stream sync.
 - ``staged``: the replica's path: float16 rows on the host staged into page-locked memory,
