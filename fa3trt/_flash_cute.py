@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from fa3trt._tail import zero_tail_
+from fa3trt.buckets import to_device
 
-__all__ = ["available", "attention", "supports", "supports_head_dim", "INSTALL_HINT"]
+__all__ = ["available", "attention", "supports", "supports_config", "supports_head_dim", "INSTALL_HINT"]
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,14 @@ def supports_head_dim(d: int) -> bool:
     return d in _HEAD_DIMS
 
 
-def supports(q: torch.Tensor) -> bool:
+def supports_config(dtype: torch.dtype, head_dim: int) -> bool:
     """fp16/bf16 and a head dim the sm90 kernel is built for."""
-    return q.dtype in _DTYPES and supports_head_dim(q.shape[-1])
+    return dtype in _DTYPES and supports_head_dim(head_dim)
+
+
+def supports(q: torch.Tensor) -> bool:
+    """``supports_config`` for q's dtype and head dim."""
+    return supports_config(q.dtype, q.shape[-1])
 
 
 def attention(
@@ -93,11 +99,8 @@ def attention(
         raise RuntimeError(f"the FlashAttention CuTe DSL kernels are not installed; {INSTALL_HINT}")
     lens = None
     if seq_lens is not None:
-        if seq_lens.device.type == "cpu":
-            # Through page-locked memory, queued: a copy from pageable memory would block the
-            # host until the GPU drained, leaving it idle between launches.
-            seq_lens = seq_lens.to(torch.int32).pin_memory()
-        lens = seq_lens.to(device=q.device, dtype=torch.int32, non_blocking=True)
+        # Queued: a host copy that waited for the GPU would leave it idle between launches.
+        lens = to_device(seq_lens.to(torch.int32), q.device)
         if not lens.is_contiguous():
             lens = lens.contiguous()
     result = fwd(q, k, v, seqused_q=lens, seqused_k=lens, causal=False, out=out)[0]

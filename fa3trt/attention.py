@@ -422,11 +422,9 @@ def lengths_on_device(kernel: str, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether ``kernel`` takes a padded batch's lengths on the GPU with no host sync (FA3 and
     FlashAttention's CuTe kernel, fp16/bf16, head dims they are built for). The SDPA kernels
     dispatch on lengths on the host instead."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return False
     if kernel == "flash_cute":
-        return _flash_cute.supports_head_dim(head_dim)
-    return kernel == "fa3"
+        return _flash_cute.supports_config(dtype, head_dim)
+    return kernel == "fa3" and dtype in (torch.float16, torch.bfloat16)
 
 
 def run_kernel(

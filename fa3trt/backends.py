@@ -18,7 +18,7 @@ import torch
 from fa3trt import _flash_cute, _trt
 from fa3trt._graphs import GraphRunner
 from fa3trt.attention import lengths_on_device, select_kernel
-from fa3trt.buckets import Buckets
+from fa3trt.buckets import Buckets, to_device
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
 from fa3trt.model import ModelConfig, build_model
 
@@ -111,14 +111,12 @@ class TorchBackend:
             # queued, so no layer waits on the host for them; the SDPA kernels dispatch on host
             # lengths.
             if self.graphs is not None:
-                y = self.graphs.run(x, lens.pin_memory().to(self.device, non_blocking=True))
+                y = self.graphs.run(x, to_device(lens, self.device))
                 if y is not None:
                     return y
             if bool((lens == s).all()):
                 return self.model(x, None)
-            if self._lengths_on_device:
-                return self.model(x, lens.pin_memory().to(self.device, non_blocking=True))
-            return self.model(x, lens)
+            return self.model(x, to_device(lens, self.device) if self._lengths_on_device else lens)
 
     def warmup(self, shapes: Sequence[tuple[int, int]]) -> None:
         t0 = time.perf_counter()

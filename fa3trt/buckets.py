@@ -15,7 +15,7 @@ import torch
 
 from fa3trt.errors import ConfigError, InvalidInputError
 
-__all__ = ["Buckets", "assemble", "to_host", "split_rows", "padding_ratio"]
+__all__ = ["Buckets", "assemble", "to_device", "to_host", "split_rows", "padding_ratio"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,14 @@ def assemble(
         if n < longest:
             out[i, n:].zero_()
     return out, seq_lens
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, queued on the current stream: a CPU tensor goes to a CUDA device
+    through page-locked memory, since a copy from pageable memory first waits for the GPU."""
+    if t.device.type == "cpu" and device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def to_host(y: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 
 from fa3trt._hashing import spec_hash
 from fa3trt.attention import MODE_FP8, MODE_NATIVE, attention
+from fa3trt.buckets import to_device
 from fa3trt.errors import ConfigError, InvalidInputError
 
 __all__ = ["ModelConfig", "Transformer", "build_model", "save_weights", "PRESETS"]
@@ -137,10 +138,7 @@ class Transformer(nn.Module):
             x = blk(x, seq_lens)
         if seq_lens is None:  # every sequence fills the batch: nothing to mask
             return self.norm(x)
-        if seq_lens.device != x.device and x.device.type == "cuda":
-            # Queued from page-locked memory: a copy from pageable memory would wait for the GPU.
-            seq_lens = seq_lens.pin_memory().to(x.device, non_blocking=True)
-        keep = torch.arange(s, device=x.device)[None, :] < seq_lens.to(x.device)[:, None]
+        keep = torch.arange(s, device=x.device)[None, :] < to_device(seq_lens, x.device)[:, None]
         return self.norm(x) * keep[:, :, None].to(x.dtype)
 
 
