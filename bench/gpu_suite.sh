@@ -5,7 +5,8 @@
 #   bash bench/gpu_suite.sh long      # the serving benchmark on the seed (15000-16500) and 256-16384 mixes
 #   bash bench/gpu_suite.sh ray       # 2 GPUs: build jobs on both cards, two Serve replicas, build timing, 1 vs 2 replicas
 #   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation
-#                                     # (LAYERS=2, REPLICAS=1,2,4, VERIFY=values|shape, APP_JSON, SUFFIX, NOOP=0|1; PROFILE=1 PROFILE_AT=<s>: py-spy
+#                                     # (LAYERS=2, REPLICAS=1,2,4, VERIFY=values|shape, APP_JSON, SUFFIX, CLIENTS=<per replica>,
+#                                     #  STEPS="multi model noop" (any of them), DURATION=<s>; PROFILE=1 PROFILE_AT=<s>: py-spy
 #                                     #  flame graphs of replicas and clients)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 # Logs and results go to ${OUT:-docs/benchmarks}.
@@ -50,7 +51,12 @@ case "$1" in
     lscpu 2>/dev/null | grep -iE "^Socket|^NUMA node" | tee -a "$log"
     layers=${LAYERS:-2}
     # The model alone on 1, 2, 4 ... GPUs, without Ray: what the cards and the host allow.
-    [ "$1" = scale ] && python3 -m bench.multi_gpu --gpus "$counts" --layers "$layers" --out "$out" \
+    steps=${STEPS:-multi model noop}
+    has() { [[ " $steps " == *" $1 "* ]]; }
+    clients=${CLIENTS:-1}
+    timing=(--duration "${DURATION:-30}" --clients-per-replica "$clients")
+    csuf=$([ "$clients" = 1 ] || echo "_${clients}clients")
+    [ "$1" = scale ] && has multi && python3 -m bench.multi_gpu --gpus "$counts" --layers "$layers" --out "$out" \
       --name "multi_gpu_seed${layers}_256-2048_${n}gpu${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "Warning|warn" | tee -a "$log"
     export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=$layers
     # scale-serve measures HTTP through the proxy and straight to every replica (direct ingress).
@@ -76,12 +82,12 @@ case "$1" in
       fi
       verify=${VERIFY:-values}  # VERIFY=shape: load clients check shape and dtype only (less of the shared host's bandwidth)
       # APP_JSON: app arguments to override (e.g. '{"stream_per_bucket": false}'); SUFFIX names the result.
-      python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers "$layers" --mix 256-2048 --verify "$verify" \
-        --app-json "${APP_JSON:-{\}}" --out "$out" \
-        --name "scaling_seed${layers}_256-2048_${n}gpu$([ "$verify" = values ] || echo "_verify-$verify")${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+      has model && python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers "$layers" --mix 256-2048 --verify "$verify" \
+        --app-json "${APP_JSON:-{\}}" "${timing[@]}" --out "$out" \
+        --name "scaling_seed${layers}_256-2048_${n}gpu$([ "$verify" = values ] || echo "_verify-$verify")${csuf}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
       # The same load on replicas that return their input: the serving path's own ceiling on this host.
-      [ "${NOOP:-1}" = 1 ] && python3 -m bench.scaling --address auto --replicas "$counts" --noop --mix 256-2048 --preset seed \
-        --out "$out" --name "scaling_noop_256-2048_${n}gpu${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+      has noop && python3 -m bench.scaling --address auto --replicas "$counts" --noop --mix 256-2048 --preset seed \
+        "${timing[@]}" --out "$out" --name "scaling_noop_256-2048_${n}gpu${csuf}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     else
       # Engines (torch artifacts where TensorRT is missing) for the served model, one per GPU type.
       timeout 240 python3 -m build_jobs --address auto --no-progress 2>&1 | tail -4 | tee -a "$log"

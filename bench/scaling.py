@@ -2,9 +2,10 @@
 one Ray session on one cluster.
 
 For each replica count N the app is deployed with N replicas, warmed, and driven through
-deployment handles by N load-client actors (separate processes, as other Ray jobs would call
-it) at a fixed concurrency per replica, so the load grows with the replicas and the client is
-never the limit. The clients start together and send for ``--duration`` seconds; throughput is
+deployment handles by load-client actors (``--clients-per-replica`` per replica; separate
+processes, as other Ray jobs would call it) at a fixed concurrency per replica, so the load
+grows with the replicas. Whether one client process is itself the limit shows by running the
+same count with more clients sharing the same concurrency. The clients start together and send for ``--duration`` seconds; throughput is
 the answers that arrive inside one window common to all of them (from ``--ramp`` seconds after
 the start to the deadline), so neither the ramp-up nor the drain after the deadline, nor the
 spread of the clients' ends, is counted against larger replica counts. Efficiency is throughput(N) / (N x throughput(1)), the
@@ -131,6 +132,8 @@ def main() -> None:
     p.add_argument("--ramp", type=float, default=5.0, help="seconds at the start of --duration not counted (queues filling)")
     p.add_argument("--warmup", type=float, default=8.0, help="seconds of untimed load first, so every replica sees every bucket")
     p.add_argument("--concurrency-per-replica", type=int, default=48)
+    p.add_argument("--clients-per-replica", type=int, default=1,
+                   help="load-client processes per replica, sharing its concurrency (more when one client process is the limit)")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="request payload dtype")
     p.add_argument("--goal", type=float, default=0.9, help="efficiency goal drawn on the plot")
@@ -144,6 +147,8 @@ def main() -> None:
     counts = sorted({int(n) for n in args.replicas.split(",")})
     if not counts or counts[0] < 1:
         p.error(f"--replicas {args.replicas!r}: give positive replica counts, e.g. 1,2,4")
+    if not 1 <= args.clients_per_replica <= args.concurrency_per_replica:
+        p.error(f"--clients-per-replica {args.clients_per_replica} must be between 1 and --concurrency-per-replica {args.concurrency_per_replica}")
     if not 0 <= args.ramp < args.duration:
         p.error(f"--ramp {args.ramp} must be at least 0 and shorter than --duration {args.duration}")
     try:
@@ -187,14 +192,16 @@ def main() -> None:
         else:
             over = ({"store": args.store} if args.store else {}) | extra
             serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend=args.backend, replicas=n, **over)), name=APP, route_prefix="/scaling")
-        clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n)]
+        clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n * args.clients_per_replica)]
         app_handle = serve.get_app_handle(APP)
 
         ray.get([c.ready.remote() for c in clients])  # every client has its handle and inputs
 
         def drive(seconds: float) -> dict[str, Any]:
             start_at = time.time() + 1.0  # every client is waiting by then
-            parts = ray.get([c.run.remote(seconds, args.concurrency_per_replica, start_at, args.verify) for c in clients])
+            # The replica's concurrency shared out among its clients (the first ones take the remainder).
+            share = [len(x) for x in np.array_split(np.arange(n * args.concurrency_per_replica), len(clients))]
+            parts = ray.get([c.run.remote(seconds, k, start_at, args.verify) for c, k in zip(clients, share)])
             return merge(parts, (start_at + min(args.ramp, seconds / 2), start_at + seconds))
 
         drive(args.warmup)  # every replica sees every bucket's shapes before timing
@@ -222,7 +229,8 @@ def main() -> None:
 
     eff = efficiency(results)
     what = "echo replicas (--noop), no model" if args.noop else f"model {args.preset} layers={args.layers}"
-    print(f"card: {card()} x{gpus or 0}  {what}  mix {args.mix}  concurrency {args.concurrency_per_replica}/replica")
+    print(f"card: {card()} x{gpus or 0}  {what}  mix {args.mix}  concurrency {args.concurrency_per_replica}/replica"
+          f" from {args.clients_per_replica} client(s)/replica")
     print(f"{'replicas':>8s} {'req/s':>9s} {'speedup':>8s} {'efficiency':>10s} {'p50 ms':>9s} {'p99 ms':>9s}")
     for n, r in results.items():
         print(f"{n:8d} {r['rps']:9.2f} {r['rps'] / results[counts[0]]['rps'] * counts[0]:7.2f}x {eff[n]:10.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f}")

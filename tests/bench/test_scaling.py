@@ -59,27 +59,36 @@ def test_per_replica_deltas() -> None:
     assert rows["r2"]["compute_ms_per_batch"] == pytest.approx(1e3 * 1.5 / 20)
 
 
-@pytest.mark.parametrize(("value", "message"), [("{nope", "is not JSON"), ("[1, 2]", "must be a JSON object")])
-def test_app_json_is_checked_before_anything_starts(value: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--app-json", "{nope"], "is not JSON"),
+        (["--app-json", "[1, 2]"], "must be a JSON object"),
+        (["--clients-per-replica", "0"], "--clients-per-replica 0 must be between 1 and"),
+        (["--clients-per-replica", "5", "--concurrency-per-replica", "4"], "--clients-per-replica 5 must be between 1 and"),
+    ],
+)
+def test_arguments_are_checked_before_anything_starts(argv: list[str], message: str) -> None:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "bench.scaling", "--app-json", value], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "bench.scaling", *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr
 
 
 def test_noop_run_end_to_end_on_the_cpu(tmp_path: Path) -> None:
-    """The whole benchmark on a local cluster with echo replicas: clients start together, every
-    answer is checked, and the result file holds the count's throughput."""
+    """The whole benchmark on a local cluster with echo replicas: two clients share the
+    replica's concurrency and start together, every answer is checked, and the result file
+    holds the count's throughput."""
     import json
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "bench.scaling", "--address", "local", "--replicas", "1", "--noop", "--preset", "tiny",
-           "--duration", "4", "--warmup", "1", "--ramp", "1", "--concurrency-per-replica", "4", "--out", str(tmp_path), "--name", "noop"]
+           "--duration", "4", "--warmup", "1", "--ramp", "1", "--concurrency-per-replica", "4", "--clients-per-replica", "2", "--out", str(tmp_path), "--name", "noop"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((tmp_path / "noop.json").read_text())
     one = result["results"]["1"]
-    assert one["errors"] == 0 and one["rps"] > 0 and one["replicas"] == []
+    assert one["errors"] == 0 and one["rps"] > 0 and one["replicas"] == [] and one["clients"] == 2
     assert result["summary"]["efficiency"] == {"1": 1.0}
