@@ -9,9 +9,15 @@ shapes without a graph run eagerly.
 
 Graphs are captured on first use of their shape (an eager run first, so kernels are compiled
 and libraries have their workspaces), each into a memory pool shared by the graphs replayed on
-the same CUDA stream: replays on one stream never overlap, and each replay's output is copied
-out before the next replay is queued, so the pool's buffers are reused safely. A replica's
-buckets have a stream each (deploy.app), so their graphs run side by side.
+the same CUDA stream. One thread at a time uses a stream's graphs, capture included: replays on
+one stream never overlap, and each replay's output is copied out before the next replay is
+queued, so the pool's buffers are reused safely. A replica's buckets have a stream each
+(deploy.app), so their graphs run side by side.
+
+Each replay stream has a capture stream of its own. PyTorch keys a cuBLAS workspace by
+(handle, stream), and a graph keeps the address of the workspace it was captured with
+(pytorch/pytorch#193402): graphs captured on one shared stream would share a workspace, and
+two of them replayed at once on two buckets' streams would race on it.
 
 The lengths go to the graph on the device and padded sequences get length 0, so every shape is
 one graph whatever its lengths: only kernels that take lengths on the device with no host
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +44,6 @@ class _Graph:
     x: torch.Tensor  # static input (B, S, hidden)
     lens: torch.Tensor  # static lengths (B,), int32, on the device
     y: torch.Tensor  # static output
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class GraphRunner:
@@ -51,6 +56,8 @@ class GraphRunner:
         self.static_bytes = 0  # held by the graphs' input and output buffers
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pools: dict[int, Any] = {}  # stream handle -> memory pool of the graphs it replays
+        self._stream_locks: dict[int, threading.Lock] = {}  # stream handle -> its graphs' use, one thread at a time
+        self._capture_streams: dict[int, torch.cuda.Stream] = {}  # stream handle -> the stream its graphs are captured on
         self._lock = threading.Lock()
         self._full_logged = False
 
@@ -72,11 +79,13 @@ class GraphRunner:
         stream = torch.cuda.current_stream(self.device)
         gb, gs = self.shape_for(b, s)
         key = (gb, gs, stream.cuda_stream)
-        g = self._graphs.get(key)
-        if g is None:
-            with self._lock:
-                g = self._graphs.get(key)
-                if g is None:
+        with self._lock:
+            stream_lock = self._stream_locks.setdefault(stream.cuda_stream, threading.Lock())
+        # One thread at a time per stream, capture included: the stream's graphs share a pool.
+        with stream_lock:
+            g = self._graphs.get(key)
+            if g is None:
+                with self._lock:
                     need = 2 * gb * gs * self.hidden * x.element_size()
                     if self.static_bytes + need > self.max_bytes:
                         if not self._full_logged:
@@ -87,7 +96,6 @@ class GraphRunner:
                     g = self._capture(gb, gs, stream)
                     self._graphs[key] = g
                     self.static_bytes += need
-        with g.lock:
             g.x[:b, :s].copy_(x)
             if s < gs:
                 g.x[:b, s:].zero_()
@@ -99,18 +107,20 @@ class GraphRunner:
     def _capture(self, b: int, s: int, stream: torch.cuda.Stream) -> _Graph:
         x = torch.zeros(b, s, self.hidden, dtype=self.dtype, device=self.device)
         lens = torch.full((b,), s, dtype=torch.int32, device=self.device)
-        # One eager run on this stream first: kernels compile, cuBLAS and cuDNN set up their
-        # handles and workspaces for the stream, outside the capture.
-        self.model(x, lens)
-        stream.synchronize()
+        cs = self._capture_streams.setdefault(stream.cuda_stream, torch.cuda.Stream(self.device))
+        cs.wait_stream(stream)  # x and lens were filled on ``stream``
+        # One eager run on the capture stream first: kernels compile, and cuBLAS sets up its
+        # workspace for this thread's handle on this stream, outside the capture.
+        with torch.cuda.stream(cs):
+            self.model(x, lens)
+        cs.synchronize()
         pool = self._pools.get(stream.cuda_stream)
         graph = torch.cuda.CUDAGraph()
-        # Captured on torch's side stream (another thread of this bucket may queue work on
-        # ``stream`` meanwhile) and replayed on ``stream``; thread_local: other buckets' threads
-        # keep running their own streams during the capture.
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        # Replayed on ``stream``. thread_local: other buckets' threads keep running their own
+        # streams during the capture.
+        with torch.cuda.graph(graph, pool=pool, stream=cs, capture_error_mode="thread_local"):
             y = self.model(x, lens)
         if pool is None:
             self._pools[stream.cuda_stream] = graph.pool()
-        log.info("captured a CUDA graph for batch %d x %d tokens on stream %#x", b, s, stream.cuda_stream)
+        log.info("captured a CUDA graph for batch %d x %d tokens for stream %#x", b, s, stream.cuda_stream)
         return _Graph(graph, x, lens, y)
