@@ -124,9 +124,10 @@ class _Metrics:
         self.rejected_local = 0
         # Where a batch's time goes, summed over batches (seconds; from the compute threads):
         # staging the requests into one device batch, the model from launch to answers on the
-        # host, of which the GPU was busy ("gpu", CUDA events; 0 on a CPU replica), and cutting
-        # the answers.
-        self.phases = {"assemble": 0.0, "model": 0.0, "gpu": 0.0, "answers": 0.0, "batches": 0}
+        # host, of which the host queued the work ("launch": the model call until it returns,
+        # GIL waits included; on a CPU replica the whole computation) and the GPU was busy
+        # ("gpu", CUDA events; 0 on a CPU replica), and cutting the answers.
+        self.phases = {"assemble": 0.0, "model": 0.0, "launch": 0.0, "gpu": 0.0, "answers": 0.0, "batches": 0}
         self._phase_lock = threading.Lock()
         # Seconds with at least one batch in flight (the replica's busy time; batches of several
         # buckets overlap, so this is a union of intervals, not a sum). Event-loop only.
@@ -144,11 +145,12 @@ class _Metrics:
         if self._active == 0:
             self.busy_s += time.perf_counter() - self._busy_since
 
-    def record_phases(self, assemble_s: float, model_s: float, gpu_s: float, answers_s: float) -> None:
+    def record_phases(self, assemble_s: float, model_s: float, launch_s: float, gpu_s: float, answers_s: float) -> None:
         with self._phase_lock:
             p = self.phases
             p["assemble"] += assemble_s
             p["model"] += model_s
+            p["launch"] += launch_s
             p["gpu"] += gpu_s
             p["answers"] += answers_s
             p["batches"] += 1
@@ -339,6 +341,7 @@ class ModelReplica:
             y_dev = self.backend.run(x, lens).to(out_dtype)
             if events:
                 events[1].record()
+            t_launch = time.perf_counter()
             y = to_host(y_dev).numpy()
             t2 = time.perf_counter()
             ok = finite.tolist() if finite is not None else [True] * len(xs)
@@ -346,7 +349,7 @@ class ModelReplica:
             return f"{type(e).__name__}: {e}"
         answers = [y[i, : a.shape[0]] if ok[i] else self._nonfinite_error() for i, a in enumerate(xs)]
         gpu_s = events[0].elapsed_time(events[1]) / 1e3 if events else 0.0  # no GPU: none of its time
-        self.metrics.record_phases(t1 - t0, t2 - t1, gpu_s, time.perf_counter() - t2)
+        self.metrics.record_phases(t1 - t0, t2 - t1, t_launch - t1, gpu_s, time.perf_counter() - t2)
         return answers
 
     @staticmethod

@@ -126,9 +126,10 @@ def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], model
     n = p1["batches"] - p0["batches"]
     assert n == sum(after[e]["batches"] - before[e]["batches"] for e in after) > 0
     compute = sum(after[e]["compute_s"] - before[e]["compute_s"] for e in after)
-    phases = {k: p1[k] - p0[k] for k in ("assemble", "model", "gpu", "answers")}
+    phases = {k: p1[k] - p0[k] for k in ("assemble", "model", "launch", "gpu", "answers")}
     assert phases["assemble"] > 0 and phases["model"] > 0 and phases["answers"] >= 0, phases
     assert 0 <= phases["gpu"] <= phases["model"], phases  # 0 on a CPU replica
+    assert 0 < phases["launch"] <= phases["model"], phases  # on a CPU replica nearly all of it
     assert phases["assemble"] + phases["model"] + phases["answers"] <= compute, (phases, compute)
     # Never mixed across buckets: each bucket saw exactly its own requests and tokens.
     assert d["128"] == {"requests": 48, "tokens": sum(len(x) for x in small)}
