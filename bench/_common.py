@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +26,47 @@ def card() -> str:
     if not torch.cuda.is_available():
         return f"cpu ({platform.processor() or platform.machine()})"
     return torch.cuda.get_device_name()
+
+
+class GpuSampler:
+    """Every GPU as nvidia-smi sees it, sampled every ``interval_ms`` from ``start()`` to
+    ``stop()``: per GPU index the mean SM clock (MHz), power (W) and utilization (percent of
+    the time a kernel ran). Empty where nvidia-smi is missing (a CPU machine)."""
+
+    QUERY = "index,clocks.sm,power.draw,utilization.gpu"
+
+    def __init__(self, interval_ms: int = 500) -> None:
+        self.interval_ms = interval_ms
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> GpuSampler:
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def stop(self) -> dict[int, dict[str, float]]:
+        if self._proc is None:
+            return {}
+        self._proc.terminate()
+        out, _ = self._proc.communicate()
+        self._proc = None
+        return self.parse(out)
+
+    @staticmethod
+    def parse(text: str) -> dict[int, dict[str, float]]:
+        """Per GPU index the means of nvidia-smi's ``QUERY`` lines; lines it could not measure
+        ("[N/A]") or cut short are skipped."""
+        per: dict[int, list[tuple[float, float, float]]] = {}
+        for line in text.splitlines():
+            try:
+                i, mhz, watts, util = (p.strip() for p in line.split(","))
+                per.setdefault(int(i), []).append((float(mhz), float(watts), float(util)))
+            except ValueError:
+                continue
+        return {i: {"sm_mhz": statistics.mean(v[0] for v in rows), "power_w": statistics.mean(v[1] for v in rows),
+                    "util_pct": statistics.mean(v[2] for v in rows)} for i, rows in per.items()}
 
 
 def time_host_ms(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 5) -> float:

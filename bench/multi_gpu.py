@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import shutil
 import statistics
-import subprocess
 import threading
 import time
 from typing import Any
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench._common import card, pyplot, save, save_figure
+from bench._common import GpuSampler, card, pyplot, save, save_figure
 from bench.serve_load import parse_mix
 from fa3trt.attention import lengths_on_device, select_kernel
 from fa3trt.backends import TorchBackend
@@ -123,29 +121,6 @@ def _loop(rank: int, args: dict[str, Any], path: str, backend: TorchBackend, bat
             "gpu_ms": 1e3 * statistics.mean(gpu) if gpu else 0.0, "enqueue_ms": 1e3 * statistics.mean(enqueue)}
 
 
-def _clock_sampler() -> subprocess.Popen[str] | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    return subprocess.Popen(["nvidia-smi", "--query-gpu=index,clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "500"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-
-def _clocks(proc: subprocess.Popen[str] | None) -> dict[int, dict[str, float]]:
-    """Mean SM clock (MHz) and power (W) per GPU index over the sampler's life."""
-    if proc is None:
-        return {}
-    proc.terminate()
-    out, _ = proc.communicate()
-    per: dict[int, list[tuple[float, float]]] = {}
-    for line in out.splitlines():
-        try:
-            i, mhz, watts = (p.strip() for p in line.split(","))
-            per.setdefault(int(i), []).append((float(mhz), float(watts)))
-        except ValueError:
-            continue
-    return {i: {"sm_mhz": statistics.mean(m for m, _ in v), "power_w": statistics.mean(w for _, w in v)} for i, v in per.items()}
-
-
 def run_count(count: int, args: dict[str, Any], paths: list[str]) -> list[dict[str, Any]]:
     """One result per path for ``count`` processes (one GPU each)."""
     ctx = mp.get_context("spawn")
@@ -161,9 +136,9 @@ def run_count(count: int, args: dict[str, Any], paths: list[str]) -> list[dict[s
                 barrier.wait(timeout=args["start_timeout"])
             except threading.BrokenBarrierError:
                 pass  # a worker failed: its error is in the queue
-            sampler = _clock_sampler()
+            sampler = GpuSampler().start()
             parts = [results.get(timeout=args["duration"] + args["start_timeout"]) for _ in procs]
-            clocks = _clocks(sampler)
+            clocks = sampler.stop()
             errors = [p for p in parts if "error" in p]
             if errors:
                 raise RuntimeError(f"{len(errors)} of {count} processes failed; first: {errors[0]['error']}")
@@ -221,10 +196,11 @@ def main() -> None:
             r["efficiency"] = r["batches_per_s"] / (base["batches_per_s"] * r["count"] / base["count"])
             per = r["processes"]
             mhz = " ".join(f"{c['sm_mhz']:.0f}" for c in r["clocks"].values())
+            busy = " ".join(f"{c['util_pct']:.0f}%" for c in r["clocks"].values())
             print(f"{path:12s} {r['count']} x: {r['batches_per_s']:8.1f} batches/s {r['tokens_per_s'] / 1e3:8.1f} k tok/s "
                   f"efficiency {r['efficiency']:.2f}   per batch: wall {statistics.mean(x['wall_ms'] for x in per):6.2f} ms "
                   f"gpu {statistics.mean(x['gpu_ms'] for x in per):6.2f} enqueue {statistics.mean(x['enqueue_ms'] for x in per):6.2f}"
-                  + (f"   SM MHz {mhz}" if mhz else ""), flush=True)
+                  + (f"   SM MHz {mhz}  busy {busy}" if mhz else ""), flush=True)
     save(a.out, name, {"card": where, "args": args, "rows": rows})
     plt = pyplot()
     if plt is not None:

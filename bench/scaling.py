@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import card, pyplot, save, save_figure
+from bench._common import GpuSampler, card, pyplot, save, save_figure
 from bench.serve_load import VERIFY, handle_sender, make_inputs, parse_mix, run_load, stats_delta
 from bench.serving import app_args
 
@@ -110,6 +110,14 @@ def per_replica(before: dict[str, dict[str, Any]], after: dict[str, dict[str, An
             "phases_ms_per_batch": d.get("phases_ms_per_batch", {}),
         })
     return rows
+
+
+def busiest_mean(utils: list[float], n: int) -> float | None:
+    """Mean utilization of the ``n`` busiest GPUs (the replicas' own, one per GPU); None with no GPU."""
+    if not utils:
+        return None
+    top = sorted(utils, reverse=True)[:n]
+    return sum(top) / len(top)
 
 
 def efficiency(results: dict[int, dict[str, Any]]) -> dict[int, float]:
@@ -206,12 +214,18 @@ def main() -> None:
 
         drive(args.warmup)  # every replica sees every bucket's shapes before timing
         before = None if args.noop else replica_stats(app_handle, n)
+        sampler = GpuSampler().start()
         r = results[n] = drive(args.duration)
+        # nvidia-smi over the timed pass: a replica whose GPU idles while the replica is busy
+        # is limited by its host side (launching, staging, its event loop), not by the GPU.
+        r["gpus"] = {str(i): g for i, g in sampler.stop().items()}
+        r["gpu_util_pct"] = busiest_mean([g["util_pct"] for g in r["gpus"].values()], n)
         # The counters cover the whole pass (ramp and drain included), so busy is over its span.
         r["replicas"] = [] if before is None else per_replica(before, replica_stats(app_handle, n), r["span_s"])
+        busy_gpus = "" if r["gpu_util_pct"] is None else f" GPUs busy {r['gpu_util_pct']:3.0f}%"
         print(
             f"[{time.perf_counter() - t_start:6.0f}s] {n} replica(s): {r['requests']} req {r['errors']} err "
-            f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms",
+            f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms{busy_gpus}",
             flush=True,
         )
         if r["first_error"]:
@@ -231,9 +245,10 @@ def main() -> None:
     what = "echo replicas (--noop), no model" if args.noop else f"model {args.preset} layers={args.layers}"
     print(f"card: {card()} x{gpus or 0}  {what}  mix {args.mix}  concurrency {args.concurrency_per_replica}/replica"
           f" from {args.clients_per_replica} client(s)/replica")
-    print(f"{'replicas':>8s} {'req/s':>9s} {'speedup':>8s} {'efficiency':>10s} {'p50 ms':>9s} {'p99 ms':>9s}")
+    print(f"{'replicas':>8s} {'req/s':>9s} {'speedup':>8s} {'efficiency':>10s} {'p50 ms':>9s} {'p99 ms':>9s} {'GPUs busy':>9s}")
     for n, r in results.items():
-        print(f"{n:8d} {r['rps']:9.2f} {r['rps'] / results[counts[0]]['rps'] * counts[0]:7.2f}x {eff[n]:10.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f}")
+        busy = "-" if r["gpu_util_pct"] is None else f"{r['gpu_util_pct']:.0f}%"
+        print(f"{n:8d} {r['rps']:9.2f} {r['rps'] / results[counts[0]]['rps'] * counts[0]:7.2f}x {eff[n]:10.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {busy:>9s}")
     name = args.name or f"scaling_{args.preset}_{args.mix}"
     summary = {"efficiency": {str(n): e for n, e in eff.items()}, "goal": args.goal, "met": all(e >= args.goal for e in eff.values())}
     save(args.out, name, {"args": vars(args), "gpus": gpus, "host": host, "results": {str(n): r for n, r in results.items()}, "summary": summary, "time_unix": time.time()})

@@ -4,12 +4,14 @@ and one whole run with echo replicas on the CPU."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.scaling import efficiency, merge, per_replica
+from bench._common import GpuSampler
+from bench.scaling import busiest_mean, efficiency, merge, per_replica
 
 
 def test_merge_counts_only_the_common_window() -> None:
@@ -35,6 +37,16 @@ def test_efficiency_against_the_smallest_count() -> None:
     assert eff == pytest.approx({1: 1.0, 2: 0.9, 4: 0.9})
     # Without a 1-replica run, the smallest count's per-replica rate is the baseline.
     assert efficiency({2: {"rps": 200.0}, 4: {"rps": 300.0}}) == pytest.approx({2: 1.0, 4: 0.75})
+
+
+def test_gpu_samples_and_the_replicas_gpus() -> None:
+    text = "0, 1980, 250.5, 40\n1, 1980, 120.0, 0\n0, 1965, 249.5, 50\n1, [N/A], 118.0, 0\n0, 19"  # cut short at the end
+    g = GpuSampler.parse(text)
+    assert g[0] == pytest.approx({"sm_mhz": 1972.5, "power_w": 250.0, "util_pct": 45.0})
+    assert g[1] == pytest.approx({"sm_mhz": 1980.0, "power_w": 120.0, "util_pct": 0.0})
+    # One replica per GPU: the replicas' GPUs are the busiest ones.
+    assert busiest_mean([45.0, 0.0, 30.0, 5.0], 2) == pytest.approx(37.5)
+    assert busiest_mean([], 2) is None
 
 
 def _stats(rid: str, busy: float, **buckets: tuple[int, int, float]) -> dict[str, object]:
@@ -91,4 +103,6 @@ def test_noop_run_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "noop.json").read_text())
     one = result["results"]["1"]
     assert one["errors"] == 0 and one["rps"] > 0 and one["replicas"] == [] and one["clients"] == 2
+    if shutil.which("nvidia-smi") is None:  # a CPU machine: nothing to sample
+        assert one["gpus"] == {} and one["gpu_util_pct"] is None
     assert result["summary"]["efficiency"] == {"1": 1.0}
