@@ -5,13 +5,16 @@ For each replica count N the app is deployed with N replicas, warmed, and driven
 deployment handles by load-client actors (``--clients-per-replica`` per replica; separate
 processes, as other Ray jobs would call it) at a fixed concurrency per replica, so the load
 grows with the replicas. Whether one client process is itself the limit shows by running the
-same count with more clients sharing the same concurrency. The clients start together and send for ``--duration`` seconds; throughput is
-the answers that arrive inside one window common to all of them (from ``--ramp`` seconds after
-the start to the deadline), so neither the ramp-up nor the drain after the deadline, nor the
-spread of the clients' ends, is counted against larger replica counts. Efficiency is throughput(N) / (N x throughput(1)), the
-first count's throughput scaled when it is not 1. Each replica's own counters (requests, busy
-fraction, compute time per batch) are read before and after, so a shortfall shows whether the
-replicas were idle (the path to them is the limit) or busy but slower (a shared host resource).
+same count with more clients sharing the same concurrency. The clients start together and send
+for ``--duration`` seconds; throughput is the answers that arrive inside one window common to
+all of them (from ``--ramp`` seconds after the start to the deadline), so neither the ramp-up
+nor the drain after the deadline, nor the spread of the clients' ends, is counted against
+larger replica counts. Efficiency is throughput(N) / (N x throughput(1)), the first count's
+throughput scaled when it is not 1. Each replica's own counters (requests, busy fraction,
+compute time per batch and its phases) are read before and after, and nvidia-smi samples the
+GPUs through the pass, so a shortfall shows whether the replicas were idle (the path to them is
+the limit), busy but slower (a shared host resource), or busy while their GPUs idled (their
+host side: launching, staging, the event loop).
 
 With ``--noop`` the replicas return their input instead (same placement, payloads and load):
 the serving path's own ceiling on the host, against which the app's efficiency reads.
