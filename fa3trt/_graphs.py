@@ -107,7 +107,12 @@ class GraphRunner:
     def _capture(self, b: int, s: int, stream: torch.cuda.Stream) -> _Graph:
         x = torch.zeros(b, s, self.hidden, dtype=self.dtype, device=self.device)
         lens = torch.full((b,), s, dtype=torch.int32, device=self.device)
-        cs = self._capture_streams.setdefault(stream.cuda_stream, torch.cuda.Stream(self.device))
+        cs = self._capture_streams.get(stream.cuda_stream)
+        if cs is None:
+            # Made once per replay stream: torch hands out streams round-robin from a pool of
+            # 32, so a stream made (and dropped) on every capture would soon come round to one
+            # that a bucket replays on, or captures another bucket's graphs on.
+            cs = self._capture_streams[stream.cuda_stream] = torch.cuda.Stream(self.device)
         cs.wait_stream(stream)  # x and lens were filled on ``stream``
         # One eager run on the capture stream first: kernels compile, and cuBLAS sets up its
         # workspace for this thread's handle on this stream, outside the capture.
