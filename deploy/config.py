@@ -87,7 +87,7 @@ class AppArgs(_Strict):
     max_body_bytes: int = Field(64 << 20, ge=1024, le=1 << 32, description="Largest HTTP request body; larger ones get 413.")
     reject_nonfinite: bool = Field(True, description="Refuse inputs holding NaN or Inf (422); checked on the device, in the batch.")
     numa_affinity: bool = Field(True, description="Keep each GPU replica's threads on the CPUs of its GPU's NUMA node.")
-    cuda_graphs: bool = Field(False, description="Torch backend on a GPU: run batches as CUDA graphs (fa3trt._graphs). Refused in the served app for now: a graphed replica hung its GPU under Serve load (docs/reliability.md).")
+    cuda_graphs: bool = Field(False, description="Torch backend on a GPU: run batches as CUDA graphs (fa3trt._graphs): one launch per batch instead of the model's few dozen. Needs FA3 or FlashAttention's CuTe kernel.")
     stream_per_bucket: bool = Field(True, description="GPU replicas: each bucket's batches on a CUDA stream of their own, so one bucket's copies and answers never wait on another's kernels (false: every bucket on the default stream).")
     replica_cpus: int | Literal["auto"] = Field("auto", description="CPUs reserved per GPU replica (its PyTorch threads stage batches): auto = half its share of the cluster's CPUs, 1 to 4.")
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest time a request may take end to end.")
@@ -106,18 +106,6 @@ class AppArgs(_Strict):
     def _count_positive(cls, v: int | str, info: ValidationInfo) -> int | str:
         if isinstance(v, int) and v < 1:
             raise ValueError(f"{info.field_name} must be 'auto' or an integer >= 1, got {v}")
-        return v
-
-    @field_validator("cuda_graphs")
-    @classmethod
-    def _graphs_not_served_yet(cls, v: bool) -> bool:
-        if v:
-            raise ValueError(
-                "cuda_graphs: true is refused in the served app for now: a graphed replica hung its GPU under "
-                "Serve load on an H200 (docs/reliability.md), and the fix (a capture stream per bucket stream, "
-                "fa3trt._graphs) has not yet run on a GPU under Serve. Set cuda_graphs to false; "
-                "TorchBackend(config, cuda_graphs=True) remains for use outside Serve"
-            )
         return v
 
     @model_validator(mode="after")

@@ -142,3 +142,50 @@ def test_shapes_past_the_buffer_budget_run_eagerly(graphed: tuple[TorchBackend, 
         assert len(be.graphs) == before and rel_err(y[0].float().cpu(), ref(r[None])[0]) < 3e-2
     finally:
         be.graphs.max_bytes = budget
+
+
+@gpu
+def test_graphs_one_thread_captured_replay_side_by_side_at_seed_width() -> None:
+    """A Serve replica's pattern at the seed width. Its batches run on a thread pool whose
+    threads are not tied to buckets, so one thread (one cuBLAS handle) may capture several
+    buckets' graphs, which their buckets then replay at once from other threads. At this width
+    cuBLAS runs GEMMs that use its workspace: graphs captured on one shared stream shared it, and
+    replays raced on it (a replica's GPU hung under Serve). Every answer, queued four at a time,
+    is checked against the float32 model run on each sequence alone."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not lengths_on_device(select_kernel("cuda"), torch.bfloat16, 128):
+        pytest.skip("needs FA3 or FlashAttention's CuTe kernel (sm90, pip extra hopper)")
+    be = TorchBackend(fa3trt.ModelConfig.preset("seed", layers=1), device="cuda", cuda_graphs=True)
+    assert be.graphs is not None
+    ref = fa3trt.build_model(fa3trt.ModelConfig.preset("seed", layers=1, dtype="float32"), device="cuda")
+    gen = torch.Generator().manual_seed(2)
+    batches = [[torch.randn(n, be.hidden, generator=gen) for n in lens] for lens in ((96,), (200, 150), (64, 10, 128, 33))]
+    with torch.no_grad():
+        want = [[ref(r[None].cuda())[0] for r in rows] for rows in batches]
+    inputs = [fa3trt.buckets.assemble(rows, be.dtype, be.device) for rows in batches]
+    streams = [torch.cuda.Stream() for _ in batches]
+    torch.cuda.synchronize()  # the inputs are written on the default stream, read on the others
+    for stream, (x, lens) in zip(streams, inputs):  # this one thread captures every stream's graph
+        with torch.cuda.stream(stream):
+            be.run(x, lens)
+    torch.cuda.synchronize()
+    errors: list[tuple[int, int, float]] = []
+
+    def loop(i: int) -> None:
+        x, lens = inputs[i]
+        with torch.cuda.stream(streams[i]):
+            for _ in range(50):
+                for y in [be.run(x, lens) for _ in range(4)]:
+                    for j, w in enumerate(want[i]):
+                        err = rel_err(y[j, : len(w)].float(), w)
+                        if err > 3e-2:
+                            errors.append((i, j, err))
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a replay never finished"
+    assert len(be.graphs) == len(batches) and not errors, errors[:5]
