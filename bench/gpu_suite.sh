@@ -6,7 +6,9 @@
 #   bash bench/gpu_suite.sh ray       # 2 GPUs: build jobs on both cards, two Serve replicas, build timing, 1 vs 2 replicas
 #   bash bench/gpu_suite.sh scale     # all GPUs: a `ray start` cluster, 1, 2, 4 (, 8) replicas at saturation
 #                                     # (LAYERS=2, REPLICAS=1,2,4, VERIFY=values|shape, APP_JSON, SUFFIX, CLIENTS=<per replica>,
-#                                     #  STEPS="multi model noop" (any of them), DURATION=<s>; PROFILE=1 PROFILE_AT=<s>: py-spy
+#                                     #  STEPS="multi model noop" (any of them), DURATION=<s>,
+#                                     #  WARMUP=<s> (untimed load first), MIX=<lo-hi> (request lengths), FRESH=1 (a Ray
+#                                     #  cluster started for each count); PROFILE=1 PROFILE_AT=<s>: py-spy
 #                                     #  flame graphs of replicas and clients)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 # Logs and results go to ${OUT:-docs/benchmarks}.
@@ -54,7 +56,8 @@ case "$1" in
     steps=${STEPS:-multi model noop}
     has() { [[ " $steps " == *" $1 "* ]]; }
     clients=${CLIENTS:-1}
-    timing=(--duration "${DURATION:-30}" --clients-per-replica "$clients")
+    mix=${MIX:-256-2048}
+    timing=(--duration "${DURATION:-30}" --warmup "${WARMUP:-8}" --clients-per-replica "$clients")
     csuf=$([ "$clients" = 1 ] || echo "_${clients}clients")
     [ "$1" = scale ] && has multi && python3 -m bench.multi_gpu --gpus "$counts" --layers "$layers" --out "$out" \
       --name "multi_gpu_seed${layers}_256-2048_${n}gpu${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "Warning|warn" | tee -a "$log"
@@ -64,8 +67,14 @@ case "$1" in
     ray stop --force >/dev/null 2>&1
     # Token authentication is on: every process (drivers, the serve CLI) reads ~/.ray/auth_token.
     ray get-auth-token --generate >/dev/null 2>&1 || true
-    ray start --head --num-gpus="$n" --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "shm|object store|Ray runtime started" | tee -a "$log"
-    export RAY_ADDRESS=auto
+    if [ "$1" = scale ] && [ "${FRESH:-0}" = 1 ]; then
+      # FRESH=1: every replica count on a local cluster started for it (bench.scaling --fresh-cluster).
+      cluster=(--address local --fresh-cluster); fsuf=_fresh
+    else
+      ray start --head --num-gpus="$n" --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "shm|object store|Ray runtime started" | tee -a "$log"
+      export RAY_ADDRESS=auto
+      cluster=(--address auto); fsuf=
+    fi
     # Every GPU's SM clock, power, temperature and utilization every 5 s through the run: a batch
     # that takes longer with more replicas shows here if the cards themselves slowed down.
     nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
@@ -82,12 +91,12 @@ case "$1" in
       fi
       verify=${VERIFY:-values}  # VERIFY=shape: load clients check shape and dtype only (less of the shared host's bandwidth)
       # APP_JSON: app arguments to override (e.g. '{"stream_per_bucket": false}'); SUFFIX names the result.
-      has model && python3 -m bench.scaling --address auto --replicas "$counts" --preset seed --layers "$layers" --mix 256-2048 --verify "$verify" \
+      has model && python3 -m bench.scaling "${cluster[@]}" --replicas "$counts" --preset seed --layers "$layers" --mix "$mix" --verify "$verify" \
         --app-json "${APP_JSON:-{\}}" "${timing[@]}" --out "$out" \
-        --name "scaling_seed${layers}_256-2048_${n}gpu$([ "$verify" = values ] || echo "_verify-$verify")${csuf}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+        --name "scaling_seed${layers}_${mix}_${n}gpu$([ "$verify" = values ] || echo "_verify-$verify")${csuf}${fsuf}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
       # The same load on replicas that return their input: the serving path's own ceiling on this host.
-      has noop && python3 -m bench.scaling --address auto --replicas "$counts" --noop --mix 256-2048 --preset seed \
-        "${timing[@]}" --out "$out" --name "scaling_noop_256-2048_${n}gpu${csuf}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+      has noop && python3 -m bench.scaling "${cluster[@]}" --replicas "$counts" --noop --mix "$mix" --preset seed \
+        "${timing[@]}" --out "$out" --name "scaling_noop_${mix}_${n}gpu${csuf}${fsuf}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     else
       # Engines (torch artifacts where TensorRT is missing) for the served model, one per GPU type.
       timeout 240 python3 -m build_jobs --address auto --no-progress 2>&1 | tail -4 | tee -a "$log"

@@ -19,8 +19,15 @@ host side: launching, staging, the event loop).
 With ``--noop`` the replicas return their input instead (same placement, payloads and load):
 the serving path's own ceiling on the host, against which the app's efficiency reads.
 
+With ``--fresh-cluster`` each count runs on a local Ray cluster of its own, started for it and
+stopped after it: no count inherits the state earlier passes left behind (the object store's
+allocations, idle workers, the Serve controller's history). ``--merge`` combines result files
+of separate runs (one count each) into one table and plot.
+
     ray start --head && python -m bench.scaling --address auto --replicas 1,2,4 --preset seed --layers 2
+    python -m bench.scaling --address local --fresh-cluster --replicas 1,2,4 --preset seed --layers 2
     python -m bench.scaling --address local --replicas 1,2 --preset tiny --duration 10  # CPU dry run
+    python -m bench.scaling --merge r1.json r2.json r4.json --name scaling_seed2_256-2048_fresh
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import asyncio
 import json
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,9 +160,21 @@ def main() -> None:
                    help="load clients check each answer's values (one pass over its bytes) or only its shape and dtype")
     p.add_argument("--noop", action="store_true", help="replicas that return their input instead of the app: the serving path's own ceiling")
     p.add_argument("--app-json", default="{}", help="app arguments to override, as JSON (e.g. '{\"stream_per_bucket\": false}')")
+    p.add_argument("--fresh-cluster", action="store_true",
+                   help="with --address local: start a Ray cluster for each replica count and stop it after")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="combine result files of earlier runs (their counts must not overlap) into one result; runs nothing")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default=None, help="result file name (default scaling_<preset>_<mix>)")
     args = p.parse_args()
+    if args.merge:
+        merged = merge_runs(args.merge)
+        if isinstance(merged, str):
+            p.error(merged)
+        report(args.out, args.name or "scaling_merged", **merged)
+        return
+    if args.fresh_cluster and args.address != "local":
+        p.error(f"--fresh-cluster starts a cluster for each count: give --address local (got --address {args.address})")
     counts = sorted({int(n) for n in args.replicas.split(",")})
     if not counts or counts[0] < 1:
         p.error(f"--replicas {args.replicas!r}: give positive replica counts, e.g. 1,2,4")
@@ -177,25 +197,28 @@ def main() -> None:
 
     lo, hi = parse_mix(args.mix)
     hidden = ModelConfig.preset(args.preset, **({"layers": args.layers} if args.layers else {})).hidden
-    ray.init(address=args.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus and counts[-1] > gpus:
-        p.error(f"--replicas {args.replicas!r} asks for {counts[-1]} replicas but the cluster has {gpus} GPUs (one replica per GPU); lower the counts or add GPUs")
-    # One replica per GPU; without GPUs the replicas share out every CPU (deploy.app.replica_plan).
-    kind, need = ("GPU", counts[-1]) if gpus else ("CPU", resources.get("CPU", 1))
-    free = ray.available_resources().get(kind, 0)
-    if free < need:
-        p.error(f"only {free:g} {kind}s of the cluster's {resources.get(kind, 0):g} are free and the run needs {need:g} (another app holds the rest); `serve shutdown` it first")
-    host = {"cpus": resources.get("CPU"), "object_store_gb": resources.get("object_store_memory", 0) / 1e9, "dev_shm_gb": shutil.disk_usage("/dev/shm").total / 1e9}
-    print(f"cluster: {gpus} GPUs, {host['cpus']:g} CPUs, object store {host['object_store_gb']:.1f} GB, /dev/shm {host['dev_shm_gb']:.1f} GB", flush=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8124})
-    # Clients reserve no CPU, so they never wait behind replicas for a slot on a small machine.
-    client_cls = ray.remote(num_cpus=0)(LoadClient)
+    def connect() -> tuple[int, dict[str, Any]]:
+        """Join (or start) the cluster and Serve: the cluster's GPUs and the host's figures."""
+        ray.init(address=args.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        if gpus and counts[-1] > gpus:
+            p.error(f"--replicas {args.replicas!r} asks for {counts[-1]} replicas but the cluster has {gpus} GPUs (one replica per GPU); lower the counts or add GPUs")
+        # One replica per GPU; without GPUs the replicas share out every CPU (deploy.app.replica_plan).
+        kind, need = ("GPU", counts[-1]) if gpus else ("CPU", resources.get("CPU", 1))
+        free = ray.available_resources().get(kind, 0)
+        if free < need:
+            p.error(f"only {free:g} {kind}s of the cluster's {resources.get(kind, 0):g} are free and the run needs {need:g} (another app holds the rest); `serve shutdown` it first")
+        host = {"cpus": resources.get("CPU"), "object_store_gb": resources.get("object_store_memory", 0) / 1e9, "dev_shm_gb": shutil.disk_usage("/dev/shm").total / 1e9}
+        print(f"cluster: {gpus} GPUs, {host['cpus']:g} CPUs, object store {host['object_store_gb']:.1f} GB, /dev/shm {host['dev_shm_gb']:.1f} GB", flush=True)
+        serve.start(http_options={"host": "127.0.0.1", "port": 8124})
+        return gpus, host
+
     model: dict[str, Any] = {"preset": args.preset} | ({"layers": args.layers} if args.layers else {})
-    results: dict[int, dict[str, Any]] = {}
     t_start = time.perf_counter()
-    for n in counts:
+
+    def run_count(n: int, gpus: int) -> dict[str, Any]:
+        """Deploy ``n`` replicas, drive them (untimed, then timed) and remove the app."""
         if args.noop:
             actor = {"num_cpus": 1} | ({"num_gpus": 1} if gpus else {})  # placed as model replicas are: one per GPU
             echo = serve.deployment(name="Echo", num_replicas=n, max_ongoing_requests=4 * args.concurrency_per_replica, ray_actor_options=actor)(Echo)
@@ -203,9 +226,10 @@ def main() -> None:
         else:
             over = ({"store": args.store} if args.store else {}) | extra
             serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend=args.backend, replicas=n, **over)), name=APP, route_prefix="/scaling")
+        # Clients reserve no CPU, so they never wait behind replicas for a slot on a small machine.
+        client_cls = ray.remote(num_cpus=0)(LoadClient)
         clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n * args.clients_per_replica)]
         app_handle = serve.get_app_handle(APP)
-
         ray.get([c.ready.remote() for c in clients])  # every client has its handle and inputs
 
         def drive(seconds: float) -> dict[str, Any]:
@@ -218,7 +242,7 @@ def main() -> None:
         drive(args.warmup)  # every replica sees every bucket's shapes before timing
         before = None if args.noop else replica_stats(app_handle, n)
         sampler = GpuSampler().start()
-        r = results[n] = drive(args.duration)
+        r = drive(args.duration)
         # nvidia-smi over the timed pass: a replica whose GPU idles while the replica is busy
         # is limited by its host side (launching, staging, its event loop), not by the GPU.
         r["gpus"] = {str(i): g for i, g in sampler.stop().items()}
@@ -241,22 +265,60 @@ def main() -> None:
         for c in clients:
             ray.kill(c)
         serve.delete(APP)
-    # Only this benchmark's app is removed: Serve and any other app on the cluster stay as they were.
-    ray.shutdown()
+        return r
 
+    results: dict[int, dict[str, Any]] = {}
+    gpus, host = connect()
+    for n in counts:
+        if args.fresh_cluster and results:
+            gpus, host = connect()
+        results[n] = run_count(n, gpus)
+        if args.fresh_cluster:
+            serve.shutdown()
+            ray.shutdown()
+    if not args.fresh_cluster:
+        # Only this benchmark's app is removed: Serve and any other app on the cluster stay as they were.
+        ray.shutdown()
+    report(args.out, args.name or f"scaling_{args.preset}_{args.mix}", results,
+           args=vars(args), gpus=gpus, host=host, card_name=card())
+
+
+def merge_runs(paths: list[str]) -> dict[str, Any] | str:
+    """One result from the result files of several runs (``report``'s arguments), or why not."""
+    runs = [json.loads(Path(f).read_text()) for f in paths]
+    results: dict[int, dict[str, Any]] = {}
+    for f, run in zip(paths, runs):
+        for n, r in run["results"].items():
+            if int(n) in results:
+                return f"--merge: {f} has a result for {n} replica(s) that an earlier file has too; give each count once"
+            results[int(n)] = r
+    cards = {run["card"] for run in runs}
+    if len(cards) > 1:
+        return f"--merge: the files come from different cards {sorted(cards)}; compare runs of one machine only"
+    return {"results": dict(sorted(results.items())), "args": {"merged": paths, **runs[0]["args"]},
+            "gpus": max(run["gpus"] for run in runs), "host": runs[0]["host"], "card_name": cards.pop()}
+
+
+def report(out: str, name: str, results: dict[int, dict[str, Any]], args: dict[str, Any], gpus: int,
+           host: dict[str, Any], card_name: str) -> None:
+    """Print the table of every count and save it (JSON + plot)."""
+    counts = sorted(results)
     eff = efficiency(results)
-    what = "echo replicas (--noop), no model" if args.noop else f"model {args.preset} layers={args.layers}"
-    print(f"card: {card()} x{gpus or 0}  {what}  mix {args.mix}  concurrency {args.concurrency_per_replica}/replica"
-          f" from {args.clients_per_replica} client(s)/replica")
+    what = "echo replicas (--noop), no model" if args["noop"] else f"model {args['preset']} layers={args['layers']}"
+    fresh = ", a fresh cluster per count" if args.get("fresh_cluster") or args.get("merged") else ""
+    print(f"card: {card_name} x{gpus or 0}  {what}  mix {args['mix']}  concurrency {args['concurrency_per_replica']}/replica"
+          f" from {args['clients_per_replica']} client(s)/replica{fresh}")
     print(f"{'replicas':>8s} {'req/s':>9s} {'speedup':>8s} {'efficiency':>10s} {'p50 ms':>9s} {'p99 ms':>9s} {'GPUs busy':>9s}")
-    for n, r in results.items():
+    for n in counts:
+        r = results[n]
         busy = "-" if r["gpu_util_pct"] is None else f"{r['gpu_util_pct']:.0f}%"
         print(f"{n:8d} {r['rps']:9.2f} {r['rps'] / results[counts[0]]['rps'] * counts[0]:7.2f}x {eff[n]:10.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {busy:>9s}")
-    name = args.name or f"scaling_{args.preset}_{args.mix}"
-    summary = {"efficiency": {str(n): e for n, e in eff.items()}, "goal": args.goal, "met": all(e >= args.goal for e in eff.values())}
-    save(args.out, name, {"args": vars(args), "gpus": gpus, "host": host, "results": {str(n): r for n, r in results.items()}, "summary": summary, "time_unix": time.time()})
-    what = "echo replicas" if args.noop else f"{args.preset} ({args.layers or 'preset'} layers)"
-    _plot(args.out, name, results, eff, args.goal, f"{what}, mix {args.mix}, {card()} x{max(gpus, 1)}")
+    goal = args["goal"]
+    summary = {"efficiency": {str(n): e for n, e in eff.items()}, "goal": goal, "met": all(e >= goal for e in eff.values())}
+    save(out, name, {"card": card_name, "args": args, "gpus": gpus, "host": host, "results": {str(n): r for n, r in results.items()},
+                     "summary": summary, "time_unix": time.time()})
+    what = "echo replicas" if args["noop"] else f"{args['preset']} ({args['layers'] or 'preset'} layers)"
+    _plot(out, name, results, eff, goal, f"{what}, mix {args['mix']}{fresh}, {card_name} x{max(gpus, 1)}")
 
 
 def _plot(out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int, float], goal: float, title: str) -> None:

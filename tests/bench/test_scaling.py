@@ -1,6 +1,7 @@
 """The scale-out benchmark's arithmetic: merging the load clients' results, efficiency against
 the smallest replica count, and per-replica counters from two stats readings; its arguments;
-and one whole run with echo replicas on the CPU."""
+merging the result files of separate runs; and whole runs with echo replicas on the CPU, one
+cluster for every count or a fresh one for each."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench._common import GpuSampler
-from bench.scaling import busiest_mean, efficiency, merge, per_replica
+from bench.scaling import busiest_mean, efficiency, merge, merge_runs, per_replica
 
 
 def test_merge_counts_only_the_common_window() -> None:
@@ -78,6 +79,7 @@ def test_per_replica_deltas() -> None:
         (["--app-json", "[1, 2]"], "must be a JSON object"),
         (["--clients-per-replica", "0"], "--clients-per-replica 0 must be between 1 and"),
         (["--clients-per-replica", "5", "--concurrency-per-replica", "4"], "--clients-per-replica 5 must be between 1 and"),
+        (["--fresh-cluster", "--address", "auto"], "--fresh-cluster starts a cluster for each count: give --address local"),
     ],
 )
 def test_arguments_are_checked_before_anything_starts(argv: list[str], message: str) -> None:
@@ -106,3 +108,50 @@ def test_noop_run_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     if shutil.which("nvidia-smi") is None:  # a CPU machine: nothing to sample
         assert one["gpus"] == {} and one["gpu_util_pct"] is None
     assert result["summary"]["efficiency"] == {"1": 1.0}
+
+
+def _run_file(path: Path, card: str, rps: dict[int, float]) -> str:
+    import json
+
+    args = {"noop": False, "preset": "seed", "layers": 2, "mix": "256-2048", "concurrency_per_replica": 48,
+            "clients_per_replica": 1, "goal": 0.9, "fresh_cluster": False}
+    results = {str(n): {"rps": v, "p50_ms": 1.0, "p99_ms": 2.0, "gpu_util_pct": None} for n, v in rps.items()}
+    path.write_text(json.dumps({"card": card, "args": args, "gpus": 4, "host": {"cpus": 64}, "results": results}))
+    return str(path)
+
+
+def test_merge_runs_of_one_count_each(tmp_path: Path) -> None:
+    import json
+
+    from bench.scaling import report
+
+    files = [_run_file(tmp_path / f"r{n}.json", "NVIDIA H200", {n: v}) for n, v in ((4, 900.0), (1, 250.0), (2, 490.0))]
+    merged = merge_runs(files)
+    assert not isinstance(merged, str)
+    assert list(merged["results"]) == [1, 2, 4] and merged["card_name"] == "NVIDIA H200" and merged["args"]["merged"] == files
+    report(str(tmp_path), "merged", **merged)
+    saved = json.loads((tmp_path / "merged.json").read_text())
+    assert saved["card"] == "NVIDIA H200"  # the runs' card, not this machine's
+    assert saved["summary"]["efficiency"] == pytest.approx({"1": 1.0, "2": 0.98, "4": 0.9})
+    assert (tmp_path / "merged.png").is_file()
+    # A count given twice, or runs of different cards, are refused.
+    again = _run_file(tmp_path / "again.json", "NVIDIA H200", {2: 480.0})
+    assert "has a result for 2 replica(s) that an earlier file has too" in str(merge_runs(files + [again]))
+    other = _run_file(tmp_path / "other.json", "NVIDIA H100 80GB HBM3", {8: 1800.0})
+    assert "different cards" in str(merge_runs(files + [other]))
+
+
+def test_noop_run_on_a_fresh_cluster_per_count(tmp_path: Path) -> None:
+    """--fresh-cluster: each count on a local cluster started for it; both counts answered."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bench.scaling", "--address", "local", "--fresh-cluster", "--replicas", "1,2", "--noop", "--preset", "tiny",
+           "--duration", "3", "--warmup", "1", "--ramp", "1", "--concurrency-per-replica", "2", "--out", str(tmp_path), "--name", "fresh"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("cluster: 0 GPUs") == 2 and "a fresh cluster per count" in r.stdout
+    result = json.loads((tmp_path / "fresh.json").read_text())
+    assert sorted(result["results"]) == ["1", "2"] and result["args"]["fresh_cluster"] is True
+    assert all(v["errors"] == 0 and v["rps"] > 0 for v in result["results"].values())
