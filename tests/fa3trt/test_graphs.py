@@ -5,6 +5,7 @@ each sequence alone."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -32,6 +33,16 @@ def test_cuda_graphs_need_a_gpu_and_a_device_length_kernel() -> None:
     with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device"):
         load_backend("torch", cfg, device="cpu", cuda_graphs=True)
     assert load_backend("torch", cfg, device="cpu").describe()["cuda_graphs"] is None
+
+
+def _side_by_side(loop: Callable[[int], None], n: int) -> None:
+    """``loop(0)`` ... ``loop(n - 1)`` on threads of their own, all at once; each must finish."""
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a replay never finished"
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +130,7 @@ def test_buckets_replay_side_by_side_from_threads(graphed: tuple[TorchBackend, t
                 if err > 3e-2:
                     errors.append((i, err))
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(rows))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a replay never finished"
+    _side_by_side(loop, len(rows))
     assert not errors
     capture = {be.graphs._capture_streams[s.cuda_stream].cuda_stream for s in streams}
     assert len(capture) == len(streams) and not capture & {s.cuda_stream for s in streams}
@@ -182,10 +188,5 @@ def test_graphs_one_thread_captured_replay_side_by_side_at_seed_width() -> None:
                         if err > 3e-2:
                             errors.append((i, j, err))
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(batches))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a replay never finished"
+    _side_by_side(loop, len(batches))
     assert len(be.graphs) == len(batches) and not errors, errors[:5]
