@@ -155,9 +155,10 @@ def test_graphs_one_thread_captured_replay_side_by_side_at_seed_width() -> None:
     """A Serve replica's pattern at the seed width. Its batches run on a thread pool whose
     threads are not tied to buckets, so one thread (one cuBLAS handle) may capture several
     buckets' graphs, which their buckets then replay at once from other threads. At this width
-    cuBLAS runs GEMMs that use its workspace: graphs captured on one shared stream shared it, and
-    replays raced on it (a replica's GPU hung under Serve). Every answer, queued four at a time,
-    is checked against the float32 model run on each sequence alone."""
+    cuBLAS runs GEMMs that use its workspace: graphs captured on one shared stream would share it,
+    and replays would race on it (the likely cause of a replica's GPU hanging under Serve before
+    each bucket stream had a capture stream of its own). Every answer, queued four at a time, is
+    checked against the float32 model run on each sequence alone."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if not lengths_on_device(select_kernel("cuda"), torch.bfloat16, 128):
