@@ -38,6 +38,7 @@ import torch
 
 from bench._common import GpuSampler, card, pyplot, save, save_figure
 from bench.serve_load import parse_mix
+from fa3trt._timing import timing_events
 from fa3trt.attention import lengths_on_device, select_kernel
 from fa3trt.backends import TorchBackend
 from fa3trt.buckets import assemble, to_host
@@ -98,7 +99,7 @@ def _loop(rank: int, args: dict[str, Any], path: str, backend: TorchBackend, bat
             x, lens = on_device[n % len(on_device)]
         else:
             x, lens = assemble(batches[n % len(batches)], backend.dtype, device)
-        ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else None
+        ev = timing_events(device)
         if ev:
             ev[0].record()
         y = backend.run(x, lens).to(torch.float16) if path != "staged-copy" else x.to(torch.float16)

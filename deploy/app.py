@@ -44,6 +44,7 @@ from deploy.codec import (
     validate_sequence,
 )
 from deploy.config import AppArgs, BatchingConfig, apply_env_overrides
+from fa3trt._timing import timing_events
 from fa3trt.buckets import Buckets, assemble, padding_ratio, to_host
 from fa3trt.errors import InvalidInputError
 
@@ -173,13 +174,6 @@ class _Metrics:
         s["tokens"] += sum(lens)
         s["computed_tokens"] += len(lens) * max(lens)
         s["compute_s"] += compute_s
-
-
-def _timing_events(device: torch.device) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
-    """A pair of CUDA timing events on ``device`` (the model's device time), None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
 
 def _rss_bytes() -> int | None:
@@ -335,7 +329,7 @@ class ModelReplica:
             # Back in the requests' dtype when they share float16 (half the bytes to move), else float32.
             out_dtype = torch.float16 if all(a.dtype == np.float16 for a in xs) else torch.float32
             t1 = time.perf_counter()
-            events = _timing_events(x.device)
+            events = timing_events(x.device)  # the model's device time
             if events:
                 events[0].record()
             y_dev = self.backend.run(x, lens).to(out_dtype)

@@ -9,6 +9,14 @@ from typing import Any
 import torch
 
 
+def timing_events(device: torch.device) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
+    """A pair of CUDA timing events on ``device`` (to time work queued between their records),
+    None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
 def time_cuda_ms(fn: Callable[[], Any], *, warmup: int = 3, iters: int = 10, repeats: int = 5) -> float:
     """Median over ``repeats`` of the mean device time of ``iters`` back-to-back calls (ms)."""
     for _ in range(warmup):
