@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,15 @@ class _Graph:
     y: torch.Tensor  # static output
 
 
+@dataclass
+class _Stream:
+    """What the graphs replayed on one stream share."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)  # their use (capture included), one thread at a time
+    capture: torch.cuda.Stream | None = None  # the stream they are captured on, made at the first capture
+    pool: Any = None  # their memory pool, from the first capture
+
+
 class GraphRunner:
     """Runs ``model(x, lens)`` through CUDA graphs keyed by rounded shape and stream."""
 
@@ -55,9 +64,7 @@ class GraphRunner:
         self.seq_step, self.max_bytes = seq_step, max_bytes
         self.static_bytes = 0  # held by the graphs' input and output buffers
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
-        self._pools: dict[int, Any] = {}  # stream handle -> memory pool of the graphs it replays
-        self._stream_locks: dict[int, threading.Lock] = {}  # stream handle -> its graphs' use, one thread at a time
-        self._capture_streams: dict[int, torch.cuda.Stream] = {}  # stream handle -> the stream its graphs are captured on
+        self._streams: dict[int, _Stream] = {}  # replay stream handle -> what its graphs share
         self._lock = threading.Lock()
         self._full_logged = False
 
@@ -80,9 +87,9 @@ class GraphRunner:
         gb, gs = self.shape_for(b, s)
         key = (gb, gs, stream.cuda_stream)
         with self._lock:
-            stream_lock = self._stream_locks.setdefault(stream.cuda_stream, threading.Lock())
+            shared = self._streams.setdefault(stream.cuda_stream, _Stream())
         # One thread at a time per stream, capture included: the stream's graphs share a pool.
-        with stream_lock:
+        with shared.lock:
             g = self._graphs.get(key)
             if g is None:
                 with self._lock:
@@ -93,7 +100,7 @@ class GraphRunner:
                                         len(self._graphs), self.static_bytes / 2**30)
                             self._full_logged = True
                         return None
-                    g = self._capture(gb, gs, stream)
+                    g = self._capture(gb, gs, stream, shared)
                     self._graphs[key] = g
                     self.static_bytes += need
             g.x[:b, :s].copy_(x)
@@ -104,28 +111,27 @@ class GraphRunner:
             g.graph.replay()
             return g.y[:b, :s].clone()
 
-    def _capture(self, b: int, s: int, stream: torch.cuda.Stream) -> _Graph:
+    def _capture(self, b: int, s: int, stream: torch.cuda.Stream, shared: _Stream) -> _Graph:
         x = torch.zeros(b, s, self.hidden, dtype=self.dtype, device=self.device)
         lens = torch.full((b,), s, dtype=torch.int32, device=self.device)
-        cs = self._capture_streams.get(stream.cuda_stream)
-        if cs is None:
+        if shared.capture is None:
             # Made once per replay stream: torch hands out streams round-robin from a pool of
             # 32, so a stream made (and dropped) on every capture would soon come round to one
             # that a bucket replays on, or captures another bucket's graphs on.
-            cs = self._capture_streams[stream.cuda_stream] = torch.cuda.Stream(self.device)
+            shared.capture = torch.cuda.Stream(self.device)
+        cs = shared.capture
         cs.wait_stream(stream)  # x and lens were filled on ``stream``
         # One eager run on the capture stream first: kernels compile, and cuBLAS sets up its
         # workspace for this thread's handle on this stream, outside the capture.
         with torch.cuda.stream(cs):
             self.model(x, lens)
         cs.synchronize()
-        pool = self._pools.get(stream.cuda_stream)
         graph = torch.cuda.CUDAGraph()
         # Replayed on ``stream``. thread_local: other buckets' threads keep running their own
         # streams during the capture.
-        with torch.cuda.graph(graph, pool=pool, stream=cs, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=shared.pool, stream=cs, capture_error_mode="thread_local"):
             y = self.model(x, lens)
-        if pool is None:
-            self._pools[stream.cuda_stream] = graph.pool()
+        if shared.pool is None:
+            shared.pool = graph.pool()
         log.info("captured a CUDA graph for batch %d x %d tokens for stream %#x", b, s, stream.cuda_stream)
         return _Graph(graph, x, lens, y)

@@ -132,7 +132,7 @@ def test_buckets_replay_side_by_side_from_threads(graphed: tuple[TorchBackend, t
 
     _side_by_side(loop, len(rows))
     assert not errors
-    capture = {be.graphs._capture_streams[s.cuda_stream].cuda_stream for s in streams}
+    capture = {be.graphs._streams[s.cuda_stream].capture.cuda_stream for s in streams}  # type: ignore[union-attr]
     assert len(capture) == len(streams) and not capture & {s.cuda_stream for s in streams}
 
 
