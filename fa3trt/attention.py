@@ -8,9 +8,10 @@ Contract:
   factors when FA3 is installed, else an FP8 quantize/dequantize of q, k, v computed in the
   input dtype, announced once with a warning: the numerics of FP8 without its speed).
 
-The kernel is chosen once per device and logged: FA3 (``flash_attn_interface``) on sm90, else
-FlashAttention's CuTe DSL kernel on sm90 (``flash_attn.cute``, see ``fa3trt._flash_cute``; cuDNN
-for dense shapes under ``_CUTE_DENSE_MIN_SEQ``), else PyTorch SDPA (cuDNN first on sm90, flash
+The kernel is chosen once per device and logged: FA3 (``flash_attn_interface``, see
+``fa3trt._fa3``) on sm90, else FlashAttention's CuTe DSL kernel on sm90 (``flash_attn.cute``, see
+``fa3trt._flash_cute``; cuDNN for the dense shapes under ``_CUTE_DENSE_MIN_SEQ`` that recur),
+else PyTorch SDPA (cuDNN first on sm90, flash
 otherwise), else math on CPU. ``FA3TRT_ATTN_KERNEL`` overrides the choice. Ragged batches never
 use a dense boolean mask on GPU: FA3 and the CuTe kernel use ``seqused_q/k``; the SDPA kernels
 run each sequence at its own length (lengths known on the host), cuDNN's padding-mask graph, or
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fa3trt import _cudnn_frontend, _flash_cute
+from fa3trt import _cudnn_frontend, _fa3, _flash_cute
 from fa3trt.errors import InvalidInputError
 
 __all__ = [
@@ -71,59 +72,9 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | Non
 
 
 # --------------------------------------------------------------------------- FA3 (optional)
-@functools.cache
-def _fa3_module():  # type: ignore[no-untyped-def]
-    """The FA3 Python interface, or None. Imported once; the only place FA3 is imported."""
-    try:
-        import flash_attn_interface  # type: ignore[import-not-found]
-    except Exception as e:  # an ABI mismatch raises OSError/RuntimeError, not only ImportError
-        log.debug("FA3 unavailable: %s", e)
-        return None
-    return flash_attn_interface
-
-
-def _first(result: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    # FA3 releases differ: some return out, others (out, lse).
-    return result[0] if isinstance(result, tuple) else result
-
-
 def _padded_cu_seqlens(batch: int, seq: int, device: torch.device) -> torch.Tensor:
     # Sequence i starts at row i*seq of the flattened padded batch; seqused_* give the lengths.
     return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
-
-
-def _fa3_kernel(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seq_lens: torch.Tensor | None,
-    descale: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    fa3 = _fa3_module()
-    extra = {}
-    if descale is not None:
-        extra = {"q_descale": descale[0], "k_descale": descale[1], "v_descale": descale[2]}
-    if seq_lens is None:
-        return _first(fa3.flash_attn_func(q, k, v, causal=False, **extra))
-    b, s, h, d = q.shape
-    cu = _padded_cu_seqlens(b, s, q.device)
-    lens = seq_lens.to(device=q.device, dtype=torch.int32)
-    out = _first(
-        fa3.flash_attn_varlen_func(
-            q.reshape(b * s, h, d),
-            k.reshape(b * s, h, d),
-            v.reshape(b * s, h, d),
-            cu_seqlens_q=cu,
-            cu_seqlens_k=cu,
-            max_seqlen_q=s,
-            max_seqlen_k=s,
-            seqused_q=lens,
-            seqused_k=lens,
-            causal=False,
-            **extra,
-        )
-    ).view(b, s, h, -1)
-    return _zero_tail_rows(out, lens)
 
 
 # --------------------------------------------------------------------------- SDPA kernels
@@ -325,8 +276,25 @@ def _math_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: to
 # TFLOP/s) and 16x1024 (589 vs 507), the two were level within the run-to-run spread at 8x2048
 # (cuDNN 546-631, CuTe 570-679 over four to eight runs) and 1x4096 (554-662 vs 532-692), and
 # the CuTe kernel led from 1x6144 up (719 vs 671; 669-684 vs 558-579 at the seed's 1x15708).
-# docs/benchmarks.md, section 1.
+# docs/benchmarks.md, section 1. (FA3 proper led cuDNN at every shape from 16x1024 to 1x15708,
+# so it runs them all.)
 _CUTE_DENSE_MIN_SEQ = 6144
+
+
+def _full(seq_lens: torch.Tensor | None, s: int) -> bool:
+    """No lengths, or host lengths that are all S: the batch is dense."""
+    return seq_lens is None or (seq_lens.device.type == "cpu" and bool((seq_lens == s).all()))
+
+
+def _fa3_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """FA3 (``fa3trt._fa3``) for every shape its build holds: on an H200 it led cuDNN at every
+    dense shape measured, by 3-22% of device time, at a third of cuDNN's host time per call
+    (docs/benchmarks.md, section 1). fp32 and head dims it was built without go to the next
+    kernel in line (the CuTe kernel, else cuDNN)."""
+    if not _fa3.supports(q):
+        fallback = _flash_cute_kernel if _flash_cute.available(q.device) else _cudnn_kernel
+        return fallback(q, k, v, seq_lens)
+    return _fa3.attention(q, k, v, None if _full(seq_lens, q.shape[1]) else seq_lens)
 
 
 def _flash_cute_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
@@ -336,8 +304,7 @@ def _flash_cute_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_le
     if not _flash_cute.supports(q):
         return _cudnn_kernel(q, k, v, seq_lens)
     s = q.shape[1]
-    dense = seq_lens is None or (seq_lens.device.type == "cpu" and bool((seq_lens == s).all()))
-    if dense:
+    if _full(seq_lens, s):
         if s < _CUTE_DENSE_MIN_SEQ and _cudnn_ready(q, s):
             return _sdpa_dense(q, k, v, "cudnn")
         return _flash_cute.attention(q, k, v)
@@ -374,7 +341,7 @@ def available_kernels(device: torch.device | str) -> list[str]:
         names.insert(1, "cudnn_padded")
     if _flash_cute.available(device):
         names.insert(0, "flash_cute")
-    if _fa3_module() is not None and torch.cuda.get_device_capability(device) == (9, 0):
+    if _fa3.available(device):
         names.insert(0, "fa3")
     return names
 
@@ -424,7 +391,9 @@ def lengths_on_device(kernel: str, dtype: torch.dtype, head_dim: int) -> bool:
     dispatch on lengths on the host instead."""
     if kernel == "flash_cute":
         return _flash_cute.supports_config(dtype, head_dim)
-    return kernel == "fa3" and dtype in (torch.float16, torch.bfloat16)
+    if kernel == "fa3":
+        return _fa3.supports_config(dtype, head_dim)
+    return False
 
 
 def run_kernel(
@@ -456,13 +425,14 @@ _fp8_warned = False
 def _run_fp8(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
     global _fp8_warned
     (q8, qs), (k8, ks), (v8, vs) = fp8_quantize(q), fp8_quantize(k), fp8_quantize(v)
-    if kernel == "fa3":
-        out = _fa3_kernel(q8, k8, v8, seq_lens, descale=(qs, ks, vs))
+    if kernel == "fa3" and _fa3.supports(q8):
+        out = _fa3.attention(q8, k8, v8, seq_lens, descale=(qs, ks, vs))
         return out.to(q.dtype)
     if not _fp8_warned:
         _fp8_warned = True
         warnings.warn(
-            "attention mode=1 (FP8): FA3 is not installed, so q, k, v are quantized to FP8 e4m3 "
+            "attention mode=1 (FP8): no FA3 FP8 kernel here (FA3 not installed, or built without FP8 "
+            "at this head dim), so q, k, v are quantized to FP8 e4m3 "
             f"and computed with the {kernel!r} kernel in {q.dtype}: FP8 numerics without FP8 speed. "
             "Build FA3 (flash-attention hopper/) for the FP8 kernel.",
             RuntimeWarning,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fa3trt import _cudnn_frontend, _flash_cute, _tail, _trt
+from fa3trt import _cudnn_frontend, _fa3, _flash_cute, _tail, _trt
 # Private helpers of the op are imported by name: `fa3trt.attention` as an attribute of the
 # package is the `attention` function, not the module.
 from fa3trt.attention import (
@@ -40,8 +40,6 @@ from fa3trt.attention import (
     MODE_NATIVE,
     PLUGIN_NAME,
     PLUGIN_VERSION,
-    _fa3_module,
-    _first,
     _fp8_dequantize,
     _log_once,
     _run_fp8,
@@ -95,7 +93,7 @@ device, and reading them on the host would synchronize the stream on every call,
 kernels that loop over host lengths (cudnn, flash, efficient, math) cannot run in ``enqueue``."""
 
 
-DIRECT_WRITE_KERNELS = ("flash_cute", "cudnn_padded")
+DIRECT_WRITE_KERNELS = ("fa3", "flash_cute", "cudnn_padded")
 """Kernels that write TensorRT's output buffer themselves (mode 0), followed by one kernel that
 zeroes the padded rows; the others' results are copied in by one masked write."""
 
@@ -404,10 +402,10 @@ _fp8_logged = False
 
 
 def _kernel_input_shape(name: str, b: int, s: int, h: int, d: int) -> Shape:
-    # FA3 and flash take packed (total, H, D) with cu_seqlens; the memory-efficient kernel takes
-    # (1, total, H, D) when cu_seqlens are given. Building the views in these shapes directly
-    # saves a reshape per tensor per call.
-    if name in ("cudnn_padded", "flash_cute"):
+    # FA3, the CuTe kernel and cuDNN's graph take the padded batch as it is; PyTorch's flash
+    # kernel takes packed (total, H, D) with cu_seqlens, the memory-efficient kernel (1, total,
+    # H, D). Building the views in these shapes directly saves a reshape per tensor per call.
+    if name in ("cudnn_padded", "flash_cute", "fa3"):
         return (b, s, h, d)
     return (1, b * s, h, d) if name == "efficient_seqused" else (b * s, h, d)
 
@@ -420,13 +418,7 @@ def _run_kernel(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, le
     result is written into TensorRT's buffer afterwards by one fused masked copy.
     """
     if name == "fa3":
-        fa3 = _fa3_module()
-        return _first(
-            fa3.flash_attn_varlen_func(
-                q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s,
-                seqused_q=lens, seqused_k=lens, causal=False,
-            )
-        )
+        return _fa3.attention(q, k, v, lens.clamp(0, s), zero_tail=False)  # the masked write zeroes the tails
     if name == "flash_cute":
         # Lengths past S clamped (the kernel must not read past the buffers); rows zeroed by the caller.
         return _flash_cute.attention(q, k, v, lens.clamp(0, s), zero_tail=False)
@@ -472,6 +464,11 @@ class _Binding:
         device = self.out.device
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
         self.name = kernel or _kernel_for(self.device_index, dtype)
+        if self.name == "fa3" and not _fa3.supports_config(dtype, d):
+            others = [n for n in available_kernels(device) if n != "fa3"]
+            fallback = choose_enqueue_kernel(dtype, others, torch.cuda.get_device_capability(device))
+            _log_once(f"{PLUGIN_NAME}: this FA3 build has no kernel for {dtype} at head dim {d}; this shape runs on {fallback}")
+            self.name = fallback
         if self.name == "flash_cute" and not _flash_cute.supports_head_dim(d):
             _log_once(f"{PLUGIN_NAME}: head dim {d} is not one FlashAttention's CuTe kernel is built for; this shape runs on flash_seqused")
             self.name = "flash_seqused"
@@ -487,12 +484,12 @@ class _Binding:
         if write not in ("auto", "direct", "masked"):
             raise ConfigError(f"{PLUGIN_NAME}: write must be 'auto', 'direct' or 'masked', got {write!r}")
         # Direct: the kernel writes TensorRT's buffer itself, then one kernel zeroes the padded
-        # rows (cuDNN's padding-mask graph and FlashAttention's CuTe kernel take an output).
+        # rows (FA3, FlashAttention's CuTe kernel and cuDNN's padding-mask graph take an output).
         # Masked: the kernel's own result is copied in by one masked write (every other kernel).
-        # FlashAttention's CuTe kernel writes no row past a length, so its padded rows are zeroed
-        # first, by the launch that also clamps the lengths it reads: one small kernel per call.
+        # FA3 and the CuTe kernel write no row past a length, so their padded rows are zeroed
+        # first, by the launch that also clamps the lengths they read: one small kernel per call.
         wants_direct = self.name in DIRECT_WRITE_KERNELS and mode == MODE_NATIVE and write != "masked"
-        self.zero_first = self.name == "flash_cute"
+        self.zero_first = self.name in ("fa3", "flash_cute")
         with torch.cuda.stream(self.stream):
             self.lens_safe = torch.empty((b,), dtype=torch.int32, device=device) if wants_direct else None
         self.zero_tail = None
@@ -516,7 +513,10 @@ class _Binding:
         assert self.qkv is not None and self.lens_safe is not None
         q, k, v = self.qkv
         lens, out = self.lens_safe, self.out
-        if self.name == "flash_cute":
+        if self.name == "fa3":
+            def launch() -> None:
+                _fa3.attention(q, k, v, lens, out=out, zero_tail=False)
+        elif self.name == "flash_cute":
             def launch() -> None:
                 _flash_cute.attention(q, k, v, lens, out=out, zero_tail=False)
         else:
@@ -584,8 +584,8 @@ def enqueue_core(
     Exactly what TensorRT hands ``enqueue``: raw pointers, each input's own dims, one dtype and
     a ``cudaStream_t``. All work is queued on that stream (``torch.cuda.ExternalStream``), never
     on PyTorch's current stream: TensorRT produced the inputs on it and reads the output after
-    it. Zero copies of q, k, v. The output is written in place: with FlashAttention's CuTe
-    kernel or the cuDNN padding-mask kernel (``DIRECT_WRITE_KERNELS``; ``write="auto"`` or
+    it. Zero copies of q, k, v. The output is written in place: with FA3, FlashAttention's
+    CuTe kernel or the cuDNN padding-mask kernel (``DIRECT_WRITE_KERNELS``; ``write="auto"`` or
     ``"direct"``), the kernel writes ``out_ptr`` itself and one Triton
     kernel zeroes the rows past each length; with any other kernel, or ``write="masked"``, the
     kernel's result is copied in by one fused masked write (``torch.where`` into the out view)

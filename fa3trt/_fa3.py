@@ -1,0 +1,170 @@
+"""FA3 proper: the forward kernel of flash-attention's ``hopper/`` build (``flash_attn_interface``).
+
+FA3 has no wheel; users build it from source. ``python -m fa3trt.fa3_build <checkout>`` builds
+the forward-only subset this project calls (bf16, fp16 and FP8 e4m3 at head dims 64 and 128:
+six kernel files, about two minutes on 16 cores, where the full build takes hours). A build may
+leave head dims or dtypes out (its ``flash_attn_config`` module says which), so what it can run
+is asked here, and the op sends anything else (fp32, a head dim it was built without) to the
+next kernel in line.
+
+A padded (B, S, H, D) batch with per-sequence lengths is one launch: ``seqused_q/k`` = the
+lengths, on the device. FA3 then schedules only the query tiles inside each sequence, longest
+first, on a persistent grid (its ``VarlenDynamicPersistentTileScheduler``); each tile stops at
+its sequence's last key. Rows past a length are not written; they are zeroed here
+(``fa3trt._tail``) unless the caller zeroes them itself. No host sync anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from fa3trt._tail import zero_tail_
+from fa3trt.buckets import to_device
+
+__all__ = ["available", "attention", "supports", "supports_config", "build_flags", "INSTALL_HINT"]
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "build it from a flash-attention checkout: python -m fa3trt.fa3_build <checkout> (README, Kernels)"
+
+_HEAD_DIMS = (64, 96, 128, 192, 256)  # the kernels FA3 instantiates; a head dim runs on the next one up
+
+
+@functools.cache
+def module() -> Any | None:
+    """The FA3 Python interface, or None. Imported once; the only place FA3 is imported."""
+    try:
+        import flash_attn_interface  # type: ignore[import-not-found]
+    except Exception as e:  # an ABI mismatch raises OSError/RuntimeError, not only ImportError
+        log.debug("FA3 unavailable: %s", e)
+        return None
+    return flash_attn_interface
+
+
+@functools.cache
+def build_flags() -> dict[str, bool]:
+    """The build's ``FLASHATTENTION_DISABLE_*`` flags (``flash_attn_config``, written by FA3's
+    setup.py); empty for builds that predate it, which hold every kernel."""
+    try:
+        from flash_attn_config import CONFIG  # type: ignore[import-not-found]
+    except Exception:
+        return {}
+    return {k: bool(v) for k, v in CONFIG.get("build_flags", {}).items()}
+
+
+def available(device: torch.device | str) -> bool:
+    """FA3 can run on ``device``: an sm90 GPU and the interface imports."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0) and module() is not None
+
+
+def _built(flag: str) -> bool:
+    return not build_flags().get(f"FLASHATTENTION_DISABLE_{flag}", False)
+
+
+def supports_config(dtype: torch.dtype, head_dim: int) -> bool:
+    """The build holds a kernel for this dtype and head dim: bf16 always, fp16 and FP8 e4m3
+    unless built without them; any head dim up to 256 that is a multiple of 8, on the smallest
+    built kernel at least that wide."""
+    if dtype == torch.bfloat16:
+        ok = True
+    elif dtype == torch.float16:
+        ok = _built("FP16")
+    elif dtype == torch.float8_e4m3fn:
+        ok = _built("FP8")
+    else:
+        return False
+    return ok and head_dim % 8 == 0 and any(head_dim <= d and _built(f"HDIM{d}") for d in _HEAD_DIMS)
+
+
+def supports(q: torch.Tensor) -> bool:
+    """``supports_config`` for q's dtype and head dim."""
+    return supports_config(q.dtype, q.shape[-1])
+
+
+# The arguments this module passes by name to FA3's registered op (``torch.ops.flash_attn_3.fwd``).
+_OP_ARGS = frozenset({"q", "k", "v", "out", "seqused_q", "seqused_k", "q_descale", "k_descale", "v_descale", "num_splits"})
+
+
+@functools.cache
+def _op() -> Any | None:
+    """FA3's registered forward op when its schema names every argument used here, else None.
+
+    Called directly it costs the host ~27 us a call where the interface's functions cost 72-92
+    (an autograd Function and a Python custom op around the same op; H200, docs/benchmarks.md
+    section 1), and it takes ``out=``, so the plugin's output buffer is written in place."""
+    if module() is None:
+        return None
+    try:
+        op = torch.ops.flash_attn_3.fwd
+        names = {a.name for a in op.default._schema.arguments}
+    except Exception:
+        return None
+    return op if _OP_ARGS <= names else None
+
+
+def _first(result: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    # FA3 releases differ: some return out, others (out, lse, ...).
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    descale: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    zero_tail: bool = True,
+) -> torch.Tensor:
+    """Non-causal attention over a (B, S, H, D) batch on torch's current stream; no host sync.
+
+    ``seq_lens`` (int32 (B,), any device; each within [0, S], which callers guarantee or
+    clamp): keys past a length are never read and rows past it are zero (left unwritten with
+    ``zero_tail=False``). ``out``: a (B, S, H, D) tensor to write into. ``descale``: FP8 e4m3
+    inputs' per-(batch, head) float32 factors (q, k, v each ≈ fp8 · descale); the output is
+    then bfloat16. q, k, v may be strided views (a fused QKV projection's) whose last dimension
+    is contiguous.
+    """
+    fa3 = module()
+    if fa3 is None:
+        raise RuntimeError(f"FA3 (flash_attn_interface) is not installed; {INSTALL_HINT}")
+    lens = None
+    if seq_lens is not None:
+        # Queued: a host copy that waited for the GPU would leave it idle between launches.
+        lens = to_device(seq_lens.to(torch.int32), q.device).contiguous()
+    extra = {} if descale is None else {"q_descale": descale[0], "k_descale": descale[1], "v_descale": descale[2]}
+    op = _op()
+    if op is not None:
+        # The padded batch as it is: seqused_q/k make FA3 schedule only the tiles inside each
+        # sequence (its varlen scheduler), with no cu_seqlens to build.
+        result = op(q, k, v, out=out, seqused_q=lens, seqused_k=lens, num_splits=1, **extra)[0]
+    else:  # an interface without the registered op's argument names: its public functions
+        result = _public(fa3, q, k, v, lens, extra)
+        if out is not None:
+            result = out.copy_(result)
+    if lens is not None and zero_tail:
+        zero_tail_(result, lens)
+    return result  # type: ignore[no-any-return]
+
+
+def _public(fa3: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor | None, extra: dict[str, Any]) -> torch.Tensor:
+    if lens is None:
+        return _first(fa3.flash_attn_func(q, k, v, causal=False, **extra))
+    b, s, h, d = q.shape
+    starts = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)  # sequence i starts at row i*S
+    # (B, S, H, D) -> (B*S, H, D) is a view, also of a fused QKV projection's strided q, k, v.
+    flat = (t.reshape(b * s, h, -1) for t in (q, k, v))
+    return _first(
+        fa3.flash_attn_varlen_func(
+            *flat, cu_seqlens_q=starts, cu_seqlens_k=starts, max_seqlen_q=s, max_seqlen_k=s,
+            seqused_q=lens, seqused_k=lens, causal=False, **extra,
+        )
+    ).view(b, s, h, -1)
