@@ -29,7 +29,7 @@ __all__ = ["available", "attention", "supports", "supports_config", "build_flags
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "build it from a flash-attention checkout: python -m fa3trt.fa3_build <checkout> (README, Kernels)"
+INSTALL_HINT = "build it from a flash-attention checkout: python -m fa3trt.fa3_build <checkout> (README, \"Serving the seed model on a GPU cluster\")"
 
 _HEAD_DIMS = (64, 96, 128, 192, 256)  # the kernels FA3 instantiates; a head dim runs on the next one up
 

@@ -1,0 +1,136 @@
+"""FA3 proper on one GPU: the host cost of each way to call it, and its rate against cuDNN across
+dense shapes and on the ragged batch, with the host out of the way.
+
+Host µs per call at a small batch (8 x 128 tokens, so the GPU keeps up with the host) for: the
+interface's ``flash_attn_varlen_func`` (an autograd Function around a Python custom op around
+the registered op), its ``_flash_attn_forward``, the registered op ``torch.ops.flash_attn_3.fwd``
+that ``fa3trt._fa3`` calls, and the op's own paths (device and host lengths, dense), beside
+cuDNN SDPA. Then device time per call (20 calls queued behind a GPU sleep,
+``fa3trt._timing.time_queued``; ``--rounds`` rounds, all entries in alternation) for FA3 and
+cuDNN at dense shapes from 16x1024 to the seed's 1x15708, and for the ragged 8 x 2048 batch
+(lengths 2048..300) through the registered op, the interface's varlen function and the op.
+
+    python -m bench.fa3_kernel --out docs/benchmarks      # needs FA3 (python -m fa3trt.fa3_build)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench._common import bar_plot, card, save
+from fa3trt import _fa3
+from fa3trt._tail import zero_tail_
+from fa3trt._timing import time_queued
+from fa3trt.attention import _sdpa_dense, run_kernel
+from fa3trt.buckets import to_device
+
+H, D = 32, 128
+RAGGED = [2048, 1900, 1700, 1500, 1200, 900, 600, 300]
+DENSE = {"16x1024": (16, 1024), "8x2048": (8, 2048), "1x4096": (1, 4096), "1x6144": (1, 6144), "1x8192": (1, 8192), "seed 1x15708": (1, 15708)}
+
+
+def flops(lengths: list[int]) -> float:
+    return sum(4.0 * n * n * H * D for n in lengths)
+
+
+def host_us(fn: Callable[[], Any], n: int = 300) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--out", default="docs/benchmarks")
+    p.add_argument("--name", default="fa3_kernel")
+    args = p.parse_args()
+    fa3 = _fa3.module()
+    if fa3 is None or not _fa3.available("cuda"):
+        raise SystemExit(f"FA3 is not available on this GPU; {_fa3.INSTALL_HINT}")
+    op = torch.ops.flash_attn_3.fwd
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def qkv(b: int, s: int) -> list[torch.Tensor]:
+        return [torch.randn(b, s, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3)]
+
+    q, k, v = qkv(8, 128)
+    lh = torch.tensor([128, 100, 90, 80, 70, 60, 50, 40], dtype=torch.int32)
+    ld = lh.cuda()
+    cu = torch.arange(0, 9 * 128, 128, dtype=torch.int32, device=dev)
+    flat = [t.view(8 * 128, H, D) for t in (q, k, v)]
+    scratch = q.clone()
+    entries: dict[str, Callable[[], Any]] = {
+        "interface flash_attn_varlen_func": lambda: fa3.flash_attn_varlen_func(*flat, cu, cu, 128, 128, seqused_q=ld, seqused_k=ld),
+        "interface _flash_attn_forward": lambda: fa3._flash_attn_forward(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, seqused_q=ld, seqused_k=ld, max_seqlen_q=128, max_seqlen_k=128),
+        "registered op (what fa3trt._fa3 calls)": lambda: op(q, k, v, seqused_q=ld, seqused_k=ld, num_splits=1),
+        "op path, device lengths": lambda: run_kernel("fa3", q, k, v, ld),
+        "op path, host lengths": lambda: run_kernel("fa3", q, k, v, lh),
+        "op path, dense": lambda: run_kernel("fa3", q, k, v),
+        "cuDNN SDPA, dense": lambda: _sdpa_dense(q, k, v, "cudnn"),
+        "zeroing padded rows (Triton)": lambda: zero_tail_(scratch, ld),
+        "host lengths to the GPU": lambda: to_device(lh, dev),
+    }
+    host = {name: host_us(fn) for name, fn in entries.items()}
+
+    fns: dict[tuple[str, str], Callable[[], Any]] = {}
+    work: dict[str, float] = {}
+    for label, (b, s) in DENSE.items():
+        t = qkv(b, s)
+        fns[(label, "fa3")] = lambda t=t: _fa3.attention(*t)
+        fns[(label, "cudnn")] = lambda t=t: _sdpa_dense(*t, "cudnn")
+        work[label] = flops([s] * b)
+    q, k, v = qkv(8, 2048)
+    ld = torch.tensor(RAGGED, dtype=torch.int32, device=dev)
+    cu = torch.arange(0, 9 * 2048, 2048, dtype=torch.int32, device=dev)
+    flat = [t.view(8 * 2048, H, D) for t in (q, k, v)]
+    fns[("ragged 8x2048", "fa3 registered op")] = lambda: _fa3.attention(q, k, v, ld, zero_tail=False)
+    fns[("ragged 8x2048", "fa3 interface varlen")] = lambda: fa3.flash_attn_varlen_func(*flat, cu, cu, 2048, 2048, seqused_q=ld, seqused_k=ld)
+    fns[("ragged 8x2048", "op path")] = lambda: run_kernel("fa3", q, k, v, ld)
+    work["ragged 8x2048"] = flops(RAGGED)
+    for fn in fns.values():
+        for _ in range(30):  # FA3's first call loads its kernels; cuDNN plans each shape
+            fn()
+    samples: dict[tuple[str, str], list[float]] = {key: [] for key in fns}
+    for _ in range(args.rounds):
+        for key, fn in fns.items():
+            samples[key].append(time_queued(fn)[0])
+    rows = [{"shape": a, "kernel": b, "ms": statistics.median(ms), "ms_range": [min(ms), max(ms)],
+             "tflops": work[a] / statistics.median(ms) / 1e9} for (a, b), ms in samples.items()]
+    dense_fa3 = samples[("8x2048", "fa3")]
+    ratios = {}
+    for key in [k for k in samples if k[0].startswith("ragged")]:
+        r = [work["ragged 8x2048"] / a / (work["8x2048"] / b) for a, b in zip(samples[key], dense_fa3)]
+        ratios[key[1]] = {"median": statistics.median(r), "range": [min(r), max(r)]}
+
+    print(f"card: {card()}")
+    print("host µs per call (8 x 128 tokens, bf16):")
+    for name, us in host.items():
+        print(f"  {name:44s} {us:7.1f}")
+    print(f"device time, 20 calls queued per timing, {args.rounds} rounds in alternation:")
+    for r in rows:
+        print(f"  {r['shape']:14s} {r['kernel']:22s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s")
+    for name, rr in ratios.items():
+        print(f"ragged 8x2048 via {name} against FA3's dense 8x2048: {100 * rr['median']:.1f}% "
+              f"(rounds {100 * rr['range'][0]:.1f}-{100 * rr['range'][1]:.1f}%); goal >= 90%")
+    save(args.out, args.name, {"host_us": host, "rows": rows, "ragged_vs_dense_fa3": ratios, "ragged_lengths": RAGGED, "rounds": args.rounds,
+                               "build_flags": _fa3.build_flags()})
+    bar_plot(args.out, args.name, [f"{r['shape']}\n{r['kernel']}" for r in rows], [r["tflops"] for r in rows],
+             "TFLOP/s (useful)", f"FA3 vs cuDNN, bf16, H={H} D={D}, queued timing - {card()}")
+
+
+if __name__ == "__main__":
+    main()
