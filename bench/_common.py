@@ -91,6 +91,20 @@ def gemm_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+def host_us(fn: Callable[[], Any], iters: int, warmup: int = 0) -> float:
+    """Host µs per call of ``fn``, not waiting for the GPU inside the loop (after ``warmup``
+    calls); at shapes the GPU finishes faster than the host issues them, the host's cost."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / iters * 1e6
+
+
 def save(out_dir: str | Path, name: str, result: dict[str, Any]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

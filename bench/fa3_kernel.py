@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from bench._common import bar_plot, card, save
+from bench._common import bar_plot, card, host_us, save
 from fa3trt import _fa3
 from fa3trt._tail import zero_tail_
 from fa3trt._timing import time_queued
@@ -37,18 +36,6 @@ DENSE = {"16x1024": (16, 1024), "8x2048": (8, 2048), "1x4096": (1, 4096), "1x614
 
 def flops(lengths: list[int]) -> float:
     return sum(4.0 * n * n * H * D for n in lengths)
-
-
-def host_us(fn: Callable[[], Any], n: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
 
 
 def main() -> None:
@@ -84,7 +71,7 @@ def main() -> None:
         "zeroing padded rows (Triton)": lambda: zero_tail_(scratch, ld),
         "host lengths to the GPU": lambda: to_device(lh, dev),
     }
-    host = {name: host_us(fn) for name, fn in entries.items()}
+    host = {name: host_us(fn, 300, warmup=20) for name, fn in entries.items()}
 
     fns: dict[tuple[str, str], Callable[[], Any]] = {}
     work: dict[str, float] = {}

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._common import host_us  # noqa: E402
 from fa3trt import plugin  # noqa: E402
 
 GOAL_US = 30.0
@@ -41,17 +42,6 @@ def _shape(text: str) -> tuple[int, int, int, int]:
     if len(parts) != 4:
         raise argparse.ArgumentTypeError(f"shape must be BxSxHxD, got {text!r}")
     return parts  # type: ignore[return-value]
-
-
-def _host_us(fn: Callable[[], Any], iters: int) -> float:
-    """Host time per call, measured without waiting for the GPU inside the loop."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / iters * 1e6
 
 
 def _device_us(fn: Callable[[], None], iters: int) -> float:
@@ -140,21 +130,21 @@ def _parts(cache: Any, args: tuple[Any, ...], name: str, out: torch.Tensor, iter
             pass
 
     parts = {
-        "binding lookup": _host_us(lambda: cache.binding(key, lambda: None), iters),
-        "stream switch": _host_us(switch, iters),
-        "torch.cuda.stream context (replaced)": _host_us(context, iters),
+        "binding lookup": host_us(lambda: cache.binding(key, lambda: None), iters),
+        "stream switch": host_us(switch, iters),
+        "torch.cuda.stream context (replaced)": host_us(context, iters),
     }
     if bind.direct:
         launch = next(iter(bind.launchers.values()))
         if not bind.zero_first:
-            parts["clamp lengths (direct)"] = _host_us(lambda: torch.clamp(bind.lens, 0, bind.shape[1], out=bind.lens_safe), iters)
+            parts["clamp lengths (direct)"] = host_us(lambda: torch.clamp(bind.lens, 0, bind.shape[1], out=bind.lens_safe), iters)
         parts.update({
-            f"prepared {name} launch (direct)": _host_us(launch, iters),
-            "zero padded rows" + (" + clamp lengths" if bind.zero_first else "") + ", Triton (direct)": _host_us(bind.zero_tail, iters),
+            f"prepared {name} launch (direct)": host_us(launch, iters),
+            "zero padded rows" + (" + clamp lengths" if bind.zero_first else "") + ", Triton (direct)": host_us(bind.zero_tail, iters),
         })
     parts.update({
-        "lt keep mask (masked)": _host_us(lambda: torch.lt(bind.rows, bind.lens_col, out=bind.keep), iters),
-        "where into out (masked)": _host_us(lambda: torch.where(bind.keep4, res, bind.zero, out=bind.out), iters),
+        "lt keep mask (masked)": host_us(lambda: torch.lt(bind.rows, bind.lens_col, out=bind.keep), iters),
+        "where into out (masked)": host_us(lambda: torch.where(bind.keep4, res, bind.zero, out=bind.out), iters),
     })
     return parts
 
@@ -180,7 +170,7 @@ def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, n
     host = {"bare": [], "core": [], "masked": [], "uncached": []}  # type: dict[str, list[float]]
     for _ in range(3):
         for label, fn in (("bare", bare), ("core", core), ("masked", masked), ("uncached", uncached)):
-            host[label].append(_host_us(fn, iters))
+            host[label].append(host_us(fn, iters))
     res: dict[str, Any] = {
         "shape": list(shape),
         "dtype": str(dtype).replace("torch.", ""),

@@ -71,13 +71,12 @@ _FP8_MAX = float(torch.finfo(_FP8_DTYPE).max)
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-# --------------------------------------------------------------------------- FA3 (optional)
+# --------------------------------------------------------------------------- SDPA kernels
 def _padded_cu_seqlens(batch: int, seq: int, device: torch.device) -> torch.Tensor:
     # Sequence i starts at row i*seq of the flattened padded batch; seqused_* give the lengths.
     return torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
 
 
-# --------------------------------------------------------------------------- SDPA kernels
 _SDPA_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,

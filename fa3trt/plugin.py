@@ -621,7 +621,7 @@ def _fp8_attention(
     b, s, h, d = shape
     q4, k4, v4 = (cache.view(p, shape, dtype) for p in (q_ptr, k_ptr, v_ptr))
     if name == "fa3":
-        return _run_fp8("fa3", q4, k4, v4, lens)
+        return _run_fp8("fa3", q4, k4, v4, lens.clamp(0, s))  # lengths past S would read past the buffers
     if not _fp8_logged:
         _fp8_logged = True
         log.warning(

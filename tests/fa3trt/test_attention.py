@@ -178,7 +178,7 @@ def test_ragged_batch_on_fused_qkv_views() -> None:
     assert not q.is_contiguous()
     lens = torch.tensor([700, 513, 9], dtype=torch.int32)
     want = reference_attention(q, k, v, lens.cuda())
-    for name in [n for n in ("cudnn", "flash_cute") if n in available_kernels("cuda")]:
+    for name in [n for n in ("cudnn", "flash_cute", "fa3") if n in available_kernels("cuda")]:
         for lens_on in (lens, lens.cuda(), lens.cuda(), lens):
             got = run_kernel(name, q, k, v, lens_on)
             assert rel_err(got, want) < TOL[torch.bfloat16], name
@@ -187,31 +187,35 @@ def test_ragged_batch_on_fused_qkv_views() -> None:
 
 
 @gpu
-def test_flash_cute_runs_on_the_current_stream_into_out() -> None:
-    """FlashAttention's CuTe kernel queues on torch's current stream (the TensorRT plugin sets
-    it to TensorRT's): q is written on a side stream after a long GPU sleep, so a launch on
-    any other stream reads zeros. With ``out=`` the result lands in the caller's buffer."""
-    if "flash_cute" not in available_kernels("cuda"):
-        pytest.skip("FlashAttention's CuTe DSL kernels are not installed (pip extra 'hopper') or the GPU is not sm90")
-    from fa3trt import _flash_cute
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["fa3", "flash_cute"])
+def test_flashattention_kernels_run_on_the_current_stream_into_out(name: str, dtype: torch.dtype) -> None:
+    """FA3 and FlashAttention's CuTe kernel queue on torch's current stream (the TensorRT plugin
+    sets it to TensorRT's): q is written on a side stream after a long GPU sleep, so a launch
+    on any other stream reads zeros. With ``out=`` the result lands in the caller's buffer;
+    rows past a length are zero."""
+    if name not in available_kernels("cuda"):
+        pytest.skip(f"{name} is not installed here or the GPU is not sm90")
+    from fa3trt import _fa3, _flash_cute
 
-    q_true, k, v = _qkv(2, 384, 8, 128, torch.bfloat16, "cuda")
-    lens = torch.tensor([384, 129], dtype=torch.int32, device="cuda")
+    kernel = {"fa3": _fa3, "flash_cute": _flash_cute}[name]
+    q_true, k, v = _qkv(3, 640, 8, 128, dtype, "cuda")
+    lens = torch.tensor([640, 129, 1], dtype=torch.int32, device="cuda")
     q = torch.zeros_like(q_true)
     out = torch.full_like(q, float("nan"))
-    _flash_cute.attention(q, k, v, lens, out=out)  # compile outside the race
+    kernel.attention(q, k, v, lens, out=out)  # compile or load outside the race
     side = torch.cuda.Stream()
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
         torch.cuda._sleep(200_000_000)
         q.copy_(q_true)
-        got = _flash_cute.attention(q, k, v, lens, out=out)
+        got = kernel.attention(q, k, v, lens, out=out)
     torch.cuda.synchronize()
     assert got.data_ptr() == out.data_ptr()
     want = reference_attention(q_true, k, v, lens)
-    assert rel_err(out[0], want[0]) < TOL[torch.bfloat16]
-    assert rel_err(out[1, :129], want[1, :129]) < TOL[torch.bfloat16]
-    assert torch.all(out[1, 129:] == 0)
+    for i, n in enumerate(lens.tolist()):
+        assert rel_err(out[i, :n], want[i, :n]) < TOL[dtype]
+        assert torch.all(out[i, n:] == 0)
 
 
 def test_flash_cute_without_the_package_or_a_gpu() -> None:
