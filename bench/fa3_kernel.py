@@ -10,7 +10,9 @@ cuDNN SDPA. Then device time per call (20 calls queued behind a GPU sleep,
 cuDNN at dense shapes from 16x1024 to the seed's 1x15708, and for the ragged 8 x 2048 batch
 (lengths 2048..300) through the registered op, the interface's varlen function and the op.
 Each member's length is also timed alone, as a dense batch of 8 such sequences: the ragged
-batch at best takes an eighth of each, which bounds what any launch of it can keep.
+batch at best takes an eighth of each, which bounds what any launch of it can keep. And other
+ways to launch the batch than one varlen launch: a dense launch per sequence (its own length)
+on 1, 4 or 8 CUDA streams, and two varlen launches (long half, short half) on two streams.
 
     python -m bench.fa3_kernel --out docs/benchmarks      # needs FA3 (python -m fa3trt.fa3_build)
 """
@@ -90,6 +92,36 @@ def main() -> None:
     fns[("ragged 8x2048", "fa3 interface varlen")] = lambda: fa3.flash_attn_varlen_func(*flat, cu, cu, 2048, 2048, seqused_q=ld, seqused_k=ld)
     fns[("ragged 8x2048", "op path")] = lambda: run_kernel("fa3", q, k, v, ld)
     work["ragged 8x2048"] = flops(RAGGED)
+    out = torch.zeros_like(q)
+    streams = [torch.cuda.Stream() for _ in range(8)]
+
+    def per_sequence(nstreams: int) -> None:
+        main = torch.cuda.current_stream()
+        ready = torch.cuda.Event()
+        ready.record(main)
+        for i, n in enumerate(RAGGED):
+            side = streams[i % nstreams]
+            side.wait_event(ready)
+            with torch.cuda.stream(side):
+                _fa3.attention(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n], out=out[i:i + 1, :n])
+        for side in streams[:nstreams]:
+            main.wait_stream(side)
+
+    def two_halves() -> None:
+        main = torch.cuda.current_stream()
+        ready = torch.cuda.Event()
+        ready.record(main)
+        for side, part in ((streams[0], slice(0, 4)), (streams[1], slice(4, 8))):
+            side.wait_event(ready)
+            m = max(RAGGED[part])
+            with torch.cuda.stream(side):
+                _fa3.attention(q[part, :m], k[part, :m], v[part, :m], ld[part], zero_tail=False)
+        main.wait_stream(streams[0])
+        main.wait_stream(streams[1])
+
+    for ns in (1, 4, 8):
+        fns[("ragged 8x2048", f"dense per sequence, {ns} stream(s)")] = lambda ns=ns: per_sequence(ns)
+    fns[("ragged 8x2048", "2 varlen halves, 2 streams")] = two_halves
     # Each member's length alone, as a dense batch of 8 such sequences: what FA3 does with that
     # length at full occupancy. A ragged launch at best takes an eighth of each of these.
     for n in sorted(set(RAGGED)):
