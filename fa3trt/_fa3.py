@@ -57,11 +57,11 @@ def build_flags() -> dict[str, bool]:
 
 
 def available(device: torch.device | str) -> bool:
-    """FA3 can run on ``device``: an sm90 GPU and the interface imports."""
+    """FA3 can run on ``device``: an sm90 GPU, and the interface and its op import."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) == (9, 0) and module() is not None
+    return torch.cuda.get_device_capability(device) == (9, 0) and _op() is not None
 
 
 def _built(flag: str) -> bool:
@@ -94,24 +94,27 @@ _OP_ARGS = frozenset({"q", "k", "v", "out", "seqused_q", "seqused_k", "q_descale
 
 @functools.cache
 def _op() -> Any | None:
-    """FA3's registered forward op when its schema names every argument used here, else None.
+    """FA3's registered forward op, when the interface imports and the op's schema names every
+    argument used here; else None (FA3 is then not offered, and a release whose op differs is
+    logged).
 
-    Called directly it costs the host ~27 us a call where the interface's functions cost 72-92
-    (an autograd Function and a Python custom op around the same op; H200, docs/benchmarks.md
-    section 1), and it takes ``out=``, so the plugin's output buffer is written in place."""
+    Called directly it costs the host 26-38 µs a call where the interface's functions cost
+    68-156 (an autograd Function and a Python custom op around the same op; H200s,
+    docs/benchmarks.md section 1), and it takes ``out=``, so the plugin's output buffer is
+    written in place."""
     if module() is None:
         return None
     try:
         op = torch.ops.flash_attn_3.fwd
         names = {a.name for a in op.default._schema.arguments}
-    except Exception:
+    except Exception as e:
+        log.warning("FA3's interface imports but its op torch.ops.flash_attn_3.fwd does not (%s); FA3 is not used. %s", e, INSTALL_HINT)
         return None
-    return op if _OP_ARGS <= names else None
-
-
-def _first(result: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    # FA3 releases differ: some return out, others (out, lse, ...).
-    return result[0] if isinstance(result, (tuple, list)) else result
+    missing = sorted(_OP_ARGS - names)
+    if missing:
+        log.warning("FA3's op torch.ops.flash_attn_3.fwd takes no %s; FA3 is not used. %s", missing, INSTALL_HINT)
+        return None
+    return op
 
 
 def attention(
@@ -133,38 +136,17 @@ def attention(
     then bfloat16. q, k, v may be strided views (a fused QKV projection's) whose last dimension
     is contiguous.
     """
-    fa3 = module()
-    if fa3 is None:
-        raise RuntimeError(f"FA3 (flash_attn_interface) is not installed; {INSTALL_HINT}")
+    op = _op()
+    if op is None:
+        raise RuntimeError(f"FA3 (flash_attn_interface with its op torch.ops.flash_attn_3.fwd) is not installed; {INSTALL_HINT}")
     lens = None
     if seq_lens is not None:
         # Queued: a host copy that waited for the GPU would leave it idle between launches.
         lens = to_device(seq_lens.to(torch.int32), q.device).contiguous()
     extra = {} if descale is None else {"q_descale": descale[0], "k_descale": descale[1], "v_descale": descale[2]}
-    op = _op()
-    if op is not None:
-        # The padded batch as it is: seqused_q/k make FA3 schedule only the tiles inside each
-        # sequence (its varlen scheduler), with no cu_seqlens to build.
-        result = op(q, k, v, out=out, seqused_q=lens, seqused_k=lens, num_splits=1, **extra)[0]
-    else:  # an interface without the registered op's argument names: its public functions
-        result = _public(fa3, q, k, v, lens, extra)
-        if out is not None:
-            result = out.copy_(result)
+    # The padded batch as it is: seqused_q/k make FA3 schedule only the tiles inside each
+    # sequence (its varlen scheduler), with no cu_seqlens to build.
+    result = op(q, k, v, out=out, seqused_q=lens, seqused_k=lens, num_splits=1, **extra)[0]
     if lens is not None and zero_tail:
         zero_tail_(result, lens)
     return result  # type: ignore[no-any-return]
-
-
-def _public(fa3: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor | None, extra: dict[str, Any]) -> torch.Tensor:
-    if lens is None:
-        return _first(fa3.flash_attn_func(q, k, v, causal=False, **extra))
-    b, s, h, d = q.shape
-    starts = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)  # sequence i starts at row i*S
-    # (B, S, H, D) -> (B*S, H, D) is a view, also of a fused QKV projection's strided q, k, v.
-    flat = (t.reshape(b * s, h, -1) for t in (q, k, v))
-    return _first(
-        fa3.flash_attn_varlen_func(
-            *flat, cu_seqlens_q=starts, cu_seqlens_k=starts, max_seqlen_q=s, max_seqlen_k=s,
-            seqused_q=lens, seqused_k=lens, causal=False, **extra,
-        )
-    ).view(b, s, h, -1)

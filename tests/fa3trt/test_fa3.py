@@ -66,6 +66,27 @@ def test_without_fa3_or_a_gpu() -> None:
             _fa3.attention(q, q, q)
 
 
+def test_an_interface_without_the_op_is_not_used(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An FA3 interface that imports but registers no ``torch.ops.flash_attn_3.fwd`` with the
+    arguments used here (another release's) is not offered, says why, and refuses calls."""
+    if _fa3._op() is not None:
+        pytest.skip("a real FA3 build is installed here")
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.ModuleType("flash_attn_interface"))
+    _fa3.module.cache_clear()
+    _fa3._op.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="fa3trt._fa3"):
+            assert _fa3.module() is not None and _fa3._op() is None
+        assert "torch.ops.flash_attn_3.fwd" in caplog.text and "fa3_build" in caplog.text
+        assert not _fa3.available("cpu")
+        q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="torch.ops.flash_attn_3.fwd"):
+            _fa3.attention(q, q, q)
+    finally:
+        _fa3.module.cache_clear()
+        _fa3._op.cache_clear()
+
+
 def test_build_env_keeps_only_the_forward_kernels_asked_for() -> None:
     env = build_env((128,), fp16=False)
     for off in ("BACKWARD", "SPLIT", "PAGEDKV", "APPENDKV", "LOCAL", "SOFTCAP", "PACKGQA", "SM80", "HDIM64", "HDIM96", "HDIM192", "HDIM256", "FP16"):
