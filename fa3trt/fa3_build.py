@@ -4,14 +4,16 @@ FA3 has no wheel, and its full build compiles several hundred CUDA files (hours)
 only the non-causal forward pass, so the build here keeps the forward kernels for the chosen
 head dims and dtypes (bf16 always; fp16 and FP8 e4m3 unless left out) with the varlen path and
 clusters, and leaves out the backward pass, split-KV, paged KV, append-KV, local attention,
-softcap, PackGQA, the sm8x kernels and the mixed head dims: a handful of files, compiled in
-parallel in about two minutes on 16 cores (README). It runs FA3's own setup.py with its ``FLASH_ATTENTION_DISABLE_*``
-switches, which it also records in the ``flash_attn_config`` module it writes, so
-``fa3trt._fa3`` knows what the build holds and sends everything else to the next kernel.
+softcap, PackGQA, the sm8x kernels and the mixed head dims: six kernel files at the defaults,
+compiled in parallel in 123 s on the 16 cores of an H200 host with nvcc 13.0
+(docs/benchmarks.md, section 1). It runs FA3's own setup.py with its
+``FLASH_ATTENTION_DISABLE_*`` switches, which setup.py also records in the
+``flash_attn_config`` module it writes, so ``fa3trt._fa3`` knows what the build holds and
+sends everything else to the next kernel.
 
     python -m fa3trt.fa3_build ~/flash-attention             # pip-install the build (flash_attn_3)
-    python -m fa3trt.fa3_build ~/flash-attention --inplace   # build in the tree; then
-    PYTHONPATH=~/flash-attention/hopper python -m fa3trt.selfcheck ...
+    python -m fa3trt.fa3_build ~/flash-attention --inplace   # build in the tree, then use it with
+    PYTHONPATH=~/flash-attention/hopper python -m bench.attention
 
 Needs nvcc 12.3+ (CUDA 13 works), the flash-attention checkout with its ``csrc/cutlass``
 submodule, and torch built for CUDA on the machine that builds.
