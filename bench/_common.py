@@ -28,6 +28,33 @@ def card() -> str:
     return torch.cuda.get_device_name()
 
 
+def cpu_times() -> list[int] | None:
+    """The host's CPU time so far (/proc/stat's first line, in clock ticks: user, nice, system,
+    idle, iowait, irq, softirq, steal); None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    return [int(x) for x in fields[1:9]] + [0] * max(0, 9 - len(fields))
+
+
+def cpu_shares(before: list[int] | None, after: list[int] | None) -> dict[str, float] | None:
+    """How the host's CPUs spent the time between two ``cpu_times()``: the shares busy (user,
+    nice, system, irq, softirq), idle (idle, iowait) and stolen by the hypervisor ("steal": a
+    virtual machine's CPU ready to run but not running), summing to 1. None without both."""
+    if before is None or after is None:
+        return None
+    d = [a - b for a, b in zip(after, before)]
+    total = sum(d)
+    if total <= 0:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = d[:8]
+    return {"busy": (user + nice + system + irq + softirq) / total, "idle": (idle + iowait) / total, "steal": steal / total}
+
+
 class GpuSampler:
     """Every GPU as nvidia-smi sees it, sampled every ``interval_ms`` from ``start()`` to
     ``stop()``: per GPU index the mean SM clock (MHz), power (W) and utilization (percent of

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import GpuSampler, card, pyplot, save, save_figure
+from bench._common import GpuSampler, card, cpu_shares, cpu_times, pyplot, save, save_figure
 from bench.serve_load import VERIFY, handle_sender, make_inputs, parse_mix, run_load, stats_delta
 from bench.serving import app_args
 
@@ -119,6 +119,7 @@ def per_replica(before: dict[str, dict[str, Any]], after: dict[str, dict[str, An
             "busy_fraction": d.get("busy_fraction"),
             "compute_ms_per_batch": 1e3 * sum(b.get("compute_s", 0.0) for b in d["buckets"].values()) / max(1, batches),
             "phases_ms_per_batch": d.get("phases_ms_per_batch", {}),
+            "wake_lag": d.get("wake_lag"),
         })
     return rows
 
@@ -241,8 +242,11 @@ def main() -> None:
 
         drive(args.warmup)  # every replica sees every bucket's shapes before timing
         before = None if args.noop else replica_stats(app_handle, n)
-        sampler = GpuSampler().start()
+        sampler, cpu0 = GpuSampler().start(), cpu_times()
         r = drive(args.duration)
+        # The host's CPUs over the pass (this host's: a cluster of one machine): busy, idle and
+        # stolen by a hypervisor.
+        r["host_cpu"] = cpu_shares(cpu0, cpu_times())
         # nvidia-smi over the timed pass: a replica whose GPU idles while the replica is busy
         # is limited by its host side (launching, staging, its event loop), not by the GPU.
         r["gpus"] = {str(i): g for i, g in sampler.stop().items()}
@@ -250,6 +254,8 @@ def main() -> None:
         # The counters cover the whole pass (ramp and drain included), so busy is over its span.
         r["replicas"] = [] if before is None else per_replica(before, replica_stats(app_handle, n), r["span_s"])
         busy_gpus = "" if r["gpu_util_pct"] is None else f" GPUs busy {r['gpu_util_pct']:3.0f}%"
+        if r["host_cpu"]:
+            busy_gpus += f" host CPUs busy {100 * r['host_cpu']['busy']:.0f}% steal {100 * r['host_cpu']['steal']:.1f}%"
         print(
             f"[{time.perf_counter() - t_start:6.0f}s] {n} replica(s): {r['requests']} req {r['errors']} err "
             f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms{busy_gpus}",
@@ -261,7 +267,9 @@ def main() -> None:
             busy = f"{100 * row['busy_fraction']:4.0f}%" if row["busy_fraction"] is not None else "   -"
             ph = row["phases_ms_per_batch"]
             parts = "  (" + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()) + ")" if ph else ""
-            print(f"   replica {row['replica'][:8]}: {row['requests']:5d} req {row['batches']:4d} batches  busy {busy}  {row['compute_ms_per_batch']:7.1f} ms/batch{parts}")
+            lag = row.get("wake_lag")
+            lag_s = f"  wake lag {lag['mean_ms']:.2f} ms mean, {100 * lag['over_5ms']:.0f}% > 5 ms" if lag else ""
+            print(f"   replica {row['replica'][:8]}: {row['requests']:5d} req {row['batches']:4d} batches  busy {busy}  {row['compute_ms_per_batch']:7.1f} ms/batch{parts}{lag_s}")
         for c in clients:
             ray.kill(c)
         serve.delete(APP)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from deploy.codec import all_finite
+from deploy.lag import lag_delta
 
 MIXES = {"seed": (15000, 16500), "256-2048": (256, 2048), "256-16384": (256, 16384)}
 
@@ -244,6 +245,8 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any], seconds: float | 
         n = pa["batches"] - pb.get("batches", 0)
         if n:
             out["phases_ms_per_batch"] = {k: 1e3 * (v - pb.get(k, 0.0)) / n for k, v in pa.items() if k != "batches"}
+    if "wake_lag" in after:
+        out["wake_lag"] = lag_delta(before.get("wake_lag"), after["wake_lag"])
     if seconds and "busy_s" in after:
         out["busy_fraction"] = (after["busy_s"] - before.get("busy_s", 0.0)) / seconds
     return out

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import warnings
@@ -44,6 +45,7 @@ from deploy.codec import (
     validate_sequence,
 )
 from deploy.config import AppArgs, BatchingConfig, apply_env_overrides
+from deploy.lag import WakeLag
 from fa3trt._timing import timing_events
 from fa3trt.buckets import Buckets, assemble, padding_ratio, to_host
 from fa3trt.errors import InvalidInputError
@@ -207,6 +209,10 @@ class ModelReplica:
         self.buckets = self.args.bucket_set()
         cfg = self.args.model.config()
         self._t0 = time.perf_counter()
+        if self.args.switch_interval_ms is not None:
+            sys.setswitchinterval(self.args.switch_interval_ms / 1e3)
+        # How late this process's threads get to run Python again (GIL and CPU waits): /v1/stats.
+        self.wake_lag = WakeLag()
         # Before anything is allocated: page-locked buffers are first-touched on the GPU's node.
         gpu = self.args.numa_affinity and torch.cuda.is_available()
         self.cpu_affinity = pin_to_gpu_node(torch.cuda.current_device()) if gpu else None
@@ -447,6 +453,7 @@ class ModelReplica:
             "rejected": self.metrics.rejected_local,
             "busy_s": self.metrics.busy_s,
             "phases_s": self.metrics.phases_snapshot(),
+            "wake_lag": self.wake_lag.snapshot(),
             "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
         }
 

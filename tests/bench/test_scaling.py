@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench._common import GpuSampler
+from bench._common import GpuSampler, cpu_shares, cpu_times
 from bench.scaling import busiest_mean, efficiency, merge, merge_runs, per_replica
 
 
@@ -48,6 +48,17 @@ def test_gpu_samples_and_the_replicas_gpus() -> None:
     # One replica per GPU: the replicas' GPUs are the busiest ones.
     assert busiest_mean([45.0, 0.0, 30.0, 5.0], 2) == pytest.approx(37.5)
     assert busiest_mean([], 2) is None
+
+
+def test_host_cpu_shares() -> None:
+    # user, nice, system, idle, iowait, irq, softirq, steal (clock ticks)
+    before = [100, 0, 50, 800, 10, 0, 0, 40]
+    after = [400, 0, 150, 1100, 10, 50, 50, 240]  # 300 + 100 + 50 + 50 busy, 300 idle, 200 stolen
+    assert cpu_shares(before, after) == pytest.approx({"busy": 0.5, "idle": 0.3, "steal": 0.2})
+    assert cpu_shares(None, after) is None and cpu_shares(after, after) is None
+    now = cpu_times()
+    if Path("/proc/stat").exists():
+        assert now is not None and len(now) == 8 and all(x >= 0 for x in now)
 
 
 def _stats(rid: str, busy: float, **buckets: tuple[int, int, float]) -> dict[str, object]:
@@ -108,6 +119,8 @@ def test_noop_run_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     if shutil.which("nvidia-smi") is None:  # a CPU machine: nothing to sample
         assert one["gpus"] == {} and one["gpu_util_pct"] is None
     assert result["summary"]["efficiency"] == {"1": 1.0}
+    if Path("/proc/stat").exists():  # the host's CPUs over the pass, shares of the time
+        assert sum(one["host_cpu"].values()) == pytest.approx(1.0) and one["host_cpu"]["busy"] > 0
 
 
 def _run_file(path: Path, card: str, rps: dict[int, float]) -> str:

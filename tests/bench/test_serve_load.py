@@ -100,4 +100,10 @@ def test_stats_delta_per_batch_phases() -> None:
     assert d["busy_fraction"] == pytest.approx(0.5)
     assert d["buckets"]["256"]["mean_batch"] == pytest.approx(1.5)
     assert d["phases_ms_per_batch"] == pytest.approx({"assemble": 5.0, "model": 20.0, "gpu": 20.0, "answers": 1.0})
+    assert "wake_lag" not in d  # a replica without the probe
+    lag0 = {"samples": 10, "total_s": 0.01, "max_s": 0.002, "bounds_ms": [1.0, 5.0], "bins": [9, 1, 0]}
+    lag1 = {"samples": 30, "total_s": 0.07, "max_s": 0.008, "bounds_ms": [1.0, 5.0], "bins": [19, 9, 2]}
+    d = stats_delta({**before, "wake_lag": lag0}, {**after, "wake_lag": lag1})
+    assert d["wake_lag"]["samples"] == 20 and d["wake_lag"]["mean_ms"] == pytest.approx(3.0)
+    assert d["wake_lag"]["over_5ms"] == pytest.approx(0.1)
     assert stats_delta(before, {**after, "replica": "other"}) == {}

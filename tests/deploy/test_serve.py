@@ -23,6 +23,7 @@ import torch
 import yaml
 
 import fa3trt
+from deploy.lag import lag_delta
 from tests.deploy.cluster import ROOT, URL, post_npy, run, serve_cluster
 
 ATOL = 1e-4
@@ -131,6 +132,9 @@ def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], model
     assert 0 <= phases["gpu"] <= phases["model"], phases  # 0 on a CPU replica
     assert 0 < phases["launch"] <= phases["model"], phases  # on a CPU replica nearly all of it
     assert phases["assemble"] + phases["model"] + phases["answers"] <= compute, (phases, compute)
+    # The replica's wake-up lag probe ran through the load (deploy.lag).
+    lag = lag_delta(stats0["wake_lag"], stats1["wake_lag"])
+    assert lag is not None and lag["samples"] > 0 and lag["mean_ms"] >= 0, lag
     # Never mixed across buckets: each bucket saw exactly its own requests and tokens.
     assert d["128"] == {"requests": 48, "tokens": sum(len(x) for x in small)}
     assert d["512"] == {"requests": 8, "tokens": sum(len(x) for x in mid)}
