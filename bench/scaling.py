@@ -313,7 +313,8 @@ def report(out: str, name: str, results: dict[int, dict[str, Any]], args: dict[s
     counts = sorted(results)
     eff = efficiency(results)
     what = "echo replicas (--noop), no model" if args["noop"] else f"model {args['preset']} layers={args['layers']}"
-    fresh = ", a fresh cluster per count" if args.get("fresh_cluster") or args.get("merged") else ""
+    # Runs merged from several files had a cluster each; one file's counts shared the run's cluster.
+    fresh = ", a fresh cluster per count" if args.get("fresh_cluster") or len(args.get("merged") or ()) > 1 else ""
     print(f"card: {card_name} x{gpus or 0}  {what}  mix {args['mix']}  concurrency {args['concurrency_per_replica']}/replica"
           f" from {args['clients_per_replica']} client(s)/replica{fresh}")
     print(f"{'replicas':>8s} {'req/s':>9s} {'speedup':>8s} {'efficiency':>10s} {'p50 ms':>9s} {'p99 ms':>9s} {'GPUs busy':>9s}")

@@ -94,10 +94,13 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         n = (gpus or 1) if args.replicas == "auto" else args.replicas
         sizing = {"num_replicas": n}
     if gpus:
-        # A GPU replica's PyTorch threads (OMP_NUM_THREADS = its num_cpus) copy every request
-        # into the staging buffer: on a 64-core 4-GPU host one replica with 4 threads served
-        # 205-214 req/s of a 2-layer model, with 1 thread 177 (docs/benchmarks.md, "Scale-out").
-        cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else max(1, min(4, int(cluster_cpus) // gpus // 2))
+        # A GPU replica's PyTorch threads (OMP_NUM_THREADS = its num_cpus) only copy requests
+        # into the staging buffer. On a 64-core 4-GPU host (graphed 2-layer seed model, one
+        # machine start) one thread staged as fast as four (4.3 vs 4.2 ms per batch) and used a
+        # third less of the host's CPU time; four replicas of one thread served 627-639 req/s
+        # where four of four threads served 563-593, as the hypervisor stole less CPU time
+        # (docs/benchmarks.md, "Scale-out", run Q).
+        cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else 1
         actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
     else:
         actor = {"num_cpus": max(1, int(cluster_cpus) // max(1, n))}

@@ -160,9 +160,9 @@ def test_batch_limits_and_replica_plan() -> None:
     auto = replica_plan(AppArgs.model_validate({"autoscaling": {"min_replicas": 1, "max_replicas": 4}}), 4, 64)
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4} and "num_replicas" not in auto
     assert replica_plan(AppArgs.model_validate({"replicas": 3}), 8, 64)["num_replicas"] == 3
-    # CPUs per GPU replica: half its share of the cluster's, 1 to 4, or as configured.
+    # CPUs per GPU replica: one, or as configured.
     cpus = lambda args, gpus, n: replica_plan(args, gpus, n)["ray_actor_options"]["num_cpus"]  # noqa: E731
-    assert [cpus(args, 4, 64), cpus(args, 2, 8), cpus(args, 8, 8), cpus(args, 1, 16)] == [4, 2, 1, 4]
+    assert [cpus(args, 4, 64), cpus(args, 2, 8), cpus(args, 8, 8), cpus(args, 1, 16)] == [1, 1, 1, 1]
     assert cpus(AppArgs.model_validate({"replica_cpus": 6}), 4, 64) == 6
     with pytest.raises(ValueError, match="replica_cpus must be 'auto' or an integer >= 1, got 0"):
         AppArgs.model_validate({"replica_cpus": 0})
