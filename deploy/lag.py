@@ -72,21 +72,21 @@ class WakeLag:
                     "bounds_ms": list(BOUNDS_MS), "bins": list(self._bins)}
 
 
-def lag_delta(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, float] | None:
+def lag_delta(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, float | None] | None:
     """The lag between two snapshots: mean (ms), the share of wake-ups late by over 1 ms and
-    over 5 ms, and an upper bound of the 99th percentile (the upper edge of its bin; inf when it
-    falls in the open bin). None when no wake-up happened in between."""
+    over 5 ms, and an upper bound of the 99th percentile (the upper edge of its bin; None when
+    it falls in the open bin, past the last edge). None when no wake-up happened in between."""
     b = before or {"samples": 0, "total_s": 0.0, "bins": [0] * len(after["bins"])}
     n = after["samples"] - b["samples"]
     if n <= 0:
         return None
     bins = [x - y for x, y in zip(after["bins"], b["bins"])]
-    bounds = list(after["bounds_ms"]) + [float("inf")]
+    bounds: list[float | None] = [*after["bounds_ms"], None]  # None: the open bin's upper edge
 
     def share_above(ms: float) -> float:
-        return sum(c for c, edge in zip(bins, bounds) if edge > ms) / n
+        return sum(c for c, edge in zip(bins, bounds) if edge is None or edge > ms) / n
 
-    seen, p99 = 0, bounds[-1]
+    seen, p99 = 0, None
     for c, edge in zip(bins, bounds):
         seen += c
         if seen >= 0.99 * n:
