@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 import warnings
@@ -212,8 +211,6 @@ class ModelReplica:
         self.buckets = self.args.bucket_set()
         cfg = self.args.model.config()
         self._t0 = time.perf_counter()
-        if self.args.switch_interval_ms is not None:
-            sys.setswitchinterval(self.args.switch_interval_ms / 1e3)
         # How late this process's threads get to run Python again (GIL and CPU waits): /v1/stats.
         self.wake_lag = WakeLag()
         # Before anything is allocated: page-locked buffers are first-touched on the GPU's node.

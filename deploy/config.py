@@ -90,7 +90,6 @@ class AppArgs(_Strict):
     cuda_graphs: bool = Field(False, description="Torch backend on a GPU: run batches as CUDA graphs (fa3trt._graphs): one launch per batch instead of the model's few dozen. Needs FA3 or FlashAttention's CuTe kernel.")
     stream_per_bucket: bool = Field(True, description="GPU replicas: each bucket's batches on a CUDA stream of their own, so one bucket's copies and answers never wait on another's kernels (false: every bucket on the default stream).")
     replica_cpus: int | Literal["auto"] = Field("auto", description="CPUs reserved per GPU replica (its PyTorch threads, which stage batches): auto = 1, which staged as fast as 4 and let 4 replicas on one host serve more.")
-    switch_interval_ms: float | None = Field(None, gt=0, le=100, description="The replica process's thread switch interval (sys.setswitchinterval), in ms; unset keeps Python's 5 ms. A batch thread back from a torch call waits up to this long for the GIL while another thread runs Python (/v1/stats: wake_lag).")
     request_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest time a request may take end to end.")
 
     @field_validator("buckets")
