@@ -96,9 +96,9 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         # A GPU replica's PyTorch threads (OMP_NUM_THREADS = its num_cpus) only copy requests
         # into the staging buffer. On a 64-core 4-GPU host (graphed 2-layer seed model, one
         # machine start) one thread staged as fast as four (4.3 vs 4.2 ms per batch) and the
-        # host spent a quarter to a third less CPU time; four replicas of one thread served 627-639 req/s
-        # where four of four threads served 563-593, as the hypervisor stole less CPU time
-        # (docs/benchmarks.md, "Scale-out", run Q).
+        # host spent a quarter to a third less CPU time; four replicas of one thread served
+        # 627-639 req/s where four of four threads served 563-593, as the hypervisor stole less
+        # CPU time (docs/benchmarks.md, "Scale-out", run Q).
         cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else 1
         actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
     else:

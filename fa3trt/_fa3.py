@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fa3trt._tail import zero_tail_
-from fa3trt.buckets import to_device
+from fa3trt.buckets import lengths_to_device
 
 __all__ = ["available", "attention", "supports", "supports_config", "build_flags", "INSTALL_HINT"]
 
@@ -139,10 +139,7 @@ def attention(
     op = _op()
     if op is None:
         raise RuntimeError(f"FA3 (flash_attn_interface with its op torch.ops.flash_attn_3.fwd) is not installed; {INSTALL_HINT}")
-    lens = None
-    if seq_lens is not None:
-        # Queued: a host copy that waited for the GPU would leave it idle between launches.
-        lens = to_device(seq_lens.to(torch.int32), q.device).contiguous()
+    lens = None if seq_lens is None else lengths_to_device(seq_lens, q.device)
     extra = {} if descale is None else {"q_descale": descale[0], "k_descale": descale[1], "v_descale": descale[2]}
     # The padded batch as it is: seqused_q/k make FA3 schedule only the tiles inside each
     # sequence (its varlen scheduler), with no cu_seqlens to build.

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from fa3trt._tail import zero_tail_
-from fa3trt.buckets import to_device
+from fa3trt.buckets import lengths_to_device
 
 __all__ = ["available", "attention", "supports", "supports_config", "supports_head_dim", "INSTALL_HINT"]
 
@@ -97,12 +97,7 @@ def attention(
     fwd = _forward()
     if fwd is None:
         raise RuntimeError(f"the FlashAttention CuTe DSL kernels are not installed; {INSTALL_HINT}")
-    lens = None
-    if seq_lens is not None:
-        # Queued: a host copy that waited for the GPU would leave it idle between launches.
-        lens = to_device(seq_lens.to(torch.int32), q.device)
-        if not lens.is_contiguous():
-            lens = lens.contiguous()
+    lens = None if seq_lens is None else lengths_to_device(seq_lens, q.device)
     result = fwd(q, k, v, seqused_q=lens, seqused_k=lens, causal=False, out=out)[0]
     if lens is not None and zero_tail:
         zero_tail_(result, lens)

@@ -15,7 +15,7 @@ import torch
 
 from fa3trt.errors import ConfigError, InvalidInputError
 
-__all__ = ["Buckets", "assemble", "to_device", "to_host", "split_rows", "padding_ratio"]
+__all__ = ["Buckets", "assemble", "to_device", "lengths_to_device", "to_host", "split_rows", "padding_ratio"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,12 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.device.type == "cpu" and device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+def lengths_to_device(seq_lens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sequence lengths as a kernel reads them: contiguous int32 on ``device``, queued (a host
+    copy that waited for the GPU would leave it idle between launches)."""
+    return to_device(seq_lens.to(torch.int32), device).contiguous()
 
 
 def to_host(y: torch.Tensor) -> torch.Tensor:

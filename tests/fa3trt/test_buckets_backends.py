@@ -8,7 +8,7 @@ import torch
 
 import fa3trt
 from fa3trt.backends import Backend, TorchBackend, load_backend
-from fa3trt.buckets import Buckets, assemble, padding_ratio, split_rows, to_host
+from fa3trt.buckets import Buckets, assemble, lengths_to_device, padding_ratio, split_rows, to_host
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
 from tests.utils import gpu, rel_err
 
@@ -66,6 +66,12 @@ def test_assemble_on_gpu_stages_through_pinned_memory(src: type) -> None:
 def test_to_host_leaves_cpu_tensors_alone() -> None:
     t = torch.randn(2, 3)
     assert to_host(t) is t
+
+
+def test_lengths_as_kernels_read_them() -> None:
+    strided = torch.tensor([[5, 0], [3, 0], [7, 0]], dtype=torch.int64)[:, 0]  # int64, stride 2
+    lens = lengths_to_device(strided, torch.device("cpu"))
+    assert lens.dtype == torch.int32 and lens.is_contiguous() and lens.tolist() == [5, 3, 7]
 
 
 def test_torch_backend_matches_model_per_sequence() -> None:
