@@ -253,12 +253,12 @@ def main() -> None:
         r["gpu_util_pct"] = busiest_mean([g["util_pct"] for g in r["gpus"].values()], n)
         # The counters cover the whole pass (ramp and drain included), so busy is over its span.
         r["replicas"] = [] if before is None else per_replica(before, replica_stats(app_handle, n), r["span_s"])
-        busy_gpus = "" if r["gpu_util_pct"] is None else f" GPUs busy {r['gpu_util_pct']:3.0f}%"
+        pass_figures = "" if r["gpu_util_pct"] is None else f" GPUs busy {r['gpu_util_pct']:3.0f}%"
         if r["host_cpu"]:
-            busy_gpus += f" host CPUs busy {100 * r['host_cpu']['busy']:.0f}% steal {100 * r['host_cpu']['steal']:.1f}%"
+            pass_figures += f" host CPUs busy {100 * r['host_cpu']['busy']:.0f}% steal {100 * r['host_cpu']['steal']:.1f}%"
         print(
             f"[{time.perf_counter() - t_start:6.0f}s] {n} replica(s): {r['requests']} req {r['errors']} err "
-            f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms{busy_gpus}",
+            f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms{pass_figures}",
             flush=True,
         )
         if r["first_error"]:
