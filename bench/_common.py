@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fa3trt._timing import time_cuda_ms  # noqa: E402  (re-exported for the benchmarks)
+from fa3trt.timing import time_cuda_ms  # noqa: E402  (re-exported for the benchmarks)
 
 
 def card() -> str:

@@ -6,8 +6,8 @@ real lengths only) and are compared with the same kernel on the unmasked full 8x
 "cudnn+mask" is the dense boolean padding mask the project avoids, measured as the baseline.
 Goals: the default kernel >= 95% of the fastest at each dense shape; ragged >= 90% of unmasked.
 Every kernel is timed in the steady state of a recurring shape: the default (adaptive cuDNN)
-kernel is first called until the shape has repaid a cuDNN plan (fa3trt.attention). Device time
-is taken with 20 calls queued behind a GPU sleep (``fa3trt._timing.time_queued``), so no gap the
+kernel is first called until the shape has repaid a cuDNN plan (fa3trt.kernels.cudnn). Device time
+is taken with 20 calls queued behind a GPU sleep (``fa3trt.testing.time_queued``), so no gap the
 host leaves between launches is counted, and the host's own µs per call are reported beside it
 (for the paths that read device lengths on the host, that includes waiting for the GPU). The
 goal's ragged/unmasked ratio is measured again in alternation (``--rounds`` pairs of timings
@@ -20,7 +20,6 @@ builds show there).
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import statistics
 import time
@@ -31,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from bench._common import bar_plot, card, save
-from fa3trt._timing import time_queued
-from fa3trt.attention import available_kernels, reference_attention, run_kernel, select_kernel
+from fa3trt.kernels import cudnn, fa3, flash_cute
+from fa3trt.kernels.registry import available_kernels
+from fa3trt.kernels.selector import select_kernel
+from fa3trt.testing import reference_attention, run_kernel, time_queued
 
-A = importlib.import_module("fa3trt.attention")  # the module (fa3trt.attention is also the function)
 H, D = 32, 128
 RAGGED = [2048, 1900, 1700, 1500, 1200, 900, 600, 300]
 
@@ -77,7 +77,7 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> dict[str,
 def settle(fn: Callable[[], Any], padded_flops: float) -> None:
     """Call ``fn`` until the adaptive cuDNN kernel runs the shape the way a recurring shape
     runs: it plans a shape once the work seen in it would repay the plan build."""
-    for _ in range(min(400, math.ceil(A._CUDNN_AFTER_FLOPS / padded_flops) + 1)):
+    for _ in range(min(400, math.ceil(cudnn.plans.after_flops / padded_flops) + 1)):
         fn()
 
 
@@ -150,13 +150,11 @@ def main() -> None:
     # the padded rows, lengths on the device.
     own: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
     if "fa3" in kernels:
-        from fa3trt import _fa3
 
-        own["fa3"] = (lambda: _fa3.attention(q, k, v, lens_dev, zero_tail=False), lambda: _fa3.attention(q, k, v))
+        own["fa3"] = (lambda: fa3.attention(q, k, v, lens_dev, zero_tail=False), lambda: fa3.attention(q, k, v))
     if "flash_cute" in kernels:
-        from fa3trt import _flash_cute
 
-        own["flash_cute"] = (lambda: _flash_cute.attention(q, k, v, lens_dev, zero_tail=False), lambda: _flash_cute.attention(q, k, v))
+        own["flash_cute"] = (lambda: flash_cute.attention(q, k, v, lens_dev, zero_tail=False), lambda: flash_cute.attention(q, k, v))
     for name, (ragged, dense) in own.items():
         ck = paired(ragged, dense, args.rounds)
         summary[f"{name}_kernel_ragged_vs_dense"] = {

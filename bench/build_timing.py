@@ -31,9 +31,9 @@ def main() -> None:
 
     from build_jobs import build_all
     from deploy.config import AppArgs
-    from fa3trt import _trt
+    from fa3trt import tensorrt_available
 
-    backend = "tensorrt" if _trt.available() else "torch"
+    backend = "tensorrt" if tensorrt_available() else "torch"
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     tmp = Path(tempfile.mkdtemp(prefix="fa3trt-build-timing-"))

@@ -28,10 +28,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from fa3trt import _cudnn_frontend as cf  # noqa: E402
-from fa3trt._tail import triton_kernel, zero_tail_  # noqa: E402
-from fa3trt._timing import time_cuda_ms  # noqa: E402
-from fa3trt.attention import reference_attention, run_kernel  # noqa: E402
+from fa3trt.kernels import cudnn_graph as cf  # noqa: E402
+from fa3trt.kernels.tail import triton_kernel, zero_tail_  # noqa: E402
+from fa3trt.testing import reference_attention, run_kernel  # noqa: E402
+from fa3trt.timing import time_cuda_ms  # noqa: E402
 
 H, D = 32, 128
 LENS = [2048, 1900, 1700, 1500, 1200, 900, 600, 300]
@@ -94,7 +94,7 @@ def environment() -> None:
     except Exception:
         say("importing cudnn failed:")
         traceback.print_exc(file=sys.stdout)
-    say("fa3trt._cudnn_frontend.available() =", cf.available(), cf.frontend_versions())
+    say("fa3trt.kernels.cudnn_graph.available() =", cf.available(), cf.frontend_versions())
     try:  # every libcudnn mapped into the process: one directory means one copy
         libs = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libcudnn" in line})
         say("libcudnn mapped:" + "".join(f"\n  {p}" for p in libs))
@@ -123,7 +123,7 @@ def main() -> int:
         say(f"zeroing kernel first call (Triton compile if Triton): {ms:.1f} ms; triton={triton_kernel() is not None}")
         out, ms = timed_first_call(lambda: cf.ragged_attention(q, k, v, lens))
         st["out"] = out
-        entry = cf._state.graphs.get((8, 2048, H, D, torch.bfloat16, torch.cuda.current_device(), tuple(q.stride())))
+        entry = cf.cached_graph(q)
         say(f"ragged_attention first call (plan build + run): {ms:.1f} ms; plan build alone: {getattr(entry, 'build_ms', float('nan')):.1f} ms")
         if entry is not None and not isinstance(entry, Exception):
             say(f"workspace {entry.workspace} bytes; plans cached on this thread: {cf.cached_plans()}")
@@ -153,7 +153,7 @@ def main() -> int:
         say("NaN anywhere:", bool(torch.isnan(out).any()))
         # What cuDNN itself leaves in padded rows (decides whether the zeroing kernel is needed).
         raw = torch.full_like(q, float("nan"))
-        cf._launch(q, k, v, lens, raw)
+        cf.prepare(q, k, v, lens, raw)()
         torch.cuda.synchronize()
         kinds = []
         for i, n in enumerate(LENS):
@@ -186,7 +186,7 @@ def main() -> int:
         rag_ms = time_cuda_ms(lambda: cf.ragged_attention(q, k, v, lens))
         rows.append(("ragged_attention (cuDNN padding mask + zeroing)", rag_ms, tflops(flop, rag_ms)))
         raw = torch.empty_like(q)
-        raw_ms = time_cuda_ms(lambda: cf._launch(q, k, v, lens, raw))
+        raw_ms = time_cuda_ms(lambda: cf.prepare(q, k, v, lens, raw)())
         rows.append(("  cuDNN launch alone (no zeroing)", raw_ms, tflops(flop, raw_ms)))
         for method in ("triton", "masked_fill"):
             try:

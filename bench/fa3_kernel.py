@@ -4,9 +4,9 @@ dense shapes and on the ragged batch, with the host out of the way.
 Host µs per call at a small batch (8 x 128 tokens, so the GPU keeps up with the host) for: the
 interface's ``flash_attn_varlen_func`` (an autograd Function around a Python custom op around
 the registered op), its ``_flash_attn_forward``, the registered op ``torch.ops.flash_attn_3.fwd``
-that ``fa3trt._fa3`` calls, and the op's own paths (device and host lengths, dense), beside
+that ``fa3trt.kernels.fa3`` calls, and the op's own paths (device and host lengths, dense), beside
 cuDNN SDPA. Then device time per call (20 calls queued behind a GPU sleep,
-``fa3trt._timing.time_queued``; ``--rounds`` rounds, all entries in alternation) for FA3 and
+``fa3trt.testing.time_queued``; ``--rounds`` rounds, all entries in alternation) for FA3 and
 cuDNN at dense shapes from 16x1024 to the seed's 1x15708, and for the ragged 8 x 2048 batch
 (lengths 2048..300) through the registered op, the interface's varlen function and the op.
 Each member's length is also timed alone, as a dense batch of 8 such sequences: the ragged
@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from bench._common import bar_plot, card, host_us, save
-from fa3trt import _fa3
-from fa3trt._tail import zero_tail_
-from fa3trt._timing import time_queued
-from fa3trt.attention import _sdpa_dense, run_kernel
+from fa3trt.kernels import fa3 as _fa3
+from fa3trt.kernels import sdpa
+from fa3trt.kernels.tail import zero_tail_
+from fa3trt.testing import run_kernel, time_queued
 from fa3trt.buckets import to_device
 
 H, D = 32, 128
@@ -55,11 +55,11 @@ def host_costs(fa3: Any, op: Any, qkv: list[torch.Tensor]) -> dict[str, float]:
     entries: dict[str, Callable[[], Any]] = {
         "interface flash_attn_varlen_func": lambda: fa3.flash_attn_varlen_func(*flat, cu, cu, 128, 128, seqused_q=ld, seqused_k=ld),
         "interface _flash_attn_forward": lambda: fa3._flash_attn_forward(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, seqused_q=ld, seqused_k=ld, max_seqlen_q=128, max_seqlen_k=128),
-        "registered op (what fa3trt._fa3 calls)": lambda: op(q, k, v, seqused_q=ld, seqused_k=ld, num_splits=1),
+        "registered op (what fa3trt.kernels.fa3 calls)": lambda: op(q, k, v, seqused_q=ld, seqused_k=ld, num_splits=1),
         "op path, device lengths": lambda: run_kernel("fa3", q, k, v, ld),
         "op path, host lengths": lambda: run_kernel("fa3", q, k, v, lh),
         "op path, dense": lambda: run_kernel("fa3", q, k, v),
-        "cuDNN SDPA, dense": lambda: _sdpa_dense(q, k, v, "cudnn"),
+        "cuDNN SDPA, dense": lambda: sdpa.dense(q, k, v, "cudnn"),
         "zeroing padded rows (Triton)": lambda: zero_tail_(scratch, ld),
         "host lengths to the GPU": lambda: to_device(lh, dev),
     }
@@ -89,7 +89,7 @@ def main() -> None:
     for label, (b, s) in DENSE.items():
         t = qkv(b, s)
         fns[(label, "fa3")] = lambda t=t: _fa3.attention(*t)
-        fns[(label, "cudnn")] = lambda t=t: _sdpa_dense(*t, "cudnn")
+        fns[(label, "cudnn")] = lambda t=t: sdpa.dense(*t, "cudnn")
         work[label] = flops([s] * b)
     q, k, v = qkv(8, 2048)
     ld = torch.tensor(RAGGED, dtype=torch.int32, device=dev)

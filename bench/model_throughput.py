@@ -12,7 +12,6 @@ utilization = model TFLOP/s / GEMM TFLOP/s. Goal: >= 75%.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 from typing import Any
 
@@ -25,7 +24,7 @@ from fa3trt.backends import TorchBackend
 from fa3trt.model import ModelConfig, Transformer
 
 
-A = importlib.import_module("fa3trt.attention")  # the module (fa3trt.attention is also the function)
+from fa3trt.kernels import cudnn  # noqa: E402
 
 
 def model_flops(cfg: ModelConfig, b: int, s: int) -> float:
@@ -69,7 +68,7 @@ def main() -> None:
                 # Warm until the attention shape has repaid its cuDNN plan (the steady state of
                 # a model called again and again at one shape, e.g. a diffusion sampler).
                 per_forward = cfg.layers * 4.0 * b * s * s * cfg.hidden
-                ms = time_cuda_ms(fn, warmup=math.ceil(A._CUDNN_AFTER_FLOPS / per_forward) + 2, iters=5, repeats=3)
+                ms = time_cuda_ms(fn, warmup=math.ceil(cudnn.plans.after_flops / per_forward) + 2, iters=5, repeats=3)
                 tflops = f / ms / 1e9
                 rows.append({"shape": f"{b}x{s}", "path": name, "ms": ms, "tokens_per_s": b * s / ms * 1e3, "tflops": tflops, "mfu": tflops / gemm})
     print(f"card: {card()}   bf16 GEMM {gemm:.0f} TFLOP/s   seed preset, {args.layers} layers, attention kernel {backend.kernel}")

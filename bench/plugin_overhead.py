@@ -33,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import host_us  # noqa: E402
 from fa3trt import plugin  # noqa: E402
+from fa3trt.kernels.registry import KERNELS, available_kernels, direct_write_kernels  # noqa: E402
+from fa3trt.kernels.selector import enqueue_kernel  # noqa: E402
+from fa3trt.plugin import enqueue  # noqa: E402
 
 GOAL_US = 30.0
 
@@ -87,7 +90,8 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, na
     # device timings below record their events on the stream the core queues its work on.
     stream = torch.cuda.Stream()
     cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda")
-    kshape = plugin._kernel_input_shape(name, b, s, h, d)
+    kernel = KERNELS[name]
+    kshape = kernel.packed_shape(b, s, h, d)
     qk, kk, vk = q.view(kshape), k.view(kshape), v.view(kshape)
     cache = plugin.EnqueueCache()
     masked_cache = plugin.EnqueueCache()
@@ -95,7 +99,7 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, na
             tuple(q.shape), tuple(k.shape), tuple(v.shape), dtype, stream.cuda_stream, 0)
 
     def bare() -> None:
-        plugin._run_kernel(name, qk, kk, vk, lens, cu, s)
+        kernel.forward_packed(qk, kk, vk, lens, cu, s)
 
     def core() -> None:
         plugin.enqueue_core(*args, cache=cache, kernel=name)
@@ -117,7 +121,7 @@ def _parts(cache: Any, args: tuple[Any, ...], name: str, out: torch.Tensor, iter
     dev = bind.device_index
     res = torch.empty_like(out)
 
-    get, put = plugin._get_stream, plugin._set_stream
+    get, put = enqueue.get_stream_ids, enqueue.set_stream_ids
     assert get is not None and put is not None, "this torch has no stream id setters"
 
     def switch() -> None:
@@ -157,7 +161,7 @@ def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, n
     for fn in (bare, core, masked, uncached, bare, core, masked):  # warm: kernel load, allocator pools, caches
         fn()
     torch.cuda.synchronize()
-    want = plugin._run_kernel(name, qk, kk, vk, lens, cu, s).view(b, s, h, d)
+    want = KERNELS[name].forward_packed(qk, kk, vk, lens, cu, s).view(b, s, h, d)
     core()
     torch.cuda.synchronize()
     max_diff = float((out.float() - want.float()).abs().max())
@@ -195,13 +199,11 @@ def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, n
     return res
 
 
-def _default_kernels(dtype: torch.dtype) -> list[str]:
+def _default_kernels(dtype: torch.dtype, head_dim: int) -> list[str]:
     """The plugin's pick first, then the other direct-write kernels available on this GPU."""
-    from fa3trt.attention import available_kernels
-
-    pick = plugin._kernel_for(torch.cuda.current_device(), dtype)
+    pick = enqueue_kernel(torch.cuda.current_device(), dtype, head_dim)
     here = available_kernels("cuda")
-    return [pick] + [k for k in plugin.DIRECT_WRITE_KERNELS if k != pick and k in here and dtype != torch.float32]
+    return [pick] + [k for k in direct_write_kernels() if k != pick and k in here and dtype != torch.float32]
 
 
 def plot(results: list[dict[str, Any]], card: str, path: Path) -> None:
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name()
     print(f"card: {card} (sm{'.'.join(map(str, torch.cuda.get_device_capability()))}), torch {torch.__version__}")
     dtype = getattr(torch, args.dtype)
-    kernels = args.kernels.split(",") if args.kernels else _default_kernels(dtype)
+    kernels = args.kernels.split(",") if args.kernels else _default_kernels(dtype, args.shapes[0][3])
     results = [measure(shape, dtype, args.iters, name) for name in kernels for shape in args.shapes]
     hdr = f"{'shape':>18} {'kernel':>17} {'write':>7} {'bare us':>8} {'core us':>8} {'+us':>6} {'masked +us':>10} {'uncached +us':>12} {'dev ms':>8} {'allocs b/c':>10} {'MB b/c':>13} {'segs':>4} {'diff':>8}"
     print(hdr)

@@ -25,11 +25,11 @@ import torch
 
 from bench._common import card, save, time_cuda_ms
 from bench.attention import RAGGED, flops, paired
-from fa3trt import _flash_cute
+from fa3trt.kernels import flash_cute as _flash_cute
 
 
 def _fwd(**kw: Any) -> torch.Tensor:
-    fwd = _flash_cute._forward()
+    fwd = _flash_cute.forward_fn()
     assert fwd is not None
     return fwd(causal=False, **kw)[0]  # type: ignore[no-any-return]
 

@@ -45,7 +45,7 @@ from deploy.codec import (
 )
 from deploy.config import AppArgs, BatchingConfig, apply_env_overrides
 from deploy.lag import WakeLag
-from fa3trt._timing import timing_events
+from fa3trt.timing import timing_events
 from fa3trt.buckets import Buckets, assemble, padding_ratio, to_host
 from fa3trt.errors import InvalidInputError
 

@@ -1,10 +1,11 @@
 """fa3trt: FlashAttention-3 inside TensorRT engines, served on Ray.
 
 Importing this package needs neither TensorRT, CUDA nor FA3: those are imported lazily by the
-modules that use them (``fa3trt._trt`` alone imports TensorRT; ``fa3trt.attention`` alone FA3).
+modules that use them (``fa3trt._trt`` alone imports TensorRT; ``fa3trt.kernels.fa3`` alone FA3).
 """
 
-from fa3trt.attention import attention
+from fa3trt._trt import available as tensorrt_available
+from fa3trt.op import attention
 from fa3trt.errors import (
     ConfigError,
     EngineCorruptError,
@@ -21,6 +22,7 @@ from fa3trt.model import ModelConfig, build_model, save_weights
 
 __all__ = [
     "attention",
+    "tensorrt_available",
     "ModelConfig",
     "build_model",
     "save_weights",

@@ -21,7 +21,7 @@ two of them replayed at once on two buckets' streams would race on it.
 
 The lengths go to the graph on the device and padded sequences get length 0, so every shape is
 one graph whatever its lengths: only kernels that take lengths on the device with no host
-sync (FA3, FlashAttention's CuTe kernel; ``fa3trt.attention.lengths_on_device``) qualify.
+sync (FA3, FlashAttention's CuTe kernel; ``fa3trt.kernels.selector.lengths_on_device``) qualify.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from fa3trt import _flash_cute, _trt
+from fa3trt import _trt
 from fa3trt._graphs import GraphRunner
-from fa3trt.attention import lengths_on_device, select_kernel
+from fa3trt.kernels import flash_cute
+from fa3trt.kernels.selector import lengths_on_device, select_kernel
 from fa3trt.buckets import Buckets, to_device
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
 from fa3trt.model import ModelConfig, build_model
@@ -86,7 +87,7 @@ class TorchBackend:
             if not self._lengths_on_device:
                 raise ConfigError(
                     f"cuda_graphs needs an attention kernel that reads the lengths on the GPU (FA3, or FlashAttention's "
-                    f"CuTe kernel: fp16/bf16 on sm90, {_flash_cute.INSTALL_HINT}); this device runs {self.kernel!r} "
+                    f"CuTe kernel: fp16/bf16 on sm90, {flash_cute.INSTALL_HINT}); this device runs {self.kernel!r} "
                     f"in {config.dtype}: install it, or set cuda_graphs to false"
                 )
             if graph_seq_step < 1:
@@ -190,7 +191,7 @@ def load_backend(
         log.info("cuda_graphs applies to the torch backend; the TensorRT engine runs as built")
     if not torch.cuda.is_available():
         raise MissingDependencyError("backend 'tensorrt' needs a CUDA GPU and none is visible; use backend 'torch'")
-    _trt.trt()  # raises with the install hint
+    _trt.require()  # raises with the install hint
     from fa3trt.runtime import TensorRTBackend
 
     return TensorRTBackend.load(

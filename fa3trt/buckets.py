@@ -15,7 +15,7 @@ import torch
 
 from fa3trt.errors import ConfigError, InvalidInputError
 
-__all__ = ["Buckets", "assemble", "to_device", "lengths_to_device", "to_host", "split_rows", "padding_ratio"]
+__all__ = ["Buckets", "assemble", "to_device", "lengths_to_device", "to_host", "padding_ratio"]
 
 
 @dataclass(frozen=True)
@@ -133,12 +133,6 @@ def to_host(y: torch.Tensor) -> torch.Tensor:
     host.copy_(y, non_blocking=True)
     torch.cuda.current_stream(y.device).synchronize()
     return host
-
-
-def split_rows(y: torch.Tensor, seq_lens: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
-    """Each sequence's own rows of a padded (B, L, D) output (views)."""
-    lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else list(seq_lens)
-    return [y[i, :n] for i, n in enumerate(lens)]
 
 
 def padding_ratio(seq_lens: Sequence[int]) -> float:

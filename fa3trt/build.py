@@ -33,20 +33,18 @@ import torch
 from fa3trt import _trt
 from fa3trt._hashing import spec_hash
 from fa3trt.artifacts import ensure_onnx, onnx_key, weights_digest
-from fa3trt.attention import PLUGIN_NAME, PLUGIN_VERSION
+from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError, EngineMismatchError, EngineNotFoundError, Fa3TrtError, MissingDependencyError
 from fa3trt.export import file_sha256
 from fa3trt.model import ModelConfig
-from fa3trt.plugin import register_plugin, require_registered, require_tensorrt
+from fa3trt.plugin import register_plugin, require_registered
 from fa3trt.store import BUILD_HINT, ArtifactStore
 
 if TYPE_CHECKING:
     import tensorrt as trt  # static only: checked against tensorrt-stubs
 else:
-    from fa3trt.plugin import LazyTensorRT
-
-    trt = LazyTensorRT()
+    from fa3trt._trt import tensorrt as trt
 
 __all__ = [
     "BuildConfig",
@@ -212,8 +210,7 @@ def current_environment(device: torch.device | int | None = None) -> dict[str, s
     """This process's TensorRT version, GPU name and compute capability (needs both)."""
     if not torch.cuda.is_available():
         raise MissingDependencyError("TensorRT engines need a CUDA GPU and none is visible; use backend 'torch'")
-    require_tensorrt()
-    version = _trt.trt().__version__
+    version = _trt.module().__version__
     dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device("cuda", device) if isinstance(device, int) else device
     major, minor = torch.cuda.get_device_capability(dev)
     return {

@@ -17,6 +17,7 @@ __all__ = [
     "EngineCorruptError",
     "PluginNotRegisteredError",
     "ExportError",
+    "CudnnGraphUnsupportedError",
 ]
 
 
@@ -54,3 +55,7 @@ class PluginNotRegisteredError(Fa3TrtError, RuntimeError):
 
 class ExportError(Fa3TrtError, RuntimeError):
     """Exporting the model to ONNX failed or produced a graph that fails verification."""
+
+
+class CudnnGraphUnsupportedError(Fa3TrtError, RuntimeError):
+    """cuDNN refused (or failed to build) its ragged attention graph for a shape; the caller falls back."""

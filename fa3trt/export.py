@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fa3trt.attention import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION, onnx_export_mode
+from fa3trt.op import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION, onnx_export_mode
 from fa3trt.errors import ExportError
 from fa3trt.model import ModelConfig, Transformer, build_model
 
@@ -141,7 +141,7 @@ def _register_ort_plugin_op() -> None:
             return
         from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
-        from fa3trt.attention import custom_attn
+        from fa3trt.op import custom_attn
 
         f32, i32, i64, s = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_string
 

@@ -8,7 +8,7 @@ softcap, PackGQA, the sm8x kernels and the mixed head dims: six kernel files at 
 compiled in parallel in 123 s on the 16 cores of an H200 host with nvcc 13.0
 (docs/benchmarks.md, section 1). It runs FA3's own setup.py with its
 ``FLASH_ATTENTION_DISABLE_*`` switches, which setup.py also records in the
-``flash_attn_config`` module it writes, so ``fa3trt._fa3`` knows what the build holds and
+``flash_attn_config`` module it writes, so ``fa3trt.kernels.fa3`` knows what the build holds and
 sends everything else to the next kernel.
 
     python -m fa3trt.fa3_build ~/flash-attention             # pip-install the build (flash_attn_3)

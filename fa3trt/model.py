@@ -1,4 +1,4 @@
-"""A DiT-style reference transformer whose attention is ``fa3trt.attention``.
+"""A DiT-style reference transformer whose attention is ``fa3trt.attention`` (``fa3trt.op``).
 
 ``build_model(config, weights)`` returns an ``nn.Module`` taking ``(x, seq_lens)`` with x of
 shape (B, S, hidden) and seq_lens int32 (B,); rows past a sequence's length come back zero.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fa3trt._hashing import spec_hash
-from fa3trt.attention import MODE_FP8, MODE_NATIVE, attention
+from fa3trt.op import MODE_FP8, MODE_NATIVE, attention
 from fa3trt.buckets import to_device
 from fa3trt.errors import ConfigError, InvalidInputError
 

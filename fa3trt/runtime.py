@@ -46,9 +46,7 @@ from fa3trt.store import BUILD_HINT, ArtifactStore
 if TYPE_CHECKING:
     import tensorrt as trt  # static only: checked against tensorrt-stubs
 else:
-    from fa3trt.plugin import LazyTensorRT
-
-    trt = LazyTensorRT()
+    from fa3trt._trt import tensorrt as trt
 
 __all__ = ["TRTEngine", "TRTModule", "TensorRTBackend", "select_profile", "EngineExecutionError"]
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 from fa3trt import _trt
-from fa3trt._timing import time_cuda_ms
+from fa3trt.timing import time_cuda_ms
 
 __all__ = ["main", "missing_requirements", "TOLERANCE", "EXIT_MISSING"]
 
@@ -39,9 +39,8 @@ def missing_requirements() -> list[str]:
             f"a CUDA GPU ({why}): run on an NVIDIA GPU machine with a CUDA build of torch "
             "(pip install torch --index-url https://download.pytorch.org/whl/cu128)"
         )
-    from fa3trt.plugin import tensorrt_available
 
-    if not tensorrt_available():
+    if not _trt.available():
         missing.append(f"TensorRT 10: {_trt.INSTALL_HINT}")
     try:
         import polygraphy  # noqa: F401
@@ -73,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     from fa3trt.buckets import Buckets
     from fa3trt.build import current_environment
     from fa3trt.model import ModelConfig
-    from fa3trt.plugin import _kernel_for
+    from fa3trt.kernels.selector import enqueue_kernel
     from fa3trt.runtime import TensorRTBackend
     from fa3trt.store import ArtifactStore
 
     env = current_environment()
     print(f"GPU {env['gpu_name']} (sm{env['compute_capability']}), TensorRT {env['trt_version']}, torch {torch.__version__}")
     dtype = getattr(torch, args.dtype)
-    print(f"plugin kernel for {args.dtype}: {_kernel_for(torch.cuda.current_device(), dtype)}")
     cfg = ModelConfig.preset("tiny", dtype=args.dtype)
+    print(f"plugin kernel for {args.dtype}: {enqueue_kernel(torch.cuda.current_device(), dtype, cfg.head_dim)}")
     buckets = Buckets(tuple(int(e) for e in args.buckets.split(",")))
     with tempfile.TemporaryDirectory(prefix="fa3trt-selfcheck-") as tmp:
         store = ArtifactStore(args.store or tmp)

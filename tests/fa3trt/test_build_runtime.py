@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fa3trt.artifacts import onnx_key
-from fa3trt.attention import PLUGIN_NAME, PLUGIN_VERSION
+from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.buckets import Buckets
 from fa3trt.build import (
     HASH_IGNORES,
@@ -222,7 +222,7 @@ def test_tensorrt_calls_typecheck_against_stubs(tmp_path: Path) -> None:
     cfg = _sanitized_stubs(tmp_path)
     if cfg is None:
         pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
-    files = ["fa3trt/plugin.py", "fa3trt/build.py", "fa3trt/runtime.py"]
+    files = ["fa3trt/plugin", "fa3trt/_trt.py", "fa3trt/build.py", "fa3trt/runtime.py"]
     env = dict(os.environ, MYPYPATH=str(tmp_path))
     r = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(cfg), "--no-incremental", "--cache-dir", str(tmp_path / ".mypy"), *files],
@@ -249,7 +249,7 @@ def test_tensorrt_backend_without_gpu_says_what_is_missing(tmp_path: Path) -> No
 
 
 def test_selfcheck_exits_2_and_names_what_is_missing() -> None:
-    from fa3trt.plugin import tensorrt_available
+    from fa3trt._trt import available as tensorrt_available
 
     if torch.cuda.is_available() and tensorrt_available():
         pytest.skip("this machine has everything: the TensorRT tests run the self-check's path")

@@ -23,11 +23,11 @@ for pkg in (fa3trt, build_jobs, deploy):
 from fa3trt import _trt
 assert not _trt.available()
 try:
-    _trt.trt()
+    _trt.module()
 except ImportError as e:
     assert "install TensorRT" in str(e), e
 else:
-    raise SystemExit("trt() did not raise")
+    raise SystemExit("module() did not raise")
 print("ok", sorted(fa3trt.__all__)[:3])
 """
 

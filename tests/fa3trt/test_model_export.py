@@ -50,7 +50,7 @@ def test_model_matches_a_hand_written_forward() -> None:
     blk = model.blocks[0]
     h = torch.nn.functional.layer_norm(x, (256,), blk.norm1.weight, blk.norm1.bias)
     q, k, v = (h @ blk.qkv.weight.T + blk.qkv.bias).view(2, 9, 3, 4, 64).unbind(2)
-    from fa3trt.attention import reference_attention
+    from fa3trt.testing import reference_attention
 
     a = reference_attention(q, k, v).reshape(2, 9, 256)
     x1 = x + a @ blk.proj.weight.T + blk.proj.bias

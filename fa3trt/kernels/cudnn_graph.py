@@ -1,9 +1,9 @@
 """Ragged-batch attention in one cuDNN SDPA launch, through NVIDIA's cuDNN frontend (``cudnn``).
 
 Why: PyTorch's cuDNN SDPA takes no per-sequence lengths. A padded batch then runs either with
-a dense boolean mask (every padded tile computed and masked: ~190 useful TFLOP/s on an H200 at
-8 sequences of 2048..300 tokens) or one launch per sequence (~384 useful TFLOP/s, a launch and
-a cuDNN plan per distinct length). The cuDNN graph API has a *padding mask* driven by two
+a dense boolean mask (every padded tile computed and masked) or one launch per sequence (a
+launch and a cuDNN plan per distinct length); docs/benchmarks.md, section 1, has both rates.
+The cuDNN graph API has a *padding mask* driven by two
 device tensors, ``seq_len_q`` and ``seq_len_kv`` (int32, shape (B, 1, 1, 1)): the kernel stops
 each sequence's query and key loops at its length, so padded tiles are skipped rather than
 masked, in one launch, with the lengths never leaving the GPU (no host sync). The execution
@@ -14,7 +14,8 @@ Layout: q, k, v, o are (B, S, H, D) contiguous; cuDNN is told dims (B, H, S, D) 
 strides of that BSHD memory, (S*H*D, D, H*D, 1), so nothing is transposed or copied.
 
 cuDNN leaves the output rows past ``seq_len_q`` undefined (its own tests zero them on both
-sides before comparing: test/python/sdpa/fp16.py), so they are zeroed here (``fa3trt._tail``).
+sides before comparing: test/python/sdpa/fp16.py), so they are zeroed here
+(``fa3trt.kernels.tail``).
 
 Threading: cuDNN handles must not be shared between threads, and a built graph holds mutable
 execution state, so each thread keeps its own handle per device and its own bounded LRU of
@@ -42,11 +43,14 @@ from typing import Any
 
 import torch
 
-from fa3trt._tail import zero_tail_
+from fa3trt.errors import CudnnGraphUnsupportedError, InvalidInputError, MissingDependencyError
+from fa3trt.kernels.tail import zero_tail_
 
-__all__ = ["available", "ragged_attention", "prepare", "CudnnGraphUnsupportedError", "frontend_versions", "cached_plans"]
+__all__ = ["available", "ragged_attention", "prepare", "frontend_versions", "cached_plans", "cached_graph", "INSTALL_HINT"]
 
 log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install nvidia-cudnn-frontend (the 'gpu' or 'tensorrt' extra)"
 
 MAX_GRAPHS = 64  # built graphs kept per thread (LRU); each holds an execution plan
 
@@ -57,10 +61,6 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 # (B, S, H, D, dtype, device index, q/k/v strides in (B, S, H, D) order)
 GraphKey = tuple[int, int, int, int, torch.dtype, int, tuple[int, ...]]
-
-
-class CudnnGraphUnsupportedError(RuntimeError):
-    """cuDNN refused (or failed to build) the ragged SDPA graph for a shape; fall back."""
 
 
 @functools.cache
@@ -96,7 +96,7 @@ def frontend_versions() -> dict[str, str]:
 def _require() -> Any:
     m = _module()
     if m is None:
-        raise RuntimeError("the cuDNN frontend (pip package nvidia-cudnn-frontend, module cudnn) is not available")
+        raise MissingDependencyError(f"the cuDNN frontend (module cudnn) is not available; {INSTALL_HINT}")
     return m
 
 
@@ -122,6 +122,14 @@ _state = _ThreadState()
 def cached_plans() -> int:
     """Graphs (built or refused) cached for the calling thread."""
     return len(_state.graphs)
+
+
+def cached_graph(q: torch.Tensor) -> Any | None:
+    """The calling thread's cached graph for q's (B, S, H, D, dtype, device, strides) (with its
+    ``build_ms`` and ``workspace``), its refusal, or None; for probes and benchmarks."""
+    b, s, h, d = q.shape
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _state.graphs.get((b, s, h, d, q.dtype, dev, tuple(q.stride())))
 
 
 def _handle(cudnn: Any, device: int, stream: int) -> Any:
@@ -194,13 +202,13 @@ def _graph(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
 # --------------------------------------------------------------------------- the op
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share one (B, S, H, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise InvalidInputError(f"q, k, v must share one (B, S, H, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must be one of bfloat16/float16; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InvalidInputError(f"q, k, v must be one of bfloat16/float16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device.type != "cuda" or k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one CUDA device; got {q.device}, {k.device}, {v.device}")
+        raise InvalidInputError(f"q, k, v must be on one CUDA device; got {q.device}, {k.device}, {v.device}")
     if seq_lens.dim() != 1 or seq_lens.shape[0] != q.shape[0]:
-        raise ValueError(f"seq_lens must have shape ({q.shape[0]},); got {tuple(seq_lens.shape)}")
+        raise InvalidInputError(f"seq_lens must have shape ({q.shape[0]},); got {tuple(seq_lens.shape)}")
 
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
@@ -236,11 +244,6 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tenso
     return launch
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> None:
-    """One cuDNN SDPA launch into ``out`` on the current stream; padded rows left as cuDNN leaves them."""
-    prepare(q, k, v, lens, out)()
-
-
 def ragged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, *, zero_tail: bool = True
 ) -> torch.Tensor:
@@ -252,8 +255,8 @@ def ragged_attention(
     small zeroing kernel on torch's current stream; no host sync. The first call for a
     (B, S, H, D, dtype, device) on a thread builds a cuDNN plan (tens to hundreds of ms).
 
-    Raises CudnnGraphUnsupportedError (a RuntimeError) when cuDNN refuses the shape, and
-    RuntimeError when the frontend is not installed. ``zero_tail=False`` leaves the padded rows
+    Raises CudnnGraphUnsupportedError when cuDNN refuses the shape, and
+    MissingDependencyError when the frontend is not installed. ``zero_tail=False`` leaves the padded rows
     as cuDNN leaves them (for a caller that masks them itself, like the TensorRT plugin).
     """
     _check(q, k, v, seq_lens)
@@ -262,5 +265,5 @@ def ragged_attention(
     # Clamped on the device: a length past S would make cuDNN read past the tensors.
     lens = seq_lens.to(device=q.device, dtype=torch.int32).clamp(0, q.shape[1])
     out = torch.empty_like(q)
-    _launch(q, k, v, lens, out)
+    prepare(q, k, v, lens, out)()
     return zero_tail_(out, lens) if zero_tail else out

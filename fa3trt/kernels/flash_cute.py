@@ -8,14 +8,13 @@ or ``[hopper-cu13]`` with torch built for CUDA 13). On sm90 that package runs th
 GEMMs), compiled just in time. Its ``seqused_q/k`` path takes the padded (B, S, H, D) batch
 with per-sequence lengths on the device and launches only the query tiles inside each
 sequence (a varlen tile scheduler); each tile stops at its sequence's last key. A ragged
-batch is one launch with no host sync. (On an H200 it keeps 79-81% of the kernel's dense
-rate at 8 sequences of 2048..300 tokens: docs/benchmarks.md, section 1.)
+batch is one launch with no host sync (its ragged rate against its dense one:
+docs/benchmarks.md, section 1).
 
 Compilation: one JIT compile per (dtype, head dim, dense or ragged, ...) key, not per sequence
-length or batch size, on the first call of that key in a process (seconds; see
-docs/benchmarks.md). ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps the compiled kernels on
+length or batch size, on the first call of that key in a process (docs/benchmarks.md). ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps the compiled kernels on
 disk for the next process. Output rows past a sequence's length are not written by the kernel;
-they are zeroed here (``fa3trt._tail``) unless the caller zeroes them itself.
+they are zeroed here (``fa3trt.kernels.tail``) unless the caller zeroes them itself.
 
 The package is imported lazily (``available()`` on an sm90 device), never when fa3trt is
 imported: its import loads the DSL's MLIR compiler.
@@ -30,21 +29,29 @@ from typing import Any
 
 import torch
 
-from fa3trt._tail import zero_tail_
 from fa3trt.buckets import lengths_to_device
+from fa3trt.errors import MissingDependencyError
+from fa3trt.kernels import cudnn, sdpa
+from fa3trt.kernels.base import HALF_DTYPES, AttentionKernel, dense_batch
+from fa3trt.kernels.tail import zero_tail_
 
-__all__ = ["available", "attention", "supports", "supports_config", "supports_head_dim", "INSTALL_HINT"]
+__all__ = ["FlashCute", "available", "attention", "supports", "supports_config", "supports_head_dim", "INSTALL_HINT"]
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "fa3trt[hopper]" ("fa3trt[hopper-cu13]" with torch built for CUDA 13)'
 
-_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPES = HALF_DTYPES
 _HEAD_DIMS = (64, 96, 128, 192, 256)
+
+# Dense batches shorter than this run on cuDNN once its plan for the shape is paid for: cuDNN
+# led this kernel at short dense shapes on H200s, the two were level around 2048-4096 tokens,
+# and this kernel led from 6144 up (docs/benchmarks.md, section 1).
+DENSE_MIN_SEQ = 6144
 
 
 @functools.cache
-def _forward() -> Callable[..., Any] | None:
+def forward_fn() -> Callable[..., Any] | None:
     """The package's forward entry point, or None. It takes ``out=`` and returns (out, lse, ...)."""
     try:
         from flash_attn.cute.interface import _flash_attn_fwd  # type: ignore[import-not-found]
@@ -59,7 +66,7 @@ def available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device)[0] == 9 and _forward() is not None
+    return torch.cuda.get_device_capability(device)[0] == 9 and forward_fn() is not None
 
 
 def supports_head_dim(d: int) -> bool:
@@ -94,11 +101,55 @@ def attention(
     instead of a new one. q, k, v may be strided views (a fused QKV projection's) whose last
     dimension is contiguous.
     """
-    fwd = _forward()
+    fwd = forward_fn()
     if fwd is None:
-        raise RuntimeError(f"the FlashAttention CuTe DSL kernels are not installed; {INSTALL_HINT}")
+        raise MissingDependencyError(f"the FlashAttention CuTe DSL kernels are not installed; {INSTALL_HINT}")
     lens = None if seq_lens is None else lengths_to_device(seq_lens, q.device)
     result = fwd(q, k, v, seqused_q=lens, seqused_k=lens, causal=False, out=out)[0]
     if lens is not None and zero_tail:
         zero_tail_(result, lens)
     return result  # type: ignore[no-any-return]
+
+
+class FlashCute(AttentionKernel):
+    """Ragged batches (``seqused_q/k``, one launch, lengths on the device) and long dense ones;
+    short dense shapes that recur go to cuDNN (``DENSE_MIN_SEQ``)."""
+
+    name = "flash_cute"
+    dtypes = HALF_DTYPES
+    head_dims = _HEAD_DIMS
+    device_lengths = True
+    direct_write = True
+    capability = ((9, 0), (9, 99))
+    unwritten_tail = True
+    install_hint = INSTALL_HINT
+
+    @classmethod
+    def importable(cls) -> bool:
+        return forward_fn() is not None
+
+    @classmethod
+    def forward(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
+    ) -> torch.Tensor:
+        s = q.shape[1]
+        if dense_batch(seq_lens, s):
+            if s < DENSE_MIN_SEQ and cudnn.plans.ready(q, s):
+                return sdpa.dense(q, k, v, "cudnn")
+            return attention(q, k, v)
+        return attention(q, k, v, seq_lens)
+
+    @classmethod
+    def forward_packed(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, cu: torch.Tensor, s: int
+    ) -> torch.Tensor:
+        return attention(q, k, v, lens.clamp(0, s), zero_tail=False)
+
+    @classmethod
+    def launcher(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor
+    ) -> Callable[[], None] | None:
+        def launch() -> None:
+            attention(q, k, v, lens, out=out, zero_tail=False)
+
+        return launch

@@ -11,21 +11,26 @@ A padded (B, S, H, D) batch with per-sequence lengths is one launch: ``seqused_q
 lengths, on the device. FA3 then schedules only the query tiles inside each sequence, longest
 first, on a persistent grid (its ``VarlenDynamicPersistentTileScheduler``); each tile stops at
 its sequence's last key. Rows past a length are not written; they are zeroed here
-(``fa3trt._tail``) unless the caller zeroes them itself. No host sync anywhere.
+(``fa3trt.kernels.tail``) unless the caller zeroes them itself. No host sync anywhere.
+
+``FA3`` is the kernel as the registry lists it; the functions below are its calls.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from fa3trt._tail import zero_tail_
 from fa3trt.buckets import lengths_to_device
+from fa3trt.errors import MissingDependencyError
+from fa3trt.kernels.base import HALF_DTYPES, AttentionKernel, dense_batch
+from fa3trt.kernels.tail import zero_tail_
 
-__all__ = ["available", "attention", "supports", "supports_config", "build_flags", "INSTALL_HINT"]
+__all__ = ["FA3", "available", "attention", "supports", "supports_config", "build_flags", "module", "op", "INSTALL_HINT"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ def available(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) == (9, 0) and _op() is not None
+    return torch.cuda.get_device_capability(device) == (9, 0) and op() is not None
 
 
 def _built(flag: str) -> bool:
@@ -93,20 +98,19 @@ _OP_ARGS = frozenset({"q", "k", "v", "out", "seqused_q", "seqused_k", "q_descale
 
 
 @functools.cache
-def _op() -> Any | None:
+def op() -> Any | None:
     """FA3's registered forward op, when the interface imports and the op's schema names every
     argument used here; else None (FA3 is then not offered, and a release whose op differs is
     logged).
 
-    Called directly it costs the host 26-38 µs a call where the interface's functions cost
-    68-156 (an autograd Function and a Python custom op around the same op; H200s,
-    docs/benchmarks.md section 1), and it takes ``out=``, so the plugin's output buffer is
-    written in place."""
+    Called directly it costs the host a fraction of what the interface's functions cost (they
+    wrap the same op in an autograd Function and a Python custom op; docs/benchmarks.md,
+    section 1), and it takes ``out=``, so the plugin's output buffer is written in place."""
     if module() is None:
         return None
     try:
-        op = torch.ops.flash_attn_3.fwd
-        names = {a.name for a in op.default._schema.arguments}
+        fwd = torch.ops.flash_attn_3.fwd
+        names = {a.name for a in fwd.default._schema.arguments}
     except Exception as e:
         log.warning("FA3's interface imports but its op torch.ops.flash_attn_3.fwd does not (%s); FA3 is not used. %s", e, INSTALL_HINT)
         return None
@@ -114,7 +118,7 @@ def _op() -> Any | None:
     if missing:
         log.warning("FA3's op torch.ops.flash_attn_3.fwd takes no %s; FA3 is not used. %s", missing, INSTALL_HINT)
         return None
-    return op
+    return fwd
 
 
 def attention(
@@ -136,14 +140,70 @@ def attention(
     then bfloat16. q, k, v may be strided views (a fused QKV projection's) whose last dimension
     is contiguous.
     """
-    op = _op()
-    if op is None:
-        raise RuntimeError(f"FA3 (flash_attn_interface with its op torch.ops.flash_attn_3.fwd) is not installed; {INSTALL_HINT}")
+    fwd = op()
+    if fwd is None:
+        raise MissingDependencyError(
+            f"FA3 (flash_attn_interface with its op torch.ops.flash_attn_3.fwd) is not installed; {INSTALL_HINT}"
+        )
     lens = None if seq_lens is None else lengths_to_device(seq_lens, q.device)
     extra = {} if descale is None else {"q_descale": descale[0], "k_descale": descale[1], "v_descale": descale[2]}
     # The padded batch as it is: seqused_q/k make FA3 schedule only the tiles inside each
     # sequence (its varlen scheduler), with no cu_seqlens to build.
-    result = op(q, k, v, out=out, seqused_q=lens, seqused_k=lens, num_splits=1, **extra)[0]
+    result = fwd(q, k, v, out=out, seqused_q=lens, seqused_k=lens, num_splits=1, **extra)[0]
     if lens is not None and zero_tail:
         zero_tail_(result, lens)
     return result  # type: ignore[no-any-return]
+
+
+class FA3(AttentionKernel):
+    """FA3 for every shape its build holds: on sm90 it led cuDNN at every dense shape measured,
+    at a fraction of cuDNN's host time per call (docs/benchmarks.md, section 1)."""
+
+    name = "fa3"
+    dtypes = HALF_DTYPES
+    device_lengths = True
+    direct_write = True
+    fp8 = True
+    capability = ((9, 0), (9, 0))
+    unwritten_tail = True
+    install_hint = INSTALL_HINT
+
+    @classmethod
+    def importable(cls) -> bool:
+        return op() is not None
+
+    @classmethod
+    def supports(cls, dtype: torch.dtype, head_dim: int) -> bool:
+        return supports_config(dtype, head_dim)  # fp16/bf16, and e4m3 for forward_fp8
+
+    @classmethod
+    def forward(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
+    ) -> torch.Tensor:
+        return attention(q, k, v, None if dense_batch(seq_lens, q.shape[1]) else seq_lens)
+
+    @classmethod
+    def forward_fp8(
+        cls,
+        q8: torch.Tensor,
+        k8: torch.Tensor,
+        v8: torch.Tensor,
+        seq_lens: torch.Tensor | None,
+        descale: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        return attention(q8, k8, v8, seq_lens, descale=descale)
+
+    @classmethod
+    def forward_packed(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, cu: torch.Tensor, s: int
+    ) -> torch.Tensor:
+        return attention(q, k, v, lens.clamp(0, s), zero_tail=False)
+
+    @classmethod
+    def launcher(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor
+    ) -> Callable[[], None] | None:
+        def launch() -> None:
+            attention(q, k, v, lens, out=out, zero_tail=False)
+
+        return launch

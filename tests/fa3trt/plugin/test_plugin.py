@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from fa3trt import plugin
-from fa3trt.attention import PLUGIN_NAME, PLUGIN_VERSION, reference_attention
+from fa3trt import _trt, plugin
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError, PluginNotRegisteredError
+from fa3trt.kernels.registry import KERNELS, device_length_kernels, direct_write_kernels
+from fa3trt.kernels.selector import choose_enqueue_kernel, enqueue_kernel
+from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.plugin import (
     EnqueueCache,
-    choose_enqueue_kernel,
     enqueue_core,
     format_supported,
     output_shape,
@@ -26,6 +27,7 @@ from fa3trt.plugin import (
     run_enqueue,
     serialize_fields,
 )
+from fa3trt.testing import reference_attention
 from tests.utils import gpu, rel_err, requires_tensorrt
 
 # --------------------------------------------------------------------------- CPU: plain functions
@@ -75,19 +77,19 @@ def test_output_shape_uses_each_inputs_own_dims() -> None:
 
 def test_enqueue_kernel_choice() -> None:
     sm90, sm80, sm75 = (9, 0), (8, 0), (7, 5)
-    with_fa3 = ["fa3", "cudnn", "flash", "flash_seqused", "efficient", "math"]
+    with_fa3 = ["fa3", "cudnn", "flash", "flash_seqused", "efficient", "efficient_seqused", "math"]
     without = with_fa3[1:]
     assert choose_enqueue_kernel(torch.bfloat16, with_fa3, sm90) == "fa3"
     assert choose_enqueue_kernel(torch.float16, without, sm90) == "flash_seqused"
     assert choose_enqueue_kernel(torch.float16, without, sm80) == "flash_seqused"
     assert choose_enqueue_kernel(torch.float16, without, sm75) == "efficient_seqused"
     assert choose_enqueue_kernel(torch.float32, with_fa3, sm90) == "efficient_seqused"
-    with_frontend = ["cudnn", "cudnn_padded", "flash", "flash_seqused", "efficient", "math"]
+    with_frontend = ["cudnn", "cudnn_padded", "flash", "flash_seqused", "efficient", "efficient_seqused", "math"]
     assert choose_enqueue_kernel(torch.bfloat16, with_frontend, sm90) == "cudnn_padded"
     assert choose_enqueue_kernel(torch.bfloat16, ["fa3", *with_frontend], sm90) == "fa3"
     assert choose_enqueue_kernel(torch.float16, with_frontend, sm80) == "flash_seqused"
     assert choose_enqueue_kernel(torch.float32, with_frontend, sm90) == "efficient_seqused"
-    with pytest.raises(ConfigError, match="cuDNN frontend is not available"):
+    with pytest.raises(ConfigError, match="cudnn_padded names a kernel that is not available here.*nvidia-cudnn-frontend"):
         choose_enqueue_kernel(torch.float16, without, sm90, "cudnn_padded")
     # FlashAttention's CuTe DSL kernel: after FA3, before cuDNN; never for fp32.
     with_cute = ["flash_cute", *with_frontend]
@@ -95,15 +97,15 @@ def test_enqueue_kernel_choice() -> None:
     assert choose_enqueue_kernel(torch.bfloat16, ["fa3", *with_cute], sm90) == "fa3"
     assert choose_enqueue_kernel(torch.float32, with_cute, sm90) == "efficient_seqused"
     assert choose_enqueue_kernel(torch.float16, with_cute, sm90, "cudnn_padded") == "cudnn_padded"
-    with pytest.raises(ConfigError, match="CuTe DSL kernels are not available"):
+    with pytest.raises(ConfigError, match="flash_cute names a kernel that is not available here.*hopper"):
         choose_enqueue_kernel(torch.float16, with_frontend, sm90, "flash_cute")
     with pytest.raises(ConfigError, match="cannot run torch.float32"):
         choose_enqueue_kernel(torch.float32, with_cute, sm90, "flash_cute")
     # Every choice reads the lengths on the device: never a host-length kernel.
     for forced in (None, "cudnn", "math", "flash"):
-        assert choose_enqueue_kernel(torch.float16, without, sm90, forced) in plugin.DEVICE_LENGTH_KERNELS
+        assert choose_enqueue_kernel(torch.float16, without, sm90, forced) in device_length_kernels()
     assert choose_enqueue_kernel(torch.float16, with_fa3, sm90, "efficient_seqused") == "efficient_seqused"
-    with pytest.raises(ConfigError, match="FA3 is not available"):
+    with pytest.raises(ConfigError, match="fa3 names a kernel that is not available here.*fa3_build"):
         choose_enqueue_kernel(torch.float16, without, sm90, "fa3")
     with pytest.raises(ConfigError, match="cannot run torch.float32"):
         choose_enqueue_kernel(torch.float32, with_fa3, sm90, "flash_seqused")
@@ -151,7 +153,7 @@ def test_device_view_rejects_bad_arguments() -> None:
         plugin.device_view(0, (4,), torch.float16)
 
 
-@pytest.mark.skipif(plugin.tensorrt_available(), reason="checks the behaviour without TensorRT")
+@pytest.mark.skipif(_trt.available(), reason="checks the behaviour without TensorRT")
 def test_registration_without_tensorrt() -> None:
     assert not plugin.is_registered()
     with pytest.raises(PluginNotRegisteredError, match=r"call fa3trt.plugin.register_plugin\(''\) before parsing ONNX"):
@@ -206,11 +208,11 @@ def test_enqueue_core_write_paths(write: str) -> None:
     read past the buffers), a length of 0 gives an all-zero sequence; the buffer starts as NaN."""
     dtype = torch.bfloat16
     b, s, h, d = 4, 96, 4, 64
-    if write == "direct" and plugin._kernel_for(torch.cuda.current_device(), dtype) not in plugin.DIRECT_WRITE_KERNELS:
+    if write == "direct" and enqueue_kernel(torch.cuda.current_device(), dtype, d) not in direct_write_kernels():
         with pytest.raises(ConfigError, match="direct write needs one of"):
             _call(*_qkv(b, s, h, d, dtype), torch.full((b,), s, dtype=torch.int32, device="cuda"),
                   torch.empty(b, s, h, d, device="cuda", dtype=dtype), torch.cuda.current_stream(), write=write)
-        pytest.skip(f"the direct write runs with {plugin.DIRECT_WRITE_KERNELS} only (sm90 with one of them installed)")
+        pytest.skip(f"the direct write runs with {direct_write_kernels()} only (sm90 with one of them installed)")
     q, k, v = _qkv(b, s, h, d, dtype)
     lens = torch.tensor([96, 41, 0, 500], dtype=torch.int32, device="cuda")
     out = torch.full_like(q, float("nan"))
@@ -305,12 +307,12 @@ def test_enqueue_core_allocates_no_copies(dtype: torch.dtype) -> None:
     out = torch.empty_like(q)
     cache = EnqueueCache()
     stream = torch.cuda.current_stream()
-    name = plugin._kernel_for(torch.cuda.current_device(), dtype)
+    kernel = KERNELS[enqueue_kernel(torch.cuda.current_device(), dtype, d)]
     cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda")
-    shp = plugin._kernel_input_shape(name, b, s, h, d)
+    shp = kernel.packed_shape(b, s, h, d)
 
     def bare() -> None:
-        plugin._run_kernel(name, q.view(shp), k.view(shp), v.view(shp), lens, cu, s)
+        kernel.forward_packed(q.view(shp), k.view(shp), v.view(shp), lens, cu, s)
 
     for _ in range(3):
         _call(q, k, v, lens, out, stream, cache=cache)

@@ -1,4 +1,4 @@
-"""FA3 proper (``fa3trt._fa3``) and its forward-only build (``fa3trt.fa3_build``): what a build
+"""FA3 proper (``fa3trt.kernels.fa3``) and its forward-only build (``fa3trt.fa3_build``): what a build
 holds, the build's switches on CPU; the kernel itself against the float64 reference on GPU."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import fa3trt
-from fa3trt import _fa3
-from fa3trt.attention import available_kernels, reference_attention, run_kernel
+from fa3trt.kernels import fa3 as _fa3
+from fa3trt.kernels.registry import available_kernels
+from fa3trt.testing import reference_attention, run_kernel
+from fa3trt.errors import MissingDependencyError
 from fa3trt.fa3_build import HEAD_DIMS, build_env, main
 from tests.utils import gpu, rel_err
 
@@ -62,29 +64,29 @@ def test_without_fa3_or_a_gpu() -> None:
     assert not _fa3.available("cpu")
     if _fa3.module() is None:
         q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
-        with pytest.raises(RuntimeError, match="fa3_build"):
+        with pytest.raises(MissingDependencyError, match="fa3_build"):
             _fa3.attention(q, q, q)
 
 
 def test_an_interface_without_the_op_is_not_used(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """An FA3 interface that imports but registers no ``torch.ops.flash_attn_3.fwd`` with the
     arguments used here (another release's) is not offered, says why, and refuses calls."""
-    if _fa3._op() is not None:
+    if _fa3.op() is not None:
         pytest.skip("a real FA3 build is installed here")
     monkeypatch.setitem(sys.modules, "flash_attn_interface", types.ModuleType("flash_attn_interface"))
     _fa3.module.cache_clear()
-    _fa3._op.cache_clear()
+    _fa3.op.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="fa3trt._fa3"):
-            assert _fa3.module() is not None and _fa3._op() is None
+        with caplog.at_level("WARNING", logger="fa3trt.kernels.fa3"):
+            assert _fa3.module() is not None and _fa3.op() is None
         assert "torch.ops.flash_attn_3.fwd" in caplog.text and "fa3_build" in caplog.text
         assert not _fa3.available("cpu")
         q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
-        with pytest.raises(RuntimeError, match="torch.ops.flash_attn_3.fwd"):
+        with pytest.raises(MissingDependencyError, match="torch.ops.flash_attn_3.fwd"):
             _fa3.attention(q, q, q)
     finally:
         _fa3.module.cache_clear()
-        _fa3._op.cache_clear()
+        _fa3.op.cache_clear()
 
 
 def test_build_env_keeps_only_the_forward_kernels_asked_for() -> None:

@@ -1,11 +1,11 @@
-"""Zeroing the padded rows of a (B, S, ...) batch (fa3trt._tail), against a row-by-row loop."""
+"""Zeroing the padded rows of a (B, S, ...) batch (fa3trt.kernels.tail), against a row-by-row loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fa3trt import _tail
+from fa3trt.kernels import tail as _tail
 from tests.utils import gpu
 
 

@@ -1,10 +1,10 @@
 """Zero the padded rows of a (B, S, ...) batch: ``out[b, lens[b]:] = 0``, on the device, no host sync.
 
-The ragged kernels (cuDNN's padding-mask graph, FlashAttention's ``seqused_q`` path) leave the
-output rows past each length unwritten or undefined; the op's contract says they are zero. A
-Triton kernel writes only those rows (a masked fill reads and writes the whole output: by
-bandwidth ~0.05 ms at 8x2048x32x128 on an H200, ~10% of the ragged attention itself, against
-0.03 ms); ``masked_fill_`` where Triton is missing.
+The one place padded rows are zeroed. The ragged kernels (cuDNN's padding-mask graph, FA3's and
+FlashAttention's ``seqused_q`` path, PyTorch's ``seqused_k`` kernels) leave the output rows past
+each length unwritten or undefined; the op's contract says they are zero. On a GPU a Triton
+kernel writes only those rows, where a masked fill reads and writes the whole output
+(docs/benchmarks.md, section 1); ``masked_fill_`` on the CPU and where Triton is missing.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from fa3trt.errors import MissingDependencyError
 
 __all__ = ["zero_tail_", "zero_tail_launcher", "triton_kernel"]
 
@@ -66,7 +68,7 @@ def zero_tail_launcher(
     kernel = triton_kernel()
     b, s = out.shape[:2]
     row = math.prod(out.shape[2:])
-    if kernel is None or not out.is_contiguous():
+    if kernel is None or out.device.type != "cuda" or not out.is_contiguous():
         return None
     grid = (b, -(-s // _BLOCK_S))
     clamped = lens if clamp_into is None else clamp_into
@@ -82,15 +84,16 @@ def zero_tail_launcher(
 
 
 def zero_tail_(out: torch.Tensor, lens: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """Zero out[b, lens[b]:] in place (no host sync); ``lens`` on out's device.
+    """Zero out[b, lens[b]:] in place (no host sync; ``lens`` moves to out's device, queued).
     ``method``: auto, triton or masked_fill."""
     b, s = out.shape[:2]
     row = math.prod(out.shape[2:])
     if b == 0 or s == 0 or row == 0:
         return out
+    lens = lens.to(out.device, non_blocking=True)
     launch = zero_tail_launcher(out, lens) if method in ("auto", "triton") else None
     if launch is None and method == "triton":
-        raise RuntimeError("Triton is not available")
+        raise MissingDependencyError(f"zero_tail_(method='triton') needs Triton and a contiguous CUDA tensor, got {out.device}; use method='auto'")
     if launch is not None:
         launch()
         return out

@@ -1,13 +1,14 @@
-"""Device timing shared by the self-check and the benchmarks: CUDA events, warm-up first."""
+"""Device timing with CUDA events, for the replica's phase timings, the self-check and the benchmarks."""
 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+__all__ = ["timing_events", "time_cuda_ms"]
 
 
 def timing_events(device: torch.device) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
@@ -33,22 +34,3 @@ def time_cuda_ms(fn: Callable[[], Any], *, warmup: int = 3, iters: int = 10, rep
         end.synchronize()
         samples.append(start.elapsed_time(end) / iters)
     return statistics.median(samples)
-
-
-def time_queued(fn: Callable[[], Any], *, calls: int = 20, sleep_cycles: int = 100_000_000) -> tuple[float, float]:
-    """(device ms per call, host µs per call) of ``calls`` back-to-back calls queued behind a
-    GPU sleep (~50 ms at 2 GHz): the host issues them all before the GPU reaches the first, so
-    the device time holds no gap the host left, and the host time no wait for the device.
-    Kernel rates measured this way hold steady across rounds (±0.5%) where back-to-back
-    timing from an idle queue drifts by up to ~10% between runs (docs/benchmarks.md, section 1)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(sleep_cycles)
-    start.record()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host_us = (time.perf_counter() - t0) / calls * 1e6
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls, host_us

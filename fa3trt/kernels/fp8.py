@@ -1,0 +1,72 @@
+"""FP8 attention (the op's mode 1): per-(batch, head) e4m3 quantization, and the one fallback.
+
+A kernel with a real FP8 kernel (``AttentionKernel.fp8``, FA3) computes on the e4m3 inputs with
+their descale factors. Any other kernel computes on the dequantized inputs in the input dtype:
+FP8 numerics without FP8 speed, announced once per (kernel, dtype) with a ``RuntimeWarning``.
+The op and the TensorRT plugin both call ``run_fp8``; only the fallback's kernel call differs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from fa3trt.kernels.base import AttentionKernel
+
+__all__ = ["FP8_DTYPE", "quantize", "dequantize", "run_fp8", "EMULATION_WARNED"]
+
+FP8_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+
+EMULATION_WARNED: set[tuple[str, torch.dtype]] = set()
+"""(kernel, dtype) pairs whose emulated FP8 has been announced in this process."""
+
+
+def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(batch, head) e4m3 quantization of a (B, S, H, D) tensor.
+
+    Returns (fp8 tensor, descale of shape (B, H) in float32) with ``t ≈ fp8 * descale``.
+    """
+    amax = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)  # (B, H)
+    descale = amax / _FP8_MAX
+    q8 = (t.float() / descale[:, None, :, None]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
+    return q8, descale
+
+
+def dequantize(q8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of ``quantize``, in ``dtype``."""
+    return (q8.float() * descale[:, None, :, None]).to(dtype)
+
+
+Emulated = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_fp8(
+    kernel: type[AttentionKernel],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    emulated: Emulated,
+) -> torch.Tensor:
+    """Attention of FP8-quantized (B, S, H, D) q, k, v, in q's dtype.
+
+    On ``kernel``'s FP8 kernel where it has one for this head dim; otherwise ``emulated`` runs
+    on the dequantized (B, S, H, D) inputs (the caller's kernel call, with its own lengths).
+    """
+    (q8, qs), (k8, ks), (v8, vs) = quantize(q), quantize(k), quantize(v)
+    if kernel.fp8 and kernel.supports(FP8_DTYPE, q.shape[-1]):
+        return kernel.forward_fp8(q8, k8, v8, seq_lens, (qs, ks, vs)).to(q.dtype)
+    if (kernel.name, q.dtype) not in EMULATION_WARNED:
+        EMULATION_WARNED.add((kernel.name, q.dtype))
+        warnings.warn(
+            "attention mode=1 (FP8): no FP8 kernel here (FA3 not installed, or built without FP8 "
+            f"at head dim {q.shape[-1]}), so q, k, v are quantized to FP8 e4m3 and computed with the "
+            f"{kernel.name!r} kernel in {q.dtype}: FP8 numerics without FP8 speed. "
+            "Build FA3 (python -m fa3trt.fa3_build) for the FP8 kernel.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return emulated(dequantize(q8, qs, q.dtype), dequantize(k8, ks, q.dtype), dequantize(v8, vs, q.dtype))
