@@ -57,10 +57,10 @@ def split_rows(y: torch.Tensor, seq_lens: Sequence[int] | torch.Tensor) -> list[
 
 def time_queued(fn: Callable[[], Any], *, calls: int = 20, sleep_cycles: int = 100_000_000) -> tuple[float, float]:
     """(device ms per call, host µs per call) of ``calls`` back-to-back calls queued behind a
-    GPU sleep (~50 ms at 2 GHz): the host issues them all before the GPU reaches the first, so
-    the device time holds no gap the host left, and the host time no wait for the device.
-    Kernel rates measured this way hold steady across rounds (±0.5%) where back-to-back
-    timing from an idle queue drifts by up to ~10% between runs (docs/benchmarks.md, section 1)."""
+    GPU sleep: the host issues them all before the GPU reaches the first, so the device time
+    holds no gap the host left, and the host time no wait for the device. Rates measured this
+    way hold steady across rounds where timing from an idle queue drifts (docs/benchmarks.md,
+    section 1)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     torch.cuda._sleep(sleep_cycles)

@@ -45,8 +45,8 @@ _DTYPES = HALF_DTYPES
 _HEAD_DIMS = (64, 96, 128, 192, 256)
 
 # Dense batches shorter than this run on cuDNN once its plan for the shape is paid for: cuDNN
-# led this kernel at short dense shapes on H200s, the two were level around 2048-4096 tokens,
-# and this kernel led from 6144 up (docs/benchmarks.md, section 1).
+# led this kernel at short dense shapes, and this kernel led from this length up
+# (docs/benchmarks.md, section 1).
 DENSE_MIN_SEQ = 6144
 
 

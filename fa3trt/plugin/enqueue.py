@@ -71,9 +71,9 @@ ViewFactory = Callable[[int, Shape, torch.dtype], torch.Tensor]
 class EnqueueCache:
     """Per-plugin-instance state of ``enqueue_core``: tensor views, streams and small constants.
 
-    TensorRT passes the same buffers again and again; building the views costs tens of µs
-    per call (67 µs for four pointers through cupy on an H100), a dict lookup costs well under
-    one. Views are non-owning aliases, so an entry whose memory TensorRT later reuses is only
+    TensorRT passes the same buffers again and again; building the views every call costs more
+    host time than the kernel's launch (``uncached`` in docs/benchmarks.md, section 2), a dict
+    lookup next to nothing. Views are non-owning aliases, so an entry whose memory TensorRT later reuses is only
     looked up again when TensorRT hands out that (pointer, shape, dtype) again, i.e. when it is
     valid. Bounded (oldest entry evicted first) so shape churn cannot grow it without limit.
     Thread-safe: lookups are single dict reads, inserts take a lock. ``hits``/``misses`` are
