@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from fa3trt import _trt
-from fa3trt.errors import ConfigError, EngineCorruptError, EngineNotFoundError
+from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError
 from fa3trt.model import ModelConfig
 from fa3trt.store import ArtifactStore, sanitize_key_part, validate_key
 
@@ -169,9 +169,9 @@ def _existing_record(store: ArtifactStore, item_key: str) -> tuple[dict[str, Any
     """(record, why) when the item's record and the artifact it names are in the store."""
     try:
         record = store.metadata(RECORD_KIND, item_key)
-    except EngineNotFoundError:
+    except ArtifactNotFoundError:
         return None, "not in the store"
-    except EngineCorruptError as e:
+    except ArtifactCorruptError as e:
         return None, f"build record unreadable ({e})"
     kind, key = record.get("artifact_kind"), record.get("artifact_key")
     try:

@@ -15,19 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fa3trt.errors import ConfigError, Fa3TrtError
+from fa3trt.errors import BuildItemError, ConfigError, RayUnavailableError
 
 from build_jobs.plan import BuildItem, Spec, compute_plan
 
-__all__ = ["BuildResult", "build_all", "load_specs", "Status", "RayUnavailableError"]
+__all__ = ["BuildResult", "build_all", "load_specs", "Status"]
 
 log = logging.getLogger(__name__)
 
 Status = Literal["ok", "skipped", "failed", "planned"]
-
-
-class RayUnavailableError(Fa3TrtError, ConnectionError):
-    """The Ray cluster could not be started or reached; nothing was built."""
 
 
 @dataclass
@@ -110,8 +106,6 @@ def _from_record(item: BuildItem, status: Status, record: dict[str, Any]) -> Bui
 
 def _failure(item: BuildItem, err: BaseException) -> BuildResult:
     import ray.exceptions
-
-    from build_jobs.tasks import BuildItemError
 
     cause: BaseException = err
     if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:

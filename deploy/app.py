@@ -33,8 +33,6 @@ from ray import serve
 
 from deploy.affinity import pin_to_gpu_node
 from deploy.codec import (
-    BadRequest,
-    HTTPStatusError,
     decode_json,
     decode_npy,
     encode_json,
@@ -47,7 +45,7 @@ from deploy.config import AppArgs, BatchingConfig, apply_env_overrides
 from deploy.lag import WakeLag
 from fa3trt._timing import timing_events
 from fa3trt.buckets import Buckets, assemble, padding_ratio, to_host
-from fa3trt.errors import InvalidInputError
+from fa3trt.errors import InvalidInputError, RequestError
 
 __all__ = ["build_app", "ModelServer", "ModelReplica", "derive_max_ongoing", "replica_plan"]
 
@@ -394,12 +392,12 @@ class ModelReplica:
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HTTPStatusError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence")
+            raise RequestError(f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence", status=413)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise HTTPStatusError(413, f"body exceeds the limit of {limit} bytes; send a shorter sequence")
+                raise RequestError(f"body exceeds the limit of {limit} bytes; send a shorter sequence", status=413)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -411,15 +409,13 @@ class ModelReplica:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             if ctype not in (NPY, "application/json"):
-                raise HTTPStatusError(415, f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json")
+                raise RequestError(f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json", status=415)
             body = await self._read_body(request)
             x = decode_npy(body) if ctype == NPY else decode_json(body)
             # A request that times out is cancelled: its batch queue drops it.
             y = await asyncio.wait_for(self.infer(x), self.args.request_timeout_s)
-        except HTTPStatusError as e:
-            return JSONResponse({"error": e.detail}, status_code=e.status)
-        except BadRequest as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
+        except RequestError as e:  # before InvalidInputError, its base
+            return JSONResponse({"error": str(e)}, status_code=e.status)
         except InvalidInputError as e:
             return JSONResponse({"error": str(e)}, status_code=422)
         except TimeoutError:

@@ -6,14 +6,22 @@ modules that use them (``fa3trt._trt`` alone imports TensorRT; ``fa3trt.attentio
 
 from fa3trt.attention import attention
 from fa3trt.errors import (
+    ArtifactCorruptError,
+    ArtifactNotFoundError,
+    BuildItemError,
     ConfigError,
+    EngineBuildError,
     EngineCorruptError,
+    EngineExecutionError,
     EngineMismatchError,
     EngineNotFoundError,
+    ExportError,
     Fa3TrtError,
     InvalidInputError,
     MissingDependencyError,
     PluginNotRegisteredError,
+    RayUnavailableError,
+    RequestError,
 )
 from fa3trt.backends import load_backend
 from fa3trt.export import export_onnx
@@ -28,11 +36,19 @@ __all__ = [
     "load_backend",
     "Fa3TrtError",
     "InvalidInputError",
+    "RequestError",
     "ConfigError",
     "MissingDependencyError",
+    "ArtifactNotFoundError",
+    "ArtifactCorruptError",
     "EngineNotFoundError",
     "EngineMismatchError",
     "EngineCorruptError",
+    "EngineBuildError",
+    "EngineExecutionError",
+    "BuildItemError",
+    "RayUnavailableError",
     "PluginNotRegisteredError",
+    "ExportError",
 ]
 __version__ = "0.1.0"

@@ -35,7 +35,7 @@ from fa3trt._hashing import spec_hash
 from fa3trt.artifacts import ensure_onnx, onnx_key, weights_digest
 from fa3trt.attention import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.buckets import Buckets
-from fa3trt.errors import ConfigError, EngineMismatchError, EngineNotFoundError, Fa3TrtError, MissingDependencyError
+from fa3trt.errors import ArtifactNotFoundError, ConfigError, EngineBuildError, EngineMismatchError, EngineNotFoundError, MissingDependencyError
 from fa3trt.export import file_sha256
 from fa3trt.model import ModelConfig
 from fa3trt.plugin import register_plugin, require_registered, require_tensorrt
@@ -51,7 +51,6 @@ else:
 __all__ = [
     "BuildConfig",
     "ProfileSpec",
-    "EngineBuildError",
     "HASH_IGNORES",
     "DEFAULT_MAX_BATCH_TOKENS",
     "METADATA_FORMAT",
@@ -79,10 +78,6 @@ _HW_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 
 HASH_IGNORES: tuple[str, ...] = ("timing_cache_path",)
 """BuildConfig fields that do not change the engine: a timing cache only makes the build faster."""
-
-
-class EngineBuildError(Fa3TrtError, RuntimeError):
-    """TensorRT or its ONNX parser failed to build an engine; the parser's errors are logged."""
 
 
 @dataclass(frozen=True)
@@ -355,7 +350,7 @@ def _build_config(buckets: Buckets, max_batch_tokens: int, build_config: BuildCo
 
 def _onnx_sha256(store: ArtifactStore, model_config: ModelConfig, weights: str | os.PathLike[str] | None) -> str:
     key = onnx_key(model_config, weights)
-    meta = store.metadata("onnx", key)  # EngineNotFoundError naming the build command if absent
+    meta = store.metadata("onnx", key)  # ArtifactNotFoundError naming the build command if absent
     return str(meta.get("onnx_sha256") or meta["sha256"])
 
 
@@ -378,7 +373,7 @@ def engine_key_for(
     env = env or current_environment()
     try:
         sha = _onnx_sha256(store, model_config, weights)
-    except EngineNotFoundError:
+    except ArtifactNotFoundError:
         raise EngineNotFoundError(
             f"no engine for model {model_config.name} ({weights_digest(model_config, weights)}) in store {store.uri}: "
             f"its ONNX was never exported there, so nothing was built; run `{BUILD_HINT} --store {store.uri}`"

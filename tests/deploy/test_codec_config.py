@@ -11,10 +11,10 @@ import torch
 from pydantic import ValidationError
 
 from deploy.app import bucket_limits, derive_max_ongoing, replica_plan
-from deploy.codec import BadRequest, decode_json, decode_npy, encode_npy, all_finite, from_numpy_like, to_numpy, validate_sequence
+from deploy.codec import decode_json, decode_npy, encode_npy, all_finite, from_numpy_like, to_numpy, validate_sequence
 from deploy.config import AppArgs, apply_env_overrides, load_serve_config
 from fa3trt.buckets import Buckets
-from fa3trt.errors import ConfigError, InvalidInputError
+from fa3trt.errors import ConfigError, InvalidInputError, RequestError
 
 B = Buckets((128, 512))
 
@@ -47,27 +47,30 @@ def test_npy_pickle_refused_never_unpickled() -> None:
     ],
 )
 def test_npy_corrupt(body: bytes, match: str) -> None:
-    with pytest.raises(BadRequest, match=match):
+    with pytest.raises(RequestError, match=match) as e:
         decode_npy(body)
+    assert e.value.status == 400
 
 
 def test_npy_truncated_and_lying_header() -> None:
     body = _npy(np.zeros((4, 8), np.float32))
-    with pytest.raises(BadRequest, match="truncated or its header lies"):
+    with pytest.raises(RequestError, match="truncated or its header lies"):
         decode_npy(body[:-5])
     # A header that claims a huge shape must be refused before anything is allocated.
     lie = body.replace(b"(4, 8)", b"(99999999999, 8)".ljust(6))
     header_fixed = _npy(np.zeros((4, 8), np.float32)).replace(b"(4, 8), }", b"(9999999999999, 8), }")
     for b in (lie, header_fixed):
-        with pytest.raises(BadRequest):
+        with pytest.raises(RequestError) as e:
             decode_npy(b)
+        assert e.value.status == 400
 
 
 def test_json_decoding() -> None:
     x = decode_json(json.dumps({"x": [[1, 2], [3.5, 4]]}).encode())
     assert x.dtype == np.float32 and x.shape == (2, 2)
-    with pytest.raises(BadRequest, match="malformed JSON"):
+    with pytest.raises(RequestError, match="malformed JSON") as e:
         decode_json(b"{nope")
+    assert e.value.status == 400
     with pytest.raises(InvalidInputError, match="ragged rows"):
         decode_json(b'{"x": [[1, 2], [3]]}')
     with pytest.raises(InvalidInputError, match="only numbers"):
