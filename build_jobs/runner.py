@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fa3trt import _defaults
+from fa3trt.config import load_serve_config
 from fa3trt.errors import BuildItemError, ConfigError, RayUnavailableError
 
 from build_jobs.plan import BuildItem, Spec, compute_plan
@@ -69,8 +71,6 @@ class BuildResult:
 def load_specs(config: str | os.PathLike[str] | Sequence[Spec]) -> list[Spec]:
     """Specs from a serve config path, or the given (name, AppArgs) pairs unchanged."""
     if isinstance(config, (str, os.PathLike)):
-        from deploy.config import load_serve_config
-
         return load_serve_config(Path(config))
     specs = list(config)
     for spec in specs:
@@ -133,7 +133,7 @@ def build_all(
     dry_run: bool = False,
     *,
     backend: str | None = None,
-    max_retries: int = 2,
+    max_retries: int = _defaults.BUILD_RETRIES,
     progress: bool = True,
     plan_callback: Any = None,
 ) -> list[BuildResult]:

@@ -41,10 +41,11 @@ from deploy.codec import (
     to_numpy,
     validate_sequence,
 )
-from deploy.config import AppArgs, BatchingConfig, apply_env_overrides
 from deploy.lag import WakeLag
+from fa3trt import _defaults
 from fa3trt._timing import timing_events
 from fa3trt.buckets import Buckets, assemble, padding_ratio, to_host
+from fa3trt.config import AppArgs, BatchingConfig, apply_env_overrides
 from fa3trt.errors import InvalidInputError, RequestError
 
 __all__ = ["build_app", "ModelServer", "ModelReplica", "derive_max_ongoing", "replica_plan"]
@@ -97,7 +98,7 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         # host spent a quarter to a third less CPU time; four replicas of one thread served
         # 627-639 req/s where four of four threads served 563-593, as the hypervisor stole less
         # CPU time (docs/benchmarks.md, "Scale-out", run Q).
-        cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else 1
+        cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else _defaults.REPLICA_CPUS_AUTO
         actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
     else:
         actor = {"num_cpus": max(1, int(cluster_cpus) // max(1, n))}

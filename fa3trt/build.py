@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fa3trt import _trt
+from fa3trt._defaults import BUCKETS, MAX_BATCH_TOKENS
 from fa3trt._hashing import spec_hash
 from fa3trt.artifacts import ensure_onnx, onnx_key, weights_digest
 from fa3trt.attention import PLUGIN_NAME, PLUGIN_VERSION
@@ -66,8 +67,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_TOKENS = 16384
-"""Token budget per batch when none is given (the serve config's default)."""
+DEFAULT_MAX_BATCH_TOKENS = MAX_BATCH_TOKENS
+"""Token budget per batch when none is given (``fa3trt._defaults``, as the serve config's)."""
 METADATA_FORMAT = 1
 """Version of the engine metadata layout; bump when a key changes meaning."""
 INPUT_X = "x"
@@ -82,9 +83,10 @@ HASH_IGNORES: tuple[str, ...] = ("timing_cache_path",)
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How to build one engine from one ONNX file. Defaults live here, one docstring per field."""
+    """How to build one engine from one ONNX file, one docstring per field; the defaults shared with
+    the serve config come from ``fa3trt._defaults``."""
 
-    buckets: Buckets = field(default_factory=lambda: Buckets((256, 1024, 4096)))
+    buckets: Buckets = field(default_factory=lambda: Buckets(BUCKETS))
     """Sequence-length bucket edges; one optimization profile per bucket."""
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     """Token budget per batch: a bucket's largest batch is this divided by its edge."""

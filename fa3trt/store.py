@@ -1,7 +1,8 @@
 """The artifact store: engines, exported ONNX files, weights, build records and timing caches.
 
-A local folder by default (``./engines``) or any fsspec URI (an NFS path, ``s3://``, ``gs://``)
-that every node of a cluster can reach. Layout of one entry ``(kind, key)``:
+A local folder by default (``./engines``, ``fa3trt._defaults.STORE``) or any fsspec URI (an
+NFS path, ``s3://``, ``gs://``) that every node of a cluster can reach. Layout of one entry
+``(kind, key)``:
 
 - ``<root>/<kind>/<key>.<sha16>.bin``: the blob, named by its own content (sha256 prefix);
 - ``<root>/<kind>/<key>.json``: the sidecar, holding the blob's file name, sha256 and size plus
@@ -41,12 +42,12 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from fa3trt import _defaults
 from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, EngineCorruptError, EngineNotFoundError
 
 __all__ = [
     "ArtifactStore",
     "KINDS",
-    "DEFAULT_STORE",
     "BUILD_HINT",
     "GC_GRACE_S",
     "validate_key",
@@ -56,9 +57,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORE = "./engines"
 KINDS = ("engines", "onnx", "timing", "artifacts")
-BUILD_HINT = "python -m build_jobs --config serve_config.yaml"
+BUILD_HINT = f"python -m build_jobs --config {_defaults.SERVE_CONFIG}"
 GC_GRACE_S = 600.0
 """A replaced blob is deleted only when older than this: a concurrent writer commits its sidecar
 within moments of renaming its blob, so a blob this old that no sidecar names is garbage."""
@@ -126,9 +126,9 @@ class ArtifactStore:
     def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:
         import fsspec
 
-        self.uri = os.fspath(uri) if uri is not None else DEFAULT_STORE
+        self.uri = os.fspath(uri) if uri is not None else _defaults.STORE
         if not self.uri:
-            raise ConfigError(f"store URI must not be empty; use a folder such as {DEFAULT_STORE!r} or an fsspec URI")
+            raise ConfigError(f"store URI must not be empty; use a folder such as {_defaults.STORE!r} or an fsspec URI")
         self.fs, root = fsspec.core.url_to_fs(self.uri)
         self.root = root.rstrip("/") or "/"
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)

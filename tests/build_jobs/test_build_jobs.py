@@ -17,7 +17,7 @@ import ray
 
 from build_jobs import BuildResult, build_all, compute_plan
 from build_jobs.plan import RECORD_KIND
-from deploy.config import load_serve_config
+from fa3trt.config import load_serve_config
 from fa3trt.errors import ArtifactCorruptError
 from fa3trt.store import ArtifactStore
 from tests.build_jobs.helpers import app, garbage_weights, overlaps, write_config

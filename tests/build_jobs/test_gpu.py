@@ -17,8 +17,8 @@ import ray
 import torch
 
 from build_jobs import build_all
-from deploy.config import load_serve_config
 from fa3trt import _trt
+from fa3trt.config import load_serve_config
 from tests.build_jobs.helpers import app, overlaps, write_config
 from tests.utils import gpu
 
