@@ -255,10 +255,7 @@ class ModelReplica:
         The first call builds one batch queue per bucket and warms every bucket at its edge,
         alone and at its batch limit, before the replica reports ready.
         """
-        batching = BatchingConfig.model_validate(user_config)
-        unknown = sorted(set(batching.bucket_overrides) - set(self.buckets.edges))
-        if unknown:
-            raise ValueError(f"bucket_overrides names edges {unknown} that are not buckets {list(self.buckets.edges)}")
+        batching = BatchingConfig.model_validate(user_config, context={"buckets": self.buckets.edges})
         self.limits = bucket_limits(self.buckets, batching)
         self.batching = batching
         if not self._queues:

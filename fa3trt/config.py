@@ -4,14 +4,15 @@ Contract: validated with pydantic; unknown keys are refused, every field has a b
 description, and every default comes from ``fa3trt._defaults``. The Serve app
 (``deploy.app``) and the build jobs (``build_jobs``) read this one schema, so what is served is
 exactly what is built; the app is named by ``APP_IMPORT_PATH``, a string, so nothing here
-imports ``deploy``.
+imports ``deploy``. ``BatchingConfig`` is also what a live replica's ``reconfigure`` validates
+(``context={"buckets": edges}`` checks its overrides against the replica's buckets).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +76,24 @@ class BatchingConfig(_Strict):
     max_concurrent_batches: int = Field(_defaults.MAX_CONCURRENT_BATCHES, ge=1, le=64, description="Batches of one bucket that may run at once.")
     bucket_overrides: dict[int, BucketOverride] = Field(default_factory=dict, description="Per-bucket overrides, keyed by bucket edge.")
 
+    @model_validator(mode="after")
+    def _overrides_name_context_buckets(self, info: ValidationInfo) -> BatchingConfig:
+        # A live replica validates its user_config with context={"buckets": its edges};
+        # AppArgs checks against its own buckets field.
+        buckets = (info.context or {}).get("buckets")
+        if buckets is not None:
+            self.check_overrides(buckets)
+        return self
+
+    def check_overrides(self, buckets: Sequence[int]) -> None:
+        """``ValueError`` when ``bucket_overrides`` names an edge that is not one of ``buckets``."""
+        unknown = sorted(set(self.bucket_overrides) - set(buckets))
+        if unknown:
+            raise ValueError(
+                f"batching.bucket_overrides names edges {unknown} that are not buckets {list(buckets)}; "
+                "key each override by one of the bucket edges"
+            )
+
 
 class AppArgs(_Strict):
     """Everything the Serve app (``APP_IMPORT_PATH``) takes."""
@@ -114,9 +133,7 @@ class AppArgs(_Strict):
 
     @model_validator(mode="after")
     def _overrides_name_buckets(self) -> AppArgs:
-        unknown = sorted(set(self.batching.bucket_overrides) - set(self.buckets))
-        if unknown:
-            raise ValueError(f"batching.bucket_overrides names edges {unknown} that are not buckets {self.buckets}")
+        self.batching.check_overrides(self.buckets)
         return self
 
     def bucket_set(self) -> Buckets:

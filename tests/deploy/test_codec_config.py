@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
-from deploy.app import bucket_limits, derive_max_ongoing, replica_plan
+from deploy.app import ModelReplica, bucket_limits, derive_max_ongoing, replica_plan
 from deploy.codec import decode_json, decode_npy, encode_npy, all_finite, from_numpy_like, to_numpy, validate_sequence
 from fa3trt.buckets import Buckets
 from fa3trt.config import AppArgs
@@ -149,3 +150,16 @@ def test_batch_limits_and_replica_plan() -> None:
     with pytest.raises(ValueError, match="replica_cpus must be 'auto' or an integer >= 1, got 0"):
         AppArgs.model_validate({"replica_cpus": 0})
 
+
+def test_reconfigure_validates_through_the_schema() -> None:
+    """A live replica's user_config goes through BatchingConfig with the replica's buckets: a bad
+    one is refused with the schema's message and leaves the running limits as they were."""
+    server = ModelReplica({"model": {"preset": "tiny"}, "backend": "torch", "buckets": [64, 128]}, {"max_batch_tokens": 1024})
+    assert server.limits == [(16, 0.005), (8, 0.005)]
+    with pytest.raises(ValidationError, match=r"names edges \[256\] that are not buckets \[64, 128\]"):
+        server.reconfigure({"max_batch_tokens": 1024, "bucket_overrides": {256: {"max_batch_size": 2}}})
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        server.reconfigure({"max_batch_token": 1024})
+    assert server.limits == [(16, 0.005), (8, 0.005)]
+    server.reconfigure({"max_batch_tokens": 1024, "bucket_overrides": {128: {"max_batch_size": 3, "batch_wait_timeout_s": 0.5}}})
+    assert server.limits == [(16, 0.005), (3, 0.5)]

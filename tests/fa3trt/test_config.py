@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from fa3trt.buckets import Buckets
 from fa3trt.build import BuildConfig
-from fa3trt.config import APP_IMPORT_PATH, AppArgs, apply_env_overrides, load_serve_config
+from fa3trt.config import APP_IMPORT_PATH, AppArgs, BatchingConfig, apply_env_overrides, load_serve_config
 from fa3trt.errors import ConfigError
 from fa3trt.store import ArtifactStore
 
@@ -32,6 +32,18 @@ def test_app_args_refuse_unknown_and_bad_values() -> None:
         AppArgs.model_validate({"backend": "onnx"})
     # CUDA graphs are accepted here; the backend refuses them where no graph can run (a CPU replica).
     assert AppArgs.model_validate({"cuda_graphs": True}).cuda_graphs is True
+
+
+def test_batching_checks_overrides_against_the_buckets_it_is_given() -> None:
+    """What a live replica's reconfigure validates: the same schema, with its buckets as context."""
+    raw = {"bucket_overrides": {256: {"max_batch_size": 2}}}
+    assert BatchingConfig.model_validate(raw).bucket_overrides[256].max_batch_size == 2  # no buckets known
+    with pytest.raises(ValidationError, match=r"names edges \[256\] that are not buckets \[128, 512\]"):
+        BatchingConfig.model_validate(raw, context={"buckets": (128, 512)})
+    ok = BatchingConfig.model_validate(raw, context={"buckets": (128, 256)})
+    assert ok.bucket_overrides[256].max_batch_size == 2
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        BatchingConfig.model_validate({"max_batch_token": 1}, context={"buckets": (128,)})
 
 
 def test_env_overrides_reach_the_app_and_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
