@@ -93,11 +93,9 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         sizing = {"num_replicas": n}
     if gpus:
         # A GPU replica's PyTorch threads (OMP_NUM_THREADS = its num_cpus) only copy requests
-        # into the staging buffer. On a 64-core 4-GPU host (graphed 2-layer seed model, one
-        # machine start) one thread staged as fast as four (4.3 vs 4.2 ms per batch) and the
-        # host spent a quarter to a third less CPU time; four replicas of one thread served
-        # 627-639 req/s where four of four threads served 563-593, as the hypervisor stole less
-        # CPU time (docs/benchmarks.md, "Scale-out", run Q).
+        # into the staging buffer: one thread stages as fast as several, and replicas sharing a
+        # host serve more when each leaves the others its CPUs (docs/benchmarks.md,
+        # "Scale-out", the replica_cpus passes).
         cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else _defaults.REPLICA_CPUS_AUTO
         actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
     else:
@@ -195,8 +193,8 @@ class ModelReplica:
     """One model replica: a backend, one batch queue per bucket, and the app's HTTP routes.
 
     HTTP (through Serve's proxy) and handle calls reach the replica directly: no hop in between
-    copies a request or its answer once more (with a separate ingress deployment, 4 replicas on
-    4 H200s answered 308 req/s; sent straight to them, 395: docs/benchmarks.md, "Scale-out").
+    copies a request or its answer once more (a separate ingress deployment served less:
+    docs/benchmarks.md, "Scale-out", "How the app's design was decided").
     Deployed as ``ModelServer``; a plain class here, so workers import it from this module by
     name."""
 

@@ -121,9 +121,9 @@ def from_numpy_like(y: np.ndarray, like: Any) -> Any:
 def all_finite(x: np.ndarray) -> bool:
     """Whether every element is finite, at the cost of one pass over the bytes.
 
-    NumPy's float16 arithmetic is emulated (``np.isfinite`` on a 1152 x 4096 float16 array took
-    10.7 ms, eight times the float32 time): a half is finite exactly when its five exponent bits
-    are not all ones, i.e. when its bits with the sign cleared are below 0x7C00."""
+    NumPy's float16 arithmetic is emulated, so ``np.isfinite`` on float16 costs several times
+    its float32 time (docs/benchmarks.md, "Serving"): a half is finite exactly when its five
+    exponent bits are not all ones, i.e. when its bits with the sign cleared are below 0x7C00."""
     if x.size == 0:
         return True
     if x.dtype == np.float16:

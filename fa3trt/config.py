@@ -112,7 +112,7 @@ class AppArgs(_Strict):
     numa_affinity: bool = Field(_defaults.NUMA_AFFINITY, description="Keep each GPU replica's threads on the CPUs of its GPU's NUMA node.")
     cuda_graphs: bool = Field(_defaults.CUDA_GRAPHS, description="Torch backend on a GPU: run batches as CUDA graphs (fa3trt._graphs): one launch per batch instead of the model's few dozen. Needs FA3 or FlashAttention's CuTe kernel.")
     stream_per_bucket: bool = Field(_defaults.STREAM_PER_BUCKET, description="GPU replicas: each bucket's batches on a CUDA stream of their own, so one bucket's copies and answers never wait on another's kernels (false: every bucket on the default stream).")
-    replica_cpus: int | Literal["auto"] = Field(_defaults.REPLICA_CPUS, description="CPUs reserved per GPU replica (its PyTorch threads, which stage batches): auto = 1, which staged as fast as 4 and let 4 replicas on one host serve more.")
+    replica_cpus: int | Literal["auto"] = Field(_defaults.REPLICA_CPUS, description=f"CPUs reserved per GPU replica (its PyTorch threads, which only stage batches): auto = {_defaults.REPLICA_CPUS_AUTO}, as one thread keeps up and leaves the host's CPUs to the other replicas (docs/benchmarks.md, \"Scale-out\").")
     request_timeout_s: float = Field(_defaults.REQUEST_TIMEOUT_S, gt=0, le=3600, description="Longest time a request may take end to end.")
 
     @field_validator("buckets")
