@@ -30,8 +30,8 @@ def main() -> None:
     import ray
 
     from build_jobs import build_all
-    from deploy.config import AppArgs
     from fa3trt import tensorrt_available
+    from fa3trt.config import AppArgs
 
     backend = "tensorrt" if tensorrt_available() else "torch"
     ray.init(address="local", include_dashboard=False, log_to_driver=False)

@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from fa3trt import defaults
 from fa3trt.errors import Fa3TrtError
 
 from build_jobs.plan import BuildItem
@@ -64,13 +65,13 @@ def format_table(results: Sequence[BuildResult]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m build_jobs", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="serve_config.yaml", help="Serve config whose fa3trt applications are the engine specs")
+    p.add_argument("--config", default=defaults.SERVE_CONFIG, help="Serve config whose fa3trt applications are the engine specs")
     p.add_argument("--store", default=None, help="store folder or fsspec URI; overrides each application's `store`")
     p.add_argument("--dry-run", action="store_true", help="print the plan and build nothing")
     p.add_argument("--force", action="store_true", help="rebuild items already in the store")
     p.add_argument("--address", default=None, help="Ray cluster: 'auto', 'ray://host:10001', 'local' (default: Ray's resolution)")
     p.add_argument("--backend", choices=("auto", "tensorrt", "torch"), default=None, help="override each application's backend")
-    p.add_argument("--retries", type=int, default=2, help="retries of a failed task (default 2)")
+    p.add_argument("--retries", type=int, default=defaults.BUILD_RETRIES, help=f"retries of a failed task (default {defaults.BUILD_RETRIES})")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="INFO logs")

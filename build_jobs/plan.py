@@ -28,15 +28,13 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from fa3trt import _trt
-from fa3trt.errors import ConfigError, EngineCorruptError, EngineNotFoundError
+from fa3trt import defaults, tensorrt_available
+from fa3trt.config import APP_IMPORT_PATH, AppArgs
+from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError
 from fa3trt.model import ModelConfig
 from fa3trt.store import ArtifactStore, sanitize_key_part, validate_key
-
-if TYPE_CHECKING:
-    from deploy.config import AppArgs
 
 __all__ = [
     "BuildItem",
@@ -59,8 +57,8 @@ ACCELERATOR_FRACTION = 0.001
 RECORD_KIND = "artifacts"
 _PLAN_FORMAT = 1
 
-Spec = tuple[str, "AppArgs"]
-"""(application name, validated args), as ``deploy.config.load_serve_config`` returns them."""
+Spec = tuple[str, AppArgs]
+"""(application name, validated args), as ``fa3trt.config.load_serve_config`` returns them."""
 
 Backend = Literal["tensorrt", "torch"]
 
@@ -98,7 +96,7 @@ class BuildItem:
     def label(self) -> str:
         return f"{self.app}@{self.gpu_type or ('gpu' if self.num_gpus else 'cpu')}"
 
-    def task_options(self, *, max_retries: int = 2) -> dict[str, Any]:
+    def task_options(self, *, max_retries: int = defaults.BUILD_RETRIES) -> dict[str, Any]:
         """Keyword arguments of ``remote_fn.options(...)`` for this item."""
         resources = {f"{ACCELERATOR_PREFIX}{self.gpu_type}": ACCELERATOR_FRACTION} if self.gpu_type else {}
         return {
@@ -169,9 +167,9 @@ def _existing_record(store: ArtifactStore, item_key: str) -> tuple[dict[str, Any
     """(record, why) when the item's record and the artifact it names are in the store."""
     try:
         record = store.metadata(RECORD_KIND, item_key)
-    except EngineNotFoundError:
+    except ArtifactNotFoundError:
         return None, "not in the store"
-    except EngineCorruptError as e:
+    except ArtifactCorruptError as e:
         return None, f"build record unreadable ({e})"
     kind, key = record.get("artifact_kind"), record.get("artifact_key")
     try:
@@ -200,8 +198,8 @@ def compute_plan(
     from fa3trt.artifacts import onnx_key, weights_digest
 
     if not specs:
-        raise ConfigError("no engine specs to plan; the serve config needs an application with import_path deploy.app:build_app")
-    trt_ok = _trt.available() if trt_available is None else trt_available
+        raise ConfigError(f"no engine specs to plan; the serve config needs an application with import_path {APP_IMPORT_PATH}")
+    trt_ok = tensorrt_available() if trt_available is None else trt_available
     types: list[str | None] = list(gpu_types(cluster_resources)) or [None]
     num_gpus = 1 if cluster_gpus(cluster_resources) > 0 else 0
     stores: dict[str, ArtifactStore] = {}

@@ -15,19 +15,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fa3trt.errors import ConfigError, Fa3TrtError
+from fa3trt import defaults
+from fa3trt.config import load_serve_config
+from fa3trt.errors import BuildItemError, ConfigError, RayUnavailableError
 
 from build_jobs.plan import BuildItem, Spec, compute_plan
 
-__all__ = ["BuildResult", "build_all", "load_specs", "Status", "RayUnavailableError"]
+__all__ = ["BuildResult", "build_all", "load_specs", "Status"]
 
 log = logging.getLogger(__name__)
 
 Status = Literal["ok", "skipped", "failed", "planned"]
-
-
-class RayUnavailableError(Fa3TrtError, ConnectionError):
-    """The Ray cluster could not be started or reached; nothing was built."""
 
 
 @dataclass
@@ -73,8 +71,6 @@ class BuildResult:
 def load_specs(config: str | os.PathLike[str] | Sequence[Spec]) -> list[Spec]:
     """Specs from a serve config path, or the given (name, AppArgs) pairs unchanged."""
     if isinstance(config, (str, os.PathLike)):
-        from deploy.config import load_serve_config
-
         return load_serve_config(Path(config))
     specs = list(config)
     for spec in specs:
@@ -111,8 +107,6 @@ def _from_record(item: BuildItem, status: Status, record: dict[str, Any]) -> Bui
 def _failure(item: BuildItem, err: BaseException) -> BuildResult:
     import ray.exceptions
 
-    from build_jobs.tasks import BuildItemError
-
     cause: BaseException = err
     if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
         cause = err.cause
@@ -139,7 +133,7 @@ def build_all(
     dry_run: bool = False,
     *,
     backend: str | None = None,
-    max_retries: int = 2,
+    max_retries: int = defaults.BUILD_RETRIES,
     progress: bool = True,
     plan_callback: Any = None,
 ) -> list[BuildResult]:

@@ -30,26 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fa3trt.errors import EngineCorruptError, Fa3TrtError
+from fa3trt.errors import ArtifactCorruptError, BuildItemError
 from fa3trt.model import ModelConfig
 from fa3trt.store import ArtifactStore, validate_key
 
 from build_jobs.plan import RECORD_KIND, BuildItem
 
-__all__ = ["BuildItemError", "export_spec", "build_item", "weights_key", "worker_info", "remote_functions"]
+__all__ = ["export_spec", "build_item", "weights_key", "worker_info", "remote_functions"]
 
 log = logging.getLogger(__name__)
-
-
-class BuildItemError(Fa3TrtError, RuntimeError):
-    """A build item failed in its worker; the message names the item, the worker and the cause."""
-
-    def __init__(self, message: str, where: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.where = dict(where or {})
-
-    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles it back to the driver
-        return (type(self), (str(self), self.where))
 
 
 def _setup_worker_logging() -> None:
@@ -122,7 +111,7 @@ def export_spec(store_uri: str, model: ModelConfig, weights: str | None, force: 
     with tempfile.TemporaryDirectory(prefix="fa3trt-export-") as tmp:
         try:
             _, meta = ensure_onnx(store, model, weights, tmp)
-        except EngineCorruptError as e:
+        except ArtifactCorruptError as e:
             log.warning("stored ONNX %s is corrupt (%s); exporting it again", key, e)
             store.delete("onnx", key)
             store.delete("onnx", f"{key}.onnx.data")
@@ -172,7 +161,7 @@ def _build_torch_artifact(item: BuildItem, store: ArtifactStore, force: bool, wo
         try:
             _, meta = store.get("artifacts", key)
             return "artifacts", key, int(meta["size"]), {"onnx_max_abs_error": err}
-        except EngineCorruptError as e:
+        except ArtifactCorruptError as e:
             log.warning("stored weights %s are corrupt (%s); writing them again", key, e)
     state = {k: v.detach().contiguous() for k, v in served.state_dict().items()}
     blob = safetensors.torch.save(state, metadata={"model": json.dumps(item.model.to_dict(), sort_keys=True)})

@@ -33,8 +33,6 @@ from ray import serve
 
 from deploy.affinity import pin_to_gpu_node
 from deploy.codec import (
-    BadRequest,
-    HTTPStatusError,
     decode_json,
     decode_npy,
     encode_json,
@@ -43,11 +41,12 @@ from deploy.codec import (
     to_numpy,
     validate_sequence,
 )
-from deploy.config import AppArgs, BatchingConfig, apply_env_overrides
 from deploy.lag import WakeLag
+from fa3trt import defaults
 from fa3trt.timing import timing_events
 from fa3trt.buckets import Buckets, assemble, padding_ratio, to_host
-from fa3trt.errors import InvalidInputError
+from fa3trt.config import AppArgs, BatchingConfig, apply_env_overrides
+from fa3trt.errors import InvalidInputError, RequestError
 
 __all__ = ["build_app", "ModelServer", "ModelReplica", "derive_max_ongoing", "replica_plan"]
 
@@ -94,12 +93,10 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         sizing = {"num_replicas": n}
     if gpus:
         # A GPU replica's PyTorch threads (OMP_NUM_THREADS = its num_cpus) only copy requests
-        # into the staging buffer. On a 64-core 4-GPU host (graphed 2-layer seed model, one
-        # machine start) one thread staged as fast as four (4.3 vs 4.2 ms per batch) and the
-        # host spent a quarter to a third less CPU time; four replicas of one thread served
-        # 627-639 req/s where four of four threads served 563-593, as the hypervisor stole less
-        # CPU time (docs/benchmarks.md, "Scale-out", run Q).
-        cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else 1
+        # into the staging buffer: one thread stages as fast as several, and replicas sharing a
+        # host serve more when each leaves the others its CPUs (docs/benchmarks.md,
+        # "Scale-out", the replica_cpus passes).
+        cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else defaults.REPLICA_CPUS_AUTO
         actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
     else:
         actor = {"num_cpus": max(1, int(cluster_cpus) // max(1, n))}
@@ -196,8 +193,8 @@ class ModelReplica:
     """One model replica: a backend, one batch queue per bucket, and the app's HTTP routes.
 
     HTTP (through Serve's proxy) and handle calls reach the replica directly: no hop in between
-    copies a request or its answer once more (with a separate ingress deployment, 4 replicas on
-    4 H200s answered 308 req/s; sent straight to them, 395: docs/benchmarks.md, "Scale-out").
+    copies a request or its answer once more (a separate ingress deployment served less:
+    docs/benchmarks.md, "Scale-out", "How the app's design was decided").
     Deployed as ``ModelServer``; a plain class here, so workers import it from this module by
     name."""
 
@@ -256,10 +253,7 @@ class ModelReplica:
         The first call builds one batch queue per bucket and warms every bucket at its edge,
         alone and at its batch limit, before the replica reports ready.
         """
-        batching = BatchingConfig.model_validate(user_config)
-        unknown = sorted(set(batching.bucket_overrides) - set(self.buckets.edges))
-        if unknown:
-            raise ValueError(f"bucket_overrides names edges {unknown} that are not buckets {list(self.buckets.edges)}")
+        batching = BatchingConfig.model_validate(user_config, context={"buckets": self.buckets.edges})
         self.limits = bucket_limits(self.buckets, batching)
         self.batching = batching
         if not self._queues:
@@ -394,12 +388,12 @@ class ModelReplica:
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HTTPStatusError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence")
+            raise RequestError(f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence", status=413)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise HTTPStatusError(413, f"body exceeds the limit of {limit} bytes; send a shorter sequence")
+                raise RequestError(f"body exceeds the limit of {limit} bytes; send a shorter sequence", status=413)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -411,15 +405,13 @@ class ModelReplica:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             if ctype not in (NPY, "application/json"):
-                raise HTTPStatusError(415, f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json")
+                raise RequestError(f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json", status=415)
             body = await self._read_body(request)
             x = decode_npy(body) if ctype == NPY else decode_json(body)
             # A request that times out is cancelled: its batch queue drops it.
             y = await asyncio.wait_for(self.infer(x), self.args.request_timeout_s)
-        except HTTPStatusError as e:
-            return JSONResponse({"error": e.detail}, status_code=e.status)
-        except BadRequest as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
+        except RequestError as e:  # before InvalidInputError, its base
+            return JSONResponse({"error": str(e)}, status_code=e.status)
         except InvalidInputError as e:
             return JSONResponse({"error": str(e)}, status_code=422)
         except TimeoutError:

@@ -1,9 +1,10 @@
 """Request decoding and validation, shared by the HTTP ingress and the handle API.
 
 A request is one sequence ``x`` of shape (S, hidden), float16/32/64 (or a CPU torch tensor,
-bfloat16 included). Everything else is an ``InvalidInputError`` naming the problem, raised
-before the request joins a batch; only NaN and Inf are looked for later, on the device, in the
-batch (``deploy.app``; ``validate_sequence(reject_nonfinite=True)`` checks them on the host).
+bfloat16 included). Everything else is an ``InvalidInputError`` naming the problem (a
+``RequestError``, HTTP 400, when the body cannot be parsed at all), raised before the request
+joins a batch; only NaN and Inf are looked for later, on the device, in the batch
+(``deploy.app``; ``validate_sequence(reject_nonfinite=True)`` checks them on the host).
 ``.npy`` bodies are parsed by hand from their header so that nothing is unpickled and nothing
 is allocated before the header's shape is checked against the bytes actually sent.
 """
@@ -20,57 +21,45 @@ import numpy as np
 import torch
 
 from fa3trt.buckets import Buckets
-from fa3trt.errors import InvalidInputError
+from fa3trt.errors import InvalidInputError, RequestError
 
-__all__ = ["decode_npy", "encode_npy", "decode_json", "encode_json", "validate_sequence", "all_finite", "to_numpy", "from_numpy_like", "BadRequest", "HTTPStatusError"]
+__all__ = ["decode_npy", "encode_npy", "decode_json", "encode_json", "validate_sequence", "all_finite", "to_numpy", "from_numpy_like"]
 
 _ACCEPTED = (np.float16, np.float32, np.float64)
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-class HTTPStatusError(Exception):
-    """An HTTP-level refusal (413, 415) decided before the body is parsed."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-class BadRequest(InvalidInputError):
-    """The body could not be parsed at all (HTTP 400), as opposed to a well-formed but invalid input (422)."""
-
-
 def decode_npy(body: bytes) -> np.ndarray:
     """Parse a ``.npy`` body without pickle and without trusting its header's size."""
     if not body.startswith(_NPY_MAGIC) or len(body) < 10:
-        raise BadRequest("body is not a .npy file (bad magic); send numpy.save output with Content-Type application/x-npy")
+        raise RequestError("body is not a .npy file (bad magic); send numpy.save output with Content-Type application/x-npy")
     major = body[6]
     if major == 1:
         hlen, start = int.from_bytes(body[8:10], "little"), 10
     elif major in (2, 3):
         if len(body) < 12:
-            raise BadRequest("truncated .npy header")
+            raise RequestError("truncated .npy header")
         hlen, start = int.from_bytes(body[8:12], "little"), 12
     else:
-        raise BadRequest(f".npy format version {major} is not supported; use numpy.save")
+        raise RequestError(f".npy format version {major} is not supported; use numpy.save")
     if start + hlen > len(body) or hlen > 65536:
-        raise BadRequest("truncated or oversized .npy header")
+        raise RequestError("truncated or oversized .npy header")
     try:
         header = ast.literal_eval(body[start : start + hlen].decode("latin1"))
         descr, fortran, shape = header["descr"], bool(header["fortran_order"]), tuple(header["shape"])
         dtype = np.dtype(descr)
     except Exception as e:
-        raise BadRequest(f"corrupt .npy header ({e}); send numpy.save output") from e
+        raise RequestError(f"corrupt .npy header ({e}); send numpy.save output") from e
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
         raise InvalidInputError(
             f".npy dtype {dtype} is refused (object or structured arrays would need pickle); send a float array"
         )
     if not all(isinstance(n, int) and n >= 0 for n in shape):
-        raise BadRequest(f"corrupt .npy header: shape {shape}")
+        raise RequestError(f"corrupt .npy header: shape {shape}")
     data = memoryview(body)[start + hlen :]
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
-        raise BadRequest(
+        raise RequestError(
             f".npy header says shape {shape} of {dtype} ({expected} bytes) but the body carries {len(data)} bytes: "
             "the file is truncated or its header lies"
         )
@@ -89,7 +78,7 @@ def decode_json(body: bytes) -> np.ndarray:
     try:
         doc = json.loads(body)
     except ValueError as e:
-        raise BadRequest(f"malformed JSON ({e}); send {{\"x\": [[...], ...]}}") from e
+        raise RequestError(f"malformed JSON ({e}); send {{\"x\": [[...], ...]}}") from e
     if not isinstance(doc, dict) or "x" not in doc:
         raise InvalidInputError('JSON body must be an object with key "x" holding a list of rows, e.g. {"x": [[0.1, 0.2]]}')
     x = doc["x"]
@@ -132,9 +121,9 @@ def from_numpy_like(y: np.ndarray, like: Any) -> Any:
 def all_finite(x: np.ndarray) -> bool:
     """Whether every element is finite, at the cost of one pass over the bytes.
 
-    NumPy's float16 arithmetic is emulated (``np.isfinite`` on a 1152 x 4096 float16 array took
-    10.7 ms, eight times the float32 time): a half is finite exactly when its five exponent bits
-    are not all ones, i.e. when its bits with the sign cleared are below 0x7C00."""
+    NumPy's float16 arithmetic is emulated, so ``np.isfinite`` on float16 costs several times
+    its float32 time (docs/benchmarks.md, "Serving"): a half is finite exactly when its five
+    exponent bits are not all ones, i.e. when its bits with the sign cleared are below 0x7C00."""
     if x.size == 0:
         return True
     if x.dtype == np.float16:

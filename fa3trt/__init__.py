@@ -7,14 +7,23 @@ modules that use them (``fa3trt._trt`` alone imports TensorRT; ``fa3trt.kernels.
 from fa3trt._trt import available as tensorrt_available
 from fa3trt.op import attention
 from fa3trt.errors import (
+    ArtifactCorruptError,
+    ArtifactNotFoundError,
+    BuildItemError,
     ConfigError,
+    CudnnGraphUnsupportedError,
+    EngineBuildError,
     EngineCorruptError,
+    EngineExecutionError,
     EngineMismatchError,
     EngineNotFoundError,
+    ExportError,
     Fa3TrtError,
     InvalidInputError,
     MissingDependencyError,
     PluginNotRegisteredError,
+    RayUnavailableError,
+    RequestError,
 )
 from fa3trt.backends import load_backend
 from fa3trt.export import export_onnx
@@ -30,11 +39,20 @@ __all__ = [
     "load_backend",
     "Fa3TrtError",
     "InvalidInputError",
+    "RequestError",
     "ConfigError",
     "MissingDependencyError",
+    "ArtifactNotFoundError",
+    "ArtifactCorruptError",
     "EngineNotFoundError",
     "EngineMismatchError",
     "EngineCorruptError",
+    "EngineBuildError",
+    "EngineExecutionError",
+    "BuildItemError",
+    "RayUnavailableError",
     "PluginNotRegisteredError",
+    "ExportError",
+    "CudnnGraphUnsupportedError",
 ]
 __version__ = "0.1.0"

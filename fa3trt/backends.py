@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from fa3trt import _trt
+from fa3trt.defaults import BUCKETS, MODEL_PRESET
 from fa3trt._graphs import GraphRunner
 from fa3trt.kernels import flash_cute
 from fa3trt.kernels.selector import lengths_on_device, select_kernel
@@ -172,7 +173,7 @@ def load_backend(
     ``build_if_missing`` it builds it first, else a missing engine is an error naming the
     build command.
     """
-    config = config or ModelConfig.preset("tiny")
+    config = config or ModelConfig.preset(MODEL_PRESET)
     if kind not in ("auto", "torch", "tensorrt"):
         raise ConfigError(f"backend must be 'auto', 'torch' or 'tensorrt', got {kind!r}")
     if kind == "auto":
@@ -197,7 +198,7 @@ def load_backend(
     return TensorRTBackend.load(
         config,
         weights=weights,
-        buckets=buckets or Buckets((256, 1024, 4096)),
+        buckets=buckets or Buckets(BUCKETS),
         store=store,
         build_if_missing=build_if_missing,
         max_batch_tokens=max_batch_tokens,

@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fa3trt import _trt
+from fa3trt.defaults import BUCKETS, MAX_BATCH_TOKENS
 from fa3trt._hashing import spec_hash
 from fa3trt.artifacts import ensure_onnx, onnx_key, weights_digest
 from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.buckets import Buckets
-from fa3trt.errors import ConfigError, EngineMismatchError, EngineNotFoundError, Fa3TrtError, MissingDependencyError
+from fa3trt.errors import ArtifactNotFoundError, ConfigError, EngineBuildError, EngineMismatchError, EngineNotFoundError, MissingDependencyError
 from fa3trt.export import file_sha256
 from fa3trt.model import ModelConfig
 from fa3trt.plugin import register_plugin, require_registered
@@ -49,7 +50,6 @@ else:
 __all__ = [
     "BuildConfig",
     "ProfileSpec",
-    "EngineBuildError",
     "HASH_IGNORES",
     "DEFAULT_MAX_BATCH_TOKENS",
     "METADATA_FORMAT",
@@ -65,8 +65,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_TOKENS = 16384
-"""Token budget per batch when none is given (the serve config's default)."""
+DEFAULT_MAX_BATCH_TOKENS = MAX_BATCH_TOKENS
+"""Token budget per batch when none is given (``fa3trt.defaults``, as the serve config's)."""
 METADATA_FORMAT = 1
 """Version of the engine metadata layout; bump when a key changes meaning."""
 INPUT_X = "x"
@@ -79,15 +79,12 @@ HASH_IGNORES: tuple[str, ...] = ("timing_cache_path",)
 """BuildConfig fields that do not change the engine: a timing cache only makes the build faster."""
 
 
-class EngineBuildError(Fa3TrtError, RuntimeError):
-    """TensorRT or its ONNX parser failed to build an engine; the parser's errors are logged."""
-
-
 @dataclass(frozen=True)
 class BuildConfig:
-    """How to build one engine from one ONNX file. Defaults live here, one docstring per field."""
+    """How to build one engine from one ONNX file, one docstring per field; the defaults shared with
+    the serve config come from ``fa3trt.defaults``."""
 
-    buckets: Buckets = field(default_factory=lambda: Buckets((256, 1024, 4096)))
+    buckets: Buckets = field(default_factory=lambda: Buckets(BUCKETS))
     """Sequence-length bucket edges; one optimization profile per bucket."""
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     """Token budget per batch: a bucket's largest batch is this divided by its edge."""
@@ -352,7 +349,7 @@ def _build_config(buckets: Buckets, max_batch_tokens: int, build_config: BuildCo
 
 def _onnx_sha256(store: ArtifactStore, model_config: ModelConfig, weights: str | os.PathLike[str] | None) -> str:
     key = onnx_key(model_config, weights)
-    meta = store.metadata("onnx", key)  # EngineNotFoundError naming the build command if absent
+    meta = store.metadata("onnx", key)  # ArtifactNotFoundError naming the build command if absent
     return str(meta.get("onnx_sha256") or meta["sha256"])
 
 
@@ -375,7 +372,7 @@ def engine_key_for(
     env = env or current_environment()
     try:
         sha = _onnx_sha256(store, model_config, weights)
-    except EngineNotFoundError:
+    except ArtifactNotFoundError:
         raise EngineNotFoundError(
             f"no engine for model {model_config.name} ({weights_digest(model_config, weights)}) in store {store.uri}: "
             f"its ONNX was never exported there, so nothing was built; run `{BUILD_HINT} --store {store.uri}`"

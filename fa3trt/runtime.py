@@ -38,7 +38,7 @@ from fa3trt.build import (
     engine_key_for,
 )
 from fa3trt.buckets import Buckets
-from fa3trt.errors import EngineCorruptError, EngineNotFoundError, Fa3TrtError, InvalidInputError
+from fa3trt.errors import EngineCorruptError, EngineExecutionError, EngineNotFoundError, InvalidInputError
 from fa3trt.model import ModelConfig
 from fa3trt.plugin import register_plugin, require_registered
 from fa3trt.store import BUILD_HINT, ArtifactStore
@@ -48,15 +48,11 @@ if TYPE_CHECKING:
 else:
     from fa3trt._trt import tensorrt as trt
 
-__all__ = ["TRTEngine", "TRTModule", "TensorRTBackend", "select_profile", "EngineExecutionError"]
+__all__ = ["TRTEngine", "TRTModule", "TensorRTBackend", "select_profile"]
 
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32}
-
-
-class EngineExecutionError(Fa3TrtError, RuntimeError):
-    """TensorRT refused a shape or address, or ``execute_async_v3`` returned False."""
 
 
 def select_profile(specs: Sequence[ProfileSpec], batch: int, seq: int) -> int:

@@ -1,7 +1,8 @@
-"""The artifact store: engines, exported ONNX files and timing caches, keyed by content hashes.
+"""The artifact store: engines, exported ONNX files, weights, build records and timing caches.
 
-A local folder by default (``./engines``) or any fsspec URI (an NFS path, ``s3://``, ``gs://``)
-that every node of a cluster can reach. Layout of one entry ``(kind, key)``:
+A local folder by default (``./engines``, ``fa3trt.defaults.STORE``) or any fsspec URI (an
+NFS path, ``s3://``, ``gs://``) that every node of a cluster can reach. Layout of one entry
+``(kind, key)``:
 
 - ``<root>/<kind>/<key>.<sha16>.bin``: the blob, named by its own content (sha256 prefix);
 - ``<root>/<kind>/<key>.json``: the sidecar, holding the blob's file name, sha256 and size plus
@@ -13,9 +14,11 @@ Guarantees:
   stores), so a reader sees a complete entry or none. Because each blob is named by its
   content and the sidecar names its blob, two writers of one key with different bytes both
   succeed and the entry always ends as one writer's matching (sidecar, blob) pair, never a mix.
-- Every read verifies size and sha256; a mismatch is ``EngineCorruptError`` naming the fix.
+- Every read verifies size and sha256; a mismatch is ``ArtifactCorruptError`` naming the fix.
 - Keys match ``[A-Za-z0-9][A-Za-z0-9._-]*`` (no separators, no ``..``): they cannot escape the
-  root. A missing entry is ``EngineNotFoundError`` naming the build command.
+  root. A missing entry is ``ArtifactNotFoundError`` naming the build command.
+- Errors are named for what is stored: entries of kind ``engines`` raise the subclasses
+  ``EngineNotFoundError`` and ``EngineCorruptError``, every other kind the artifact classes.
 - Nothing is pickled: blobs are bytes, metadata is JSON.
 - Blobs replaced by a later ``put`` are removed once older than ``GC_GRACE_S`` (a concurrent
   writer's blob is never younger-than-grace garbage), so ``--force`` rebuilds do not pile up.
@@ -39,12 +42,12 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from fa3trt.errors import ConfigError, EngineCorruptError, EngineNotFoundError
+from fa3trt import defaults
+from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, EngineCorruptError, EngineNotFoundError
 
 __all__ = [
     "ArtifactStore",
     "KINDS",
-    "DEFAULT_STORE",
     "BUILD_HINT",
     "GC_GRACE_S",
     "validate_key",
@@ -54,9 +57,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORE = "./engines"
 KINDS = ("engines", "onnx", "timing", "artifacts")
-BUILD_HINT = "python -m build_jobs --config serve_config.yaml"
+BUILD_HINT = f"python -m build_jobs --config {defaults.SERVE_CONFIG}"
 GC_GRACE_S = 600.0
 """A replaced blob is deleted only when older than this: a concurrent writer commits its sidecar
 within moments of renaming its blob, so a blob this old that no sidecar names is garbage."""
@@ -94,6 +96,14 @@ def timing_cache_key(gpu_type: str, trt_version: str) -> str:
     return validate_key(f"timing-{sanitize_key_part(gpu_type)}-trt{sanitize_key_part(trt_version)}")
 
 
+def _not_found(kind: str) -> type[ArtifactNotFoundError]:
+    return EngineNotFoundError if kind == "engines" else ArtifactNotFoundError
+
+
+def _corrupt(kind: str) -> type[ArtifactCorruptError]:
+    return EngineCorruptError if kind == "engines" else ArtifactCorruptError
+
+
 def _mtime(info: dict[str, Any]) -> float | None:
     """Modification time (epoch seconds) from an fsspec ``info`` dict, across filesystems."""
     for name in ("mtime", "LastModified", "last_modified", "updated", "created"):
@@ -116,9 +126,9 @@ class ArtifactStore:
     def __init__(self, uri: str | os.PathLike[str] | None = None) -> None:
         import fsspec
 
-        self.uri = os.fspath(uri) if uri is not None else DEFAULT_STORE
+        self.uri = os.fspath(uri) if uri is not None else defaults.STORE
         if not self.uri:
-            raise ConfigError(f"store URI must not be empty; use a folder such as {DEFAULT_STORE!r} or an fsspec URI")
+            raise ConfigError(f"store URI must not be empty; use a folder such as {defaults.STORE!r} or an fsspec URI")
         self.fs, root = fsspec.core.url_to_fs(self.uri)
         self.root = root.rstrip("/") or "/"
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
@@ -196,18 +206,18 @@ class ArtifactStore:
         try:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
-            raise EngineNotFoundError(
+            raise _not_found(kind)(
                 f"no {kind[:-1] if kind.endswith('s') else kind} {key!r} in store {self.uri}: not built yet; "
                 f"run `{BUILD_HINT} --store {self.uri}`"
             ) from None
         try:
             meta = json.loads(raw)
         except ValueError as e:
-            raise EngineCorruptError(
+            raise _corrupt(kind)(
                 f"metadata of {kind}/{key} in {self.uri} is not valid JSON ({e}); rebuild it with `{BUILD_HINT} --force`"
             ) from e
         if not isinstance(meta, dict):
-            raise EngineCorruptError(
+            raise _corrupt(kind)(
                 f"metadata of {kind}/{key} in {self.uri} is not a JSON object; rebuild it with `{BUILD_HINT} --force`"
             )
         return meta
@@ -217,7 +227,7 @@ class ArtifactStore:
         if blob is None:  # first layout: <key>.bin
             return self._path(kind, key, ".bin")
         if not isinstance(blob, str) or not self._blob_re(key).match(blob):
-            raise EngineCorruptError(
+            raise _corrupt(kind)(
                 f"metadata of {kind}/{key} in {self.uri} names blob {blob!r}, which is not this key's; "
                 f"rebuild it with `{BUILD_HINT} --force`"
             )
@@ -237,12 +247,12 @@ class ArtifactStore:
                     raise FileNotFoundError
                 meta, data = fresh, self.fs.cat_file(self._blob_path(kind, key, fresh))
             except FileNotFoundError:
-                raise EngineCorruptError(
+                raise _corrupt(kind)(
                     f"{kind}/{key} in {self.uri} has metadata but no data; rebuild it with `{BUILD_HINT} --force`"
                 ) from None
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != meta.get("size") or digest != meta.get("sha256"):
-            raise EngineCorruptError(
+            raise _corrupt(kind)(
                 f"{kind}/{key} in {self.uri} fails its checksum (size {len(data)} vs {meta.get('size')}, "
                 f"sha256 {digest[:12]} vs {str(meta.get('sha256'))[:12]}): the file is truncated or corrupt; "
                 f"rebuild it with `{BUILD_HINT} --force`"
@@ -260,7 +270,7 @@ class ArtifactStore:
             if name.endswith(".json"):
                 try:
                     out.append(self.metadata(kind, name[: -len(".json")]))
-                except (EngineCorruptError, ConfigError) as e:
+                except (ArtifactCorruptError, ConfigError) as e:
                     log.warning("skipping unreadable store entry %s: %s", path, e)
         return out
 
@@ -283,7 +293,7 @@ class ArtifactStore:
             return None
         try:
             data, _ = self.get("timing", key)
-        except (EngineCorruptError, EngineNotFoundError) as e:
+        except (ArtifactCorruptError, ArtifactNotFoundError) as e:
             log.warning("ignoring timing cache %s: %s", key, e)
             return None
         return data
@@ -324,5 +334,5 @@ class ArtifactStore:
                 if mtime is not None and now - mtime > GC_GRACE_S:
                     log.info("removing replaced blob %s", path)
                     self._rm_quiet(path)
-        except (OSError, EngineNotFoundError, EngineCorruptError) as e:
+        except (OSError, ArtifactNotFoundError, ArtifactCorruptError) as e:
             log.debug("store garbage collection of %s/%s skipped: %s", kind, key, e)

@@ -12,10 +12,10 @@ import torch
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from fa3trt import _trt
+    from fa3trt import tensorrt_available
 
     has_gpu = torch.cuda.is_available()
-    has_trt = _trt.available()
+    has_trt = tensorrt_available()
     slow = os.environ.get("FA3TRT_SLOW") == "1"
     for item in items:
         if "gpu" in item.keywords and not has_gpu:

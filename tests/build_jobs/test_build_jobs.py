@@ -17,8 +17,8 @@ import ray
 
 from build_jobs import BuildResult, build_all, compute_plan
 from build_jobs.plan import RECORD_KIND
-from deploy.config import load_serve_config
-from fa3trt.errors import EngineCorruptError
+from fa3trt.config import load_serve_config
+from fa3trt.errors import ArtifactCorruptError
 from fa3trt.store import ArtifactStore
 from tests.build_jobs.helpers import app, garbage_weights, overlaps, write_config
 
@@ -167,7 +167,7 @@ def test_corrupt_entry_is_detected_and_force_rebuilds(first_build: list[BuildRes
     raw = bytearray(blob.read_bytes())
     raw[len(raw) // 2] ^= 0x55
     blob.write_bytes(bytes(raw))
-    with pytest.raises(EngineCorruptError, match=rf"artifacts/{r.key} .* fails its checksum .* --force"):
+    with pytest.raises(ArtifactCorruptError, match=rf"artifacts/{r.key} .* fails its checksum .* --force"):
         store.get("artifacts", r.key)
     before = store.metadata(RECORD_KIND, r.item_key)["stored_at"]
     rebuilt = build_all(specs[:1], force=True, progress=False)

@@ -17,8 +17,8 @@ import ray
 import torch
 
 from build_jobs import build_all
-from deploy.config import load_serve_config
-from fa3trt import _trt
+from fa3trt import tensorrt_available
+from fa3trt.config import load_serve_config
 from tests.build_jobs.helpers import app, overlaps, write_config
 from tests.utils import gpu
 
@@ -45,7 +45,7 @@ def test_two_items_build_on_two_gpus_at_once(gpu_cluster: dict[str, float], tmp_
         tmp_path / "serve.yaml",
         [app("one", tmp_path / "store", dtype="bfloat16", seed=0), app("two", tmp_path / "store", dtype="bfloat16", seed=1)],
     )
-    backend = "tensorrt" if _trt.available() else "torch"
+    backend = "tensorrt" if tensorrt_available() else "torch"
     results = build_all(load_serve_config(cfg), backend=backend, progress=False)
     for r in results:
         print(

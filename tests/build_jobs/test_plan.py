@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from build_jobs.plan import ACCELERATOR_FRACTION, RECORD_KIND, compute_plan, gpu_types
-from deploy.config import load_serve_config
+from fa3trt.config import load_serve_config
 from fa3trt.errors import ConfigError
 from fa3trt.store import ArtifactStore
 from tests.build_jobs.helpers import app, write_config

@@ -1,4 +1,4 @@
-"""Request decoding/validation and the app's config schema (no Ray needed)."""
+"""Request decoding/validation and the app's batching and replica plan (no Ray needed)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from deploy.app import bucket_limits, derive_max_ongoing, replica_plan
-from deploy.codec import BadRequest, decode_json, decode_npy, encode_npy, all_finite, from_numpy_like, to_numpy, validate_sequence
-from deploy.config import AppArgs, apply_env_overrides, load_serve_config
+from deploy.app import ModelReplica, bucket_limits, derive_max_ongoing, replica_plan
+from deploy.codec import decode_json, decode_npy, encode_npy, all_finite, from_numpy_like, to_numpy, validate_sequence
 from fa3trt.buckets import Buckets
-from fa3trt.errors import ConfigError, InvalidInputError
+from fa3trt.config import AppArgs
+from fa3trt.errors import InvalidInputError, RequestError
 
 B = Buckets((128, 512))
 
@@ -47,27 +47,30 @@ def test_npy_pickle_refused_never_unpickled() -> None:
     ],
 )
 def test_npy_corrupt(body: bytes, match: str) -> None:
-    with pytest.raises(BadRequest, match=match):
+    with pytest.raises(RequestError, match=match) as e:
         decode_npy(body)
+    assert e.value.status == 400
 
 
 def test_npy_truncated_and_lying_header() -> None:
     body = _npy(np.zeros((4, 8), np.float32))
-    with pytest.raises(BadRequest, match="truncated or its header lies"):
+    with pytest.raises(RequestError, match="truncated or its header lies"):
         decode_npy(body[:-5])
     # A header that claims a huge shape must be refused before anything is allocated.
     lie = body.replace(b"(4, 8)", b"(99999999999, 8)".ljust(6))
     header_fixed = _npy(np.zeros((4, 8), np.float32)).replace(b"(4, 8), }", b"(9999999999999, 8), }")
     for b in (lie, header_fixed):
-        with pytest.raises(BadRequest):
+        with pytest.raises(RequestError) as e:
             decode_npy(b)
+        assert e.value.status == 400
 
 
 def test_json_decoding() -> None:
     x = decode_json(json.dumps({"x": [[1, 2], [3.5, 4]]}).encode())
     assert x.dtype == np.float32 and x.shape == (2, 2)
-    with pytest.raises(BadRequest, match="malformed JSON"):
+    with pytest.raises(RequestError, match="malformed JSON") as e:
         decode_json(b"{nope")
+    assert e.value.status == 400
     with pytest.raises(InvalidInputError, match="ragged rows"):
         decode_json(b'{"x": [[1, 2], [3]]}')
     with pytest.raises(InvalidInputError, match="only numbers"):
@@ -126,23 +129,6 @@ def test_handle_types() -> None:
         to_numpy(torch.zeros(2, 2, dtype=torch.int64))
 
 
-def test_app_args_refuse_unknown_and_bad_values() -> None:
-    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
-        AppArgs.model_validate({"bukets": [1]})
-    with pytest.raises(ValidationError, match="strictly ascending"):
-        AppArgs.model_validate({"buckets": [512, 128]})
-    with pytest.raises(ValidationError, match="not buckets"):
-        AppArgs.model_validate({"buckets": [128], "batching": {"bucket_overrides": {256: {"max_batch_size": 2}}}})
-    with pytest.raises(ValidationError, match="does not exist"):
-        AppArgs.model_validate({"model": {"weights": "/nonexistent.safetensors"}})
-    with pytest.raises(ValidationError):
-        AppArgs.model_validate({"replicas": 0})
-    with pytest.raises(ValidationError):
-        AppArgs.model_validate({"backend": "onnx"})
-    # CUDA graphs are accepted here; the backend refuses them where no graph can run (a CPU replica).
-    assert AppArgs.model_validate({"cuda_graphs": True}).cuda_graphs is True
-
-
 def test_batch_limits_and_replica_plan() -> None:
     args = AppArgs.model_validate(
         {"buckets": [128, 512, 2048], "batching": {"max_batch_tokens": 4096, "bucket_overrides": {512: {"max_batch_size": 3, "batch_wait_timeout_s": 0.5}}}}
@@ -165,23 +151,15 @@ def test_batch_limits_and_replica_plan() -> None:
         AppArgs.model_validate({"replica_cpus": 0})
 
 
-def test_env_overrides_reach_the_app_and_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    raw = {"model": {"preset": "tiny", "layers": 1}, "buckets": [128]}
-    assert apply_env_overrides(raw, {}) == raw
-    got = apply_env_overrides(raw, {"FA3TRT_MODEL_PRESET": "seed", "FA3TRT_MODEL_LAYERS": "2"})
-    assert got["model"] == {"preset": "seed", "layers": "2"} and raw["model"] == {"preset": "tiny", "layers": 1}
-    assert AppArgs.model_validate(got).model.layers == 2
-    # build_jobs reads serve_config.yaml through load_serve_config: it builds what the app serves.
-    monkeypatch.setenv("FA3TRT_MODEL_PRESET", "seed")
-    monkeypatch.setenv("FA3TRT_MODEL_LAYERS", "3")
-    ((_, args),) = load_serve_config("serve_config.yaml")
-    assert (args.model.preset, args.model.layers) == ("seed", 3)
-
-
-def test_repo_serve_config_is_valid(tmp_path: object) -> None:
-    ((name, args),) = load_serve_config("serve_config.yaml")
-    assert name == "fa3trt" and args.model.preset == "tiny"
-    with pytest.raises(ConfigError, match="no application"):
-        p = tmp_path / "c.yaml"  # type: ignore[operator]
-        p.write_text("applications: []\n")
-        load_serve_config(p)
+def test_reconfigure_validates_through_the_schema() -> None:
+    """A live replica's user_config goes through BatchingConfig with the replica's buckets: a bad
+    one is refused with the schema's message and leaves the running limits as they were."""
+    server = ModelReplica({"model": {"preset": "tiny"}, "backend": "torch", "buckets": [64, 128]}, {"max_batch_tokens": 1024})
+    assert server.limits == [(16, 0.005), (8, 0.005)]
+    with pytest.raises(ValidationError, match=r"names edges \[256\] that are not buckets \[64, 128\]"):
+        server.reconfigure({"max_batch_tokens": 1024, "bucket_overrides": {256: {"max_batch_size": 2}}})
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        server.reconfigure({"max_batch_token": 1024})
+    assert server.limits == [(16, 0.005), (8, 0.005)]
+    server.reconfigure({"max_batch_tokens": 1024, "bucket_overrides": {128: {"max_batch_size": 3, "batch_wait_timeout_s": 0.5}}})
+    assert server.limits == [(16, 0.005), (3, 0.5)]

@@ -1,4 +1,5 @@
-"""Every module imports on a machine with no TensorRT, no CUDA and no FA3."""
+"""Every module imports on a machine with no TensorRT, no CUDA and no FA3; every exception
+class of the project lives in ``fa3trt.errors`` and is exported by ``fa3trt``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ except ImportError as e:
     assert "install TensorRT" in str(e), e
 else:
     raise SystemExit("module() did not raise")
+# One error tree: every exception class defined in the project is defined in fa3trt.errors.
+import inspect, fa3trt.errors
+for name, mod in sorted(sys.modules.items()):
+    if name.split(".")[0] in ("fa3trt", "build_jobs", "deploy") and name != "fa3trt.errors":
+        for cls_name, cls in vars(mod).items():
+            if inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == name:
+                raise SystemExit(f"{name}.{cls_name} belongs in fa3trt/errors.py")
+for cls_name in fa3trt.errors.__all__:
+    assert issubclass(getattr(fa3trt.errors, cls_name), fa3trt.errors.Fa3TrtError), cls_name
+    assert getattr(fa3trt, cls_name) is getattr(fa3trt.errors, cls_name), f"fa3trt.__all__ lacks {cls_name}"
+    assert cls_name in fa3trt.__all__, cls_name
 print("ok", sorted(fa3trt.__all__)[:3])
 """
 

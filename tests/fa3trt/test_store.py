@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fa3trt.errors import ConfigError, EngineCorruptError, EngineNotFoundError
+from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, EngineCorruptError, EngineNotFoundError
 from fa3trt.store import GC_GRACE_S, ArtifactStore, timing_cache_key
 
 
@@ -58,6 +58,26 @@ def test_flipped_bytes_are_detected(tmp_path: Path) -> None:
     (tmp_path / "engines" / "e.json").write_text("{not json")
     with pytest.raises(EngineCorruptError, match="not valid JSON"):
         store.get("engines", "e")
+
+
+def test_errors_are_named_for_the_artifact(tmp_path: Path) -> None:
+    """Engines raise the engine errors; ONNX, weights, records and caches the artifact ones.
+    The engine errors are artifact errors, so one ``except`` catches both."""
+    store = ArtifactStore(tmp_path)
+    with pytest.raises(EngineNotFoundError, match="no engine 'nope'"):
+        store.get("engines", "nope")
+    for kind, name in (("onnx", "onnx"), ("artifacts", "artifact"), ("timing", "timing")):
+        with pytest.raises(ArtifactNotFoundError, match=f"no {name} 'nope' in store .* not built yet") as found:
+            store.metadata(kind, "nope")
+        assert not isinstance(found.value, EngineNotFoundError)
+    for kind in ("engines", "onnx"):
+        store.put(kind, "k", b"x" * 64)
+        blob = tmp_path / kind / store.metadata(kind, "k")["blob"]
+        blob.write_bytes(b"y" * 64)
+        with pytest.raises(ArtifactCorruptError, match=f"{kind}/k .* fails its checksum") as corrupt:
+            store.get(kind, "k")
+        assert isinstance(corrupt.value, EngineCorruptError) == (kind == "engines")
+    assert issubclass(EngineNotFoundError, ArtifactNotFoundError) and issubclass(EngineCorruptError, ArtifactCorruptError)
 
 
 @pytest.mark.parametrize("key", ["../escape", "a/b", "..", "/etc/passwd", "", ".hidden", "a\\b", "x..y", "k" * 300, "a b"])
