@@ -105,7 +105,7 @@ def main() -> None:
         return [torch.randn(b, s, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3)]
 
     rows: list[dict[str, Any]] = []
-    for label, b, s in (("seed 1x%d" % args.seed_len, 1, args.seed_len), ("1x4096", 1, 4096), ("full 8x2048", 8, 2048)):
+    for label, b, s in ((f"seed 1x{args.seed_len}", 1, args.seed_len), ("1x4096", 1, 4096), ("full 8x2048", 8, 2048)):
         q, k, v = qkv(b, s)
         for name in kernels:
             first = first_call_ms(lambda: run_kernel(name, q, k, v))
@@ -129,7 +129,7 @@ def main() -> None:
     rows.append({"shape": "ragged 8x2048 (device lens)", "kernel": "cudnn+mask", "ms": ms, "tflops": flops(RAGGED) / ms / 1e9, "host_us": host})
 
     summary: dict[str, Any] = {"default_kernel": default}
-    for shape in ("seed 1x%d" % args.seed_len, "1x4096", "full 8x2048"):
+    for shape in (f"seed 1x{args.seed_len}", "1x4096", "full 8x2048"):
         sel = [r for r in rows if r["shape"] == shape]
         best = max(sel, key=lambda r: r["tflops"])
         mine = next(r for r in sel if r["kernel"] == default)
@@ -170,7 +170,7 @@ def main() -> None:
         err_txt = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         first_txt = f"{r['first_call_ms']:.1f}" if "first_call_ms" in r else ""
         print(f"{r['shape']:32s} {r['kernel']:14s} {r['ms']:8.3f} {r['tflops']:9.1f} {r['host_us']:8.1f} {err_txt:>9s} {first_txt:>12s}")
-    for shape in ("seed 1x%d" % args.seed_len, "1x4096", "full 8x2048"):
+    for shape in (f"seed 1x{args.seed_len}", "1x4096", "full 8x2048"):
         s = summary[shape]
         print(f"{shape}: default {s['default_tflops']:.0f} TFLOP/s = {100 * s['default_vs_fastest']:.1f}% of fastest ({s['fastest']}); goal >= 95%")
     print(f"ragged 8x2048 with {default} (useful FLOPs): {100 * summary['ragged_vs_unmasked']:.1f}% of unmasked; goal >= 90%")

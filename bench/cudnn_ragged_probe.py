@@ -96,7 +96,8 @@ def environment() -> None:
         traceback.print_exc(file=sys.stdout)
     say("fa3trt.kernels.cudnn_graph.available() =", cf.available(), cf.frontend_versions())
     try:  # every libcudnn mapped into the process: one directory means one copy
-        libs = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libcudnn" in line})
+        with open("/proc/self/maps") as maps:
+            libs = sorted({line.split()[-1] for line in maps if "libcudnn" in line})
         say("libcudnn mapped:" + "".join(f"\n  {p}" for p in libs))
     except Exception as e:
         say("no /proc/self/maps:", e)

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from bench._common import bar_plot, card, host_us, save
+from fa3trt.buckets import to_device
 from fa3trt.kernels import fa3 as _fa3
 from fa3trt.kernels import sdpa
 from fa3trt.kernels.tail import zero_tail_
 from fa3trt.testing import run_kernel, time_queued
-from fa3trt.buckets import to_device
 
 H, D = 32, 128
 RAGGED = [2048, 1900, 1700, 1500, 1200, 900, 600, 300]

@@ -21,10 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench._common import bar_plot, card, gemm_tflops, save, time_cuda_ms
 from fa3trt.backends import TorchBackend
-from fa3trt.model import ModelConfig, Transformer
-
-
 from fa3trt.kernels import cudnn  # noqa: E402
+from fa3trt.model import ModelConfig, Transformer
 
 
 def model_flops(cfg: ModelConfig, b: int, s: int) -> float:

@@ -26,6 +26,7 @@ grows means the host side (staging) is the shared limit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import statistics
@@ -38,11 +39,11 @@ import torch
 
 from bench._common import GpuSampler, card, pyplot, save, save_figure
 from bench.serve_load import parse_mix
-from fa3trt.kernels.selector import lengths_on_device, select_kernel
-from fa3trt.timing import timing_events
 from fa3trt.backends import TorchBackend
 from fa3trt.buckets import assemble, to_host
+from fa3trt.kernels.selector import lengths_on_device, select_kernel
 from fa3trt.model import ModelConfig
+from fa3trt.timing import timing_events
 
 PATHS = ("device", "staged", "staged-copy", "device+graphs", "staged+graphs")
 
@@ -133,10 +134,8 @@ def run_count(count: int, args: dict[str, Any], paths: list[str]) -> list[dict[s
     out = []
     try:
         for path in paths:
-            try:
+            with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: its error is in the queue
                 barrier.wait(timeout=args["start_timeout"])
-            except threading.BrokenBarrierError:
-                pass  # a worker failed: its error is in the queue
             sampler = GpuSampler().start()
             parts = [results.get(timeout=args["duration"] + args["start_timeout"]) for _ in procs]
             clocks = sampler.stop()

@@ -19,8 +19,8 @@ replicas is ``bench.scaling``.
 from __future__ import annotations
 
 import argparse
-import sys
 import asyncio
+import sys
 import time
 from typing import Any
 
@@ -28,7 +28,16 @@ import numpy as np
 import torch
 
 from bench._common import card, pyplot, save, save_figure
-from bench.serve_load import LoadResult, handle_sender, make_inputs, padding_ratio, parse_mix, print_summary, run_load, stats_delta
+from bench.serve_load import (
+    LoadResult,
+    handle_sender,
+    make_inputs,
+    padding_ratio,
+    parse_mix,
+    print_summary,
+    run_load,
+    stats_delta,
+)
 
 BATCH_WAIT_S = 0.005
 SCENARIOS = ("direct", "noop", "unbatched", "one-bucket", "buckets", "batch1", "open")

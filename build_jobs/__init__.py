@@ -6,9 +6,8 @@ each) that register the TensorRT plugin and build the engine, or, with the torch
 export and verify the ONNX and store the served weights. ``python -m build_jobs`` is the CLI.
 """
 
-from fa3trt.errors import BuildItemError
-
 from build_jobs.plan import BuildItem, compute_plan, gpu_types
 from build_jobs.runner import BuildResult, build_all, load_specs
+from fa3trt.errors import BuildItemError
 
 __all__ = ["build_all", "BuildResult", "BuildItem", "BuildItemError", "compute_plan", "gpu_types", "load_specs"]

@@ -13,11 +13,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fa3trt import defaults
-from fa3trt.errors import Fa3TrtError
-
 from build_jobs.plan import BuildItem
 from build_jobs.runner import BuildResult, build_all
+from fa3trt import defaults
+from fa3trt.errors import Fa3TrtError
 
 __all__ = ["main", "format_table", "format_plan"]
 

@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from build_jobs.plan import BuildItem, Spec, compute_plan
 from fa3trt import defaults
 from fa3trt.config import load_serve_config
 from fa3trt.errors import BuildItemError, ConfigError, RayUnavailableError
-
-from build_jobs.plan import BuildItem, Spec, compute_plan
 
 __all__ = ["BuildResult", "build_all", "load_specs", "Status"]
 

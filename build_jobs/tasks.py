@@ -30,11 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from build_jobs.plan import RECORD_KIND, BuildItem
 from fa3trt.errors import ArtifactCorruptError, BuildItemError
 from fa3trt.model import ModelConfig
 from fa3trt.store import ArtifactStore, validate_key
-
-from build_jobs.plan import RECORD_KIND, BuildItem
 
 __all__ = ["export_spec", "build_item", "weights_key", "worker_info", "remote_functions"]
 

@@ -43,10 +43,10 @@ from deploy.codec import (
 )
 from deploy.lag import WakeLag
 from fa3trt import defaults
-from fa3trt.timing import timing_events
 from fa3trt.buckets import Buckets, assemble, padding_ratio, to_host
 from fa3trt.config import AppArgs, BatchingConfig, apply_env_overrides
 from fa3trt.errors import InvalidInputError, RequestError
+from fa3trt.timing import timing_events
 
 __all__ = ["build_app", "ModelServer", "ModelReplica", "derive_max_ongoing", "replica_plan"]
 

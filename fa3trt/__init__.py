@@ -5,7 +5,7 @@ modules that use them (``fa3trt._trt`` alone imports TensorRT; ``fa3trt.kernels.
 """
 
 from fa3trt._trt import available as tensorrt_available
-from fa3trt.op import attention
+from fa3trt.backends import load_backend
 from fa3trt.errors import (
     ArtifactCorruptError,
     ArtifactNotFoundError,
@@ -25,9 +25,9 @@ from fa3trt.errors import (
     RayUnavailableError,
     RequestError,
 )
-from fa3trt.backends import load_backend
 from fa3trt.export import export_onnx
 from fa3trt.model import ModelConfig, build_model, save_weights
+from fa3trt.op import attention
 
 __all__ = [
     "attention",

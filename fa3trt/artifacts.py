@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from fa3trt._hashing import spec_hash
-from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.export import OPSET, export_onnx, file_sha256
 from fa3trt.model import ModelConfig, build_model
+from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.store import ArtifactStore
 
 __all__ = ["weights_digest", "onnx_key", "ensure_onnx", "spec_hash"]

@@ -16,12 +16,12 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from fa3trt import _trt
-from fa3trt.defaults import BUCKETS, MODEL_PRESET
 from fa3trt._graphs import GraphRunner
+from fa3trt.buckets import Buckets, to_device
+from fa3trt.defaults import BUCKETS, MODEL_PRESET
+from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
 from fa3trt.kernels import flash_cute
 from fa3trt.kernels.selector import lengths_on_device, select_kernel
-from fa3trt.buckets import Buckets, to_device
-from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
 from fa3trt.model import ModelConfig, build_model
 
 __all__ = ["Backend", "TorchBackend", "load_backend", "BackendKind", "default_device"]

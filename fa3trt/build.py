@@ -8,13 +8,11 @@ Contract:
 - ``build_engine(onnx_path, config)`` returns ``(engine_bytes, metadata)``: TensorRT version,
   GPU name and compute capability, plugin name/version/namespace, ONNX sha256, config hash and
   the bucket -> profile map. It needs the plugin registered (``PluginNotRegisteredError``).
-- ``engine_key`` names an engine in the store from exactly what makes engines differ;
-  ``check_compatible(metadata)`` refuses an engine built for another TensorRT, GPU or plugin
-  with "engine was built for X, this is Y".
-- ``build_to_store`` / ``engine_key_for`` are what build workers and replicas call.
+- ``build_to_store`` / ``engine_key_for`` are what build workers and replicas call; the key
+  and the compatibility check are ``fa3trt.compat``'s.
 
-The decisions (profiles, hashes, keys, compatibility) are plain functions tested without
-TensorRT; only ``build_engine`` and ``current_environment`` touch it.
+The decisions (profiles, hashes) are plain functions tested without TensorRT; only
+``build_engine`` touches it.
 """
 
 from __future__ import annotations
@@ -28,17 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fa3trt import _trt
-from fa3trt.defaults import BUCKETS, MAX_BATCH_TOKENS
 from fa3trt._hashing import spec_hash
 from fa3trt.artifacts import ensure_onnx, onnx_key, weights_digest
-from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.buckets import Buckets
-from fa3trt.errors import ArtifactNotFoundError, ConfigError, EngineBuildError, EngineMismatchError, EngineNotFoundError, MissingDependencyError
+from fa3trt.compat import METADATA_FORMAT, current_environment, engine_key
+from fa3trt.defaults import BUCKETS, MAX_BATCH_TOKENS
+from fa3trt.errors import ArtifactNotFoundError, ConfigError, EngineBuildError, EngineNotFoundError
 from fa3trt.export import file_sha256
 from fa3trt.model import ModelConfig
+from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.plugin import register_plugin, require_registered
 from fa3trt.store import BUILD_HINT, ArtifactStore
 
@@ -52,23 +48,17 @@ __all__ = [
     "ProfileSpec",
     "HASH_IGNORES",
     "DEFAULT_MAX_BATCH_TOKENS",
-    "METADATA_FORMAT",
     "profiles",
     "onnx_hidden",
     "build_engine",
-    "engine_key",
     "engine_key_for",
     "build_to_store",
-    "check_compatible",
-    "current_environment",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_TOKENS = MAX_BATCH_TOKENS
 """Token budget per batch when none is given (``fa3trt.defaults``, as the serve config's)."""
-METADATA_FORMAT = 1
-"""Version of the engine metadata layout; bump when a key changes meaning."""
 INPUT_X = "x"
 INPUT_SEQ_LENS = "seq_lens"
 OUTPUT_Y = "y"
@@ -185,83 +175,6 @@ def onnx_hidden(onnx_path: str | os.PathLike[str]) -> int:
                 return int(dims[2].dim_value)
             raise ConfigError(f"ONNX input {INPUT_X!r} of {onnx_path} must be (B, S, D) with a static D; re-export it")
     raise ConfigError(f"{onnx_path} has no input named {INPUT_X!r}; export it with fa3trt.export.export_onnx")
-
-
-# --------------------------------------------------------------------------- keys and checks
-def engine_key(
-    onnx_sha256: str, build_config_hash: str, trt_version: str, compute_capability: str, plugin_version: str
-) -> str:
-    """Store key of an engine: a hash of everything that makes two engines differ."""
-    parts = {
-        "onnx": onnx_sha256,
-        "build": build_config_hash,
-        "trt": trt_version,
-        "sm": compute_capability,
-        "plugin": f"{PLUGIN_NAME}/{plugin_version}",
-        "format": METADATA_FORMAT,
-    }
-    return f"engine-{spec_hash(parts)}"
-
-
-def current_environment(device: torch.device | int | None = None) -> dict[str, str]:
-    """This process's TensorRT version, GPU name and compute capability (needs both)."""
-    if not torch.cuda.is_available():
-        raise MissingDependencyError("TensorRT engines need a CUDA GPU and none is visible; use backend 'torch'")
-    version = _trt.module().__version__
-    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device("cuda", device) if isinstance(device, int) else device
-    major, minor = torch.cuda.get_device_capability(dev)
-    return {
-        "trt_version": version,
-        "gpu_name": torch.cuda.get_device_name(dev),
-        "compute_capability": f"{major}.{minor}",
-        "plugin_name": PLUGIN_NAME,
-        "plugin_version": PLUGIN_VERSION,
-    }
-
-
-def _cc(value: str) -> tuple[int, int]:
-    major, _, minor = str(value).partition(".")
-    return int(major), int(minor or 0)
-
-
-_REQUIRED_META = ("trt_version", "compute_capability", "plugin_name", "plugin_version")
-
-
-def check_compatible(metadata: dict[str, Any], current: dict[str, str] | None = None) -> None:
-    """Refuse an engine built for another TensorRT, GPU or plugin: ``EngineMismatchError``.
-
-    ``current`` defaults to ``current_environment()``. TensorRT engines only load in the exact
-    TensorRT version that built them; the GPU must have the same compute capability unless the
-    engine was built hardware-compatible (``ampere_plus``: any sm80+ GPU).
-    """
-    cur = current if current is not None else current_environment()
-    missing = [k for k in _REQUIRED_META if k not in metadata]
-    if missing:
-        raise EngineMismatchError(
-            f"engine metadata lacks {missing}: it was not built by fa3trt.build (or by an older version); "
-            f"rebuild it with `{BUILD_HINT} --force`"
-        )
-    rebuild = f"rebuild it on this machine with `{BUILD_HINT} --store <uri>`"
-    if (metadata["plugin_name"], str(metadata["plugin_version"])) != (cur["plugin_name"], cur["plugin_version"]):
-        raise EngineMismatchError(
-            f"engine was built for plugin {metadata['plugin_name']} v{metadata['plugin_version']}, "
-            f"this is {cur['plugin_name']} v{cur['plugin_version']}; {rebuild}"
-        )
-    if str(metadata["trt_version"]) != cur["trt_version"]:
-        raise EngineMismatchError(
-            f"engine was built for TensorRT {metadata['trt_version']}, this is TensorRT {cur['trt_version']}; "
-            f"{rebuild} (or install TensorRT {metadata['trt_version']})"
-        )
-    built, here = _cc(metadata["compute_capability"]), _cc(cur["compute_capability"])
-    level = metadata.get("hardware_compatibility_level", "none")
-    ok = here >= (8, 0) if level == "ampere_plus" else built == here
-    if not ok:
-        need = "an sm80+ GPU" if level == "ampere_plus" else f"compute capability {metadata['compute_capability']}"
-        raise EngineMismatchError(
-            f"engine was built for compute capability {metadata['compute_capability']} "
-            f"({metadata.get('gpu_name', 'unknown GPU')}), this is {cur['compute_capability']} "
-            f"({cur.get('gpu_name', 'unknown GPU')}); it needs {need}: {rebuild}"
-        )
 
 
 # --------------------------------------------------------------------------- building

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fa3trt.op import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION, onnx_export_mode
 from fa3trt.errors import ExportError
 from fa3trt.model import ModelConfig, Transformer, build_model
+from fa3trt.op import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION, onnx_export_mode
 
 __all__ = ["export_onnx", "verify_onnx", "ExportResult", "file_sha256", "plugin_nodes", "OPSET"]
 

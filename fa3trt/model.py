@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fa3trt._hashing import spec_hash
-from fa3trt.op import MODE_FP8, MODE_NATIVE, attention
 from fa3trt.buckets import to_device
 from fa3trt.errors import ConfigError, InvalidInputError
+from fa3trt.op import MODE_FP8, MODE_NATIVE, attention
 
 __all__ = ["ModelConfig", "Transformer", "build_model", "save_weights", "PRESETS"]
 

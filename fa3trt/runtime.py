@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fa3trt.buckets import Buckets
 from fa3trt.build import (
     DEFAULT_MAX_BATCH_TOKENS,
     INPUT_SEQ_LENS,
@@ -33,11 +34,9 @@ from fa3trt.build import (
     OUTPUT_Y,
     ProfileSpec,
     build_to_store,
-    check_compatible,
-    current_environment,
     engine_key_for,
 )
-from fa3trt.buckets import Buckets
+from fa3trt.compat import check_compatible, current_environment
 from fa3trt.errors import EngineCorruptError, EngineExecutionError, EngineNotFoundError, InvalidInputError
 from fa3trt.model import ModelConfig
 from fa3trt.plugin import register_plugin, require_registered

@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fa3trt.backends import TorchBackend
     from fa3trt.buckets import Buckets
-    from fa3trt.build import current_environment
-    from fa3trt.model import ModelConfig
+    from fa3trt.compat import current_environment
     from fa3trt.kernels.selector import enqueue_kernel
+    from fa3trt.model import ModelConfig
     from fa3trt.runtime import TensorRTBackend
     from fa3trt.store import ArtifactStore
 

@@ -32,6 +32,7 @@ are still read.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +44,13 @@ from datetime import datetime
 from typing import Any
 
 from fa3trt import defaults
-from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, EngineCorruptError, EngineNotFoundError
+from fa3trt.errors import (
+    ArtifactCorruptError,
+    ArtifactNotFoundError,
+    ConfigError,
+    EngineCorruptError,
+    EngineNotFoundError,
+)
 
 __all__ = [
     "ArtifactStore",
@@ -317,10 +324,8 @@ class ArtifactStore:
         return [p for p in names if pattern.match(p.rsplit("/", 1)[-1])]
 
     def _rm_quiet(self, path: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
-        except FileNotFoundError:
-            pass
 
     def _collect_garbage(self, kind: str, key: str) -> None:
         """Delete this key's blobs that the current sidecar does not name and that are old."""

@@ -2,7 +2,7 @@
 
 - only ``fa3trt/_trt.py`` imports TensorRT at run time (elsewhere only under ``TYPE_CHECKING``,
   for mypy against the stubs), and only ``fa3trt/_trt.py``, ``fa3trt/plugin/``, ``build.py``,
-  ``runtime.py``, ``backends.py`` and ``selfcheck.py`` reach it (other packages ask
+  ``compat.py``, ``runtime.py``, ``backends.py`` and ``selfcheck.py`` reach it (other packages ask
   ``fa3trt.tensorrt_available()``); the op, the kernels and the model never do;
 - no module imports another module's private name, and nothing outside ``fa3trt`` imports a
   private module of it;
@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fa3trt", "deploy", "build_jobs", "bench")
 # fa3trt/__init__.py re-exports _trt.available as fa3trt.tensorrt_available for the other packages.
-TRT_USERS = {"fa3trt/__init__.py", "fa3trt/_trt.py", "fa3trt/build.py", "fa3trt/runtime.py", "fa3trt/backends.py", "fa3trt/selfcheck.py"}
+TRT_USERS = {"fa3trt/__init__.py", "fa3trt/_trt.py", "fa3trt/build.py", "fa3trt/compat.py", "fa3trt/runtime.py", "fa3trt/backends.py", "fa3trt/selfcheck.py"}
 
 
 def _modules() -> list[Path]:

@@ -58,24 +58,23 @@ def serve_cluster(log_dir: Path, extra_env: dict[str, str] | None = None, num_cp
     out = run([ray_bin, "start", "--head", f"--num-cpus={num_cpus}", "--port=6379", "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env)
     assert out.returncode == 0, out.stderr
     env["RAY_ADDRESS"] = "auto"
-    log = open(log_dir / "serve.log", "w")
-    proc = subprocess.Popen([serve_bin, "run", "serve_config.yaml"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
+    with open(log_dir / "serve.log", "w") as log:
+        proc = subprocess.Popen([serve_bin, "run", "serve_config.yaml"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_ready(proc)
-        except Exception as e:
-            log.flush()
-            tail = (log_dir / "serve.log").read_text(errors="replace")[-6000:]
-            raise RuntimeError(f"{e}; serve run log tail:\n{tail}") from e
-        yield env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        run([ray_bin, "stop", "--force"], env)
-        log.close()
+            try:
+                wait_ready(proc)
+            except Exception as e:
+                log.flush()
+                tail = (log_dir / "serve.log").read_text(errors="replace")[-6000:]
+                raise RuntimeError(f"{e}; serve run log tail:\n{tail}") from e
+            yield env
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            run([ray_bin, "stop", "--force"], env)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from deploy.app import ModelReplica, bucket_limits, derive_max_ongoing, replica_plan
-from deploy.codec import decode_json, decode_npy, encode_npy, all_finite, from_numpy_like, to_numpy, validate_sequence
+from deploy.codec import all_finite, decode_json, decode_npy, encode_npy, from_numpy_like, to_numpy, validate_sequence
 from fa3trt.buckets import Buckets
 from fa3trt.config import AppArgs
 from fa3trt.errors import InvalidInputError, RequestError

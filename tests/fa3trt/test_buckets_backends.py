@@ -9,8 +9,8 @@ import torch
 import fa3trt
 from fa3trt.backends import Backend, TorchBackend, load_backend
 from fa3trt.buckets import Buckets, assemble, lengths_to_device, padding_ratio, to_host
-from fa3trt.testing import split_rows
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
+from fa3trt.testing import split_rows
 from tests.utils import gpu, rel_err
 
 

@@ -16,20 +16,19 @@ import pytest
 import torch
 
 from fa3trt.artifacts import onnx_key
-from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.buckets import Buckets
 from fa3trt.build import (
     HASH_IGNORES,
     BuildConfig,
     ProfileSpec,
-    check_compatible,
-    engine_key,
     engine_key_for,
     onnx_hidden,
     profiles,
 )
+from fa3trt.compat import check_compatible, engine_key
 from fa3trt.errors import ConfigError, EngineMismatchError, EngineNotFoundError, InvalidInputError
 from fa3trt.model import ModelConfig
+from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.runtime import TRTEngine, select_profile
 from fa3trt.store import ArtifactStore
 from tests.utils import gpu, requires_tensorrt
@@ -222,7 +221,7 @@ def test_tensorrt_calls_typecheck_against_stubs(tmp_path: Path) -> None:
     cfg = _sanitized_stubs(tmp_path)
     if cfg is None:
         pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
-    files = ["fa3trt/plugin", "fa3trt/_trt.py", "fa3trt/build.py", "fa3trt/runtime.py"]
+    files = ["fa3trt/plugin", "fa3trt/_trt.py", "fa3trt/build.py", "fa3trt/compat.py", "fa3trt/runtime.py"]
     env = dict(os.environ, MYPYPATH=str(tmp_path))
     r = subprocess.run(
         [sys.executable, "-m", "mypy", "--config-file", str(cfg), "--no-incremental", "--cache-dir", str(tmp_path / ".mypy"), *files],
@@ -275,7 +274,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @gpu
 @requires_tensorrt
 def test_build_to_store_metadata_and_key(built: dict[str, Any]) -> None:
-    from fa3trt.build import build_to_store, current_environment
+    from fa3trt.build import build_to_store
+    from fa3trt.compat import current_environment
 
     meta, store = built["meta"], built["store"]
     env = current_environment()

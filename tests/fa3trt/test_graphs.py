@@ -12,9 +12,9 @@ import torch
 
 import fa3trt
 from fa3trt._graphs import GraphRunner
-from fa3trt.kernels.selector import lengths_on_device, select_kernel
 from fa3trt.backends import TorchBackend, load_backend
 from fa3trt.errors import ConfigError
+from fa3trt.kernels.selector import lengths_on_device, select_kernel
 from tests.utils import gpu, rel_err
 
 

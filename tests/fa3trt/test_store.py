@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError, EngineCorruptError, EngineNotFoundError
+from fa3trt.errors import (
+    ArtifactCorruptError,
+    ArtifactNotFoundError,
+    ConfigError,
+    EngineCorruptError,
+    EngineNotFoundError,
+)
 from fa3trt.store import GC_GRACE_S, ArtifactStore, timing_cache_key
 
 

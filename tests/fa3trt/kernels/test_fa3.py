@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import fa3trt
+from fa3trt.errors import MissingDependencyError
+from fa3trt.fa3_build import HEAD_DIMS, build_env, main
 from fa3trt.kernels import fa3 as _fa3
 from fa3trt.kernels.registry import available_kernels
 from fa3trt.testing import reference_attention, run_kernel
-from fa3trt.errors import MissingDependencyError
-from fa3trt.fa3_build import HEAD_DIMS, build_env, main
 from tests.utils import gpu, rel_err
 
 TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}

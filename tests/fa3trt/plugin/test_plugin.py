@@ -379,9 +379,8 @@ def _single_node_onnx(path: str, b: int, s: int, h: int, d: int, dtype: str, mod
 def test_plugin_in_a_real_engine(tmp_path: object, dtype: str) -> None:
     """One plugin node built into an engine, serialized, deserialized (create_plugin with the
     runtime phase) and run; compared with the float64 reference."""
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
-
     import tensorrt as trt  # tests may import it; the library goes through fa3trt._trt
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     plugin.register_plugin()
     assert plugin.is_registered()
