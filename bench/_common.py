@@ -52,7 +52,11 @@ def cpu_shares(before: list[int] | None, after: list[int] | None) -> dict[str, f
     if total <= 0:
         return None
     user, nice, system, idle, iowait, irq, softirq, steal = d[:8]
-    return {"busy": (user + nice + system + irq + softirq) / total, "idle": (idle + iowait) / total, "steal": steal / total}
+    return {
+        "busy": (user + nice + system + irq + softirq) / total,
+        "idle": (idle + iowait) / total,
+        "steal": steal / total,
+    }
 
 
 class GpuSampler:
@@ -69,8 +73,17 @@ class GpuSampler:
     def start(self) -> GpuSampler:
         if shutil.which("nvidia-smi"):
             self._proc = subprocess.Popen(
-                ["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits", "-lms", str(self.interval_ms)],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                [
+                    "nvidia-smi",
+                    f"--query-gpu={self.QUERY}",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    str(self.interval_ms),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         return self
 
     def stop(self) -> dict[int, dict[str, float]]:
@@ -92,8 +105,14 @@ class GpuSampler:
                 per.setdefault(int(i), []).append((float(mhz), float(watts), float(util)))
             except ValueError:
                 continue
-        return {i: {"sm_mhz": statistics.mean(v[0] for v in rows), "power_w": statistics.mean(v[1] for v in rows),
-                    "util_pct": statistics.mean(v[2] for v in rows)} for i, rows in per.items()}
+        return {
+            i: {
+                "sm_mhz": statistics.mean(v[0] for v in rows),
+                "power_w": statistics.mean(v[1] for v in rows),
+                "util_pct": statistics.mean(v[2] for v in rows),
+            }
+            for i, rows in per.items()
+        }
 
 
 def time_host_ms(fn: Callable[[], Any], *, warmup: int = 1, iters: int = 5) -> float:
@@ -135,7 +154,12 @@ def host_us(fn: Callable[[], Any], iters: int, warmup: int = 0) -> float:
 def save(out_dir: str | Path, name: str, result: dict[str, Any]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"card": card(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
+    result = {
+        "card": card(),
+        "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **result,
+    }
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=1, sort_keys=True))
     return path
@@ -163,7 +187,15 @@ def save_figure(fig: Any, out_dir: str | Path, name: str, title: str, dpi: int =
     return path
 
 
-def bar_plot(out_dir: str | Path, name: str, labels: list[str], values: list[float], ylabel: str, title: str, goal: float | None = None) -> Path:
+def bar_plot(
+    out_dir: str | Path,
+    name: str,
+    labels: list[str],
+    values: list[float],
+    ylabel: str,
+    title: str,
+    goal: float | None = None,
+) -> Path:
     fig, ax = pyplot().subplots(figsize=(max(6, 0.7 * len(labels)), 4))
     ax.bar(range(len(values)), values, color="#4c72b0")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)

@@ -70,8 +70,12 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], rounds: int) -> dict[str,
         ta.append(x)
         tb.append(y)
         ratios.append(y / x)  # b's time over a's: a's speed relative to b's, per FLOP counted alike
-    return {"a_ms": statistics.median(ta), "b_ms": statistics.median(tb), "ratio_median": statistics.median(ratios),
-            "ratio_range": [min(ratios), max(ratios)]}
+    return {
+        "a_ms": statistics.median(ta),
+        "b_ms": statistics.median(tb),
+        "ratio_median": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+    }
 
 
 def settle(fn: Callable[[], Any], padded_flops: float) -> None:
@@ -87,7 +91,9 @@ def masked_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None, None, :])
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep[:, None, None, :]
+        )
 
 
 def main() -> None:
@@ -111,7 +117,16 @@ def main() -> None:
             first = first_call_ms(lambda: run_kernel(name, q, k, v))
             settle(lambda: run_kernel(name, q, k, v), flops([s] * b))
             ms, host = timed(lambda: run_kernel(name, q, k, v))
-            rows.append({"shape": label, "kernel": name, "ms": ms, "tflops": flops([s] * b) / ms / 1e9, "host_us": host, "first_call_ms": first})
+            rows.append(
+                {
+                    "shape": label,
+                    "kernel": name,
+                    "ms": ms,
+                    "tflops": flops([s] * b) / ms / 1e9,
+                    "host_us": host,
+                    "first_call_ms": first,
+                }
+            )
     q, k, v = qkv(8, 2048)
     lens_host = torch.tensor(RAGGED, dtype=torch.int32)
     lens_dev = lens_host.cuda()
@@ -124,16 +139,39 @@ def main() -> None:
             out = run_kernel(name, q, k, v, lens)
             err = float((out[6:8].double() - ref.double()).norm() / ref.double().norm())
             ms, host = timed(lambda: run_kernel(name, q, k, v, lens))
-            rows.append({"shape": f"ragged 8x2048 ({where})", "kernel": name, "ms": ms, "tflops": flops(RAGGED) / ms / 1e9, "host_us": host, "rel_err": err, "first_call_ms": first})
+            rows.append(
+                {
+                    "shape": f"ragged 8x2048 ({where})",
+                    "kernel": name,
+                    "ms": ms,
+                    "tflops": flops(RAGGED) / ms / 1e9,
+                    "host_us": host,
+                    "rel_err": err,
+                    "first_call_ms": first,
+                }
+            )
     ms, host = timed(lambda: masked_cudnn(q, k, v, lens_dev))
-    rows.append({"shape": "ragged 8x2048 (device lens)", "kernel": "cudnn+mask", "ms": ms, "tflops": flops(RAGGED) / ms / 1e9, "host_us": host})
+    rows.append(
+        {
+            "shape": "ragged 8x2048 (device lens)",
+            "kernel": "cudnn+mask",
+            "ms": ms,
+            "tflops": flops(RAGGED) / ms / 1e9,
+            "host_us": host,
+        }
+    )
 
     summary: dict[str, Any] = {"default_kernel": default}
     for shape in (f"seed 1x{args.seed_len}", "1x4096", "full 8x2048"):
         sel = [r for r in rows if r["shape"] == shape]
         best = max(sel, key=lambda r: r["tflops"])
         mine = next(r for r in sel if r["kernel"] == default)
-        summary[shape] = {"fastest": best["kernel"], "fastest_tflops": best["tflops"], "default_tflops": mine["tflops"], "default_vs_fastest": mine["tflops"] / best["tflops"]}
+        summary[shape] = {
+            "fastest": best["kernel"],
+            "fastest_tflops": best["tflops"],
+            "default_tflops": mine["tflops"],
+            "default_vs_fastest": mine["tflops"] / best["tflops"],
+        }
     full = next(r for r in rows if r["shape"] == "full 8x2048" and r["kernel"] == default)
     rag = next(r for r in rows if r["shape"] == "ragged 8x2048 (host lens)" and r["kernel"] == default)
     summary["ragged_vs_unmasked"] = rag["tflops"] / full["tflops"]
@@ -150,11 +188,12 @@ def main() -> None:
     # the padded rows, lengths on the device.
     own: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
     if "fa3" in kernels:
-
         own["fa3"] = (lambda: fa3.attention(q, k, v, lens_dev, zero_tail=False), lambda: fa3.attention(q, k, v))
     if "flash_cute" in kernels:
-
-        own["flash_cute"] = (lambda: flash_cute.attention(q, k, v, lens_dev, zero_tail=False), lambda: flash_cute.attention(q, k, v))
+        own["flash_cute"] = (
+            lambda: flash_cute.attention(q, k, v, lens_dev, zero_tail=False),
+            lambda: flash_cute.attention(q, k, v),
+        )
     for name, (ragged, dense) in own.items():
         ck = paired(ragged, dense, args.rounds)
         summary[f"{name}_kernel_ragged_vs_dense"] = {
@@ -165,24 +204,43 @@ def main() -> None:
         }
 
     print(f"card: {card()}   default kernel: {default}")
-    print(f"{'shape':32s} {'kernel':14s} {'ms':>8s} {'TFLOP/s':>9s} {'host us':>8s} {'rel err':>9s} {'1st call ms':>12s}")
+    print(
+        f"{'shape':32s} {'kernel':14s} {'ms':>8s} {'TFLOP/s':>9s} {'host us':>8s} {'rel err':>9s} {'1st call ms':>12s}"
+    )
     for r in rows:
         err_txt = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         first_txt = f"{r['first_call_ms']:.1f}" if "first_call_ms" in r else ""
-        print(f"{r['shape']:32s} {r['kernel']:14s} {r['ms']:8.3f} {r['tflops']:9.1f} {r['host_us']:8.1f} {err_txt:>9s} {first_txt:>12s}")
+        print(
+            f"{r['shape']:32s} {r['kernel']:14s} {r['ms']:8.3f} {r['tflops']:9.1f} {r['host_us']:8.1f} {err_txt:>9s} {first_txt:>12s}"
+        )
     for shape in (f"seed 1x{args.seed_len}", "1x4096", "full 8x2048"):
         s = summary[shape]
-        print(f"{shape}: default {s['default_tflops']:.0f} TFLOP/s = {100 * s['default_vs_fastest']:.1f}% of fastest ({s['fastest']}); goal >= 95%")
-    print(f"ragged 8x2048 with {default} (useful FLOPs): {100 * summary['ragged_vs_unmasked']:.1f}% of unmasked; goal >= 90%")
+        print(
+            f"{shape}: default {s['default_tflops']:.0f} TFLOP/s = {100 * s['default_vs_fastest']:.1f}% of fastest ({s['fastest']}); goal >= 95%"
+        )
+    print(
+        f"ragged 8x2048 with {default} (useful FLOPs): {100 * summary['ragged_vs_unmasked']:.1f}% of unmasked; goal >= 90%"
+    )
     pr = summary["ragged_vs_unmasked_paired"]
     for name in own:
         ck = summary[f"{name}_kernel_ragged_vs_dense"]
-        print(f"  {name}'s own launches, in alternation: ragged {ck['ragged_tflops']:.0f} vs dense {ck['dense_tflops']:.0f} "
-              f"TFLOP/s = {100 * ck['ratio_median']:.1f}% (rounds {100 * ck['ratio_range'][0]:.1f}-{100 * ck['ratio_range'][1]:.1f}%)")
-    print(f"  measured in alternation, {pr['rounds']} rounds: ragged {pr['ragged_tflops']:.0f} vs unmasked {pr['unmasked_tflops']:.0f} "
-          f"TFLOP/s = {100 * pr['ratio_median']:.1f}% (rounds {100 * pr['ratio_range'][0]:.1f}-{100 * pr['ratio_range'][1]:.1f}%)")
+        print(
+            f"  {name}'s own launches, in alternation: ragged {ck['ragged_tflops']:.0f} vs dense {ck['dense_tflops']:.0f} "
+            f"TFLOP/s = {100 * ck['ratio_median']:.1f}% (rounds {100 * ck['ratio_range'][0]:.1f}-{100 * ck['ratio_range'][1]:.1f}%)"
+        )
+    print(
+        f"  measured in alternation, {pr['rounds']} rounds: ragged {pr['ragged_tflops']:.0f} vs unmasked {pr['unmasked_tflops']:.0f} "
+        f"TFLOP/s = {100 * pr['ratio_median']:.1f}% (rounds {100 * pr['ratio_range'][0]:.1f}-{100 * pr['ratio_range'][1]:.1f}%)"
+    )
     save(args.out, "attention", {"rows": rows, "summary": summary, "ragged_lengths": RAGGED})
-    bar_plot(args.out, "attention", [f"{r['shape']}\n{r['kernel']}" for r in rows], [r["tflops"] for r in rows], "TFLOP/s (useful)", f"attention kernels, bf16, H={H} D={D} - {card()}")
+    bar_plot(
+        args.out,
+        "attention",
+        [f"{r['shape']}\n{r['kernel']}" for r in rows],
+        [r["tflops"] for r in rows],
+        "TFLOP/s (useful)",
+        f"attention kernels, bf16, H={H} D={D} - {card()}",
+    )
 
 
 if __name__ == "__main__":

@@ -40,10 +40,17 @@ def main() -> None:
 
     def specs(store: Path) -> list[tuple[str, AppArgs]]:
         return [
-            (f"spec{i}", AppArgs.model_validate({
-                "model": {"preset": args.preset, "layers": args.layers, "dtype": "bfloat16", "seed": i},
-                "buckets": [256, 1024], "backend": backend, "store": str(store),
-            }))
+            (
+                f"spec{i}",
+                AppArgs.model_validate(
+                    {
+                        "model": {"preset": args.preset, "layers": args.layers, "dtype": "bfloat16", "seed": i},
+                        "buckets": [256, 1024],
+                        "backend": backend,
+                        "store": str(store),
+                    }
+                ),
+            )
             for i in range(args.specs)
         ]
 
@@ -54,9 +61,16 @@ def main() -> None:
         bad = [r.error for r in results if r.status != "ok"]
         if bad:
             raise SystemExit(f"{label}: builds failed: {bad}")
-        row = {"label": label, "wall_s": wall, "items": len(results),
-               "item_s": [r.seconds for r in results], "gpu_ids": [r.gpu_ids for r in results]}
-        print(f"{label:28s} {wall:7.1f} s wall  items {[round(s or 0, 1) for s in row['item_s']]} s  gpu ids {row['gpu_ids']}")
+        row = {
+            "label": label,
+            "wall_s": wall,
+            "items": len(results),
+            "item_s": [r.seconds for r in results],
+            "gpu_ids": [r.gpu_ids for r in results],
+        }
+        print(
+            f"{label:28s} {wall:7.1f} s wall  items {[round(s or 0, 1) for s in row['item_s']]} s  gpu ids {row['gpu_ids']}"
+        )
         return row
 
     print(f"card: {card()} x{gpus}  backend {backend}  {args.specs} specs ({args.preset}, {args.layers} layers, bf16)")
@@ -65,9 +79,19 @@ def main() -> None:
     ray.shutdown()
     speedup = seq["wall_s"] / par["wall_s"]
     print(f"parallel speed-up: {speedup:.2f}x" + (f" (ideal {min(gpus, args.specs)}x)" if gpus else ""))
-    save(args.out, "build_timing", {"backend": backend, "gpus": gpus, "specs": args.specs, "rows": [seq, par], "speedup": speedup})
-    bar_plot(args.out, "build_timing", [seq["label"], par["label"]], [seq["wall_s"], par["wall_s"]], "wall seconds",
-             f"build {args.specs} specs ({backend}) - {card()} x{gpus}")
+    save(
+        args.out,
+        "build_timing",
+        {"backend": backend, "gpus": gpus, "specs": args.specs, "rows": [seq, par], "speedup": speedup},
+    )
+    bar_plot(
+        args.out,
+        "build_timing",
+        [seq["label"], par["label"]],
+        [seq["wall_s"], par["wall_s"]],
+        "wall seconds",
+        f"build {args.specs} specs ({backend}) - {card()} x{gpus}",
+    )
 
 
 if __name__ == "__main__":

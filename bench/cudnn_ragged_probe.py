@@ -78,7 +78,12 @@ def timed_first_call(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def environment() -> None:
     say("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda)
-    say("torch's cuDNN:", torch.backends.cudnn.version(), "| GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+    say(
+        "torch's cuDNN:",
+        torch.backends.cudnn.version(),
+        "| GPU:",
+        torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+    )
     say("LD_LIBRARY_PATH =", os.environ.get("LD_LIBRARY_PATH", "(unset)"))
     for mod in ("cuda.bindings", "triton"):
         try:
@@ -120,12 +125,16 @@ def main() -> int:
     st: dict[str, Any] = {}
 
     def first_calls() -> None:
-        _, ms = timed_first_call(lambda: zero_tail_(torch.empty_like(q), lens))  # same shape: same Triton specialization
+        _, ms = timed_first_call(
+            lambda: zero_tail_(torch.empty_like(q), lens)
+        )  # same shape: same Triton specialization
         say(f"zeroing kernel first call (Triton compile if Triton): {ms:.1f} ms; triton={triton_kernel() is not None}")
         out, ms = timed_first_call(lambda: cf.ragged_attention(q, k, v, lens))
         st["out"] = out
         entry = cf.cached_graph(q)
-        say(f"ragged_attention first call (plan build + run): {ms:.1f} ms; plan build alone: {getattr(entry, 'build_ms', float('nan')):.1f} ms")
+        say(
+            f"ragged_attention first call (plan build + run): {ms:.1f} ms; plan build alone: {getattr(entry, 'build_ms', float('nan')):.1f} ms"
+        )
         if entry is not None and not isinstance(entry, Exception):
             say(f"workspace {entry.workspace} bytes; plans cached on this thread: {cf.cached_plans()}")
             for name in ("get_execution_plan_count",):
@@ -148,7 +157,9 @@ def main() -> int:
             out = cf.ragged_attention(q, k, v, lens)
         ref = reference_attention(q[6:8], k[6:8], v[6:8], lens[6:8])
         err = rel_err(out[6:8], ref)
-        say(f"rel err vs float64 reference, sequences 6..7 (n={LENS[6]},{LENS[7]}): {err:.2e} -> {'OK' if err < 2e-2 else 'FAIL'} (< 2e-2)")
+        say(
+            f"rel err vs float64 reference, sequences 6..7 (n={LENS[6]},{LENS[7]}): {err:.2e} -> {'OK' if err < 2e-2 else 'FAIL'} (< 2e-2)"
+        )
         tails = [float(out[i, n:].abs().max()) if n < 2048 else 0.0 for i, n in enumerate(LENS)]
         say("max |out| past each length:", tails, "->", "OK zero" if max(tails) == 0 else "FAIL")
         say("NaN anywhere:", bool(torch.isnan(out).any()))
@@ -166,9 +177,14 @@ def main() -> int:
             elif bool((t == 0).all()):
                 kinds.append("zero")
             else:
-                kinds.append(f"mixed(nan={float(torch.isnan(t).float().mean()):.2f},zero={float((t == 0).float().mean()):.2f})")
+                kinds.append(
+                    f"mixed(nan={float(torch.isnan(t).float().mean()):.2f},zero={float((t == 0).float().mean()):.2f})"
+                )
         say("cuDNN's own padded rows (output prefilled with NaN):", kinds)
-        say("raw valid rows equal the zeroed output:", all(torch.equal(raw[i, :n], out[i, :n]) for i, n in enumerate(LENS)))
+        say(
+            "raw valid rows equal the zeroed output:",
+            all(torch.equal(raw[i, :n], out[i, :n]) for i, n in enumerate(LENS)),
+        )
         # fp16 once, smaller.
         q16, k16, v16 = qkv(2, 512, torch.float16)
         l16 = torch.tensor([512, 137], dtype=torch.int32, device=dev)
@@ -217,15 +233,21 @@ def main() -> int:
         before = cf.cached_plans()
         l2 = torch.tensor(LENS2, dtype=torch.int32, device=dev)
         out2, ms = timed_first_call(lambda: cf.ragged_attention(q, k, v, l2))
-        say(f"lengths {LENS2}: first call {ms:.2f} ms wall; plans cached before/after: {before}/{cf.cached_plans()} (same = plan reused)")
+        say(
+            f"lengths {LENS2}: first call {ms:.2f} ms wall; plans cached before/after: {before}/{cf.cached_plans()} (same = plan reused)"
+        )
         err = rel_err(out2[4:5], reference_attention(q[4:5], k[4:5], v[4:5], l2[4:5]))
         err7 = rel_err(out2[7:8, :1], reference_attention(q[7:8, :1], k[7:8, :1], v[7:8, :1]))
-        say(f"rel err sequence 4 (n={LENS2[4]}): {err:.2e}; sequence 7 (n=1): {err7:.2e}; NaN: {bool(torch.isnan(out2).any())}")
+        say(
+            f"rel err sequence 4 (n={LENS2[4]}): {err:.2e}; sequence 7 (n=1): {err7:.2e}; NaN: {bool(torch.isnan(out2).any())}"
+        )
         ms2 = time_cuda_ms(lambda: cf.ragged_attention(q, k, v, l2))
         nz = LENS2
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             dense_ms = time_cuda_ms(lambda: dense_cudnn(q, k, v))
-        say(f"ragged {ms2:.3f} ms = {tflops(useful_flops(nz), ms2):.1f} useful TFLOP/s; ratio to dense {tflops(useful_flops(nz), ms2) / tflops(useful_flops([2048] * 8), dense_ms):.3f}")
+        say(
+            f"ragged {ms2:.3f} ms = {tflops(useful_flops(nz), ms2):.1f} useful TFLOP/s; ratio to dense {tflops(useful_flops(nz), ms2) / tflops(useful_flops([2048] * 8), dense_ms):.3f}"
+        )
 
     section("plan reuse: other lengths, same (B, S)", reuse)
 
@@ -250,10 +272,16 @@ def main() -> int:
         l0 = torch.tensor([300, 0, 2048, 0, 5, 17, 64, 1000], dtype=torch.int32, device=dev)
         out = cf.ragged_attention(q, k, v, l0)
         torch.cuda.synchronize()
-        say(f"lengths {l0.tolist()}: empty sequences all zero: {bool((out[1] == 0).all() and (out[3] == 0).all())}; NaN: {bool(torch.isnan(out).any())}")
-        say(f"rel err sequence 4 (n=5): {rel_err(out[4:5, :5], reference_attention(q[4:5, :5], k[4:5, :5], v[4:5, :5])):.2e}")
+        say(
+            f"lengths {l0.tolist()}: empty sequences all zero: {bool((out[1] == 0).all() and (out[3] == 0).all())}; NaN: {bool(torch.isnan(out).any())}"
+        )
+        say(
+            f"rel err sequence 4 (n=5): {rel_err(out[4:5, :5], reference_attention(q[4:5, :5], k[4:5, :5], v[4:5, :5])):.2e}"
+        )
         big = torch.tensor([4096] * 8, dtype=torch.int32, device=dev)  # past S: clamped to S
-        say(f"lengths past S (clamped) vs dense: rel err {rel_err(cf.ragged_attention(q, k, v, big), dense_cudnn(q, k, v).transpose(1, 2)):.2e}")
+        say(
+            f"lengths past S (clamped) vs dense: rel err {rel_err(cf.ragged_attention(q, k, v, big), dense_cudnn(q, k, v).transpose(1, 2)):.2e}"
+        )
 
     section("zero-length sequences, lengths past S", zero_length)
     return 0

@@ -35,7 +35,14 @@ from fa3trt.testing import run_kernel, time_queued
 
 H, D = 32, 128
 RAGGED = [2048, 1900, 1700, 1500, 1200, 900, 600, 300]
-DENSE = {"16x1024": (16, 1024), "8x2048": (8, 2048), "1x4096": (1, 4096), "1x6144": (1, 6144), "1x8192": (1, 8192), "seed 1x15708": (1, 15708)}
+DENSE = {
+    "16x1024": (16, 1024),
+    "8x2048": (8, 2048),
+    "1x4096": (1, 4096),
+    "1x6144": (1, 6144),
+    "1x8192": (1, 8192),
+    "seed 1x15708": (1, 15708),
+}
 
 
 def flops(lengths: list[int]) -> float:
@@ -53,8 +60,12 @@ def host_costs(fa3: Any, op: Any, qkv: list[torch.Tensor]) -> dict[str, float]:
     flat = [t.view(8 * 128, H, D) for t in (q, k, v)]
     scratch = q.clone()
     entries: dict[str, Callable[[], Any]] = {
-        "interface flash_attn_varlen_func": lambda: fa3.flash_attn_varlen_func(*flat, cu, cu, 128, 128, seqused_q=ld, seqused_k=ld),
-        "interface _flash_attn_forward": lambda: fa3._flash_attn_forward(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, seqused_q=ld, seqused_k=ld, max_seqlen_q=128, max_seqlen_k=128),
+        "interface flash_attn_varlen_func": lambda: fa3.flash_attn_varlen_func(
+            *flat, cu, cu, 128, 128, seqused_q=ld, seqused_k=ld
+        ),
+        "interface _flash_attn_forward": lambda: fa3._flash_attn_forward(
+            *flat, cu_seqlens_q=cu, cu_seqlens_k=cu, seqused_q=ld, seqused_k=ld, max_seqlen_q=128, max_seqlen_k=128
+        ),
         "registered op (what fa3trt.kernels.fa3 calls)": lambda: op(q, k, v, seqused_q=ld, seqused_k=ld, num_splits=1),
         "op path, device lengths": lambda: run_kernel("fa3", q, k, v, ld),
         "op path, host lengths": lambda: run_kernel("fa3", q, k, v, lh),
@@ -96,7 +107,9 @@ def main() -> None:
     cu = torch.arange(0, 9 * 2048, 2048, dtype=torch.int32, device=dev)
     flat = [t.view(8 * 2048, H, D) for t in (q, k, v)]
     fns[("ragged 8x2048", "fa3 registered op")] = lambda: _fa3.attention(q, k, v, ld, zero_tail=False)
-    fns[("ragged 8x2048", "fa3 interface varlen")] = lambda: fa3.flash_attn_varlen_func(*flat, cu, cu, 2048, 2048, seqused_q=ld, seqused_k=ld)
+    fns[("ragged 8x2048", "fa3 interface varlen")] = lambda: fa3.flash_attn_varlen_func(
+        *flat, cu, cu, 2048, 2048, seqused_q=ld, seqused_k=ld
+    )
     fns[("ragged 8x2048", "op path")] = lambda: run_kernel("fa3", q, k, v, ld)
     # The dense batch through the kernel the ragged one gets (FA3's varlen template: no 2-CTA
     # cluster, no TMA store of O, a scheduler-preparation kernel first): what that kernel variant
@@ -115,7 +128,7 @@ def main() -> None:
             side = streams[i % nstreams]
             side.wait_event(ready)
             with torch.cuda.stream(side):
-                _fa3.attention(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n], out=out[i:i + 1, :n])
+                _fa3.attention(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n], out=out[i : i + 1, :n])
         for side in streams[:nstreams]:
             main.wait_stream(side)
 
@@ -140,7 +153,9 @@ def main() -> None:
         t = qkv(8, n)
         fns[(f"members 8x{n}", "fa3")] = lambda t=t: _fa3.attention(*t)
         lens_n = torch.full((8,), n, dtype=torch.int32, device=dev)
-        fns[(f"members 8x{n}", "fa3 varlen kernel")] = lambda t=t, lens_n=lens_n: _fa3.attention(*t, lens_n, zero_tail=False)
+        fns[(f"members 8x{n}", "fa3 varlen kernel")] = lambda t=t, lens_n=lens_n: _fa3.attention(
+            *t, lens_n, zero_tail=False
+        )
         work[f"members 8x{n}"] = flops([n] * 8)
     for fn in fns.values():
         for _ in range(30):  # FA3's first call loads its kernels; cuDNN plans each shape
@@ -149,8 +164,16 @@ def main() -> None:
     for _ in range(args.rounds):
         for key, fn in fns.items():
             samples[key].append(time_queued(fn)[0])
-    rows = [{"shape": a, "kernel": b, "ms": statistics.median(ms), "ms_range": [min(ms), max(ms)],
-             "tflops": work[a] / statistics.median(ms) / 1e9} for (a, b), ms in samples.items()]
+    rows = [
+        {
+            "shape": a,
+            "kernel": b,
+            "ms": statistics.median(ms),
+            "ms_range": [min(ms), max(ms)],
+            "tflops": work[a] / statistics.median(ms) / 1e9,
+        }
+        for (a, b), ms in samples.items()
+    ]
     # The ragged batch if every member ran at the rate FA3 reaches on its length alone.
     ideal_ms = sum(statistics.median(samples[(f"members 8x{n}", "fa3")]) / 8 for n in RAGGED)
     dense_fa3 = samples[("8x2048", "fa3")]
@@ -160,9 +183,16 @@ def main() -> None:
     ideal_varlen_ms = sum(statistics.median(samples[(f"members 8x{n}", "fa3 varlen kernel")]) / 8 for n in RAGGED)
     varlen = {
         "dense_varlen_vs_dense": statistics.median(dense_fa3) / statistics.median(dense_varlen),
-        "members_alone_vs_dense_varlen": statistics.median(dense_varlen) * work["ragged 8x2048"] / work["8x2048"] / ideal_varlen_ms,
+        "members_alone_vs_dense_varlen": statistics.median(dense_varlen)
+        * work["ragged 8x2048"]
+        / work["8x2048"]
+        / ideal_varlen_ms,
         "registered_op_vs_dense_varlen": statistics.median(
-            [work["ragged 8x2048"] / a / (work["8x2048"] / b) for a, b in zip(samples[("ragged 8x2048", "fa3 registered op")], dense_varlen)]),
+            [
+                work["ragged 8x2048"] / a / (work["8x2048"] / b)
+                for a, b in zip(samples[("ragged 8x2048", "fa3 registered op")], dense_varlen)
+            ]
+        ),
     }
     ratios = {}
     for key in [k for k in samples if k[0].startswith("ragged")]:
@@ -176,19 +206,43 @@ def main() -> None:
     print(f"device time, 20 calls queued per timing, {args.rounds} rounds in alternation:")
     for r in rows:
         print(f"  {r['shape']:14s} {r['kernel']:22s} {r['ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s")
-    print(f"the ragged batch at each member's own dense rate: {ideal_ms:.3f} ms = {100 * members_ratio:.1f}% "
-          f"of FA3's dense 8x2048 rate (the most a ragged launch can keep, short of a faster kernel for short sequences)")
+    print(
+        f"the ragged batch at each member's own dense rate: {ideal_ms:.3f} ms = {100 * members_ratio:.1f}% "
+        f"of FA3's dense 8x2048 rate (the most a ragged launch can keep, short of a faster kernel for short sequences)"
+    )
     for name, rr in ratios.items():
-        print(f"ragged 8x2048 via {name} against FA3's dense 8x2048: {100 * rr['median']:.1f}% "
-              f"(rounds {100 * rr['range'][0]:.1f}-{100 * rr['range'][1]:.1f}%); goal >= 90%")
-    print(f"FA3's varlen kernel on the dense 8x2048 batch: {100 * varlen['dense_varlen_vs_dense']:.1f}% of its dense kernel's rate; "
-          f"against that rate the ragged batch keeps {100 * varlen['registered_op_vs_dense_varlen']:.1f}% (registered op) "
-          f"of at most {100 * varlen['members_alone_vs_dense_varlen']:.1f}% (each member alone, varlen kernel)")
-    save(args.out, args.name, {"host_us": host, "rows": rows, "ragged_vs_dense_fa3": ratios, "varlen_kernel": varlen,
-                               "members_alone_ms": ideal_ms, "members_alone_vs_dense_fa3": members_ratio, "ragged_lengths": RAGGED, "rounds": args.rounds,
-                               "build_flags": _fa3.build_flags()})
-    bar_plot(args.out, args.name, [f"{r['shape']}\n{r['kernel']}" for r in rows], [r["tflops"] for r in rows],
-             "TFLOP/s (useful)", f"FA3 vs cuDNN, bf16, H={H} D={D}, queued timing - {card()}")
+        print(
+            f"ragged 8x2048 via {name} against FA3's dense 8x2048: {100 * rr['median']:.1f}% "
+            f"(rounds {100 * rr['range'][0]:.1f}-{100 * rr['range'][1]:.1f}%); goal >= 90%"
+        )
+    print(
+        f"FA3's varlen kernel on the dense 8x2048 batch: {100 * varlen['dense_varlen_vs_dense']:.1f}% of its dense kernel's rate; "
+        f"against that rate the ragged batch keeps {100 * varlen['registered_op_vs_dense_varlen']:.1f}% (registered op) "
+        f"of at most {100 * varlen['members_alone_vs_dense_varlen']:.1f}% (each member alone, varlen kernel)"
+    )
+    save(
+        args.out,
+        args.name,
+        {
+            "host_us": host,
+            "rows": rows,
+            "ragged_vs_dense_fa3": ratios,
+            "varlen_kernel": varlen,
+            "members_alone_ms": ideal_ms,
+            "members_alone_vs_dense_fa3": members_ratio,
+            "ragged_lengths": RAGGED,
+            "rounds": args.rounds,
+            "build_flags": _fa3.build_flags(),
+        },
+    )
+    bar_plot(
+        args.out,
+        args.name,
+        [f"{r['shape']}\n{r['kernel']}" for r in rows],
+        [r["tflops"] for r in rows],
+        "TFLOP/s (useful)",
+        f"FA3 vs cuDNN, bf16, H={H} D={D}, queued timing - {card()}",
+    )
 
 
 if __name__ == "__main__":

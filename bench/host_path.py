@@ -53,7 +53,10 @@ def measure(b: int, longest: int, iters: int) -> dict[str, Any]:
     torch.testing.assert_close(x, ref, rtol=0, atol=0)  # the two paths build the same batch
     y = x.to(torch.float16)
     res = {
-        "batch": b, "longest": longest, "request_bytes": nbytes, "answer_bytes": y.numel() * y.element_size(),
+        "batch": b,
+        "longest": longest,
+        "request_bytes": nbytes,
+        "answer_bytes": y.numel() * y.element_size(),
         "h2d_baseline_ms": time_host_ms(lambda: pageable_assemble(rows, torch.bfloat16, dev), warmup=2, iters=iters),
         "h2d_staged_ms": time_host_ms(lambda: assemble(rows, torch.bfloat16, dev), warmup=2, iters=iters),
         "d2h_baseline_ms": time_host_ms(lambda: y.cpu().numpy(), warmup=2, iters=iters),
@@ -68,7 +71,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="8x2048,32x512,1x15708", help="batch x longest row, comma-separated")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--threads", type=int, default=4, help="PyTorch CPU threads, as a GPU replica has (deploy.app.replica_plan: 4 on a 64-core 4-GPU host)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=4,
+        help="PyTorch CPU threads, as a GPU replica has (deploy.app.replica_plan: 4 on a 64-core 4-GPU host)",
+    )
     p.add_argument("--out", default="docs/benchmarks")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -76,8 +84,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     rows = [measure(b, s, args.iters) for b, s in shapes]
-    print(f"card: {card()}  hidden {HIDDEN}, float16 requests, bfloat16 model, {args.threads} CPU threads; wall ms per batch (GB/s)")
-    print(f"{'batch':>10s} {'MB':>6s} {'h2d base':>15s} {'h2d staged':>15s} {'x':>5s} {'d2h base':>15s} {'d2h pinned':>15s} {'x':>5s}")
+    print(
+        f"card: {card()}  hidden {HIDDEN}, float16 requests, bfloat16 model, {args.threads} CPU threads; wall ms per batch (GB/s)"
+    )
+    print(
+        f"{'batch':>10s} {'MB':>6s} {'h2d base':>15s} {'h2d staged':>15s} {'x':>5s} {'d2h base':>15s} {'d2h pinned':>15s} {'x':>5s}"
+    )
     for r in rows:
         mb = r["request_bytes"] / 1e6
 
@@ -93,7 +105,14 @@ def main() -> None:
     fig, ax = pyplot().subplots(figsize=(8, 4))
     labels = [f"{r['batch']}x{r['longest']}" for r in rows]
     xs = np.arange(len(rows))
-    for k, (key, name) in enumerate([("h2d_baseline_ms", "h2d pageable"), ("h2d_staged_ms", "h2d staged"), ("d2h_baseline_ms", "d2h pageable"), ("d2h_pinned_ms", "d2h pinned")]):
+    for k, (key, name) in enumerate(
+        [
+            ("h2d_baseline_ms", "h2d pageable"),
+            ("h2d_staged_ms", "h2d staged"),
+            ("d2h_baseline_ms", "d2h pageable"),
+            ("d2h_pinned_ms", "d2h pinned"),
+        ]
+    ):
         ax.bar(xs + (k - 1.5) * 0.2, [r[key] for r in rows], 0.2, label=name)
     ax.set_xticks(xs, labels)
     ax.set_ylabel("ms per batch (lower is better)")

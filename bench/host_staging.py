@@ -42,7 +42,10 @@ def _requests(path: str, fill: bool) -> tuple[mmap.mmap, list[np.ndarray]]:
         mm = mmap.mmap(f.fileno(), size)
     base = np.frombuffer(mm, dtype=np.uint8)
     off = (-base.ctypes.data) % 4096  # page-aligned requests, as the object store aligns them
-    arrs = [np.frombuffer(mm, dtype=np.float16, count=ROWS * HID, offset=off + i * NBYTES).reshape(ROWS, HID) for i in range(NBUF)]
+    arrs = [
+        np.frombuffer(mm, dtype=np.float16, count=ROWS * HID, offset=off + i * NBYTES).reshape(ROWS, HID)
+        for i in range(NBUF)
+    ]
     if fill:
         rng = np.random.default_rng(0)
         for a in arrs:
@@ -101,7 +104,12 @@ def concurrent(method: str, procs: int, reps: int, threads: int) -> dict[str, An
     if errors:
         return {"error": errors[0]}
     ms = statistics.median(r["ms"] for r in res)
-    return {"ms": ms, "gb_per_s": NBYTES / ms / 1e6, "per_process_ms": [r["ms"] for r in res], "ok": all(r["ok"] for r in res)}
+    return {
+        "ms": ms,
+        "gb_per_s": NBYTES / ms / 1e6,
+        "per_process_ms": [r["ms"] for r in res],
+        "ok": all(r["ok"] for r in res),
+    }
 
 
 def first_touch(threads: int) -> dict[str, float]:
@@ -131,7 +139,9 @@ def first_touch(threads: int) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--procs", default="1,4,8")
-    p.add_argument("--threads", type=int, default=4, help="PyTorch threads per process (a replica's default is up to 4)")
+    p.add_argument(
+        "--threads", type=int, default=4, help="PyTorch threads per process (a replica's default is up to 4)"
+    )
     p.add_argument("--reps", type=int, default=60)
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default="host_staging")
@@ -145,14 +155,27 @@ def main() -> None:
     procs = [int(x) for x in args.procs.split(",")]
     table = {m: {n: concurrent(m, n, args.reps, args.threads) for n in procs} for m in METHODS}
     touch = first_touch(args.threads)
-    print(f"card: {card()}   {os.cpu_count()} CPUs   {NBYTES / 1e6:.1f} MB float16 requests, {args.threads} threads per process")
+    print(
+        f"card: {card()}   {os.cpu_count()} CPUs   {NBYTES / 1e6:.1f} MB float16 requests, {args.threads} threads per process"
+    )
     print(f"{'method':10s} " + " ".join(f"{str(n) + ' proc':>18s}" for n in procs))
     for m, row in table.items():
         cells = [f"{r['ms']:7.3f} ms {r['gb_per_s']:5.1f} GB/s" if "ms" in r else r["error"][:18] for r in row.values()]
         print(f"{m:10s} " + " ".join(f"{c:>18s}" for c in cells))
-    print(f"staging copy of another process's request: first touch {touch['first_touch_ms']:.3f} ms, pages mapped {touch['mapped_ms']:.3f} ms")
-    save(args.out, args.name, {"request_bytes": NBYTES, "threads": args.threads, "methods": {m: {str(n): r for n, r in row.items()} for m, row in table.items()},
-                               "first_touch": touch, "cpus": os.cpu_count()})
+    print(
+        f"staging copy of another process's request: first touch {touch['first_touch_ms']:.3f} ms, pages mapped {touch['mapped_ms']:.3f} ms"
+    )
+    save(
+        args.out,
+        args.name,
+        {
+            "request_bytes": NBYTES,
+            "threads": args.threads,
+            "methods": {m: {str(n): r for n, r in row.items()} for m, row in table.items()},
+            "first_touch": touch,
+            "cpus": os.cpu_count(),
+        },
+    )
     fig, ax = pyplot().subplots(figsize=(7, 4))
     width = 0.8 / len(METHODS)
     for i, m in enumerate(METHODS):

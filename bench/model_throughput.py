@@ -68,14 +68,39 @@ def main() -> None:
                 per_forward = cfg.layers * 4.0 * b * s * s * cfg.hidden
                 ms = time_cuda_ms(fn, warmup=math.ceil(cudnn.plans.after_flops / per_forward) + 2, iters=5, repeats=3)
                 tflops = f / ms / 1e9
-                rows.append({"shape": f"{b}x{s}", "path": name, "ms": ms, "tokens_per_s": b * s / ms * 1e3, "tflops": tflops, "mfu": tflops / gemm})
-    print(f"card: {card()}   bf16 GEMM {gemm:.0f} TFLOP/s   seed preset, {args.layers} layers, attention kernel {backend.kernel}")
+                rows.append(
+                    {
+                        "shape": f"{b}x{s}",
+                        "path": name,
+                        "ms": ms,
+                        "tokens_per_s": b * s / ms * 1e3,
+                        "tflops": tflops,
+                        "mfu": tflops / gemm,
+                    }
+                )
+    print(
+        f"card: {card()}   bf16 GEMM {gemm:.0f} TFLOP/s   seed preset, {args.layers} layers, attention kernel {backend.kernel}"
+    )
     print(f"{'shape':10s} {'path':22s} {'ms':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for r in rows:
-        print(f"{r['shape']:10s} {r['path']:22s} {r['ms']:8.2f} {r['tokens_per_s']:10.0f} {r['tflops']:8.0f} {100 * r['mfu']:5.1f}%")
+        print(
+            f"{r['shape']:10s} {r['path']:22s} {r['ms']:8.2f} {r['tokens_per_s']:10.0f} {r['tflops']:8.0f} {100 * r['mfu']:5.1f}%"
+        )
     print("goal: MFU >= 75% of the measured GEMM rate")
-    save(args.out, "model_throughput", {"gemm_tflops": gemm, "layers": args.layers, "kernel": backend.kernel, "rows": rows})
-    bar_plot(args.out, "model_throughput", [f"{r['shape']}\n{r['path']}" for r in rows], [100 * r["mfu"] for r in rows], "MFU (% of bf16 GEMM)", f"seed model, {args.layers} layers - {card()}", goal=75)
+    save(
+        args.out,
+        "model_throughput",
+        {"gemm_tflops": gemm, "layers": args.layers, "kernel": backend.kernel, "rows": rows},
+    )
+    bar_plot(
+        args.out,
+        "model_throughput",
+        [f"{r['shape']}\n{r['path']}" for r in rows],
+        [100 * r["mfu"] for r in rows],
+        "MFU (% of bf16 GEMM)",
+        f"seed model, {args.layers} layers - {card()}",
+        goal=75,
+    )
 
 
 if __name__ == "__main__":

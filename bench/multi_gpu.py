@@ -63,12 +63,18 @@ def _loops(rank: int, args: dict[str, Any], paths: list[str], barrier: Any, resu
     if cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(args["threads"])
-    cfg = ModelConfig.preset(args["preset"], layers=args["layers"]) if args["layers"] else ModelConfig.preset(args["preset"])
+    cfg = (
+        ModelConfig.preset(args["preset"], layers=args["layers"])
+        if args["layers"]
+        else ModelConfig.preset(args["preset"])
+    )
     backend = TorchBackend(cfg, device=device)
     rng = np.random.default_rng(rank)
     lo, hi = args["mix"]
-    pool = [rng.standard_normal((int(n), cfg.hidden), dtype=np.float32).astype(np.float16)
-            for n in rng.integers(lo, hi + 1, size=64)]
+    pool = [
+        rng.standard_normal((int(n), cfg.hidden), dtype=np.float32).astype(np.float16)
+        for n in rng.integers(lo, hi + 1, size=64)
+    ]
     batches = [[pool[(i * args["batch"] + j) % len(pool)] for j in range(args["batch"])] for i in range(len(pool))]
     on_device = [assemble(b, backend.dtype, device) for b in batches]
     backend.warmup([max(((x.shape[0], x.shape[1]) for x, _ in on_device), key=lambda bs: bs[1])])
@@ -87,8 +93,14 @@ def _loops(rank: int, args: dict[str, Any], paths: list[str], barrier: Any, resu
         results.put(_loop(rank, args, path.removesuffix("+graphs"), be, batches, on_device) | {"path": path})
 
 
-def _loop(rank: int, args: dict[str, Any], path: str, backend: TorchBackend, batches: list[list[np.ndarray]],
-          on_device: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+def _loop(
+    rank: int,
+    args: dict[str, Any],
+    path: str,
+    backend: TorchBackend,
+    batches: list[list[np.ndarray]],
+    on_device: list[tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, Any]:
     device = backend.device
     cuda = device.type == "cuda"
     deadline = time.perf_counter() + args["duration"]
@@ -119,8 +131,16 @@ def _loop(rank: int, args: dict[str, Any], path: str, backend: TorchBackend, bat
             gpu.append(ev[0].elapsed_time(ev[1]) / 1e3)
         tokens += int(lens.sum())
         n += 1
-    return {"rank": rank, "path": path, "batches": n, "tokens": tokens, "span_s": sum(wall), "wall_ms": 1e3 * statistics.mean(wall),
-            "gpu_ms": 1e3 * statistics.mean(gpu) if gpu else 0.0, "enqueue_ms": 1e3 * statistics.mean(enqueue)}
+    return {
+        "rank": rank,
+        "path": path,
+        "batches": n,
+        "tokens": tokens,
+        "span_s": sum(wall),
+        "wall_ms": 1e3 * statistics.mean(wall),
+        "gpu_ms": 1e3 * statistics.mean(gpu) if gpu else 0.0,
+        "enqueue_ms": 1e3 * statistics.mean(enqueue),
+    }
 
 
 def run_count(count: int, args: dict[str, Any], paths: list[str]) -> list[dict[str, Any]]:
@@ -143,9 +163,16 @@ def run_count(count: int, args: dict[str, Any], paths: list[str]) -> list[dict[s
             if errors:
                 raise RuntimeError(f"{len(errors)} of {count} processes failed; first: {errors[0]['error']}")
             parts.sort(key=lambda p: p["rank"])
-            out.append({"count": count, "path": path, "batches_per_s": sum(p["batches"] / p["span_s"] for p in parts),
-                        "tokens_per_s": sum(p["tokens"] / p["span_s"] for p in parts), "processes": parts,
-                        "clocks": {str(i): c for i, c in clocks.items() if i < count}})
+            out.append(
+                {
+                    "count": count,
+                    "path": path,
+                    "batches_per_s": sum(p["batches"] / p["span_s"] for p in parts),
+                    "tokens_per_s": sum(p["tokens"] / p["span_s"] for p in parts),
+                    "processes": parts,
+                    "clocks": {str(i): c for i, c in clocks.items() if i < count},
+                }
+            )
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -157,14 +184,20 @@ def run_count(count: int, args: dict[str, Any], paths: list[str]) -> list[dict[s
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpus", default="1,2,4", help="process counts (one GPU each)")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"any of {', '.join(PATHS)} (the +graphs paths where the GPU's kernel allows CUDA graphs)")
+    p.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help=f"any of {', '.join(PATHS)} (the +graphs paths where the GPU's kernel allows CUDA graphs)",
+    )
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run, every process on the CPU")
     p.add_argument("--preset", default="seed")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--mix", default="256-2048", help="request lengths lo-hi")
     p.add_argument("--batch", type=int, default=2, help="requests per batch (replicas at saturation ran 1.2-1.5)")
     p.add_argument("--duration", type=float, default=15.0)
-    p.add_argument("--threads", type=int, default=4, help="PyTorch threads per process (a replica's default is up to 4)")
+    p.add_argument(
+        "--threads", type=int, default=4, help="PyTorch threads per process (a replica's default is up to 4)"
+    )
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds for every process to load and warm")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default=None)
@@ -183,8 +216,16 @@ def main() -> None:
     if not graphs_ok and any(x.endswith("+graphs") for x in paths):
         print("CUDA graphs need FA3 or the CuTe kernel on a GPU (fa3trt[hopper]): the +graphs paths are left out")
         paths = [x for x in paths if not x.endswith("+graphs")]
-    args = {"device": a.device, "preset": a.preset, "layers": a.layers, "mix": parse_mix(a.mix), "batch": a.batch,
-            "duration": a.duration, "threads": a.threads, "start_timeout": a.start_timeout}
+    args = {
+        "device": a.device,
+        "preset": a.preset,
+        "layers": a.layers,
+        "mix": parse_mix(a.mix),
+        "batch": a.batch,
+        "duration": a.duration,
+        "threads": a.threads,
+        "start_timeout": a.start_timeout,
+    }
     name = a.name or f"multi_gpu_{a.preset}{a.layers}_{a.mix}_{a.device}"
     where = card() if a.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     rows: list[dict[str, Any]] = []
@@ -197,10 +238,13 @@ def main() -> None:
             per = r["processes"]
             mhz = " ".join(f"{c['sm_mhz']:.0f}" for c in r["clocks"].values())
             busy = " ".join(f"{c['util_pct']:.0f}%" for c in r["clocks"].values())
-            print(f"{path:12s} {r['count']} x: {r['batches_per_s']:8.1f} batches/s {r['tokens_per_s'] / 1e3:8.1f} k tok/s "
-                  f"efficiency {r['efficiency']:.2f}   per batch: wall {statistics.mean(x['wall_ms'] for x in per):6.2f} ms "
-                  f"gpu {statistics.mean(x['gpu_ms'] for x in per):6.2f} enqueue {statistics.mean(x['enqueue_ms'] for x in per):6.2f}"
-                  + (f"   SM MHz {mhz}  busy {busy}" if mhz else ""), flush=True)
+            print(
+                f"{path:12s} {r['count']} x: {r['batches_per_s']:8.1f} batches/s {r['tokens_per_s'] / 1e3:8.1f} k tok/s "
+                f"efficiency {r['efficiency']:.2f}   per batch: wall {statistics.mean(x['wall_ms'] for x in per):6.2f} ms "
+                f"gpu {statistics.mean(x['gpu_ms'] for x in per):6.2f} enqueue {statistics.mean(x['enqueue_ms'] for x in per):6.2f}"
+                + (f"   SM MHz {mhz}  busy {busy}" if mhz else ""),
+                flush=True,
+            )
     save(a.out, name, {"card": where, "args": args, "rows": rows})
     plt = pyplot()
     if plt is not None:

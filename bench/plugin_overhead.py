@@ -96,8 +96,19 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, na
     qk, kk, vk = q.view(kshape), k.view(kshape), v.view(kshape)
     cache = plugin.EnqueueCache()
     masked_cache = plugin.EnqueueCache()
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), out.data_ptr(),
-            tuple(q.shape), tuple(k.shape), tuple(v.shape), dtype, stream.cuda_stream, 0)
+    args = (
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        lens.data_ptr(),
+        out.data_ptr(),
+        tuple(q.shape),
+        tuple(k.shape),
+        tuple(v.shape),
+        dtype,
+        stream.cuda_stream,
+        0,
+    )
 
     def bare() -> None:
         kernel.forward_packed(qk, kk, vk, lens, cu, s)
@@ -112,7 +123,9 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, na
         plugin.enqueue_core(*args, cache=plugin.EnqueueCache(), kernel=name)
 
     with torch.cuda.stream(stream):
-        return _measure(shape, dtype, iters, name, qk, kk, vk, lens, cu, s, out, cache, args, bare, core, masked, uncached)
+        return _measure(
+            shape, dtype, iters, name, qk, kk, vk, lens, cu, s, out, cache, args, bare, core, masked, uncached
+        )
 
 
 def _parts(cache: Any, args: tuple[Any, ...], name: str, out: torch.Tensor, iters: int) -> dict[str, float]:
@@ -142,22 +155,45 @@ def _parts(cache: Any, args: tuple[Any, ...], name: str, out: torch.Tensor, iter
     if bind.direct:
         launch = next(iter(bind.launchers.values()))
         if not bind.zero_first:
-            parts["clamp lengths (direct)"] = host_us(lambda: torch.clamp(bind.lens, 0, bind.shape[1], out=bind.lens_safe), iters)
-        parts.update({
-            f"prepared {name} launch (direct)": host_us(launch, iters),
-            "zero padded rows" + (" + clamp lengths" if bind.zero_first else "") + ", Triton (direct)": host_us(bind.zero_tail, iters),
-        })
-    parts.update({
-        "lt keep mask (masked)": host_us(lambda: torch.lt(bind.rows, bind.lens_col, out=bind.keep), iters),
-        "where into out (masked)": host_us(lambda: torch.where(bind.keep4, res, bind.zero, out=bind.out), iters),
-    })
+            parts["clamp lengths (direct)"] = host_us(
+                lambda: torch.clamp(bind.lens, 0, bind.shape[1], out=bind.lens_safe), iters
+            )
+        parts.update(
+            {
+                f"prepared {name} launch (direct)": host_us(launch, iters),
+                "zero padded rows" + (" + clamp lengths" if bind.zero_first else "") + ", Triton (direct)": host_us(
+                    bind.zero_tail, iters
+                ),
+            }
+        )
+    parts.update(
+        {
+            "lt keep mask (masked)": host_us(lambda: torch.lt(bind.rows, bind.lens_col, out=bind.keep), iters),
+            "where into out (masked)": host_us(lambda: torch.where(bind.keep4, res, bind.zero, out=bind.out), iters),
+        }
+    )
     return parts
 
 
-def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, name: str, qk: torch.Tensor, kk: torch.Tensor,
-             vk: torch.Tensor, lens: torch.Tensor, cu: torch.Tensor, s: int, out: torch.Tensor, cache: Any, args: tuple[Any, ...],
-             bare: Callable[[], None], core: Callable[[], None], masked: Callable[[], None],
-             uncached: Callable[[], None]) -> dict[str, Any]:
+def _measure(
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    iters: int,
+    name: str,
+    qk: torch.Tensor,
+    kk: torch.Tensor,
+    vk: torch.Tensor,
+    lens: torch.Tensor,
+    cu: torch.Tensor,
+    s: int,
+    out: torch.Tensor,
+    cache: Any,
+    args: tuple[Any, ...],
+    bare: Callable[[], None],
+    core: Callable[[], None],
+    masked: Callable[[], None],
+    uncached: Callable[[], None],
+) -> dict[str, Any]:
     b, _, h, d = shape
     for fn in (bare, core, masked, uncached, bare, core, masked):  # warm: kernel load, allocator pools, caches
         fn()
@@ -182,7 +218,11 @@ def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, n
         "kernel": name,
         "iters": iters,
         "host_us": {k: min(v) for k, v in host.items()},
-        "device_us": {"bare": _device_us(bare, iters), "core": _device_us(core, iters), "masked": _device_us(masked, iters)},
+        "device_us": {
+            "bare": _device_us(bare, iters),
+            "core": _device_us(core, iters),
+            "masked": _device_us(masked, iters),
+        },
         "write": "direct" if cache.binding((*args, name, "auto"), lambda: None).direct else "masked",
         # Wall time with a full synchronize around the loop: a check on the event timing above.
         "wall_us": {"bare": _wall_us(bare, iters), "core": _wall_us(core, iters)},
@@ -195,7 +235,9 @@ def _measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, n
     res["masked_overhead_us"] = res["host_us"]["masked"] - res["host_us"]["bare"]
     res["uncached_overhead_us"] = res["host_us"]["uncached"] - res["host_us"]["bare"]
     ab, ac = res["alloc_per_call"]["bare"], res["alloc_per_call"]["core"]
-    res["no_extra_allocations"] = ac["bytes"] <= ab["bytes"] and ac["allocations"] <= ab["allocations"] and ac["segments"] == 0
+    res["no_extra_allocations"] = (
+        ac["bytes"] <= ab["bytes"] and ac["allocations"] <= ab["allocations"] and ac["segments"] == 0
+    )
     res["meets_goal"] = res["overhead_us"] <= GOAL_US
     return res
 
@@ -232,13 +274,22 @@ def plot(results: list[dict[str, Any]], card: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", type=_shape, nargs="+", default=[(1, 15708, 32, 128), (1, 256, 32, 128)],
-                   help="BxSxHxD shapes (default: the seed's and a short one)")
+    p.add_argument(
+        "--shapes",
+        type=_shape,
+        nargs="+",
+        default=[(1, 15708, 32, 128), (1, 256, 32, 128)],
+        help="BxSxHxD shapes (default: the seed's and a short one)",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--iters", type=int, default=50, help="calls per timing (default 50)")
     p.add_argument("--out", default="docs/benchmarks", help="folder for plugin_overhead.json/.png")
-    p.add_argument("--kernels", default="", help="comma-separated plugin kernels (default: the plugin's own "
-                   "pick and every other kernel here that writes the output buffer directly)")
+    p.add_argument(
+        "--kernels",
+        default="",
+        help="comma-separated plugin kernels (default: the plugin's own "
+        "pick and every other kernel here that writes the output buffer directly)",
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("plugin_overhead needs a CUDA GPU; none is visible (run it on the GPU machine)", file=sys.stderr)
@@ -266,8 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"goal (core - bare <= {GOAL_US:.0f} us host, no extra allocations): {'met' if ok else 'NOT met'}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"card": card, "capability": list(torch.cuda.get_device_capability()), "torch": torch.__version__,
-           "goal_us": GOAL_US, "results": results}
+    doc = {
+        "card": card,
+        "capability": list(torch.cuda.get_device_capability()),
+        "torch": torch.__version__,
+        "goal_us": GOAL_US,
+        "results": results,
+    }
     (out / "plugin_overhead.json").write_text(json.dumps(doc, indent=1))
     plot(results, card, out / "plugin_overhead.png")
     print(f"wrote {out / 'plugin_overhead.json'} and {out / 'plugin_overhead.png'}")

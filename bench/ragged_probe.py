@@ -66,8 +66,12 @@ def main() -> None:
 
     variants: dict[str, Callable[[], Any]] = {
         "padded seqused": lambda: _fwd(q=q, k=k, v=v, seqused_q=lens, seqused_k=lens),
-        "packed cu_seqlens": lambda: _fwd(q=qp, k=kp, v=vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s),
-        "padded, S cut to 128 past the longest": lambda: _fwd(q=q[:, :cut], k=k[:, :cut], v=v[:, :cut], seqused_q=lens, seqused_k=lens),
+        "packed cu_seqlens": lambda: _fwd(
+            q=qp, k=kp, v=vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s
+        ),
+        "padded, S cut to 128 past the longest": lambda: _fwd(
+            q=q[:, :cut], k=k[:, :cut], v=v[:, :cut], seqused_q=lens, seqused_k=lens
+        ),
         "two launches, one stream": lambda: (
             _fwd(q=q[:half], k=k[:half], v=v[:half], seqused_q=lens[:half], seqused_k=lens[:half]),
             _fwd(q=q[half:, :cut2], k=k[half:, :cut2], v=v[half:, :cut2], seqused_q=lens[half:], seqused_k=lens[half:]),
@@ -85,24 +89,46 @@ def main() -> None:
     for name, fn in variants.items():
         fn()
         pr = paired(fn, dense, args.rounds)
-        rows.append({"variant": name, "ms": pr["a_ms"], "tflops": useful / pr["a_ms"] / 1e9,
-                     "dense_tflops": flops([s] * b) / pr["b_ms"] / 1e9, "vs_dense": pr["ratio_median"] * useful / flops([s] * b),
-                     "vs_dense_range": [r * useful / flops([s] * b) for r in pr["ratio_range"]]})
+        rows.append(
+            {
+                "variant": name,
+                "ms": pr["a_ms"],
+                "tflops": useful / pr["a_ms"] / 1e9,
+                "dense_tflops": flops([s] * b) / pr["b_ms"] / 1e9,
+                "vs_dense": pr["ratio_median"] * useful / flops([s] * b),
+                "vs_dense_range": [r * useful / flops([s] * b) for r in pr["ratio_range"]],
+            }
+        )
     one = (q[:1], k[:1], v[:1])
     full = torch.tensor([s] + [0] * (b - 1), dtype=torch.int32, device="cuda")
     t_one = time_cuda_ms(lambda: _fwd(q=one[0], k=one[1], v=one[2]), warmup=3, iters=30)
-    t_one_used = time_cuda_ms(lambda: _fwd(q=one[0], k=one[1], v=one[2], seqused_q=full[:1], seqused_k=full[:1]), warmup=3, iters=30)
+    t_one_used = time_cuda_ms(
+        lambda: _fwd(q=one[0], k=one[1], v=one[2], seqused_q=full[:1], seqused_k=full[:1]), warmup=3, iters=30
+    )
     t_empty = time_cuda_ms(lambda: _fwd(q=q, k=k, v=v, seqused_q=full, seqused_k=full), warmup=3, iters=30)
     empty_tiles = (b - 1) * (s // 128) * h
-    empty = {"one_dense_ms": t_one, "one_seqused_ms": t_one_used, "with_7_empty_ms": t_empty,
-             "empty_tiles": empty_tiles, "us_per_empty_tile": (t_empty - t_one_used) * 1e3 / empty_tiles}
+    empty = {
+        "one_dense_ms": t_one,
+        "one_seqused_ms": t_one_used,
+        "with_7_empty_ms": t_empty,
+        "empty_tiles": empty_tiles,
+        "us_per_empty_tile": (t_empty - t_one_used) * 1e3 / empty_tiles,
+    }
     print(f"{'variant':40s} {'ms':>7s} {'TFLOP/s':>8s} {'dense':>6s} {'of dense':>9s}")
     for r in rows:
-        print(f"{r['variant']:40s} {r['ms']:7.3f} {r['tflops']:8.0f} {r['dense_tflops']:6.0f} {100 * r['vs_dense']:8.1f}%"
-              f"  ({100 * r['vs_dense_range'][0]:.1f}-{100 * r['vs_dense_range'][1]:.1f})")
-    print(f"empty tiles: 1x2048 dense {t_one:.3f} ms, seqused {t_one_used:.3f} ms, with 7 empty sequences "
-          f"{t_empty:.3f} ms: {empty['us_per_empty_tile'] * 1e3:.1f} ns per empty tile ({empty_tiles} tiles)")
-    save(args.out, "ragged_probe", {"card": card(), "lengths": RAGGED, "rows": rows, "empty_tiles": empty, "packed_max_abs_diff": err})
+        print(
+            f"{r['variant']:40s} {r['ms']:7.3f} {r['tflops']:8.0f} {r['dense_tflops']:6.0f} {100 * r['vs_dense']:8.1f}%"
+            f"  ({100 * r['vs_dense_range'][0]:.1f}-{100 * r['vs_dense_range'][1]:.1f})"
+        )
+    print(
+        f"empty tiles: 1x2048 dense {t_one:.3f} ms, seqused {t_one_used:.3f} ms, with 7 empty sequences "
+        f"{t_empty:.3f} ms: {empty['us_per_empty_tile'] * 1e3:.1f} ns per empty tile ({empty_tiles} tiles)"
+    )
+    save(
+        args.out,
+        "ragged_probe",
+        {"card": card(), "lengths": RAGGED, "rows": rows, "empty_tiles": empty, "packed_max_abs_diff": err},
+    )
 
 
 if __name__ == "__main__":

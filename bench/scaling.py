@@ -74,9 +74,24 @@ class LoadClient:
         """Closed loop from ``start_at`` (wall clock) until ``start_at + duration``."""
         time.sleep(max(0.0, start_at - time.time()))
         t0 = time.time()
-        res = asyncio.run(run_load(handle_sender(self.handle), self.inputs, concurrency=concurrency, progress=False,
-                                  duration=start_at + duration - t0, verify=verify))
-        return {"start": t0, "end": time.time(), "requests": res.requests, "errors": res.errors, "completions": res.completions, "first_error": res.first_error}
+        res = asyncio.run(
+            run_load(
+                handle_sender(self.handle),
+                self.inputs,
+                concurrency=concurrency,
+                progress=False,
+                duration=start_at + duration - t0,
+                verify=verify,
+            )
+        )
+        return {
+            "start": t0,
+            "end": time.time(),
+            "requests": res.requests,
+            "errors": res.errors,
+            "completions": res.completions,
+            "first_error": res.first_error,
+        }
 
 
 def merge(parts: list[dict[str, Any]], window: tuple[float, float]) -> dict[str, Any]:
@@ -90,10 +105,17 @@ def merge(parts: list[dict[str, Any]], window: tuple[float, float]) -> dict[str,
     pct = (lambda q: float(np.percentile(lat, q))) if lat.size else (lambda q: float("nan"))
     seconds = t1 - t0
     return {
-        "requests": len(inside), "errors": sum(p["errors"] for p in parts), "seconds": seconds,
-        "rps": len(inside) / seconds, "tokens_per_s": sum(c[2] for c in inside) / seconds, "p50_ms": pct(50), "p99_ms": pct(99),
-        "sent": sum(p["requests"] for p in parts), "span_s": max(p["end"] for p in parts) - min(p["start"] for p in parts),
-        "clients": len(parts), "first_error": next((p["first_error"] for p in parts if p["first_error"]), None),
+        "requests": len(inside),
+        "errors": sum(p["errors"] for p in parts),
+        "seconds": seconds,
+        "rps": len(inside) / seconds,
+        "tokens_per_s": sum(c[2] for c in inside) / seconds,
+        "p50_ms": pct(50),
+        "p99_ms": pct(99),
+        "sent": sum(p["requests"] for p in parts),
+        "span_s": max(p["end"] for p in parts) - min(p["start"] for p in parts),
+        "clients": len(parts),
+        "first_error": next((p["first_error"] for p in parts if p["first_error"]), None),
     }
 
 
@@ -108,19 +130,27 @@ def replica_stats(handle: Any, n: int, tries: int = 40) -> dict[str, dict[str, A
     return seen
 
 
-def per_replica(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
+def per_replica(
+    before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], seconds: float
+) -> list[dict[str, Any]]:
     """Requests, busy fraction and compute per batch of each replica over one timed pass."""
     rows = []
     for rid, a in sorted(after.items()):
         d = stats_delta(before.get(rid, {"replica": rid, "buckets": {}}), a, seconds)
         batches = sum(b["batches"] for b in d["buckets"].values())
-        rows.append({
-            "replica": rid, "requests": sum(b["requests"] for b in d["buckets"].values()), "batches": batches,
-            "busy_fraction": d.get("busy_fraction"),
-            "compute_ms_per_batch": 1e3 * sum(b.get("compute_s", 0.0) for b in d["buckets"].values()) / max(1, batches),
-            "phases_ms_per_batch": d.get("phases_ms_per_batch", {}),
-            "wake_lag": d.get("wake_lag"),
-        })
+        rows.append(
+            {
+                "replica": rid,
+                "requests": sum(b["requests"] for b in d["buckets"].values()),
+                "batches": batches,
+                "busy_fraction": d.get("busy_fraction"),
+                "compute_ms_per_batch": 1e3
+                * sum(b.get("compute_s", 0.0) for b in d["buckets"].values())
+                / max(1, batches),
+                "phases_ms_per_batch": d.get("phases_ms_per_batch", {}),
+                "wake_lag": d.get("wake_lag"),
+            }
+        )
     return rows
 
 
@@ -141,7 +171,11 @@ def efficiency(results: dict[int, dict[str, Any]]) -> dict[int, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--address", default=None, help="Ray cluster: 'auto' (a `ray start` cluster), 'local', ray://... (default: Ray's resolution)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster: 'auto' (a `ray start` cluster), 'local', ray://... (default: Ray's resolution)",
+    )
     p.add_argument("--replicas", default="1,2,4", help="comma-separated replica counts")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--layers", type=int, default=None)
@@ -149,22 +183,48 @@ def main() -> None:
     p.add_argument("--store", default=None, help="artifact store, for the tensorrt backend")
     p.add_argument("--mix", default="256-2048")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load per replica count")
-    p.add_argument("--ramp", type=float, default=5.0, help="seconds at the start of --duration not counted (queues filling)")
-    p.add_argument("--warmup", type=float, default=8.0, help="seconds of untimed load first, so every replica sees every bucket")
+    p.add_argument(
+        "--ramp", type=float, default=5.0, help="seconds at the start of --duration not counted (queues filling)"
+    )
+    p.add_argument(
+        "--warmup", type=float, default=8.0, help="seconds of untimed load first, so every replica sees every bucket"
+    )
     p.add_argument("--concurrency-per-replica", type=int, default=48)
-    p.add_argument("--clients-per-replica", type=int, default=1,
-                   help="load-client processes per replica, sharing its concurrency (more when one client process is the limit)")
+    p.add_argument(
+        "--clients-per-replica",
+        type=int,
+        default=1,
+        help="load-client processes per replica, sharing its concurrency (more when one client process is the limit)",
+    )
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="request payload dtype")
     p.add_argument("--goal", type=float, default=0.9, help="efficiency goal drawn on the plot")
-    p.add_argument("--verify", choices=VERIFY, default="values",
-                   help="load clients check each answer's values (one pass over its bytes) or only its shape and dtype")
-    p.add_argument("--noop", action="store_true", help="replicas that return their input instead of the app: the serving path's own ceiling")
-    p.add_argument("--app-json", default="{}", help="app arguments to override, as JSON (e.g. '{\"stream_per_bucket\": false}')")
-    p.add_argument("--fresh-cluster", action="store_true",
-                   help="with --address local: start a Ray cluster for each replica count and stop it after")
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="combine result files of earlier runs (their counts must not overlap) into one result; runs nothing")
+    p.add_argument(
+        "--verify",
+        choices=VERIFY,
+        default="values",
+        help="load clients check each answer's values (one pass over its bytes) or only its shape and dtype",
+    )
+    p.add_argument(
+        "--noop",
+        action="store_true",
+        help="replicas that return their input instead of the app: the serving path's own ceiling",
+    )
+    p.add_argument(
+        "--app-json", default="{}", help="app arguments to override, as JSON (e.g. '{\"stream_per_bucket\": false}')"
+    )
+    p.add_argument(
+        "--fresh-cluster",
+        action="store_true",
+        help="with --address local: start a Ray cluster for each replica count and stop it after",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="combine result files of earlier runs (their counts must not overlap) into one result; runs nothing",
+    )
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default=None, help="result file name (default scaling_<preset>_<mix>)")
     args = p.parse_args()
@@ -180,7 +240,9 @@ def main() -> None:
     if not counts or counts[0] < 1:
         p.error(f"--replicas {args.replicas!r}: give positive replica counts, e.g. 1,2,4")
     if not 1 <= args.clients_per_replica <= args.concurrency_per_replica:
-        p.error(f"--clients-per-replica {args.clients_per_replica} must be between 1 and --concurrency-per-replica {args.concurrency_per_replica}")
+        p.error(
+            f"--clients-per-replica {args.clients_per_replica} must be between 1 and --concurrency-per-replica {args.concurrency_per_replica}"
+        )
     if not 0 <= args.ramp < args.duration:
         p.error(f"--ramp {args.ramp} must be at least 0 and shorter than --duration {args.duration}")
     try:
@@ -198,20 +260,32 @@ def main() -> None:
 
     lo, hi = parse_mix(args.mix)
     hidden = ModelConfig.preset(args.preset, **({"layers": args.layers} if args.layers else {})).hidden
+
     def connect() -> tuple[int, dict[str, Any]]:
         """Join (or start) the cluster and Serve: the cluster's GPUs and the host's figures."""
         ray.init(address=args.address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         if gpus and counts[-1] > gpus:
-            p.error(f"--replicas {args.replicas!r} asks for {counts[-1]} replicas but the cluster has {gpus} GPUs (one replica per GPU); lower the counts or add GPUs")
+            p.error(
+                f"--replicas {args.replicas!r} asks for {counts[-1]} replicas but the cluster has {gpus} GPUs (one replica per GPU); lower the counts or add GPUs"
+            )
         # One replica per GPU; without GPUs the replicas share out every CPU (deploy.app.replica_plan).
         kind, need = ("GPU", counts[-1]) if gpus else ("CPU", resources.get("CPU", 1))
         free = ray.available_resources().get(kind, 0)
         if free < need:
-            p.error(f"only {free:g} {kind}s of the cluster's {resources.get(kind, 0):g} are free and the run needs {need:g} (another app holds the rest); `serve shutdown` it first")
-        host = {"cpus": resources.get("CPU"), "object_store_gb": resources.get("object_store_memory", 0) / 1e9, "dev_shm_gb": shutil.disk_usage("/dev/shm").total / 1e9}
-        print(f"cluster: {gpus} GPUs, {host['cpus']:g} CPUs, object store {host['object_store_gb']:.1f} GB, /dev/shm {host['dev_shm_gb']:.1f} GB", flush=True)
+            p.error(
+                f"only {free:g} {kind}s of the cluster's {resources.get(kind, 0):g} are free and the run needs {need:g} (another app holds the rest); `serve shutdown` it first"
+            )
+        host = {
+            "cpus": resources.get("CPU"),
+            "object_store_gb": resources.get("object_store_memory", 0) / 1e9,
+            "dev_shm_gb": shutil.disk_usage("/dev/shm").total / 1e9,
+        }
+        print(
+            f"cluster: {gpus} GPUs, {host['cpus']:g} CPUs, object store {host['object_store_gb']:.1f} GB, /dev/shm {host['dev_shm_gb']:.1f} GB",
+            flush=True,
+        )
         serve.start(http_options={"host": "127.0.0.1", "port": 8124})
         return gpus, host
 
@@ -222,14 +296,25 @@ def main() -> None:
         """Deploy ``n`` replicas, drive them (untimed, then timed) and remove the app."""
         if args.noop:
             actor = {"num_cpus": 1} | ({"num_gpus": 1} if gpus else {})  # placed as model replicas are: one per GPU
-            echo = serve.deployment(name="Echo", num_replicas=n, max_ongoing_requests=4 * args.concurrency_per_replica, ray_actor_options=actor)(Echo)
+            echo = serve.deployment(
+                name="Echo",
+                num_replicas=n,
+                max_ongoing_requests=4 * args.concurrency_per_replica,
+                ray_actor_options=actor,
+            )(Echo)
             serve.run(echo.bind(), name=APP, route_prefix="/scaling")
         else:
             over = ({"store": args.store} if args.store else {}) | extra
-            serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend=args.backend, replicas=n, **over)), name=APP, route_prefix="/scaling")
+            serve.run(
+                build_app(app_args(model, hi, args.max_batch_tokens, backend=args.backend, replicas=n, **over)),
+                name=APP,
+                route_prefix="/scaling",
+            )
         # Clients reserve no CPU, so they never wait behind replicas for a slot on a small machine.
         client_cls = ray.remote(num_cpus=0)(LoadClient)
-        clients = [client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n * args.clients_per_replica)]
+        clients = [
+            client_cls.remote(APP, hidden, (lo, hi), args.dtype, seed=i) for i in range(n * args.clients_per_replica)
+        ]
         app_handle = serve.get_app_handle(APP)
         ray.get([c.ready.remote() for c in clients])  # every client has its handle and inputs
 
@@ -255,7 +340,9 @@ def main() -> None:
         r["replicas"] = [] if before is None else per_replica(before, replica_stats(app_handle, n), r["span_s"])
         pass_figures = "" if r["gpu_util_pct"] is None else f" GPUs busy {r['gpu_util_pct']:3.0f}%"
         if r["host_cpu"]:
-            pass_figures += f" host CPUs busy {100 * r['host_cpu']['busy']:.0f}% steal {100 * r['host_cpu']['steal']:.1f}%"
+            pass_figures += (
+                f" host CPUs busy {100 * r['host_cpu']['busy']:.0f}% steal {100 * r['host_cpu']['steal']:.1f}%"
+            )
         print(
             f"[{time.perf_counter() - t_start:6.0f}s] {n} replica(s): {r['requests']} req {r['errors']} err "
             f"{r['rps']:8.2f} req/s {r['tokens_per_s']:10.0f} tok/s p50 {r['p50_ms']:8.1f} ms p99 {r['p99_ms']:8.1f} ms{pass_figures}",
@@ -269,7 +356,9 @@ def main() -> None:
             parts = "  (" + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()) + ")" if ph else ""
             lag = row.get("wake_lag")
             lag_s = f"  wake lag {lag['mean_ms']:.2f} ms mean, {100 * lag['over_5ms']:.0f}% > 5 ms" if lag else ""
-            print(f"   replica {row['replica'][:8]}: {row['requests']:5d} req {row['batches']:4d} batches  busy {busy}  {row['compute_ms_per_batch']:7.1f} ms/batch{parts}{lag_s}")
+            print(
+                f"   replica {row['replica'][:8]}: {row['requests']:5d} req {row['batches']:4d} batches  busy {busy}  {row['compute_ms_per_batch']:7.1f} ms/batch{parts}{lag_s}"
+            )
         for c in clients:
             ray.kill(c)
         serve.delete(APP)
@@ -287,8 +376,15 @@ def main() -> None:
     if not args.fresh_cluster:
         # Only this benchmark's app is removed: Serve and any other app on the cluster stay as they were.
         ray.shutdown()
-    report(args.out, args.name or f"scaling_{args.preset}_{args.mix}", results,
-           args=vars(args), gpus=gpus, host=host, card_name=card())
+    report(
+        args.out,
+        args.name or f"scaling_{args.preset}_{args.mix}",
+        results,
+        args=vars(args),
+        gpus=gpus,
+        host=host,
+        card_name=card(),
+    )
 
 
 def merge_runs(paths: list[str]) -> dict[str, Any] | str:
@@ -298,39 +394,76 @@ def merge_runs(paths: list[str]) -> dict[str, Any] | str:
     for f, run in zip(paths, runs):
         for n, r in run["results"].items():
             if int(n) in results:
-                return f"--merge: {f} has a result for {n} replica(s) that an earlier file has too; give each count once"
+                return (
+                    f"--merge: {f} has a result for {n} replica(s) that an earlier file has too; give each count once"
+                )
             results[int(n)] = r
     cards = {run["card"] for run in runs}
     if len(cards) > 1:
         return f"--merge: the files come from different cards {sorted(cards)}; compare runs of one machine only"
-    return {"results": dict(sorted(results.items())), "args": {"merged": paths, **runs[0]["args"]},
-            "gpus": max(run["gpus"] for run in runs), "host": runs[0]["host"], "card_name": cards.pop()}
+    return {
+        "results": dict(sorted(results.items())),
+        "args": {"merged": paths, **runs[0]["args"]},
+        "gpus": max(run["gpus"] for run in runs),
+        "host": runs[0]["host"],
+        "card_name": cards.pop(),
+    }
 
 
-def report(out: str, name: str, results: dict[int, dict[str, Any]], args: dict[str, Any], gpus: int,
-           host: dict[str, Any], card_name: str) -> None:
+def report(
+    out: str,
+    name: str,
+    results: dict[int, dict[str, Any]],
+    args: dict[str, Any],
+    gpus: int,
+    host: dict[str, Any],
+    card_name: str,
+) -> None:
     """Print the table of every count and save it (JSON + plot)."""
     counts = sorted(results)
     eff = efficiency(results)
     what = "echo replicas (--noop), no model" if args["noop"] else f"model {args['preset']} layers={args['layers']}"
     # Runs merged from several files had a cluster each; one file's counts shared the run's cluster.
     fresh = ", a fresh cluster per count" if args.get("fresh_cluster") or len(args.get("merged") or ()) > 1 else ""
-    print(f"card: {card_name} x{gpus or 0}  {what}  mix {args['mix']}  concurrency {args['concurrency_per_replica']}/replica"
-          f" from {args['clients_per_replica']} client(s)/replica{fresh}")
-    print(f"{'replicas':>8s} {'req/s':>9s} {'speedup':>8s} {'efficiency':>10s} {'p50 ms':>9s} {'p99 ms':>9s} {'GPUs busy':>9s}")
+    print(
+        f"card: {card_name} x{gpus or 0}  {what}  mix {args['mix']}  concurrency {args['concurrency_per_replica']}/replica"
+        f" from {args['clients_per_replica']} client(s)/replica{fresh}"
+    )
+    print(
+        f"{'replicas':>8s} {'req/s':>9s} {'speedup':>8s} {'efficiency':>10s} {'p50 ms':>9s} {'p99 ms':>9s} {'GPUs busy':>9s}"
+    )
     for n in counts:
         r = results[n]
         busy = "-" if r["gpu_util_pct"] is None else f"{r['gpu_util_pct']:.0f}%"
-        print(f"{n:8d} {r['rps']:9.2f} {r['rps'] / results[counts[0]]['rps'] * counts[0]:7.2f}x {eff[n]:10.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {busy:>9s}")
+        print(
+            f"{n:8d} {r['rps']:9.2f} {r['rps'] / results[counts[0]]['rps'] * counts[0]:7.2f}x {eff[n]:10.2f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {busy:>9s}"
+        )
     goal = args["goal"]
-    summary = {"efficiency": {str(n): e for n, e in eff.items()}, "goal": goal, "met": all(e >= goal for e in eff.values())}
-    save(out, name, {"card": card_name, "args": args, "gpus": gpus, "host": host, "results": {str(n): r for n, r in results.items()},
-                     "summary": summary, "time_unix": time.time()})
+    summary = {
+        "efficiency": {str(n): e for n, e in eff.items()},
+        "goal": goal,
+        "met": all(e >= goal for e in eff.values()),
+    }
+    save(
+        out,
+        name,
+        {
+            "card": card_name,
+            "args": args,
+            "gpus": gpus,
+            "host": host,
+            "results": {str(n): r for n, r in results.items()},
+            "summary": summary,
+            "time_unix": time.time(),
+        },
+    )
     what = "echo replicas" if args["noop"] else f"{args['preset']} ({args['layers'] or 'preset'} layers)"
     _plot(out, name, results, eff, goal, f"{what}, mix {args['mix']}{fresh}, {card_name} x{max(gpus, 1)}")
 
 
-def _plot(out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int, float], goal: float, title: str) -> None:
+def _plot(
+    out: str, name: str, results: dict[int, dict[str, Any]], eff: dict[int, float], goal: float, title: str
+) -> None:
     ns = sorted(results)
     per = results[ns[0]]["rps"] / ns[0]
     fig, (a, b) = pyplot().subplots(1, 2, figsize=(11, 4))

@@ -72,7 +72,9 @@ class LoadResult:
 
     def summary(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("latencies_ms", "completions")}
-        d.update(rps=self.rps, tokens_per_s=self.tokens_per_s, p50_ms=self.pct(50), p90_ms=self.pct(90), p99_ms=self.pct(99))
+        d.update(
+            rps=self.rps, tokens_per_s=self.tokens_per_s, p50_ms=self.pct(50), p90_ms=self.pct(90), p99_ms=self.pct(99)
+        )
         return d
 
 
@@ -123,7 +125,9 @@ async def run_load(
     errors: list[str] = []
     sent = [0, 0]  # requests, tokens
     check_values = verify == "values"
-    bar = tqdm(total=None if duration else len(inputs), desc=f"{mode} load", unit="req", disable=not progress, leave=False)
+    bar = tqdm(
+        total=None if duration else len(inputs), desc=f"{mode} load", unit="req", disable=not progress, leave=False
+    )
 
     async def one(x: np.ndarray) -> None:
         sent[0] += 1
@@ -176,7 +180,9 @@ def http_sender(urls: str | list[str], session: Any) -> Send:
     async def send(x: np.ndarray) -> np.ndarray:
         buf = io.BytesIO()
         np.save(buf, x)
-        async with session.post(f"{next(targets)}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}) as r:
+        async with session.post(
+            f"{next(targets)}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}
+        ) as r:
             body = await r.read()
             if r.status != 200:
                 raise RuntimeError(f"HTTP {r.status}: {body[:200]!r}")
@@ -264,12 +270,15 @@ def print_summary(name: str, res: LoadResult, stats: dict[str, Any] | None = Non
     busy = (stats or {}).get("busy_fraction")
     print(
         f"{name:34s} {s['requests']:5d} req {s['errors']:3d} err {s['rps']:8.2f} req/s {s['tokens_per_s']:10.0f} tok/s "
-        f"p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms" + (f"  busy {100 * busy:4.0f}%" if busy is not None else "")
+        f"p50 {s['p50_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms"
+        + (f"  busy {100 * busy:4.0f}%" if busy is not None else "")
     )
     if res.first_error:
         print(f"   first error: {res.first_error}")
     for edge, d in (stats or {}).get("buckets", {}).items():
-        print(f"   bucket {edge:>6s}: {d['batches']:4d} batches, mean batch {d['mean_batch']:5.2f}, padding {100 * d['padding_ratio']:4.1f}%")
+        print(
+            f"   bucket {edge:>6s}: {d['batches']:4d} batches, mean batch {d['mean_batch']:5.2f}, padding {100 * d['padding_ratio']:4.1f}%"
+        )
     phases = (stats or {}).get("phases_ms_per_batch")
     if phases:
         print("   per batch (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
@@ -277,26 +286,54 @@ def print_summary(name: str, res: LoadResult, stats: dict[str, Any] | None = Non
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL; several, comma-separated, are used in turn")
-    p.add_argument("--direct", action="store_true", help="send to every replica's own HTTP port (Serve direct ingress) instead of --url")
-    p.add_argument("--dashboard", default="http://127.0.0.1:8265", help="--direct: Ray dashboard whose Serve REST API lists the replicas")
+    p.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the app's base URL; several, comma-separated, are used in turn"
+    )
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="send to every replica's own HTTP port (Serve direct ingress) instead of --url",
+    )
+    p.add_argument(
+        "--dashboard",
+        default="http://127.0.0.1:8265",
+        help="--direct: Ray dashboard whose Serve REST API lists the replicas",
+    )
     p.add_argument("--app", default="fa3trt", help="--direct: the Serve application's name")
-    p.add_argument("--target-host", default=None, help="--direct: connect to this host instead of each listed node IP (e.g. 127.0.0.1)")
+    p.add_argument(
+        "--target-host",
+        default=None,
+        help="--direct: connect to this host instead of each listed node IP (e.g. 127.0.0.1)",
+    )
     p.add_argument("--mix", default="256-2048")
     p.add_argument("--mode", choices=["closed", "open"], default="closed")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rate", type=float, default=10.0, help="open loop: mean arrivals per second")
-    p.add_argument("--duration", type=float, default=None, help="send for this many seconds (inputs reused) instead of --requests once each")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="send for this many seconds (inputs reused) instead of --requests once each",
+    )
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--json", default=None, help="write the summary here")
-    p.add_argument("--verify", choices=VERIFY, default="values", help="check each answer's values are finite, or only its shape and dtype")
+    p.add_argument(
+        "--verify",
+        choices=VERIFY,
+        default="values",
+        help="check each answer's values are finite, or only its shape and dtype",
+    )
     args = p.parse_args()
 
     import aiohttp
     import requests
 
-    urls = direct_targets(args.dashboard, args.app, args.target_host) if args.direct else [u.rstrip("/") for u in args.url.split(",") if u]
+    urls = (
+        direct_targets(args.dashboard, args.app, args.target_host)
+        if args.direct
+        else [u.rstrip("/") for u in args.url.split(",") if u]
+    )
     if args.direct:
         print(f"direct ingress: {len(urls)} replica(s): {', '.join(urls)}")
     info = requests.get(f"{urls[0]}/v1/info", timeout=30).json()
@@ -306,24 +343,50 @@ def main() -> None:
     async def go() -> LoadResult:
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-            return await run_load(http_sender(urls, session), inputs, mode=args.mode, concurrency=args.concurrency, rate=args.rate, duration=args.duration, verify=args.verify)
+            return await run_load(
+                http_sender(urls, session),
+                inputs,
+                mode=args.mode,
+                concurrency=args.concurrency,
+                rate=args.rate,
+                duration=args.duration,
+                verify=args.verify,
+            )
 
     # Each direct URL is one replica, so its counters are that replica's; through a proxy a
     # stats call reaches any replica and the two readings match only with one replica.
     before = [requests.get(f"{u}/v1/stats", timeout=30).json() for u in urls]
     res = asyncio.run(go())
-    stats = [stats_delta(b, requests.get(f"{u}/v1/stats", timeout=30).json(), res.seconds) for u, b in zip(urls, before)]
+    stats = [
+        stats_delta(b, requests.get(f"{u}/v1/stats", timeout=30).json(), res.seconds) for u, b in zip(urls, before)
+    ]
     print(f"{info['device_name']} backend={info['backend']} buckets={info['buckets']} mix={args.mix} mode={args.mode}")
-    print_summary(f"{args.mode} c={args.concurrency}" if args.mode == "closed" else f"open rate={args.rate}/s", res, stats[0] if len(stats) == 1 else None)
+    print_summary(
+        f"{args.mode} c={args.concurrency}" if args.mode == "closed" else f"open rate={args.rate}/s",
+        res,
+        stats[0] if len(stats) == 1 else None,
+    )
     if len(stats) > 1:
         for st in stats:
             busy = st.get("busy_fraction")
             n = sum(d["requests"] for d in st.get("buckets", {}).values())
-            print(f"   replica {str(st.get('replica'))[:8]}: {n:5d} req" + (f"  busy {100 * busy:4.0f}%" if busy is not None else ""))
+            print(
+                f"   replica {str(st.get('replica'))[:8]}: {n:5d} req"
+                + (f"  busy {100 * busy:4.0f}%" if busy is not None else "")
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "urls": urls, "result": res.summary(), "stats": stats if len(stats) > 1 else stats[0],
-                       "median_latency_ms": statistics.median(res.latencies_ms) if res.latencies_ms else None}, f, indent=1)
+            json.dump(
+                {
+                    "info": info,
+                    "urls": urls,
+                    "result": res.summary(),
+                    "stats": stats if len(stats) > 1 else stats[0],
+                    "median_latency_ms": statistics.median(res.latencies_ms) if res.latencies_ms else None,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -105,7 +105,9 @@ def main() -> None:
 
         async def direct(x: np.ndarray) -> np.ndarray:
             xb, lens = assemble([x], backend.dtype, backend.device)
-            return to_host(backend.run(xb, lens)[0].to(torch.float16 if x.dtype == np.float16 else torch.float32)).numpy()
+            return to_host(
+                backend.run(xb, lens)[0].to(torch.float16 if x.dtype == np.float16 else torch.float32)
+            ).numpy()
 
         res = asyncio.run(run_load(direct, inputs, concurrency=1, progress=False))
         record("direct (no Serve, batch 1)", res)
@@ -123,19 +125,28 @@ def main() -> None:
         async def infer(self, x: np.ndarray) -> np.ndarray:
             return x
 
-    def load(name: str, concurrency: int, mode: str = "closed", rate: float = 0.0, data: list[np.ndarray] | None = None) -> LoadResult:
+    def load(
+        name: str, concurrency: int, mode: str = "closed", rate: float = 0.0, data: list[np.ndarray] | None = None
+    ) -> LoadResult:
         handle = serve.get_app_handle("fa3trt")
         before = handle.stats.remote().result()
 
         async def go() -> LoadResult:
-            return await run_load(handle_sender(handle), data or inputs, mode=mode, concurrency=concurrency, rate=rate, progress=False)
+            return await run_load(
+                handle_sender(handle), data or inputs, mode=mode, concurrency=concurrency, rate=rate, progress=False
+            )
 
         res = asyncio.run(go())
         record(name, res, stats_delta(before, handle.stats.remote().result(), res.seconds))
         return res
 
     def deploy(**over: Any) -> None:
-        serve.run(build_app(app_args(model, hi, args.max_batch_tokens, backend="torch", replicas=1) | over), name="fa3trt", route_prefix="/", blocking=False)
+        serve.run(
+            build_app(app_args(model, hi, args.max_batch_tokens, backend="torch", replicas=1) | over),
+            name="fa3trt",
+            route_prefix="/",
+            blocking=False,
+        )
         handle = serve.get_app_handle("fa3trt")
         handle.infer.remote(inputs[0]).result()  # ready and warm
 
@@ -150,7 +161,12 @@ def main() -> None:
     # 3-5. the app: unbatched, one bucket, buckets; batch-1 latency of the buckets app.
     edges = bucket_edges(hi)
     if "unbatched" in want:
-        deploy(batching={"max_batch_tokens": args.max_batch_tokens, "bucket_overrides": {e: {"max_batch_size": 1} for e in edges}})
+        deploy(
+            batching={
+                "max_batch_tokens": args.max_batch_tokens,
+                "bucket_overrides": {e: {"max_batch_size": 1} for e in edges},
+            }
+        )
         load("serve unbatched", args.concurrency)
     if "one-bucket" in want:
         deploy(buckets=[hi])

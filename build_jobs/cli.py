@@ -41,8 +41,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def format_plan(plan: Sequence[BuildItem]) -> str:
     rows = [
-        [i.app, i.gpu_type or "-", i.backend, f"{i.model.name} x{i.model.layers} {i.model.dtype}",
-         i.action, i.item_key, i.reason]
+        [
+            i.app,
+            i.gpu_type or "-",
+            i.backend,
+            f"{i.model.name} x{i.model.layers} {i.model.dtype}",
+            i.action,
+            i.item_key,
+            i.reason,
+        ]
         for i in plan
     ]
     to_build = sum(i.action == "build" for i in plan)
@@ -53,10 +60,17 @@ def format_plan(plan: Sequence[BuildItem]) -> str:
 def format_table(results: Sequence[BuildResult]) -> str:
     """The final table: key, GPU type, build time, size, status (and where it ran)."""
     rows = [
-        [r.key, r.gpu_type or "-", r.spec, r.backend,
-         "-" if r.seconds is None else f"{r.seconds:.1f}s",
-         "-" if r.export_seconds is None else f"{r.export_seconds:.1f}s", _size(r.size), r.status,
-         ",".join(r.gpu_ids) or (r.cuda_visible_devices or "-")]
+        [
+            r.key,
+            r.gpu_type or "-",
+            r.spec,
+            r.backend,
+            "-" if r.seconds is None else f"{r.seconds:.1f}s",
+            "-" if r.export_seconds is None else f"{r.export_seconds:.1f}s",
+            _size(r.size),
+            r.status,
+            ",".join(r.gpu_ids) or (r.cuda_visible_devices or "-"),
+        ]
         for r in results
     ]
     return _table(["key", "gpu type", "app", "backend", "build time", "onnx export", "size", "status", "gpus"], rows)
@@ -64,13 +78,24 @@ def format_table(results: Sequence[BuildResult]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m build_jobs", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=defaults.SERVE_CONFIG, help="Serve config whose fa3trt applications are the engine specs")
+    p.add_argument(
+        "--config", default=defaults.SERVE_CONFIG, help="Serve config whose fa3trt applications are the engine specs"
+    )
     p.add_argument("--store", default=None, help="store folder or fsspec URI; overrides each application's `store`")
     p.add_argument("--dry-run", action="store_true", help="print the plan and build nothing")
     p.add_argument("--force", action="store_true", help="rebuild items already in the store")
-    p.add_argument("--address", default=None, help="Ray cluster: 'auto', 'ray://host:10001', 'local' (default: Ray's resolution)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "torch"), default=None, help="override each application's backend")
-    p.add_argument("--retries", type=int, default=defaults.BUILD_RETRIES, help=f"retries of a failed task (default {defaults.BUILD_RETRIES})")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster: 'auto', 'ray://host:10001', 'local' (default: Ray's resolution)"
+    )
+    p.add_argument(
+        "--backend", choices=("auto", "tensorrt", "torch"), default=None, help="override each application's backend"
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=defaults.BUILD_RETRIES,
+        help=f"retries of a failed task (default {defaults.BUILD_RETRIES})",
+    )
     p.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="INFO logs")
@@ -86,8 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         results = build_all(
-            args.config, store=args.store, force=args.force, address=args.address, dry_run=args.dry_run,
-            backend=args.backend, max_retries=args.retries, progress=not args.no_progress, plan_callback=show_plan,
+            args.config,
+            store=args.store,
+            force=args.force,
+            address=args.address,
+            dry_run=args.dry_run,
+            backend=args.backend,
+            max_retries=args.retries,
+            progress=not args.no_progress,
+            plan_callback=show_plan,
         )
     except Fa3TrtError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -129,9 +129,7 @@ def resolve_uri(path_or_uri: str) -> str:
     return os.path.abspath(os.path.expanduser(path_or_uri))
 
 
-def resolve_backend(
-    requested: str, cluster_resources: Mapping[str, float], trt_available: bool
-) -> tuple[Backend, str]:
+def resolve_backend(requested: str, cluster_resources: Mapping[str, float], trt_available: bool) -> tuple[Backend, str]:
     """(backend, why) for a spec's ``backend`` value on this cluster."""
     has_gpus = cluster_gpus(cluster_resources) > 0
     if requested == "torch":
@@ -198,7 +196,9 @@ def compute_plan(
     from fa3trt.artifacts import onnx_key, weights_digest
 
     if not specs:
-        raise ConfigError(f"no engine specs to plan; the serve config needs an application with import_path {APP_IMPORT_PATH}")
+        raise ConfigError(
+            f"no engine specs to plan; the serve config needs an application with import_path {APP_IMPORT_PATH}"
+        )
     trt_ok = tensorrt_available() if trt_available is None else trt_available
     types: list[str | None] = list(gpu_types(cluster_resources)) or [None]
     num_gpus = 1 if cluster_gpus(cluster_resources) > 0 else 0

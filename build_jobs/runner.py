@@ -175,8 +175,13 @@ def build_all(
                 results[i] = _from_record(item, "skipped", item.existing or {})
             elif dry_run:
                 results[i] = BuildResult(
-                    key=item.item_key, gpu_type=item.gpu_type, spec=item.app, status="planned",
-                    backend=item.backend, item_key=item.item_key, reason=item.reason,
+                    key=item.item_key,
+                    gpu_type=item.gpu_type,
+                    spec=item.app,
+                    status="planned",
+                    backend=item.backend,
+                    item_key=item.item_key,
+                    reason=item.reason,
                 )
         if dry_run:
             return [r for r in results if r is not None]
@@ -190,7 +195,10 @@ def build_all(
             ekey = (item.store, item.onnx_key)
             if ekey not in exports:  # one export per ONNX, shared by every GPU type and spec
                 exports[ekey] = export_fn.options(
-                    num_cpus=1, num_gpus=0, max_retries=max_retries, retry_exceptions=True,
+                    num_cpus=1,
+                    num_gpus=0,
+                    max_retries=max_retries,
+                    retry_exceptions=True,
                     name=f"export:{item.app}",
                 ).remote(item.store, item.model, item.weights, force)
             ref = build_fn.options(**item.task_options(max_retries=max_retries)).remote(item, force, exports[ekey])

@@ -90,7 +90,9 @@ def weights_key(model: ModelConfig, weights: str | None) -> str:
     """Store key (kind ``artifacts``) of the safetensors weights the torch backend serves."""
     from fa3trt.artifacts import spec_hash, weights_digest
 
-    return validate_key("weights-" + spec_hash({"model": model.compute_hash(), "weights": weights_digest(model, weights)}))
+    return validate_key(
+        "weights-" + spec_hash({"model": model.compute_hash(), "weights": weights_digest(model, weights)})
+    )
 
 
 def export_spec(store_uri: str, model: ModelConfig, weights: str | None, force: bool = False) -> dict[str, Any]:
@@ -119,7 +121,9 @@ def export_spec(store_uri: str, model: ModelConfig, weights: str | None, force: 
     return {"onnx_key": key, "sha256": meta.get("sha256"), "seconds": time.time() - t0, **worker_info()}
 
 
-def _build_engine(item: BuildItem, store: ArtifactStore, force: bool, workdir: str) -> tuple[str, str, int, dict[str, Any]]:
+def _build_engine(
+    item: BuildItem, store: ArtifactStore, force: bool, workdir: str
+) -> tuple[str, str, int, dict[str, Any]]:
     from fa3trt.buckets import Buckets
     from fa3trt.build import build_to_store
 
@@ -132,11 +136,15 @@ def _build_engine(item: BuildItem, store: ArtifactStore, force: bool, workdir: s
         force=force,
         workdir=workdir,
     )
-    extra: dict[str, Any] = {k: meta[k] for k in ("trt_version", "compute_capability", "gpu_name", "plugin_version") if k in meta}
+    extra: dict[str, Any] = {
+        k: meta[k] for k in ("trt_version", "compute_capability", "gpu_name", "plugin_version") if k in meta
+    }
     return "engines", str(meta["key"]), int(meta.get("size", 0)), extra
 
 
-def _build_torch_artifact(item: BuildItem, store: ArtifactStore, force: bool, workdir: str) -> tuple[str, str, int, dict[str, Any]]:
+def _build_torch_artifact(
+    item: BuildItem, store: ArtifactStore, force: bool, workdir: str
+) -> tuple[str, str, int, dict[str, Any]]:
     import safetensors.torch
 
     from fa3trt.artifacts import ensure_onnx, weights_digest
@@ -200,13 +208,19 @@ def build_item(item: BuildItem, force: bool = False, onnx: dict[str, Any] | None
             plugin_registered = True
             log.info(
                 "registered the attention plugin in worker pid %s for %s (CUDA_VISIBLE_DEVICES=%s, Ray GPU ids %s)",
-                where["pid"], item.label, where["cuda_visible_devices"], where["gpu_ids"],
+                where["pid"],
+                item.label,
+                where["cuda_visible_devices"],
+                where["gpu_ids"],
             )
         where.update(_device_info())  # after the plugin: it touches CUDA
         if item.backend != "tensorrt":
             log.info(
                 "building torch artifacts for %s in worker pid %s (CUDA_VISIBLE_DEVICES=%s, Ray GPU ids %s)",
-                item.label, where["pid"], where["cuda_visible_devices"], where["gpu_ids"],
+                item.label,
+                where["pid"],
+                where["cuda_visible_devices"],
+                where["gpu_ids"],
             )
         store = ArtifactStore(item.store)
         with tempfile.TemporaryDirectory(prefix="fa3trt-build-") as workdir:

@@ -46,7 +46,11 @@ def pci_address(device: torch.device | int = 0) -> str:
         return f"{ids[0]:04x}:{ids[1]:02x}:{ids[2]:02x}.0"
     uuid = str(p.uuid)
     rows = subprocess.run(
-        ["nvidia-smi", "--query-gpu=uuid,pci.bus_id", "--format=csv,noheader"], capture_output=True, text=True, timeout=30, check=True
+        ["nvidia-smi", "--query-gpu=uuid,pci.bus_id", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     for row in rows.splitlines():
         gpu_uuid, _, bus_id = (f.strip() for f in row.partition(","))
@@ -56,7 +60,9 @@ def pci_address(device: torch.device | int = 0) -> str:
     raise RuntimeError(f"nvidia-smi lists no GPU with UUID {uuid}")
 
 
-def gpu_local_cpus(device: torch.device | int = 0, sysfs: str | os.PathLike[str] = "/sys/bus/pci/devices") -> list[int] | None:
+def gpu_local_cpus(
+    device: torch.device | int = 0, sysfs: str | os.PathLike[str] = "/sys/bus/pci/devices"
+) -> list[int] | None:
     """The CPUs next to a CUDA device (its PCI function's ``local_cpulist``), or None when this
     is not known (no CUDA, no sysfs, no way to learn the device's PCI address)."""
     try:
@@ -91,5 +97,11 @@ def pin_to_gpu_node(device: torch.device | int = 0) -> list[int] | None:
     if not cpus or set(cpus) == allowed:
         return None
     moved = pin_process(set(cpus))
-    log.info("fa3trt replica: %d threads moved to the %d CPUs next to cuda:%s (of %d allowed)", moved, len(cpus), device, len(allowed))
+    log.info(
+        "fa3trt replica: %d threads moved to the %d CPUs next to cuda:%s (of %d allowed)",
+        moved,
+        len(cpus),
+        device,
+        len(allowed),
+    )
     return cpus

@@ -63,7 +63,9 @@ def bucket_limits(buckets: Buckets, batching: BatchingConfig) -> list[tuple[int,
     out = []
     for i, edge in enumerate(buckets.edges):
         o = batching.bucket_overrides.get(edge)
-        size = (o.max_batch_size if o and o.max_batch_size else None) or buckets.batch_limit(i, batching.max_batch_tokens)
+        size = (o.max_batch_size if o and o.max_batch_size else None) or buckets.batch_limit(
+            i, batching.max_batch_tokens
+        )
         wait = o.batch_wait_timeout_s if o and o.batch_wait_timeout_s is not None else batching.batch_wait_timeout_s
         out.append((size, wait))
     return out
@@ -116,13 +118,48 @@ class _Metrics:
         from ray.serve import metrics
 
         tag = ("bucket",)
-        self.batch_size = metrics.Histogram("fa3trt_batch_size", description="Requests per batch.", boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=tag)
-        self.padding = metrics.Histogram("fa3trt_padding_ratio", description="Padded tokens / computed tokens per batch.", boundaries=[0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75], tag_keys=tag)
-        self.queue_wait = metrics.Histogram("fa3trt_queue_wait_s", description="Seconds from arrival to batch start.", boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5], tag_keys=tag)
-        self.compute = metrics.Histogram("fa3trt_compute_s", description="Seconds of backend compute per batch.", boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5], tag_keys=tag)
-        self.rejected = metrics.Counter("fa3trt_rejected_requests", description="Requests refused before batching.", tag_keys=tag)
-        self.failed = metrics.Counter("fa3trt_failed_requests", description="Requests whose batch failed.", tag_keys=tag)
-        self.local = {e: {"batches": 0, "requests": 0, "max_batch": 0, "tokens": 0, "computed_tokens": 0, "failed": 0, "compute_s": 0.0} for e in edges}
+        self.batch_size = metrics.Histogram(
+            "fa3trt_batch_size",
+            description="Requests per batch.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+            tag_keys=tag,
+        )
+        self.padding = metrics.Histogram(
+            "fa3trt_padding_ratio",
+            description="Padded tokens / computed tokens per batch.",
+            boundaries=[0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75],
+            tag_keys=tag,
+        )
+        self.queue_wait = metrics.Histogram(
+            "fa3trt_queue_wait_s",
+            description="Seconds from arrival to batch start.",
+            boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5],
+            tag_keys=tag,
+        )
+        self.compute = metrics.Histogram(
+            "fa3trt_compute_s",
+            description="Seconds of backend compute per batch.",
+            boundaries=[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5],
+            tag_keys=tag,
+        )
+        self.rejected = metrics.Counter(
+            "fa3trt_rejected_requests", description="Requests refused before batching.", tag_keys=tag
+        )
+        self.failed = metrics.Counter(
+            "fa3trt_failed_requests", description="Requests whose batch failed.", tag_keys=tag
+        )
+        self.local = {
+            e: {
+                "batches": 0,
+                "requests": 0,
+                "max_batch": 0,
+                "tokens": 0,
+                "computed_tokens": 0,
+                "failed": 0,
+                "compute_s": 0.0,
+            }
+            for e in edges
+        }
         self.rejected_local = 0
         # Where a batch's time goes, summed over batches (seconds; from the compute threads):
         # staging the requests into one device batch, the model from launch to answers on the
@@ -259,14 +296,21 @@ class ModelReplica:
         if not self._queues:
             self._max_concurrent = batching.max_concurrent_batches
             for i, (size, wait) in enumerate(self.limits):
-                queue = serve.batch(max_batch_size=size, batch_wait_timeout_s=wait, max_concurrent_batches=self._max_concurrent)
+                queue = serve.batch(
+                    max_batch_size=size, batch_wait_timeout_s=wait, max_concurrent_batches=self._max_concurrent
+                )
                 self._queues.append(queue(self._make_batch_fn(i)))  # type: ignore[arg-type]  # Ray's stub types only the sync form
             # Each bucket warms on its own stream (per-stream library state; CUDA graphs are
             # captured per stream).
             for i, ((size, _), e) in enumerate(zip(self.limits, self.buckets.edges)):
                 with self._on_stream(i):
                     self.backend.warmup(sorted({(1, e), (size, e)}))
-            log.info("fa3trt replica %s ready in %.1fs: %s", self.replica, time.perf_counter() - self._t0, self.backend.describe())
+            log.info(
+                "fa3trt replica %s ready in %.1fs: %s",
+                self.replica,
+                time.perf_counter() - self._t0,
+                self.backend.describe(),
+            )
         else:
             if batching.max_concurrent_batches != self._max_concurrent:
                 log.warning("max_concurrent_batches changes only at deployment; keeping %d", self._max_concurrent)
@@ -360,7 +404,9 @@ class ModelReplica:
 
     def _nonfinite_error(self) -> InvalidInputError:
         dtype = str(self.backend.dtype).replace("torch.", "")
-        return InvalidInputError(f"x holds NaN or Inf (checked as the model's {dtype}); send finite values (or serve with reject_nonfinite: false)")
+        return InvalidInputError(
+            f"x holds NaN or Inf (checked as the model's {dtype}); send finite values (or serve with reject_nonfinite: false)"
+        )
 
     async def infer(self, x: Any) -> Any:
         """One sequence (S, hidden) in, (S, hidden) out in the caller's dtype and type."""
@@ -388,7 +434,9 @@ class ModelReplica:
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence", status=413)
+            raise RequestError(
+                f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence", status=413
+            )
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -405,7 +453,9 @@ class ModelReplica:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             if ctype not in (NPY, "application/json"):
-                raise RequestError(f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json", status=415)
+                raise RequestError(
+                    f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json", status=415
+                )
             body = await self._read_body(request)
             x = decode_npy(body) if ctype == NPY else decode_json(body)
             # A request that times out is cancelled: its batch queue drops it.

@@ -23,7 +23,16 @@ import torch
 from fa3trt.buckets import Buckets
 from fa3trt.errors import InvalidInputError, RequestError
 
-__all__ = ["decode_npy", "encode_npy", "decode_json", "encode_json", "validate_sequence", "all_finite", "to_numpy", "from_numpy_like"]
+__all__ = [
+    "decode_npy",
+    "encode_npy",
+    "decode_json",
+    "encode_json",
+    "validate_sequence",
+    "all_finite",
+    "to_numpy",
+    "from_numpy_like",
+]
 
 _ACCEPTED = (np.float16, np.float32, np.float64)
 _NPY_MAGIC = b"\x93NUMPY"
@@ -32,7 +41,9 @@ _NPY_MAGIC = b"\x93NUMPY"
 def decode_npy(body: bytes) -> np.ndarray:
     """Parse a ``.npy`` body without pickle and without trusting its header's size."""
     if not body.startswith(_NPY_MAGIC) or len(body) < 10:
-        raise RequestError("body is not a .npy file (bad magic); send numpy.save output with Content-Type application/x-npy")
+        raise RequestError(
+            "body is not a .npy file (bad magic); send numpy.save output with Content-Type application/x-npy"
+        )
     major = body[6]
     if major == 1:
         hlen, start = int.from_bytes(body[8:10], "little"), 10
@@ -78,15 +89,19 @@ def decode_json(body: bytes) -> np.ndarray:
     try:
         doc = json.loads(body)
     except ValueError as e:
-        raise RequestError(f"malformed JSON ({e}); send {{\"x\": [[...], ...]}}") from e
+        raise RequestError(f'malformed JSON ({e}); send {{"x": [[...], ...]}}') from e
     if not isinstance(doc, dict) or "x" not in doc:
-        raise InvalidInputError('JSON body must be an object with key "x" holding a list of rows, e.g. {"x": [[0.1, 0.2]]}')
+        raise InvalidInputError(
+            'JSON body must be an object with key "x" holding a list of rows, e.g. {"x": [[0.1, 0.2]]}'
+        )
     x = doc["x"]
     if not isinstance(x, list) or not all(isinstance(r, list) for r in x):
         raise InvalidInputError('"x" must be a list of rows (a 2-D list of numbers)')
     widths = {len(r) for r in x}
     if len(widths) > 1:
-        raise InvalidInputError(f'"x" has ragged rows (row lengths {sorted(widths)[:5]}); every row must have hidden numbers')
+        raise InvalidInputError(
+            f'"x" has ragged rows (row lengths {sorted(widths)[:5]}); every row must have hidden numbers'
+        )
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in x for v in r):
         raise InvalidInputError('"x" must hold only numbers')
     return np.asarray(x, dtype=np.float32).reshape(len(x), widths.pop() if widths else 0)
@@ -102,7 +117,9 @@ def to_numpy(x: Any) -> tuple[np.ndarray, Any]:
         if x.device.type != "cpu":
             raise InvalidInputError(f"tensor is on {x.device}; send a CPU tensor (or a NumPy array)")
         if not (x.is_floating_point() and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)):
-            raise InvalidInputError(f"tensor dtype {x.dtype} is not accepted; send float16, bfloat16, float32 or float64")
+            raise InvalidInputError(
+                f"tensor dtype {x.dtype} is not accepted; send float16, bfloat16, float32 or float64"
+            )
         return x.detach().float().numpy() if x.dtype == torch.bfloat16 else x.detach().numpy(), x.dtype
     if isinstance(x, np.ndarray):
         return x, x.dtype
@@ -140,7 +157,9 @@ def validate_sequence(x: np.ndarray, hidden: int, buckets: Buckets, reject_nonfi
     if x.dtype.type not in _ACCEPTED and x.dtype != np.dtype("float32"):
         raise InvalidInputError(f"x has dtype {x.dtype}; send float16, float32 or float64")
     if x.shape[1] != hidden:
-        raise InvalidInputError(f"x has hidden size {x.shape[1]}, this model takes {hidden}: shape must be (seq_len, {hidden})")
+        raise InvalidInputError(
+            f"x has hidden size {x.shape[1]}, this model takes {hidden}: shape must be (seq_len, {hidden})"
+        )
     i = buckets.index(x.shape[0])
     if reject_nonfinite and not all_finite(x):
         raise InvalidInputError("x holds NaN or Inf; send finite values (or serve with reject_nonfinite: false)")

@@ -68,8 +68,13 @@ class WakeLag:
         """Cumulative counters: samples, total and largest lag (s), and the histogram's counts
         per bin (``bounds_ms`` are the bins' upper edges; the last bin is open)."""
         with self._lock:
-            return {"samples": self._samples, "total_s": self._total_s, "max_s": self._max_s,
-                    "bounds_ms": list(BOUNDS_MS), "bins": list(self._bins)}
+            return {
+                "samples": self._samples,
+                "total_s": self._total_s,
+                "max_s": self._max_s,
+                "bounds_ms": list(BOUNDS_MS),
+                "bins": list(self._bins),
+            }
 
 
 def lag_delta(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, float | None] | None:
@@ -92,5 +97,10 @@ def lag_delta(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str,
         if seen >= 0.99 * n:
             p99 = edge
             break
-    return {"samples": n, "mean_ms": 1e3 * (after["total_s"] - b["total_s"]) / n,
-            "over_1ms": share_above(1.0), "over_5ms": share_above(5.0), "p99_ms_at_most": p99}
+    return {
+        "samples": n,
+        "mean_ms": 1e3 * (after["total_s"] - b["total_s"]) / n,
+        "over_1ms": share_above(1.0),
+        "over_5ms": share_above(5.0),
+        "p99_ms_at_most": p99,
+    }

@@ -58,8 +58,15 @@ class _Stream:
 class GraphRunner:
     """Runs ``model(x, lens)`` through CUDA graphs keyed by rounded shape and stream."""
 
-    def __init__(self, model: torch.nn.Module, hidden: int, dtype: torch.dtype, device: torch.device,
-                 seq_step: int = 128, max_bytes: int = 8 << 30) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        seq_step: int = 128,
+        max_bytes: int = 8 << 30,
+    ) -> None:
         self.model, self.hidden, self.dtype, self.device = model, hidden, dtype, device
         self.seq_step, self.max_bytes = seq_step, max_bytes
         self.static_bytes = 0  # held by the graphs' input and output buffers
@@ -96,8 +103,11 @@ class GraphRunner:
                     need = 2 * gb * gs * self.hidden * x.element_size()
                     if self.static_bytes + need > self.max_bytes:
                         if not self._full_logged:
-                            log.warning("%d CUDA graphs hold %.1f GiB of buffers; shapes without a graph run eagerly",
-                                        len(self._graphs), self.static_bytes / 2**30)
+                            log.warning(
+                                "%d CUDA graphs hold %.1f GiB of buffers; shapes without a graph run eagerly",
+                                len(self._graphs),
+                                self.static_bytes / 2**30,
+                            )
                             self._full_logged = True
                         return None
                     g = self._capture(gb, gs, stream, shared)

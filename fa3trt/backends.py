@@ -84,7 +84,9 @@ class TorchBackend:
         self.graphs: GraphRunner | None = None
         if cuda_graphs:
             if self.device.type != "cuda":
-                raise ConfigError(f"cuda_graphs needs a CUDA device and this backend runs on {self.device}; set cuda_graphs to false")
+                raise ConfigError(
+                    f"cuda_graphs needs a CUDA device and this backend runs on {self.device}; set cuda_graphs to false"
+                )
             if not self._lengths_on_device:
                 raise ConfigError(
                     f"cuda_graphs needs an attention kernel that reads the lengths on the GPU (FA3, or FlashAttention's "
@@ -101,7 +103,9 @@ class TorchBackend:
         b, s = int(x.shape[0]), int(x.shape[1])
         lens = seq_lens.to("cpu", torch.int32)
         if lens.shape != (b,):
-            raise InvalidInputError(f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(lens.shape)}")
+            raise InvalidInputError(
+                f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(lens.shape)}"
+            )
         if b and (int(lens.min()) < 0 or int(lens.max()) > s):
             raise InvalidInputError(f"seq_lens must lie in [0, {s}] (the padded length), got {lens.tolist()}")
         x = x.to(self.device, self.dtype, non_blocking=True)
@@ -149,7 +153,9 @@ class TorchBackend:
             "device_name": name,
             "dtype": self.config.dtype,
             "attention_kernel": self.kernel,
-            "cuda_graphs": None if self.graphs is None else {"captured": len(self.graphs), "seq_step": self.graphs.seq_step},
+            "cuda_graphs": None
+            if self.graphs is None
+            else {"captured": len(self.graphs), "seq_step": self.graphs.seq_step},
             "model": self.config.to_dict(),
             "weights": self.weights,
         }

@@ -94,7 +94,9 @@ class BuildConfig:
             object.__setattr__(self, "buckets", Buckets(tuple(self.buckets)))
         if not isinstance(self.max_batch_tokens, int) or self.max_batch_tokens < 1:
             raise ConfigError(f"BuildConfig.max_batch_tokens must be an integer >= 1, got {self.max_batch_tokens!r}")
-        if self.workspace_bytes is not None and (not isinstance(self.workspace_bytes, int) or self.workspace_bytes < 1 << 20):
+        if self.workspace_bytes is not None and (
+            not isinstance(self.workspace_bytes, int) or self.workspace_bytes < 1 << 20
+        ):
             raise ConfigError(
                 f"BuildConfig.workspace_bytes must be None or an integer >= 1 MiB, got {self.workspace_bytes!r}"
             )
@@ -140,12 +142,22 @@ class ProfileSpec:
         return self.batch[0] <= batch <= self.batch[2] and self.seq[0] <= seq <= self.seq[2]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.index, "bucket_edge": self.bucket_edge, "batch": list(self.batch), "seq": list(self.seq)}
+        return {
+            "profile": self.index,
+            "bucket_edge": self.bucket_edge,
+            "batch": list(self.batch),
+            "seq": list(self.seq),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProfileSpec:
         b, s = d["batch"], d["seq"]
-        return cls(int(d["profile"]), int(d["bucket_edge"]), (int(b[0]), int(b[1]), int(b[2])), (int(s[0]), int(s[1]), int(s[2])))
+        return cls(
+            int(d["profile"]),
+            int(d["bucket_edge"]),
+            (int(b[0]), int(b[1]), int(b[2])),
+            (int(s[0]), int(s[1]), int(s[2])),
+        )
 
 
 def profiles(buckets: Buckets, max_batch_tokens: int) -> list[ProfileSpec]:
@@ -215,7 +227,8 @@ def build_engine(onnx_path: str | os.PathLike[str], config: BuildConfig) -> tupl
         memory_pool_limits=pools,
         load_timing_cache=timing if timing and os.path.exists(timing) else None,
         hardware_compatibility_level=_hw_level(config.hardware_compatibility_level)
-        if config.hardware_compatibility_level != "none" else None,
+        if config.hardware_compatibility_level != "none"
+        else None,
         builder_optimization_level=config.builder_optimization_level,
     )
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
@@ -323,14 +336,18 @@ def build_to_store(
         if store.has("engines", key) and not force:
             log.info("engine %s already in %s; pass force=True to rebuild", key, store.uri)
             return store.metadata("engines", key)
-        gpu_type = f'{env["gpu_name"]}-sm{env["compute_capability"]}'
+        gpu_type = f"{env['gpu_name']}-sm{env['compute_capability']}"
         tpath = work / "timing.cache"
         if (cache := store.get_timing_cache(gpu_type, env["trt_version"])) is not None:
             tpath.write_bytes(cache)  # a corrupt cache comes back as None and is not fed to TensorRT
         cfg = dataclasses.replace(cfg, timing_cache_path=str(tpath))
         data, meta = build_engine(onnx_path, cfg)
-        meta.update(key=key, onnx_key=onnx_key(model_config, weights), model=model_config.to_dict(),
-                    weights=weights_digest(model_config, weights))
+        meta.update(
+            key=key,
+            onnx_key=onnx_key(model_config, weights),
+            model=model_config.to_dict(),
+            weights=weights_digest(model_config, weights),
+        )
         meta["build_config"]["timing_cache_path"] = None  # a worker's temp path means nothing elsewhere
         if tpath.exists():
             store.put_timing_cache(gpu_type, env["trt_version"], tpath.read_bytes())

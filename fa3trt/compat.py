@@ -48,7 +48,13 @@ def current_environment(device: torch.device | int | None = None) -> dict[str, s
     if not torch.cuda.is_available():
         raise MissingDependencyError("TensorRT engines need a CUDA GPU and none is visible; use backend 'torch'")
     version = _trt.module().__version__
-    dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device("cuda", device) if isinstance(device, int) else device
+    dev = (
+        torch.device("cuda", torch.cuda.current_device())
+        if device is None
+        else torch.device("cuda", device)
+        if isinstance(device, int)
+        else device
+    )
     major, minor = torch.cuda.get_device_capability(dev)
     return {
         "trt_version": version,

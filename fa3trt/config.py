@@ -24,7 +24,16 @@ from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
 from fa3trt.model import ModelConfig
 
-__all__ = ["ModelSpec", "BucketOverride", "BatchingConfig", "AppArgs", "load_serve_config", "apply_env_overrides", "APP_IMPORT_PATH", "ENV_OVERRIDES"]
+__all__ = [
+    "ModelSpec",
+    "BucketOverride",
+    "BatchingConfig",
+    "AppArgs",
+    "load_serve_config",
+    "apply_env_overrides",
+    "APP_IMPORT_PATH",
+    "ENV_OVERRIDES",
+]
 
 APP_IMPORT_PATH = "deploy.app:build_app"
 
@@ -38,10 +47,14 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Which model a replica serves."""
 
-    preset: Literal["tiny", "seed"] = Field(defaults.MODEL_PRESET, description="Model preset: tiny (CPU) or seed (4096 wide, 32 heads).")
+    preset: Literal["tiny", "seed"] = Field(
+        defaults.MODEL_PRESET, description="Model preset: tiny (CPU) or seed (4096 wide, 32 heads)."
+    )
     layers: int | None = Field(None, ge=1, le=512, description="Override the preset's layer count.")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Override the preset's dtype.")
-    attn_mode: Literal[0, 1] = Field(defaults.ATTN_MODE, description="0: attention in the model dtype; 1: FP8 attention.")
+    attn_mode: Literal[0, 1] = Field(
+        defaults.ATTN_MODE, description="0: attention in the model dtype; 1: FP8 attention."
+    )
     seed: int = Field(defaults.SEED, ge=0, description="Seed of the weight init when no weights file is given.")
     weights: str | None = Field(None, description="Safetensors weights file; default: seeded init.")
 
@@ -71,10 +84,21 @@ class BucketOverride(_Strict):
 class BatchingConfig(_Strict):
     """Knobs that ``reconfigure`` can change on a live replica (Serve ``user_config``)."""
 
-    max_batch_tokens: int = Field(defaults.MAX_BATCH_TOKENS, ge=1, le=1 << 24, description="Token budget per batch; a bucket's batch limit is this divided by its edge.")
-    batch_wait_timeout_s: float = Field(defaults.BATCH_WAIT_TIMEOUT_S, ge=0.0, le=10.0, description="Longest wait for a batch to fill, in seconds.")
-    max_concurrent_batches: int = Field(defaults.MAX_CONCURRENT_BATCHES, ge=1, le=64, description="Batches of one bucket that may run at once.")
-    bucket_overrides: dict[int, BucketOverride] = Field(default_factory=dict, description="Per-bucket overrides, keyed by bucket edge.")
+    max_batch_tokens: int = Field(
+        defaults.MAX_BATCH_TOKENS,
+        ge=1,
+        le=1 << 24,
+        description="Token budget per batch; a bucket's batch limit is this divided by its edge.",
+    )
+    batch_wait_timeout_s: float = Field(
+        defaults.BATCH_WAIT_TIMEOUT_S, ge=0.0, le=10.0, description="Longest wait for a batch to fill, in seconds."
+    )
+    max_concurrent_batches: int = Field(
+        defaults.MAX_CONCURRENT_BATCHES, ge=1, le=64, description="Batches of one bucket that may run at once."
+    )
+    bucket_overrides: dict[int, BucketOverride] = Field(
+        default_factory=dict, description="Per-bucket overrides, keyed by bucket edge."
+    )
 
     @model_validator(mode="after")
     def _overrides_name_context_buckets(self, info: ValidationInfo) -> BatchingConfig:
@@ -99,21 +123,62 @@ class AppArgs(_Strict):
     """Everything the Serve app (``APP_IMPORT_PATH``) takes."""
 
     model: ModelSpec = Field(default_factory=lambda: ModelSpec())
-    buckets: list[int] = Field(default_factory=lambda: list(defaults.BUCKETS), min_length=1, max_length=64, description="Ascending sequence-length edges; one batch queue (and one TensorRT profile) each.")
-    backend: Literal["auto", "tensorrt", "torch"] = Field(defaults.BACKEND, description="auto: TensorRT when it imports and a GPU is present, else torch.")
-    store: str = Field(defaults.STORE, min_length=1, description="Artifact store (engines, ONNX, weights): a folder or an fsspec URI every node can reach.")
-    build_if_missing: bool = Field(defaults.BUILD_IF_MISSING, description="Build this GPU's engine at replica start when the store lacks it.")
+    buckets: list[int] = Field(
+        default_factory=lambda: list(defaults.BUCKETS),
+        min_length=1,
+        max_length=64,
+        description="Ascending sequence-length edges; one batch queue (and one TensorRT profile) each.",
+    )
+    backend: Literal["auto", "tensorrt", "torch"] = Field(
+        defaults.BACKEND, description="auto: TensorRT when it imports and a GPU is present, else torch."
+    )
+    store: str = Field(
+        defaults.STORE,
+        min_length=1,
+        description="Artifact store (engines, ONNX, weights): a folder or an fsspec URI every node can reach.",
+    )
+    build_if_missing: bool = Field(
+        defaults.BUILD_IF_MISSING, description="Build this GPU's engine at replica start when the store lacks it."
+    )
     batching: BatchingConfig = Field(default_factory=lambda: BatchingConfig())
-    replicas: int | Literal["auto"] = Field(defaults.REPLICAS, description="auto: one per GPU in the cluster (one CPU replica without GPUs).")
-    autoscaling: dict[str, Any] | None = Field(None, description="Serve autoscaling_config passed through (min_replicas, max_replicas, target_ongoing_requests, ...); replaces replicas.")
-    max_queued_requests: int = Field(defaults.MAX_QUEUED_REQUESTS, ge=1, le=1 << 20, description="Requests queued per handle before Serve answers 503.")
-    max_body_bytes: int = Field(defaults.MAX_BODY_BYTES, ge=1024, le=1 << 32, description="Largest HTTP request body; larger ones get 413.")
-    reject_nonfinite: bool = Field(defaults.REJECT_NONFINITE, description="Refuse inputs holding NaN or Inf (422); checked on the device, in the batch.")
-    numa_affinity: bool = Field(defaults.NUMA_AFFINITY, description="Keep each GPU replica's threads on the CPUs of its GPU's NUMA node.")
-    cuda_graphs: bool = Field(defaults.CUDA_GRAPHS, description="Torch backend on a GPU: run batches as CUDA graphs (fa3trt._graphs): one launch per batch instead of the model's few dozen. Needs FA3 or FlashAttention's CuTe kernel.")
-    stream_per_bucket: bool = Field(defaults.STREAM_PER_BUCKET, description="GPU replicas: each bucket's batches on a CUDA stream of their own, so one bucket's copies and answers never wait on another's kernels (false: every bucket on the default stream).")
-    replica_cpus: int | Literal["auto"] = Field(defaults.REPLICA_CPUS, description=f"CPUs reserved per GPU replica (its PyTorch threads, which only stage batches): auto = {defaults.REPLICA_CPUS_AUTO}, as one thread keeps up and leaves the host's CPUs to the other replicas (docs/benchmarks.md, \"Scale-out\").")
-    request_timeout_s: float = Field(defaults.REQUEST_TIMEOUT_S, gt=0, le=3600, description="Longest time a request may take end to end.")
+    replicas: int | Literal["auto"] = Field(
+        defaults.REPLICAS, description="auto: one per GPU in the cluster (one CPU replica without GPUs)."
+    )
+    autoscaling: dict[str, Any] | None = Field(
+        None,
+        description="Serve autoscaling_config passed through (min_replicas, max_replicas, target_ongoing_requests, ...); replaces replicas.",
+    )
+    max_queued_requests: int = Field(
+        defaults.MAX_QUEUED_REQUESTS,
+        ge=1,
+        le=1 << 20,
+        description="Requests queued per handle before Serve answers 503.",
+    )
+    max_body_bytes: int = Field(
+        defaults.MAX_BODY_BYTES, ge=1024, le=1 << 32, description="Largest HTTP request body; larger ones get 413."
+    )
+    reject_nonfinite: bool = Field(
+        defaults.REJECT_NONFINITE,
+        description="Refuse inputs holding NaN or Inf (422); checked on the device, in the batch.",
+    )
+    numa_affinity: bool = Field(
+        defaults.NUMA_AFFINITY, description="Keep each GPU replica's threads on the CPUs of its GPU's NUMA node."
+    )
+    cuda_graphs: bool = Field(
+        defaults.CUDA_GRAPHS,
+        description="Torch backend on a GPU: run batches as CUDA graphs (fa3trt._graphs): one launch per batch instead of the model's few dozen. Needs FA3 or FlashAttention's CuTe kernel.",
+    )
+    stream_per_bucket: bool = Field(
+        defaults.STREAM_PER_BUCKET,
+        description="GPU replicas: each bucket's batches on a CUDA stream of their own, so one bucket's copies and answers never wait on another's kernels (false: every bucket on the default stream).",
+    )
+    replica_cpus: int | Literal["auto"] = Field(
+        defaults.REPLICA_CPUS,
+        description=f'CPUs reserved per GPU replica (its PyTorch threads, which only stage batches): auto = {defaults.REPLICA_CPUS_AUTO}, as one thread keeps up and leaves the host\'s CPUs to the other replicas (docs/benchmarks.md, "Scale-out").',
+    )
+    request_timeout_s: float = Field(
+        defaults.REQUEST_TIMEOUT_S, gt=0, le=3600, description="Longest time a request may take end to end."
+    )
 
     @field_validator("buckets")
     @classmethod
@@ -168,10 +233,11 @@ def load_serve_config(path: str | Path) -> list[tuple[str, AppArgs]]:
     for app in apps:
         if app.get("import_path") == APP_IMPORT_PATH:
             try:
-                out.append((app.get("name", "default"), AppArgs.model_validate(apply_env_overrides(app.get("args") or {}))))
+                out.append(
+                    (app.get("name", "default"), AppArgs.model_validate(apply_env_overrides(app.get("args") or {})))
+                )
             except ValueError as e:
                 raise ConfigError(f"{path}: application {app.get('name')!r} has invalid args: {e}") from e
     if not out:
         raise ConfigError(f"{path} has no application with import_path {APP_IMPORT_PATH!r}")
     return out
-

@@ -143,7 +143,12 @@ def _register_ort_plugin_op() -> None:
 
         from fa3trt.op import custom_attn
 
-        f32, i32, i64, s = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_string
+        f32, i32, i64, s = (
+            PyCustomOpDef.dt_float,
+            PyCustomOpDef.dt_int32,
+            PyCustomOpDef.dt_int64,
+            PyCustomOpDef.dt_string,
+        )
 
         @onnx_op(
             op_type=f"{PLUGIN_DOMAIN}::{PLUGIN_NAME}",
@@ -155,7 +160,10 @@ def _register_ort_plugin_op() -> None:
             if str(attrs.get("plugin_version", PLUGIN_VERSION)) != PLUGIN_VERSION:
                 raise ExportError(f"node has plugin_version {attrs['plugin_version']!r}, this is {PLUGIN_VERSION}")
             out = custom_attn(
-                torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), torch.from_numpy(seq_lens),
+                torch.from_numpy(q),
+                torch.from_numpy(k),
+                torch.from_numpy(v),
+                torch.from_numpy(seq_lens),
                 int(attrs.get("mode", 0)),
             )
             return out.numpy()

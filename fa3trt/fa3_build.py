@@ -31,7 +31,18 @@ __all__ = ["build_env", "main", "HEAD_DIMS"]
 
 HEAD_DIMS = (64, 96, 128, 192, 256)
 # Features of FA3 the op never uses: each one left out saves its own set of kernel files.
-_UNUSED = ("BACKWARD", "SPLIT", "PAGEDKV", "APPENDKV", "LOCAL", "SOFTCAP", "PACKGQA", "SM80", "HDIMDIFF64", "HDIMDIFF192")
+_UNUSED = (
+    "BACKWARD",
+    "SPLIT",
+    "PAGEDKV",
+    "APPENDKV",
+    "LOCAL",
+    "SOFTCAP",
+    "PACKGQA",
+    "SM80",
+    "HDIMDIFF64",
+    "HDIMDIFF192",
+)
 
 
 def build_env(head_dims: tuple[int, ...] = (64, 128), fp16: bool = True, fp8: bool = True) -> dict[str, str]:
@@ -54,7 +65,9 @@ def _parse_dims(text: str) -> tuple[int, ...]:
     try:
         return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--head-dims takes comma-separated integers such as 64,128, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--head-dims takes comma-separated integers such as 64,128, got {text!r}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("source", type=Path, help="a flash-attention checkout (holding hopper/ and csrc/cutlass)")
     ap.add_argument("--head-dims", type=_parse_dims, default=(64, 128), help="kernel widths to build (default 64,128)")
     ap.add_argument("--no-fp16", action="store_true", help="leave out the fp16 kernels (bf16 stays)")
-    ap.add_argument("--no-fp8", action="store_true", help="leave out the FP8 e4m3 kernels (mode=1 then quantizes and runs bf16)")
+    ap.add_argument(
+        "--no-fp8", action="store_true", help="leave out the FP8 e4m3 kernels (mode=1 then quantizes and runs bf16)"
+    )
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 4, help="files compiled at once (default: all cores)")
     ap.add_argument("--inplace", action="store_true", help="build inside hopper/ instead of pip-installing it")
     args = ap.parse_args(argv)

@@ -130,9 +130,7 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.cfg.hidden:
-            raise InvalidInputError(
-                f"x must have shape (batch, seq, {self.cfg.hidden}), got {tuple(x.shape)}"
-            )
+            raise InvalidInputError(f"x must have shape (batch, seq, {self.cfg.hidden}), got {tuple(x.shape)}")
         b, s, _ = x.shape
         for blk in self.blocks:
             x = blk(x, seq_lens)

@@ -108,7 +108,9 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch
         return
     b, s = q.shape[:2]
     if seq_lens.dim() != 1 or seq_lens.shape[0] != b:
-        raise InvalidInputError(f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(seq_lens.shape)}")
+        raise InvalidInputError(
+            f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(seq_lens.shape)}"
+        )
     if seq_lens.dtype not in (torch.int32, torch.int64):
         raise InvalidInputError(f"seq_lens must be int32, got {seq_lens.dtype}")
     if seq_lens.device.type == "cpu" and not _is_tracing() and b > 0:

@@ -93,7 +93,9 @@ class TRTEngine:
             )
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         if sorted(names) != sorted((INPUT_X, INPUT_SEQ_LENS, OUTPUT_Y)):
-            raise EngineCorruptError(f"engine tensors are {names}, expected x, seq_lens, y; rebuild it from fa3trt.export")
+            raise EngineCorruptError(
+                f"engine tensors are {names}, expected x, seq_lens, y; rebuild it from fa3trt.export"
+            )
         self.input_dtype = _TORCH_DTYPES[engine.get_tensor_dtype(INPUT_X).name]
         self.output_dtype = _TORCH_DTYPES[engine.get_tensor_dtype(OUTPUT_Y).name]
         self.hidden = int(metadata["hidden"])
@@ -184,7 +186,15 @@ class TRTEngine:
         return out
 
     def describe(self) -> dict[str, Any]:
-        keep = ("key", "trt_version", "gpu_name", "compute_capability", "plugin_version", "onnx_sha256", "build_config_hash")
+        keep = (
+            "key",
+            "trt_version",
+            "gpu_name",
+            "compute_capability",
+            "plugin_version",
+            "onnx_sha256",
+            "build_config_hash",
+        )
         return {k: self.metadata.get(k) for k in keep} | {"profiles": [s.to_dict() for s in self.specs]}
 
 

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20, help="timed iterations per bucket")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
     missing = missing_requirements()
     if missing:
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     from fa3trt.store import ArtifactStore
 
     env = current_environment()
-    print(f"GPU {env['gpu_name']} (sm{env['compute_capability']}), TensorRT {env['trt_version']}, torch {torch.__version__}")
+    print(
+        f"GPU {env['gpu_name']} (sm{env['compute_capability']}), TensorRT {env['trt_version']}, torch {torch.__version__}"
+    )
     dtype = getattr(torch, args.dtype)
     cfg = ModelConfig.preset("tiny", dtype=args.dtype)
     print(f"plugin kernel for {args.dtype}: {enqueue_kernel(torch.cuda.current_device(), dtype, cfg.head_dim)}")
@@ -86,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         store = ArtifactStore(args.store or tmp)
         t0 = time.perf_counter()
         trt_be = TensorRTBackend.load(
-            cfg, weights=None, buckets=buckets, store=store, build_if_missing=True, max_batch_tokens=args.max_batch_tokens
+            cfg,
+            weights=None,
+            buckets=buckets,
+            store=store,
+            build_if_missing=True,
+            max_batch_tokens=args.max_batch_tokens,
         )
         print(f"engine {trt_be.key} ready in {time.perf_counter() - t0:.1f}s (store {store.uri})")
         torch_be = TorchBackend(cfg, device="cuda")
@@ -107,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             t_trt = time_cuda_ms(lambda: trt_be.run(x, lens), warmup=1, iters=args.iters, repeats=1)
             t_torch = time_cuda_ms(lambda: torch_be.run(x, lens), warmup=1, iters=args.iters, repeats=1)
             rows.append((edge, b, lens.tolist(), err, tol, t_trt, t_torch, "ok" if ok else "MISMATCH"))
-    print(f"\n{'bucket':>7} {'batch':>5} {'lengths':<18} {'max abs err':>11} {'tol':>7} {'trt ms':>8} {'torch ms':>8}  result")
+    print(
+        f"\n{'bucket':>7} {'batch':>5} {'lengths':<18} {'max abs err':>11} {'tol':>7} {'trt ms':>8} {'torch ms':>8}  result"
+    )
     for edge, b, ls, err, tol, tt, tp, res in rows:
         print(f"{edge:>7} {b:>5} {str(ls):<18} {err:>11.3e} {tol:>7.0e} {tt:>8.3f} {tp:>8.3f}  {res}")
     print("\nselfcheck " + ("FAILED: TensorRT disagrees with the torch backend" if failed else "passed"))

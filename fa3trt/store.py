@@ -195,7 +195,9 @@ class ArtifactStore:
         try:
             sidecar = json.dumps(meta, sort_keys=True, indent=1).encode()
         except TypeError as e:
-            raise ConfigError(f"metadata of {kind}/{key} is not JSON-serializable ({e}); pass str/int/float/list/dict values") from e
+            raise ConfigError(
+                f"metadata of {kind}/{key} is not JSON-serializable ({e}); pass str/int/float/list/dict values"
+            ) from e
         self._atomic_write(self._path(kind, key, f".{digest[:16]}.bin"), data)
         # The sidecar goes last: its presence is what makes an entry visible, and it names its blob.
         self._atomic_write(self._path(kind, key, ".json"), sidecar)

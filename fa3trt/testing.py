@@ -54,7 +54,6 @@ def split_rows(y: torch.Tensor, seq_lens: Sequence[int] | torch.Tensor) -> list[
     return [y[i, :n] for i, n in enumerate(lens)]
 
 
-
 def time_queued(fn: Callable[[], Any], *, calls: int = 20, sleep_cycles: int = 100_000_000) -> tuple[float, float]:
     """(device ms per call, host µs per call) of ``calls`` back-to-back calls queued behind a
     GPU sleep: the host issues them all before the GPU reaches the first, so the device time

@@ -19,7 +19,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fa3trt", "deploy", "build_jobs", "bench")
 # fa3trt/__init__.py re-exports _trt.available as fa3trt.tensorrt_available for the other packages.
-TRT_USERS = {"fa3trt/__init__.py", "fa3trt/_trt.py", "fa3trt/build.py", "fa3trt/compat.py", "fa3trt/runtime.py", "fa3trt/backends.py", "fa3trt/selfcheck.py"}
+TRT_USERS = {
+    "fa3trt/__init__.py",
+    "fa3trt/_trt.py",
+    "fa3trt/build.py",
+    "fa3trt/compat.py",
+    "fa3trt/runtime.py",
+    "fa3trt/backends.py",
+    "fa3trt/selfcheck.py",
+}
 
 
 def _modules() -> list[Path]:

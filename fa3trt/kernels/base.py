@@ -118,9 +118,7 @@ class AttentionKernel:
         return dtype in cls.dtypes and (cls.head_dims is None or head_dim in cls.head_dims)
 
     @classmethod
-    def forward(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         """The op's call; see the module docstring."""
         raise NotImplementedError(cls.name)
 

@@ -63,7 +63,9 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.T
     try:
         return cudnn_graph.ragged_attention(q, k, v, seq_lens)
     except CudnnGraphUnsupportedError as e:
-        log_once(f"cuDNN padded-batch SDPA unavailable for {tuple(q.shape)} {q.dtype} ({e}); using per-sequence kernels")
+        log_once(
+            f"cuDNN padded-batch SDPA unavailable for {tuple(q.shape)} {q.dtype} ({e}); using per-sequence kernels"
+        )
         return None
 
 
@@ -80,9 +82,7 @@ class Cudnn(AttentionKernel):
     name = "cudnn"
 
     @classmethod
-    def forward(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         if q.device.type != "cuda":
             return Math.forward(q, k, v, seq_lens)
         b, s = q.shape[:2]
@@ -124,9 +124,7 @@ class CudnnPadded(AttentionKernel):
         return cudnn_graph.available()
 
     @classmethod
-    def forward(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         if seq_lens is None:
             return sdpa.dense(q, k, v, "cudnn")
         return cudnn_graph.ragged_attention(q, k, v, seq_lens)

@@ -46,7 +46,15 @@ import torch
 from fa3trt.errors import CudnnGraphUnsupportedError, InvalidInputError, MissingDependencyError
 from fa3trt.kernels.tail import zero_tail_
 
-__all__ = ["available", "ragged_attention", "prepare", "frontend_versions", "cached_plans", "cached_graph", "INSTALL_HINT"]
+__all__ = [
+    "available",
+    "ragged_attention",
+    "prepare",
+    "frontend_versions",
+    "cached_plans",
+    "cached_graph",
+    "INSTALL_HINT",
+]
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +166,14 @@ def _build(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
     len_q = g.tensor(name="seq_len_q", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=_UID_LEN_Q)
     len_kv = g.tensor(name="seq_len_kv", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=_UID_LEN_KV)
     common = dict(
-        name="ragged_sdpa", q=q, k=k, v=v, attn_scale=1.0 / math.sqrt(d),
-        use_padding_mask=True, seq_len_q=len_q, seq_len_kv=len_kv,
+        name="ragged_sdpa",
+        q=q,
+        k=k,
+        v=v,
+        attn_scale=1.0 / math.sqrt(d),
+        use_padding_mask=True,
+        seq_len_q=len_q,
+        seq_len_kv=len_kv,
     )
     try:
         result = g.sdpa(generate_stats=False, **common)
@@ -202,7 +216,9 @@ def _graph(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
 # --------------------------------------------------------------------------- the op
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise InvalidInputError(f"q, k, v must share one (B, S, H, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise InvalidInputError(
+            f"q, k, v must share one (B, S, H, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise InvalidInputError(f"q, k, v must be one of bfloat16/float16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device.type != "cuda" or k.device != q.device or v.device != q.device:
@@ -211,7 +227,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Te
         raise InvalidInputError(f"seq_lens must have shape ({q.shape[0]},); got {tuple(seq_lens.shape)}")
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> Callable[[], None]:
+def prepare(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor
+) -> Callable[[], None]:
     """A launch of the ragged graph on exactly these tensors, on the current stream, for the
     calling thread: handle, plan, workspace and variant pack are looked up once, so each call
     is one ``execute``. For a caller that runs the same buffers again and again (the TensorRT

@@ -30,11 +30,21 @@ from fa3trt.errors import MissingDependencyError
 from fa3trt.kernels.base import HALF_DTYPES, AttentionKernel, dense_batch
 from fa3trt.kernels.tail import zero_tail_
 
-__all__ = ["FA3", "available", "attention", "supports", "supports_config", "build_flags", "module", "op", "INSTALL_HINT"]
+__all__ = [
+    "FA3",
+    "available",
+    "attention",
+    "supports",
+    "supports_config",
+    "build_flags",
+    "module",
+    "op",
+    "INSTALL_HINT",
+]
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "build it from a flash-attention checkout: python -m fa3trt.fa3_build <checkout> (README, \"Serving the seed model on a GPU cluster\")"
+INSTALL_HINT = 'build it from a flash-attention checkout: python -m fa3trt.fa3_build <checkout> (README, "Serving the seed model on a GPU cluster")'
 
 _HEAD_DIMS = (64, 96, 128, 192, 256)  # the kernels FA3 instantiates; a head dim runs on the next one up
 
@@ -94,7 +104,9 @@ def supports(q: torch.Tensor) -> bool:
 
 
 # The arguments this module passes by name to FA3's registered op (``torch.ops.flash_attn_3.fwd``).
-_OP_ARGS = frozenset({"q", "k", "v", "out", "seqused_q", "seqused_k", "q_descale", "k_descale", "v_descale", "num_splits"})
+_OP_ARGS = frozenset(
+    {"q", "k", "v", "out", "seqused_q", "seqused_k", "q_descale", "k_descale", "v_descale", "num_splits"}
+)
 
 
 @functools.cache
@@ -112,7 +124,11 @@ def op() -> Any | None:
         fwd = torch.ops.flash_attn_3.fwd
         names = {a.name for a in fwd.default._schema.arguments}
     except Exception as e:
-        log.warning("FA3's interface imports but its op torch.ops.flash_attn_3.fwd does not (%s); FA3 is not used. %s", e, INSTALL_HINT)
+        log.warning(
+            "FA3's interface imports but its op torch.ops.flash_attn_3.fwd does not (%s); FA3 is not used. %s",
+            e,
+            INSTALL_HINT,
+        )
         return None
     missing = sorted(_OP_ARGS - names)
     if missing:
@@ -177,9 +193,7 @@ class FA3(AttentionKernel):
         return supports_config(dtype, head_dim)  # fp16/bf16, and e4m3 for forward_fp8
 
     @classmethod
-    def forward(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         return attention(q, k, v, None if dense_batch(seq_lens, q.shape[1]) else seq_lens)
 
     @classmethod

@@ -23,9 +23,7 @@ class _SdpaKernel(AttentionKernel):
     backend: str
 
     @classmethod
-    def forward(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         if seq_lens is None:
             return sdpa.dense(q, k, v, cls.backend)
         return sdpa.per_sequence(q, k, v, host_lengths(seq_lens), cls.backend)
@@ -45,9 +43,7 @@ class _SequsedKernel(AttentionKernel):
     device_lengths = True
 
     @classmethod
-    def forward(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         if seq_lens is None:
             return sdpa.dense(q, k, v, cls.name.removesuffix("_seqused"))
         b, s, h, d = q.shape

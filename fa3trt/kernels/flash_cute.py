@@ -129,9 +129,7 @@ class FlashCute(AttentionKernel):
         return forward_fn() is not None
 
     @classmethod
-    def forward(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         s = q.shape[1]
         if dense_batch(seq_lens, s):
             if s < DENSE_MIN_SEQ and cudnn.plans.ready(q, s):

@@ -17,9 +17,7 @@ class Math(AttentionKernel):
     cuda_only = False
 
     @classmethod
-    def forward(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
         if seq_lens is None:
             return sdpa.dense(q, k, v, None)
         s = q.shape[1]

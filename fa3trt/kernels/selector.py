@@ -102,9 +102,13 @@ def kernel_for(name: str, device: torch.device, dtype: torch.dtype, head_dim: in
     for other in later:
         candidate = KERNELS[other]
         if candidate.available(device) and candidate.supports(dtype, head_dim):
-            log_once(f"attention kernel {name!r} has no kernel for {dtype} at head dim {head_dim}; those run on {other!r}")
+            log_once(
+                f"attention kernel {name!r} has no kernel for {dtype} at head dim {head_dim}; those run on {other!r}"
+            )
             return candidate
-    raise ConfigError(f"no attention kernel on {device} runs {dtype} at head dim {head_dim}; use float16, bfloat16 or float32")
+    raise ConfigError(
+        f"no attention kernel on {device} runs {dtype} at head dim {head_dim}; use float16, bfloat16 or float32"
+    )
 
 
 def _fits(kernel: type[AttentionKernel], dtype: torch.dtype, head_dim: int | None, capability: tuple[int, int]) -> bool:

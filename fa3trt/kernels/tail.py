@@ -38,8 +38,16 @@ def triton_kernel() -> Any | None:
         return None
 
     @triton.jit
-    def zero_tail(out_ptr, lens_ptr, clamped_ptr, S, ROW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                  CLAMP: tl.constexpr):
+    def zero_tail(
+        out_ptr,
+        lens_ptr,
+        clamped_ptr,
+        S,
+        ROW: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        CLAMP: tl.constexpr,
+    ):
         b = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
         n = tl.load(lens_ptr + b)
@@ -93,7 +101,9 @@ def zero_tail_(out: torch.Tensor, lens: torch.Tensor, method: str = "auto") -> t
     lens = lens.to(out.device, non_blocking=True)
     launch = zero_tail_launcher(out, lens) if method in ("auto", "triton") else None
     if launch is None and method == "triton":
-        raise MissingDependencyError(f"zero_tail_(method='triton') needs Triton and a contiguous CUDA tensor, got {out.device}; use method='auto'")
+        raise MissingDependencyError(
+            f"zero_tail_(method='triton') needs Triton and a contiguous CUDA tensor, got {out.device}; use method='auto'"
+        )
     if launch is not None:
         launch()
         return out

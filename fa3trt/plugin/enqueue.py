@@ -30,7 +30,15 @@ from fa3trt.kernels.selector import choose_enqueue_kernel, enqueue_kernel
 from fa3trt.op import MODE_FP8, MODE_NATIVE, PLUGIN_NAME
 from fa3trt.plugin.fields import Shape, output_shape
 
-__all__ = ["EnqueueCache", "device_view", "enqueue_core", "run_enqueue", "binding_kernel", "get_stream_ids", "set_stream_ids"]
+__all__ = [
+    "EnqueueCache",
+    "device_view",
+    "enqueue_core",
+    "run_enqueue",
+    "binding_kernel",
+    "get_stream_ids",
+    "set_stream_ids",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,12 @@ class _CudaArray:
     def __init__(self, ptr: int, shape: Shape, typestr: str) -> None:
         # stream=None: no synchronization on import (the caller orders work on its stream).
         self.__cuda_array_interface__ = {
-            "shape": shape, "typestr": typestr, "data": (ptr, False), "version": 3, "strides": None, "stream": None,
+            "shape": shape,
+            "typestr": typestr,
+            "data": (ptr, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,
         }
 
 
@@ -133,7 +146,9 @@ class EnqueueCache:
                 self._streams[key] = s
         return s
 
-    def constants(self, stream_handle: int, device: torch.device, b: int, s: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def constants(
+        self, stream_handle: int, device: torch.device, b: int, s: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, ...]:
         """(cu_seqlens (B+1,), row index (1, S), keep mask buffer (B, S), its (B, S, 1, 1) view, zero).
 
         Created on the enqueue stream and keyed by it: a buffer is only ever touched in that
@@ -180,13 +195,50 @@ class _Binding:
     objects costs a fraction of the ``torch.cuda.stream`` context manager.
     """
 
-    __slots__ = ("ptrs", "dtype", "qkv", "lens", "lens_col", "out", "out_shape", "stream", "stream_ids",
-                 "device_index", "cu", "rows", "keep", "keep4", "zero", "kernel", "mode", "shape", "direct",
-                 "lens_safe", "launchers", "zero_tail", "zero_first", "cache")
+    __slots__ = (
+        "ptrs",
+        "dtype",
+        "qkv",
+        "lens",
+        "lens_col",
+        "out",
+        "out_shape",
+        "stream",
+        "stream_ids",
+        "device_index",
+        "cu",
+        "rows",
+        "keep",
+        "keep4",
+        "zero",
+        "kernel",
+        "mode",
+        "shape",
+        "direct",
+        "lens_safe",
+        "launchers",
+        "zero_tail",
+        "zero_first",
+        "cache",
+    )
 
-    def __init__(self, cache: EnqueueCache, q_ptr: int, k_ptr: int, v_ptr: int, seq_lens_ptr: int, out_ptr: int,
-                 q_shape: Shape, k_shape: Shape, v_shape: Shape, dtype: torch.dtype, stream_handle: int,
-                 mode: int, kernel: str | None, write: str = "auto") -> None:
+    def __init__(
+        self,
+        cache: EnqueueCache,
+        q_ptr: int,
+        k_ptr: int,
+        v_ptr: int,
+        seq_lens_ptr: int,
+        out_ptr: int,
+        q_shape: Shape,
+        k_shape: Shape,
+        v_shape: Shape,
+        dtype: torch.dtype,
+        stream_handle: int,
+        mode: int,
+        kernel: str | None,
+        write: str = "auto",
+    ) -> None:
         b, s, h, d = self.out_shape = output_shape(q_shape, k_shape, v_shape)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise InvalidInputError(f"{PLUGIN_NAME}: dtype {dtype} is not supported; use float16, bfloat16 or float32")
@@ -194,7 +246,13 @@ class _Binding:
             raise InvalidInputError(f"{PLUGIN_NAME}: mode must be 0 or 1, got {mode!r}")
         if write not in ("auto", "direct", "masked"):
             raise ConfigError(f"{PLUGIN_NAME}: write must be 'auto', 'direct' or 'masked', got {write!r}")
-        self.shape, self.mode, self.dtype, self.ptrs, self.cache = (b, s, h, d), mode, dtype, (q_ptr, k_ptr, v_ptr), cache
+        self.shape, self.mode, self.dtype, self.ptrs, self.cache = (
+            (b, s, h, d),
+            mode,
+            dtype,
+            (q_ptr, k_ptr, v_ptr),
+            cache,
+        )
         self.out = cache.view(out_ptr, self.out_shape, dtype)
         device = self.out.device
         self.device_index = device.index if device.index is not None else torch.cuda.current_device()
@@ -326,7 +384,21 @@ def enqueue_core(
         output_shape(q_shape, k_shape, v_shape)  # still refuse mismatched shapes
         return
     cache = cache if cache is not None else _default_cache
-    key = (q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, q_shape, k_shape, v_shape, dtype, stream_handle, mode, kernel, write)
+    key = (
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        seq_lens_ptr,
+        out_ptr,
+        q_shape,
+        k_shape,
+        v_shape,
+        dtype,
+        stream_handle,
+        mode,
+        kernel,
+        write,
+    )
     bind = cache.binding(key, lambda: _Binding(cache, *key))  # type: ignore[arg-type]
     if get_stream_ids is None or set_stream_ids is None or torch.cuda.current_device() != bind.device_index:
         with torch.cuda.stream(bind.stream):

@@ -20,7 +20,15 @@ import torch
 from fa3trt.errors import ConfigError, InvalidInputError
 from fa3trt.op import MODE_FP8, MODE_NATIVE, PLUGIN_NAME
 
-__all__ = ["FIELD_NAMES", "TORCH_BY_TRT_NAME", "Shape", "parse_fields", "serialize_fields", "format_supported", "output_shape"]
+__all__ = [
+    "FIELD_NAMES",
+    "TORCH_BY_TRT_NAME",
+    "Shape",
+    "parse_fields",
+    "serialize_fields",
+    "format_supported",
+    "output_shape",
+]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,7 @@ FIELD_NAMES = ("mode",)
 
 # Attributes the ONNX parser consumes to find the creator; they may also reach create_plugin.
 _LOOKUP_ATTRS = ("plugin_version", "plugin_namespace")
+
 
 def parse_fields(fields: Iterable[tuple[str, Any]]) -> dict[str, int]:
     """Plugin fields from (name, data) pairs, as TensorRT passes them to ``create_plugin``.

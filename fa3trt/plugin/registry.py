@@ -27,7 +27,14 @@ from fa3trt import _trt
 from fa3trt.errors import InvalidInputError, PluginNotRegisteredError
 from fa3trt.op import MODE_NATIVE, PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.plugin.enqueue import EnqueueCache, run_enqueue
-from fa3trt.plugin.fields import TORCH_BY_TRT_NAME, format_supported, output_shape, parse_fields, serialize_fields
+from fa3trt.plugin.fields import (
+    TORCH_BY_TRT_NAME,
+    Shape,
+    format_supported,
+    output_shape,
+    parse_fields,
+    serialize_fields,
+)
 
 if TYPE_CHECKING:
     # Static only: mypy checks every TensorRT call below against tensorrt-stubs.
@@ -89,6 +96,12 @@ def register_plugin(namespace: str = "") -> None:
         _registered[namespace] = creator
 
 
+def _dims(desc: trt.PluginTensorDesc) -> Shape:
+    """A tensor descriptor's dims as a tuple. Dims iterates through __getitem__; the stubs omit
+    __iter__."""
+    return tuple(desc.dims)  # type: ignore[arg-type]
+
+
 def _fields_of(fc: Any) -> list[tuple[str, Any]]:
     return [(f.name, f.data) for f in fc] if fc is not None else []
 
@@ -140,17 +153,23 @@ def plugin_classes() -> tuple[type, type]:
             out[3] = inputs[2][3]  # ... and head_dim from V's own dims
             return [out]
 
-        def supports_format_combination(self, pos: int, in_out: list[trt.DynamicPluginTensorDesc], num_inputs: int) -> bool:
+        def supports_format_combination(
+            self, pos: int, in_out: list[trt.DynamicPluginTensorDesc], num_inputs: int
+        ) -> bool:
             names = [t.desc.type.name for t in in_out[: pos + 1]]
             return format_supported(pos, names, in_out[pos].desc.format == trt.TensorFormat.LINEAR, num_inputs)
 
-        def configure_plugin(self, inp: list[trt.DynamicPluginTensorDesc], out: list[trt.DynamicPluginTensorDesc]) -> None:
+        def configure_plugin(
+            self, inp: list[trt.DynamicPluginTensorDesc], out: list[trt.DynamicPluginTensorDesc]
+        ) -> None:
             if len(inp) != 4 or len(out) != 1:
                 raise InvalidInputError(
                     f"{PLUGIN_NAME} takes 4 inputs (q, k, v, seq_lens) and gives 1 output, got {len(inp)} and {len(out)}"
                 )
 
-        def get_workspace_size(self, inp: list[trt.DynamicPluginTensorDesc], out: list[trt.DynamicPluginTensorDesc]) -> int:
+        def get_workspace_size(
+            self, inp: list[trt.DynamicPluginTensorDesc], out: list[trt.DynamicPluginTensorDesc]
+        ) -> int:
             return 0  # kernel temporaries come from PyTorch's caching allocator on the stream
 
         def get_valid_tactics(self) -> list[int]:
@@ -163,8 +182,7 @@ def plugin_classes() -> tuple[type, type]:
         def on_shape_change(self, inp: list[trt.PluginTensorDesc], out: list[trt.PluginTensorDesc]) -> None:
             # Called when shapes change, not per enqueue: validate here so a bad graph fails at
             # set_input_shape time with a readable message.
-            # Dims iterates through __getitem__; the stubs omit __iter__ (same below).
-            output_shape(tuple(inp[0].dims), tuple(inp[1].dims), tuple(inp[2].dims))  # type: ignore[arg-type]
+            output_shape(_dims(inp[0]), _dims(inp[1]), _dims(inp[2]))
 
         def enqueue(
             self,
@@ -182,9 +200,18 @@ def plugin_classes() -> tuple[type, type]:
                 log.error("%s: unsupported input type %s", PLUGIN_NAME, q_desc.type.name)
             else:
                 status = run_enqueue(
-                    inputs[0], inputs[1], inputs[2], inputs[3], outputs[0],
-                    tuple(q_desc.dims), tuple(input_desc[1].dims), tuple(input_desc[2].dims),  # type: ignore[arg-type]
-                    dtype, stream, self.mode, cache=self.cache,
+                    inputs[0],
+                    inputs[1],
+                    inputs[2],
+                    inputs[3],
+                    outputs[0],
+                    _dims(q_desc),
+                    _dims(input_desc[1]),
+                    _dims(input_desc[2]),
+                    dtype,
+                    stream,
+                    self.mode,
+                    cache=self.cache,
                 )
             if status != 0:
                 # TensorRT's Python binding turns an exception into a failed enqueue (non-zero

@@ -7,7 +7,16 @@ import pytest
 
 from bench.multi_gpu import run_count
 
-ARGS = {"device": "cpu", "preset": "tiny", "layers": 1, "mix": (16, 48), "batch": 2, "duration": 0.5, "threads": 1, "start_timeout": 120.0}
+ARGS = {
+    "device": "cpu",
+    "preset": "tiny",
+    "layers": 1,
+    "mix": (16, 48),
+    "batch": 2,
+    "duration": 0.5,
+    "threads": 1,
+    "start_timeout": 120.0,
+}
 
 
 def test_each_path_runs_in_every_process() -> None:

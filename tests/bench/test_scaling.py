@@ -17,10 +17,22 @@ from bench.scaling import busiest_mean, efficiency, merge, merge_runs, per_repli
 
 def test_merge_counts_only_the_common_window() -> None:
     # Client a: one answer a second from t=100.5 to 111.5; client b from 101.5 to 112.5, with errors.
-    a = {"start": 100.0, "end": 112.0, "requests": 12, "errors": 0, "first_error": None,
-         "completions": [(100.5 + i, 10.0, 100) for i in range(12)]}
-    b = {"start": 101.0, "end": 113.0, "requests": 14, "errors": 2, "first_error": "ValueError: x",
-         "completions": [(101.5 + i, 30.0, 200) for i in range(12)]}
+    a = {
+        "start": 100.0,
+        "end": 112.0,
+        "requests": 12,
+        "errors": 0,
+        "first_error": None,
+        "completions": [(100.5 + i, 10.0, 100) for i in range(12)],
+    }
+    b = {
+        "start": 101.0,
+        "end": 113.0,
+        "requests": 14,
+        "errors": 2,
+        "first_error": "ValueError: x",
+        "completions": [(101.5 + i, 30.0, 200) for i in range(12)],
+    }
     m = merge([a, b], window=(102.0, 110.0))
     # Inside [102, 110]: a's answers at 102.5 ... 109.5 (8), b's at 102.5 ... 109.5 (8).
     assert m["requests"] == 16 and m["seconds"] == pytest.approx(8.0)
@@ -41,7 +53,9 @@ def test_efficiency_against_the_smallest_count() -> None:
 
 
 def test_gpu_samples_and_the_replicas_gpus() -> None:
-    text = "0, 1980, 250.5, 40\n1, 1980, 120.0, 0\n0, 1965, 249.5, 50\n1, [N/A], 118.0, 0\n0, 19"  # cut short at the end
+    text = (
+        "0, 1980, 250.5, 40\n1, 1980, 120.0, 0\n0, 1965, 249.5, 50\n1, [N/A], 118.0, 0\n0, 19"  # cut short at the end
+    )
     g = GpuSampler.parse(text)
     assert g[0] == pytest.approx({"sm_mhz": 1972.5, "power_w": 250.0, "util_pct": 45.0})
     assert g[1] == pytest.approx({"sm_mhz": 1980.0, "power_w": 120.0, "util_pct": 0.0})
@@ -65,7 +79,10 @@ def _stats(rid: str, busy: float, **buckets: tuple[int, int, float]) -> dict[str
     return {
         "replica": rid,
         "busy_s": busy,
-        "buckets": {e: {"batches": b, "requests": r, "tokens": 10 * r, "computed_tokens": 12 * r, "compute_s": c} for e, (b, r, c) in buckets.items()},
+        "buckets": {
+            e: {"batches": b, "requests": r, "tokens": 10 * r, "computed_tokens": 12 * r, "compute_s": c}
+            for e, (b, r, c) in buckets.items()
+        },
     }
 
 
@@ -89,8 +106,14 @@ def test_per_replica_deltas() -> None:
         (["--app-json", "{nope"], "is not JSON"),
         (["--app-json", "[1, 2]"], "must be a JSON object"),
         (["--clients-per-replica", "0"], "--clients-per-replica 0 must be between 1 and"),
-        (["--clients-per-replica", "5", "--concurrency-per-replica", "4"], "--clients-per-replica 5 must be between 1 and"),
-        (["--fresh-cluster", "--address", "auto"], "--fresh-cluster starts a cluster for each count: give --address local"),
+        (
+            ["--clients-per-replica", "5", "--concurrency-per-replica", "4"],
+            "--clients-per-replica 5 must be between 1 and",
+        ),
+        (
+            ["--fresh-cluster", "--address", "auto"],
+            "--fresh-cluster starts a cluster for each count: give --address local",
+        ),
     ],
 )
 def test_arguments_are_checked_before_anything_starts(argv: list[str], message: str) -> None:
@@ -109,8 +132,32 @@ def test_noop_run_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "bench.scaling", "--address", "local", "--replicas", "1", "--noop", "--preset", "tiny",
-           "--duration", "4", "--warmup", "1", "--ramp", "1", "--concurrency-per-replica", "4", "--clients-per-replica", "2", "--out", str(tmp_path), "--name", "noop"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.scaling",
+        "--address",
+        "local",
+        "--replicas",
+        "1",
+        "--noop",
+        "--preset",
+        "tiny",
+        "--duration",
+        "4",
+        "--warmup",
+        "1",
+        "--ramp",
+        "1",
+        "--concurrency-per-replica",
+        "4",
+        "--clients-per-replica",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "noop",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((tmp_path / "noop.json").read_text())
@@ -126,8 +173,16 @@ def test_noop_run_end_to_end_on_the_cpu(tmp_path: Path) -> None:
 def _run_file(path: Path, card: str, rps: dict[int, float]) -> str:
     import json
 
-    args = {"noop": False, "preset": "seed", "layers": 2, "mix": "256-2048", "concurrency_per_replica": 48,
-            "clients_per_replica": 1, "goal": 0.9, "fresh_cluster": False}
+    args = {
+        "noop": False,
+        "preset": "seed",
+        "layers": 2,
+        "mix": "256-2048",
+        "concurrency_per_replica": 48,
+        "clients_per_replica": 1,
+        "goal": 0.9,
+        "fresh_cluster": False,
+    }
     results = {str(n): {"rps": v, "p50_ms": 1.0, "p99_ms": 2.0, "gpu_util_pct": None} for n, v in rps.items()}
     path.write_text(json.dumps({"card": card, "args": args, "gpus": 4, "host": {"cpus": 64}, "results": results}))
     return str(path)
@@ -141,7 +196,11 @@ def test_merge_runs_of_one_count_each(tmp_path: Path) -> None:
     files = [_run_file(tmp_path / f"r{n}.json", "NVIDIA H200", {n: v}) for n, v in ((4, 900.0), (1, 250.0), (2, 490.0))]
     merged = merge_runs(files)
     assert not isinstance(merged, str)
-    assert list(merged["results"]) == [1, 2, 4] and merged["card_name"] == "NVIDIA H200" and merged["args"]["merged"] == files
+    assert (
+        list(merged["results"]) == [1, 2, 4]
+        and merged["card_name"] == "NVIDIA H200"
+        and merged["args"]["merged"] == files
+    )
     report(str(tmp_path), "merged", **merged)
     saved = json.loads((tmp_path / "merged.json").read_text())
     assert saved["card"] == "NVIDIA H200"  # the runs' card, not this machine's
@@ -160,8 +219,31 @@ def test_noop_run_on_a_fresh_cluster_per_count(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "bench.scaling", "--address", "local", "--fresh-cluster", "--replicas", "1,2", "--noop", "--preset", "tiny",
-           "--duration", "3", "--warmup", "1", "--ramp", "1", "--concurrency-per-replica", "2", "--out", str(tmp_path), "--name", "fresh"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.scaling",
+        "--address",
+        "local",
+        "--fresh-cluster",
+        "--replicas",
+        "1,2",
+        "--noop",
+        "--preset",
+        "tiny",
+        "--duration",
+        "3",
+        "--warmup",
+        "1",
+        "--ramp",
+        "1",
+        "--concurrency-per-replica",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "fresh",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("cluster: 0 GPUs") == 2 and "a fresh cluster per count" in r.stdout

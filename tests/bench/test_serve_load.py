@@ -70,6 +70,7 @@ def test_bad_arguments() -> None:
 
 def test_answer_checks() -> None:
     """verify="values" refuses an answer holding NaN or Inf; "shape" checks shape and dtype only."""
+
     async def nan_echo(x: np.ndarray) -> np.ndarray:
         y = x.copy()
         y[-1, 0] = np.nan
@@ -92,10 +93,18 @@ def test_answer_checks() -> None:
 def test_stats_delta_per_batch_phases() -> None:
     from bench.serve_load import stats_delta
 
-    before = {"replica": "r", "busy_s": 1.0, "buckets": {"256": {"batches": 2, "requests": 3, "tokens": 500, "computed_tokens": 512, "compute_s": 0.1}},
-              "phases_s": {"assemble": 0.01, "model": 0.05, "gpu": 0.04, "answers": 0.001, "batches": 2}}
-    after = {"replica": "r", "busy_s": 3.0, "buckets": {"256": {"batches": 6, "requests": 9, "tokens": 1500, "computed_tokens": 1536, "compute_s": 0.3}},
-             "phases_s": {"assemble": 0.03, "model": 0.13, "gpu": 0.12, "answers": 0.005, "batches": 6}}
+    before = {
+        "replica": "r",
+        "busy_s": 1.0,
+        "buckets": {"256": {"batches": 2, "requests": 3, "tokens": 500, "computed_tokens": 512, "compute_s": 0.1}},
+        "phases_s": {"assemble": 0.01, "model": 0.05, "gpu": 0.04, "answers": 0.001, "batches": 2},
+    }
+    after = {
+        "replica": "r",
+        "busy_s": 3.0,
+        "buckets": {"256": {"batches": 6, "requests": 9, "tokens": 1500, "computed_tokens": 1536, "compute_s": 0.3}},
+        "phases_s": {"assemble": 0.03, "model": 0.13, "gpu": 0.12, "answers": 0.005, "batches": 6},
+    }
     d = stats_delta(before, after, seconds=4.0)
     assert d["busy_fraction"] == pytest.approx(0.5)
     assert d["buckets"]["256"]["mean_batch"] == pytest.approx(1.5)

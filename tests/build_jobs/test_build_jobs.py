@@ -58,7 +58,10 @@ def test_plan_from_a_serve_config_on_the_cluster(cluster: None, config: Path) ->
     specs = load_serve_config(config)
     plan = compute_plan(specs, ray.cluster_resources())
     assert [(i.app, i.gpu_type, i.backend, i.num_gpus) for i in plan] == [
-        ("a", "A100", "torch", 0), ("a", "H100", "torch", 0), ("b", "A100", "torch", 0), ("b", "H100", "torch", 0),
+        ("a", "A100", "torch", 0),
+        ("a", "H100", "torch", 0),
+        ("b", "A100", "torch", 0),
+        ("b", "H100", "torch", 0),
     ]
     assert plan[3].task_options()["resources"] == {"accelerator_type:H100": 0.001}
 
@@ -66,7 +69,10 @@ def test_plan_from_a_serve_config_on_the_cluster(cluster: None, config: Path) ->
 def test_items_run_concurrently_and_land_in_the_store(first_build: list[BuildResult], config: Path) -> None:
     results = first_build
     assert [(r.spec, r.gpu_type, r.status) for r in results] == [
-        ("a", "A100", "ok"), ("a", "H100", "ok"), ("b", "A100", "ok"), ("b", "H100", "ok"),
+        ("a", "A100", "ok"),
+        ("a", "H100", "ok"),
+        ("b", "A100", "ok"),
+        ("b", "H100", "ok"),
     ], [r.error for r in results]
     windows = [(r.start, r.end) for r in results]
     assert all(s is not None and e is not None and s < e for s, e in windows)
@@ -151,7 +157,10 @@ def test_failing_item_is_reported_while_others_succeed(cluster: None, workdir: P
     results = build_all(cfg, progress=False, max_retries=1)
     status = {(r.spec, r.gpu_type): r for r in results}
     assert {k: r.status for k, r in status.items()} == {
-        ("good", "A100"): "ok", ("good", "H100"): "ok", ("bad", "A100"): "failed", ("bad", "H100"): "failed",
+        ("good", "A100"): "ok",
+        ("good", "H100"): "ok",
+        ("bad", "A100"): "failed",
+        ("bad", "H100"): "failed",
     }
     for gpu in ("A100", "H100"):
         err = status[("bad", gpu)].error or ""
@@ -180,11 +189,25 @@ def test_cli_end_to_end(cluster: None, workdir: Path) -> None:
     """``python -m build_jobs`` in a subprocess, connected to this module's cluster by address."""
     store = workdir / "cli-store"
     bad = garbage_weights(workdir / "cli-bad.safetensors")
-    cfg = write_config(workdir / "cli.yaml", [app("good", "./unused", seed=4), app("bad", "./unused", weights=str(bad))])
+    cfg = write_config(
+        workdir / "cli.yaml", [app("good", "./unused", seed=4), app("bad", "./unused", weights=str(bad))]
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     address = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "build_jobs", "--config", str(cfg), "--store", str(store), "--address", address,
-           "--retries", "0", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "build_jobs",
+        "--config",
+        str(cfg),
+        "--store",
+        str(store),
+        "--address",
+        address,
+        "--retries",
+        "0",
+        "--no-progress",
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     if out.returncode == 2 and "could not start or connect to Ray" in out.stderr:
         # A loaded 2-core CI machine can miss Ray's connect deadline once; that is not what we test.

@@ -43,7 +43,10 @@ def test_two_items_build_on_two_gpus_at_once(gpu_cluster: dict[str, float], tmp_
     # (TensorRT: an engine build; torch: the float32 verification export).
     cfg = write_config(
         tmp_path / "serve.yaml",
-        [app("one", tmp_path / "store", dtype="bfloat16", seed=0), app("two", tmp_path / "store", dtype="bfloat16", seed=1)],
+        [
+            app("one", tmp_path / "store", dtype="bfloat16", seed=0),
+            app("two", tmp_path / "store", dtype="bfloat16", seed=1),
+        ],
     )
     backend = "tensorrt" if tensorrt_available() else "torch"
     results = build_all(load_serve_config(cfg), backend=backend, progress=False)

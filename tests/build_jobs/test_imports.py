@@ -29,7 +29,10 @@ print(sorted(m for m in sys.modules if m == "deploy" or m.startswith("deploy."))
 def test_build_jobs_never_imports_deploy() -> None:
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(ROOT / "serve_config.yaml")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]", f"build_jobs imported {out.stdout.strip()}"

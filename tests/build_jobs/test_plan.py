@@ -32,7 +32,10 @@ def test_gpu_types_from_cluster_resources() -> None:
 def test_one_item_per_spec_and_gpu_type(specs: list) -> None:
     plan = compute_plan(specs, GPU_CLUSTER, trt_available=True)
     assert [(i.app, i.gpu_type, i.backend) for i in plan] == [
-        ("a", "A100", "tensorrt"), ("a", "H100", "tensorrt"), ("b", "A100", "tensorrt"), ("b", "H100", "tensorrt"),
+        ("a", "A100", "tensorrt"),
+        ("a", "H100", "tensorrt"),
+        ("b", "A100", "tensorrt"),
+        ("b", "H100", "tensorrt"),
     ]
     assert len({i.item_key for i in plan}) == 4 and all(i.action == "build" for i in plan)
     assert plan[0].onnx_key == plan[1].onnx_key != plan[2].onnx_key  # one export per spec
@@ -46,7 +49,10 @@ def test_one_item_per_spec_and_gpu_type(specs: list) -> None:
 
 def test_cpu_cluster_gets_one_torch_item_per_spec(specs: list) -> None:
     plan = compute_plan(specs, CPU_CLUSTER, trt_available=True)
-    assert [(i.app, i.gpu_type, i.backend, i.num_gpus) for i in plan] == [("a", None, "torch", 0), ("b", None, "torch", 0)]
+    assert [(i.app, i.gpu_type, i.backend, i.num_gpus) for i in plan] == [
+        ("a", None, "torch", 0),
+        ("b", None, "torch", 0),
+    ]
     assert plan[0].task_options()["resources"] == {}
     with pytest.raises(ConfigError, match=r"backend 'tensorrt' needs GPUs .* use --backend torch"):
         compute_plan(specs, CPU_CLUSTER, backend="tensorrt")

@@ -25,7 +25,9 @@ def post_npy(url: str, x: np.ndarray, timeout: float = 60) -> requests.Response:
     """POST one sequence as a .npy body to ``url``/v1/infer."""
     buf = io.BytesIO()
     np.save(buf, x)
-    return requests.post(f"{url}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=timeout)
+    return requests.post(
+        f"{url}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"}, timeout=timeout
+    )
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -47,19 +49,40 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 300) -> None:
 
 
 @contextmanager
-def serve_cluster(log_dir: Path, extra_env: dict[str, str] | None = None, num_cpus: int = 2) -> Iterator[dict[str, str]]:
+def serve_cluster(
+    log_dir: Path, extra_env: dict[str, str] | None = None, num_cpus: int = 2
+) -> Iterator[dict[str, str]]:
     """`ray start --head`, then `serve run serve_config.yaml`; yields the env for client processes."""
     ray_bin = shutil.which("ray") or "ray"
     serve_bin = shutil.which("serve") or "serve"
     # Token authentication, with a token of this cluster's own in the environment of every
     # process started here (`ray start`, `serve run`, client drivers): nothing is read from or
     # written to ~/.ray, so a fresh machine needs no `ray get-auth-token --generate` first.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **(extra_env or {}))
-    out = run([ray_bin, "start", "--head", f"--num-cpus={num_cpus}", "--port=6379", "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env)
+    env = dict(
+        os.environ,
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        **(extra_env or {}),
+    )
+    out = run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--num-cpus={num_cpus}",
+            "--port=6379",
+            "--dashboard-host=127.0.0.1",
+            "--disable-usage-stats",
+        ],
+        env,
+    )
     assert out.returncode == 0, out.stderr
     env["RAY_ADDRESS"] = "auto"
     with open(log_dir / "serve.log", "w") as log:
-        proc = subprocess.Popen([serve_bin, "run", "serve_config.yaml"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [serve_bin, "run", "serve_config.yaml"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
         try:
             try:
                 wait_ready(proc)

@@ -131,7 +131,13 @@ def test_handle_types() -> None:
 
 def test_batch_limits_and_replica_plan() -> None:
     args = AppArgs.model_validate(
-        {"buckets": [128, 512, 2048], "batching": {"max_batch_tokens": 4096, "bucket_overrides": {512: {"max_batch_size": 3, "batch_wait_timeout_s": 0.5}}}}
+        {
+            "buckets": [128, 512, 2048],
+            "batching": {
+                "max_batch_tokens": 4096,
+                "bucket_overrides": {512: {"max_batch_size": 3, "batch_wait_timeout_s": 0.5}},
+            },
+        }
     )
     assert bucket_limits(args.bucket_set(), args.batching) == [(32, 0.005), (3, 0.5), (2, 0.005)]
     assert derive_max_ongoing(args) == 2 * (32 + 3 + 2) + 3  # running and waiting batches, one spare per bucket
@@ -154,12 +160,16 @@ def test_batch_limits_and_replica_plan() -> None:
 def test_reconfigure_validates_through_the_schema() -> None:
     """A live replica's user_config goes through BatchingConfig with the replica's buckets: a bad
     one is refused with the schema's message and leaves the running limits as they were."""
-    server = ModelReplica({"model": {"preset": "tiny"}, "backend": "torch", "buckets": [64, 128]}, {"max_batch_tokens": 1024})
+    server = ModelReplica(
+        {"model": {"preset": "tiny"}, "backend": "torch", "buckets": [64, 128]}, {"max_batch_tokens": 1024}
+    )
     assert server.limits == [(16, 0.005), (8, 0.005)]
     with pytest.raises(ValidationError, match=r"names edges \[256\] that are not buckets \[64, 128\]"):
         server.reconfigure({"max_batch_tokens": 1024, "bucket_overrides": {256: {"max_batch_size": 2}}})
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         server.reconfigure({"max_batch_token": 1024})
     assert server.limits == [(16, 0.005), (8, 0.005)]
-    server.reconfigure({"max_batch_tokens": 1024, "bucket_overrides": {128: {"max_batch_size": 3, "batch_wait_timeout_s": 0.5}}})
+    server.reconfigure(
+        {"max_batch_tokens": 1024, "bucket_overrides": {128: {"max_batch_size": 3, "batch_wait_timeout_s": 0.5}}}
+    )
     assert server.limits == [(16, 0.005), (3, 0.5)]

@@ -43,13 +43,31 @@ def test_replicas_answer_on_their_own_ports(cluster: dict[str, str]) -> None:
 
 
 def test_load_generator_sends_to_the_replicas(cluster: dict[str, str]) -> None:
-    r = run([sys.executable, "-m", "bench.serve_load", "--direct", "--target-host", "127.0.0.1", "--requests", "12",
-             "--concurrency", "4", "--mix", "64-300"], cluster, timeout=180)
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "bench.serve_load",
+            "--direct",
+            "--target-host",
+            "127.0.0.1",
+            "--requests",
+            "12",
+            "--concurrency",
+            "4",
+            "--mix",
+            "64-300",
+        ],
+        cluster,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "direct ingress: 1 replica(s): http://127.0.0.1:30" in r.stdout
     assert " 12 req   0 err" in r.stdout, r.stdout
 
 
 def test_an_app_without_targets_is_a_clear_error(cluster: dict[str, str]) -> None:
-    with pytest.raises(RuntimeError, match="no direct-ingress HTTP targets for app 'nope'.*RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
+    with pytest.raises(
+        RuntimeError, match="no direct-ingress HTTP targets for app 'nope'.*RAY_SERVE_ENABLE_DIRECT_INGRESS=1"
+    ):
         direct_targets("http://127.0.0.1:8265", "nope", token=cluster["RAY_AUTH_TOKEN"])

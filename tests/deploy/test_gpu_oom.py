@@ -26,7 +26,8 @@ EDGE = 4096
 @pytest.fixture(scope="module")
 def setup() -> tuple[Any, torch.nn.Module, list[np.ndarray]]:
     server = ModelReplica(
-        {"model": {"preset": "seed", "layers": 1}, "backend": "torch", "buckets": [EDGE]}, {"max_batch_tokens": 8 * EDGE}
+        {"model": {"preset": "seed", "layers": 1}, "backend": "torch", "buckets": [EDGE]},
+        {"max_batch_tokens": 8 * EDGE},
     )
     assert server.backend.device.type == "cuda"
     model = fa3trt.build_model(fa3trt.ModelConfig.preset("seed", layers=1), device="cuda")
@@ -85,7 +86,9 @@ def test_oom_batch_is_split_and_every_request_answered(setup: tuple[Any, torch.n
     assert server.metrics.local[EDGE]["failed"] == 0
 
 
-def test_requests_that_cannot_fit_fail_alone_and_the_replica_recovers(setup: tuple[Any, torch.nn.Module, list[np.ndarray]]) -> None:
+def test_requests_that_cannot_fit_fail_alone_and_the_replica_recovers(
+    setup: tuple[Any, torch.nn.Module, list[np.ndarray]],
+) -> None:
     server, model, xs = setup
     failed = server.metrics.local[EDGE]["failed"]
     filler = _fill_leaving(8 << 20)  # room for no request at all
@@ -101,7 +104,9 @@ def test_requests_that_cannot_fit_fail_alone_and_the_replica_recovers(setup: tup
         assert rel_err(torch.from_numpy(y.astype(np.float32)), _want(model, x)) < 2e-2
 
 
-def test_nonfinite_rows_are_refused_in_the_batch_on_the_gpu(setup: tuple[Any, torch.nn.Module, list[np.ndarray]]) -> None:
+def test_nonfinite_rows_are_refused_in_the_batch_on_the_gpu(
+    setup: tuple[Any, torch.nn.Module, list[np.ndarray]],
+) -> None:
     """NaN and Inf are found on the device, in the float16 -> bfloat16 batch; the bad requests
     get InvalidInputError and the good ones batched with them the model's answer."""
     server, model, xs = setup

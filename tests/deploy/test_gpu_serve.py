@@ -60,7 +60,9 @@ def test_one_replica_per_gpu_both_serving(cluster: dict[str, str], tmp_path: Pat
             break
     print(f"\nrequests per replica: {replicas}")
     for rid, info in infos.items():
-        print(f"replica {rid}: {info['device_name']} CUDA_VISIBLE_DEVICES={info['cuda_visible_devices']} backend={info['backend']} kernel={info['attention_kernel']}")
+        print(
+            f"replica {rid}: {info['device_name']} CUDA_VISIBLE_DEVICES={info['cuda_visible_devices']} backend={info['backend']} kernel={info['attention_kernel']}"
+        )
     assert len(replicas) == 2, f"requests were answered by {replicas}"
     assert len({i["cuda_visible_devices"] for i in infos.values()}) == 2, infos
     assert all(i["device"].startswith("cuda") for i in infos.values())

@@ -20,7 +20,10 @@ EDGES = [128, 512]
 
 
 def test_two_buckets_run_at_once_on_their_own_streams() -> None:
-    server = ModelReplica({"model": {"preset": "tiny", "dtype": "bfloat16"}, "backend": "torch", "buckets": EDGES}, {"max_batch_tokens": 2048})
+    server = ModelReplica(
+        {"model": {"preset": "tiny", "dtype": "bfloat16"}, "backend": "torch", "buckets": EDGES},
+        {"max_batch_tokens": 2048},
+    )
     assert server.backend.device.type == "cuda"
     streams = [s for s in server._streams if s is not None]
     assert len(streams) == len(EDGES)
@@ -37,7 +40,10 @@ def test_two_buckets_run_at_once_on_their_own_streams() -> None:
 
     server.backend.run = recording_run  # type: ignore[method-assign,assignment]
     rng = np.random.default_rng(0)
-    batches = {e: [rng.standard_normal((int(n), 256)).astype(np.float16) for n in rng.integers(e // 4 + 1, e + 1, size=4)] for e in EDGES}
+    batches = {
+        e: [rng.standard_normal((int(n), 256)).astype(np.float16) for n in rng.integers(e // 4 + 1, e + 1, size=4)]
+        for e in EDGES
+    }
     model = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
     with torch.inference_mode():
         want = {e: [model(torch.from_numpy(x).float()[None])[0] for x in xs] for e, xs in batches.items()}

@@ -100,11 +100,24 @@ def test_client_errors_do_not_hurt_good_requests(cluster: dict[str, str], model:
             assert r.status_code == 422, r.text
     del goods
     # Unparseable bodies and protocol errors.
-    assert requests.post(f"{URL}/v1/infer", data=b"{oops", headers={"content-type": "application/json"}, timeout=30).status_code == 400
-    assert requests.post(f"{URL}/v1/infer", data=b"abc", headers={"content-type": "text/plain"}, timeout=30).status_code == 415
+    assert (
+        requests.post(
+            f"{URL}/v1/infer", data=b"{oops", headers={"content-type": "application/json"}, timeout=30
+        ).status_code
+        == 400
+    )
+    assert (
+        requests.post(f"{URL}/v1/infer", data=b"abc", headers={"content-type": "text/plain"}, timeout=30).status_code
+        == 415
+    )
     assert requests.get(f"{URL}/v1/nope", timeout=30).status_code == 404
     big = b"\x93NUMPY" + b"0" * (64 << 20)
-    assert requests.post(f"{URL}/v1/infer", data=big, headers={"content-type": "application/x-npy"}, timeout=60).status_code == 413
+    assert (
+        requests.post(
+            f"{URL}/v1/infer", data=big, headers={"content-type": "application/x-npy"}, timeout=60
+        ).status_code
+        == 413
+    )
     assert requests.get(f"{URL}/v1/info", timeout=30).status_code == 200  # still healthy
 
 

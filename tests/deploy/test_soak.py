@@ -53,10 +53,14 @@ def test_soak(handle: object) -> None:
     minutes: list[dict[str, float]] = []
     for _ in range(max(1, round(duration / 60))):
         n = max(1, int(rate * 60))
-        res = asyncio.run(run_load(checked, [pool[int(i)] for i in rng.integers(0, 32, n)], mode="open", rate=rate, progress=False))
+        res = asyncio.run(
+            run_load(checked, [pool[int(i)] for i in rng.integers(0, 32, n)], mode="open", rate=rate, progress=False)
+        )
         rss = handle.stats.remote().result()["rss_bytes"]  # type: ignore[attr-defined]
         minutes.append({"p99_ms": res.pct(99), "errors": res.errors, "requests": res.requests, "rss": rss or 0})
-        print(f"minute {len(minutes)}: {res.requests} req, {res.errors} errors, p99 {res.pct(99):.0f} ms, rss {rss / 2**20 if rss else 0:.0f} MiB")
+        print(
+            f"minute {len(minutes)}: {res.requests} req, {res.errors} errors, p99 {res.pct(99):.0f} ms, rss {rss / 2**20 if rss else 0:.0f} MiB"
+        )
     total = sum(m["requests"] for m in minutes)
     print(f"soak: saturation {sat.rps:.1f} req/s, load {rate:.1f} req/s, {total} requests over {len(minutes)} windows")
     assert not wrong, wrong[:3]

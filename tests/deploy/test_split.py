@@ -43,7 +43,9 @@ class TokenBudget:
 
 @pytest.fixture(scope="module")
 def server() -> Any:
-    return ModelReplica({"model": {"preset": "tiny"}, "backend": "torch", "buckets": [64, EDGE]}, {"max_batch_tokens": 1024})
+    return ModelReplica(
+        {"model": {"preset": "tiny"}, "backend": "torch", "buckets": [64, EDGE]}, {"max_batch_tokens": 1024}
+    )
 
 
 @pytest.fixture(scope="module")

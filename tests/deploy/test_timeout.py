@@ -28,7 +28,11 @@ def app() -> Iterator[str]:
         "backend": "torch",
         "buckets": [64, 256],
         "request_timeout_s": TIMEOUT_S,
-        "batching": {"max_batch_tokens": 4096, "batch_wait_timeout_s": 0.0, "bucket_overrides": {256: {"batch_wait_timeout_s": WAIT_S}}},
+        "batching": {
+            "max_batch_tokens": 4096,
+            "batch_wait_timeout_s": 0.0,
+            "bucket_overrides": {256: {"batch_wait_timeout_s": WAIT_S}},
+        },
     }
     with local_app(args, PORT) as url:
         yield url

@@ -132,7 +132,7 @@ def test_torch_backend_on_gpu_matches_each_sequence_alone_without_a_sync(lengths
     y = y.float().cpu()
     for i, r in enumerate(rows):
         assert rel_err(y[i, : len(r)], ref(r[None])[0]) < (1e-4 if dtype == "float32" else 3e-2)
-        assert not y[i, len(r):].any()
+        assert not y[i, len(r) :].any()
 
 
 def test_load_backend_auto_and_errors() -> None:

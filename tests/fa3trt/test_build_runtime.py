@@ -121,7 +121,11 @@ def test_compatible_engine_is_accepted() -> None:
 @pytest.mark.parametrize(
     "meta, current, message",
     [
-        (_meta(trt_version="10.8.0.43"), ENV_H100, "engine was built for TensorRT 10.8.0.43, this is TensorRT 10.13.0.35"),
+        (
+            _meta(trt_version="10.8.0.43"),
+            ENV_H100,
+            "engine was built for TensorRT 10.8.0.43, this is TensorRT 10.13.0.35",
+        ),
         (
             _meta(),
             dict(ENV_H100, compute_capability="8.9", gpu_name="NVIDIA L4"),
@@ -132,7 +136,11 @@ def test_compatible_engine_is_accepted() -> None:
             dict(ENV_H100, compute_capability="7.5", gpu_name="Tesla T4"),
             "it needs an sm80+ GPU",
         ),
-        (_meta(plugin_version="2"), ENV_H100, f"engine was built for plugin {PLUGIN_NAME} v2, this is {PLUGIN_NAME} v1"),
+        (
+            _meta(plugin_version="2"),
+            ENV_H100,
+            f"engine was built for plugin {PLUGIN_NAME} v2, this is {PLUGIN_NAME} v1",
+        ),
         ({"trt_version": "10.13.0.35"}, ENV_H100, "engine metadata lacks"),
     ],
 )
@@ -159,7 +167,9 @@ def test_select_profile() -> None:
     assert select_profile(specs, 4, 4096) == 2
     with pytest.raises(InvalidInputError, match="sequence length 4097 exceeds the engine's largest bucket"):
         select_profile(specs, 1, 4097)
-    with pytest.raises(InvalidInputError, match=r"batch 65 of sequences padded to 200 fits no optimization profile .*split the batch"):
+    with pytest.raises(
+        InvalidInputError, match=r"batch 65 of sequences padded to 200 fits no optimization profile .*split the batch"
+    ):
         select_profile(specs, 65, 200)
     with pytest.raises(InvalidInputError, match=">= 1"):
         select_profile(specs, 0, 10)
@@ -171,11 +181,15 @@ def test_select_profile() -> None:
 def test_engine_key_for_needs_the_onnx_in_the_store(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     cfg = ModelConfig.preset("tiny")
-    with pytest.raises(EngineNotFoundError, match=f"run `python -m build_jobs --config serve_config.yaml --store {store.uri}`"):
+    with pytest.raises(
+        EngineNotFoundError, match=f"run `python -m build_jobs --config serve_config.yaml --store {store.uri}`"
+    ):
         engine_key_for(store, cfg, None, Buckets((64,)), 1024, env=ENV_H100)
     store.put("onnx", onnx_key(cfg, None), b"onnx bytes", {"onnx_sha256": "f" * 64})
     key = engine_key_for(store, cfg, None, Buckets((64,)), 1024, env=ENV_H100)
-    want = engine_key("f" * 64, BuildConfig(buckets=Buckets((64,)), max_batch_tokens=1024).compute_hash(), "10.13.0.35", "9.0", "1")
+    want = engine_key(
+        "f" * 64, BuildConfig(buckets=Buckets((64,)), max_batch_tokens=1024).compute_hash(), "10.13.0.35", "9.0", "1"
+    )
     assert key == want
     assert engine_key_for(store, cfg, None, Buckets((64,)), 2048, env=ENV_H100) != key
     with pytest.raises(ConfigError, match="pass the same"):
@@ -224,8 +238,22 @@ def test_tensorrt_calls_typecheck_against_stubs(tmp_path: Path) -> None:
     files = ["fa3trt/plugin", "fa3trt/_trt.py", "fa3trt/build.py", "fa3trt/compat.py", "fa3trt/runtime.py"]
     env = dict(os.environ, MYPYPATH=str(tmp_path))
     r = subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(cfg), "--no-incremental", "--cache-dir", str(tmp_path / ".mypy"), *files],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(cfg),
+            "--no-incremental",
+            "--cache-dir",
+            str(tmp_path / ".mypy"),
+            *files,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     ours = [line for line in r.stdout.splitlines() if line.startswith(tuple(files))]
     assert not ours, "\n".join(ours)
@@ -242,8 +270,12 @@ def test_tensorrt_backend_without_gpu_says_what_is_missing(tmp_path: Path) -> No
 
     with pytest.raises(MissingDependencyError, match="CUDA GPU"):
         TensorRTBackend.load(
-            ModelConfig.preset("tiny"), weights=None, buckets=Buckets((64,)), store=str(tmp_path),
-            build_if_missing=False, max_batch_tokens=None,
+            ModelConfig.preset("tiny"),
+            weights=None,
+            buckets=Buckets((64,)),
+            store=str(tmp_path),
+            build_if_missing=False,
+            max_batch_tokens=None,
         )
 
 
@@ -252,7 +284,9 @@ def test_selfcheck_exits_2_and_names_what_is_missing() -> None:
 
     if torch.cuda.is_available() and tensorrt_available():
         pytest.skip("this machine has everything: the TensorRT tests run the self-check's path")
-    r = subprocess.run([sys.executable, "-m", "fa3trt.selfcheck"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "fa3trt.selfcheck"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Missing:" in r.stdout and ("TensorRT" in r.stdout or "CUDA GPU" in r.stdout)
 
@@ -279,12 +313,23 @@ def test_build_to_store_metadata_and_key(built: dict[str, Any]) -> None:
 
     meta, store = built["meta"], built["store"]
     env = current_environment()
-    for k in ("trt_version", "gpu_name", "compute_capability", "plugin_name", "plugin_version", "onnx_sha256",
-              "build_config_hash", "hash_ignores", "bucket_to_profile", "profiles", "key"):
+    for k in (
+        "trt_version",
+        "gpu_name",
+        "compute_capability",
+        "plugin_name",
+        "plugin_version",
+        "onnx_sha256",
+        "build_config_hash",
+        "hash_ignores",
+        "bucket_to_profile",
+        "profiles",
+        "key",
+    ):
         assert k in meta, k
     assert meta["trt_version"] == env["trt_version"] and meta["bucket_to_profile"] == {"64": 0, "256": 1}
     assert engine_key_for(store, built["cfg"], None, built["buckets"], 1024) == meta["key"]
-    gpu_type = f'{env["gpu_name"]}-sm{env["compute_capability"]}'
+    gpu_type = f"{env['gpu_name']}-sm{env['compute_capability']}"
     assert store.get_timing_cache(gpu_type, env["trt_version"]) is not None
     again = build_to_store(store, built["cfg"], None, built["buckets"], max_batch_tokens=1024)
     assert again["sha256"] == meta["sha256"]  # cached, not rebuilt
@@ -296,7 +341,9 @@ def test_tensorrt_backend_matches_torch_backend(built: dict[str, Any]) -> None:
     from fa3trt.backends import Backend, TorchBackend, load_backend
     from tests.utils import rel_err
 
-    be = load_backend("tensorrt", built["cfg"], buckets=built["buckets"], store=built["store"].uri, max_batch_tokens=1024)
+    be = load_backend(
+        "tensorrt", built["cfg"], buckets=built["buckets"], store=built["store"].uri, max_batch_tokens=1024
+    )
     assert isinstance(be, Backend) and be.describe()["backend"] == "tensorrt"
     ref = TorchBackend(built["cfg"], device="cuda")
     g = torch.Generator().manual_seed(0)
@@ -346,8 +393,12 @@ def test_missing_engine_names_the_build_command(tmp_path: Path) -> None:
 
     with pytest.raises(EngineNotFoundError, match=r"python -m build_jobs --config serve_config.yaml --store"):
         TensorRTBackend.load(
-            ModelConfig.preset("tiny", dtype="float16"), weights=None, buckets=Buckets((64,)), store=str(tmp_path),
-            build_if_missing=False, max_batch_tokens=1024,
+            ModelConfig.preset("tiny", dtype="float16"),
+            weights=None,
+            buckets=Buckets((64,)),
+            store=str(tmp_path),
+            build_if_missing=False,
+            max_batch_tokens=1024,
         )
 
 

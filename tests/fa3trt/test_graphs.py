@@ -68,7 +68,7 @@ def test_graphed_batches_match_each_sequence_alone(graphed: tuple[TorchBackend, 
         for i, r in enumerate(rows):
             if len(r):
                 assert rel_err(y[i, : len(r)], ref(r[None])[0]) < 3e-2, (lengths, i)
-            assert not y[i, len(r):].any()
+            assert not y[i, len(r) :].any()
     # (3, 100) and (3, 120) share one graph; (5, ...) ran in a (6, 128) graph, (1, 300) in (1, 384), (2, 7) in (2, 128).
     assert len(be.graphs) == 4 and be.describe()["cuda_graphs"]["captured"] == 4
 
@@ -167,7 +167,9 @@ def test_graphs_one_thread_captured_replay_side_by_side_at_seed_width() -> None:
     assert be.graphs is not None
     ref = fa3trt.build_model(fa3trt.ModelConfig.preset("seed", layers=1, dtype="float32"), device="cuda")
     gen = torch.Generator().manual_seed(2)
-    batches = [[torch.randn(n, be.hidden, generator=gen) for n in lens] for lens in ((96,), (200, 150), (64, 10, 128, 33))]
+    batches = [
+        [torch.randn(n, be.hidden, generator=gen) for n in lens] for lens in ((96,), (200, 150), (64, 10, 128, 33))
+    ]
     with torch.no_grad():
         want = [[ref(r[None].cuda())[0] for r in rows] for rows in batches]
     inputs = [fa3trt.buckets.assemble(rows, be.dtype, be.device) for rows in batches]

@@ -111,7 +111,9 @@ def test_export_external_data(tmp_path: Path) -> None:
 def test_export_check_cli(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "fa3trt.export", "--check", "--out", str(tmp_path / "t.onnx")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "ONNX Runtime vs PyTorch" in out.stdout and "OK" in out.stdout

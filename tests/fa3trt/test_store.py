@@ -42,7 +42,9 @@ def test_round_trip_metadata_list_delete(tmp_path: Path) -> None:
 
 def test_missing_entry_names_the_build_command(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
-    with pytest.raises(EngineNotFoundError, match=r"not built yet; run `python -m build_jobs --config serve_config.yaml"):
+    with pytest.raises(
+        EngineNotFoundError, match=r"not built yet; run `python -m build_jobs --config serve_config.yaml"
+    ):
         store.get("engines", "nope")
 
 
@@ -53,7 +55,9 @@ def test_flipped_bytes_are_detected(tmp_path: Path) -> None:
     raw = bytearray(blob.read_bytes())
     raw[100] ^= 0xFF
     blob.write_bytes(bytes(raw))
-    with pytest.raises(EngineCorruptError, match=r"engines/e .* fails its checksum .*corrupt; rebuild it with .*--force"):
+    with pytest.raises(
+        EngineCorruptError, match=r"engines/e .* fails its checksum .*corrupt; rebuild it with .*--force"
+    ):
         store.get("engines", "e")
     blob.write_bytes(bytes(raw[:10]))  # truncated
     with pytest.raises(EngineCorruptError, match=r"size 10 vs 1024"):
@@ -83,10 +87,14 @@ def test_errors_are_named_for_the_artifact(tmp_path: Path) -> None:
         with pytest.raises(ArtifactCorruptError, match=f"{kind}/k .* fails its checksum") as corrupt:
             store.get(kind, "k")
         assert isinstance(corrupt.value, EngineCorruptError) == (kind == "engines")
-    assert issubclass(EngineNotFoundError, ArtifactNotFoundError) and issubclass(EngineCorruptError, ArtifactCorruptError)
+    assert issubclass(EngineNotFoundError, ArtifactNotFoundError) and issubclass(
+        EngineCorruptError, ArtifactCorruptError
+    )
 
 
-@pytest.mark.parametrize("key", ["../escape", "a/b", "..", "/etc/passwd", "", ".hidden", "a\\b", "x..y", "k" * 300, "a b"])
+@pytest.mark.parametrize(
+    "key", ["../escape", "a/b", "..", "/etc/passwd", "", ".hidden", "a\\b", "x..y", "k" * 300, "a b"]
+)
 def test_keys_that_could_escape_are_refused(tmp_path: Path, key: str) -> None:
     store = ArtifactStore(tmp_path / "root")
     for call in (

@@ -68,7 +68,9 @@ def test_without_fa3_or_a_gpu() -> None:
             _fa3.attention(q, q, q)
 
 
-def test_an_interface_without_the_op_is_not_used(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_interface_without_the_op_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """An FA3 interface that imports but registers no ``torch.ops.flash_attn_3.fwd`` with the
     arguments used here (another release's) is not offered, says why, and refuses calls."""
     if _fa3.op() is not None:
@@ -91,7 +93,21 @@ def test_an_interface_without_the_op_is_not_used(monkeypatch: pytest.MonkeyPatch
 
 def test_build_env_keeps_only_the_forward_kernels_asked_for() -> None:
     env = build_env((128,), fp16=False)
-    for off in ("BACKWARD", "SPLIT", "PAGEDKV", "APPENDKV", "LOCAL", "SOFTCAP", "PACKGQA", "SM80", "HDIM64", "HDIM96", "HDIM192", "HDIM256", "FP16"):
+    for off in (
+        "BACKWARD",
+        "SPLIT",
+        "PAGEDKV",
+        "APPENDKV",
+        "LOCAL",
+        "SOFTCAP",
+        "PACKGQA",
+        "SM80",
+        "HDIM64",
+        "HDIM96",
+        "HDIM192",
+        "HDIM256",
+        "FP16",
+    ):
         assert env[f"FLASH_ATTENTION_DISABLE_{off}"] == "TRUE", off
     for kept in ("HDIM128", "FP8", "VARLEN", "CLUSTER"):
         assert f"FLASH_ATTENTION_DISABLE_{kept}" not in env, kept
@@ -115,7 +131,9 @@ def test_build_refuses_a_tree_that_is_not_flash_attention(tmp_path: Path, capsys
 
 
 # ----------------------------------------------------------------------------- GPU
-needs_fa3 = pytest.mark.skipif(not _fa3.available("cuda"), reason="FA3 is not installed (python -m fa3trt.fa3_build) or the GPU is not sm90")
+needs_fa3 = pytest.mark.skipif(
+    not _fa3.available("cuda"), reason="FA3 is not installed (python -m fa3trt.fa3_build) or the GPU is not sm90"
+)
 
 
 def _qkv(b: int, s: int, h: int, d: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -146,5 +164,7 @@ def test_fa3_hands_what_its_build_lacks_to_the_next_kernel() -> None:
         q, k, v = _qkv(2, 300, 4, d, dtype)
         lens = torch.tensor([300, 77], dtype=torch.int32)
         got = run_kernel("fa3", q, k, v, lens)
-        assert rel_err(got, reference_attention(q, k, v, lens.cuda())) < (1e-4 if dtype == torch.float32 else TOL[dtype]), (dtype, d)
+        assert rel_err(got, reference_attention(q, k, v, lens.cuda())) < (
+            1e-4 if dtype == torch.float32 else TOL[dtype]
+        ), (dtype, d)
     assert "fa3" in available_kernels("cuda")

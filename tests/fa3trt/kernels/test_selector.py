@@ -17,7 +17,17 @@ from tests.utils import rel_err
 
 
 def test_registry_lists_every_kernel_once_with_its_capabilities() -> None:
-    assert names() == ["fa3", "flash_cute", "cudnn", "cudnn_padded", "flash", "flash_seqused", "efficient", "efficient_seqused", "math"]
+    assert names() == [
+        "fa3",
+        "flash_cute",
+        "cudnn",
+        "cudnn_padded",
+        "flash",
+        "flash_seqused",
+        "efficient",
+        "efficient_seqused",
+        "math",
+    ]
     assert all(KERNELS[n].name == n for n in names())
     # The lists the plugin reads are derived from the kernels' own declarations.
     assert device_length_kernels() == ["fa3", "flash_cute", "cudnn_padded", "flash_seqused", "efficient_seqused"]
@@ -41,7 +51,9 @@ def test_one_vocabulary_for_the_op_and_the_plugin(monkeypatch: pytest.MonkeyPatc
         # ... and the plugin: the name itself where it reads lengths on the GPU, else its own choice.
         assert chosen == name if name in device_length_kernels() else chosen in device_length_kernels()
     monkeypatch.setenv(KERNEL_ENV, "efficient_seqused_v2")
-    with pytest.raises(ConfigError, match=r"FA3TRT_ATTN_KERNEL='efficient_seqused_v2' is not an attention kernel; set one of \["):
+    with pytest.raises(
+        ConfigError, match=r"FA3TRT_ATTN_KERNEL='efficient_seqused_v2' is not an attention kernel; set one of \["
+    ):
         forced_kernel()
     with pytest.raises(ConfigError, match="no attention kernel is called 'flash3'"):
         choose_enqueue_kernel(torch.bfloat16, everything, sm90, "flash3")

@@ -12,7 +12,7 @@ from tests.utils import gpu
 def _expected(out: torch.Tensor, lens: list[int]) -> torch.Tensor:
     want = out.clone()
     for b, n in enumerate(lens):
-        want[b, max(n, 0):] = 0
+        want[b, max(n, 0) :] = 0
     return want
 
 

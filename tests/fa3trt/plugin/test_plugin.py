@@ -41,7 +41,9 @@ def test_fields_roundtrip_and_validation(caplog: pytest.LogCaptureFixture) -> No
         assert parse_fields(fields) == {"mode": mode}
     assert parse_fields([]) == {"mode": 0}  # the op's default
     # The ONNX parser may pass int64 attributes and the lookup attributes too.
-    assert parse_fields([("mode", np.array([1], np.int64)), ("plugin_version", b"1"), ("plugin_namespace", b"")]) == {"mode": 1}
+    assert parse_fields([("mode", np.array([1], np.int64)), ("plugin_version", b"1"), ("plugin_namespace", b"")]) == {
+        "mode": 1
+    }
     with pytest.raises(ConfigError, match="mode=3; use 0 .* or 1"):
         parse_fields([("mode", np.array([3], np.int32))])
     with pytest.raises(ConfigError, match="one int32"):
@@ -89,7 +91,9 @@ def test_enqueue_kernel_choice() -> None:
     assert choose_enqueue_kernel(torch.bfloat16, ["fa3", *with_frontend], sm90) == "fa3"
     assert choose_enqueue_kernel(torch.float16, with_frontend, sm80) == "flash_seqused"
     assert choose_enqueue_kernel(torch.float32, with_frontend, sm90) == "efficient_seqused"
-    with pytest.raises(ConfigError, match="cudnn_padded names a kernel that is not available here.*nvidia-cudnn-frontend"):
+    with pytest.raises(
+        ConfigError, match="cudnn_padded names a kernel that is not available here.*nvidia-cudnn-frontend"
+    ):
         choose_enqueue_kernel(torch.float16, without, sm90, "cudnn_padded")
     # FlashAttention's CuTe DSL kernel: after FA3, before cuDNN; never for fp32.
     with_cute = ["flash_cute", *with_frontend]
@@ -172,11 +176,31 @@ def _qkv(b: int, s: int, h: int, d: int, dtype: torch.dtype, seed: int = 0) -> t
     return tuple(torch.randn(b, s, h, d, device="cuda", dtype=dtype, generator=g) for _ in range(3))
 
 
-def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor,
-          stream: torch.cuda.Stream, mode: int = 0, cache: EnqueueCache | None = None, write: str = "auto") -> None:
+def _call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lens: torch.Tensor,
+    out: torch.Tensor,
+    stream: torch.cuda.Stream,
+    mode: int = 0,
+    cache: EnqueueCache | None = None,
+    write: str = "auto",
+) -> None:
     enqueue_core(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), out.data_ptr(),
-        tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, stream.cuda_stream, mode, cache=cache, write=write,
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        lens.data_ptr(),
+        out.data_ptr(),
+        tuple(q.shape),
+        tuple(k.shape),
+        tuple(v.shape),
+        q.dtype,
+        stream.cuda_stream,
+        mode,
+        cache=cache,
+        write=write,
     )
 
 
@@ -210,8 +234,13 @@ def test_enqueue_core_write_paths(write: str) -> None:
     b, s, h, d = 4, 96, 4, 64
     if write == "direct" and enqueue_kernel(torch.cuda.current_device(), dtype, d) not in direct_write_kernels():
         with pytest.raises(ConfigError, match="direct write needs one of"):
-            _call(*_qkv(b, s, h, d, dtype), torch.full((b,), s, dtype=torch.int32, device="cuda"),
-                  torch.empty(b, s, h, d, device="cuda", dtype=dtype), torch.cuda.current_stream(), write=write)
+            _call(
+                *_qkv(b, s, h, d, dtype),
+                torch.full((b,), s, dtype=torch.int32, device="cuda"),
+                torch.empty(b, s, h, d, device="cuda", dtype=dtype),
+                torch.cuda.current_stream(),
+                write=write,
+            )
         pytest.skip(f"the direct write runs with {direct_write_kernels()} only (sm90 with one of them installed)")
     q, k, v = _qkv(b, s, h, d, dtype)
     lens = torch.tensor([96, 41, 0, 500], dtype=torch.int32, device="cuda")
@@ -365,8 +394,13 @@ def _single_node_onnx(path: str, b: int, s: int, h: int, d: int, dtype: str, mod
     ins.append(helper.make_tensor_value_info("seq_lens", TensorProto.INT32, ["B"]))
     out = helper.make_tensor_value_info("y", et, dims)
     node = helper.make_node(
-        PLUGIN_NAME, ["q", "k", "v", "seq_lens"], ["y"], domain="attn",
-        mode=mode, plugin_version=PLUGIN_VERSION, plugin_namespace="",
+        PLUGIN_NAME,
+        ["q", "k", "v", "seq_lens"],
+        ["y"],
+        domain="attn",
+        mode=mode,
+        plugin_version=PLUGIN_VERSION,
+        plugin_namespace="",
     )
     graph = helper.make_graph([node], "attn", ins, [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("attn", 1)])
@@ -392,7 +426,9 @@ def test_plugin_in_a_real_engine(tmp_path: object, dtype: str) -> None:
     for n in ("q", "k", "v"):
         prof.add(n, min=(1, 1, h, d), opt=(2, 64, h, d), max=(4, 128, h, d))
     prof.add("seq_lens", min=(1,), opt=(2,), max=(4,))
-    data = bytes(EngineBytesFromNetwork(NetworkFromOnnxPath(path, strongly_typed=True), CreateConfig(profiles=[prof]))())
+    data = bytes(
+        EngineBytesFromNetwork(NetworkFromOnnxPath(path, strongly_typed=True), CreateConfig(profiles=[prof]))()
+    )
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(data)
     ctx = engine.create_execution_context()
     tdt = getattr(torch, dtype)
