@@ -26,6 +26,7 @@ from fa3trt.errors import ConfigError
 
 __all__ = [
     "AttentionKernel",
+    "SequsedKernel",
     "FLOAT_DTYPES",
     "HALF_DTYPES",
     "Shape",
@@ -155,3 +156,32 @@ class AttentionKernel:
         """A launch writing ``out`` from these exact tensors, lengths already within [0, S]; the
         padded rows are the caller's to zero. None where the kernel refuses the shape."""
         return None
+
+
+class SequsedKernel(AttentionKernel):
+    """FlashAttention's own kernels (FA3, the CuTe kernel): the padded (B, S, H, D) batch as it
+    is, with ``seqused_q/k`` on the GPU, written into a caller's buffer if given; rows past a
+    length are left unwritten. A subclass sets ``call`` to its module's ``attention``."""
+
+    dtypes = HALF_DTYPES
+    device_lengths = True
+    direct_write = True
+    unwritten_tail = True
+
+    call: ClassVar[Callable[..., torch.Tensor]]
+    """The module's ``attention(q, k, v, seq_lens=None, *, out=None, zero_tail=True)``."""
+
+    @classmethod
+    def forward_packed(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, cu: torch.Tensor, s: int
+    ) -> torch.Tensor:
+        return cls.call(q, k, v, lens.clamp(0, s), zero_tail=False)
+
+    @classmethod
+    def launcher(
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor
+    ) -> Callable[[], None] | None:
+        def launch() -> None:
+            cls.call(q, k, v, lens, out=out, zero_tail=False)
+
+        return launch

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fa3trt.buckets import lengths_to_device
 from fa3trt.errors import MissingDependencyError
-from fa3trt.kernels.base import HALF_DTYPES, AttentionKernel, dense_batch
+from fa3trt.kernels.base import SequsedKernel, dense_batch
 from fa3trt.kernels.tail import zero_tail_
 
 __all__ = [
@@ -171,18 +170,16 @@ def attention(
     return result  # type: ignore[no-any-return]
 
 
-class FA3(AttentionKernel):
+class FA3(SequsedKernel):
     """FA3 for every shape its build holds: on sm90 it led cuDNN at every dense shape measured,
     at a fraction of cuDNN's host time per call (docs/benchmarks.md, section 1)."""
 
     name = "fa3"
-    dtypes = HALF_DTYPES
-    device_lengths = True
-    direct_write = True
     fp8 = True
     capability = ((9, 0), (9, 0))
-    unwritten_tail = True
     install_hint = INSTALL_HINT
+
+    call = staticmethod(attention)
 
     @classmethod
     def importable(cls) -> bool:
@@ -206,18 +203,3 @@ class FA3(AttentionKernel):
         descale: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         return attention(q8, k8, v8, seq_lens, descale=descale)
-
-    @classmethod
-    def forward_packed(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, cu: torch.Tensor, s: int
-    ) -> torch.Tensor:
-        return attention(q, k, v, lens.clamp(0, s), zero_tail=False)
-
-    @classmethod
-    def launcher(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor
-    ) -> Callable[[], None] | None:
-        def launch() -> None:
-            attention(q, k, v, lens, out=out, zero_tail=False)
-
-        return launch

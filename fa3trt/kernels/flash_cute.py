@@ -32,7 +32,7 @@ import torch
 from fa3trt.buckets import lengths_to_device
 from fa3trt.errors import MissingDependencyError
 from fa3trt.kernels import cudnn, sdpa
-from fa3trt.kernels.base import HALF_DTYPES, AttentionKernel, dense_batch
+from fa3trt.kernels.base import HALF_DTYPES, SequsedKernel, dense_batch
 from fa3trt.kernels.tail import zero_tail_
 
 __all__ = ["FlashCute", "available", "attention", "supports", "supports_config", "supports_head_dim", "INSTALL_HINT"]
@@ -111,18 +111,16 @@ def attention(
     return result  # type: ignore[no-any-return]
 
 
-class FlashCute(AttentionKernel):
+class FlashCute(SequsedKernel):
     """Ragged batches (``seqused_q/k``, one launch, lengths on the device) and long dense ones;
     short dense shapes that recur go to cuDNN (``DENSE_MIN_SEQ``)."""
 
     name = "flash_cute"
-    dtypes = HALF_DTYPES
     head_dims = _HEAD_DIMS
-    device_lengths = True
-    direct_write = True
     capability = ((9, 0), (9, 99))
-    unwritten_tail = True
     install_hint = INSTALL_HINT
+
+    call = staticmethod(attention)
 
     @classmethod
     def importable(cls) -> bool:
@@ -136,18 +134,3 @@ class FlashCute(AttentionKernel):
                 return sdpa.dense(q, k, v, "cudnn")
             return attention(q, k, v)
         return attention(q, k, v, seq_lens)
-
-    @classmethod
-    def forward_packed(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, cu: torch.Tensor, s: int
-    ) -> torch.Tensor:
-        return attention(q, k, v, lens.clamp(0, s), zero_tail=False)
-
-    @classmethod
-    def launcher(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor
-    ) -> Callable[[], None] | None:
-        def launch() -> None:
-            attention(q, k, v, lens, out=out, zero_tail=False)
-
-        return launch

@@ -26,7 +26,7 @@ import numpy as np
 from fa3trt import _trt
 from fa3trt.errors import InvalidInputError, PluginNotRegisteredError
 from fa3trt.op import MODE_NATIVE, PLUGIN_NAME, PLUGIN_VERSION
-from fa3trt.plugin.enqueue import EnqueueCache, run_enqueue
+from fa3trt.plugin.enqueue import run_enqueue
 from fa3trt.plugin.fields import (
     TORCH_BY_TRT_NAME,
     Shape,
@@ -35,6 +35,7 @@ from fa3trt.plugin.fields import (
     parse_fields,
     serialize_fields,
 )
+from fa3trt.plugin.views import EnqueueCache
 
 if TYPE_CHECKING:
     # Static only: mypy checks every TensorRT call below against tensorrt-stubs.
