@@ -2,7 +2,7 @@
 
 ``export_onnx(model, path)`` uses the dynamo exporter. Inside ``fa3trt.attention`` the call is
 written with ``torch.onnx.ops.symbolic`` as node ``attn::CustomAttnPlugin`` carrying the TensorRT
-plugin's fields (``mode``, ``plugin_version``, ``plugin_namespace``); inputs are ``x`` (B, S, D)
+plugin's fields (``mode``, ``causal``, ``softmax_scale``, ``plugin_version``, ``plugin_namespace``); inputs are ``x`` (B, S, D)
 and ``seq_lens`` (B,) with symbolic ``B`` and ``S``. Weights go to an external-data file when the
 model passes 2 GB (protobuf's limit).
 
@@ -152,19 +152,23 @@ def _register_ort_plugin_op() -> None:
 
         @onnx_op(
             op_type=f"{PLUGIN_DOMAIN}::{PLUGIN_NAME}",
-            inputs=[f32, f32, f32, i32],
+            inputs=[f32, f32, f32, i32, i32],
             outputs=[f32],
-            attrs={"mode": i64, "plugin_version": s, "plugin_namespace": s},
+            attrs={"mode": i64, "causal": i64, "softmax_scale": f32, "plugin_version": s, "plugin_namespace": s},
         )
-        def _custom_attn_plugin(q, k, v, seq_lens, **attrs):  # type: ignore[no-untyped-def]
+        def _custom_attn_plugin(q, k, v, seq_lens, seq_lens_k, **attrs):  # type: ignore[no-untyped-def]
             if str(attrs.get("plugin_version", PLUGIN_VERSION)) != PLUGIN_VERSION:
                 raise ExportError(f"node has plugin_version {attrs['plugin_version']!r}, this is {PLUGIN_VERSION}")
+            # The node always carries both lengths (the same values for padded self-attention).
             out = custom_attn(
                 torch.from_numpy(q),
                 torch.from_numpy(k),
                 torch.from_numpy(v),
                 torch.from_numpy(seq_lens),
+                torch.from_numpy(seq_lens_k),
                 int(attrs.get("mode", 0)),
+                bool(attrs.get("causal", 0)),
+                float(attrs["softmax_scale"]),
             )
             return out.numpy()
 

@@ -1,29 +1,39 @@
-"""The ``attn::custom_attn`` op: non-causal multi-head attention over (B, S, H, D) tensors.
+"""The ``attn::custom_attn`` op: multi-head attention over (batch, seq, heads, head_dim) tensors.
 
-Contract:
-- q, k, v are laid out (batch, seq, heads, head_dim) like FA3; fp32, fp16 or bf16, one dtype.
-- ``seq_lens`` (int32, shape (B,)) is optional. Keys past a sequence's length are ignored and
-  the output rows past it are zero, so a padded batch equals each sequence run alone.
+Contract (what FA3 takes):
+- q is (B, Sq, H, D), k and v (B, Sk, Hk, D) like FA3: cross-attention when Sq != Sk,
+  grouped-query heads when Hk < H (H a multiple of Hk); fp32, fp16 or bf16, one dtype.
+- ``seq_lens`` (int32, (B,)) are the query lengths and ``seq_lens_k`` the key lengths, both
+  optional; ``seq_lens_k`` None means ``seq_lens`` when Sq == Sk (a padded batch of
+  self-attention), else every key. Keys past a length are ignored and the output rows past a
+  query length are zero, so a padded batch equals each sequence run alone.
+- ``causal`` masks keys after each query, aligned bottom-right as in FlashAttention (query i
+  of a sequence sees its keys up to i + key length - query length; a query that sees no key
+  gives zeros). ``softmax_scale`` defaults to 1/sqrt(D).
 - ``mode`` 0 computes in the input dtype; 1 is FP8 (``fa3trt.kernels.fp8``: FA3's e4m3 kernel
   where it is built, else FP8 numerics in the input dtype, announced once).
 - Under ``torch.onnx.export`` (``onnx_export_mode``) ``attention`` emits one
-  ``attn::CustomAttnPlugin`` node with the TensorRT plugin's name, version and fields.
+  ``attn::CustomAttnPlugin`` node with the TensorRT plugin's name, version and fields: inputs
+  q, k, v, seq_lens, seq_lens_k (the lengths always present), attributes ``mode``, ``causal``,
+  ``softmax_scale`` (the value, never a default), ``plugin_version``, ``plugin_namespace``.
 
-The kernel is chosen once per device by ``fa3trt.kernels.selector`` and logged; a dtype or
-head dim it lacks runs on the next kernel in line (logged once).
+The kernel is chosen once per device by ``fa3trt.kernels.selector`` and logged; a dtype, head
+dim or feature (cross-attention, causal, grouped-query heads) it lacks runs on the next kernel
+in line (logged once).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator
 
 import torch
 
 from fa3trt.errors import InvalidInputError
 from fa3trt.kernels import fp8
-from fa3trt.kernels.base import FLOAT_DTYPES
+from fa3trt.kernels.base import FLOAT_DTYPES, default_scale
 from fa3trt.kernels.registry import get
 from fa3trt.kernels.selector import kernel_for, select_kernel
 
@@ -41,25 +51,47 @@ __all__ = [
 MODE_NATIVE = 0
 MODE_FP8 = 1
 PLUGIN_NAME = "CustomAttnPlugin"
-PLUGIN_VERSION = "1"
+PLUGIN_VERSION = "2"
+"""2: key lengths as a fifth input, ``causal`` and ``softmax_scale`` fields (1: self-attention only)."""
 PLUGIN_DOMAIN = "attn"
 
 
 # --------------------------------------------------------------------------- the op
 @torch.library.custom_op("attn::custom_attn", mutates_args=())
 def custom_attn(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None, mode: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    seq_lens_k: torch.Tensor | None,
+    mode: int,
+    causal: bool,
+    softmax_scale: float,
 ) -> torch.Tensor:
     name = select_kernel(q.device)
-    kernel = kernel_for(name, q.device, q.dtype, q.shape[-1])
+    features = {"cross": q.shape[1] != k.shape[1] or seq_lens_k is not None, "causal": causal}
+    kernel = kernel_for(name, q.device, q.dtype, q.shape[-1], gqa=q.shape[2] != k.shape[2], **features)
+
+    def run(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        return kernel.forward(q2, k2, v2, seq_lens, seq_lens_k, causal=causal, scale=softmax_scale)
+
     if mode == MODE_FP8:
         # FP8 inputs on the chosen kernel's own FP8 kernel where it has one, whatever q's dtype.
-        return fp8.run_fp8(get(name), q, k, v, seq_lens, lambda q8, k8, v8: kernel.forward(q8, k8, v8, seq_lens))
-    return kernel.forward(q, k, v, seq_lens)
+        return fp8.run_fp8(get(name), q, k, v, seq_lens, run, seq_lens_k, causal=causal, scale=softmax_scale)
+    return run(q, k, v)
 
 
 @custom_attn.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None, mode: int) -> torch.Tensor:
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    seq_lens_k: torch.Tensor | None,
+    mode: int,
+    causal: bool,
+    softmax_scale: float,
+) -> torch.Tensor:
     return torch.empty_like(q)
 
 
@@ -86,7 +118,26 @@ def _is_tracing() -> bool:
     return torch.compiler.is_compiling() or _in_export()
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None, mode: int) -> None:
+def _check_lengths(name: str, lens: torch.Tensor, b: int, s: int) -> None:
+    if lens.dim() != 1 or lens.shape[0] != b:
+        raise InvalidInputError(f"{name} must have shape ({b},) (one length per sequence), got {tuple(lens.shape)}")
+    if lens.dtype not in (torch.int32, torch.int64):
+        raise InvalidInputError(f"{name} must be int32, got {lens.dtype}")
+    if lens.device.type == "cpu" and not _is_tracing() and b > 0:
+        lo, hi = int(lens.min()), int(lens.max())
+        if lo < 0 or hi > s:
+            raise InvalidInputError(f"{name} must lie in [0, {s}] (the padded length), got min {lo}, max {hi}")
+
+
+def _validate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None,
+    seq_lens_k: torch.Tensor | None,
+    mode: int,
+    softmax_scale: float | None,
+) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise InvalidInputError(
@@ -97,28 +148,26 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch
             raise InvalidInputError(f"{name} has dtype {t.dtype}; use one of float32, float16, bfloat16")
     if not (q.dtype == k.dtype == v.dtype):
         raise InvalidInputError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.shape[:3] == k.shape[:3] == v.shape[:3]) or q.shape[3] != k.shape[3]:
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise InvalidInputError(
-            "q, k, v must agree on (batch, seq, heads) and q, k on head_dim; got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"k and v must share one shape (batch, seq_k, heads_k, head_dim) with q's batch and head_dim; got {shapes}"
+        )
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise InvalidInputError(
+            f"q's heads must be a multiple of k's (grouped-query attention); got {shapes}: "
+            "repeat k and v's heads, or use a head count that divides q's"
         )
     if mode not in (MODE_NATIVE, MODE_FP8):
         raise InvalidInputError(f"mode must be 0 (input dtype) or 1 (FP8), got {mode!r}")
-    if seq_lens is None:
-        return
-    b, s = q.shape[:2]
-    if seq_lens.dim() != 1 or seq_lens.shape[0] != b:
+    if softmax_scale is not None and not (softmax_scale > 0 and math.isfinite(softmax_scale)):
         raise InvalidInputError(
-            f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(seq_lens.shape)}"
+            f"softmax_scale must be a finite number > 0 (or None for 1/sqrt(D)), got {softmax_scale!r}"
         )
-    if seq_lens.dtype not in (torch.int32, torch.int64):
-        raise InvalidInputError(f"seq_lens must be int32, got {seq_lens.dtype}")
-    if seq_lens.device.type == "cpu" and not _is_tracing() and b > 0:
-        lo, hi = int(seq_lens.min()), int(seq_lens.max())
-        if lo < 0 or hi > s:
-            raise InvalidInputError(
-                f"seq_lens must lie in [0, {s}] (the padded sequence length), got min {lo}, max {hi}"
-            )
+    if seq_lens is not None:
+        _check_lengths("seq_lens", seq_lens, q.shape[0], q.shape[1])
+    if seq_lens_k is not None:
+        _check_lengths("seq_lens_k", seq_lens_k, q.shape[0], k.shape[1])
 
 
 def attention(
@@ -128,25 +177,45 @@ def attention(
     seq_lens: torch.Tensor | None = None,
     mode: int = MODE_NATIVE,
     *,
+    seq_lens_k: torch.Tensor | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
     plugin_namespace: str = "",
 ) -> torch.Tensor:
-    """Attention over (B, S, H, D) tensors; see the module docstring for the contract.
+    """Attention of q (B, Sq, H, D) over k, v (B, Sk, Hk, D); see the module docstring.
 
     Under ``torch.onnx.export`` this emits one ``attn::CustomAttnPlugin`` node (the TensorRT
     plugin's name, version and fields) instead of tracing into a kernel.
     """
-    _validate(q, k, v, seq_lens, mode)
+    _validate(q, k, v, seq_lens, seq_lens_k, mode, softmax_scale)
     if seq_lens is not None and seq_lens.dtype != torch.int32:
         seq_lens = seq_lens.to(torch.int32)
+    if seq_lens_k is seq_lens:
+        seq_lens_k = None  # one set of lengths: the kernels' self-attention path
+    elif seq_lens_k is not None and seq_lens_k.dtype != torch.int32:
+        seq_lens_k = seq_lens_k.to(torch.int32)
+    scale = default_scale(q.shape[3]) if softmax_scale is None else float(softmax_scale)
     if _in_export():
-        if seq_lens is None:
-            seq_lens = torch.full((q.shape[0],), q.shape[1], dtype=torch.int32, device=q.device)
+        b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+        lens_q = torch.full((b,), sq, dtype=torch.int32, device=q.device) if seq_lens is None else seq_lens
+        if seq_lens_k is not None:
+            lens_k = seq_lens_k
+        elif sq == sk:
+            lens_k = lens_q
+        else:
+            lens_k = torch.full((b,), sk, dtype=torch.int32, device=q.device)
         return torch.onnx.ops.symbolic(
             f"{PLUGIN_DOMAIN}::{PLUGIN_NAME}",
-            [q, k, v, seq_lens],
-            attrs={"mode": int(mode), "plugin_version": PLUGIN_VERSION, "plugin_namespace": plugin_namespace},
+            [q, k, v, lens_q, lens_k],
+            attrs={
+                "mode": int(mode),
+                "causal": int(bool(causal)),
+                "softmax_scale": scale,
+                "plugin_version": PLUGIN_VERSION,
+                "plugin_namespace": plugin_namespace,
+            },
             dtype=q.dtype,
             shape=q.shape,
             version=1,
         )
-    return custom_attn(q, k, v, seq_lens, int(mode))
+    return custom_attn(q, k, v, seq_lens, seq_lens_k, int(mode), bool(causal), scale)

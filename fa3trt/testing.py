@@ -17,35 +17,67 @@ from typing import Any
 import torch
 
 from fa3trt.kernels.selector import kernel_for
-from fa3trt.kernels.tail import zero_tail_
 
 __all__ = ["reference_attention", "run_kernel", "time_queued", "split_rows"]
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None = None,
+    seq_lens_k: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """Plain softmax(QK^T/sqrt(d))V over (B, S, H, D) with a key-padding mask, in float64 on the
-    input's device, returned in q's dtype; rows past each length are zero."""
-    b, s, h, d = q.shape
-    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
-    scores = qd @ kd.transpose(-1, -2) / d**0.5
-    if seq_lens is not None:
-        keep = torch.arange(s, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
-        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    out = (scores.softmax(-1) @ vd).transpose(1, 2)
-    if seq_lens is not None:
-        out = torch.nan_to_num(out)  # a zero-length sequence has no keys at all
-        out = zero_tail_(out.contiguous(), seq_lens, method="masked_fill")
+    """Plain softmax(QK^T * scale)V in float64 on the input's device, in q's dtype, written out
+    loop by loop from the op's contract: q (B, Sq, H, D), k and v (B, Sk, Hk, D) with each
+    group of H / Hk query heads reading one key head; query lengths ``seq_lens``, key lengths
+    ``seq_lens_k`` (None: ``seq_lens`` when Sq == Sk, else every key); ``causal`` aligned
+    bottom-right; rows past a query length, and rows that see no key, are zero."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    scale = d**-0.5 if softmax_scale is None else softmax_scale
+    lq = [sq] * b if seq_lens is None else [int(n) for n in seq_lens.tolist()]
+    if seq_lens_k is not None:
+        lk = [int(n) for n in seq_lens_k.tolist()]
+    else:
+        lk = lq if (seq_lens is not None and sq == sk) else [sk] * b
+    out = torch.zeros(b, sq, h, d, dtype=torch.float64, device=q.device)
+    group = h // hk
+    for i in range(b):
+        nq, nk = lq[i], lk[i]
+        if nq == 0 or nk == 0:
+            continue
+        qi = q[i, :nq].double().transpose(0, 1)  # (H, nq, D)
+        ki = k[i, :nk].double().transpose(0, 1).repeat_interleave(group, dim=0)  # (H, nk, D)
+        vi = v[i, :nk].double().transpose(0, 1).repeat_interleave(group, dim=0)
+        scores = qi @ ki.transpose(-1, -2) * scale
+        if causal:
+            allowed = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nk - nq
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        out[i, :nq] = torch.nan_to_num(scores.softmax(-1) @ vi).transpose(0, 1)
     return out.to(q.dtype)
 
 
 def run_kernel(
-    name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None = None
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor | None = None,
+    seq_lens_k: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """The kernel called ``name`` on (B, S, H, D) inputs as the op runs it when it is chosen: a
-    dtype or head dim it lacks runs on the next kernel in line. No validation, mode 0."""
-    return kernel_for(name, q.device, q.dtype, q.shape[-1]).forward(q, k, v, seq_lens)
+    """The kernel called ``name`` on the op's inputs as the op runs it when it is chosen: what
+    it lacks (a dtype, a head dim, a feature) runs on the next kernel in line. No validation,
+    mode 0."""
+    cross = q.shape[1] != k.shape[1] or (seq_lens_k is not None and seq_lens_k is not seq_lens)
+    kernel = kernel_for(name, q.device, q.dtype, q.shape[-1], cross=cross, causal=causal, gqa=q.shape[2] != k.shape[2])
+    return kernel.forward(q, k, v, seq_lens, seq_lens_k, causal=causal, scale=softmax_scale)
 
 
 def split_rows(y: torch.Tensor, seq_lens: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:

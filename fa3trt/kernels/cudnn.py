@@ -20,7 +20,7 @@ import torch
 
 from fa3trt.errors import CudnnGraphUnsupportedError
 from fa3trt.kernels import cudnn_graph, sdpa
-from fa3trt.kernels.base import HALF_DTYPES, AttentionKernel, host_lengths, log_once
+from fa3trt.kernels.base import HALF_DTYPES, AttentionKernel, Ragged, host_lengths, is_plain, key_lengths, log_once
 from fa3trt.kernels.flash import FlashSeqused
 from fa3trt.kernels.math import Math
 
@@ -82,9 +82,21 @@ class Cudnn(AttentionKernel):
     name = "cudnn"
 
     @classmethod
-    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seq_lens: torch.Tensor | None,
+        seq_lens_k: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         if q.device.type != "cuda":
-            return Math.forward(q, k, v, seq_lens)
+            return Math.forward(q, k, v, seq_lens, seq_lens_k, causal=causal, scale=scale)
+        if not is_plain(q, k, seq_lens, seq_lens_k, causal, scale):
+            return sdpa.general(q, k, v, seq_lens, seq_lens_k, "cudnn", causal=causal, scale=scale)
         b, s = q.shape[:2]
         on_device = seq_lens is not None and seq_lens.device.type == "cuda"
         if seq_lens is not None and on_device and plans.ready(q, s, "padded"):
@@ -116,6 +128,7 @@ class CudnnPadded(AttentionKernel):
     dtypes = HALF_DTYPES
     device_lengths = True
     direct_write = True
+    causal = False
     auto_from = (9, 0)
     install_hint = cudnn_graph.INSTALL_HINT
 
@@ -124,29 +137,50 @@ class CudnnPadded(AttentionKernel):
         return cudnn_graph.available()
 
     @classmethod
-    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
-        if seq_lens is None:
-            return sdpa.dense(q, k, v, "cudnn")
-        return cudnn_graph.ragged_attention(q, k, v, seq_lens)
+    def forward(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seq_lens: torch.Tensor | None,
+        seq_lens_k: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        lens_k = key_lengths(seq_lens, seq_lens_k, q.shape[1], k.shape[1])
+        if seq_lens is None and lens_k is None:
+            return sdpa.attend(q, k, v, "cudnn", causal=causal, scale=scale).contiguous()
+        lens_q = torch.full((q.shape[0],), q.shape[1], dtype=torch.int32) if seq_lens is None else seq_lens
+        return cudnn_graph.ragged_attention(q, k, v, lens_q, lens_k, scale=scale)
 
     @classmethod
     def forward_packed(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, cu: torch.Tensor, s: int
+        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: Ragged, causal: bool, scale: float
     ) -> torch.Tensor:
         try:
-            return cudnn_graph.ragged_attention(q, k, v, lens, zero_tail=False)
+            return cudnn_graph.ragged_attention(q, k, v, r.lens_q, r.lens_k, scale=scale, zero_tail=False)
         except CudnnGraphUnsupportedError as e:  # cached per shape: one refusal, then this path
             log_once(f"CustomAttnPlugin: {e}; this shape runs on {FlashSeqused.name}")
-            b, s_, h, d = q.shape
-            flat = FlashSeqused.packed_shape(b, s_, h, d)
-            return FlashSeqused.forward_packed(q.view(flat), k.view(flat), v.view(flat), lens, cu, s)
+            b, h, d = q.shape[0], q.shape[2], q.shape[3]
+            hk = k.shape[2]
+            flat_q, flat_k = FlashSeqused.packed_shape(b, r.sq, h, d), FlashSeqused.packed_shape(b, r.sk, hk, d)
+            return FlashSeqused.forward_packed(q.view(flat_q), k.view(flat_k), v.view(flat_k), r, causal, scale)
 
     @classmethod
     def launcher(
-        cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lens_q: torch.Tensor,
+        lens_k: torch.Tensor,
+        out: torch.Tensor,
+        causal: bool,
+        scale: float,
     ) -> Callable[[], None] | None:
         try:
-            return cudnn_graph.prepare(q, k, v, lens, out)
+            return cudnn_graph.prepare(q, k, v, lens_q, out, lens_k, scale)
         except CudnnGraphUnsupportedError as e:
             log_once(f"CustomAttnPlugin: {e}; this shape is copied in from {FlashSeqused.name}")
             return None

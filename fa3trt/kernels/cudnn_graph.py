@@ -67,8 +67,8 @@ _UID_Q, _UID_K, _UID_V, _UID_O, _UID_LEN_Q, _UID_LEN_KV = 1, 2, 3, 4, 5, 6
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
-# (B, S, H, D, dtype, device index, q/k/v strides in (B, S, H, D) order)
-GraphKey = tuple[int, int, int, int, torch.dtype, int, tuple[int, ...]]
+# (B, Sq, Sk, H, Hk, D, dtype, device index, q strides, k/v strides in (B, S, H, D) order, scale)
+GraphKey = tuple[int, int, int, int, int, int, torch.dtype, int, tuple[int, ...], tuple[int, ...], float]
 
 
 @functools.cache
@@ -132,12 +132,17 @@ def cached_plans() -> int:
     return len(_state.graphs)
 
 
-def cached_graph(q: torch.Tensor) -> Any | None:
-    """The calling thread's cached graph for q's (B, S, H, D, dtype, device, strides) (with its
-    ``build_ms`` and ``workspace``), its refusal, or None; for probes and benchmarks."""
-    b, s, h, d = q.shape
+def _key(q: torch.Tensor, k: torch.Tensor, scale: float) -> GraphKey:
+    b, sq, h, d = q.shape
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return _state.graphs.get((b, s, h, d, q.dtype, dev, tuple(q.stride())))
+    return (b, sq, k.shape[1], h, k.shape[2], d, q.dtype, dev, tuple(q.stride()), tuple(k.stride()), scale)
+
+
+def cached_graph(q: torch.Tensor, k: torch.Tensor | None = None, scale: float | None = None) -> Any | None:
+    """The calling thread's cached graph for these tensors (with its ``build_ms`` and
+    ``workspace``), its refusal, or None; for probes and benchmarks."""
+    k = q if k is None else k
+    return _state.graphs.get(_key(q, k, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale))
 
 
 def _handle(cudnn: Any, device: int, stream: int) -> Any:
@@ -152,17 +157,19 @@ def _handle(cudnn: Any, device: int, stream: int) -> Any:
 
 
 def _build(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
-    b, s, h, d, dtype, _, (sb, ss, sh, sd) = key
+    b, sq, sk, h, hk, d, dtype, _, (qb, qs, qh, qd), (kb, ks, kh, kd), scale = key
     io = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
     f32, i32 = cudnn.data_type.FLOAT, cudnn.data_type.INT32
     t0 = time.perf_counter()
     g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
     # BHSD dims over BSHD memory. q, k, v keep their own strides (a fused QKV projection's
     # views have a token stride of 3*H*D), so they are never copied; the output is contiguous.
-    dims, strides, in_strides = [b, h, s, d], [s * h * d, d, h * d, 1], [sb, sh, ss, sd]
-    q = g.tensor(name="q", dim=dims, stride=in_strides, data_type=io, uid=_UID_Q)
-    k = g.tensor(name="k", dim=dims, stride=in_strides, data_type=io, uid=_UID_K)
-    v = g.tensor(name="v", dim=dims, stride=in_strides, data_type=io, uid=_UID_V)
+    # k and v may have fewer heads (grouped-query) and another length (cross-attention).
+    dims, strides = [b, h, sq, d], [sq * h * d, d, h * d, 1]
+    kv_dims, kv_strides = [b, hk, sk, d], [kb, kh, ks, kd]
+    q = g.tensor(name="q", dim=dims, stride=[qb, qh, qs, qd], data_type=io, uid=_UID_Q)
+    k = g.tensor(name="k", dim=kv_dims, stride=kv_strides, data_type=io, uid=_UID_K)
+    v = g.tensor(name="v", dim=kv_dims, stride=kv_strides, data_type=io, uid=_UID_V)
     len_q = g.tensor(name="seq_len_q", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=_UID_LEN_Q)
     len_kv = g.tensor(name="seq_len_kv", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=_UID_LEN_KV)
     common = dict(
@@ -170,7 +177,7 @@ def _build(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
         q=q,
         k=k,
         v=v,
-        attn_scale=1.0 / math.sqrt(d),
+        attn_scale=scale,
         use_padding_mask=True,
         seq_len_q=len_q,
         seq_len_kv=len_kv,
@@ -196,12 +203,12 @@ def _graph(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
     if hit is None:
         try:
             hit = _build(cudnn, handle, key)
-            log.info("cuDNN ragged SDPA plan for B,S,H,D=%s %s built in %.0f ms", key[:4], key[4], hit.build_ms)
+            log.info("cuDNN ragged SDPA plan for B,Sq,Sk,H,Hk,D=%s %s built in %.0f ms", key[:6], key[6], hit.build_ms)
         except Exception as e:  # cudnnGraphNotSupportedError, RuntimeError from the binding, ...
-            b, s, h, d, dtype, dev, _ = key
+            b, sq, sk, h, hk, d, dtype, dev = key[:8]
             hit = CudnnGraphUnsupportedError(
-                f"cuDNN refused the ragged SDPA graph for q/k/v (B={b}, S={s}, H={h}, D={d}) {dtype} "
-                f"on cuda:{dev}: {type(e).__name__}: {e}"
+                f"cuDNN refused the ragged SDPA graph for q (B={b}, S={sq}, H={h}, D={d}), k/v (S={sk}, H={hk}) "
+                f"{dtype} on cuda:{dev}: {type(e).__name__}: {e}"
             )
         cache[key] = hit  # a refusal is cached too: a caller falling back must not pay a rebuild per call
         if len(cache) > MAX_GRAPHS:
@@ -215,10 +222,13 @@ def _graph(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
 
 # --------------------------------------------------------------------------- the op
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> None:
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise InvalidInputError(
-            f"q, k, v must share one (B, S, H, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"q must be (B, Sq, H, D) and k, v one (B, Sk, Hk, D) shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
         )
+    if q.shape[2] % k.shape[2]:
+        raise InvalidInputError(f"q's {q.shape[2]} heads are not a multiple of k's {k.shape[2]}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise InvalidInputError(f"q, k, v must be one of bfloat16/float16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.device.type != "cuda" or k.device != q.device or v.device != q.device:
@@ -228,17 +238,24 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Te
 
 
 def prepare(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, out: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lens: torch.Tensor,
+    out: torch.Tensor,
+    lens_k: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> Callable[[], None]:
     """A launch of the ragged graph on exactly these tensors, on the current stream, for the
     calling thread: handle, plan, workspace and variant pack are looked up once, so each call
     is one ``execute``. For a caller that runs the same buffers again and again (the TensorRT
-    plugin). Padded rows are left as cuDNN leaves them. Raises CudnnGraphUnsupportedError.
+    plugin). ``lens_k`` None: ``lens`` are the key lengths too; ``scale`` None: 1/sqrt(D). k and
+    v share their strides. Padded rows are left as cuDNN leaves them. Raises
+    CudnnGraphUnsupportedError.
     """
     cudnn = _require()
-    b, s, h, d = q.shape
-    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    key: GraphKey = (b, s, h, d, q.dtype, dev, tuple(q.stride()))
+    key = _key(q, k, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale)
+    dev = key[7]
     # Handle creation and plan build bind to the current device: switch only when it differs.
     ctx = torch.cuda.device(dev) if torch.cuda.current_device() != dev else contextlib.nullcontext()
     with ctx:
@@ -250,7 +267,14 @@ def prepare(
     if workspace is None:
         workspace = entry.workspaces[stream] = torch.empty(max(entry.workspace, 1), dtype=torch.uint8, device=q.device)
     # Only the data pointers are read: the graph declared BHSD dims over this BSHD memory.
-    pack = {_UID_Q: q, _UID_K: k, _UID_V: v, _UID_O: out, _UID_LEN_Q: lens, _UID_LEN_KV: lens}
+    pack = {
+        _UID_Q: q,
+        _UID_K: k,
+        _UID_V: v,
+        _UID_O: out,
+        _UID_LEN_Q: lens,
+        _UID_LEN_KV: lens if lens_k is None else lens_k,
+    }
     graph, streams = entry.graph, _state.streams
 
     def launch() -> None:
@@ -263,25 +287,38 @@ def prepare(
 
 
 def ragged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, *, zero_tail: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_lens_k: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    zero_tail: bool = True,
 ) -> torch.Tensor:
-    """Non-causal softmax(q k^T / sqrt(D)) v per sequence of a padded (B, S, H, D) batch.
+    """Non-causal softmax(q k^T * scale) v per sequence of a padded batch: q (B, Sq, H, D), k
+    and v (B, Sk, Hk, D), H a multiple of Hk.
 
     ``seq_lens`` (int32, (B,), on q's device; others are converted, a host tensor at the cost
-    of a copy) gives each sequence's length for queries and keys alike. Keys past a length are
-    never read, rows past it are zero in the returned new tensor. One cuDNN launch plus one
-    small zeroing kernel on torch's current stream; no host sync. The first call for a
-    (B, S, H, D, dtype, device) on a thread builds a cuDNN plan (tens to hundreds of ms).
+    of a copy) gives each sequence's query length, ``seq_lens_k`` its key length (None: the
+    same lengths where Sq == Sk, else every key). Keys past a length are never read, rows past a query length are
+    zero in the returned new tensor. One cuDNN launch plus one small zeroing kernel on torch's
+    current stream; no host sync. The first call for a shape on a thread builds a cuDNN plan.
 
     Raises CudnnGraphUnsupportedError when cuDNN refuses the shape, and
-    MissingDependencyError when the frontend is not installed. ``zero_tail=False`` leaves the padded rows
-    as cuDNN leaves them (for a caller that masks them itself, like the TensorRT plugin).
+    MissingDependencyError when the frontend is not installed. ``zero_tail=False`` leaves the
+    padded rows as cuDNN leaves them (for a caller that masks them itself, like the plugin).
     """
     _check(q, k, v, seq_lens)
-    if q.stride(3) != 1 or k.stride() != q.stride() or v.stride() != q.stride():
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride() != k.stride():
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # Clamped on the device: a length past S would make cuDNN read past the tensors.
     lens = seq_lens.to(device=q.device, dtype=torch.int32).clamp(0, q.shape[1])
+    lens_k = None
+    if seq_lens_k is not None and seq_lens_k is not seq_lens:
+        lens_k = seq_lens_k.to(device=q.device, dtype=torch.int32).clamp(0, k.shape[1])
+    elif k.shape[1] != q.shape[1]:
+        lens_k = torch.full_like(lens, k.shape[1])  # every key, as the op reads a missing seq_lens_k
     out = torch.empty_like(q)
-    prepare(q, k, v, lens, out)()
+    prepare(q, k, v, lens, out, lens_k, scale)()
     return zero_tail_(out, lens) if zero_tail else out

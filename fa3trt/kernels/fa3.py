@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 
-from fa3trt.buckets import lengths_to_device
 from fa3trt.errors import MissingDependencyError
-from fa3trt.kernels.base import SequsedKernel, dense_batch
+from fa3trt.kernels.base import SequsedKernel, device_lengths_of
 from fa3trt.kernels.tail import zero_tail_
 
 __all__ = [
@@ -141,16 +140,21 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     seq_lens: torch.Tensor | None = None,
+    seq_lens_k: torch.Tensor | None = None,
     *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
     out: torch.Tensor | None = None,
     descale: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     zero_tail: bool = True,
 ) -> torch.Tensor:
-    """Non-causal attention over a (B, S, H, D) batch on torch's current stream; no host sync.
+    """Attention of q (B, Sq, H, D) over k, v (B, Sk, Hk, D) on torch's current stream; no host sync.
 
-    ``seq_lens`` (int32 (B,), any device; each within [0, S], which callers guarantee or
-    clamp): keys past a length are never read and rows past it are zero (left unwritten with
-    ``zero_tail=False``). ``out``: a (B, S, H, D) tensor to write into. ``descale``: FP8 e4m3
+    ``seq_lens`` / ``seq_lens_k`` (int32 (B,), any device; within [0, Sq] and [0, Sk], which
+    callers guarantee or clamp; ``seq_lens_k`` None: ``seq_lens`` when Sq == Sk, else every
+    key): keys past a length are never read and rows past a query length are zero (left
+    unwritten with ``zero_tail=False``). ``causal`` is aligned bottom-right; H a multiple of Hk.
+    ``out``: a (B, Sq, H, D) tensor to write into. ``descale``: FP8 e4m3
     inputs' per-(batch, head) float32 factors (q, k, v each ≈ fp8 · descale); the output is
     then bfloat16. q, k, v may be strided views (a fused QKV projection's) whose last dimension
     is contiguous.
@@ -160,11 +164,19 @@ def attention(
         raise MissingDependencyError(
             f"FA3 (flash_attn_interface with its op torch.ops.flash_attn_3.fwd) is not installed; {INSTALL_HINT}"
         )
-    lens = None if seq_lens is None else lengths_to_device(seq_lens, q.device)
-    extra = {} if descale is None else {"q_descale": descale[0], "k_descale": descale[1], "v_descale": descale[2]}
+    lens, lens_k = device_lengths_of(q, k, seq_lens, seq_lens_k)
+    extra: dict[str, Any] = {}
+    if descale is not None:
+        extra.update(q_descale=descale[0], k_descale=descale[1], v_descale=descale[2])
+    # Passed only when they differ from the op's defaults, so builds whose op names them
+    # otherwise still run the plain calls.
+    if causal:
+        extra["is_causal"] = True
+    if softmax_scale is not None:
+        extra["softmax_scale"] = softmax_scale
     # The padded batch as it is: seqused_q/k make FA3 schedule only the tiles inside each
     # sequence (its varlen scheduler), with no cu_seqlens to build.
-    result = fwd(q, k, v, out=out, seqused_q=lens, seqused_k=lens, num_splits=1, **extra)[0]
+    result = fwd(q, k, v, out=out, seqused_q=lens, seqused_k=lens_k, num_splits=1, **extra)[0]
     if lens is not None and zero_tail:
         zero_tail_(result, lens)
     return result  # type: ignore[no-any-return]
@@ -190,10 +202,6 @@ class FA3(SequsedKernel):
         return supports_config(dtype, head_dim)  # fp16/bf16, and e4m3 for forward_fp8
 
     @classmethod
-    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
-        return attention(q, k, v, None if dense_batch(seq_lens, q.shape[1]) else seq_lens)
-
-    @classmethod
     def forward_fp8(
         cls,
         q8: torch.Tensor,
@@ -201,5 +209,9 @@ class FA3(SequsedKernel):
         v8: torch.Tensor,
         seq_lens: torch.Tensor | None,
         descale: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        seq_lens_k: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
     ) -> torch.Tensor:
-        return attention(q8, k8, v8, seq_lens, descale=descale)
+        return attention(q8, k8, v8, seq_lens, seq_lens_k, causal=causal, softmax_scale=scale, descale=descale)

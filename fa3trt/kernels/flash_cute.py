@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 
-from fa3trt.buckets import lengths_to_device
 from fa3trt.errors import MissingDependencyError
 from fa3trt.kernels import cudnn, sdpa
-from fa3trt.kernels.base import HALF_DTYPES, SequsedKernel, dense_batch
+from fa3trt.kernels.base import HALF_DTYPES, SequsedKernel, dense_batch, device_lengths_of, is_plain
 from fa3trt.kernels.tail import zero_tail_
 
 __all__ = ["FlashCute", "available", "attention", "supports", "supports_config", "supports_head_dim", "INSTALL_HINT"]
@@ -89,23 +88,28 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     seq_lens: torch.Tensor | None = None,
+    seq_lens_k: torch.Tensor | None = None,
     *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
     out: torch.Tensor | None = None,
     zero_tail: bool = True,
 ) -> torch.Tensor:
-    """Non-causal attention over a (B, S, H, D) batch on torch's current stream; no host sync.
+    """Attention of q (B, Sq, H, D) over k, v (B, Sk, Hk, D) on torch's current stream; no host sync.
 
-    ``seq_lens`` (int32 (B,), any device; each within [0, S], which callers guarantee or clamp):
-    keys past a length are never read and rows past it are zero (or left unwritten with
-    ``zero_tail=False``). ``out``: a contiguous (B, S, H, D) tensor of q's dtype to write into
-    instead of a new one. q, k, v may be strided views (a fused QKV projection's) whose last
-    dimension is contiguous.
+    ``seq_lens`` / ``seq_lens_k`` (int32 (B,), any device; within [0, Sq] and [0, Sk], which
+    callers guarantee or clamp; ``seq_lens_k`` None: ``seq_lens`` when Sq == Sk, else every
+    key): keys past a length are never read and rows past a query length are zero (or left
+    unwritten with ``zero_tail=False``). ``causal`` is aligned bottom-right; H a multiple of
+    Hk. ``out``: a contiguous (B, Sq, H, D) tensor of q's dtype to write into instead of a new
+    one. q, k, v may be strided views (a fused QKV projection's) whose last dimension is
+    contiguous.
     """
     fwd = forward_fn()
     if fwd is None:
         raise MissingDependencyError(f"the FlashAttention CuTe DSL kernels are not installed; {INSTALL_HINT}")
-    lens = None if seq_lens is None else lengths_to_device(seq_lens, q.device)
-    result = fwd(q, k, v, seqused_q=lens, seqused_k=lens, causal=False, out=out)[0]
+    lens, lens_k = device_lengths_of(q, k, seq_lens, seq_lens_k)
+    result = fwd(q, k, v, seqused_q=lens, seqused_k=lens_k, causal=causal, softmax_scale=softmax_scale, out=out)[0]
     if lens is not None and zero_tail:
         zero_tail_(result, lens)
     return result  # type: ignore[no-any-return]
@@ -127,10 +131,19 @@ class FlashCute(SequsedKernel):
         return forward_fn() is not None
 
     @classmethod
-    def forward(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seq_lens: torch.Tensor | None,
+        seq_lens_k: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         s = q.shape[1]
-        if dense_batch(seq_lens, s):
-            if s < DENSE_MIN_SEQ and cudnn.plans.ready(q, s):
-                return sdpa.dense(q, k, v, "cudnn")
-            return attention(q, k, v)
-        return attention(q, k, v, seq_lens)
+        plain = is_plain(q, k, seq_lens, seq_lens_k, causal, scale)
+        if plain and dense_batch(seq_lens, s) and s < DENSE_MIN_SEQ and cudnn.plans.ready(q, s):
+            return sdpa.dense(q, k, v, "cudnn")
+        return super().forward(q, k, v, seq_lens, seq_lens_k, causal=causal, scale=scale)

@@ -50,15 +50,20 @@ def run_fp8(
     v: torch.Tensor,
     seq_lens: torch.Tensor | None,
     emulated: Emulated,
+    seq_lens_k: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention of FP8-quantized (B, S, H, D) q, k, v, in q's dtype.
+    """Attention of FP8-quantized q (B, Sq, H, D) over k, v (B, Sk, Hk, D), in q's dtype.
 
     On ``kernel``'s FP8 kernel where it has one for this head dim; otherwise ``emulated`` runs
-    on the dequantized (B, S, H, D) inputs (the caller's kernel call, with its own lengths).
+    on the dequantized inputs (the caller's kernel call, with its own lengths).
     """
     (q8, qs), (k8, ks), (v8, vs) = quantize(q), quantize(k), quantize(v)
     if kernel.fp8 and kernel.supports(FP8_DTYPE, q.shape[-1]):
-        return kernel.forward_fp8(q8, k8, v8, seq_lens, (qs, ks, vs)).to(q.dtype)
+        out = kernel.forward_fp8(q8, k8, v8, seq_lens, (qs, ks, vs), seq_lens_k, causal=causal, scale=scale)
+        return out.to(q.dtype)
     if (kernel.name, q.dtype) not in EMULATION_WARNED:
         EMULATION_WARNED.add((kernel.name, q.dtype))
         warnings.warn(

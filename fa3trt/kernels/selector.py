@@ -92,22 +92,37 @@ def select_kernel(device: torch.device | str) -> str:
         return name
 
 
-def kernel_for(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> type[AttentionKernel]:
-    """``name``'s kernel where it holds this dtype and head dim, else the next one in the
-    registry's order that is available on ``device`` and does (logged once per combination)."""
+def kernel_for(
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    *,
+    cross: bool = False,
+    causal: bool = False,
+    gqa: bool = False,
+) -> type[AttentionKernel]:
+    """``name``'s kernel where it holds this dtype and head dim and takes these features
+    (cross-attention or key lengths of their own, a causal mask, fewer key heads), else the
+    next one in the registry's order that is available on ``device`` and does (logged once
+    per combination)."""
     kernel = get(name)
-    if kernel.supports(dtype, head_dim):
+    features = {"cross": cross, "causal": causal, "gqa": gqa}
+    if kernel.supports(dtype, head_dim) and kernel.takes(**features):
         return kernel
     later = list(KERNELS)[list(KERNELS).index(name) + 1 :]
+    asked = ", ".join(f for f, on in features.items() if on) or "none"
     for other in later:
         candidate = KERNELS[other]
-        if candidate.available(device) and candidate.supports(dtype, head_dim):
+        if candidate.available(device) and candidate.supports(dtype, head_dim) and candidate.takes(**features):
             log_once(
-                f"attention kernel {name!r} has no kernel for {dtype} at head dim {head_dim}; those run on {other!r}"
+                f"attention kernel {name!r} has no kernel for {dtype} at head dim {head_dim} with features "
+                f"({asked}); those run on {other!r}"
             )
             return candidate
     raise ConfigError(
-        f"no attention kernel on {device} runs {dtype} at head dim {head_dim}; use float16, bfloat16 or float32"
+        f"no attention kernel on {device} runs {dtype} at head dim {head_dim} with features ({asked}); "
+        "use float16, bfloat16 or float32"
     )
 
 

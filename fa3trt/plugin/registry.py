@@ -2,9 +2,10 @@
 
 Contract:
 - Name ``CustomAttnPlugin``, version ``"1"``, namespace chosen at registration (default ""): the
-  same name, version and fields as the ONNX node ``fa3trt.export`` writes. Inputs q, k, v
-  (B, S, H, D) in one dtype (fp16, bf16 or fp32) and ``seq_lens`` (int32, (B,)); one output
-  shaped like q, rows past each length zero.
+  same name, version and fields (``mode``, ``causal``, ``softmax_scale``) as the ONNX node
+  ``fa3trt.export`` writes. Inputs q (B, Sq, H, D), k and v (B, Sk, Hk, D) in one dtype (fp16,
+  bf16 or fp32), ``seq_lens`` and ``seq_lens_k`` (int32, (B,)); one output shaped like q, rows
+  past each query length zero.
 - ``register_plugin(namespace)`` must run in every process (driver, build worker, replica)
   before an ONNX parse or an engine deserialize; it is idempotent, thread-safe and, once done,
   a dict lookup. ``require_registered`` raises ``PluginNotRegisteredError`` otherwise.
@@ -28,6 +29,8 @@ from fa3trt.errors import InvalidInputError, PluginNotRegisteredError
 from fa3trt.op import MODE_NATIVE, PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.plugin.enqueue import run_enqueue
 from fa3trt.plugin.fields import (
+    FIELD_NAMES,
+    NUM_INPUTS,
     TORCH_BY_TRT_NAME,
     Shape,
     format_supported,
@@ -111,11 +114,23 @@ def _fields_of(fc: Any) -> list[tuple[str, Any]]:
 def plugin_classes() -> tuple[type, type]:
     """(CustomAttnPlugin, CustomAttnPluginCreator), defined on first use (imports TensorRT)."""
     _trt.require()  # fail here, with the install hint, rather than inside a class statement
+    _FIELD_TYPES = {
+        "mode": trt.PluginFieldType.INT32,
+        "causal": trt.PluginFieldType.INT32,
+        "softmax_scale": trt.PluginFieldType.FLOAT32,
+    }
 
     class CustomAttnPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         """Attention over (B, S, H, D) tensors with per-sequence lengths; see the module docstring."""
 
-        def __init__(self, mode: int = MODE_NATIVE, namespace: str = "", phase: Any = None) -> None:
+        def __init__(
+            self,
+            mode: int = MODE_NATIVE,
+            namespace: str = "",
+            phase: Any = None,
+            causal: bool = False,
+            softmax_scale: float | None = None,
+        ) -> None:
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
@@ -126,8 +141,10 @@ def plugin_classes() -> tuple[type, type]:
             self.plugin_namespace = namespace
             self.num_outputs = 1
             # Identical attention layers time identically: share one timing-cache entry.
-            self.timing_cache_id = f"{PLUGIN_NAME}.{PLUGIN_VERSION}.mode{mode}"
+            self.timing_cache_id = f"{PLUGIN_NAME}.{PLUGIN_VERSION}.mode{mode}.causal{int(causal)}.scale{softmax_scale}"
             self.mode = mode
+            self.causal = causal
+            self.softmax_scale = softmax_scale
             self.phase = phase
             self.tactic = 0
             self.cache = EnqueueCache()
@@ -138,7 +155,7 @@ def plugin_classes() -> tuple[type, type]:
 
         def clone(self) -> CustomAttnPlugin:
             # A fresh cache: no mutable state is shared between clones (contexts, builder copies).
-            c = CustomAttnPlugin(self.mode, self.plugin_namespace, self.phase)
+            c = CustomAttnPlugin(self.mode, self.plugin_namespace, self.phase, self.causal, self.softmax_scale)
             c.tactic = self.tactic
             return c
 
@@ -150,7 +167,7 @@ def plugin_classes() -> tuple[type, type]:
             self, inputs: list[trt.DimsExprs], shape_inputs: list[trt.DimsExprs], expr_builder: trt.IExprBuilder
         ) -> list[trt.DimsExprs]:
             # The stubs lack DimsExprs' copy constructor, which TensorRT's own samples use.
-            out = trt.DimsExprs(inputs[0])  # type: ignore[call-overload]  # (B, S, H) of q ...
+            out = trt.DimsExprs(inputs[0])  # type: ignore[call-overload]  # (B, Sq, H) of q ...
             out[3] = inputs[2][3]  # ... and head_dim from V's own dims
             return [out]
 
@@ -163,9 +180,10 @@ def plugin_classes() -> tuple[type, type]:
         def configure_plugin(
             self, inp: list[trt.DynamicPluginTensorDesc], out: list[trt.DynamicPluginTensorDesc]
         ) -> None:
-            if len(inp) != 4 or len(out) != 1:
+            if len(inp) != NUM_INPUTS or len(out) != 1:
                 raise InvalidInputError(
-                    f"{PLUGIN_NAME} takes 4 inputs (q, k, v, seq_lens) and gives 1 output, got {len(inp)} and {len(out)}"
+                    f"{PLUGIN_NAME} v{PLUGIN_VERSION} takes {NUM_INPUTS} inputs (q, k, v, seq_lens, seq_lens_k) and gives "
+                    f"1 output, got {len(inp)} and {len(out)}; re-export the model with this fa3trt"
                 )
 
         def get_workspace_size(
@@ -212,6 +230,9 @@ def plugin_classes() -> tuple[type, type]:
                     dtype,
                     stream,
                     self.mode,
+                    seq_lens_k_ptr=inputs[4],
+                    causal=self.causal,
+                    softmax_scale=self.softmax_scale,
                     cache=self.cache,
                 )
             if status != 0:
@@ -224,7 +245,10 @@ def plugin_classes() -> tuple[type, type]:
 
         def get_fields_to_serialize(self) -> trt.PluginFieldCollection_:
             # The stubs type the name as FallbackString, which a str converts to implicitly.
-            fields = [trt.PluginField(n, a, trt.PluginFieldType.INT32) for n, a in serialize_fields(self.mode)]  # type: ignore[call-overload]
+            fields = [
+                trt.PluginField(n, a, _FIELD_TYPES[n])  # type: ignore[call-overload]
+                for n, a in serialize_fields(self.mode, self.causal, self.softmax_scale)
+            ]
             # pybind converts the list type implicitly; the stubs name only the underscore type.
             return trt.PluginFieldCollection(fields)  # type: ignore[return-value]
 
@@ -236,12 +260,18 @@ def plugin_classes() -> tuple[type, type]:
             self.name = PLUGIN_NAME
             self.plugin_version = PLUGIN_VERSION
             self.plugin_namespace = namespace
+            empty = {"mode": np.int32, "causal": np.int32, "softmax_scale": np.float32}
             self.field_names = trt.PluginFieldCollection(  # type: ignore[assignment]  # pybind converts
-                [trt.PluginField("mode", np.array([], dtype=np.int32), trt.PluginFieldType.INT32)]  # type: ignore[call-overload]
+                [
+                    trt.PluginField(n, np.array([], dtype=empty[n]), _FIELD_TYPES[n])  # type: ignore[call-overload]
+                    for n in FIELD_NAMES
+                ]
             )
 
         def create_plugin(self, name: str, field_collection: Any, phase: Any) -> CustomAttnPlugin:
             fields = parse_fields(_fields_of(field_collection))
-            return CustomAttnPlugin(fields["mode"], self.plugin_namespace, phase)
+            return CustomAttnPlugin(
+                fields["mode"], self.plugin_namespace, phase, fields["causal"], fields["softmax_scale"]
+            )
 
     return CustomAttnPlugin, CustomAttnPluginCreator

@@ -103,7 +103,7 @@ def test_engine_and_timing_keys() -> None:
     args = ("a" * 64, "b" * 32, "10.13.0.35", "9.0", PLUGIN_VERSION)
     key = engine_key(*args)
     assert re.fullmatch(r"engine-[0-9a-f]{32}", key) and engine_key(*args) == key
-    for i, other in enumerate(("c" * 64, "d" * 32, "10.8.0.43", "8.9", "2")):
+    for i, other in enumerate(("c" * 64, "d" * 32, "10.8.0.43", "8.9", "3")):
         changed = list(args)
         changed[i] = other
         assert engine_key(*changed) != key
@@ -137,9 +137,9 @@ def test_compatible_engine_is_accepted() -> None:
             "it needs an sm80+ GPU",
         ),
         (
-            _meta(plugin_version="2"),
+            _meta(plugin_version="1"),
             ENV_H100,
-            f"engine was built for plugin {PLUGIN_NAME} v2, this is {PLUGIN_NAME} v1",
+            f"engine was built for plugin {PLUGIN_NAME} v1, this is {PLUGIN_NAME} v2",
         ),
         ({"trt_version": "10.13.0.35"}, ENV_H100, "engine metadata lacks"),
     ],
@@ -188,7 +188,11 @@ def test_engine_key_for_needs_the_onnx_in_the_store(tmp_path: Path) -> None:
     store.put("onnx", onnx_key(cfg, None), b"onnx bytes", {"onnx_sha256": "f" * 64})
     key = engine_key_for(store, cfg, None, Buckets((64,)), 1024, env=ENV_H100)
     want = engine_key(
-        "f" * 64, BuildConfig(buckets=Buckets((64,)), max_batch_tokens=1024).compute_hash(), "10.13.0.35", "9.0", "1"
+        "f" * 64,
+        BuildConfig(buckets=Buckets((64,)), max_batch_tokens=1024).compute_hash(),
+        "10.13.0.35",
+        "9.0",
+        PLUGIN_VERSION,
     )
     assert key == want
     assert engine_key_for(store, cfg, None, Buckets((64,)), 2048, env=ENV_H100) != key

@@ -90,8 +90,12 @@ def test_export_writes_plugin_nodes_and_matches_in_ort(tmp_path: Path) -> None:
     for n in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         assert n.domain == "attn"
-        assert attrs == {"mode": 0, "plugin_version": b"1", "plugin_namespace": b"fa3trt"}
-        assert len(n.input) == 4 and len(n.output) == 1
+        scale = attrs.pop("softmax_scale")
+        assert attrs == {"mode": 0, "causal": 0, "plugin_version": b"2", "plugin_namespace": b"fa3trt"}
+        assert scale == pytest.approx(cfg.head_dim**-0.5)
+        # q, k, v, then the query and key lengths: for the reference model's self-attention
+        # both are the graph's seq_lens input.
+        assert len(n.input) == 5 and len(n.output) == 1 and n.input[3] == n.input[4]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims == {"x": ["B", "S", 256], "seq_lens": ["B"]}
     assert not res.external_data

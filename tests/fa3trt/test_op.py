@@ -80,8 +80,10 @@ def test_fp8_quantize_roundtrip() -> None:
     "shapes, match",
     [
         (((2, 8, 4), (2, 8, 4), (2, 8, 4)), "4-D"),
-        (((2, 8, 4, 16), (2, 8, 2, 16), (2, 8, 2, 16)), "agree"),
-        (((2, 8, 4, 16), (2, 9, 4, 16), (2, 9, 4, 16)), "agree"),
+        (((2, 8, 4, 16), (2, 8, 3, 16), (2, 8, 3, 16)), "multiple of k's"),
+        (((2, 8, 4, 16), (2, 9, 4, 16), (2, 8, 4, 16)), "k and v must share one shape"),
+        (((2, 8, 4, 16), (3, 9, 4, 16), (3, 9, 4, 16)), "q's batch"),
+        (((2, 8, 4, 16), (2, 9, 4, 8), (2, 9, 4, 8)), "head_dim"),
     ],
 )
 def test_bad_shapes(shapes: tuple, match: str) -> None:
@@ -109,5 +111,69 @@ def test_op_is_registered_with_fake_kernel() -> None:
 
     with FakeTensorMode():
         q = torch.empty(2, 8, 2, 16)
-        out = torch.ops.attn.custom_attn(q, q, q, None, 0)
+        out = torch.ops.attn.custom_attn(q, q, q, None, None, 0, False, 0.25)
         assert out.shape == q.shape
+
+
+# ----------------------------------------------------------------------------- the general call
+GENERAL = [
+    # (B, Sq, Sk, H, Hk, D, causal, scale, q lengths, k lengths)
+    pytest.param(2, 9, 13, 4, 4, 16, False, None, None, None, id="cross"),
+    pytest.param(3, 11, 7, 4, 2, 16, False, None, [11, 4, 0], [7, 7, 3], id="cross-ragged-gqa"),
+    pytest.param(2, 10, 10, 4, 1, 32, True, None, None, None, id="causal-mqa"),
+    pytest.param(3, 10, 10, 2, 2, 16, True, 0.3, [10, 6, 1], None, id="causal-padded-scale"),
+    pytest.param(2, 6, 12, 2, 2, 16, True, None, [6, 3], [12, 5], id="causal-cross-bottom-right"),
+    pytest.param(2, 12, 5, 2, 2, 16, True, None, None, None, id="causal-more-queries-than-keys"),
+    pytest.param(2, 8, 8, 2, 2, 16, False, None, [8, 5], [3, 8], id="separate-lengths"),
+]
+
+
+def _lens(x: list[int] | None) -> torch.Tensor | None:
+    return None if x is None else torch.tensor(x, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("b, sq, sk, h, hk, d, causal, scale, lq, lk", GENERAL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_general_call_matches_reference(
+    b: int, sq: int, sk: int, h: int, hk: int, d: int, causal: bool, scale: float | None,
+    lq: list[int] | None, lk: list[int] | None, dtype: torch.dtype,
+) -> None:  # fmt: skip
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(b, sq, h, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, sk, hk, d, generator=g).to(dtype) for _ in range(2))
+    seq_lens, seq_lens_k = _lens(lq), _lens(lk)
+    out = fa3trt.attention(q, k, v, seq_lens, seq_lens_k=seq_lens_k, causal=causal, softmax_scale=scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    want = reference_attention(q, k, v, seq_lens, seq_lens_k, causal=causal, softmax_scale=scale)
+    assert rel_err(out, want) < TOL[dtype]
+    if lq is not None:
+        for i, n in enumerate(lq):
+            assert torch.all(out[i, n:] == 0)
+
+
+def test_reference_general_call_by_hand() -> None:
+    """The reference itself on a case small enough to write out: one query head group of two
+    over one key head, causal bottom-right with 2 queries over 3 keys."""
+    import numpy as np
+
+    q = torch.randn(1, 2, 2, 4, dtype=torch.float64)
+    k, v = (torch.randn(1, 3, 1, 4, dtype=torch.float64) for _ in range(2))
+    got = reference_attention(q, k, v, causal=True, softmax_scale=0.5)
+    for head in range(2):
+        for i in range(2):
+            visible = i + 1 + 1  # query i sees keys 0..i+1
+            s = q[0, i, head].numpy() @ k[0, :visible, 0].numpy().T * 0.5
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            np.testing.assert_allclose(got[0, i, head].numpy(), p @ v[0, :visible, 0].numpy(), rtol=1e-12)
+
+
+def test_bad_general_arguments() -> None:
+    q = torch.randn(2, 8, 2, 16)
+    k = torch.randn(2, 5, 2, 16)
+    with pytest.raises(InvalidInputError, match=r"seq_lens_k must lie in \[0, 5\]"):
+        fa3trt.attention(q, k, k, seq_lens_k=torch.tensor([6, 1], dtype=torch.int32))
+    with pytest.raises(InvalidInputError, match="softmax_scale must be a finite number > 0"):
+        fa3trt.attention(q, q, q, softmax_scale=0.0)
+    with pytest.raises(InvalidInputError, match=r"seq_lens_k must have shape \(2,\)"):
+        fa3trt.attention(q, k, k, seq_lens_k=torch.tensor([1], dtype=torch.int32))

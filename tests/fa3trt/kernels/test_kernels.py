@@ -131,3 +131,40 @@ def test_flash_cute_without_the_package_or_a_gpu() -> None:
     if flash_cute.forward_fn() is None:
         with pytest.raises(MissingDependencyError, match="hopper"):
             flash_cute.attention(q, q, q)
+
+
+# ----------------------------------------------------------------------------- GPU: the general call
+GENERAL_GPU = [
+    # (B, Sq, Sk, H, Hk, D, causal, scale, q lengths, k lengths)
+    pytest.param(2, 300, 520, 8, 8, 128, False, None, None, None, id="cross-dense"),
+    pytest.param(3, 300, 200, 8, 8, 128, False, None, [300, 17, 0], [200, 200, 9], id="cross-ragged"),
+    pytest.param(2, 256, 256, 8, 2, 128, False, 0.05, [256, 100], None, id="gqa-scale-padded"),
+    pytest.param(2, 256, 256, 8, 8, 64, True, None, None, None, id="causal-dense"),
+    pytest.param(3, 256, 256, 8, 8, 128, True, None, [256, 99, 1], None, id="causal-padded"),
+    pytest.param(2, 128, 384, 8, 4, 128, True, None, [128, 60], [384, 90], id="causal-cross-gqa"),
+    pytest.param(2, 256, 256, 8, 8, 128, False, None, [256, 100], [40, 256], id="separate-lengths"),
+]
+
+
+@gpu
+@pytest.mark.parametrize("b, sq, sk, h, hk, d, causal, scale, lq, lk", GENERAL_GPU)
+@pytest.mark.parametrize("lengths_on", ["cpu", "cuda"])
+def test_every_gpu_kernel_general_call(
+    b: int, sq: int, sk: int, h: int, hk: int, d: int, causal: bool, scale: float | None,
+    lq: list[int] | None, lk: list[int] | None, lengths_on: str,
+) -> None:  # fmt: skip
+    """Every kernel (or the next in line for what it lacks) on cross-attention, causal masks,
+    grouped-query heads, a scale and separate query and key lengths, against float64."""
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(b, sq, h, d, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(b, sk, hk, d, device="cuda", generator=g).to(dtype) for _ in range(2))
+    lens = None if lq is None else torch.tensor(lq, dtype=torch.int32, device=lengths_on)
+    lens_k = None if lk is None else torch.tensor(lk, dtype=torch.int32, device=lengths_on)
+    want = reference_attention(q, k, v, lens, lens_k, causal=causal, softmax_scale=scale)
+    for name in available_kernels("cuda"):
+        got = run_kernel(name, q, k, v, lens, lens_k, causal=causal, softmax_scale=scale)
+        assert got.shape == q.shape, name
+        assert rel_err(got, want) < TOL[dtype], name
+        for i, n in enumerate(lq or []):
+            assert torch.all(got[i, n:] == 0), name

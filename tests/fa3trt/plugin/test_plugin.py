@@ -34,23 +34,36 @@ from tests.utils import gpu, rel_err, requires_tensorrt
 
 
 def test_fields_roundtrip_and_validation(caplog: pytest.LogCaptureFixture) -> None:
-    for mode in (0, 1):
-        fields = serialize_fields(mode)
-        assert [n for n, _ in fields] == list(plugin.FIELD_NAMES)
-        assert fields[0][1].dtype == np.int32
-        assert parse_fields(fields) == {"mode": mode}
-    assert parse_fields([]) == {"mode": 0}  # the op's default
-    # The ONNX parser may pass int64 attributes and the lookup attributes too.
-    assert parse_fields([("mode", np.array([1], np.int64)), ("plugin_version", b"1"), ("plugin_namespace", b"")]) == {
-        "mode": 1
-    }
+    for mode, causal, scale in ((0, False, 0.125), (1, True, 0.08838834764831845), (0, True, None)):
+        fields = serialize_fields(mode, causal, scale)
+        assert [n for n, _ in fields] == list(plugin.FIELD_NAMES)[: len(fields)]
+        assert fields[0][1].dtype == np.int32 and fields[1][1].dtype == np.int32
+        parsed = parse_fields(fields)
+        assert parsed["mode"] == mode and parsed["causal"] is causal
+        assert parsed["softmax_scale"] == (None if scale is None else pytest.approx(scale))
+    assert parse_fields([]) == {"mode": 0, "causal": False, "softmax_scale": None}  # the op's defaults
+    # The ONNX parser may pass int64 and float64 attributes and the lookup attributes too.
+    got = parse_fields(
+        [
+            ("mode", np.array([1], np.int64)),
+            ("causal", np.array([1], np.int64)),
+            ("softmax_scale", np.array([0.25], np.float64)),
+            ("plugin_version", b"2"),
+            ("plugin_namespace", b""),
+        ]
+    )
+    assert got == {"mode": 1, "causal": True, "softmax_scale": 0.25}
     with pytest.raises(ConfigError, match="mode=3; use 0 .* or 1"):
         parse_fields([("mode", np.array([3], np.int32))])
-    with pytest.raises(ConfigError, match="one int32"):
+    with pytest.raises(ConfigError, match="'mode' must hold one value"):
         parse_fields([("mode", np.array([0, 1], np.int32))])
+    with pytest.raises(ConfigError, match="causal=2; use 0 or 1"):
+        parse_fields([("causal", np.array([2], np.int32))])
+    with pytest.raises(ConfigError, match="softmax_scale=-1.0; it must be a finite number > 0"):
+        parse_fields([("softmax_scale", np.array([-1.0], np.float32))])
     with caplog.at_level(logging.WARNING, logger="fa3trt.plugin"):
-        assert parse_fields([("scale", np.array([1.0]))]) == {"mode": 0}
-    assert "unknown field 'scale'" in caplog.text
+        assert parse_fields([("window", np.array([1.0]))])["mode"] == 0
+    assert "unknown field 'window'" in caplog.text
 
 
 def test_format_combinations() -> None:
@@ -58,23 +71,29 @@ def test_format_combinations() -> None:
         assert format_supported(0, [t], True)
         assert format_supported(2, [t, t, t], True)
         assert format_supported(3, [t, t, t, "INT32"], True)
-        assert format_supported(4, [t, t, t, "INT32", t], True)
+        assert format_supported(4, [t, t, t, "INT32", "INT32"], True)
+        assert format_supported(5, [t, t, t, "INT32", "INT32", t], True)
     assert not format_supported(0, ["INT8"], True)
     assert not format_supported(0, ["HALF"], False)  # only linear layouts
     assert not format_supported(1, ["HALF", "BF16"], True)  # k must match q
     assert not format_supported(3, ["HALF", "HALF", "HALF", "INT64"], True)
-    assert not format_supported(4, ["HALF", "HALF", "HALF", "INT32", "FLOAT"], True)
-    assert not format_supported(5, ["HALF"] * 6, True)
-    assert not format_supported(0, ["HALF"], True, num_inputs=3)
+    assert not format_supported(4, ["HALF", "HALF", "HALF", "INT32", "HALF"], True)  # key lengths are INT32
+    assert not format_supported(5, ["HALF", "HALF", "HALF", "INT32", "INT32", "FLOAT"], True)
+    assert not format_supported(6, ["HALF"] * 7, True)
+    assert not format_supported(0, ["HALF"], True, num_inputs=4)  # an engine of plugin v1's four inputs
 
 
 def test_output_shape_uses_each_inputs_own_dims() -> None:
     assert output_shape((2, 7, 4, 64), (2, 7, 4, 64), (2, 7, 4, 64)) == (2, 7, 4, 64)
-    # The seed filled V's shape from Q: a V that disagrees must be an error, not a silent misread.
+    # Cross-attention and grouped-query heads: the output follows q.
+    assert output_shape((2, 7, 8, 64), (2, 300, 2, 64), (2, 300, 2, 64)) == (2, 7, 8, 64)
+    # A V that disagrees must be an error, not a silent misread.
     with pytest.raises(InvalidInputError, match=r"v \(2, 7, 4, 32\)"):
         output_shape((2, 7, 4, 64), (2, 7, 4, 64), (2, 7, 4, 32))
     with pytest.raises(InvalidInputError, match="k must be 4-D"):
         output_shape((2, 7, 4, 64), (2, 7, 256), (2, 7, 4, 64))
+    with pytest.raises(InvalidInputError, match="q's 4 heads are not a multiple of k's 3"):
+        output_shape((2, 7, 4, 64), (2, 7, 3, 64), (2, 7, 3, 64))
 
 
 def test_enqueue_kernel_choice() -> None:
@@ -466,3 +485,54 @@ sys.exit("build_engine did not refuse")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "refused" in r.stdout, r.stderr
+
+
+# --------------------------------------------------------------------------- GPU: the general call
+GENERAL_ENQUEUE = [
+    # (B, Sq, Sk, H, Hk, D, causal, scale, q lengths, k lengths (None: the q lengths' pointer))
+    pytest.param(3, 80, 80, 4, 4, 64, False, None, [80, 33, 0], None, id="self"),
+    pytest.param(3, 64, 96, 4, 4, 64, False, None, [64, 20, 1], [96, 7, 50], id="cross"),
+    pytest.param(2, 80, 80, 8, 2, 64, False, 0.2, [80, 41], None, id="gqa-scale"),
+    pytest.param(2, 80, 80, 4, 4, 64, True, None, [80, 41], None, id="causal"),
+    pytest.param(2, 64, 80, 4, 4, 64, False, None, [64, 64], [80, 120], id="key-lengths-past-sk-clamped"),
+]
+
+
+@gpu
+@pytest.mark.parametrize("b, sq, sk, h, hk, d, causal, scale, lq, lk", GENERAL_ENQUEUE)
+@pytest.mark.parametrize("write", ["auto", "masked"])
+def test_enqueue_core_general_call(
+    b: int, sq: int, sk: int, h: int, hk: int, d: int, causal: bool, scale: float | None,
+    lq: list[int], lk: list[int] | None, write: str,
+) -> None:  # fmt: skip
+    """Cross-attention, grouped-query heads, a scale and causal masks through the enqueue core
+    exactly as TensorRT calls it (raw pointers, a side stream), against float64. A call the
+    plugin's kernel here lacks runs on the next kernel that reads lengths on the GPU, or is
+    refused with the reason (causal with no FA3 or CuTe kernel)."""
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(b, sk, hk, d, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    lens = torch.tensor(lq, dtype=torch.int32, device="cuda")
+    lens_k = lens if lk is None else torch.tensor(lk, dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), lens.data_ptr(), out.data_ptr())
+    shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape), dtype, side.cuda_stream, 0)
+    extra = {"seq_lens_k_ptr": lens_k.data_ptr(), "causal": causal, "softmax_scale": scale, "write": write}
+    from fa3trt.kernels.registry import available_kernels as here
+
+    if causal and not {"fa3", "flash_cute"} & set(here("cuda")):
+        with pytest.raises(ConfigError, match="takes causal"):
+            enqueue_core(*args, *shapes, cache=EnqueueCache(), **extra)
+        return
+    cache = EnqueueCache()
+    for _ in range(2):  # the second call runs the cached binding
+        enqueue_core(*args, *shapes, cache=cache, **extra)
+    torch.cuda.synchronize()
+    want = reference_attention(q, k, v, lens.cpu(), lens_k.clamp(0, sk).cpu(), causal=causal, softmax_scale=scale)
+    for i, n in enumerate(lq):
+        assert torch.all(out[i, n:] == 0), i
+        if n:
+            assert rel_err(out[i, :n], want[i, :n]) < _TOL[dtype], (i, n)
