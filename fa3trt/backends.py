@@ -21,8 +21,10 @@ from fa3trt.buckets import Buckets, to_device
 from fa3trt.defaults import BUCKETS, MODEL_PRESET
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
 from fa3trt.kernels import flash_cute
+from fa3trt.kernels.fp8 import require_fp8_kernel
 from fa3trt.kernels.selector import lengths_on_device, select_kernel
 from fa3trt.model import ModelConfig, build_model
+from fa3trt.op import MODE_FP8
 
 __all__ = ["Backend", "TorchBackend", "load_backend", "BackendKind", "default_device"]
 
@@ -78,6 +80,8 @@ class TorchBackend:
         self.hidden = config.hidden
         self.dtype = config.torch_dtype
         self.weights = None if weights is None else os.fspath(weights)
+        if config.attn_mode == MODE_FP8:
+            require_fp8_kernel(self.device, config.head_dim)
         self.model = build_model(config, weights, self.device)
         self.kernel = select_kernel(self.device)
         self._lengths_on_device = lengths_on_device(self.kernel, self.dtype, config.head_dim)

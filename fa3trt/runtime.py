@@ -38,7 +38,9 @@ from fa3trt.build import (
 )
 from fa3trt.compat import check_compatible, current_environment
 from fa3trt.errors import EngineCorruptError, EngineExecutionError, EngineNotFoundError, InvalidInputError
+from fa3trt.kernels.fp8 import require_fp8_kernel
 from fa3trt.model import ModelConfig
+from fa3trt.op import MODE_FP8
 from fa3trt.plugin import register_plugin, require_registered
 from fa3trt.store import BUILD_HINT, ArtifactStore
 
@@ -260,6 +262,8 @@ class TensorRTBackend:
         st = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
         mbt = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
         env = current_environment()  # a GPU and TensorRT, or an error saying which is missing
+        if config.attn_mode == MODE_FP8:
+            require_fp8_kernel(torch.device("cuda", torch.cuda.current_device()), config.head_dim)
         register_plugin()
         key: str | None
         try:

@@ -13,9 +13,11 @@ from collections.abc import Callable
 
 import torch
 
+from fa3trt.errors import MissingDependencyError
 from fa3trt.kernels.base import AttentionKernel
+from fa3trt.kernels.registry import KERNELS, available_kernels
 
-__all__ = ["FP8_DTYPE", "quantize", "dequantize", "run_fp8", "EMULATION_WARNED"]
+__all__ = ["FP8_DTYPE", "quantize", "dequantize", "run_fp8", "EMULATION_WARNED", "fp8_refusal", "require_fp8_kernel"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 _FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
@@ -75,3 +77,28 @@ def run_fp8(
             stacklevel=3,
         )
     return emulated(dequantize(q8, qs, q.dtype), dequantize(k8, ks, q.dtype), dequantize(v8, vs, q.dtype))
+
+
+def fp8_refusal(device_type: str, available: list[str], head_dim: int) -> str | None:
+    """Why a model in mode 1 (FP8) must not load on this device, or None when it may.
+
+    On a GPU, mode 1 loads only where a kernel computes in FP8 (FA3 built with FP8 at this head
+    dim): the emulation quantizes and computes in the input dtype, slower than mode 0 there
+    (docs/benchmarks.md, section 1), which is no reason to choose FP8. On the CPU the emulation
+    is the FP8 numerics reference and loads."""
+    if device_type != "cuda":
+        return None
+    if any(KERNELS[n].fp8 and KERNELS[n].supports(FP8_DTYPE, head_dim) for n in available):
+        return None
+    return (
+        f"attention mode 1 (FP8) needs an FP8 attention kernel at head dim {head_dim} on this GPU, and none of "
+        f"{available} is one: build FA3 with FP8 (python -m fa3trt.fa3_build <flash-attention checkout>, sm90), "
+        "or set the model's attn_mode to 0. Without it FP8 would be emulated, slower than attn_mode 0."
+    )
+
+
+def require_fp8_kernel(device: torch.device, head_dim: int) -> None:
+    """``MissingDependencyError`` with ``fp8_refusal``'s reason when mode 1 must not load here."""
+    reason = fp8_refusal(device.type, available_kernels(device), head_dim)
+    if reason is not None:
+        raise MissingDependencyError(reason)

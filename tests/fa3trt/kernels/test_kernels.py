@@ -168,3 +168,18 @@ def test_every_gpu_kernel_general_call(
         assert rel_err(got, want) < TOL[dtype], name
         for i, n in enumerate(lq or []):
             assert torch.all(got[i, n:] == 0), name
+
+
+@gpu
+def test_fp8_model_is_refused_on_a_gpu_without_an_fp8_kernel() -> None:
+    from fa3trt.backends import TorchBackend
+    from fa3trt.errors import MissingDependencyError
+    from fa3trt.kernels.fp8 import fp8_refusal
+    from fa3trt.model import ModelConfig
+
+    cfg = ModelConfig.preset("tiny", attn_mode=1, dtype="bfloat16")
+    if fp8_refusal("cuda", available_kernels("cuda"), cfg.head_dim) is None:
+        TorchBackend(cfg, device="cuda")  # FA3's FP8 kernel is here: it loads
+    else:
+        with pytest.raises(MissingDependencyError, match="fa3_build"):
+            TorchBackend(cfg, device="cuda")

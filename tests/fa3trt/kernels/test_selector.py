@@ -103,3 +103,19 @@ def test_fp8_falls_back_to_emulation_once_per_kernel_and_dtype() -> None:
     assert not [w for w in seen if issubclass(w.category, RuntimeWarning)]  # announced once
     assert calls == [torch.float32, torch.float32] and torch.equal(out, out2)
     assert 0 < rel_err(out, reference_attention(q, k, v)) < 0.1
+
+
+def test_fp8_mode_loads_only_where_a_kernel_computes_in_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fa3trt.kernels import fa3
+
+    # A GPU with the CuTe kernel and cuDNN but no FA3: FP8 would be emulated, slower than bf16.
+    reason = fp8.fp8_refusal("cuda", ["flash_cute", "cudnn", "efficient_seqused", "math"], 128)
+    assert reason is not None and "fa3_build" in reason and "attn_mode to 0" in reason
+    # FA3 built with FP8 at this head dim (a build without flash_attn_config holds every kernel).
+    monkeypatch.setattr(fa3, "build_flags", lambda: {})
+    assert fp8.fp8_refusal("cuda", ["fa3", "flash_cute", "cudnn"], 128) is None
+    # ... and FA3 built without FP8.
+    monkeypatch.setattr(fa3, "build_flags", lambda: {"FLASHATTENTION_DISABLE_FP8": True})
+    assert fp8.fp8_refusal("cuda", ["fa3", "flash_cute", "cudnn"], 128) is not None
+    # On the CPU the emulation is the numerics reference and loads.
+    assert fp8.fp8_refusal("cpu", ["math"], 128) is None
