@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import host_us  # noqa: E402
 from fa3trt import plugin  # noqa: E402
+from fa3trt.kernels.base import Ragged  # noqa: E402
 from fa3trt.kernels.registry import KERNELS, available_kernels, direct_write_kernels  # noqa: E402
 from fa3trt.kernels.selector import enqueue_kernel  # noqa: E402
 from fa3trt.plugin import enqueue  # noqa: E402
@@ -93,6 +94,7 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, na
     cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda")
     kernel = KERNELS[name]
     kshape = kernel.packed_shape(b, s, h, d)
+    ragged = Ragged(lens, lens, cu, cu, s, s)
     qk, kk, vk = q.view(kshape), k.view(kshape), v.view(kshape)
     cache = plugin.EnqueueCache()
     masked_cache = plugin.EnqueueCache()
@@ -111,7 +113,7 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, na
     )
 
     def bare() -> None:
-        kernel.forward_packed(qk, kk, vk, lens, cu, s)
+        kernel.forward_packed(qk, kk, vk, ragged, False, d**-0.5)
 
     def core() -> None:
         plugin.enqueue_core(*args, cache=cache, kernel=name)
@@ -130,7 +132,14 @@ def measure(shape: tuple[int, int, int, int], dtype: torch.dtype, iters: int, na
 
 def _parts(cache: Any, args: tuple[Any, ...], name: str, out: torch.Tensor, iters: int) -> dict[str, float]:
     """Host µs of each step the core adds to the bare kernel, timed alone (the profile)."""
-    key = (*args, name, "auto")
+    key = (
+        *args,
+        None,
+        False,
+        None,
+        name,
+        "auto",
+    )  # enqueue_core's binding key: no key lengths, not causal, default scale
     bind = cache.binding(key, lambda: None)  # the core's own buffers, made by its first call
     dev = bind.device_index
     res = torch.empty_like(out)
@@ -156,7 +165,7 @@ def _parts(cache: Any, args: tuple[Any, ...], name: str, out: torch.Tensor, iter
         launch = next(iter(bind.launchers.values()))
         if not bind.zero_first:
             parts["clamp lengths (direct)"] = host_us(
-                lambda: torch.clamp(bind.lens, 0, bind.shape[1], out=bind.lens_safe), iters
+                lambda: torch.clamp(bind.ragged.lens_q, 0, bind.ragged.sq, out=bind.lens_safe), iters
             )
         parts.update(
             {
@@ -198,7 +207,7 @@ def _measure(
     for fn in (bare, core, masked, uncached, bare, core, masked):  # warm: kernel load, allocator pools, caches
         fn()
     torch.cuda.synchronize()
-    want = KERNELS[name].forward_packed(qk, kk, vk, lens, cu, s).view(b, s, h, d)
+    want = KERNELS[name].forward_packed(qk, kk, vk, Ragged(lens, lens, cu, cu, s, s), False, d**-0.5).view(b, s, h, d)
     core()
     torch.cuda.synchronize()
     max_diff = float((out.float() - want.float()).abs().max())
@@ -223,7 +232,7 @@ def _measure(
             "core": _device_us(core, iters),
             "masked": _device_us(masked, iters),
         },
-        "write": "direct" if cache.binding((*args, name, "auto"), lambda: None).direct else "masked",
+        "write": "direct" if cache.binding((*args, None, False, None, name, "auto"), lambda: None).direct else "masked",
         # Wall time with a full synchronize around the loop: a check on the event timing above.
         "wall_us": {"bare": _wall_us(bare, iters), "core": _wall_us(core, iters)},
         "alloc_per_call": {"bare": _allocs(bare), "core": _allocs(core)},

@@ -15,6 +15,7 @@ import torch
 
 from fa3trt import _trt, plugin
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError, PluginNotRegisteredError
+from fa3trt.kernels.base import Ragged
 from fa3trt.kernels.registry import KERNELS, device_length_kernels, direct_write_kernels
 from fa3trt.kernels.selector import choose_enqueue_kernel, enqueue_kernel
 from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
@@ -360,7 +361,7 @@ def test_enqueue_core_allocates_no_copies(dtype: torch.dtype) -> None:
     shp = kernel.packed_shape(b, s, h, d)
 
     def bare() -> None:
-        kernel.forward_packed(q.view(shp), k.view(shp), v.view(shp), lens, cu, s)
+        kernel.forward_packed(q.view(shp), k.view(shp), v.view(shp), Ragged(lens, lens, cu, cu, s, s), False, d**-0.5)
 
     for _ in range(3):
         _call(q, k, v, lens, out, stream, cache=cache)
