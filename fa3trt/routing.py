@@ -18,7 +18,8 @@ Contract:
   dims no kernel on the device takes, heads not grouped (H % Hk), tensors that are not 4-D.
 - Tracing rule: under torch.compile, torch.export, ONNX export or jit tracing (or for any tensor
   subclass: fake, functional) a mask's values cannot be read, so every mask is left alone there;
-  the decision then rests on types and shapes only. Strict export may count a call once per pass.
+  the decision then rests on types and shapes only, and sizes count as equal only where provably
+  so (no guard on a dynamic axis). Strict export may count a call once per pass.
 - With the op before ``seq_lens_k`` / ``causal`` / ``softmax_scale``: key lengths go in as
   ``seq_lens`` (padded query rows then come out zero; valid rows are exact), grouped heads as
   repeated key/value heads, and Sq != Sk, causal and other scales are left alone.
@@ -38,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.overrides import TorchFunctionMode
 
 from fa3trt.errors import ConfigError
@@ -95,13 +97,19 @@ def _values_hidden(t: torch.Tensor) -> bool:
     return tracing or torch.onnx.is_in_onnx_export() or type(t) is not torch.Tensor
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Provably equal: plain ints compare; symbolic sizes (export) compare without adding a guard."""
+    return statically_known_true(a == b)
+
+
 def _mask_name(mask: torch.Tensor, b: int, h: int, sq: int, sk: int) -> str:
     """``attn_mask (B,1,S,S) bool``: the mask's shape in the call's symbols, right-aligned like broadcasting."""
-    qs, ks = ("S", "S") if sq == sk else ("Sq", "Sk")
+    qs, ks = ("S", "S") if _same(sq, sk) else ("Sq", "Sk")
     syms = [("B", b), ("H", h), (qs, sq), (ks, sk)][max(0, 4 - mask.dim()) :]
     dims = [str(n) for n in mask.shape[: max(0, mask.dim() - 4)]]
     dims += [
-        "1" if n == 1 else s if n == v else str(n) for n, (s, v) in zip(mask.shape[mask.dim() - len(syms) :], syms)
+        "1" if _same(n, 1) else s if _same(n, v) else str(n)
+        for n, (s, v) in zip(mask.shape[mask.dim() - len(syms) :], syms)
     ]
     return f"attn_mask ({','.join(dims)}) {'bool' if mask.dtype == torch.bool else 'additive'}"
 
@@ -111,12 +119,12 @@ def _key_lengths(mask: Any, b: int, h: int, sq: int, sk: int) -> torch.Tensor | 
     if not isinstance(mask, torch.Tensor):
         return f"attn_mask {type(mask).__name__}"
     name, shape = _mask_name(mask, b, h, sq, sk), tuple(mask.shape)
+    if _values_hidden(mask):
+        return f"{name} while tracing (values unknown)"
     if mask.dim() != 4 or shape[0] not in (1, b) or shape[1] != 1 or shape[2] not in (1, sq) or shape[3] != sk:
         return f"{name}: not a key-padding shape"
     if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
         return f"{name}: dtype {mask.dtype}"
-    if _values_hidden(mask):
-        return f"{name} while tracing (values unknown)"
     keep = mask if mask.dtype == torch.bool else mask == 0
     # Only -inf and the dtype's min drop a key exactly (its weight underflows to 0); anything else is a bias.
     if mask.dtype != torch.bool and not bool(
@@ -149,6 +157,8 @@ def _plan(q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and not _values_hidden(q):
         return "inputs require grad (the op has no backward)"
     (b, h, sq, d), (bk, hk, sk, dk) = q.shape, k.shape
+    same = _same(sq, sk)
+    # SDPA itself needs these equal (its shape checks guard them too); Sq vs Sk is the op's own choice.
     if bk != b or tuple(v.shape[:3]) != (bk, hk, sk):
         return "q, k, v batch or key shapes differ"
     if dk != d or v.shape[3] != d:
@@ -159,25 +169,21 @@ def _plan(q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale
         return f"head dim {d} in {q.dtype}: no kernel on {q.device.type}"
     if mask is not None and causal:
         return "attn_mask with is_causal"
-    if causal and sq != sk:
+    if causal and not same:
         return "is_causal with Sq != Sk (top-left alignment)"
     lens = _key_lengths(mask, b, h, sq, sk) if mask is not None else None
     if isinstance(lens, str):
         return lens
     if not _GENERAL_OP:
         scale = None if scale is not None and math.isclose(scale, d**-0.5, rel_tol=1e-6) else scale
-        why = (
-            "Sq != Sk"
-            if sq != sk
-            else "is_causal"
-            if causal
-            else "a scale other than 1/sqrt(D)"
-            if scale is not None
-            else ""
-        )
-        if why:
-            return f"{why} (the op in this tree predates seq_lens_k, causal and softmax_scale)"
-    needs = {"key lengths": lens is not None, "causal": causal, "grouped heads": hk != h, "Sq != Sk": sq != sk}
+        for cond, why in (
+            (not same, "Sq != Sk"),
+            (causal, "is_causal"),
+            (scale is not None, "a scale other than 1/sqrt(D)"),
+        ):
+            if cond:
+                return f"{why} (the op in this tree predates seq_lens_k, causal and softmax_scale)"
+    needs = {"key lengths": lens is not None, "causal": causal, "grouped heads": hk != h, "Sq != Sk": not same}
     return _Plan(lens, causal, scale, h // hk, tuple(n for n, c in needs.items() if c))
 
 
@@ -282,7 +288,7 @@ def _transformers_attention(
             routers[-1].leave(f"{unexpressed[0]} argument")
         else:  # transformers' SDPA rule: causal only without a mask and with more than one query
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-            causal = query.shape[2] > 1 and attention_mask is None and causal
+            causal = attention_mask is None and bool(causal) and query.shape[2] > 1
             plan = routers[-1].decide(query, key, value, attention_mask, dropout, causal, scaling, True)
     if plan is not None:
         return _run(query, key, value, plan), None

@@ -125,19 +125,42 @@ def test_wan_cross_attention_left_alone_by_the_op_before_seq_lens_k(
     assert report.as_dict() == {"method": "sdpa", "routed": 2, "routed_with": {}, "left": {f"Sq != Sk {PREDATES}": 2}}
 
 
+def custom_attn_nodes(program: torch.export.ExportedProgram) -> int:
+    return sum("custom_attn" in str(n.target) for n in program.graph.nodes)
+
+
 def test_flux_export_holds_one_plugin_node_per_routed_call(
     flux: tuple[torch.nn.Module, dict[str, torch.Tensor]],
 ) -> None:
     model, inputs = flux
+    batch, image, text = (torch.export.Dim(n, min=2, max=64) for n in ("B", "I", "T"))
+    dynamic = {
+        "hidden_states": {0: batch, 1: image},
+        "encoder_hidden_states": {0: batch, 1: text},
+        "pooled_projections": {0: batch},
+        "timestep": {0: batch},
+        "img_ids": {0: image},
+        "txt_ids": {0: text},
+    }
+    # dynamic image and text lengths: the joint attention's Sq == Sk holds symbolically, no guard
     with torch.no_grad(), route_attention(model) as report:
-        program = torch.export.export(model, (), {**inputs, "return_dict": False})
-    custom = [n for n in program.graph.nodes if "custom_attn" in str(n.target)]
-    assert report.routed == len(custom) == 4 and not report.left
+        program = torch.export.export(model, (), inputs, dynamic_shapes=dynamic)
+    assert report.routed == custom_attn_nodes(program) == 4 and not report.left
     with torch.no_grad(), route_attention(model) as report, onnx_export_mode():
         onnx_program = torch.onnx.export(model, (), kwargs={**inputs, "return_dict": False}, dynamo=True, verbose=False)
     assert onnx_program is not None
     nodes = [n.op_type for n in onnx_program.model_proto.graph.node]
     assert nodes.count("CustomAttnPlugin") == report.routed == 4
+
+
+def test_wan_export_keeps_the_text_length_dynamic(wan: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    # Sq != Sk is decided without a guard: a text length of 32 (the video's) is not excluded
+    model, inputs = wan
+    batch, text = torch.export.Dim("B", min=1, max=8), torch.export.Dim("T", min=2, max=64)
+    dynamic = {"hidden_states": {0: batch}, "timestep": {0: batch}, "encoder_hidden_states": {0: batch, 1: text}}
+    with torch.no_grad(), route_attention(model) as report:
+        program = torch.export.export(model, (), inputs, dynamic_shapes=dynamic)
+    assert report.routed == custom_attn_nodes(program) == (4 if GENERAL_OP else 2)
 
 
 # --------------------------------------------------------------------------- transformers
