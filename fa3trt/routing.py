@@ -114,7 +114,7 @@ def _mask_name(mask: torch.Tensor, b: int, h: int, sq: int, sk: int) -> str:
     return f"attn_mask ({','.join(dims)}) {'bool' if mask.dtype == torch.bool else 'additive'}"
 
 
-def _key_lengths(mask: Any, b: int, h: int, sq: int, sk: int) -> torch.Tensor | None | str:
+def _key_lengths(mask: Any, dtype: torch.dtype, b: int, h: int, sq: int, sk: int) -> torch.Tensor | None | str:
     """A key-padding mask's key lengths (int32 (B,); None if it keeps every key), else why it is not one."""
     if not isinstance(mask, torch.Tensor):
         return f"attn_mask {type(mask).__name__}"
@@ -123,7 +123,7 @@ def _key_lengths(mask: Any, b: int, h: int, sq: int, sk: int) -> torch.Tensor | 
         return f"{name} while tracing (values unknown)"
     if mask.dim() != 4 or shape[0] not in (1, b) or shape[1] != 1 or shape[2] not in (1, sq) or shape[3] != sk:
         return f"{name}: not a key-padding shape"
-    if mask.dtype != torch.bool and mask.dtype not in FLOAT_DTYPES:
+    if mask.dtype not in (torch.bool, dtype):  # SDPA takes these two only
         return f"{name}: dtype {mask.dtype}"
     keep = mask if mask.dtype == torch.bool else mask == 0
     # Only -inf and the dtype's min drop a key exactly (its weight underflows to 0); anything else is a bias.
@@ -171,7 +171,7 @@ def _plan(q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale
         return "attn_mask with is_causal"
     if causal and not same:
         return "is_causal with Sq != Sk (top-left alignment)"
-    lens = _key_lengths(mask, b, h, sq, sk) if mask is not None else None
+    lens = _key_lengths(mask, q.dtype, b, h, sq, sk) if mask is not None else None
     if isinstance(lens, str):
         return lens
     if not _GENERAL_OP:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -124,6 +125,66 @@ def test_wan_cross_attention_left_alone_by_the_op_before_seq_lens_k(
     with torch.no_grad(), route_attention(model) as report:
         model(**inputs, return_dict=False)
     assert report.as_dict() == {"method": "sdpa", "routed": 2, "routed_with": {}, "left": {f"Sq != Sk {PREDATES}": 2}}
+
+
+def sd3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    inputs = {
+        "hidden_states": torch.randn(2, 4, 8, 8),
+        "encoder_hidden_states": torch.randn(2, 5, 32),
+        "pooled_projections": torch.randn(2, 32),
+        "timestep": torch.full((2,), 3),
+    }
+    return model, inputs
+
+
+def cogvideox() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=16,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=5,
+        patch_size=2,
+        max_text_seq_length=6,
+    )
+    inputs = {
+        "hidden_states": torch.randn(2, 2, 4, 8, 8),
+        "encoder_hidden_states": torch.randn(2, 6, 32),
+        "timestep": torch.full((2,), 3),
+    }
+    return model, inputs
+
+
+@pytest.mark.parametrize("make", [sd3, cogvideox])
+def test_processors_that_call_sdpa_directly_are_routed(make: Callable[[], tuple[torch.nn.Module, dict]]) -> None:
+    # diffusers' attention dispatcher does not see these two; SDPA interception does
+    torch.manual_seed(0)
+    model, inputs = make()
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs, return_dict=False)[0]
+        with route_attention(model) as report:
+            got = model(**inputs, return_dict=False)[0]
+    close(got, expected)
+    assert report.as_dict() == {"method": "sdpa", "routed": 2, "routed_with": {}, "left": {}}  # one per block
 
 
 def custom_attn_nodes(program: torch.export.ExportedProgram) -> int:
