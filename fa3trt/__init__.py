@@ -28,9 +28,12 @@ from fa3trt.errors import (
 from fa3trt.export import export_onnx
 from fa3trt.model import ModelConfig, build_model, save_weights
 from fa3trt.op import attention
+from fa3trt.routing import RoutingReport, route_attention
 
 __all__ = [
     "attention",
+    "route_attention",
+    "RoutingReport",
     "tensorrt_available",
     "ModelConfig",
     "build_model",

@@ -1,5 +1,6 @@
-"""Every module imports on a machine with no TensorRT, no CUDA and no FA3; every exception
-class of the project lives in ``fa3trt.errors`` and is exported by ``fa3trt``."""
+"""Every module imports on a machine with no TensorRT, no CUDA, no FA3, no transformers and no
+diffusers; every exception class of the project lives in ``fa3trt.errors`` and is exported by
+``fa3trt``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 BLOCKER = r"""
 import sys, importlib.abc
-BLOCKED = {"tensorrt", "flash_attn_interface", "cupy", "cuda", "pycuda"}
+BLOCKED = {"tensorrt", "flash_attn_interface", "cupy", "cuda", "pycuda", "transformers", "diffusers"}
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name.split(".")[0] in BLOCKED:

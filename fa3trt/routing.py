@@ -1,0 +1,364 @@
+"""Send a user's model's attention calls to ``fa3trt.attention``, and report what was routed.
+
+Contract:
+- ``with route_attention(model, method) as report:`` routes, inside the block and on this thread,
+  the model's attention calls that the op computes exactly; every other call runs as it would
+  have and is counted in ``report.left`` under its reason. On exit the model is as it was and
+  the report's summary is logged at INFO.
+- ``"sdpa"``: a ``TorchFunctionMode`` catches ``F.scaled_dot_product_attention`` (diffusers'
+  processors call it directly). ``"transformers"``: each ``PreTrainedModel`` in ``model`` runs
+  the attention function registered as ``"fa3trt"``, whose masks are built as for SDPA (a
+  left-alone call runs transformers' SDPA attention). ``"auto"``: both where ``model`` holds a
+  ``PreTrainedModel``, else ``"sdpa"``.
+- Exact only. A key-padding mask (bool, or additive 0 / -inf / the dtype's min) of shape
+  (B|1,1,1,Sk), or (B|1,1,Sq,Sk) whose query rows are all the same (an expanded view, else one
+  comparison over the mask), whose kept keys are a non-empty prefix becomes ``seq_lens_k``.
+  Causal masks never become lengths; ``is_causal`` becomes ``causal`` only where Sq == Sk.
+  Also left alone: dropout, inputs that need grad (the op has no backward), other dtypes, head
+  dims no kernel on the device takes, heads not grouped (H % Hk), tensors that are not 4-D.
+- Tracing rule: under torch.compile, torch.export, ONNX export or jit tracing (or for any tensor
+  subclass: fake, functional) a mask's values cannot be read, so every mask is left alone there;
+  the decision then rests on types and shapes only, and sizes count as equal only where provably
+  so (no guard on a dynamic axis). Strict export may count a call once per pass.
+- With the op before ``seq_lens_k`` / ``causal`` / ``softmax_scale``: key lengths go in as
+  ``seq_lens`` (padded query rows then come out zero; valid rows are exact), grouped heads as
+  repeated key/value heads, and Sq != Sk, causal and other scales are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.overrides import TorchFunctionMode
+
+from fa3trt.errors import ConfigError
+from fa3trt.kernels.base import FLOAT_DTYPES
+from fa3trt.kernels.registry import available_kernels, get
+from fa3trt.op import attention
+
+__all__ = ["route_attention", "RoutingReport", "METHODS", "INTERFACE_NAME"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "sdpa", "transformers")
+INTERFACE_NAME = "fa3trt"
+"""The name of the attention function (and of its mask, SDPA's) registered in transformers."""
+
+_GENERAL_OP = "seq_lens_k" in inspect.signature(attention).parameters
+# Arguments of a transformers attention call that the op has no way to express.
+_UNEXPRESSED = ("position_bias", "softcap", "s_aux", "sinks")
+
+
+@dataclass
+class RoutingReport:
+    """Calls routed (and what they needed of the op) and calls left alone (by reason)."""
+
+    method: str
+    """The hooks used: ``"sdpa"``, ``"transformers"`` or ``"transformers+sdpa"``."""
+    routed: int = 0
+    routed_with: dict[str, int] = field(default_factory=dict)
+    """Routed calls that needed key lengths, causal, grouped heads or Sq != Sk."""
+    left: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "routed": self.routed, "routed_with": self.routed_with, "left": self.left}
+
+    def summary(self) -> str:
+        line = f"route_attention ({self.method}): routed {self.routed} attention calls"
+        if self.routed_with:
+            line += " (" + ", ".join(f"{n} with {k}" for k, n in self.routed_with.items()) + ")"
+        left = "; ".join(f"{n} x {k}" for k, n in self.left.items())
+        return line + (f"; left {sum(self.left.values())} alone: {left}" if left else "; left none alone")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    seq_lens_k: torch.Tensor | None
+    causal: bool
+    scale: float | None
+    groups: int
+    needs: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- decisions
+def _values_hidden(t: torch.Tensor) -> bool:
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return tracing or torch.onnx.is_in_onnx_export() or type(t) is not torch.Tensor
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Provably equal: plain ints compare; symbolic sizes (export) compare without adding a guard."""
+    return statically_known_true(a == b)
+
+
+def _mask_name(mask: torch.Tensor, b: int, h: int, sq: int, sk: int) -> str:
+    """``attn_mask (B,1,S,S) bool``: the mask's shape in the call's symbols, right-aligned like broadcasting."""
+    qs, ks = ("S", "S") if _same(sq, sk) else ("Sq", "Sk")
+    syms = [("B", b), ("H", h), (qs, sq), (ks, sk)][max(0, 4 - mask.dim()) :]
+    dims = [str(n) for n in mask.shape[: max(0, mask.dim() - 4)]]
+    dims += [
+        "1" if _same(n, 1) else s if _same(n, v) else str(n)
+        for n, (s, v) in zip(mask.shape[mask.dim() - len(syms) :], syms)
+    ]
+    return f"attn_mask ({','.join(dims)}) {'bool' if mask.dtype == torch.bool else 'additive'}"
+
+
+def _key_lengths(mask: Any, dtype: torch.dtype, b: int, h: int, sq: int, sk: int) -> torch.Tensor | None | str:
+    """A key-padding mask's key lengths (int32 (B,); None if it keeps every key), else why it is not one."""
+    if not isinstance(mask, torch.Tensor):
+        return f"attn_mask {type(mask).__name__}"
+    name, shape = _mask_name(mask, b, h, sq, sk), tuple(mask.shape)
+    if _values_hidden(mask):
+        return f"{name} while tracing (values unknown)"
+    if mask.dim() != 4 or shape[0] not in (1, b) or shape[1] != 1 or shape[2] not in (1, sq) or shape[3] != sk:
+        return f"{name}: not a key-padding shape"
+    if mask.dtype not in (torch.bool, dtype):  # SDPA takes these two only
+        return f"{name}: dtype {mask.dtype}"
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    # Only -inf and the dtype's min drop a key exactly (its weight underflows to 0); anything else is a bias.
+    if mask.dtype != torch.bool and not bool(
+        (keep | (mask == -math.inf) | (mask == torch.finfo(mask.dtype).min)).all()
+    ):
+        return f"{name}: values other than 0, -inf and the dtype's min"
+    if shape[2] != 1:
+        if mask.stride(2) != 0 and not torch.equal(keep, keep[:, :, :1].expand_as(keep)):
+            return f"{name}: query rows differ (causal or another per-query mask)"
+        keep = keep[:, :, :1]
+    keep = keep.reshape(shape[0], sk).expand(b, sk)
+    lens = keep.sum(-1)
+    if not torch.equal(keep, torch.arange(sk, device=keep.device)[None, :] < lens[:, None]):
+        return f"{name}: kept keys are not a prefix"
+    if bool((lens == 0).any()):
+        return f"{name}: a sequence keeps no key"
+    return None if bool((lens == sk).all()) else lens.to(torch.int32)
+
+
+def _plan(q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale: Any, gqa: bool) -> _Plan | str:
+    """How the op computes this SDPA-layout (B, H, S, D) call exactly, or why it cannot."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "not 4-D"
+    if dropout > 0:
+        return "dropout_p > 0"
+    if not q.dtype == k.dtype == v.dtype:
+        return "q, k, v dtypes differ"
+    if q.dtype not in FLOAT_DTYPES:
+        return f"dtype {q.dtype}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and not _values_hidden(q):
+        return "inputs require grad (the op has no backward)"
+    (b, h, sq, d), (bk, hk, sk, dk) = q.shape, k.shape
+    same = _same(sq, sk)
+    # SDPA itself needs these equal (its shape checks guard them too); Sq vs Sk is the op's own choice.
+    if bk != b or tuple(v.shape[:3]) != (bk, hk, sk):
+        return "q, k, v batch or key shapes differ"
+    if dk != d or v.shape[3] != d:
+        return f"head dims differ (q {d}, k {dk}, v {v.shape[3]})"
+    if hk != h and not (gqa and h % hk == 0):
+        return f"heads {h} and {hk} not grouped (H % Hk != 0 or enable_gqa off)"
+    if not any(get(n).supports(q.dtype, d) for n in available_kernels(q.device)):
+        return f"head dim {d} in {q.dtype}: no kernel on {q.device.type}"
+    if mask is not None and causal:
+        return "attn_mask with is_causal"
+    if causal and not same:
+        return "is_causal with Sq != Sk (top-left alignment)"
+    lens = _key_lengths(mask, q.dtype, b, h, sq, sk) if mask is not None else None
+    if isinstance(lens, str):
+        return lens
+    if not _GENERAL_OP:
+        scale = None if scale is not None and math.isclose(scale, d**-0.5, rel_tol=1e-6) else scale
+        for cond, why in (
+            (not same, "Sq != Sk"),
+            (causal, "is_causal"),
+            (scale is not None, "a scale other than 1/sqrt(D)"),
+        ):
+            if cond:
+                return f"{why} (the op in this tree predates seq_lens_k, causal and softmax_scale)"
+    needs = {"key lengths": lens is not None, "causal": causal, "grouped heads": hk != h, "Sq != Sk": not same}
+    return _Plan(lens, causal, scale, h // hk, tuple(n for n, c in needs.items() if c))
+
+
+# --------------------------------------------------------------------------- the router and its hooks
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def _passthrough() -> Iterator[None]:
+    """Our own calls (the op's kernel, a left-alone call) are not intercepted again."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
+
+
+def _intercepting() -> bool:
+    return getattr(_local, "depth", 0) == 0
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The op over SDPA-layout inputs; returns (B, Sq, H, D)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    with _passthrough():
+        if _GENERAL_OP:
+            extra: dict[str, Any] = {"seq_lens_k": plan.seq_lens_k, "causal": plan.causal, "softmax_scale": plan.scale}
+            return attention(qt, kt, vt, None, 0, **extra)
+        if plan.groups > 1:  # head i reads key/value head i // groups, as SDPA's enable_gqa does
+            kt, vt = kt.repeat_interleave(plan.groups, dim=2), vt.repeat_interleave(plan.groups, dim=2)
+        return attention(qt, kt, vt, plan.seq_lens_k)
+
+
+class _Router:
+    def __init__(self, report: RoutingReport) -> None:
+        self.report = report
+
+    def leave(self, reason: str) -> None:
+        self.report.left[reason] = self.report.left.get(reason, 0) + 1
+
+    def decide(
+        self, q: Any, k: Any, v: Any, mask: Any, dropout: Any, causal: Any, scale: Any, gqa: Any
+    ) -> _Plan | None:
+        plan = _plan(q, k, v, mask, dropout, bool(causal), scale, bool(gqa))
+        if isinstance(plan, str):
+            self.leave(plan)
+            return None
+        self.report.routed += 1
+        for need in plan.needs:
+            self.report.routed_with[need] = self.report.routed_with.get(need, 0) + 1
+        return plan
+
+
+def _sdpa_args(
+    query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: Any = 0.0, is_causal: Any = False,
+    scale: Any = None, enable_gqa: Any = False,
+) -> tuple[Any, ...]:  # fmt: skip
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+class _SdpaMode(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention``. A torch function that calls SDPA inside its own
+    ``__torch_function__`` dispatch (``nn.MultiheadAttention``'s) is counted, not seen into."""
+
+    def __init__(self, router: _Router) -> None:
+        super().__init__()
+        self.router = router
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and _intercepting():
+            q, k, v, *rest = _sdpa_args(*args, **kwargs)
+            plan = self.router.decide(q, k, v, *rest)
+            if plan is not None:
+                return _run(q, k, v, plan).transpose(1, 2)
+            with _passthrough():
+                return func(*args, **kwargs)
+        if func is F.multi_head_attention_forward and _intercepting():
+            self.router.leave("nn.MultiheadAttention (its SDPA call is not seen)")
+        return func(*args, **kwargs)
+
+
+def _transformers_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature, registered as ``INTERFACE_NAME``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    routers: list[_Router] = getattr(_local, "routers", [])
+    plan = None
+    if routers and _intercepting():
+        unexpressed = [n for n in _UNEXPRESSED if kwargs.get(n) is not None]
+        if unexpressed:
+            routers[-1].leave(f"{unexpressed[0]} argument")
+        else:  # transformers' SDPA rule: causal only without a mask and with more than one query
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            causal = attention_mask is None and bool(causal) and query.shape[2] > 1
+            plan = routers[-1].decide(query, key, value, attention_mask, dropout, causal, scaling, True)
+    if plan is not None:
+        return _run(query, key, value, plan), None
+    with _passthrough():
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+
+
+def _pretrained_models(model: torch.nn.Module) -> list[Any]:
+    if "transformers" not in sys.modules:  # then nothing is a PreTrainedModel; don't import it
+        return []
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+@contextlib.contextmanager
+def _interface(models: list[Any]) -> Iterator[None]:
+    """The models' configs name ``INTERFACE_NAME`` inside the block; every config is restored on exit."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(INTERFACE_NAME, _transformers_attention)
+    AttentionMaskInterface.register(INTERFACE_NAME, sdpa_mask)
+    # Parents before their sub-configs: restoring a parent also sets its sub-configs, restored after it.
+    configs: dict[int, Any] = {}
+    queue = [m.config for m in models]
+    while queue:
+        config = queue.pop(0)
+        if id(config) not in configs:
+            configs[id(config)] = config
+            queue += [c for n in getattr(config, "sub_configs", {}) if (c := getattr(config, n, None)) is not None]
+    saved = [(c, c._attn_implementation) for c in configs.values()]
+    try:
+        for m in models:
+            m.config._attn_implementation = INTERFACE_NAME
+        yield
+    finally:
+        for config, implementation in saved:
+            config._attn_implementation = implementation
+
+
+@contextlib.contextmanager
+def route_attention(model: torch.nn.Module, method: str = "auto") -> Iterator[RoutingReport]:
+    """Route ``model``'s attention calls to ``fa3trt.attention`` inside the block; yields the
+    ``RoutingReport``, filled as the model runs and logged at INFO on exit.
+
+    ``method``: ``"auto"``, ``"sdpa"`` or ``"transformers"`` (see the module docstring)."""
+    if method not in METHODS:
+        raise ConfigError(f"route_attention: method must be one of {list(METHODS)}, got {method!r}")
+    models = _pretrained_models(model) if method != "sdpa" else []
+    if method == "transformers" and not models:
+        raise ConfigError(
+            f"route_attention: method='transformers' needs a transformers PreTrainedModel and "
+            f"{type(model).__name__} holds none; use method='sdpa' or 'auto'"
+        )
+    hooks = (["transformers"] if models else []) + (["sdpa"] if method != "transformers" else [])
+    report = RoutingReport("+".join(hooks))
+    router = _Router(report)
+    routers: list[_Router] = _local.__dict__.setdefault("routers", [])
+    with contextlib.ExitStack() as stack:
+        if models:
+            stack.enter_context(_interface(models))
+        if "sdpa" in hooks:
+            stack.enter_context(_SdpaMode(router))
+        routers.append(router)
+        try:
+            yield report
+        finally:
+            routers.remove(router)
+            log.info("%s", report.summary())
