@@ -20,15 +20,11 @@ Contract:
   subclass: fake, functional) a mask's values cannot be read, so every mask is left alone there;
   the decision then rests on types and shapes only, and sizes count as equal only where provably
   so (no guard on a dynamic axis). Strict export may count a call once per pass.
-- With the op before ``seq_lens_k`` / ``causal`` / ``softmax_scale``: key lengths go in as
-  ``seq_lens`` (padded query rows then come out zero; valid rows are exact), grouped heads as
-  repeated key/value heads, and Sq != Sk, causal and other scales are left alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import sys
@@ -55,7 +51,6 @@ METHODS = ("auto", "sdpa", "transformers")
 INTERFACE_NAME = "fa3trt"
 """The name of the attention function (and of its mask, SDPA's) registered in transformers."""
 
-_GENERAL_OP = "seq_lens_k" in inspect.signature(attention).parameters
 # Arguments of a transformers attention call that the op has no way to express.
 _UNEXPRESSED = ("position_bias", "softcap", "s_aux", "sinks")
 
@@ -174,15 +169,6 @@ def _plan(q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale
     lens = _key_lengths(mask, q.dtype, b, h, sq, sk) if mask is not None else None
     if isinstance(lens, str):
         return lens
-    if not _GENERAL_OP:
-        scale = None if scale is not None and math.isclose(scale, d**-0.5, rel_tol=1e-6) else scale
-        for cond, why in (
-            (not same, "Sq != Sk"),
-            (causal, "is_causal"),
-            (scale is not None, "a scale other than 1/sqrt(D)"),
-        ):
-            if cond:
-                return f"{why} (the op in this tree predates seq_lens_k, causal and softmax_scale)"
     needs = {"key lengths": lens is not None, "causal": causal, "grouped heads": hk != h, "Sq != Sk": not same}
     return _Plan(lens, causal, scale, h // hk, tuple(n for n, c in needs.items() if c))
 
@@ -209,12 +195,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> torc
     """The op over SDPA-layout inputs; returns (B, Sq, H, D)."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     with _passthrough():
-        if _GENERAL_OP:
-            extra: dict[str, Any] = {"seq_lens_k": plan.seq_lens_k, "causal": plan.causal, "softmax_scale": plan.scale}
-            return attention(qt, kt, vt, None, 0, **extra)
-        if plan.groups > 1:  # head i reads key/value head i // groups, as SDPA's enable_gqa does
-            kt, vt = kt.repeat_interleave(plan.groups, dim=2), vt.repeat_interleave(plan.groups, dim=2)
-        return attention(qt, kt, vt, plan.seq_lens_k)
+        return attention(qt, kt, vt, None, 0, seq_lens_k=plan.seq_lens_k, causal=plan.causal, softmax_scale=plan.scale)
 
 
 class _Router:

@@ -8,7 +8,6 @@ once it is in the tree; until then the assertions about them skip, naming what i
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -17,22 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fa3trt
 from fa3trt import ConfigError, RoutingReport, route_attention
 from fa3trt.op import onnx_export_mode
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-GENERAL_OP = "seq_lens_k" in inspect.signature(fa3trt.attention).parameters
-PREDATES = "(the op in this tree predates seq_lens_k, causal and softmax_scale)"
 TOL = 1e-5
 CAUSAL_ROWS = "attn_mask (B,1,S,S) bool: query rows differ (causal or another per-query mask)"
-
-
-def needs_general_op() -> None:
-    if not GENERAL_OP:
-        pytest.skip("needs fa3trt.attention(..., seq_lens_k=, causal=, softmax_scale=): the generalized op")
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -111,20 +102,8 @@ def test_wan_routes_self_and_cross_attention(wan: tuple[torch.nn.Module, dict[st
     close(got, expected)
     assert report.routed + sum(report.left.values()) == 4  # self + cross per block, 2 blocks
     assert report.routed >= 2  # the two self-attention calls (32 queries, 32 keys)
-    needs_general_op()
     # cross-attention: 32 video queries over 7 text keys
     assert report.as_dict() == {"method": "sdpa", "routed": 4, "routed_with": {"Sq != Sk": 2}, "left": {}}
-
-
-def test_wan_cross_attention_left_alone_by_the_op_before_seq_lens_k(
-    wan: tuple[torch.nn.Module, dict[str, torch.Tensor]],
-) -> None:
-    if GENERAL_OP:
-        pytest.skip("the generalized op is in the tree: cross-attention is routed")
-    model, inputs = wan
-    with torch.no_grad(), route_attention(model) as report:
-        model(**inputs, return_dict=False)
-    assert report.as_dict() == {"method": "sdpa", "routed": 2, "routed_with": {}, "left": {f"Sq != Sk {PREDATES}": 2}}
 
 
 def sd3() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -222,7 +201,7 @@ def test_wan_export_keeps_the_text_length_dynamic(wan: tuple[torch.nn.Module, di
     dynamic = {"hidden_states": {0: batch}, "timestep": {0: batch}, "encoder_hidden_states": {0: batch, 1: text}}
     with torch.no_grad(), route_attention(model) as report:
         program = torch.export.export(model, (), inputs, dynamic_shapes=dynamic)
-    assert report.routed == custom_attn_nodes(program) == (4 if GENERAL_OP else 2)
+    assert report.routed == custom_attn_nodes(program) == 4
 
 
 # --------------------------------------------------------------------------- transformers
@@ -271,7 +250,6 @@ def test_bert_padding_mask_becomes_key_lengths(bert: torch.nn.Module, method: st
 
 
 def test_bert_padded_rows_equal_too_with_seq_lens_k(bert: torch.nn.Module) -> None:
-    needs_general_op()
     ids, mask = padded_batch()
     with torch.no_grad():
         expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -340,9 +318,6 @@ def test_llama_without_mask_is_causal_with_grouped_heads(llama: torch.nn.Module)
         with route_attention(llama) as report:
             got = llama(input_ids=ids).logits
     close(got, expected)
-    if not GENERAL_OP:
-        assert report.left == {f"is_causal {PREDATES}": 2}
-    needs_general_op()
     assert report.routed == 2 and report.routed_with == {"causal": 2, "grouped heads": 2} and not report.left
 
 
@@ -438,9 +413,9 @@ RULES = [
     ),
     ("float64", qkv(dtype=torch.float64), {}, "dtype torch.float64"),
     ("is_causal with Sq != Sk", qkv(sk=9), {"is_causal": True}, "is_causal with Sq != Sk (top-left alignment)"),
-    ("is_causal", qkv(), {"is_causal": True}, f"general:causal|is_causal {PREDATES}"),
-    ("Sq != Sk", qkv(sk=9), {}, f"general:Sq != Sk|Sq != Sk {PREDATES}"),
-    ("a scale", qkv(), {"scale": 0.5}, f"general:|a scale other than 1/sqrt(D) {PREDATES}"),
+    ("is_causal", qkv(), {"is_causal": True}, ("causal",)),
+    ("Sq != Sk", qkv(sk=9), {}, ("Sq != Sk",)),
+    ("a scale", qkv(), {"scale": 0.5}, ()),
 ]
 
 
@@ -450,22 +425,13 @@ def test_sdpa_rules(name: str, tensors: tuple[torch.Tensor, ...], kwargs: dict, 
     reference = F.scaled_dot_product_attention(q, k, v, **kwargs)
     with route_attention(torch.nn.Identity(), "sdpa") as report:
         got = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    if isinstance(expected, str) and expected.startswith("general:"):
-        needs, legacy = expected.removeprefix("general:").split("|")
-        expected = tuple(n for n in [needs] if n) if GENERAL_OP else legacy
     if isinstance(expected, str):
         assert report.routed == 0 and report.left == {expected: 1}
         close(got, reference)
         return
     assert report.routed == 1 and not report.left
     assert report.routed_with == dict.fromkeys(expected, 1)
-    if "key lengths" in expected and not GENERAL_OP:
-        # the op before seq_lens_k takes key lengths as sequence lengths: padded query rows are zero
-        valid = KEEP[:, None, :, None].expand_as(reference)
-        close(got[valid], reference[valid])
-        assert not got[~valid].any()
-    else:
-        close(got, reference)
+    close(got, reference)
 
 
 def test_multihead_attention_is_counted_not_routed() -> None:
