@@ -28,7 +28,7 @@ serving() { python3 -m bench.serving --preset seed --layers 2 "$@" --out "$out" 
 case "$1" in
   kernels)
     python3 -m pytest -q -m gpu tests/fa3trt tests/deploy/test_gpu_oom.py tests/deploy/test_gpu_streams.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -25
-    for b in ${BENCHES:-attention fa3_kernel plugin_overhead host_path host_staging model_throughput cudnn_ragged_probe}; do
+    for b in ${BENCHES:-attention fa3_kernel plugin_overhead host_path host_staging model_throughput routing cudnn_ragged_probe}; do
       [ -f "bench/$b.py" ] && python3 -m bench.$b --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     done
     ;;
