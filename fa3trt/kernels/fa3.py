@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fa3trt.errors import MissingDependencyError
-from fa3trt.kernels.base import SequsedKernel, device_lengths_of
+from fa3trt.kernels.base import SequsedKernel, default_scale, device_lengths_of
 from fa3trt.kernels.tail import zero_tail_
 
 __all__ = [
@@ -172,7 +172,7 @@ def attention(
     # otherwise still run the plain calls.
     if causal:
         extra["is_causal"] = True
-    if softmax_scale is not None:
+    if softmax_scale is not None and softmax_scale != default_scale(q.shape[3]):
         extra["softmax_scale"] = softmax_scale
     # The padded batch as it is: seqused_q/k make FA3 schedule only the tiles inside each
     # sequence (its varlen scheduler), with no cu_seqlens to build.
