@@ -1,14 +1,25 @@
-"""Export the model to ONNX with one ``CustomAttnPlugin`` node per attention call, and verify it.
+"""Export any model whose attention calls ``fa3trt.attention`` to ONNX, by named inputs.
 
-``export_onnx(model, path)`` uses the dynamo exporter. Inside ``fa3trt.attention`` the call is
-written with ``torch.onnx.ops.symbolic`` as node ``attn::CustomAttnPlugin`` carrying the TensorRT
-plugin's fields (``mode``, ``causal``, ``softmax_scale``, ``plugin_version``, ``plugin_namespace``); inputs are ``x`` (B, S, D)
-and ``seq_lens`` (B,) with symbolic ``B`` and ``S``. Weights go to an external-data file when the
-model passes 2 GB (protobuf's limit).
+Contract:
+- ``export_onnx(model, path, inputs, dynamic_axes)`` traces ``model(**inputs)`` with one
+  ``torch.export.Dim`` per axis name of ``dynamic_axes`` (an axis name shared by inputs is one
+  dimension), strictly first, then writes it with ``torch.onnx.export``. Every
+  ``fa3trt.attention`` call becomes one ``attn::CustomAttnPlugin`` node; the selected output
+  (``output``: a position or a name, see ``fa3trt.model_io.select_output``) is the graph's one
+  output ``output_name``; graph inputs carry the input names and their dynamic axes the axis
+  names. Weights go to an external-data file past 2 GB (protobuf's limit).
+- A declared axis that the model fixes to its sample size (a ``.view`` with a literal, a branch
+  on the size) is an ``ExportError`` naming the input and the axis, whether torch.export refuses
+  it or the ONNX graph input comes out static. Non-strict ``torch.export`` (the fallback when
+  strict tracing fails, with a logged warning) refuses such an axis as well; today strict
+  tracing stops at ``fa3trt.attention``'s export branch (dynamo traces neither
+  ``ContextVar.get`` nor ``torch.onnx.ops.symbolic``), so every export takes the fallback.
+- Sample sizes of dynamic axes must be >= 2: torch.export specializes sizes 0 and 1.
+- Without ``inputs`` the model must be the reference ``Transformer``: inputs ``x`` (B, S, hidden)
+  and ``seq_lens`` (B,), output ``y``, exactly ``cfg.layers`` plugin nodes.
 
-``verify_onnx(path, model)`` runs the file in ONNX Runtime on the CPU, with ``CustomAttnPlugin``
-implemented as an onnxruntime-extensions Python op that calls the same attention op, and
-compares with the PyTorch model. ``python -m fa3trt.export --check`` does both for a preset.
+``verify_onnx`` (``fa3trt.onnx_check``) runs the file in ONNX Runtime against the eager model;
+``python -m fa3trt.export --check`` does both for a preset.
 """
 
 from __future__ import annotations
@@ -18,25 +29,31 @@ import copy
 import hashlib
 import logging
 import os
+import re
 import sys
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
 from fa3trt.errors import ExportError
 from fa3trt.model import ModelConfig, Transformer, build_model
-from fa3trt.op import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION, onnx_export_mode
+from fa3trt.model_io import REFERENCE_AXES, NamedCall, reference_inputs
+from fa3trt.onnx_check import verify_onnx
+from fa3trt.op import PLUGIN_NAME, onnx_export_mode
 
-__all__ = ["export_onnx", "verify_onnx", "ExportResult", "file_sha256", "plugin_nodes", "OPSET"]
+__all__ = ["export_onnx", "verify_onnx", "ExportResult", "file_sha256", "plugin_nodes", "OPSET", "DEFAULT_AXIS_RANGES"]
 
 log = logging.getLogger(__name__)
 
 OPSET = 20
 """Opset 20 has Gelu and LayerNormalization as single nodes, which TensorRT 10 parses natively."""
 _PROTOBUF_LIMIT = 2 << 30
+DEFAULT_AXIS_RANGES: dict[str, tuple[int, int]] = {"B": (1, 4096)}
+"""Bounds of a dynamic axis by name; any other axis name gets ``(1, 1 << 20)``."""
+_OTHER_AXIS_RANGE = (1, 1 << 20)
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,10 @@ class ExportResult:
     sha256: str
     external_data: bool
     plugin_nodes: int
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per graph input, in order: ``{"dtype": "float32", "shape": ["B", "S", 256]}`` (axis name or static size)."""
+    output: dict[str, Any] = field(default_factory=dict)
+    """The graph's output: ``{"name": "y", "dtype": ..., "shape": [...]}``."""
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -60,153 +81,205 @@ def plugin_nodes(model_proto: object) -> list[object]:
     return [n for n in model_proto.graph.node if n.op_type == PLUGIN_NAME]  # type: ignore[attr-defined]
 
 
+def _axis_dims(
+    inputs: dict[str, torch.Tensor],
+    dynamic_axes: dict[str, dict[int, str]],
+    axis_ranges: dict[str, tuple[int, int]] | None,
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """One ``torch.export.Dim`` per axis name, validated against the samples; and where each name is used."""
+    ranges = {**DEFAULT_AXIS_RANGES, **(axis_ranges or {})}
+    dims: dict[str, Any] = {}
+    where: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
+    for name, axes in dynamic_axes.items():
+        if name not in inputs:
+            raise ExportError(f"dynamic_axes names input {name!r}, but inputs has {list(inputs)}; name an input")
+        for axis, axis_name in axes.items():
+            t = inputs[name]
+            if not (isinstance(axis, int) and 0 <= axis < t.dim()):
+                raise ExportError(
+                    f"dynamic_axes[{name!r}] has axis {axis!r}; {name} has {t.dim()} axes (0..{t.dim() - 1})"
+                )
+            if not (isinstance(axis_name, str) and axis_name.isidentifier()):
+                raise ExportError(
+                    f"dynamic_axes[{name!r}][{axis}] = {axis_name!r}; an axis name is an identifier like 'B'"
+                )
+            size = int(t.shape[axis])
+            where.setdefault(axis_name, []).append(f"{name}[{axis}]")
+            if sizes.setdefault(axis_name, size) != size:
+                raise ExportError(
+                    f"axis {axis_name} has sample size {sizes[axis_name]} in {where[axis_name][0]} and {size} in "
+                    f"{name}[{axis}]; one axis name is one size, give the samples equal sizes there or rename one axis"
+                )
+            lo, hi = ranges.get(axis_name, _OTHER_AXIS_RANGE)
+            if size < 2 or not lo <= size <= hi:
+                raise ExportError(
+                    f"{name}[{axis}] (axis {axis_name}) has sample size {size}; a dynamic axis needs a sample size >= 2 "
+                    f"(torch.export specializes 0 and 1) within its range [{lo}, {hi}]; choose another sample size"
+                )
+            dims.setdefault(axis_name, torch.export.Dim(axis_name, min=lo, max=hi))
+    return dims, where
+
+
+def _specialized(e: BaseException, where: dict[str, list[str]]) -> ExportError | None:
+    """An ExportError naming the inputs and axes if ``e`` is torch.export's constraint violation."""
+    text = str(e)
+    kind = getattr(getattr(e, "error_type", None), "name", "")
+    if kind != "CONSTRAINT_VIOLATION" and "Constraints violated" not in text:
+        return None
+    m = re.search(r"Constraints violated \(([^)]*)\)", text)
+    named = [n.strip() for n in m.group(1).split(",")] if m else []
+    names = [n for n in where if n in named] or [n for n in where if re.search(rf"\b{re.escape(n)}\b", text)]
+    axes = "; ".join(f"axis {n} ({', '.join(where[n])})" for n in names) or "a declared axis"
+    reasons = " ".join(line.strip(" -") for line in text.splitlines() if "specialized" in line or "guard" in line)
+    return ExportError(
+        f"{axes} is declared dynamic but the model fixes its size: {reasons or text.splitlines()[0]} "
+        "Fix: remove what fixes the size (a .view/.reshape with a literal size, a branch on the size), "
+        "or drop the axis from dynamic_axes to export it static."
+    )
+
+
+def _trace(call: NamedCall, args: tuple[torch.Tensor, ...], shapes: Any, where: dict[str, list[str]]) -> Any:
+    """``torch.export`` strictly, else non-strictly (a logged warning); specialization is an ExportError."""
+    for strict in (True, False):
+        try:
+            with onnx_export_mode():
+                return torch.export.export(call, args, dynamic_shapes={"args": shapes}, strict=strict)
+        except Exception as e:
+            if (err := _specialized(e, where)) is not None:
+                raise err from e
+            if not strict:
+                raise ExportError(f"torch.export failed for {type(call.model).__name__}: {e}") from e
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            log.warning(
+                "strict torch.export failed for %s (%s); falling back to non-strict torch.export, which still "
+                "refuses a declared axis that specializes",
+                type(call.model).__name__,
+                first,
+            )
+    raise AssertionError("unreachable")
+
+
+def _name_axes(proto: Any, dynamic_axes: dict[str, dict[int, str]], where: dict[str, list[str]]) -> None:
+    """Give the graph's symbolic dims the declared axis names; a declared axis left static is an ExportError."""
+    graph = proto.graph
+    rename: dict[str, str] = {}
+    for inp in graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        for axis, axis_name in dynamic_axes.get(inp.name, {}).items():
+            if not dims[axis].dim_param:
+                raise ExportError(
+                    f"axis {axis_name} of input {inp.name} (axis {axis}) came out static ({dims[axis].dim_value}) in "
+                    f"the ONNX graph: the exporter specialized it ({', '.join(where[axis_name])}). Fix: remove what "
+                    "fixes its size in the model, or drop the axis from dynamic_axes to export it static."
+                )
+            rename[dims[axis].dim_param] = axis_name
+    if not rename:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(rename, key=len, reverse=True))) + r")\b")
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: rename[m.group(1)], d.dim_param)
+
+
+def _schema(value: Any) -> dict[str, Any]:
+    import onnx
+
+    t = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+    return {"dtype": dtype, "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+
+
 def export_onnx(
-    model: Transformer,
+    model: nn.Module,
     path: str | os.PathLike[str],
+    inputs: dict[str, torch.Tensor] | None = None,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
     *,
-    sample_batch: int = 2,
-    sample_seq: int = 64,
+    output: str | int = 0,
+    output_name: str = "y",
+    axis_ranges: dict[str, tuple[int, int]] | None = None,
     plugin_namespace: str = "",
     external_data: bool | None = None,
+    sample_batch: int = 2,
+    sample_seq: int = 64,
 ) -> ExportResult:
-    """Export ``model`` to ``path``; returns the file's sha256 and how many plugin nodes it has.
+    """Export ``model(**inputs)`` to ``path`` (see the module docstring); returns the file's record.
 
-    ``external_data``: None decides by size (weights past 2 GB go to ``<path>.data``).
+    ``dynamic_axes``: per input, axis -> axis name (None: all static). ``axis_ranges``: per axis
+    name (min, max), defaults ``DEFAULT_AXIS_RANGES``. ``external_data``: None decides by size.
+    ``sample_batch`` / ``sample_seq``: the reference model's sample sizes when ``inputs`` is None.
     """
     import onnx
 
-    cfg = model.cfg
-    if next(model.parameters()).device.type != "cpu":
+    if inputs is None:
+        if not isinstance(model, Transformer):
+            raise ExportError(
+                f"export_onnx needs inputs= (named sample tensors) and dynamic_axes= for a {type(model).__name__}; "
+                "only the reference Transformer has defaults"
+            )
+        inputs = reference_inputs(model, sample_batch, sample_seq)
+        dynamic_axes = REFERENCE_AXES if dynamic_axes is None else dynamic_axes
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs.values()):
+        raise ExportError(f"inputs must be a non-empty dict of name -> tensor, got {type(inputs).__name__}")
+    dynamic_axes = dict(dynamic_axes or {})
+    if next(model.parameters(), torch.empty(0)).device.type != "cpu":
         # Trace on the CPU: the graph does not depend on the device, and some torch releases
         # (2.11) give the plugin node's placeholder output a CPU device inside a CUDA graph.
         model = copy.deepcopy(model).to("cpu")
-    device = torch.device("cpu")
+    inputs = {name: t.to("cpu") for name, t in inputs.items()}
+    dims, where = _axis_dims(inputs, dynamic_axes, axis_ranges)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = torch.randn(sample_batch, sample_seq, cfg.hidden, device=device, dtype=cfg.torch_dtype)
-    seq_lens = torch.full((sample_batch,), sample_seq, dtype=torch.int32, device=device)
-    batch = torch.export.Dim("B", min=1, max=4096)
-    seq = torch.export.Dim("S", min=1, max=1 << 20)
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if external_data is None:
         external_data = n_bytes > _PROTOBUF_LIMIT - (64 << 20)
+
+    call = NamedCall(model, list(inputs), output)
+    args = tuple(inputs.values())
+    shapes = tuple({a: dims[n] for a, n in dynamic_axes.get(name, {}).items()} or None for name in inputs)
+    program = _trace(call, args, shapes, where)
     try:
         with onnx_export_mode():
-            program = torch.onnx.export(
-                model,
-                (x, seq_lens),
+            onnx_program = torch.onnx.export(
+                program,
+                args,
                 dynamo=True,
                 opset_version=OPSET,
-                input_names=["x", "seq_lens"],
-                output_names=["y"],
-                dynamic_shapes={"x": {0: batch, 1: seq}, "seq_lens": {0: batch}},
+                input_names=list(inputs),
+                output_names=[output_name],
                 verbose=False,
             )
     except Exception as e:
-        raise ExportError(f"torch.onnx.export failed for ModelConfig({cfg.name}): {e}") from e
-    if program is None:  # the dynamo exporter always returns a program; guard the type
+        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {e}") from e
+    if onnx_program is None:  # the dynamo exporter always returns a program; guard the type
         raise ExportError("torch.onnx.export returned no program")
-    program.save(str(path), external_data=external_data)
+    onnx_program.save(str(path), external_data=external_data)
 
-    # The only edit after export: the plugin namespace is a deployment choice, not a property of
-    # the model, so it is written into the nodes here instead of threading it through forward().
+    # Edits after export: the axis names (torch.export's symbols are s0, s1, ...), and the plugin
+    # namespace, a deployment choice rather than a property of the model.
     proto = onnx.load(str(path), load_external_data=False)
+    _name_axes(proto, dynamic_axes, where)
     nodes = plugin_nodes(proto)
-    if len(nodes) != cfg.layers:
+    if isinstance(model, Transformer) and len(nodes) != model.cfg.layers:
         raise ExportError(
-            f"expected {cfg.layers} {PLUGIN_NAME} nodes (one per layer), found {len(nodes)}; "
+            f"expected {model.cfg.layers} {PLUGIN_NAME} nodes (one per layer), found {len(nodes)}; "
             "the attention call was traced into other ops"
         )
-    if plugin_namespace:
-        for node in nodes:
-            for attr in node.attribute:  # type: ignore[attr-defined]
-                if attr.name == "plugin_namespace":
-                    attr.s = plugin_namespace.encode()
-        onnx.save(proto, str(path))
+    if not nodes:
+        log.warning("%s has no %s node: the model never calls fa3trt.attention", path, PLUGIN_NAME)
+    for node in nodes:
+        for attr in node.attribute:  # type: ignore[attr-defined]
+            if attr.name == "plugin_namespace" and plugin_namespace:
+                attr.s = plugin_namespace.encode()
+    onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
-    result = ExportResult(str(path), file_sha256(path), bool(external_data), len(nodes))
-    log.info("exported %s: %d plugin nodes, sha256 %s", path, len(nodes), result.sha256[:12])
+    schema = {i.name: _schema(i) for i in proto.graph.input}
+    out = {"name": proto.graph.output[0].name, **_schema(proto.graph.output[0])}
+    result = ExportResult(str(path), file_sha256(path), bool(external_data), len(nodes), schema, out)
+    log.info("exported %s: %d plugin nodes, inputs %s, sha256 %s", path, len(nodes), schema, result.sha256[:12])
     return result
-
-
-_ort_op_lock = threading.Lock()
-_ort_op_registered = False
-
-
-def _register_ort_plugin_op() -> None:
-    """Register ``attn::CustomAttnPlugin`` as an onnxruntime-extensions Python op (once)."""
-    global _ort_op_registered
-    with _ort_op_lock:
-        if _ort_op_registered:
-            return
-        from onnxruntime_extensions import PyCustomOpDef, onnx_op
-
-        from fa3trt.op import custom_attn
-
-        f32, i32, i64, s = (
-            PyCustomOpDef.dt_float,
-            PyCustomOpDef.dt_int32,
-            PyCustomOpDef.dt_int64,
-            PyCustomOpDef.dt_string,
-        )
-
-        @onnx_op(
-            op_type=f"{PLUGIN_DOMAIN}::{PLUGIN_NAME}",
-            inputs=[f32, f32, f32, i32, i32],
-            outputs=[f32],
-            attrs={"mode": i64, "causal": i64, "softmax_scale": f32, "plugin_version": s, "plugin_namespace": s},
-        )
-        def _custom_attn_plugin(q, k, v, seq_lens, seq_lens_k, **attrs):  # type: ignore[no-untyped-def]
-            if str(attrs.get("plugin_version", PLUGIN_VERSION)) != PLUGIN_VERSION:
-                raise ExportError(f"node has plugin_version {attrs['plugin_version']!r}, this is {PLUGIN_VERSION}")
-            # The node always carries both lengths (the same values for padded self-attention).
-            out = custom_attn(
-                torch.from_numpy(q),
-                torch.from_numpy(k),
-                torch.from_numpy(v),
-                torch.from_numpy(seq_lens),
-                torch.from_numpy(seq_lens_k),
-                int(attrs.get("mode", 0)),
-                bool(attrs.get("causal", 0)),
-                float(attrs["softmax_scale"]),
-            )
-            return out.numpy()
-
-        _ort_op_registered = True
-
-
-def verify_onnx(
-    path: str | os.PathLike[str],
-    model: Transformer,
-    *,
-    lengths: tuple[int, ...] = (48, 17, 1),
-    atol: float = 1e-4,
-    seed: int = 0,
-) -> float:
-    """Run ``path`` in ONNX Runtime (CPU) and the PyTorch ``model`` on one padded batch.
-
-    Returns the max abs difference; raises ``ExportError`` above ``atol``. fp32 models only
-    (ONNX Runtime's Python ops take float32).
-    """
-    import onnxruntime as ort
-    from onnxruntime_extensions import get_library_path
-
-    if model.cfg.torch_dtype != torch.float32:
-        raise ExportError(f"verify_onnx needs a float32 model, got {model.cfg.dtype}; export a float32 copy to check")
-    _register_ort_plugin_op()
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(get_library_path())
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(lengths), max(lengths), model.cfg.hidden, generator=g)
-    seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    (got,) = session.run(["y"], {"x": x.numpy(), "seq_lens": seq_lens.numpy()})
-    with torch.inference_mode():
-        want = model(x, seq_lens).numpy()
-    err = float(np.abs(got - want).max())
-    if not err <= atol:  # also catches NaN
-        raise ExportError(f"ONNX Runtime output differs from PyTorch by {err:.3g} (tolerance {atol:g}) for {path}")
-    return err
 
 
 def main(argv: list[str] | None = None) -> int:
