@@ -121,21 +121,29 @@ def _axis_dims(
     return dims, where
 
 
-def _specialized(e: BaseException, where: dict[str, list[str]]) -> ExportError | None:
+def _specialized(e: BaseException, where: dict[str, list[str]], names: list[str]) -> ExportError | None:
     """An ExportError naming the inputs and axes if ``e`` is torch.export's constraint violation."""
     text = str(e)
     kind = getattr(getattr(e, "error_type", None), "name", "")
     if kind != "CONSTRAINT_VIOLATION" and "Constraints violated" not in text:
         return None
+    # torch names inputs by their place in the adapter's *args: L['args'][i].size()[j].
+    text = re.sub(r"L\['args'\]\[(\d+)\]\.size\(\)\[(\d+)\]", lambda m: f"{names[int(m[1])]}.shape[{m[2]}]", text)
     m = re.search(r"Constraints violated \(([^)]*)\)", text)
     named = [n.strip() for n in m.group(1).split(",")] if m else []
-    names = [n for n in where if n in named] or [n for n in where if re.search(rf"\b{re.escape(n)}\b", text)]
-    axes = "; ".join(f"axis {n} ({', '.join(where[n])})" for n in names) or "a declared axis"
-    reasons = " ".join(line.strip(" -") for line in text.splitlines() if "specialized" in line or "guard" in line)
+    axes = [n for n in where if n in named] or [n for n in where if re.search(rf"\b{re.escape(n)}\b", text)]
+    lines = [line.strip() for line in text.splitlines()]
+    reasons = [line[2:] for line in lines if line.startswith("- ")]
+    if "Suggested fixes:" in lines:  # a block of "T = S" lines, up to an empty one
+        fixes = [*lines[lines.index("Suggested fixes:") + 1 :], ""]
+        reasons.append("torch suggests " + ", ".join(fixes[: fixes.index("")]))
+    shown = (" | ".join(r if len(r) <= 300 else r[:300] + "..." for r in reasons[:3]) or lines[0]).rstrip(".")
+    more = f" ({len(reasons) - 3} more)" if len(reasons) > 3 else ""
+    named_axes = "; ".join(f"axis {n} ({', '.join(where[n])})" for n in axes) or "a declared axis"
     return ExportError(
-        f"{axes} is declared dynamic but the model fixes its size: {reasons or text.splitlines()[0]} "
-        "Fix: remove what fixes the size (a .view/.reshape with a literal size, a branch on the size), "
-        "or drop the axis from dynamic_axes to export it static."
+        f"{named_axes} is declared dynamic but the model fixes or constrains its size: {shown}{more}. Fix: remove "
+        "what fixes the size (a .view/.reshape with a literal size, a branch on the size); for axes that must be "
+        "equal, use one axis name for both; or drop the axis from dynamic_axes to export it static."
     )
 
 
@@ -146,7 +154,7 @@ def _trace(call: NamedCall, args: tuple[torch.Tensor, ...], shapes: Any, where: 
             with onnx_export_mode():
                 return torch.export.export(call, args, dynamic_shapes={"args": shapes}, strict=strict)
         except Exception as e:
-            if (err := _specialized(e, where)) is not None:
+            if (err := _specialized(e, where, list(call.names))) is not None:
                 raise err from e
             if not strict:
                 raise ExportError(f"torch.export failed for {type(call.model).__name__}: {e}") from e
@@ -223,6 +231,8 @@ def export_onnx(
         dynamic_axes = REFERENCE_AXES if dynamic_axes is None else dynamic_axes
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs.values()):
         raise ExportError(f"inputs must be a non-empty dict of name -> tensor, got {type(inputs).__name__}")
+    if output_name in inputs:
+        raise ExportError(f"output_name {output_name!r} is also an input's name; pass another output_name=")
     dynamic_axes = dict(dynamic_axes or {})
     if next(model.parameters(), torch.empty(0)).device.type != "cpu":
         # Trace on the CPU: the graph does not depend on the device, and some torch releases

@@ -149,6 +149,26 @@ def test_a_static_graph_axis_declared_dynamic_is_an_error() -> None:
     assert proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "B"
 
 
+class SameLength(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        q = x.view(*x.shape[:2], H, D)
+        return fa3trt.attention(q, q, q).reshape(x.shape) + y
+
+
+def test_axes_the_model_makes_equal_are_an_error_naming_both(tmp_path: Path) -> None:
+    inputs = {"x": torch.randn(2, 8, C), "y": torch.randn(2, 8, C)}
+    with pytest.raises(ExportError, match="output_name 'y' is also an input's name"):
+        export_onnx(SameLength(), tmp_path / "m.onnx", inputs)
+    axes = {"x": {0: "B", 1: "S"}, "y": {0: "B", 1: "T"}}
+    with pytest.raises(ExportError, match=r"axis T \(y\[1\]\) .*T = y.shape\[1\] and S = x.shape\[1\] must always be"):
+        export_onnx(SameLength(), tmp_path / "m.onnx", inputs, axes, output_name="out")
+    # One axis name for both is the fix.
+    axes = {"x": {0: "B", 1: "S"}, "y": {0: "B", 1: "S"}}
+    res = export_onnx(SameLength(), tmp_path / "m.onnx", inputs, axes, output_name="out")
+    assert res.inputs["y"]["shape"] == ["B", "S", C]
+    assert verify_onnx(res.path, SameLength(), inputs) < 1e-4
+
+
 @dataclass
 class Out:
     sample: torch.Tensor
