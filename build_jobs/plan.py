@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fa3trt import defaults, tensorrt_available
-from fa3trt.config import APP_IMPORT_PATH, AppArgs
+from fa3trt.config import APP_IMPORT_PATH, AppArgs, SourceSpec
 from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError
 from fa3trt.model import ModelConfig
 from fa3trt.store import ArtifactStore, sanitize_key_part, validate_key
@@ -73,7 +73,8 @@ class BuildItem:
     """Ray accelerator type (``H100``) this item builds for; None on a cluster without types."""
     backend: Backend
     """What the item builds: a TensorRT engine, or the torch backend's verified artifacts."""
-    model: ModelConfig
+    model: ModelConfig | SourceSpec
+    """The reference model's config, or a user's model (``model:`` with a ``source``)."""
     weights: str | None
     """Absolute path of the safetensors weights (reachable from every node), or None (seeded)."""
     buckets: tuple[int, ...]
@@ -193,7 +194,9 @@ def compute_plan(
     ``trt_available`` defaults to whether TensorRT imports on this (driver) machine. Items whose
     build record is in the store, and duplicates of an earlier item, get ``action="skip"``.
     """
-    from fa3trt.artifacts import onnx_key, weights_digest
+    from fa3trt.artifacts import onnx_key, source_onnx_key, weights_digest
+    from fa3trt.buckets import Buckets
+    from fa3trt.sources import model_id
 
     if not specs:
         raise ConfigError(
@@ -212,16 +215,21 @@ def compute_plan(
             uri = resolve_uri(store or args.store)
             st = stores.setdefault(uri, ArtifactStore(uri))
         kind, why = resolve_backend(backend or args.backend, cluster_resources, trt_ok)
-        model = args.model.config()
-        weights = os.path.abspath(args.model.weights) if args.model.weights else None
-        okey = onnx_key(model, weights)
-        parts: dict[str, Any] = {
-            "format": _PLAN_FORMAT,
-            "backend": kind,
-            "onnx": okey,
-            "model": model.compute_hash(),
-            "weights": weights_digest(model, weights),
-        }
+        model: ModelConfig | SourceSpec
+        parts: dict[str, Any] = {"format": _PLAN_FORMAT, "backend": kind}
+        if isinstance(args.model, SourceSpec):
+            # Weights are read where the model is loaded, so a local file must be reachable there.
+            model = args.model
+            if model.weights is not None:
+                model = model.model_copy(update={"weights": os.path.abspath(model.weights)})
+            weights = None
+            okey = source_onnx_key(model, Buckets(tuple(args.buckets)))
+            parts.update(onnx=okey, model=model_id(model))
+        else:
+            model = args.model.config()
+            weights = os.path.abspath(args.model.weights) if args.model.weights else None
+            okey = onnx_key(model, weights)
+            parts.update(onnx=okey, model=model.compute_hash(), weights=weights_digest(model, weights))
         if kind == "tensorrt":  # the torch artifact does not depend on buckets or batch limits
             parts.update(buckets=list(args.buckets), max_batch_tokens=args.batching.max_batch_tokens)
         for gpu in types:

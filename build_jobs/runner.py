@@ -200,7 +200,7 @@ def build_all(
                     max_retries=max_retries,
                     retry_exceptions=True,
                     name=f"export:{item.app}",
-                ).remote(item.store, item.model, item.weights, force)
+                ).remote(item.store, item.model, item.weights, force, item.buckets)
             ref = build_fn.options(**item.task_options(max_retries=max_retries)).remote(item, force, exports[ekey])
             pending[ref] = i
         t0 = time.time()

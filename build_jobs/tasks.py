@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from build_jobs.plan import RECORD_KIND, BuildItem
-from fa3trt.errors import ArtifactCorruptError, BuildItemError
+from fa3trt import defaults
+from fa3trt.config import SourceSpec
+from fa3trt.errors import ArtifactCorruptError, BuildItemError, ConfigError
 from fa3trt.model import ModelConfig
 from fa3trt.store import ArtifactStore, validate_key
 
@@ -95,28 +97,47 @@ def weights_key(model: ModelConfig, weights: str | None) -> str:
     )
 
 
-def export_spec(store_uri: str, model: ModelConfig, weights: str | None, force: bool = False) -> dict[str, Any]:
+def export_spec(
+    store_uri: str,
+    model: ModelConfig | SourceSpec,
+    weights: str | None,
+    force: bool = False,
+    buckets: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     """Export (or fetch) the spec's ONNX into the store; returns its key, sha256 and timing.
 
-    ``force`` re-exports; a corrupt stored export is replaced.
+    ``force`` re-exports; a corrupt stored export is replaced. A user's model (``SourceSpec``)
+    is exported with its attention routed, for ``buckets``.
     """
-    from fa3trt.artifacts import ensure_onnx, onnx_key
+    from fa3trt.artifacts import ensure_onnx, ensure_source_onnx, onnx_key, source_onnx_key
+    from fa3trt.buckets import Buckets
 
     _setup_worker_logging()
     t0 = time.time()
     store = ArtifactStore(store_uri)
-    key = onnx_key(model, weights)
+    if isinstance(model, SourceSpec):
+        edges = Buckets(tuple(buckets or defaults.BUCKETS))
+        key = source_onnx_key(model, edges)
+
+        def ensure(tmp: str) -> tuple[Any, dict[str, Any]]:
+            return ensure_source_onnx(store, model, edges, tmp)
+    else:
+        key = onnx_key(model, weights)
+
+        def ensure(tmp: str) -> tuple[Any, dict[str, Any]]:
+            return ensure_onnx(store, model, weights, tmp)
+
     if force:
         store.delete("onnx", key)
         store.delete("onnx", f"{key}.onnx.data")
     with tempfile.TemporaryDirectory(prefix="fa3trt-export-") as tmp:
         try:
-            _, meta = ensure_onnx(store, model, weights, tmp)
+            _, meta = ensure(tmp)
         except ArtifactCorruptError as e:
             log.warning("stored ONNX %s is corrupt (%s); exporting it again", key, e)
             store.delete("onnx", key)
             store.delete("onnx", f"{key}.onnx.data")
-            _, meta = ensure_onnx(store, model, weights, tmp)
+            _, meta = ensure(tmp)
     log.info("ONNX %s ready in %.1fs", key, time.time() - t0)
     return {"onnx_key": key, "sha256": meta.get("sha256"), "seconds": time.time() - t0, **worker_info()}
 
@@ -127,6 +148,11 @@ def _build_engine(
     from fa3trt.buckets import Buckets
     from fa3trt.build import build_to_store
 
+    if isinstance(item.model, SourceSpec):
+        raise ConfigError(
+            f"{item.label}: TensorRT engines of a {item.model.source} model are built by name (fa3trt.runtime); "
+            "build it with --backend torch"
+        )
     meta = build_to_store(
         store,
         item.model,
@@ -142,11 +168,28 @@ def _build_engine(
     return "engines", str(meta["key"]), int(meta.get("size", 0)), extra
 
 
+def _verify_source(item: BuildItem, store: ArtifactStore, workdir: str) -> tuple[str, str, int, dict[str, Any]]:
+    """A user's model on the torch backend: its ONNX verified in ONNX Runtime against the eager
+    unrouted model; the replicas load the model from its source, so the artifact is that ONNX."""
+    from fa3trt.artifacts import ensure_source_onnx
+    from fa3trt.buckets import Buckets
+    from fa3trt.sources import verify_source
+
+    assert isinstance(item.model, SourceSpec)
+    buckets = Buckets(item.buckets)
+    path, meta = ensure_source_onnx(store, item.model, buckets, workdir)
+    err = verify_source(item.model, path, buckets)
+    log.info("%s: ONNX %s verified in ONNX Runtime (max abs error %.2e)", item.label, item.onnx_key, err)
+    return "onnx", item.onnx_key, int(meta.get("size", 0)), {"onnx_max_abs_error": err}
+
+
 def _build_torch_artifact(
     item: BuildItem, store: ArtifactStore, force: bool, workdir: str
 ) -> tuple[str, str, int, dict[str, Any]]:
     import safetensors.torch
 
+    if isinstance(item.model, SourceSpec):
+        return _verify_source(item, store, workdir)
     from fa3trt.artifacts import ensure_onnx, weights_digest
     from fa3trt.export import export_onnx, verify_onnx
     from fa3trt.model import build_model
@@ -237,7 +280,9 @@ def build_item(item: BuildItem, force: bool = False, onnx: dict[str, Any] | None
             "onnx_key": item.onnx_key,
             "onnx_sha256": (onnx or {}).get("sha256"),
             "export_seconds": (onnx or {}).get("seconds"),
-            "model": item.model.to_dict(),
+            "model": item.model.model_dump(mode="json", by_alias=True)
+            if isinstance(item.model, SourceSpec)
+            else item.model.to_dict(),
             "buckets": list(item.buckets),
             "max_batch_tokens": item.max_batch_tokens,
             "plugin_registered": plugin_registered,

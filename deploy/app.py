@@ -21,7 +21,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -32,11 +32,17 @@ from ray import serve
 
 from deploy.affinity import pin_to_gpu_node
 from deploy.codec import (
+    all_finite,
+    decode_inputs_json,
     decode_json,
     decode_npy,
+    decode_npz,
     encode_json,
     encode_npy,
+    encode_npz,
+    encode_outputs_json,
     from_numpy_like,
+    load_json,
     to_numpy,
     validate_sequence,
 )
@@ -44,8 +50,11 @@ from deploy.lag import WakeLag
 from deploy.metrics import ReplicaMetrics, rss_bytes
 from fa3trt import defaults
 from fa3trt.buckets import Buckets, assemble, to_host
-from fa3trt.config import AppArgs, BatchingConfig, apply_env_overrides
+from fa3trt.config import AppArgs, BatchingConfig, SourceSpec, apply_env_overrides
 from fa3trt.errors import InvalidInputError, RequestError
+from fa3trt.model_io import reference_signature
+from fa3trt.served import ModuleBackend, check_padding, load_named_backend
+from fa3trt.signature import Checked, Signature
 from fa3trt.timing import timing_events
 
 __all__ = ["build_app", "ModelServer", "ModelReplica", "derive_max_ongoing", "replica_plan"]
@@ -56,6 +65,7 @@ log = logging.getLogger("ray.serve")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 NPY = "application/x-npy"
+NPZ = "application/x-npz"
 
 
 def bucket_limits(buckets: Buckets, batching: BatchingConfig) -> list[tuple[int, float]]:
@@ -100,6 +110,8 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         # "Scale-out", the replica_cpus passes).
         cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else defaults.REPLICA_CPUS_AUTO
         actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
+    elif isinstance(args.replica_cpus, int):  # several apps on one CPU cluster share it out
+        actor = {"num_cpus": args.replica_cpus}
     else:
         actor = {"num_cpus": max(1, int(cluster_cpus) // max(1, n))}
     return {
@@ -131,23 +143,32 @@ class ModelReplica:
 
         self.args = AppArgs.model_validate(args)
         self.buckets = self.args.bucket_set()
-        cfg = self.args.model.config()
         self._t0 = time.perf_counter()
         # How late this process's threads get to run Python again (GIL and CPU waits): /v1/stats.
         self.wake_lag = WakeLag()
         # Before anything is allocated: page-locked buffers are first-touched on the GPU's node.
         gpu = self.args.numa_affinity and torch.cuda.is_available()
         self.cpu_affinity = pin_to_gpu_node(torch.cuda.current_device()) if gpu else None
-        self.backend = load_backend(
-            self.args.backend,
-            cfg,
-            weights=self.args.model.weights,
-            buckets=self.buckets,
-            store=self.args.store,
-            build_if_missing=self.args.build_if_missing,
-            max_batch_tokens=self.args.batching.max_batch_tokens,
-            cuda_graphs=self.args.cuda_graphs,
-        )
+        spec = self.args.model
+        # A user's model (named inputs, fa3trt.served) or the reference model (one array x).
+        self.named: ModuleBackend | None = None
+        if isinstance(spec, SourceSpec):
+            self.named = load_named_backend(self.args.backend, spec)
+            self.backend: Any = self.named
+            self.signature: Signature = self.named.signature
+        else:
+            cfg = spec.config()
+            self.backend = load_backend(
+                self.args.backend,
+                cfg,
+                weights=spec.weights,
+                buckets=self.buckets,
+                store=self.args.store,
+                build_if_missing=self.args.build_if_missing,
+                max_batch_tokens=self.args.batching.max_batch_tokens,
+                cuda_graphs=self.args.cuda_graphs,
+            )
+            self.signature = reference_signature(cfg)
         self.metrics = ReplicaMetrics(self.buckets.edges)
         # One CUDA stream per bucket: a bucket's batch waits for its own copies and kernels only,
         # and one bucket's copies overlap another's kernels. (On one shared stream every
@@ -192,7 +213,13 @@ class ModelReplica:
             # captured per stream).
             for i, ((size, _), e) in enumerate(zip(self.limits, self.buckets.edges)):
                 with self._on_stream(i):
-                    self.backend.warmup(sorted({(1, e), (size, e)}))
+                    if self.named is None:
+                        self.backend.warmup(sorted({(1, e), (size, e)}))
+                    else:
+                        sizes = self.signature.sample_sizes(self.buckets, e)
+                        self.named.warmup([self.signature.samples(sizes, b) for b in sorted({1, size})])
+            if self.named is not None:
+                check_padding(self.named, self.buckets)
             log.info(
                 "fa3trt replica %s ready in %.1fs: %s",
                 self.replica,
@@ -224,7 +251,7 @@ class ModelReplica:
                 results = await asyncio.to_thread(self._run_split, [x for x, _ in items], edge)
             finally:
                 self.metrics.batch_ended()
-            lens = [x.shape[0] for x, _ in items]
+            lens = [x.length if isinstance(x, Checked) else x.shape[0] for x, _ in items]
             self.metrics.record(edge, lens, waits, time.perf_counter() - start)
             return results
 
@@ -243,7 +270,8 @@ class ModelReplica:
         if self.backend.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(xs) == 1:
-            log.error("request of %d tokens failed in bucket %d: %s", xs[0].shape[0], edge, result)
+            n = xs[0].length if isinstance(xs[0], Checked) else xs[0].shape[0]
+            log.error("request of %d tokens failed in bucket %d: %s", n, edge, result)
             self.metrics.failed.inc(tags={"bucket": str(edge)})
             self.metrics.local[edge]["failed"] += 1
             return [RuntimeError(f"inference failed: {result}")]
@@ -251,9 +279,11 @@ class ModelReplica:
         h = len(xs) // 2
         return self._run_split(xs[:h], edge) + self._run_split(xs[h:], edge)
 
-    def _attempt(self, xs: list[np.ndarray]) -> list[np.ndarray | InvalidInputError] | str:
+    def _attempt(self, xs: list[Any]) -> list[np.ndarray | InvalidInputError] | str:
         """The batch's answers (an InvalidInputError for a request holding NaN or Inf), or why it
         failed (a message only: no traceback outlives the call)."""
+        if self.named is not None:
+            return self._attempt_named(xs)
         try:
             t0 = time.perf_counter()
             x, lens = assemble(xs, self.backend.dtype, self.backend.device)
@@ -278,6 +308,33 @@ class ModelReplica:
         self.metrics.record_phases(t1 - t0, t2 - t1, t_launch - t1, gpu_s, time.perf_counter() - t2)
         return answers
 
+    def _attempt_named(self, reqs: list[Checked]) -> list[Any] | str:
+        """``_attempt`` for a user's model: the requests that may share a batch (equal
+        ``Signature.group_key``) run together, each group one call of the model."""
+        assert self.named is not None
+        sig, backend = self.signature, self.named
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault(sig.group_key(r), []).append(i)
+        answers: list[Any] = [None] * len(reqs)
+        try:
+            t0 = time.perf_counter()
+            staged = run = 0.0
+            for idx in groups.values():
+                group = [reqs[i] for i in idx]
+                t1 = time.perf_counter()
+                batch = sig.assemble(group, backend.device, backend.dtype)
+                t2 = time.perf_counter()
+                y = to_host(backend.run(batch))
+                staged, run = staged + t2 - t1, run + time.perf_counter() - t2
+                for i, a in zip(idx, sig.split(y, group)):
+                    answers[i] = a
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        total = time.perf_counter() - t0
+        self.metrics.record_phases(staged, run, run, 0.0, max(0.0, total - staged - run))
+        return answers
+
     @staticmethod
     def _finite_rows(x: torch.Tensor) -> torch.Tensor:
         """(B,) bool on x's device: whether each sequence of the batch is free of NaN and Inf.
@@ -297,7 +354,11 @@ class ModelReplica:
         )
 
     async def infer(self, x: Any) -> Any:
-        """One sequence (S, hidden) in, (S, hidden) out in the caller's dtype and type."""
+        """One request. The reference model: one sequence (S, hidden) in, (S, hidden) out in the
+        caller's dtype and type. Any model: a mapping of input name -> array (no batch axis) in,
+        ``{output name: array}`` out (``infer_named``)."""
+        if isinstance(x, Mapping) or self.named is not None:
+            return await self.infer_named(x)
         arr, like = to_numpy(x)
         try:
             # Shape, dtype and length here; NaN and Inf in the batch, on the device (_finite_rows).
@@ -313,6 +374,30 @@ class ModelReplica:
         if isinstance(result, Exception):
             raise result
         return from_numpy_like(result, like)
+
+    async def infer_named(self, inputs: Any) -> dict[str, np.ndarray]:
+        """One request by name: ``{input: array}`` (each without the batch axis; the inputs the
+        signature lists as sent) in, ``{output: array}`` out. Every bad input is an
+        ``InvalidInputError`` naming it, raised before the request joins a batch."""
+        sig = self.signature
+        try:
+            req = sig.check(inputs, self.buckets)
+            if self.named is not None and self.args.reject_nonfinite:
+                for name, arr in req.tensors.items():
+                    if arr.dtype.kind == "f" and not all_finite(arr):
+                        raise InvalidInputError(
+                            f"input {name!r} holds NaN or Inf; send finite values (or serve with reject_nonfinite: false)"
+                        )
+        except InvalidInputError:
+            self._count_rejected("none")
+            raise
+        if self.named is None:  # the reference model's own path: x alone, answered in float32
+            y = await self.infer(req.tensors["x"])
+            return {sig.output.name: np.asarray(y)}
+        result = await self._queues[req.bucket]((req, time.perf_counter()))
+        if isinstance(result, Exception):
+            raise result
+        return {sig.output.name: result}
 
     def _count_rejected(self, bucket: str) -> None:
         self.metrics.rejected.inc(tags={"bucket": bucket})
@@ -335,19 +420,30 @@ class ModelReplica:
 
     @api.post("/v1/infer")
     async def infer_http(self, request: Request) -> Response:
-        """HTTP: one sequence as .npy (the answer in the request's dtype) or JSON ``{"x": [[...]]}``.
+        """HTTP: named inputs as .npz (``numpy.savez``; the answer as .npz) or JSON
+        ``{"inputs": {name: array}}`` (answer ``{"outputs": {name: array}}``); for the reference
+        model also one sequence as .npy (the answer in the request's dtype) or JSON ``{"x": [[...]]}``.
 
         A full queue is answered 503 by Serve's proxy before the body reaches the replica."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
-            if ctype not in (NPY, "application/json"):
+            if ctype not in (NPZ, NPY, "application/json"):
                 raise RequestError(
-                    f"Content-Type {ctype or '(none)'!r} is not supported; use {NPY} or application/json", status=415
+                    f"Content-Type {ctype or '(none)'!r} is not supported; use {NPZ}, application/json or {NPY}",
+                    status=415,
                 )
             body = await self._read_body(request)
-            x = decode_npy(body) if ctype == NPY else decode_json(body)
+            named = ctype == NPZ
+            if ctype == NPZ:
+                x: Any = decode_npz(body, self.args.max_body_bytes)
+            elif ctype == NPY:
+                x = decode_npy(body)
+            else:
+                doc = load_json(body)
+                named = self.named is not None or (isinstance(doc, dict) and "inputs" in doc)
+                x = decode_inputs_json(doc) if named else decode_json(doc)
             # A request that times out is cancelled: its batch queue drops it.
-            y = await asyncio.wait_for(self.infer(x), self.args.request_timeout_s)
+            y = await asyncio.wait_for(self.infer_named(x) if named else self.infer(x), self.args.request_timeout_s)
         except RequestError as e:  # before InvalidInputError, its base
             return JSONResponse({"error": str(e)}, status_code=e.status)
         except InvalidInputError as e:
@@ -355,6 +451,10 @@ class ModelReplica:
         except TimeoutError:
             return JSONResponse({"error": f"request timed out after {self.args.request_timeout_s}s"}, status_code=504)
         headers = {"x-fa3trt-replica": self.replica}
+        if named:
+            if ctype == NPZ:
+                return Response(encode_npz(y), media_type=NPZ, headers=headers)
+            return JSONResponse(encode_outputs_json(y), headers=headers)
         if ctype == NPY:
             return Response(encode_npy(y), media_type=NPY, headers=headers)
         return JSONResponse(encode_json(y), headers=headers)
@@ -367,6 +467,7 @@ class ModelReplica:
             replica=self.replica,
             buckets=list(self.buckets.edges),
             batch_limits={e: size for e, (size, _) in zip(self.buckets.edges, self.limits)},
+            signature=self.signature.to_dict(),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
             cpu_threads=torch.get_num_threads(),
             cpu_affinity=self.cpu_affinity,
@@ -388,6 +489,15 @@ class ModelReplica:
         }
 
     def check_health(self) -> None:
+        if self.named is not None:
+            sig = self.signature
+            sizes = {a: lo for a, (lo, _) in sig.ranges.items()} | {sig.bucketed: 1}
+            with self._on_stream(0):
+                y = self.named.run(sig.samples(sizes, 1))
+                ok = bool(torch.isfinite(y).all())
+            if not ok:
+                raise RuntimeError("health check: the model returned non-finite values")
+            return
         x = torch.zeros(1, 1, self.backend.hidden)
         x[0, 0, 0] = 1.0
         with self._on_stream(0):  # the smallest bucket's: its warm shapes (and CUDA graph) serve

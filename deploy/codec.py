@@ -15,6 +15,7 @@ import ast
 import io
 import json
 import math
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,11 @@ from fa3trt.buckets import Buckets
 from fa3trt.errors import InvalidInputError, RequestError
 
 __all__ = [
+    "decode_npz",
+    "encode_npz",
+    "decode_inputs_json",
+    "load_json",
+    "encode_outputs_json",
     "decode_npy",
     "encode_npy",
     "decode_json",
@@ -84,12 +90,74 @@ def encode_npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_json(body: bytes) -> np.ndarray:
-    """``{"x": [[...], ...]}`` -> float32 array."""
+def decode_npz(body: bytes, limit: int) -> dict[str, np.ndarray]:
+    """Named arrays from an ``.npz`` body (``numpy.savez``, compressed or not) without pickle.
+
+    The members' uncompressed sizes are read from the archive's directory and refused past
+    ``limit`` bytes before anything is inflated; each member is parsed by ``decode_npy``."""
     try:
-        doc = json.loads(body)
+        archive = zipfile.ZipFile(io.BytesIO(body))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError) as e:
+        raise RequestError(f"body is not an .npz archive ({e}); send numpy.savez output as application/x-npz") from e
+    total = sum(m.file_size for m in members)
+    if total > limit:
+        raise RequestError(f".npz members unpack to {total} bytes, past the limit of {limit} bytes", status=413)
+    out: dict[str, np.ndarray] = {}
+    for m in members:
+        if not m.filename.endswith(".npy"):
+            raise RequestError(f".npz member {m.filename!r} is not an .npy array; send numpy.savez output")
+        try:
+            data = archive.read(m)
+        except (zipfile.BadZipFile, ValueError, OSError) as e:
+            raise RequestError(f".npz member {m.filename!r} is corrupt ({e})") from e
+        out[m.filename[: -len(".npy")]] = decode_npy(data)
+    return out
+
+
+def encode_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def decode_inputs_json(doc: Any) -> dict[str, np.ndarray]:
+    """``{"inputs": {name: nested list}}`` -> named arrays (integers stay integers)."""
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(inputs, dict) or not inputs:
+        raise InvalidInputError(
+            'JSON body must be {"inputs": {name: array, ...}} with one entry per input, e.g. {"inputs": {"input_ids": [1, 2]}}'
+        )
+    out = {}
+    for name, value in inputs.items():
+        try:
+            arr = np.asarray(value)
+        except ValueError as e:
+            raise InvalidInputError(
+                f"input {name!r} is a ragged list ({e}); every row must have the same length"
+            ) from e
+        if arr.dtype == object or arr.dtype.kind not in "biuf":
+            raise InvalidInputError(f"input {name!r} must be a (nested) list of numbers or booleans")
+        out[name] = arr
+    return out
+
+
+def encode_outputs_json(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {"outputs": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in outputs.items()}}
+
+
+def load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
     except ValueError as e:
-        raise RequestError(f'malformed JSON ({e}); send {{"x": [[...], ...]}}') from e
+        raise RequestError(
+            f'malformed JSON ({e}); send {{"inputs": {{name: array}}}} (or {{"x": [[...], ...]}})'
+        ) from e
+
+
+def decode_json(body: bytes | dict[str, Any]) -> np.ndarray:
+    """``{"x": [[...], ...]}`` (the body, or the body already parsed) -> float32 array."""
+    doc = load_json(body) if isinstance(body, bytes) else body
     if not isinstance(doc, dict) or "x" not in doc:
         raise InvalidInputError(
             'JSON body must be an object with key "x" holding a list of rows, e.g. {"x": [[0.1, 0.2]]}'

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fa3trt._hashing import spec_hash
+from fa3trt.buckets import Buckets
+from fa3trt.config import SourceSpec
 from fa3trt.export import OPSET, export_onnx, file_sha256
 from fa3trt.model import ModelConfig, build_model
 from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
+from fa3trt.sources import export_source, model_id
 from fa3trt.store import ArtifactStore
 
-__all__ = ["weights_digest", "onnx_key", "ensure_onnx", "spec_hash"]
+__all__ = ["weights_digest", "onnx_key", "ensure_onnx", "source_onnx_key", "ensure_source_onnx", "spec_hash"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,50 @@ def onnx_key(config: ModelConfig, weights: str | os.PathLike[str] | None) -> str
     return "onnx-" + spec_hash(parts)
 
 
+def source_onnx_key(spec: SourceSpec, buckets: Buckets) -> str:
+    """Store key of the ONNX export of a user's model (its ``model_id``) for ``buckets`` (the
+    bucketed axis's range)."""
+    parts = {
+        "model": model_id(spec),
+        "buckets": list(buckets.edges),
+        "opset": OPSET,
+        "plugin": f"{PLUGIN_NAME}/{PLUGIN_VERSION}",
+        "torch": _torch_minor(),
+    }
+    return "onnx-" + spec_hash(parts)
+
+
+def _ensure(
+    store: ArtifactStore, key: str, workdir: str | os.PathLike[str], export: Callable[[Path], Any], meta: dict[str, Any]
+) -> tuple[Path, dict[str, Any]]:
+    """The stored ONNX ``key`` in ``workdir``, made by ``export(path)`` and stored on first use."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{key}.onnx"
+    data_name = f"{key}.onnx.data"
+    if store.has("onnx", key):
+        blob, stored = store.get("onnx", key)
+        path.write_bytes(blob)
+        if stored.get("external_data"):
+            ext, _ = store.get("onnx", data_name)
+            (workdir / data_name).write_bytes(ext)
+        return path, stored
+    log.info("exporting ONNX %s", key)
+    res = export(path)
+    meta = {
+        "onnx_sha256": res.sha256,
+        "external_data": res.external_data,
+        "plugin_nodes": res.plugin_nodes,
+        "inputs": res.inputs,
+        "output": res.output,
+        "torch": torch.__version__,
+        **meta,
+    }
+    if res.external_data:
+        store.put("onnx", data_name, (workdir / data_name).read_bytes(), {"of": key})
+    return path, store.put("onnx", key, path.read_bytes(), meta)
+
+
 def ensure_onnx(
     store: ArtifactStore,
     config: ModelConfig,
@@ -59,30 +107,16 @@ def ensure_onnx(
     Returns (path, metadata); metadata has the file's ``sha256``. An export with external data
     is stored as two entries, ``<key>`` and ``<key>.onnx.data``, and restored side by side.
     """
-    key = onnx_key(config, weights)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"{key}.onnx"
-    data_name = f"{key}.onnx.data"
-    if store.has("onnx", key):
-        blob, meta = store.get("onnx", key)
-        path.write_bytes(blob)
-        if meta.get("external_data"):
-            ext, _ = store.get("onnx", data_name)
-            (workdir / data_name).write_bytes(ext)
-        return path, meta
-    log.info("exporting ONNX %s for model %s", key, config.name)
-    model = build_model(config, weights)  # exported on the CPU: the graph is device-independent
-    res = export_onnx(model, path)
-    meta = {
-        "onnx_sha256": res.sha256,
-        "external_data": res.external_data,
-        "plugin_nodes": res.plugin_nodes,
-        "model": config.to_dict(),
-        "weights": weights_digest(config, weights),
-        "torch": torch.__version__,
-    }
-    if res.external_data:
-        store.put("onnx", data_name, (workdir / data_name).read_bytes(), {"of": key})
-    meta = store.put("onnx", key, path.read_bytes(), meta)
-    return path, meta
+    meta = {"model": config.to_dict(), "weights": weights_digest(config, weights)}
+    # Exported on the CPU: the graph is device-independent.
+    return _ensure(
+        store, onnx_key(config, weights), workdir, lambda p: export_onnx(build_model(config, weights), p), meta
+    )
+
+
+def ensure_source_onnx(
+    store: ArtifactStore, spec: SourceSpec, buckets: Buckets, workdir: str | os.PathLike[str]
+) -> tuple[Path, dict[str, Any]]:
+    """``ensure_onnx`` for a user's model (``fa3trt.sources.export_source``)."""
+    meta = {"model": spec.model_dump(mode="json", by_alias=True), "model_id": model_id(spec)}
+    return _ensure(store, source_onnx_key(spec, buckets), workdir, lambda p: export_source(spec, p, buckets), meta)

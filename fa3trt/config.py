@@ -184,6 +184,10 @@ class SourceSpec(_Strict):
             raise ValueError(f"model: {e}") from None
         return self
 
+    def describe(self) -> str:
+        """One line for logs and build plans: ``diffusers FluxTransformer2DModel bfloat16``."""
+        return f"{self.source} {self.class_name or self.factory} {self.dtype}"
+
     def signature(self) -> Signature:
         ins = tuple(TensorSpec(n, a.dtype, tuple(a.axes), a.batched, a.pad, a.fill) for n, a in self.inputs.items())
         out = TensorSpec(self.output.name, self.output.dtype, tuple(self.output.axes))
@@ -302,7 +306,7 @@ class AppArgs(_Strict):
     )
     replica_cpus: int | Literal["auto"] = Field(
         defaults.REPLICA_CPUS,
-        description=f'CPUs reserved per GPU replica (its PyTorch threads, which only stage batches): auto = {defaults.REPLICA_CPUS_AUTO}, as one thread keeps up and leaves the host\'s CPUs to the other replicas (docs/benchmarks.md, "Scale-out").',
+        description=f'CPUs reserved per GPU replica (its PyTorch threads, which only stage batches): auto = {defaults.REPLICA_CPUS_AUTO}, as one thread keeps up and leaves the host\'s CPUs to the other replicas (docs/benchmarks.md, "Scale-out"). CPU replicas: auto shares the CPUs of the cluster among the replicas; an integer reserves that many (several apps on one cluster).',
     )
     request_timeout_s: float = Field(
         defaults.REQUEST_TIMEOUT_S, gt=0, le=3600, description="Longest time a request may take end to end."

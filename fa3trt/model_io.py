@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from fa3trt.errors import ExportError
-from fa3trt.model import Transformer
+from fa3trt.model import ModelConfig, Transformer
+from fa3trt.signature import Signature, TensorSpec
 
-__all__ = ["NamedCall", "select_output", "reference_inputs", "REFERENCE_AXES"]
+__all__ = ["NamedCall", "select_output", "reference_inputs", "reference_signature", "REFERENCE_AXES"]
 
 REFERENCE_AXES: dict[str, dict[int, str]] = {"x": {0: "B", 1: "S"}, "seq_lens": {0: "B"}}
 """The reference model's dynamic axes: batch ``B`` and sequence ``S``."""
@@ -77,3 +78,11 @@ def reference_inputs(model: Transformer, batch: int, seq: int) -> dict[str, torc
     cfg = model.cfg
     x = torch.randn(batch, seq, cfg.hidden, dtype=cfg.torch_dtype)
     return {"x": x, "seq_lens": torch.full((batch,), seq, dtype=torch.int32)}
+
+
+def reference_signature(cfg: ModelConfig) -> Signature:
+    """The reference model as a served signature: ``x`` (S, hidden) in, ``y`` (S, hidden) out,
+    ``seq_lens`` made by the server, requests of different lengths padded into one batch."""
+    x = TensorSpec("x", cfg.dtype, ("S", cfg.hidden))
+    lens = TensorSpec("seq_lens", "int32", (), fill="lengths")
+    return Signature((x, lens), TensorSpec("y", cfg.dtype, ("S", cfg.hidden)), "S", {}, "pad")

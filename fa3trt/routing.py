@@ -69,6 +69,13 @@ class RoutingReport:
     def as_dict(self) -> dict[str, Any]:
         return {"method": self.method, "routed": self.routed, "routed_with": self.routed_with, "left": self.left}
 
+    def add(self, other: RoutingReport) -> None:
+        """Add ``other``'s counts to this report (a server's totals over its batches)."""
+        self.routed += other.routed
+        for mine, theirs in ((self.routed_with, other.routed_with), (self.left, other.left)):
+            for k, n in theirs.items():
+                mine[k] = mine.get(k, 0) + n
+
     def summary(self) -> str:
         line = f"route_attention ({self.method}): routed {self.routed} attention calls"
         if self.routed_with:
@@ -315,9 +322,12 @@ def _interface(models: list[Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def route_attention(model: torch.nn.Module, method: str = "auto") -> Iterator[RoutingReport]:
+def route_attention(
+    model: torch.nn.Module, method: str = "auto", *, log_level: int = logging.INFO
+) -> Iterator[RoutingReport]:
     """Route ``model``'s attention calls to ``fa3trt.attention`` inside the block; yields the
-    ``RoutingReport``, filled as the model runs and logged at INFO on exit.
+    ``RoutingReport``, filled as the model runs and logged on exit at ``log_level`` (a server
+    routing every batch logs at DEBUG and reports its totals instead).
 
     ``method``: ``"auto"``, ``"sdpa"`` or ``"transformers"`` (see the module docstring)."""
     if method not in METHODS:
@@ -342,4 +352,4 @@ def route_attention(model: torch.nn.Module, method: str = "auto") -> Iterator[Ro
             yield report
         finally:
             routers.remove(router)
-            log.info("%s", report.summary())
+            log.log(log_level, "%s", report.summary())

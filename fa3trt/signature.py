@@ -281,22 +281,23 @@ class Signature:
                 batch[t.name] = lens.to(device)
                 continue
             if t.fill == "mask":
-                shape = [longest if a == self.bucketed else a for a in t.axes]
-                if any(isinstance(a, str) for a in shape):
+                if any(isinstance(a, str) and a != self.bucketed for a in t.axes):
                     raise ConfigError(f"{t.name}: a mask may have only the bucketed axis and fixed sizes")
+                shape = [longest if a == self.bucketed else int(a) for a in t.axes]
                 m = torch.arange(longest)[None, :] < lens[:, None]
                 view = [len(reqs)] + [longest if a == self.bucketed else 1 for a in t.axes]
                 batch[t.name] = m.view(view).expand(len(reqs), *shape).to(device, dtype)
                 continue
-            arrays = [torch.from_numpy(np.ascontiguousarray(r.tensors[t.name])) for r in reqs]
+            # (np.ascontiguousarray would make a 0-d array 1-d.)
+            arrays = [torch.from_numpy(np.require(r.tensors[t.name], requirements="C")) for r in reqs]
             if not t.batched:
                 batch[t.name] = arrays[0].to(device, dtype)
                 continue
             if self.batching == "pad" and self.bucketed in t.axes:
                 dim = t.axes.index(self.bucketed)
-                shape = list(arrays[0].shape)
-                shape[dim] = longest
-                out = torch.full((len(arrays), *shape), t.pad, dtype=arrays[0].dtype)
+                padded = list(arrays[0].shape)
+                padded[dim] = longest
+                out = torch.full((len(arrays), *padded), t.pad, dtype=arrays[0].dtype)
                 for i, a in enumerate(arrays):
                     out[i].narrow(dim, 0, a.shape[dim]).copy_(a)
                 batch[t.name] = out.to(device, dtype)
@@ -317,7 +318,7 @@ class Signature:
 
     def samples(self, sizes: Mapping[str, int], batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random batched inputs with the named axes at ``sizes`` (warmup, export and checks):
-        floats normal, integers 0 (a valid id and padding in every vocabulary), masks full."""
+        floats normal, integers 1 (a valid id in any vocabulary, and a full mask), masks full."""
         g = torch.Generator().manual_seed(seed)
         out: dict[str, torch.Tensor] = {}
         for t in self.inputs:
@@ -331,7 +332,18 @@ class Signature:
             elif t.torch_dtype.is_floating_point:
                 out[t.name] = torch.randn(shape, generator=g).to(t.torch_dtype)
             else:
-                out[t.name] = torch.zeros(shape, dtype=t.torch_dtype)
+                out[t.name] = torch.ones(shape, dtype=t.torch_dtype)
+        return out
+
+    def sample_request(self, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs of one request as a client sends them (no batch axis, bfloat16 as
+        float32): the bucketed axis at ``length``, every other named axis at its range's min."""
+        sizes = {a: lo for a, (lo, _) in self.ranges.items()} | {self.bucketed: length}
+        batch = self.samples(sizes, 1, seed)
+        out = {}
+        for t in self.sent:
+            v = batch[t.name][0] if t.batched else batch[t.name]
+            out[t.name] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
         return out
 
     def sample_sizes(self, buckets: Buckets, length: int | None = None) -> dict[str, int]:
@@ -350,7 +362,7 @@ def _as_array(value: Any, t: TensorSpec) -> np.ndarray:
             raise InvalidInputError(f"input {t.name!r} is on {value.device}; send a CPU tensor or a NumPy array")
         value = value.detach()
         value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-    if isinstance(value, list):
+    if isinstance(value, (list, np.generic, int, float, bool)):
         value = np.asarray(value)
     if not isinstance(value, np.ndarray):
         raise InvalidInputError(f"input {t.name!r} must be an array, got {type(value).__name__}")

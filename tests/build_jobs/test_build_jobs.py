@@ -282,3 +282,38 @@ def test_worker_killed_mid_build_is_retried_or_reported(cluster: None, workdir: 
     for kind in ("onnx", "artifacts", RECORD_KIND):  # whatever is visible is whole
         for entry in st.list(kind):
             st.get(kind, entry["key"])
+
+
+def test_a_users_model_is_planned_exported_and_verified(cluster: None, workdir: Path) -> None:
+    """The example configs (diffusers FLUX, transformers BERT): the dry run plans them; a build
+    exports FLUX with its attention routed and checks it in ONNX Runtime against the eager model."""
+    import yaml
+
+    specs = []
+    for name in ("flux", "bert"):
+        doc = yaml.safe_load((REPO / f"examples/serve_{name}.yaml").read_text())
+        doc["applications"][0].update(name=name)
+        doc["applications"][0]["args"]["store"] = str(workdir / "user-store")
+        specs.append(doc["applications"][0])
+    cfg = workdir / "user.yaml"
+    cfg.write_text(yaml.safe_dump({"applications": specs}, sort_keys=False))
+    planned = build_all(cfg, dry_run=True, progress=False)
+    assert sorted((r.spec, r.status) for r in planned) == [(a, "planned") for a in ("bert", "bert", "flux", "flux")]
+    plan = compute_plan(load_serve_config(cfg), ray.cluster_resources())
+    assert len({i.onnx_key for i in plan}) == 2 and len({i.item_key for i in plan}) == 4
+    assert plan[0].model.describe() == "diffusers FluxTransformer2DModel float32"
+
+    flux = [s for s in specs if s["name"] == "flux"]
+    only = workdir / "flux.yaml"
+    only.write_text(yaml.safe_dump({"applications": flux}, sort_keys=False))
+    results = build_all(only, progress=False)
+    assert [r.status for r in results] == ["ok", "ok"], [r.error for r in results]
+    store = ArtifactStore(workdir / "user-store")
+    record = store.metadata(RECORD_KIND, results[0].item_key)
+    assert record["artifact_kind"] == "onnx" and record["onnx_max_abs_error"] < 1e-4, record
+    meta = store.metadata("onnx", record["artifact_key"])
+    # One node per attention call of its 2 + 2 blocks; the image tokens' axis named as configured.
+    assert meta["plugin_nodes"] == 4 and meta["inputs"]["hidden_states"]["shape"] == ["B", "S", 8], meta
+    assert meta["inputs"]["img_ids"]["shape"] == ["S", 3] and meta["output"]["name"] == "sample", meta
+    # A second run finds both in the store.
+    assert [r.status for r in build_all(only, progress=False)] == ["skipped", "skipped"]

@@ -34,13 +34,13 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 120) -> subprocess
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def wait_ready(proc: subprocess.Popen[str], timeout: float = 300) -> None:
+def wait_ready(proc: subprocess.Popen[str], timeout: float = 300, prefixes: tuple[str, ...] = ("",)) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"serve run exited with {proc.returncode}")
         try:
-            if requests.get(f"{URL}/v1/info", timeout=5).status_code == 200:
+            if all(requests.get(f"{URL}{p}/v1/info", timeout=5).status_code == 200 for p in prefixes):
                 return
         except requests.RequestException:
             pass
@@ -50,9 +50,15 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 300) -> None:
 
 @contextmanager
 def serve_cluster(
-    log_dir: Path, extra_env: dict[str, str] | None = None, num_cpus: int = 2
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    num_cpus: int = 2,
+    config: str | Path = "serve_config.yaml",
+    prefixes: tuple[str, ...] = ("",),
 ) -> Iterator[dict[str, str]]:
-    """`ray start --head`, then `serve run serve_config.yaml`; yields the env for client processes."""
+    """`ray start --head`, then `serve run <config>` (default the shipped serve_config.yaml)
+    until every route prefix in ``prefixes`` answers ``/v1/info``; yields the env for client
+    processes."""
     ray_bin = shutil.which("ray") or "ray"
     serve_bin = shutil.which("serve") or "serve"
     # Token authentication, with a token of this cluster's own in the environment of every
@@ -81,11 +87,11 @@ def serve_cluster(
     env["RAY_ADDRESS"] = "auto"
     with open(log_dir / "serve.log", "w") as log:
         proc = subprocess.Popen(
-            [serve_bin, "run", "serve_config.yaml"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+            [serve_bin, "run", str(config)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
         )
         try:
             try:
-                wait_ready(proc)
+                wait_ready(proc, prefixes=prefixes)
             except Exception as e:
                 log.flush()
                 tail = (log_dir / "serve.log").read_text(errors="replace")[-6000:]
