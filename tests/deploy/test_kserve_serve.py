@@ -4,6 +4,7 @@ directly (fp32: 1e-4 abs; fp16 answers: the rounding of a half)."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import json
 from collections.abc import Callable, Iterator
@@ -174,3 +175,27 @@ def test_bad_requests_get_protocol_errors_and_good_ones_are_unharmed(cluster: Cl
             assert got_status == status and word in message, (got_status, message)
         for x_good, f in zip(goods, good_f):
             _check(model, x_good, f.result())
+
+
+def test_bench_v2_transports(cluster: Cluster, model: torch.nn.Module) -> None:
+    """bench.serve_load's v2 senders (tritonclient's asyncio clients) against the app."""
+    import tritonclient.grpc.aio as grpc_aio
+    import tritonclient.http.aio as http_aio
+
+    from bench.serve_load import make_inputs, run_load, v2_grpc_sender, v2_http_sender
+
+    inputs = make_inputs(12, 1, 300, HIDDEN, dtype=np.float16)
+
+    async def go() -> None:
+        hc = http_aio.InferenceServerClient(cluster.http.removeprefix("http://"))
+        gc = grpc_aio.InferenceServerClient(cluster.grpc)
+        try:
+            for send in (v2_http_sender([hc]), v2_grpc_sender(gc)):
+                _check(model, inputs[0][None], (await send(inputs[0]))[None])
+                res = await run_load(send, inputs, concurrency=4, progress=False)
+                assert res.requests == 12 and res.errors == 0, res.first_error
+        finally:
+            await hc.close()
+            await gc.close()
+
+    asyncio.run(go())
