@@ -57,7 +57,9 @@ def _stop(proc: subprocess.Popen[Any], timeout: float = 60) -> None:
 
 
 @contextmanager
-def isolated_serve_cluster(log_dir: Path, args: dict[str, Any] | None = None, num_cpus: int = 2) -> Iterator[Cluster]:
+def isolated_serve_cluster(
+    log_dir: Path, args: dict[str, Any] | None = None, num_cpus: int = 2, extra_env: dict[str, str] | None = None
+) -> Iterator[Cluster]:
     """serve_config.yaml (its app ``args`` updated with ``args``) on a cluster of its own."""
     gcs, client, dash, agent, agent_grpc, runtime_env, metrics, http, grpc_port = free_ports(9)
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -72,6 +74,7 @@ def isolated_serve_cluster(log_dir: Path, args: dict[str, Any] | None = None, nu
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
         PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        **(extra_env or {}),
     )
     head_cmd = [
         shutil.which("ray") or "ray",
