@@ -15,6 +15,9 @@ Contract:
   the response (binary outputs when asked: ``binary_data`` per output, or ``binary_data_output``
   for all; gRPC always ``raw_output_contents``). A float output goes back as FP16 when every
   float input was FP16, BF16 when every float input was BF16, else as the model gives it.
+- ``add_GRPCInferenceServiceServicer_to_server`` (serve_config.yaml's ``grpc_servicer_functions``)
+  registers the v2 RPCs with Serve's gRPC proxy, each request handed to the replica as its
+  bytes; ``parse_message`` reads them there.
 - Errors are ``RequestError`` with the HTTP status the protocol uses (400 bad request, 404
   unknown model, 413 too large); ``http_status`` and ``grpc_code`` map any error to an answer,
   ``error_body`` is the protocol's ``{"error": ...}``.
