@@ -1,7 +1,9 @@
 """Load generator for a running fa3trt app: closed loop (fixed concurrency) or open loop (Poisson
-arrivals), over HTTP (.npy bodies) or a Ray deployment handle, with a progress bar and a summary.
+arrivals), over HTTP (.npy bodies to /v1), KServe v2 over HTTP or gRPC (tritonclient's asyncio
+clients, binary tensors) or a Ray deployment handle, with a progress bar and a summary.
 
     python -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --requests 400 --concurrency 32
+    python -m bench.serve_load --transport v2-grpc --grpc-url 127.0.0.1:9000 --mix 256-2048 --concurrency 32
     python -m bench.serve_load --url http://127.0.0.1:8000 --mix 256-2048 --mode open --rate 40 --duration 30
     python -m bench.serve_load --direct --mix 256-2048 --concurrency 64   # every replica's own port
 
@@ -191,6 +193,40 @@ def http_sender(urls: str | list[str], session: Any) -> Send:
     return send
 
 
+def _v2_datatype(x: np.ndarray) -> str:
+    return "FP16" if x.dtype == np.float16 else "FP32"
+
+
+def v2_http_sender(clients: list[Any], model: str = "fa3trt") -> Send:
+    """KServe v2 over HTTP with ``tritonclient.http.aio`` clients (in turn), binary tensors in and
+    out: each sequence is one request of shape [1, S, hidden]."""
+    from tritonclient.http.aio import InferInput, InferRequestedOutput
+
+    targets = itertools.cycle(clients)
+    out = [InferRequestedOutput("y", binary_data=True)]
+
+    async def send(x: np.ndarray) -> np.ndarray:
+        t = InferInput("x", [1, *x.shape], _v2_datatype(x))
+        t.set_data_from_numpy(x[None], binary_data=True)
+        result = await next(targets).infer(model, [t], outputs=out)
+        return result.as_numpy("y")[0]
+
+    return send
+
+
+def v2_grpc_sender(client: Any, model: str = "fa3trt") -> Send:
+    """KServe v2 over gRPC with a ``tritonclient.grpc.aio`` client (raw tensor contents)."""
+    from tritonclient.grpc.aio import InferInput
+
+    async def send(x: np.ndarray) -> np.ndarray:
+        t = InferInput("x", [1, *x.shape], _v2_datatype(x))
+        t.set_data_from_numpy(x[None])
+        result = await client.infer(model, [t])
+        return result.as_numpy("y")[0]
+
+    return send
+
+
 def ray_auth_token() -> str | None:
     """The Ray cluster's auth token as Ray's own clients find it (env, token file), or None."""
     if os.environ.get("RAY_AUTH_TOKEN"):
@@ -299,12 +335,21 @@ def main() -> None:
         default="http://127.0.0.1:8265",
         help="--direct: Ray dashboard whose Serve REST API lists the replicas",
     )
-    p.add_argument("--app", default="fa3trt", help="--direct: the Serve application's name")
+    p.add_argument(
+        "--app", default="fa3trt", help="the Serve application's name (--direct; the model name of v2 transports)"
+    )
     p.add_argument(
         "--target-host",
         default=None,
         help="--direct: connect to this host instead of each listed node IP (e.g. 127.0.0.1)",
     )
+    p.add_argument(
+        "--transport",
+        choices=["v1-http", "v2-http", "v2-grpc"],
+        default="v1-http",
+        help="v1-http: .npy bodies to /v1/infer; v2-http / v2-grpc: KServe v2 through tritonclient",
+    )
+    p.add_argument("--grpc-url", default="127.0.0.1:9000", help="v2-grpc: Serve's gRPC proxy (host:port)")
     p.add_argument("--mix", default="256-2048")
     p.add_argument("--mode", choices=["closed", "open"], default="closed")
     p.add_argument("--requests", type=int, default=200)
@@ -340,18 +385,39 @@ def main() -> None:
     lo, hi = parse_mix(args.mix, max(info["buckets"]))
     inputs = make_inputs(args.requests, lo, hi, info["model"]["hidden"], dtype=np.dtype(args.dtype))
 
+    async def load(send: Send) -> LoadResult:
+        return await run_load(
+            send,
+            inputs,
+            mode=args.mode,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            duration=args.duration,
+            verify=args.verify,
+        )
+
     async def go() -> LoadResult:
+        if args.transport == "v2-http":
+            from tritonclient.http.aio import InferenceServerClient as HttpClient
+
+            hosts = [u.split("://", 1)[-1] for u in urls]
+            clients = [HttpClient(h, conn_limit=max(args.concurrency, 1), conn_timeout=600) for h in hosts]
+            try:
+                return await load(v2_http_sender(clients, args.app))
+            finally:
+                for c in clients:
+                    await c.close()
+        if args.transport == "v2-grpc":
+            from tritonclient.grpc.aio import InferenceServerClient as GrpcClient
+
+            client = GrpcClient(args.grpc_url)
+            try:
+                return await load(v2_grpc_sender(client, args.app))
+            finally:
+                await client.close()
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-            return await run_load(
-                http_sender(urls, session),
-                inputs,
-                mode=args.mode,
-                concurrency=args.concurrency,
-                rate=args.rate,
-                duration=args.duration,
-                verify=args.verify,
-            )
+            return await load(http_sender(urls, session))
 
     # Each direct URL is one replica, so its counters are that replica's; through a proxy a
     # stats call reaches any replica and the two readings match only with one replica.
@@ -360,7 +426,10 @@ def main() -> None:
     stats = [
         stats_delta(b, requests.get(f"{u}/v1/stats", timeout=30).json(), res.seconds) for u, b in zip(urls, before)
     ]
-    print(f"{info['device_name']} backend={info['backend']} buckets={info['buckets']} mix={args.mix} mode={args.mode}")
+    print(
+        f"{info['device_name']} backend={info['backend']} buckets={info['buckets']} mix={args.mix} "
+        f"mode={args.mode} transport={args.transport}"
+    )
     print_summary(
         f"{args.mode} c={args.concurrency}" if args.mode == "closed" else f"open rate={args.rate}/s",
         res,
@@ -380,6 +449,7 @@ def main() -> None:
                 {
                     "info": info,
                     "urls": urls,
+                    "transport": args.transport,
                     "result": res.summary(),
                     "stats": stats if len(stats) > 1 else stats[0],
                     "median_latency_ms": statistics.median(res.latencies_ms) if res.latencies_ms else None,

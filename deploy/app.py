@@ -9,7 +9,9 @@ NaN and Inf are looked for on the device, in the assembled batch, and refuse onl
 holding them. A batch that fails is split and retried in halves, so only the requests that
 really fail, fail.
 It is also the app's ingress: FastAPI over HTTP (``POST /v1/infer`` in .npy or JSON,
-``GET /v1/info``, ``GET /v1/stats``) and the handle API
+``GET /v1/info``, ``GET /v1/stats``), the Open Inference Protocol (KServe v2) over HTTP
+(``/v2/...``) and gRPC (``inference.GRPCInferenceService`` through Serve's gRPC proxy; the
+protocol itself is ``deploy.kserve``) and the handle API
 (``serve.get_app_handle("fa3trt").infer.remote(x)``), so a request reaches its replica in one hop.
 
 ``max_ongoing_requests`` of the model replicas is derived so every bucket's batches can fill.
@@ -17,6 +19,8 @@ It is also the app's ingress: FastAPI over HTTP (``POST /v1/infer`` in .npy or J
 
 import asyncio
 import contextlib
+import functools
+import importlib.metadata
 import logging
 import os
 import time
@@ -30,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from deploy import kserve
 from deploy.affinity import pin_to_gpu_node
 from deploy.codec import (
     all_finite,
@@ -66,6 +71,8 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
+V2_VERSIONS = ("1",)
+"""The model versions v2 clients may name: the app serves one model, version "1" (or none named)."""
 
 
 def bucket_limits(buckets: Buckets, batching: BatchingConfig) -> list[tuple[int, float]]:
@@ -375,6 +382,11 @@ class ModelReplica:
             raise result
         return from_numpy_like(result, like)
 
+    def io_signature(self) -> Signature:
+        """What one request carries and gets back (no batch axis): the protocol layers'
+        (``deploy.kserve``) view of the model, named inputs for every model."""
+        return self.signature
+
     async def infer_named(self, inputs: Any) -> dict[str, np.ndarray]:
         """One request by name: ``{input: array}`` (each without the batch axis; the inputs the
         signature lists as sent) in, ``{output: array}`` out. Every bad input is an
@@ -391,8 +403,8 @@ class ModelReplica:
         except InvalidInputError:
             self._count_rejected("none")
             raise
-        if self.named is None:  # the reference model's own path: x alone, answered in float32
-            y = await self.infer(req.tensors["x"])
+        if self.named is None:  # the reference model's own path: x alone, answered in its dtype
+            y = await self.infer(inputs["x"])
             return {sig.output.name: np.asarray(y)}
         result = await self._queues[req.bucket]((req, time.perf_counter()))
         if isinstance(result, Exception):
@@ -488,6 +500,147 @@ class ModelReplica:
             "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
         }
 
+    # ---------------------------------------------------------------- KServe v2 (deploy.kserve)
+    @functools.cached_property
+    def model_name(self) -> str:
+        """The model's v2 name: the Serve application's name (``fa3trt`` outside Serve)."""
+        try:
+            return str(serve.get_replica_context().app_name)
+        except Exception:  # outside Serve (direct construction in tests)
+            return "fa3trt"
+
+    def _v2_metadata(self) -> dict[str, Any]:
+        platform = f"fa3trt_{self.backend.name}"
+        return kserve.model_metadata(self.model_name, V2_VERSIONS, platform, self.io_signature())
+
+    async def _v2_infer(self, req: kserve.V2Request) -> dict[str, tuple[np.ndarray, str]]:
+        """Each row of the protocol's batch axis is one request to the batch queues."""
+        sig = self.io_signature()
+        rows = kserve.split_request(req, sig)
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(self.infer_named(r) for r in rows)), self.args.request_timeout_s
+        )
+        return kserve.join_outputs(answers, req, sig)
+
+    def _v2_error(self, e: Exception) -> tuple[int, str]:
+        """(HTTP status, message) of a failed v2 call; server faults are logged."""
+        status = kserve.http_status(e)
+        if status >= 500:
+            log.error("v2 request failed: %s: %s", type(e).__name__, e)
+        if isinstance(e, TimeoutError):
+            return status, f"request timed out after {self.args.request_timeout_s}s; retry, or send fewer rows"
+        return status, kserve.error_body(e)["error"]
+
+    def _http_error(self, e: Exception) -> JSONResponse:
+        status, message = self._v2_error(e)
+        return JSONResponse({"error": message}, status_code=status)
+
+    @api.get("/v2/health/live")
+    def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    def v2_ready(self) -> JSONResponse:
+        ready = bool(self._queues)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @api.get("/v2")
+    def v2_server_metadata(self) -> dict[str, Any]:
+        return kserve.server_metadata(_version())
+
+    @api.get("/v2/models/{name}")
+    @api.get("/v2/models/{name}/versions/{version}")
+    def v2_model_metadata(self, name: str, version: str = "") -> JSONResponse:
+        try:
+            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
+        except RequestError as e:
+            return self._http_error(e)
+        return JSONResponse(self._v2_metadata())
+
+    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    def v2_model_ready(self, name: str, version: str = "") -> JSONResponse:
+        try:
+            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
+        except RequestError as e:
+            return self._http_error(e)
+        ready = bool(self._queues)
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+    @api.post("/v2/models/{name}/infer")
+    @api.post("/v2/models/{name}/versions/{version}/infer")
+    async def v2_infer_http(self, name: str, request: Request, version: str = "") -> Response:
+        """v2 REST inference: JSON tensors or the binary tensor data extension (deploy.kserve)."""
+        try:
+            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
+            encoding = request.headers.get("content-encoding", "identity").lower()
+            if encoding != "identity":
+                raise RequestError(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed", 415)
+            body = await self._read_body(request)
+            req = kserve.parse_http_infer(body, request.headers.get(kserve.HEADER_LENGTH))
+            outputs = await self._v2_infer(req)
+        except Exception as e:
+            return self._http_error(e)
+        content, json_len = kserve.encode_http_infer(self.model_name, version or V2_VERSIONS[0], req, outputs)
+        headers = {"x-fa3trt-replica": self.replica}
+        if json_len is None:
+            return Response(content, media_type="application/json", headers=headers)
+        headers[kserve.HEADER_LENGTH] = str(json_len)
+        return Response(content, media_type="application/octet-stream", headers=headers)
+
+    # gRPC, inference.GRPCInferenceService: Serve's gRPC proxy calls the method of the RPC's
+    # name with the request's bytes (deploy.kserve.add_GRPCInferenceServiceServicer_to_server);
+    # an error is a status set on grpc_context.
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:
+        return kserve.pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:
+        return kserve.pb.ServerReadyResponse(ready=bool(self._queues))
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        meta = kserve.server_metadata(_version())
+        return kserve.pb.ServerMetadataResponse(**meta)
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            request = kserve.parse_message("ModelReady", request)
+            kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
+        except RequestError as e:
+            return self._grpc_error(e, grpc_context, kserve.pb.ModelReadyResponse())
+        return kserve.pb.ModelReadyResponse(ready=bool(self._queues))
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            request = kserve.parse_message("ModelMetadata", request)
+            kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
+        except RequestError as e:
+            return self._grpc_error(e, grpc_context, kserve.pb.ModelMetadataResponse())
+        return kserve.grpc_model_metadata(self._v2_metadata())
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            request = kserve.parse_message("ModelInfer", request)
+            kserve.check_model(request.model_name, request.model_version, self.model_name, V2_VERSIONS)
+            size, limit = request.ByteSize(), self.args.max_body_bytes
+            if size > limit:
+                raise RequestError(
+                    f"request of {size} bytes exceeds the limit of {limit} bytes (max_body_bytes); send fewer tokens",
+                    413,
+                )
+            req = kserve.parse_grpc_infer(request)
+            outputs = await self._v2_infer(req)
+        except Exception as e:
+            return self._grpc_error(e, grpc_context, kserve.pb.ModelInferResponse())
+        return kserve.encode_grpc_infer(self.model_name, request.model_version or V2_VERSIONS[0], req, outputs)
+
+    def _grpc_error(self, e: Exception, grpc_context: Any, empty: Any) -> Any:
+        _, message = self._v2_error(e)
+        if grpc_context is None:  # called outside Serve's gRPC proxy
+            raise e
+        grpc_context.set_code(kserve.grpc_code(e))
+        grpc_context.set_details(message)
+        return empty
+
     def check_health(self) -> None:
         if self.named is not None:
             sig = self.signature
@@ -510,6 +663,13 @@ class ModelReplica:
 # Wrapped apart from the class definition: the class stays importable as deploy.app.ModelReplica,
 # so Ray ships it by reference (the worker imports this module) instead of pickling it by value.
 ModelServer = serve.deployment(name="ModelServer")(serve.ingress(api)(ModelReplica))
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fa3trt")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def build_app(args: dict[str, Any]) -> "serve.Application":
