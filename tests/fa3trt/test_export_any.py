@@ -277,3 +277,38 @@ def test_exported_program_runs_the_attention_eagerly() -> None:
         program = torch.export.export(model, (x, lens), strict=True)
     assert sum("plugin_node" in str(n.target) for n in program.graph.nodes) == 1
     torch.testing.assert_close(program.module()(x, lens), model(x, lens), rtol=1e-5, atol=1e-5)
+
+
+class TokenModel(nn.Module):
+    """int64 token ids through an embedding, and an int64 length count, into attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(100, C)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        assert input_ids.dtype == torch.int64 and lengths.dtype == torch.int64  # the model sees int64
+        b, s = input_ids.shape
+        q = self.proj(self.embed(input_ids)).view(b, s, H, D)
+        return fa3trt.attention(q, q, q, lengths).reshape(b, s, C)
+
+
+def test_int64_inputs_enter_the_graph_as_int32(tmp_path: Path) -> None:
+    model = TokenModel().eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 10)), "lengths": torch.tensor([10, 4])}
+    axes = {"input_ids": {0: "B", 1: "S"}, "lengths": {0: "B"}}
+    res = export_onnx(model, tmp_path / "m.onnx", inputs, axes)
+    assert res.inputs == {
+        "input_ids": {"dtype": "int32", "shape": ["B", "S"]},
+        "lengths": {"dtype": "int32", "shape": ["B"]},
+    }
+    assert res.strict and res.plugin_nodes == 1
+    # ONNX Runtime fed int32 against the eager model fed the int64 originals.
+    assert verify_onnx(res.path, model, inputs, check_sizes={"B": [1, 3], "S": [10, 16]}) < 1e-4
+    kept = export_onnx(model, tmp_path / "k.onnx", inputs, axes, narrow_int64_inputs=False)
+    assert kept.inputs["input_ids"]["dtype"] == "int64"
+    big = dict(inputs, input_ids=torch.full((2, 10), 1 << 40))
+    with pytest.raises(ExportError, match=r"input 'input_ids' holds values outside int32 .*narrow_int64=False"):
+        export_onnx(model, tmp_path / "b.onnx", big, axes)
