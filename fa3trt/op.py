@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -140,6 +140,9 @@ _exporting: contextvars.ContextVar[bool] = contextvars.ContextVar("fa3trt_export
 @contextlib.contextmanager
 def onnx_export_mode() -> Iterator[None]:
     """Within this block ``attention`` emits the ``CustomAttnPlugin`` ONNX node."""
+    global _decided
+    if _decided is None:
+        _decided = torch.compiler.assume_constant_result(_exporting_now)
     token = _exporting.set(True)
     try:
         yield
@@ -147,10 +150,19 @@ def onnx_export_mode() -> Iterator[None]:
         _exporting.reset(token)
 
 
-# Decided before tracing: strict torch.export (dynamo) reads the result as a constant instead
-# of tracing ContextVar.get, which it cannot.
-@torch.compiler.assume_constant_result
+def _exporting_now() -> bool:
+    return _exporting.get()
+
+
+# Strict torch.export (dynamo) cannot trace ContextVar.get: under it the branch is decided
+# before tracing, by this wrapper that dynamo reads as a constant. Made on the first export:
+# assume_constant_result imports torch._dynamo, which `import fa3trt` must not.
+_decided: Callable[[], bool] | None = None
+
+
 def _in_export() -> bool:
+    if torch.compiler.is_compiling():
+        return _decided is not None and _decided()
     return _exporting.get() or torch.onnx.is_in_onnx_export()
 
 
