@@ -51,6 +51,9 @@ __all__ = [
     "profiles",
     "onnx_hidden",
     "build_engine",
+    "engine_bytes",
+    "build_metadata",
+    "ProfileShapes",
     "engine_key_for",
     "build_to_store",
 ]
@@ -198,26 +201,27 @@ def _hw_level(name: str) -> Any:
     }[name]
 
 
-def build_engine(onnx_path: str | os.PathLike[str], config: BuildConfig) -> tuple[bytes, dict[str, Any]]:
-    """Build an engine from ``onnx_path`` with polygraphy's loaders; returns (bytes, metadata).
+ProfileShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+"""One optimization profile as TensorRT takes it: per input name its (min, opt, max) shape."""
+
+
+def engine_bytes(
+    onnx_path: str | os.PathLike[str], config: BuildConfig, profile_shapes: list[ProfileShapes]
+) -> tuple[bytes, float]:
+    """Build ``onnx_path`` with one optimization profile per entry of ``profile_shapes`` through
+    polygraphy's loaders; returns (engine bytes, build seconds).
 
     The plugin must be registered in this process first (``fa3trt.plugin.register_plugin``).
     Every ONNX parser error is logged by polygraphy before this raises ``EngineBuildError``.
     """
     require_registered(config.plugin_namespace)
-    env = current_environment()
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
     from polygraphy.exception import PolygraphyException
 
-    onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise ConfigError(f"ONNX file {onnx_path} does not exist; export it first (fa3trt.artifacts.ensure_onnx)")
-    hidden = onnx_hidden(onnx_path)
-    specs = profiles(config.buckets, config.max_batch_tokens)
     trt_profiles = []
-    for spec in specs:
+    for shapes in profile_shapes:
         p = Profile()
-        for name, (lo, opt, hi) in spec.shapes(hidden).items():
+        for name, (lo, opt, hi) in shapes.items():
             p.add(name, min=lo, opt=opt, max=hi)
         trt_profiles.append(p)
     pools = {trt.MemoryPoolType.WORKSPACE: config.workspace_bytes} if config.workspace_bytes else None
@@ -241,9 +245,12 @@ def build_engine(onnx_path: str | os.PathLike[str], config: BuildConfig) -> tupl
             f"'unsupported operator {PLUGIN_NAME}' error means the plugin's namespace "
             f"({config.plugin_namespace!r}) differs from the nodes' plugin_namespace attribute"
         ) from e
-    data = bytes(engine)
-    seconds = time.perf_counter() - t0
-    meta: dict[str, Any] = {
+    return bytes(engine), time.perf_counter() - t0
+
+
+def build_metadata(onnx_path: str | os.PathLike[str], config: BuildConfig, env: dict[str, str]) -> dict[str, Any]:
+    """The metadata every engine carries: environment, ONNX hash and build config."""
+    return {
         "format": METADATA_FORMAT,
         **env,
         "plugin_namespace": config.plugin_namespace,
@@ -252,6 +259,24 @@ def build_engine(onnx_path: str | os.PathLike[str], config: BuildConfig) -> tupl
         "build_config_hash": config.compute_hash(),
         "hash_ignores": list(HASH_IGNORES),
         "hardware_compatibility_level": config.hardware_compatibility_level,
+    }
+
+
+def build_engine(onnx_path: str | os.PathLike[str], config: BuildConfig) -> tuple[bytes, dict[str, Any]]:
+    """Build the reference model's engine from ``onnx_path``; returns (bytes, metadata).
+
+    ``fa3trt.named_build.build_named_engine`` is the same for a model described by a ``Signature``.
+    """
+    require_registered(config.plugin_namespace)
+    env = current_environment()
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise ConfigError(f"ONNX file {onnx_path} does not exist; export it first (fa3trt.artifacts.ensure_onnx)")
+    hidden = onnx_hidden(onnx_path)
+    specs = profiles(config.buckets, config.max_batch_tokens)
+    data, seconds = engine_bytes(onnx_path, config, [s.shapes(hidden) for s in specs])
+    meta: dict[str, Any] = {
+        **build_metadata(onnx_path, config, env),
         "hidden": hidden,
         "profiles": [s.to_dict() for s in specs],
         "bucket_to_profile": {str(s.bucket_edge): s.index for s in specs},

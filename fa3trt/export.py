@@ -7,13 +7,15 @@ Contract:
   ``fa3trt.attention`` call becomes one ``attn::CustomAttnPlugin`` node; the selected output
   (``output``: a position or a name, see ``fa3trt.model_io.select_output``) is the graph's one
   output ``output_name``; graph inputs carry the input names and their dynamic axes the axis
-  names. Weights go to an external-data file past 2 GB (protobuf's limit).
+  names. Weights go to an external-data file past 2 GB (protobuf's limit). An int64 input is
+  an int32 graph input, widened inside the graph (``fa3trt.model_io`` says why).
 - A declared axis that the model fixes to its sample size (a ``.view`` with a literal, a branch
   on the size) is an ``ExportError`` naming the input and the axis, whether torch.export refuses
   it or the ONNX graph input comes out static. Non-strict ``torch.export`` (the fallback when
-  strict tracing fails, with a logged warning) refuses such an axis as well; today strict
-  tracing stops at ``fa3trt.attention``'s export branch (dynamo traces neither
-  ``ContextVar.get`` nor ``torch.onnx.ops.symbolic``), so every export takes the fallback.
+  strict tracing fails, with a logged warning) refuses such an axis as well.
+  ``ExportResult.strict`` says which one traced: ``fa3trt.attention`` traces to a plain custom
+  op under strict tracing too (``fa3trt.onnx_node``), so only the model's own code can force
+  the fallback.
 - Sample sizes of dynamic axes must be >= 2: torch.export specializes sizes 0 and 1.
 - Without ``inputs`` the model must be the reference ``Transformer``: inputs ``x`` (B, S, hidden)
   and ``seq_lens`` (B,), output ``y``, exactly ``cfg.layers`` plugin nodes.
@@ -40,8 +42,9 @@ from torch import nn
 
 from fa3trt.errors import ExportError
 from fa3trt.model import ModelConfig, Transformer, build_model
-from fa3trt.model_io import REFERENCE_AXES, NamedCall, reference_inputs
+from fa3trt.model_io import REFERENCE_AXES, NamedCall, narrow_int64, reference_inputs
 from fa3trt.onnx_check import verify_onnx
+from fa3trt.onnx_node import translation_table
 from fa3trt.op import PLUGIN_NAME, onnx_export_mode
 
 __all__ = ["export_onnx", "verify_onnx", "ExportResult", "file_sha256", "plugin_nodes", "OPSET", "DEFAULT_AXIS_RANGES"]
@@ -66,6 +69,8 @@ class ExportResult:
     """Per graph input, in order: ``{"dtype": "float32", "shape": ["B", "S", 256]}`` (axis name or static size)."""
     output: dict[str, Any] = field(default_factory=dict)
     """The graph's output: ``{"name": "y", "dtype": ..., "shape": [...]}``."""
+    strict: bool = False
+    """True when strict ``torch.export`` (dynamo) traced the model; False after the non-strict fallback."""
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -147,12 +152,15 @@ def _specialized(e: BaseException, where: dict[str, list[str]], names: list[str]
     )
 
 
-def _trace(call: NamedCall, args: tuple[torch.Tensor, ...], shapes: Any, where: dict[str, list[str]]) -> Any:
-    """``torch.export`` strictly, else non-strictly (a logged warning); specialization is an ExportError."""
+def _trace(
+    call: NamedCall, args: tuple[torch.Tensor, ...], shapes: Any, where: dict[str, list[str]]
+) -> tuple[Any, bool]:
+    """``torch.export`` strictly, else non-strictly (a logged warning); the program and whether
+    strict tracing made it. Specialization is an ExportError."""
     for strict in (True, False):
         try:
             with onnx_export_mode():
-                return torch.export.export(call, args, dynamic_shapes={"args": shapes}, strict=strict)
+                return torch.export.export(call, args, dynamic_shapes={"args": shapes}, strict=strict), strict
         except Exception as e:
             if (err := _specialized(e, where, list(call.names))) is not None:
                 raise err from e
@@ -212,12 +220,15 @@ def export_onnx(
     external_data: bool | None = None,
     sample_batch: int = 2,
     sample_seq: int = 64,
+    narrow_int64_inputs: bool = True,
 ) -> ExportResult:
     """Export ``model(**inputs)`` to ``path`` (see the module docstring); returns the file's record.
 
     ``dynamic_axes``: per input, axis -> axis name (None: all static). ``axis_ranges``: per axis
     name (min, max), defaults ``DEFAULT_AXIS_RANGES``. ``external_data``: None decides by size.
     ``sample_batch`` / ``sample_seq``: the reference model's sample sizes when ``inputs`` is None.
+    ``narrow_int64_inputs``: int64 inputs become int32 graph inputs, widened inside the graph
+    (``fa3trt.model_io``'s docstring says why); False keeps them int64.
     """
     import onnx
 
@@ -246,10 +257,13 @@ def export_onnx(
     if external_data is None:
         external_data = n_bytes > _PROTOBUF_LIMIT - (64 << 20)
 
-    call = NamedCall(model, list(inputs), output)
+    widen: list[str] = []
+    if narrow_int64_inputs:
+        inputs, widen = narrow_int64(inputs)
+    call = NamedCall(model, list(inputs), output, widen)
     args = tuple(inputs.values())
     shapes = tuple({a: dims[n] for a, n in dynamic_axes.get(name, {}).items()} or None for name in inputs)
-    program = _trace(call, args, shapes, where)
+    program, strict = _trace(call, args, shapes, where)
     try:
         with onnx_export_mode():
             onnx_program = torch.onnx.export(
@@ -259,6 +273,7 @@ def export_onnx(
                 opset_version=OPSET,
                 input_names=list(inputs),
                 output_names=[output_name],
+                custom_translation_table=translation_table(),
                 verbose=False,
             )
     except Exception as e:
@@ -287,8 +302,15 @@ def export_onnx(
     onnx.checker.check_model(str(path))
     schema = {i.name: _schema(i) for i in proto.graph.input}
     out = {"name": proto.graph.output[0].name, **_schema(proto.graph.output[0])}
-    result = ExportResult(str(path), file_sha256(path), bool(external_data), len(nodes), schema, out)
-    log.info("exported %s: %d plugin nodes, inputs %s, sha256 %s", path, len(nodes), schema, result.sha256[:12])
+    result = ExportResult(str(path), file_sha256(path), bool(external_data), len(nodes), schema, out, strict)
+    log.info(
+        "exported %s (%s torch.export): %d plugin nodes, inputs %s, sha256 %s",
+        path,
+        "strict" if strict else "non-strict",
+        len(nodes),
+        schema,
+        result.sha256[:12],
+    )
     return result
 
 

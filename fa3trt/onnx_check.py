@@ -11,6 +11,8 @@ Contract:
 - Inputs at other sizes come from ``make_inputs(sizes)`` when given, else from the samples:
   floating inputs drawn anew, integer inputs tiled or cut along the resized axes (so inputs
   whose values depend on a size, such as lengths, need ``make_inputs``).
+- An int64 input of an int32 graph input (``export_onnx`` narrows them) is fed narrowed; the
+  eager model gets the int64 original.
 - float32 only: ONNX Runtime's Python ops take float32.
 """
 
@@ -117,6 +119,14 @@ def _resized(
     return out
 
 
+def _as_graph_dtype(t: torch.Tensor, onnx_type: str) -> np.ndarray:
+    """A feed as the graph takes it: an int64 tensor for an int32 input (``narrow_int64``) is
+    narrowed, as the runtime does; the model itself is called with the int64 original."""
+    if t.dtype == torch.int64 and onnx_type == "tensor(int32)":
+        return t.to(torch.int32).numpy()
+    return t.numpy()
+
+
 def verify_onnx(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -167,6 +177,7 @@ def verify_onnx(
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(get_library_path())
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    graph_dtypes = {i.name: i.type for i in session.get_inputs()}
     call = NamedCall(model, list(inputs), output)
     worst = 0.0
     for sizes in check_shapes(sample, check_sizes):
@@ -175,7 +186,7 @@ def verify_onnx(
             if sizes == sample
             else dict(make_inputs(sizes) if make_inputs else _resized(inputs, axes, sizes, g))
         )
-        (got,) = session.run(outputs[:1], {n: feed[n].numpy() for n in axes})
+        (got,) = session.run(outputs[:1], {n: _as_graph_dtype(feed[n], graph_dtypes[n]) for n in axes})
         with torch.inference_mode():
             want = call(*feed.values()).numpy()
         if got.shape != want.shape:

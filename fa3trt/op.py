@@ -12,10 +12,14 @@ Contract (what FA3 takes):
   gives zeros). ``softmax_scale`` defaults to 1/sqrt(D).
 - ``mode`` 0 computes in the input dtype; 1 is FP8 (``fa3trt.kernels.fp8``: FA3's e4m3 kernel
   where it is built, else FP8 numerics in the input dtype, announced once).
-- Under ``torch.onnx.export`` (``onnx_export_mode``) ``attention`` emits one
+- Under ``onnx_export_mode`` ``attention`` traces to one ``attn::plugin_node`` op, which
+  ``torch.onnx.export`` with ``fa3trt.onnx_node.translation_table()`` writes as one
   ``attn::CustomAttnPlugin`` node with the TensorRT plugin's name, version and fields: inputs
   q, k, v, seq_lens, seq_lens_k (the lengths always present), attributes ``mode``, ``causal``,
   ``softmax_scale`` (the value, never a default), ``plugin_version``, ``plugin_namespace``.
+  The branch is decided before tracing (``assume_constant_result``) and the op is a plain
+  custom op, so strict ``torch.export`` (dynamo) traces it; run eagerly (an exported
+  program's ``.module()``) it computes attention.
 
 The kernel is chosen once per device by ``fa3trt.kernels.selector`` and logged; a dtype, head
 dim or feature (cross-attention, causal, grouped-query heads) it lacks runs on the next kernel
@@ -27,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -41,6 +45,7 @@ __all__ = [
     "attention",
     "custom_attn",
     "onnx_export_mode",
+    "plugin_node",
     "MODE_NATIVE",
     "MODE_FP8",
     "PLUGIN_NAME",
@@ -95,6 +100,38 @@ def _(
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("attn::plugin_node", mutates_args=())
+def plugin_node(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_lens_k: torch.Tensor,
+    mode: int,
+    causal: bool,
+    softmax_scale: float,
+    plugin_namespace: str,
+) -> torch.Tensor:
+    """The ``CustomAttnPlugin`` node as a traced op (see the module docstring); eagerly, attention
+    with both lengths, as TensorRT's plugin and ONNX Runtime's check run it."""
+    return custom_attn(q, k, v, seq_lens, seq_lens_k, mode, causal, softmax_scale)
+
+
+@plugin_node.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_lens: torch.Tensor,
+    seq_lens_k: torch.Tensor,
+    mode: int,
+    causal: bool,
+    softmax_scale: float,
+    plugin_namespace: str,
+) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
 # Set by fa3trt.export for the duration of an export: torch.onnx.is_in_onnx_export() is not
 # set by every torch release's dynamo exporter (2.11 leaves it False), this flag always is.
 _exporting: contextvars.ContextVar[bool] = contextvars.ContextVar("fa3trt_exporting", default=False)
@@ -103,6 +140,9 @@ _exporting: contextvars.ContextVar[bool] = contextvars.ContextVar("fa3trt_export
 @contextlib.contextmanager
 def onnx_export_mode() -> Iterator[None]:
     """Within this block ``attention`` emits the ``CustomAttnPlugin`` ONNX node."""
+    global _decided
+    if _decided is None:
+        _decided = torch.compiler.assume_constant_result(_exporting_now)
     token = _exporting.set(True)
     try:
         yield
@@ -110,7 +150,19 @@ def onnx_export_mode() -> Iterator[None]:
         _exporting.reset(token)
 
 
+def _exporting_now() -> bool:
+    return _exporting.get()
+
+
+# Strict torch.export (dynamo) cannot trace ContextVar.get: under it the branch is decided
+# before tracing, by this wrapper that dynamo reads as a constant. Made on the first export:
+# assume_constant_result imports torch._dynamo, which `import fa3trt` must not.
+_decided: Callable[[], bool] | None = None
+
+
 def _in_export() -> bool:
+    if torch.compiler.is_compiling():
+        return _decided is not None and _decided()
     return _exporting.get() or torch.onnx.is_in_onnx_export()
 
 
@@ -184,8 +236,8 @@ def attention(
 ) -> torch.Tensor:
     """Attention of q (B, Sq, H, D) over k, v (B, Sk, Hk, D); see the module docstring.
 
-    Under ``torch.onnx.export`` this emits one ``attn::CustomAttnPlugin`` node (the TensorRT
-    plugin's name, version and fields) instead of tracing into a kernel.
+    Under ``onnx_export_mode`` this traces to one ``attn::plugin_node`` op, exported as one
+    ``attn::CustomAttnPlugin`` node (the TensorRT plugin's name, version and fields).
     """
     _validate(q, k, v, seq_lens, seq_lens_k, mode, softmax_scale)
     if seq_lens is not None and seq_lens.dtype != torch.int32:
@@ -204,18 +256,5 @@ def attention(
             lens_k = lens_q
         else:
             lens_k = torch.full((b,), sk, dtype=torch.int32, device=q.device)
-        return torch.onnx.ops.symbolic(
-            f"{PLUGIN_DOMAIN}::{PLUGIN_NAME}",
-            [q, k, v, lens_q, lens_k],
-            attrs={
-                "mode": int(mode),
-                "causal": int(bool(causal)),
-                "softmax_scale": scale,
-                "plugin_version": PLUGIN_VERSION,
-                "plugin_namespace": plugin_namespace,
-            },
-            dtype=q.dtype,
-            shape=q.shape,
-            version=1,
-        )
+        return plugin_node(q, k, v, lens_q, lens_k, int(mode), bool(causal), scale, plugin_namespace)
     return custom_attn(q, k, v, seq_lens, seq_lens_k, int(mode), bool(causal), scale)

@@ -2,7 +2,7 @@
 
 - only ``fa3trt/_trt.py`` imports TensorRT at run time (elsewhere only under ``TYPE_CHECKING``,
   for mypy against the stubs), and only ``fa3trt/_trt.py``, ``fa3trt/plugin/``, ``build.py``,
-  ``compat.py``, ``runtime.py``, ``backends.py`` and ``selfcheck.py`` reach it (other packages ask
+  ``compat.py``, ``runtime.py``, ``named_runtime.py``, ``backends.py`` and ``selfcheck.py`` reach it (other packages ask
   ``fa3trt.tensorrt_available()``); the op, the kernels and the model never do;
 - no module imports another module's private name, and nothing outside ``fa3trt`` imports a
   private module of it;
@@ -25,6 +25,7 @@ TRT_USERS = {
     "fa3trt/build.py",
     "fa3trt/compat.py",
     "fa3trt/runtime.py",
+    "fa3trt/named_runtime.py",
     "fa3trt/backends.py",
     "fa3trt/selfcheck.py",
 }

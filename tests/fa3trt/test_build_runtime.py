@@ -239,7 +239,15 @@ def test_tensorrt_calls_typecheck_against_stubs(tmp_path: Path) -> None:
     cfg = _sanitized_stubs(tmp_path)
     if cfg is None:
         pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
-    files = ["fa3trt/plugin", "fa3trt/_trt.py", "fa3trt/build.py", "fa3trt/compat.py", "fa3trt/runtime.py"]
+    files = [
+        "fa3trt/plugin",
+        "fa3trt/_trt.py",
+        "fa3trt/build.py",
+        "fa3trt/compat.py",
+        "fa3trt/runtime.py",
+        "fa3trt/named_build.py",
+        "fa3trt/named_runtime.py",
+    ]
     env = dict(os.environ, MYPYPATH=str(tmp_path))
     r = subprocess.run(
         [

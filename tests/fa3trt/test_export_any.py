@@ -13,6 +13,8 @@ from torch import nn
 import fa3trt
 from fa3trt.errors import ExportError
 from fa3trt.export import _name_axes, export_onnx, plugin_nodes, verify_onnx
+from fa3trt.op import onnx_export_mode
+from tests.utils import captured_log
 
 C, H = 32, 4
 D = C // H
@@ -73,7 +75,7 @@ def test_cross_attention_model_round_trip(tmp_path: Path) -> None:
     model = CrossModel(blocks=2).eval()
     inputs = make_inputs({"B": 2, "S": 24, "T": 11})
     res = export_onnx(model, tmp_path / "m.onnx", inputs, AXES, plugin_namespace="ns")
-    assert res.plugin_nodes == 3 * 2
+    assert res.plugin_nodes == 3 * 2 and res.strict
     assert res.inputs == {
         "hidden_states": {"dtype": "float32", "shape": ["B", "S", C]},
         "context": {"dtype": "float32", "shape": ["B", "T", C]},
@@ -225,3 +227,88 @@ def test_reference_model_default_inputs_and_schema(tmp_path: Path) -> None:
         "seq_lens": {"dtype": "int32", "shape": ["B"]},
     }
     assert res.output["name"] == "y" and res.plugin_nodes == 1
+    assert res.strict  # traced by strict torch.export: no fallback
+
+
+def test_strict_export_of_a_routed_diffusers_model(tmp_path: Path) -> None:
+    """fa3trt.attention under routing traces strictly; the graph keeps one node per routed call."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    b, img, txt = 2, 16, 8
+    inputs = {
+        "hidden_states": torch.randn(b, img, 8),
+        "encoder_hidden_states": torch.randn(b, txt, 32),
+        "pooled_projections": torch.randn(b, 32),
+        "timestep": torch.full((b,), 0.5),
+        "img_ids": torch.randn(img, 3),
+        "txt_ids": torch.zeros(txt, 3),
+    }
+    axes = {
+        "hidden_states": {0: "B", 1: "I"},
+        "encoder_hidden_states": {0: "B", 1: "T"},
+        "pooled_projections": {0: "B"},
+        "timestep": {0: "B"},
+        "img_ids": {0: "I"},
+        "txt_ids": {0: "T"},
+    }
+    with torch.no_grad(), fa3trt.route_attention(model) as report, captured_log("fa3trt.export") as warnings:
+        res = export_onnx(model, tmp_path / "m.onnx", inputs, axes, output="sample")
+    assert res.strict and not warnings  # no "strict torch.export failed ..., falling back"
+    assert report.routed > 0 and res.plugin_nodes == 2  # one joint, one single-stream block
+    assert verify_onnx(res.path, model, inputs, output="sample") < 1e-4
+
+
+def test_exported_program_runs_the_attention_eagerly() -> None:
+    """The traced node is a real op: the program's module computes what the model does."""
+    model = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny", layers=1))
+    x, lens = torch.randn(2, 12, 256), torch.tensor([12, 5], dtype=torch.int32)
+    with onnx_export_mode():
+        program = torch.export.export(model, (x, lens), strict=True)
+    assert sum("plugin_node" in str(n.target) for n in program.graph.nodes) == 1
+    torch.testing.assert_close(program.module()(x, lens), model(x, lens), rtol=1e-5, atol=1e-5)
+
+
+class TokenModel(nn.Module):
+    """int64 token ids through an embedding, and an int64 length count, into attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(100, C)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        assert input_ids.dtype == torch.int64 and lengths.dtype == torch.int64  # the model sees int64
+        b, s = input_ids.shape
+        q = self.proj(self.embed(input_ids)).view(b, s, H, D)
+        return fa3trt.attention(q, q, q, lengths).reshape(b, s, C)
+
+
+def test_int64_inputs_enter_the_graph_as_int32(tmp_path: Path) -> None:
+    model = TokenModel().eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 10)), "lengths": torch.tensor([10, 4])}
+    axes = {"input_ids": {0: "B", 1: "S"}, "lengths": {0: "B"}}
+    res = export_onnx(model, tmp_path / "m.onnx", inputs, axes)
+    assert res.inputs == {
+        "input_ids": {"dtype": "int32", "shape": ["B", "S"]},
+        "lengths": {"dtype": "int32", "shape": ["B"]},
+    }
+    assert res.strict and res.plugin_nodes == 1
+    # ONNX Runtime fed int32 against the eager model fed the int64 originals.
+    assert verify_onnx(res.path, model, inputs, check_sizes={"B": [1, 3], "S": [10, 16]}) < 1e-4
+    kept = export_onnx(model, tmp_path / "k.onnx", inputs, axes, narrow_int64_inputs=False)
+    assert kept.inputs["input_ids"]["dtype"] == "int64"
+    big = dict(inputs, input_ids=torch.full((2, 10), 1 << 40))
+    with pytest.raises(ExportError, match=r"input 'input_ids' holds values outside int32 .*narrow_int64=False"):
+        export_onnx(model, tmp_path / "b.onnx", big, axes)

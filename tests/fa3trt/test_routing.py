@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fa3trt import ConfigError, RoutingReport, route_attention
+from fa3trt.onnx_node import translation_table
 from fa3trt.op import onnx_export_mode
 
 diffusers = pytest.importorskip("diffusers")
@@ -188,7 +189,14 @@ def test_flux_export_holds_one_plugin_node_per_routed_call(
         program = torch.export.export(model, (), inputs, dynamic_shapes=dynamic)
     assert report.routed == custom_attn_nodes(program) == 4 and not report.left
     with torch.no_grad(), route_attention(model) as report, onnx_export_mode():
-        onnx_program = torch.onnx.export(model, (), kwargs={**inputs, "return_dict": False}, dynamo=True, verbose=False)
+        onnx_program = torch.onnx.export(
+            model,
+            (),
+            kwargs={**inputs, "return_dict": False},
+            dynamo=True,
+            custom_translation_table=translation_table(),
+            verbose=False,
+        )
     assert onnx_program is not None
     nodes = [n.op_type for n in onnx_program.model_proto.graph.node]
     assert nodes.count("CustomAttnPlugin") == report.routed == 4
