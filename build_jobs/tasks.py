@@ -33,7 +33,7 @@ from typing import Any
 from build_jobs.plan import RECORD_KIND, BuildItem
 from fa3trt import defaults
 from fa3trt.config import SourceSpec
-from fa3trt.errors import ArtifactCorruptError, BuildItemError, ConfigError
+from fa3trt.errors import ArtifactCorruptError, BuildItemError
 from fa3trt.model import ModelConfig
 from fa3trt.store import ArtifactStore, validate_key
 
@@ -149,10 +149,7 @@ def _build_engine(
     from fa3trt.build import build_to_store
 
     if isinstance(item.model, SourceSpec):
-        raise ConfigError(
-            f"{item.label}: TensorRT engines of a {item.model.source} model are built by name (fa3trt.runtime); "
-            "build it with --backend torch"
-        )
+        return _build_source_engine(item, store, force, workdir)
     meta = build_to_store(
         store,
         item.model,
@@ -162,6 +159,28 @@ def _build_engine(
         force=force,
         workdir=workdir,
     )
+    extra: dict[str, Any] = {
+        k: meta[k] for k in ("trt_version", "compute_capability", "gpu_name", "plugin_version") if k in meta
+    }
+    return "engines", str(meta["key"]), int(meta.get("size", 0)), extra
+
+
+def _build_source_engine(
+    item: BuildItem, store: ArtifactStore, force: bool, workdir: str
+) -> tuple[str, str, int, dict[str, Any]]:
+    """A user's model on TensorRT: its routed ONNX (exported once per spec), then this GPU's
+    engine with one profile per bucket over every named axis (``fa3trt.named_build``)."""
+    from fa3trt.artifacts import ensure_source_onnx
+    from fa3trt.buckets import Buckets
+    from fa3trt.build import BuildConfig
+    from fa3trt.named_build import build_named_to_store
+    from fa3trt.sources import model_id
+
+    assert isinstance(item.model, SourceSpec)
+    buckets = Buckets(item.buckets)
+    path, _ = ensure_source_onnx(store, item.model, buckets, workdir)
+    config = BuildConfig(buckets=buckets, max_batch_tokens=item.max_batch_tokens)
+    meta = build_named_to_store(store, path, item.model.signature(), model_id(item.model), config, force=force)
     extra: dict[str, Any] = {
         k: meta[k] for k in ("trt_version", "compute_capability", "gpu_name", "plugin_version") if k in meta
     }

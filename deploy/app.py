@@ -58,7 +58,7 @@ from fa3trt.buckets import Buckets, assemble, to_host
 from fa3trt.config import AppArgs, BatchingConfig, SourceSpec, apply_env_overrides
 from fa3trt.errors import InvalidInputError, RequestError
 from fa3trt.model_io import reference_signature
-from fa3trt.served import ModuleBackend, check_padding, load_named_backend
+from fa3trt.served import NamedBackend, check_padding, load_named_backend
 from fa3trt.signature import Checked, Signature
 from fa3trt.timing import timing_events
 
@@ -158,11 +158,18 @@ class ModelReplica:
         self.cpu_affinity = pin_to_gpu_node(torch.cuda.current_device()) if gpu else None
         spec = self.args.model
         # A user's model (named inputs, fa3trt.served) or the reference model (one array x).
-        self.named: ModuleBackend | None = None
+        self.named: NamedBackend | None = None
         if isinstance(spec, SourceSpec):
-            self.named = load_named_backend(self.args.backend, spec)
+            self.named = load_named_backend(
+                self.args.backend,
+                spec,
+                buckets=self.buckets,
+                store=self.args.store,
+                max_batch_tokens=self.args.batching.max_batch_tokens,
+            )
             self.backend: Any = self.named
             self.signature: Signature = self.named.signature
+            self.model_dtype: torch.dtype = getattr(torch, spec.dtype)
         else:
             cfg = spec.config()
             self.backend = load_backend(
@@ -176,6 +183,7 @@ class ModelReplica:
                 cuda_graphs=self.args.cuda_graphs,
             )
             self.signature = reference_signature(cfg)
+            self.model_dtype = cfg.torch_dtype
         self.metrics = ReplicaMetrics(self.buckets.edges)
         # One CUDA stream per bucket: a bucket's batch waits for its own copies and kernels only,
         # and one bucket's copies overlap another's kernels. (On one shared stream every
@@ -226,7 +234,7 @@ class ModelReplica:
                         sizes = self.signature.sample_sizes(self.buckets, e)
                         self.named.warmup([self.signature.samples(sizes, b) for b in sorted({1, size})])
             if self.named is not None:
-                check_padding(self.named, self.buckets)
+                check_padding(self.named, self.buckets, self.model_dtype)
             log.info(
                 "fa3trt replica %s ready in %.1fs: %s",
                 self.replica,
@@ -330,7 +338,7 @@ class ModelReplica:
             for idx in groups.values():
                 group = [reqs[i] for i in idx]
                 t1 = time.perf_counter()
-                batch = sig.assemble(group, backend.device, backend.dtype)
+                batch = sig.assemble(group, backend.device, self.model_dtype)
                 t2 = time.perf_counter()
                 y = to_host(backend.run(batch))
                 staged, run = staged + t2 - t1, run + time.perf_counter() - t2

@@ -12,7 +12,9 @@ Contract:
 - ``check_padding(backend, buckets)`` proves at start that ``batching: pad`` is exact for this
   model: a request alone and the same request padded in a batch with a longer one must agree,
   else a ``ConfigError`` says to batch by shape.
-- ``load_named_backend(kind, spec, ...)`` picks the backend as ``fa3trt.load_backend`` does.
+- ``load_named_backend(kind, spec, ...)`` picks the backend as ``fa3trt.load_backend`` does:
+  ``ModuleBackend``, or this GPU's engine of the model (``fa3trt.named_runtime``) from the
+  store. Both follow ``NamedBackend``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,13 +39,29 @@ from fa3trt.routing import RoutingReport, route_attention
 from fa3trt.signature import Checked, Signature
 from fa3trt.sources import load_source, model_id
 
-__all__ = ["ModuleBackend", "load_named_backend", "check_padding", "PAD_TOLERANCE"]
+__all__ = ["NamedBackend", "ModuleBackend", "load_named_backend", "check_padding", "PAD_TOLERANCE"]
 
 log = logging.getLogger(__name__)
 
 PAD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
 """Largest difference, relative to the answer's largest value, between a request alone and the
 same request padded in a batch (summation order only; a leak through the padding is of order 1)."""
+
+
+@runtime_checkable
+class NamedBackend(Protocol):
+    """Runs a batch of a user's model: keyword tensors (batch axis first, as
+    ``Signature.assemble`` makes them) in, the selected output (B, ...) on ``device`` out."""
+
+    name: str
+    device: torch.device
+    signature: Signature
+
+    def run(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def warmup(self, batches: Sequence[dict[str, torch.Tensor]]) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 class ModuleBackend:
@@ -105,21 +123,32 @@ class ModuleBackend:
 
 
 def load_named_backend(
-    kind: BackendKind, spec: SourceSpec, *, device: torch.device | str | None = None
-) -> ModuleBackend:
-    """The backend of a user's model: ``torch`` (``ModuleBackend``), or ``auto`` (torch until
-    TensorRT and a GPU are both present)."""
+    kind: BackendKind,
+    spec: SourceSpec,
+    *,
+    buckets: Buckets,
+    store: str | None = None,
+    max_batch_tokens: int | None = None,
+    device: torch.device | str | None = None,
+) -> NamedBackend:
+    """The backend of a user's model: ``torch`` (``ModuleBackend``), ``tensorrt`` (this GPU's
+    engine of the model from ``store``, built by ``python -m build_jobs``), or ``auto``
+    (TensorRT when it imports and a GPU is present, else torch)."""
     if kind not in ("auto", "torch", "tensorrt"):
         raise ConfigError(f"backend must be 'auto', 'torch' or 'tensorrt', got {kind!r}")
-    if kind == "tensorrt":
-        _trt.require()
-        raise MissingDependencyError(
-            f"backend 'tensorrt' for a {spec.source} model needs its engine built by name (fa3trt.runtime); "
-            "serve it with backend: torch"
-        )
     if kind == "auto":
-        log.info("backend auto -> torch for a %s model", spec.source)
-    return ModuleBackend(spec, device)
+        kind = "tensorrt" if _trt.available() and torch.cuda.is_available() else "torch"
+        log.info("backend auto -> %s for a %s model", kind, spec.source)
+    if kind == "torch":
+        return ModuleBackend(spec, device)
+    if not torch.cuda.is_available():
+        raise MissingDependencyError("backend 'tensorrt' needs a CUDA GPU and none is visible; use backend 'torch'")
+    _trt.require()
+    from fa3trt.named_runtime import NamedTensorRTBackend
+
+    return NamedTensorRTBackend.load(
+        spec.signature(), model_id(spec), buckets=buckets, store=store, max_batch_tokens=max_batch_tokens, device=device
+    )
 
 
 def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,10 +156,10 @@ def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max()) / scale
 
 
-def check_padding(backend: ModuleBackend, buckets: Buckets) -> float:
+def check_padding(backend: NamedBackend, buckets: Buckets, dtype: torch.dtype) -> float:
     """For ``batching: pad``: a request alone vs the same request padded next to a longer one
     (see the module docstring). Returns the relative difference; raises ``ConfigError`` past
-    ``PAD_TOLERANCE``."""
+    ``PAD_TOLERANCE`` (``dtype``: the model's)."""
     sig = backend.signature
     if sig.batching != "pad":
         return 0.0
@@ -144,10 +173,10 @@ def check_padding(backend: ModuleBackend, buckets: Buckets) -> float:
         tensors = {t.name: sample[t.name][0].float().numpy() for t in sig.sent if t.torch_dtype.is_floating_point}
         tensors |= {t.name: sample[t.name][0].numpy() for t in sig.sent if not t.torch_dtype.is_floating_point}
         reqs.append(Checked(tensors, 0, n))
-    alone = sig.split(backend.run(sig.assemble(reqs[:1], backend.device, backend.dtype)).cpu(), reqs[:1])[0]
-    padded = sig.split(backend.run(sig.assemble(reqs, backend.device, backend.dtype)).cpu(), reqs)[0]
+    alone = sig.split(backend.run(sig.assemble(reqs[:1], backend.device, dtype)).cpu(), reqs[:1])[0]
+    padded = sig.split(backend.run(sig.assemble(reqs, backend.device, dtype)).cpu(), reqs)[0]
     diff = _rel_diff(padded, alone)
-    if not diff <= PAD_TOLERANCE.get(backend.dtype, 1e-3):
+    if not diff <= PAD_TOLERANCE.get(dtype, 1e-3):
         raise ConfigError(
             f"batching: pad is not exact for this model: a request of {short} alone and padded to {long} in a batch "
             f"differ by {diff:.3g} of its largest value (its padding reaches other tokens through an op that "

@@ -21,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import logging
 import os
@@ -132,16 +133,34 @@ def load_source(spec: SourceSpec) -> Loaded:
     return Loaded(module, signature, samples)
 
 
-def _folder_digest(path: str) -> list[tuple[str, int]]:
+_WHOLE_FILE = 64 << 20
+_SAMPLE = 1 << 20
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file up to 64 MiB; of a larger one its size and three 1 MiB samples (start,
+    middle, end), so a replica's start does not read tens of GB of weights to name them."""
+    size = path.stat().st_size
+    if size <= _WHOLE_FILE:
+        return file_sha256(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for offset in (0, size // 2, size - _SAMPLE):
+            f.seek(offset)
+            h.update(f.read(_SAMPLE))
+    return "sampled:" + h.hexdigest()
+
+
+def _folder_digest(path: str) -> list[tuple[str, str]]:
     root = Path(path)
-    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+    return sorted((str(p.relative_to(root)), _file_digest(p)) for p in root.rglob("*") if p.is_file())
 
 
 def model_id(spec: SourceSpec) -> str:
     """A digest of everything that makes the model (see the module docstring)."""
     d = spec.model_dump(mode="json", by_alias=True)
-    if spec.path is not None:
-        d["path_files"] = _folder_digest(spec.path)
+    if spec.path is not None:  # by content, not by where the folder is
+        d["path"] = _folder_digest(spec.path)
     if spec.weights is not None:
         d["weights"] = file_sha256(spec.weights)
     d["signature"] = spec.signature().to_dict()
@@ -173,6 +192,8 @@ def export_source(
     sig = loaded.signature
     sizes = export_sizes(sig, buckets)
     inputs = loaded.samples if loaded.samples is not None else sig.samples(sizes, sizes[BATCH_AXIS])
+    dtype = getattr(torch, spec.dtype)  # float inputs in the model's dtype (the engine's inputs)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     ranges = {a: sig.axis_range(a, buckets) for a in sig.axis_names()}
     module = loaded.module
     with contextlib.ExitStack() as stack:

@@ -27,6 +27,7 @@ TRT_USERS = {
     "fa3trt/runtime.py",
     "fa3trt/named_runtime.py",
     "fa3trt/backends.py",
+    "fa3trt/served.py",
     "fa3trt/selfcheck.py",
 }
 
