@@ -11,6 +11,8 @@
 #                                     #  cluster started for each count); PROFILE=1 PROFILE_AT=<s>: py-spy
 #                                     #  flame graphs of replicas and clients)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
+#   bash bench/gpu_suite.sh named     # a user's model (FLUX.1 width, examples/serve_flux_gpu.yaml): GPU test, served vs direct
+#   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: /v1 HTTP (proxy, direct ingress), KServe v2 HTTP and gRPC
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,26 @@ case "$1" in
     for b in ${BENCHES:-attention fa3_kernel plugin_overhead host_path host_staging model_throughput routing cudnn_ragged_probe}; do
       [ -f "bench/$b.py" ] && python3 -m bench.$b --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     done
+    ;;
+  named)
+    python3 -m pytest -q -m gpu tests/fa3trt/test_served_gpu.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -8
+    python3 -m bench.serve_named --config examples/serve_flux_gpu.yaml --out "$out" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+    ;;
+  transports)
+    export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=${LAYERS:-2} RAY_SERVE_ENABLE_DIRECT_INGRESS=1
+    ray stop --force >/dev/null 2>&1; ray get-auth-token --generate >/dev/null 2>&1 || true
+    ray start --head --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "Ray runtime started" | tee -a "$log"
+    export RAY_ADDRESS=auto
+    serve run serve_config.yaml >"$out/serve_run_transports.log" 2>&1 &
+    for _ in $(seq 300); do curl -sf http://127.0.0.1:8000/v1/info >/dev/null && serve status 2>/dev/null | grep -q "status: RUNNING" && break; sleep 1; done
+    load=(--mix 256-2048 --requests "${REQUESTS:-384}" --concurrency "${CONCURRENCY:-32}" --dtype float16)
+    python3 -m bench.serve_load "${load[@]}" --requests 64 >/dev/null 2>&1  # warm
+    for t in "v1-http" "v1-http --direct --target-host 127.0.0.1" "v2-http" "v2-grpc"; do
+      name=$(echo "$t" | tr -c 'a-z0-9' _ | cut -c1-24)
+      echo "== transport $t" | tee -a "$log"
+      python3 -m bench.serve_load --transport $t "${load[@]}" --json "$out/transport_${name}.json" 2>&1 | grep -v "load:" | tail -6 | tee -a "$log"
+    done
+    ray stop --force >/dev/null 2>&1
     ;;
   serving)
     serving --mix 256-2048 --requests "${REQUESTS:-256}" --concurrency 32 --scenarios direct,noop,unbatched,one-bucket,buckets,batch1,open

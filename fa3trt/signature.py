@@ -335,10 +335,11 @@ class Signature:
                 out[t.name] = torch.ones(shape, dtype=t.torch_dtype)
         return out
 
-    def sample_request(self, length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    def sample_request(self, length: int, seed: int = 0, other: int | None = None) -> dict[str, np.ndarray]:
         """Random inputs of one request as a client sends them (no batch axis, bfloat16 as
-        float32): the bucketed axis at ``length``, every other named axis at its range's min."""
-        sizes = {a: lo for a, (lo, _) in self.ranges.items()} | {self.bucketed: length}
+        float32): the bucketed axis at ``length``, every other named axis at ``other`` (default
+        its range's min)."""
+        sizes = {a: lo if other is None else other for a, (lo, _) in self.ranges.items()} | {self.bucketed: length}
         batch = self.samples(sizes, 1, seed)
         out = {}
         for t in self.sent:

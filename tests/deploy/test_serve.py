@@ -155,16 +155,42 @@ def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], model
 
 
 def test_handle_from_another_ray_job(cluster: dict[str, str], model: torch.nn.Module, tmp_path: Path) -> None:
+    """examples/handle_client.py reads the model's inputs from the app and sends dicts."""
     out = tmp_path / "handle.npz"
     r = run([sys.executable, "examples/handle_client.py", "--save", str(out)], cluster, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "-> y (300, 256) float32" in r.stdout and "Tensor (7, 256) torch.bfloat16" in r.stdout
+    assert "-> y (300, 256) float32" in r.stdout, r.stdout
     data = np.load(out, allow_pickle=False)
     for i in range(3):
-        np.testing.assert_allclose(data[f"y{i}"], _expect(model, data[f"x{i}"]), atol=ATOL)
+        np.testing.assert_allclose(data[f"out{i}_y"], _expect(model, data[f"in{i}_x"]), atol=ATOL)
+
+
+def test_handle_takes_arrays_and_tensors(cluster: dict[str, str], model: torch.nn.Module, tmp_path: Path) -> None:
+    """The reference model's own handle calls: a NumPy array, a bfloat16 CPU tensor (answered in its type)."""
+    script = tmp_path / "client.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, numpy as np, ray, torch
+            from ray import serve
+            ray.init(address="auto", logging_level="WARNING")
+            h = serve.get_app_handle("fa3trt")
+            x = np.random.default_rng(0).standard_normal((7, 256)).astype(np.float32)
+            y = h.infer.remote(x).result()
+            yt = h.infer.remote(torch.from_numpy(x).to(torch.bfloat16)).result()
+            print(type(yt).__name__, tuple(yt.shape), yt.dtype)
+            np.savez(sys.argv[1], x=x, y=y, yt=yt.float().numpy())
+            """
+        )
+    )
+    r = run([sys.executable, str(script), str(tmp_path / "out.npz")], cluster, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Tensor (7, 256) torch.bfloat16" in r.stdout
+    data = np.load(tmp_path / "out.npz", allow_pickle=False)
+    np.testing.assert_allclose(data["y"], _expect(model, data["x"]), atol=ATOL)
     # bf16 input: the reply is computed from the bf16-rounded input and rounded to bf16.
-    xb = torch.from_numpy(data["x0"]).to(torch.bfloat16).float().numpy()
-    np.testing.assert_allclose(data["y_torch_bf16"], _expect(model, xb), atol=0.05)
+    xb = torch.from_numpy(data["x"]).to(torch.bfloat16).float().numpy()
+    np.testing.assert_allclose(data["yt"], _expect(model, xb), atol=0.05)
 
 
 def test_reconfigure_changes_batching_live(cluster: dict[str, str], tmp_path: Path) -> None:
