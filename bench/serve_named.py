@@ -37,13 +37,18 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b) / max(np.linalg.norm(b.astype(np.float64)), 1e-30))
 
 
-def direct(args: AppArgs, length: int, other: int, n: int) -> dict[str, Any]:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def direct(args: AppArgs, length: int, other: int, n: int, device: str) -> dict[str, Any]:
     """Requests/s of the model called in-process at the bucket's batch limit, and the unrouted
     model's answers to the first requests (the reference)."""
     from fa3trt.served import ModuleBackend
 
     assert isinstance(args.model, SourceSpec)
-    backend = ModuleBackend(args.model, "cuda")
+    backend = ModuleBackend(args.model, device)
     sig = backend.signature
     buckets = args.bucket_set()
     limit = buckets.batch_limit(buckets.index(length), args.batching.max_batch_tokens)
@@ -68,10 +73,10 @@ def direct(args: AppArgs, length: int, other: int, n: int) -> dict[str, Any]:
             sig.split(backend.run(sig.assemble(b, backend.device, dtype)).cpu(), b)
 
     run_all()  # warm
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     run_all()
-    torch.cuda.synchronize()
+    _sync()
     seconds = time.perf_counter() - t0
     routed_err = max(
         _rel(sig.split(backend.run(sig.assemble([c], backend.device, dtype)).cpu(), [c])[0], ref)
@@ -144,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default="serve_named_flux")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script with a tiny config")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.serve_named needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.serve_named needs a CUDA GPU (or --device cpu for a smoke run)")
     raw = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"]
     app = AppArgs.model_validate(raw)
     if not isinstance(app.model, SourceSpec):
@@ -158,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(args.other > hi or args.other < lo for lo, hi in reqs_spec.ranges.values()):
         raise SystemExit(f"--other {args.other} is outside an axis range {reqs_spec.ranges}")
     print(f"card: {card()}   {app.model.describe()}, {args.length} x {args.other} tokens, {args.requests} requests")
-    d = direct(app, args.length, args.other, args.requests)
-    torch.cuda.empty_cache()  # the direct model is gone; the replica gets the card
+    d = direct(app, args.length, args.other, args.requests, args.device)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the direct model is gone; the replica gets the card
     print(
         f"direct: {d['req_per_s']:.2f} req/s (batches of {d['batch_limit']}); routed vs unrouted rel err {d['routed_rel_err']:.2e}"
     )
