@@ -58,19 +58,18 @@ def direct(args: AppArgs, length: int, other: int, n: int, device: str) -> dict[
             if not t.batched:
                 r[t.name] = reqs[0][t.name]
     checked = [sig.check(r, buckets) for r in reqs]
-    dtype = getattr(torch, args.model.dtype)
     # Reference: the unrouted model, one request at a time.
     refs = []
     with torch.inference_mode():
         for c in checked[: min(4, n)]:
-            batch = sig.assemble([c], backend.device, dtype)
+            batch = sig.assemble([c], backend.device)
             out = select_output(backend.module(**batch), args.model.output.select)
             refs.append(sig.split(out.cpu(), [c])[0])
     batches = [checked[i : i + limit] for i in range(0, n, limit)]
 
     def run_all() -> None:
         for b in batches:
-            sig.split(backend.run(sig.assemble(b, backend.device, dtype)).cpu(), b)
+            sig.split(backend.run(sig.assemble(b, backend.device)).cpu(), b)
 
     run_all()  # warm
     _sync()
@@ -79,7 +78,7 @@ def direct(args: AppArgs, length: int, other: int, n: int, device: str) -> dict[
     _sync()
     seconds = time.perf_counter() - t0
     routed_err = max(
-        _rel(sig.split(backend.run(sig.assemble([c], backend.device, dtype)).cpu(), [c])[0], ref)
+        _rel(sig.split(backend.run(sig.assemble([c], backend.device)).cpu(), [c])[0], ref)
         for c, ref in zip(checked, refs)
     )
     return {

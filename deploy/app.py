@@ -338,7 +338,7 @@ class ModelReplica:
             for idx in groups.values():
                 group = [reqs[i] for i in idx]
                 t1 = time.perf_counter()
-                batch = sig.assemble(group, backend.device, self.model_dtype)
+                batch = sig.assemble(group, backend.device)
                 t2 = time.perf_counter()
                 y = to_host(backend.run(batch))
                 staged, run = staged + t2 - t1, run + time.perf_counter() - t2

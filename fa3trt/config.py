@@ -98,7 +98,9 @@ class InputArgs(_Strict):
     axes: list[str | int] = Field(
         description="Axes of one request's tensor, without the batch axis: a name for a dynamic axis (shared by every input that has it), an int for a fixed size."
     )
-    dtype: _DTYPE = Field("float32", description="The dtype the model takes (floats follow the model's dtype).")
+    dtype: _DTYPE | None = Field(
+        None, description="The dtype the model takes; default: the model's dtype (keep positions in float32)."
+    )
     batched: bool = Field(
         True,
         description="false: one tensor for the whole batch (FLUX's img_ids); requests batch only with equal copies.",
@@ -189,7 +191,10 @@ class SourceSpec(_Strict):
         return f"{self.source} {self.class_name or self.factory} {self.dtype}"
 
     def signature(self) -> Signature:
-        ins = tuple(TensorSpec(n, a.dtype, tuple(a.axes), a.batched, a.pad, a.fill) for n, a in self.inputs.items())
+        ins = tuple(
+            TensorSpec(n, a.dtype or self.dtype, tuple(a.axes), a.batched, a.pad, a.fill)
+            for n, a in self.inputs.items()
+        )
         out = TensorSpec(self.output.name, self.output.dtype, tuple(self.output.axes))
         return Signature(ins, out, self.bucketed_axis, dict(self.axis_ranges), self.batching)
 

@@ -159,7 +159,7 @@ def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 def check_padding(backend: NamedBackend, buckets: Buckets, dtype: torch.dtype) -> float:
     """For ``batching: pad``: a request alone vs the same request padded next to a longer one
     (see the module docstring). Returns the relative difference; raises ``ConfigError`` past
-    ``PAD_TOLERANCE`` (``dtype``: the model's)."""
+    ``PAD_TOLERANCE`` (``dtype``: the model's, which sets the tolerance)."""
     sig = backend.signature
     if sig.batching != "pad":
         return 0.0
@@ -173,8 +173,8 @@ def check_padding(backend: NamedBackend, buckets: Buckets, dtype: torch.dtype) -
         tensors = {t.name: sample[t.name][0].float().numpy() for t in sig.sent if t.torch_dtype.is_floating_point}
         tensors |= {t.name: sample[t.name][0].numpy() for t in sig.sent if not t.torch_dtype.is_floating_point}
         reqs.append(Checked(tensors, 0, n))
-    alone = sig.split(backend.run(sig.assemble(reqs[:1], backend.device, dtype)).cpu(), reqs[:1])[0]
-    padded = sig.split(backend.run(sig.assemble(reqs, backend.device, dtype)).cpu(), reqs)[0]
+    alone = sig.split(backend.run(sig.assemble(reqs[:1], backend.device)).cpu(), reqs[:1])[0]
+    padded = sig.split(backend.run(sig.assemble(reqs, backend.device)).cpu(), reqs)[0]
     diff = _rel_diff(padded, alone)
     if not diff <= PAD_TOLERANCE.get(dtype, 1e-3):
         raise ConfigError(

@@ -266,17 +266,15 @@ class Signature:
             (t.name, req.tensors[t.name].shape, None if t.batched else req.tensors[t.name].tobytes()) for t in self.sent
         )
 
-    def assemble(
-        self, reqs: Sequence[Checked], device: torch.device, float_dtype: torch.dtype | None = None
-    ) -> dict[str, torch.Tensor]:
+    def assemble(self, reqs: Sequence[Checked], device: torch.device) -> dict[str, torch.Tensor]:
         """The batch of ``reqs`` (one group: see ``group_key``) as the model's keyword inputs.
 
-        Floating inputs go to ``float_dtype`` when given (the model's dtype), else their own."""
+        Every tensor in its declared dtype."""
         longest = max(r.length for r in reqs)
         lens = torch.tensor([r.length for r in reqs], dtype=torch.int32)
         batch: dict[str, torch.Tensor] = {}
         for t in self.inputs:
-            dtype = float_dtype if float_dtype is not None and t.torch_dtype.is_floating_point else t.torch_dtype
+            dtype = t.torch_dtype
             if t.fill == "lengths":
                 batch[t.name] = lens.to(device)
                 continue

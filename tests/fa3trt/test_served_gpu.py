@@ -41,7 +41,7 @@ def test_flux_real_width_routed_matches_unrouted(backend: ModuleBackend, app: Ap
     # Two requests of one shape batch together when their positions (unbatched inputs) agree.
     shared = {t.name: reqs[0].tensors[t.name] for t in sig.sent if not t.batched}
     reqs[1] = dataclasses.replace(reqs[1], tensors=reqs[1].tensors | shared)
-    batch = sig.assemble(reqs, backend.device, torch.bfloat16)
+    batch = sig.assemble(reqs, backend.device)
     before = backend.routing.routed
     got = backend.run(batch).float()
     assert backend.routing.routed - before == 2 + 4, backend.routing.as_dict()  # every block's attention
