@@ -20,6 +20,14 @@ Contract:
   subclass: fake, functional) a mask's values cannot be read, so every mask is left alone there;
   the decision then rests on types and shapes only, and sizes count as equal only where provably
   so (no guard on a dynamic axis). Strict export may count a call once per pass.
+- ``key_padding_masks=True`` is the caller's promise that every mask the model builds keeps, in
+  every query row, the same non-empty prefix of keys (a server's padding mask; ``fill: mask``).
+  Under tracing a mask of a key-padding shape and dtype then becomes ``seq_lens_k`` computed in
+  the graph: the kept keys of query row 0, counted. Not for a causal call (``is_causal``) or a
+  causal module's mask (transformers' ``module.is_causal``; for the SDPA hook, any module of
+  ``model`` with ``is_causal = True``): a decoder's mask is causal and padding, left alone. Run
+  eagerly, the values are read and checked as without the promise; a mask that breaks it there
+  is left alone, and ``fa3trt.sources.verify_source`` feeds padded masks to catch a broken one.
 """
 
 from __future__ import annotations
@@ -116,17 +124,61 @@ def _mask_name(mask: torch.Tensor, b: int, h: int, sq: int, sk: int) -> str:
     return f"attn_mask ({','.join(dims)}) {'bool' if mask.dtype == torch.bool else 'additive'}"
 
 
-def _key_lengths(mask: Any, dtype: torch.dtype, b: int, h: int, sq: int, sk: int) -> torch.Tensor | None | str:
+def _fits(n: Any, want: Any, assume: bool, one: bool = True) -> bool:
+    """A mask's size ``n`` is ``want`` (or 1, where ``one``). Where ``assume`` (a promised mask
+    while tracing) and neither is provable, ``n == want`` is checked into the graph: SDPA's own
+    broadcast check adds the same guard, and the export's declared axes decide whether it holds."""
+    if (one and _same(n, 1)) or _same(n, want):
+        return True
+    if not assume or statically_known_true(n != want):
+        return False
+    torch._check(
+        n == want,
+        lambda: (
+            f"key_padding_masks: a mask's size {n} is not the attention's {want} (SDPA needs them equal); "
+            "give the inputs behind both one axis name"
+        ),
+    )
+    return True
+
+
+@dataclass(frozen=True)
+class _Promise:
+    """What the caller promised of this call's mask (``key_padding_masks``), and whether it holds here."""
+
+    given: bool = False
+    causal_module: bool = False
+    """The call comes from a causal module (or, for the SDPA hook, a model with one): no promise applies."""
+
+
+def _key_lengths(
+    mask: Any, dtype: torch.dtype, b: int, h: int, sq: int, sk: int, promise: _Promise = _Promise()
+) -> torch.Tensor | None | str:
     """A key-padding mask's key lengths (int32 (B,); None if it keeps every key), else why it is not one."""
     if not isinstance(mask, torch.Tensor):
         return f"attn_mask {type(mask).__name__}"
     name, shape = _mask_name(mask, b, h, sq, sk), tuple(mask.shape)
-    if _values_hidden(mask):
+    hidden = _values_hidden(mask)
+    if hidden and not promise.given:
         return f"{name} while tracing (values unknown)"
-    if mask.dim() != 4 or shape[0] not in (1, b) or shape[1] != 1 or shape[2] not in (1, sq) or shape[3] != sk:
+    if hidden and promise.causal_module:
+        return f"{name} while tracing (values unknown; key_padding_masks does not hold for a causal module)"
+    if (
+        mask.dim() != 4
+        or not _same(shape[1], 1)
+        or not _fits(shape[0], b, hidden)
+        or not _fits(shape[2], sq, hidden)
+        or not _fits(shape[3], sk, hidden, one=False)
+    ):
         return f"{name}: not a key-padding shape"
     if mask.dtype not in (torch.bool, dtype):  # SDPA takes these two only
         return f"{name}: dtype {mask.dtype}"
+    if hidden:
+        # The promise: every query row keeps the same prefix of keys, so query row 0's count of
+        # kept keys is each sequence's key length. Computed in the graph, with no branch on values.
+        row = mask[:, 0, 0, :]
+        kept = row if row.dtype == torch.bool else row == 0
+        return kept.sum(-1, dtype=torch.int32).expand(b)
     keep = mask if mask.dtype == torch.bool else mask == 0
     # Only -inf and the dtype's min drop a key exactly (its weight underflows to 0); anything else is a bias.
     if mask.dtype != torch.bool and not bool(
@@ -146,7 +198,10 @@ def _key_lengths(mask: Any, dtype: torch.dtype, b: int, h: int, sq: int, sk: int
     return None if bool((lens == sk).all()) else lens.to(torch.int32)
 
 
-def _plan(q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale: Any, gqa: bool) -> _Plan | str:
+def _plan(
+    q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale: Any, gqa: bool,
+    promise: _Promise = _Promise(),
+) -> _Plan | str:  # fmt: skip
     """How the op computes this SDPA-layout (B, H, S, D) call exactly, or why it cannot."""
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return "not 4-D"
@@ -173,7 +228,7 @@ def _plan(q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale
         return "attn_mask with is_causal"
     if causal and not same:
         return "is_causal with Sq != Sk (top-left alignment)"
-    lens = _key_lengths(mask, q.dtype, b, h, sq, sk) if mask is not None else None
+    lens = _key_lengths(mask, q.dtype, b, h, sq, sk, promise) if mask is not None else None
     if isinstance(lens, str):
         return lens
     needs = {"key lengths": lens is not None, "causal": causal, "grouped heads": hk != h, "Sq != Sk": not same}
@@ -206,16 +261,23 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> torc
 
 
 class _Router:
-    def __init__(self, report: RoutingReport) -> None:
+    def __init__(self, report: RoutingReport, key_padding_masks: bool = False, causal_model: bool = False) -> None:
         self.report = report
+        self.key_padding_masks = key_padding_masks
+        self.causal_model = causal_model
 
     def leave(self, reason: str) -> None:
         self.report.left[reason] = self.report.left.get(reason, 0) + 1
 
     def decide(
-        self, q: Any, k: Any, v: Any, mask: Any, dropout: Any, causal: Any, scale: Any, gqa: Any
-    ) -> _Plan | None:
-        plan = _plan(q, k, v, mask, dropout, bool(causal), scale, bool(gqa))
+        self, q: Any, k: Any, v: Any, mask: Any, dropout: Any, causal: Any, scale: Any, gqa: Any,
+        causal_module: bool | None = None,
+    ) -> _Plan | None:  # fmt: skip
+        """``causal_module``: whether the calling module is causal (None: unknown, then whether any
+        module of the model is)."""
+        causal_module = self.causal_model if causal_module is None else causal_module
+        promise = _Promise(self.key_padding_masks, causal_module)
+        plan = _plan(q, k, v, mask, dropout, bool(causal), scale, bool(gqa), promise)
         if isinstance(plan, str):
             self.leave(plan)
             return None
@@ -275,9 +337,11 @@ def _transformers_attention(
         if unexpressed:
             routers[-1].leave(f"{unexpressed[0]} argument")
         else:  # transformers' SDPA rule: causal only without a mask and with more than one query
-            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-            causal = attention_mask is None and bool(causal) and query.shape[2] > 1
-            plan = routers[-1].decide(query, key, value, attention_mask, dropout, causal, scaling, True)
+            module_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+            causal = attention_mask is None and module_causal and query.shape[2] > 1
+            plan = routers[-1].decide(
+                query, key, value, attention_mask, dropout, causal, scaling, True, causal_module=module_causal
+            )
     if plan is not None:
         return _run(query, key, value, plan), None
     with _passthrough():
@@ -293,6 +357,12 @@ def _pretrained_models(model: torch.nn.Module) -> list[Any]:
     from transformers import PreTrainedModel
 
     return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+def _has_causal_module(model: torch.nn.Module) -> bool:
+    """A module declares itself causal (transformers' attention modules do): the SDPA hook cannot
+    tell which module calls it, so the promise of key-padding masks holds for none of its calls."""
+    return any(getattr(m, "is_causal", False) is True for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -323,15 +393,22 @@ def _interface(models: list[Any]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def route_attention(
-    model: torch.nn.Module, method: str = "auto", *, log_level: int = logging.INFO
+    model: torch.nn.Module, method: str = "auto", *, key_padding_masks: bool = False, log_level: int = logging.INFO
 ) -> Iterator[RoutingReport]:
     """Route ``model``'s attention calls to ``fa3trt.attention`` inside the block; yields the
     ``RoutingReport``, filled as the model runs and logged on exit at ``log_level`` (a server
     routing every batch logs at DEBUG and reports its totals instead).
 
-    ``method``: ``"auto"``, ``"sdpa"`` or ``"transformers"`` (see the module docstring)."""
+    ``method``: ``"auto"``, ``"sdpa"`` or ``"transformers"`` (see the module docstring).
+    ``key_padding_masks``: the caller promises that every mask the model builds is a key-padding
+    prefix mask, so masks become key lengths under tracing too (see the module docstring)."""
     if method not in METHODS:
         raise ConfigError(f"route_attention: method must be one of {list(METHODS)}, got {method!r}")
+    if not isinstance(key_padding_masks, bool):
+        raise ConfigError(
+            f"route_attention: key_padding_masks must be True or False, got {key_padding_masks!r}; pass True "
+            "only where every attention mask the model builds is a key-padding prefix mask"
+        )
     models = _pretrained_models(model) if method != "sdpa" else []
     if method == "transformers" and not models:
         raise ConfigError(
@@ -340,7 +417,7 @@ def route_attention(
         )
     hooks = (["transformers"] if models else []) + (["sdpa"] if method != "transformers" else [])
     report = RoutingReport("+".join(hooks))
-    router = _Router(report)
+    router = _Router(report, key_padding_masks, key_padding_masks and _has_causal_module(model))
     routers: list[_Router] = _local.__dict__.setdefault("routers", [])
     with contextlib.ExitStack() as stack:
         if models:

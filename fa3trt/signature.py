@@ -314,9 +314,20 @@ class Signature:
         dim = self.output.axes.index(self.bucketed) if cut else 0
         return [(y[i].narrow(dim, 0, r.length) if cut else y[i]).numpy() for i, r in enumerate(reqs)]
 
-    def samples(self, sizes: Mapping[str, int], batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    def samples(
+        self, sizes: Mapping[str, int], batch: int = 1, seed: int = 0, lengths: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Random batched inputs with the named axes at ``sizes`` (warmup, export and checks):
-        floats normal, integers 1 (a valid id in any vocabulary, and a full mask), masks full."""
+        floats normal, integers 1 (a valid id in any vocabulary, and a full mask). Filled inputs
+        come from ``lengths`` (one per sequence along the bucketed axis, as the server makes
+        them: padded masks), by default every sequence at the bucketed axis's size (masks full)."""
+        full = sizes[self.bucketed]
+        lens = [full] * batch if lengths is None else [int(n) for n in lengths]
+        if len(lens) != batch or not all(1 <= n <= full for n in lens):
+            raise ConfigError(
+                f"samples: lengths {list(lens)} must be {batch} values (one per sequence) in [1, {full}] "
+                f"(the size of the bucketed axis {self.bucketed!r})"
+            )
         g = torch.Generator().manual_seed(seed)
         out: dict[str, torch.Tensor] = {}
         for t in self.inputs:
@@ -324,7 +335,13 @@ class Signature:
             if t.batched:
                 shape = [batch, *shape]
             if t.fill == "lengths":
-                out[t.name] = torch.full((batch,), sizes[self.bucketed], dtype=t.torch_dtype)
+                out[t.name] = torch.tensor(lens, dtype=t.torch_dtype)
+            elif t.fill == "mask" and lengths is not None:
+                if self.bucketed not in t.axes:
+                    raise ConfigError(f"{t.name}: a mask is made along the bucketed axis {self.bucketed!r}; list it")
+                keep = torch.arange(full)[None, :] < torch.tensor(lens)[:, None]
+                view = [batch] + [full if a == self.bucketed else 1 for a in t.axes]
+                out[t.name] = keep.view(view).expand(shape).to(t.torch_dtype).contiguous()
             elif t.fill == "mask" or t.torch_dtype == torch.bool:
                 out[t.name] = torch.ones(shape, dtype=t.torch_dtype)
             elif t.torch_dtype.is_floating_point:

@@ -14,7 +14,10 @@ Contract:
   the folder's files, factory, dtype, seed, weights file, signature): the artifact store keys
   ONNX files and engines by it.
 - ``export_source`` exports it to ONNX with its attention routed, by its signature's names and
-  axes; ``verify_source`` checks the file in ONNX Runtime against the eager unrouted model.
+  axes; where an input is ``fill: mask`` (the server makes it: a key-padding prefix mask) the
+  routing is told so (``key_padding_masks``), and the traced masks become key lengths.
+  ``verify_source`` checks the file in ONNX Runtime against the eager unrouted model, with the
+  filled inputs made from ragged lengths (padded masks), as the server makes them.
 - A source that cannot be loaded is a ``ConfigError`` that names the key to fix.
 """
 
@@ -41,7 +44,7 @@ from fa3trt.onnx_check import verify_onnx
 from fa3trt.routing import route_attention
 from fa3trt.signature import BATCH_AXIS, Signature
 
-__all__ = ["Loaded", "load_source", "model_id", "export_source", "verify_source", "export_sizes"]
+__all__ = ["Loaded", "load_source", "model_id", "export_source", "verify_source", "export_sizes", "ragged_lengths"]
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +199,11 @@ def export_source(
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     ranges = {a: sig.axis_range(a, buckets) for a in sig.axis_names()}
     module = loaded.module
+    # The server makes a fill: mask input from each request's length: a key-padding prefix mask.
+    promise = any(t.fill == "mask" for t in sig.inputs)
     with contextlib.ExitStack() as stack:
         if spec.routing != "off":
-            report = stack.enter_context(route_attention(module, spec.routing))
+            report = stack.enter_context(route_attention(module, spec.routing, key_padding_masks=promise))
         res = export_onnx(
             module,
             path,
@@ -213,9 +218,16 @@ def export_source(
     return res
 
 
+def ragged_lengths(batch: int, length: int) -> list[int]:
+    """Lengths along the bucketed axis for checks: the full length, about half, and 1, repeated,
+    so a batch of two or more holds padded sequences (one of a single token from three)."""
+    return [(length, max(1, length // 2), 1)[i % 3] for i in range(batch)]
+
+
 def verify_source(spec: SourceSpec, path: str | os.PathLike[str], buckets: Buckets) -> float:
     """The exported file in ONNX Runtime against the eager, unrouted model in float32, at the
     export's sample sizes and at each axis's smallest and largest size (the batch at 1 and 3).
+    Filled inputs (masks, lengths) come from ``ragged_lengths``: padded batches, as served.
     A file exported in another dtype is checked through a float32 export of the same model."""
     spec32 = spec.model_copy(update={"dtype": "float32"})
     loaded = load_source(spec32)
@@ -224,14 +236,19 @@ def verify_source(spec: SourceSpec, path: str | os.PathLike[str], buckets: Bucke
         path = Path(path).with_name(Path(path).stem + "-verify-float32.onnx")
         export_source(spec32, path, buckets, load_source(spec32))
     sizes = export_sizes(sig, buckets)
-    inputs = sig.samples(sizes, sizes[BATCH_AXIS])
+
+    def make_inputs(s: dict[str, int]) -> dict[str, torch.Tensor]:
+        lengths = ragged_lengths(s[BATCH_AXIS], s[sig.bucketed])
+        made = sig.samples(s, s[BATCH_AXIS], lengths=lengths)
+        return {t.name: made[t.name] for t in sig.inputs}
+
     check = {a: list(sig.axis_range(a, buckets)) for a in sig.axis_names()} | {BATCH_AXIS: [1, 3]}
     return verify_onnx(
         path,
         loaded.module,
-        {t.name: inputs[t.name] for t in sig.inputs},
+        make_inputs(sizes),
         output=spec.output.select,
         check_sizes=check,
-        make_inputs=lambda s: {t.name: v for t in sig.inputs for v in [sig.samples(s, s[BATCH_AXIS])[t.name]]},
+        make_inputs=make_inputs,
         atol=1e-4,
     )

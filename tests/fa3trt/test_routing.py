@@ -347,6 +347,63 @@ def test_masks_are_left_alone_while_exporting(request: pytest.FixtureRequest, na
         close(program.module()(**inputs)[0], expected)
 
 
+PROMISE_CAUSAL = (
+    "attn_mask (B,1,S,S) bool while tracing (values unknown; key_padding_masks does not hold for a causal module)"
+)
+
+
+def test_promised_padding_masks_become_key_lengths_while_exporting(bert: torch.nn.Module) -> None:
+    # The promise: transformers' (B,1,S,S) encoder masks become key lengths counted in the graph,
+    # over dynamic batch and length, and the program equals the eager model on padded batches.
+    ids, mask = padded_batch()
+    batch, seq = torch.export.Dim("B", min=1, max=8), torch.export.Dim("S", min=2, max=32)
+    dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    with torch.no_grad(), route_attention(bert, key_padding_masks=True) as report:
+        program = torch.export.export(bert, (), {"input_ids": ids, "attention_mask": mask}, dynamic_shapes=dynamic)
+    assert custom_attn_nodes(program) == 2
+    assert report.as_dict() == {
+        "method": "transformers+sdpa",
+        "routed": 2,
+        "routed_with": {"key lengths": 2},
+        "left": {},
+    }
+    with torch.no_grad():
+        for n in (7, 10, 20):  # other lengths than traced; rows padded to n
+            ids_n = torch.randint(1, 64, (3, n), generator=torch.Generator().manual_seed(n))
+            mask_n = (torch.arange(n)[None, :] < torch.tensor([n, n // 2, 1])[:, None]).long()
+            expected = bert(input_ids=ids_n, attention_mask=mask_n).last_hidden_state
+            close(program.module()(input_ids=ids_n, attention_mask=mask_n)[0], expected)
+
+
+@pytest.mark.parametrize("method", ["auto", "sdpa"])
+def test_promise_is_not_taken_for_causal_modules(llama: torch.nn.Module, method: str) -> None:
+    # Llama's masks are causal and padding: row 0 keeps one key. Its modules say is_causal, so the
+    # promise does not hold there (the SDPA hook: any causal module of the model) and they stay masks.
+    ids, mask = padded_batch()
+    inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    with torch.no_grad(), route_attention(llama, method, key_padding_masks=True) as report:
+        program = torch.export.export(llama, (), inputs)
+    assert custom_attn_nodes(program) == 0
+    assert report.routed == 0 and report.left == {PROMISE_CAUSAL: 2}
+    with torch.no_grad():
+        close(program.module()(**inputs)[0], llama(**inputs)[0])
+
+
+def test_promise_changes_nothing_eagerly(llama: torch.nn.Module, bert: torch.nn.Module) -> None:
+    # Eagerly the values are read and checked as without the promise: Llama's causal masks stay
+    # masks (rows differ), BERT's padding masks become lengths.
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = llama(input_ids=ids, attention_mask=mask).logits
+        with route_attention(llama, "sdpa", key_padding_masks=True) as report:
+            got = llama(input_ids=ids, attention_mask=mask).logits
+    close(got, expected)
+    assert report.routed == 0 and report.left == {CAUSAL_ROWS: 2}
+    with torch.no_grad(), route_attention(bert, key_padding_masks=True) as report:
+        bert(input_ids=ids, attention_mask=mask)
+    assert report.routed_with == {"key lengths": 2} and not report.left
+
+
 # --------------------------------------------------------------------------- the rules, one SDPA call each
 B, H, S, D = 2, 4, 6, 8
 KEEP = torch.arange(S)[None, :] < torch.tensor([S, 4])[:, None]  # (B, S): key lengths 6 and 4
@@ -440,6 +497,74 @@ def test_sdpa_rules(name: str, tensors: tuple[torch.Tensor, ...], kwargs: dict, 
     assert report.routed == 1 and not report.left
     assert report.routed_with == dict.fromkeys(expected, 1)
     close(got, reference)
+
+
+class MaskedSDPA(torch.nn.Module):
+    def __init__(self, causal_module: bool = False) -> None:
+        super().__init__()
+        if causal_module:
+            self.is_causal = True
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# (name, the mask, a causal module, q/k/v dtype, expected: the routed call's needs, or why it was left alone)
+PROMISED = [
+    ("bool (B,1,1,S)", PAD, False, torch.float32, ("key lengths",)),
+    ("additive -inf (B,1,1,S)", additive(PAD, float("-inf")), False, torch.float32, ("key lengths",)),
+    (
+        "additive dtype-min (B,1,S,S)",
+        additive(PAD, torch.finfo(torch.float32).min).expand(B, 1, S, S).clone(),
+        False,
+        torch.float32,
+        ("key lengths",),
+    ),
+    ("one mask for the batch (1,1,1,S)", PAD[1:], False, torch.float32, ("key lengths",)),
+    (
+        "per-head (B,H,S,S)",
+        PAD.expand(B, H, S, S).clone(),
+        False,
+        torch.float32,
+        "attn_mask (B,H,S,S) bool: not a key-padding shape",
+    ),
+    (
+        "float32 mask, bfloat16 q",
+        additive(PAD, float("-inf")),
+        False,
+        torch.bfloat16,
+        "attn_mask (B,1,1,S) additive: dtype torch.float32",
+    ),
+    (
+        "a causal module",
+        PAD,
+        True,
+        torch.float32,
+        "attn_mask (B,1,1,S) bool while tracing (values unknown; key_padding_masks does not hold for a causal module)",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, mask, causal_module, dtype, expected", PROMISED, ids=[r[0] for r in PROMISED])
+def test_sdpa_rules_under_the_promise_while_exporting(
+    name: str, mask: torch.Tensor, causal_module: bool, dtype: torch.dtype, expected: tuple | str
+) -> None:
+    model = MaskedSDPA(causal_module)
+    q, k, v = qkv(dtype=dtype)
+    with route_attention(model, "sdpa", key_padding_masks=True) as report:
+        program = torch.export.export(model, (q, k, v, mask))
+    if isinstance(expected, str):
+        assert custom_attn_nodes(program) == 0 and report.routed == 0 and report.left == {expected: 1}
+    else:
+        assert custom_attn_nodes(program) == 1 and not report.left
+        assert report.routed_with == dict.fromkeys(expected, 1)
+    # the program (lengths counted in the graph) against PyTorch's SDPA with the mask
+    close(program.module()(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_promise_must_be_a_bool() -> None:
+    with pytest.raises(ConfigError, match="key_padding_masks must be True or False, got 'yes'"):
+        route_attention(torch.nn.Identity(), key_padding_masks="yes").__enter__()  # type: ignore[arg-type]
 
 
 def test_multihead_attention_is_counted_not_routed() -> None:
