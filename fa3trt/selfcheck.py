@@ -7,6 +7,12 @@ dtype's tolerance (0 when all agree).
 
 Without TensorRT or a GPU it prints what is missing and how to install it, and exits 2, so CI
 and users can tell "not checkable here" (2) from "broken" (1).
+
+``--config serve_config.yaml [--app NAME]`` checks the app's model instead. For a user's model
+(``model: source: ...``) it first exports it with its attention routed and checks the file in
+ONNX Runtime against the eager unrouted model (on any machine: a CPU is enough), then, with
+TensorRT and a GPU, builds its engine by name and runs each bucket's batch through TensorRT and
+through the torch backend under routing.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import sys
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -56,11 +63,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-tokens", type=int, default=1024)
     p.add_argument("--store", default=None, help="artifact store URI (default: a temporary folder)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations per bucket")
+    p.add_argument("--config", default=None, help="a serve config whose app's model to check (default: the tiny model)")
+    p.add_argument("--app", default=None, help="--config: the application's name (default: its first fa3trt app)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+
+    if args.config is not None:
+        from fa3trt.config import SourceSpec, load_serve_config
+
+        apps = dict(load_serve_config(args.config))
+        name = args.app or next(iter(apps))
+        if name not in apps:
+            print(f"fa3trt selfcheck: {args.config} has no fa3trt application {name!r}; it has {sorted(apps)}")
+            return 1
+        app = apps[name]
+        if isinstance(app.model, SourceSpec):
+            return _check_source(app.model, app.bucket_set(), app.batching.max_batch_tokens, args.store)
+        args.dtype = app.model.config().dtype
+        args.buckets = ",".join(str(e) for e in app.buckets)
 
     missing = missing_requirements()
     if missing:
@@ -121,6 +144,55 @@ def main(argv: list[str] | None = None) -> int:
     )
     for edge, b, ls, err, tol, tt, tp, res in rows:
         print(f"{edge:>7} {b:>5} {str(ls):<18} {err:>11.3e} {tol:>7.0e} {tt:>8.3f} {tp:>8.3f}  {res}")
+    print("\nselfcheck " + ("FAILED: TensorRT disagrees with the torch backend" if failed else "passed"))
+    return 1 if failed else 0
+
+
+def _check_source(spec: Any, buckets: Any, max_batch_tokens: int, store_uri: str | None) -> int:
+    """``--config`` with a user's model: the ONNX check anywhere; the engine where TensorRT runs."""
+    from fa3trt.sources import export_source, model_id, verify_source
+
+    print(f"model {spec.describe()} ({model_id(spec)}), buckets {list(buckets.edges)}")
+    with tempfile.TemporaryDirectory(prefix="fa3trt-selfcheck-") as tmp:
+        path = f"{tmp}/model.onnx"
+        res = export_source(spec, path, buckets)
+        print(f"exported: {res.plugin_nodes} CustomAttnPlugin nodes, inputs {res.inputs}")
+        err = verify_source(spec, path, buckets)
+        print(f"ONNX Runtime vs the eager unrouted model: max abs error {err:.2e}")
+        missing = missing_requirements()
+        if missing:
+            print("the export is sound; the TensorRT path cannot be checked here. Missing:")
+            for m in missing:
+                print(f"  - {m}")
+            return EXIT_MISSING
+        from fa3trt.build import BuildConfig
+        from fa3trt.named_build import build_named_to_store
+        from fa3trt.named_runtime import NamedTensorRTBackend
+        from fa3trt.served import ModuleBackend
+        from fa3trt.store import ArtifactStore
+
+        store = ArtifactStore(store_uri or tmp)
+        sig = spec.signature()
+        if spec.dtype != "float32":
+            path = f"{tmp}/model-{spec.dtype}.onnx"
+            export_source(spec, path, buckets)
+        config = BuildConfig(buckets=buckets, max_batch_tokens=max_batch_tokens)
+        build_named_to_store(store, path, sig, model_id(spec), config)
+        trt_be = NamedTensorRTBackend.load(
+            sig, model_id(spec), buckets=buckets, store=store, max_batch_tokens=max_batch_tokens
+        )
+        torch_be = ModuleBackend(spec, "cuda")
+        tol = TOLERANCE[spec.dtype]
+        failed = False
+        for i, edge in enumerate(buckets.edges):
+            b = min(2, buckets.batch_limit(i, max_batch_tokens))
+            batch = sig.samples(sig.sample_sizes(buckets, edge), b)
+            got, want = trt_be.run(batch).float(), torch_be.run(batch).float()
+            err = float((got - want).abs().max())
+            failed |= not err <= tol
+            print(
+                f"bucket {edge}: batch {b}, max abs err {err:.3e} (tol {tol:.0e}) {'ok' if err <= tol else 'MISMATCH'}"
+            )
     print("\nselfcheck " + ("FAILED: TensorRT disagrees with the torch backend" if failed else "passed"))
     return 1 if failed else 0
 

@@ -303,6 +303,33 @@ def test_selfcheck_exits_2_and_names_what_is_missing() -> None:
     assert "Missing:" in r.stdout and ("TensorRT" in r.stdout or "CUDA GPU" in r.stdout)
 
 
+def test_selfcheck_of_a_users_model_checks_the_export_anywhere() -> None:
+    """--config with a user's model: its routed export verified in ONNX Runtime on this machine,
+    then exit 2 (or the TensorRT comparison where TensorRT runs)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "fa3trt.selfcheck", "--config", "examples/serve_bert.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "exported: 2 CustomAttnPlugin nodes" in r.stdout, r.stdout + r.stderr[-2000:]
+    err = float(r.stdout.split("eager unrouted model: max abs error ")[1].split()[0])
+    assert err < 1e-4
+    from fa3trt._trt import available as tensorrt_available
+
+    want = 0 if torch.cuda.is_available() and tensorrt_available() else 2
+    assert r.returncode == want, r.stdout + r.stderr[-2000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "fa3trt.selfcheck", "--config", "examples/serve_bert.yaml", "--app", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "no fa3trt application 'nope'" in r.stdout
+
+
 # --------------------------------------------------------------------------- TensorRT
 
 
