@@ -37,6 +37,7 @@ case "$1" in
   named)
     python3 -m pytest -q -m gpu tests/fa3trt/test_served_gpu.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -8
     python3 -m bench.serve_named --config examples/serve_flux_gpu.yaml --out "$out" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+    python3 -m bench.routing --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     ;;
   transports)
     export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=${LAYERS:-2} RAY_SERVE_ENABLE_DIRECT_INGRESS=1
