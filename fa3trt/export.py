@@ -46,6 +46,7 @@ from fa3trt.model_io import REFERENCE_AXES, NamedCall, narrow_int64, reference_i
 from fa3trt.onnx_check import verify_onnx
 from fa3trt.onnx_node import translation_table
 from fa3trt.op import PLUGIN_NAME, onnx_export_mode
+from fa3trt.routing import tracing as routing_tracing
 
 __all__ = ["export_onnx", "verify_onnx", "ExportResult", "file_sha256", "plugin_nodes", "OPSET", "DEFAULT_AXIS_RANGES"]
 
@@ -159,7 +160,7 @@ def _trace(
     strict tracing made it. Specialization is an ExportError."""
     for strict in (True, False):
         try:
-            with onnx_export_mode():
+            with onnx_export_mode(), routing_tracing():
                 return torch.export.export(call, args, dynamic_shapes={"args": shapes}, strict=strict), strict
         except Exception as e:
             if (err := _specialized(e, where, list(call.names))) is not None:

@@ -5,8 +5,11 @@ Contract:
   the model's attention calls that the op computes exactly; every other call runs as it would
   have and is counted in ``report.left`` under its reason. On exit the model is as it was and
   the report's summary is logged at INFO.
-- ``"sdpa"``: a ``TorchFunctionMode`` catches ``F.scaled_dot_product_attention`` (diffusers'
-  processors call it directly). ``"transformers"``: each ``PreTrainedModel`` in ``model`` runs
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` is replaced while a router is
+  open (diffusers' processors and transformers' SDPA attention call it by that name; a name
+  imported before the block, ``from torch.nn.functional import scaled_dot_product_attention``,
+  is not seen); other threads get PyTorch's SDPA. Around a trace (torch.export, torch.compile)
+  ``tracing()`` adds a ``TorchFunctionMode`` per router, which dynamo traces with its counts. ``"transformers"``: each ``PreTrainedModel`` in ``model`` runs
   the attention function registered as ``"fa3trt"``, whose masks are built as for SDPA (a
   left-alone call runs transformers' SDPA attention). ``"auto"``: both where ``model`` holds a
   ``PreTrainedModel``, else ``"sdpa"``.
@@ -51,7 +54,7 @@ from fa3trt.kernels.base import FLOAT_DTYPES
 from fa3trt.kernels.registry import available_kernels, get
 from fa3trt.op import attention
 
-__all__ = ["route_attention", "RoutingReport", "METHODS", "INTERFACE_NAME"]
+__all__ = ["route_attention", "tracing", "RoutingReport", "METHODS", "INTERFACE_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +297,65 @@ def _sdpa_args(
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
+_SDPA = F.scaled_dot_product_attention
+"""PyTorch's own SDPA, which ``_routed_sdpa`` stands in for while a router is open."""
+_patch_lock = threading.Lock()
+_patch_users = 0
+
+
+def _sdpa_routers() -> list[_Router]:
+    return _local.__dict__.setdefault("sdpa_routers", [])
+
+
+def _routed_sdpa(*args: Any, **kwargs: Any) -> Any:
+    """``F.scaled_dot_product_attention`` while a router is open: the innermost ``sdpa`` router
+    of this thread decides; other threads and our own calls get PyTorch's SDPA. A dynamo trace
+    (strict torch.export, torch.compile) gets PyTorch's SDPA too, for the modes of ``tracing()``
+    to route: dynamo does not replay this function's Python side effects (the report's counts)."""
+    routers = getattr(_local, "sdpa_routers", None)
+    if not routers or not _intercepting() or torch.compiler.is_dynamo_compiling():
+        return _SDPA(*args, **kwargs)
+    return _route_sdpa(routers[-1], args, kwargs)
+
+
+def _route_sdpa(router: _Router, args: Any, kwargs: Any) -> Any:
+    q, k, v, *rest = _sdpa_args(*args, **kwargs)
+    plan = router.decide(q, k, v, *rest)
+    if plan is not None:
+        return _run(q, k, v, plan).transpose(1, 2)
+    with _passthrough():
+        return _SDPA(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _sdpa_routed(router: _Router) -> Iterator[None]:
+    """``router`` decides this thread's SDPA calls inside the block.
+
+    The module attribute ``torch.nn.functional.scaled_dot_product_attention`` is replaced while
+    any block is open (diffusers' processors and transformers' SDPA attention look it up at each
+    call). A ``TorchFunctionMode`` sees the same calls but puts a Python frame in front of every
+    torch call of the model, which made a routed FLUX forward slower than the unrouted one at
+    4.6k tokens (docs/benchmarks.md, section 8); the mode serves traces only (``tracing()``)."""
+    global _patch_users
+    with _patch_lock:
+        if _patch_users == 0:
+            F.scaled_dot_product_attention = _routed_sdpa
+        _patch_users += 1
+    _sdpa_routers().append(router)
+    try:
+        yield
+    finally:
+        _sdpa_routers().remove(router)
+        with _patch_lock:
+            _patch_users -= 1
+            if _patch_users == 0:
+                F.scaled_dot_product_attention = _SDPA
+
+
 class _SdpaMode(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention``. A torch function that calls SDPA inside its own
-    ``__torch_function__`` dispatch (``nn.MultiheadAttention``'s) is counted, not seen into."""
+    """Routes PyTorch's SDPA calls inside a trace (``tracing()``). A torch function that calls
+    SDPA inside its own ``__torch_function__`` dispatch (``nn.MultiheadAttention``'s) is counted,
+    not seen into."""
 
     def __init__(self, router: _Router) -> None:
         super().__init__()
@@ -304,16 +363,22 @@ class _SdpaMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and _intercepting():
-            q, k, v, *rest = _sdpa_args(*args, **kwargs)
-            plan = self.router.decide(q, k, v, *rest)
-            if plan is not None:
-                return _run(q, k, v, plan).transpose(1, 2)
-            with _passthrough():
-                return func(*args, **kwargs)
+        if func is _SDPA and _intercepting():
+            return _route_sdpa(self.router, args, kwargs)
         if func is F.multi_head_attention_forward and _intercepting():
             self.router.leave("nn.MultiheadAttention (its SDPA call is not seen)")
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def tracing() -> Iterator[None]:
+    """Around a trace of a model under ``route_attention`` (``fa3trt.export_onnx`` uses it):
+    this thread's open ``sdpa`` routers also as ``TorchFunctionMode``s, which dynamo traces with
+    their counts, where the replaced SDPA function's counts would be lost."""
+    with contextlib.ExitStack() as stack:
+        for router in list(_sdpa_routers()):
+            stack.enter_context(_SdpaMode(router))
+        yield
 
 
 def _transformers_attention(
@@ -423,7 +488,7 @@ def route_attention(
         if models:
             stack.enter_context(_interface(models))
         if "sdpa" in hooks:
-            stack.enter_context(_SdpaMode(router))
+            stack.enter_context(_sdpa_routed(router))
         routers.append(router)
         try:
             yield report

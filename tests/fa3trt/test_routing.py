@@ -567,7 +567,9 @@ def test_promise_must_be_a_bool() -> None:
         route_attention(torch.nn.Identity(), key_padding_masks="yes").__enter__()  # type: ignore[arg-type]
 
 
-def test_multihead_attention_is_counted_not_routed() -> None:
+def test_multihead_attention_runs_as_it_would() -> None:
+    """nn.MultiheadAttention: its fused fast path (eval, no grad) calls no SDPA and is not seen;
+    its other path calls SDPA by name, routed exactly."""
     mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
@@ -575,7 +577,33 @@ def test_multihead_attention_is_counted_not_routed() -> None:
         with route_attention(mha) as report:
             got = mha(x, x, x, need_weights=False)[0]
     close(got, expected)
-    assert report.routed == 0 and report.left == {"nn.MultiheadAttention (its SDPA call is not seen)": 1}
+    assert report.routed == 0 and report.left == {}
+    mha.train()  # no fast path (dropout is 0): multi_head_attention_forward calls SDPA
+    with torch.no_grad():
+        expected = mha(x, x, x, need_weights=False)[0]
+        with route_attention(mha) as report:
+            got = mha(x, x, x, need_weights=False)[0]
+    close(got, expected)
+    assert report.routed == 1, report.as_dict()
+
+
+def test_sdpa_is_restored_and_other_threads_are_not_routed(
+    flux: tuple[torch.nn.Module, dict[str, torch.Tensor]],
+) -> None:
+    import threading
+
+    sdpa = F.scaled_dot_product_attention
+    model, inputs = flux
+    seen: list[int] = []
+    with torch.no_grad(), route_attention(model) as report:
+        assert F.scaled_dot_product_attention is not sdpa
+        t = threading.Thread(target=lambda: seen.append(int(model(**inputs).sample.numel())))
+        t.start()
+        t.join()
+        assert seen and report.routed == 0  # the other thread's calls ran on PyTorch's SDPA
+        model(**inputs)
+        assert report.routed == 4
+    assert F.scaled_dot_product_attention is sdpa
 
 
 # --------------------------------------------------------------------------- methods and the report
