@@ -8,19 +8,20 @@ to its longest member and runs with ``seq_lens``; each caller gets exactly its o
 NaN and Inf are looked for on the device, in the assembled batch, and refuse only the requests
 holding them. A batch that fails is split and retried in halves, so only the requests that
 really fail, fail.
-It is also the app's ingress: FastAPI over HTTP (``POST /v1/infer`` in .npy or JSON,
-``GET /v1/info``, ``GET /v1/stats``), the Open Inference Protocol (KServe v2) over HTTP
-(``/v2/...``) and gRPC (``inference.GRPCInferenceService`` through Serve's gRPC proxy; the
-protocol itself is ``deploy.kserve``) and the handle API
-(``serve.get_app_handle("fa3trt").infer.remote(x)``), so a request reaches its replica in one hop.
+It is also the app's ingress, its routes mixed in from ``deploy.routes``: FastAPI over HTTP
+(``POST /v1/infer`` in .npz, .npy or JSON, ``GET /v1/info``, ``GET /v1/stats``), the Open
+Inference Protocol (KServe v2) over HTTP (``/v2/...``) and gRPC
+(``inference.GRPCInferenceService`` through Serve's gRPC proxy; the protocol itself is
+``deploy.kserve``), and the handle API (``serve.get_app_handle("fa3trt").infer.remote(x)``, or a
+dict of named inputs), so a request reaches its replica in one hop. A user's model
+(``model: source: ...``) runs on ``fa3trt.served``'s backends, its requests checked, batched
+(padded or by shape) and answered by its ``fa3trt.signature.Signature``.
 
 ``max_ongoing_requests`` of the model replicas is derived so every bucket's batches can fill.
 """
 
 import asyncio
 import contextlib
-import functools
-import importlib.metadata
 import logging
 import os
 import time
@@ -30,33 +31,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from deploy import kserve
 from deploy.affinity import pin_to_gpu_node
 from deploy.codec import (
     all_finite,
-    decode_inputs_json,
-    decode_json,
-    decode_npy,
-    decode_npz,
-    encode_json,
-    encode_npy,
-    encode_npz,
-    encode_outputs_json,
     from_numpy_like,
-    load_json,
     to_numpy,
     validate_sequence,
 )
 from deploy.lag import WakeLag
-from deploy.metrics import ReplicaMetrics, rss_bytes
+from deploy.metrics import ReplicaMetrics
+from deploy.routes import V1Routes, V2Routes, api
 from fa3trt import defaults
 from fa3trt.buckets import Buckets, assemble, to_host
 from fa3trt.config import AppArgs, BatchingConfig, SourceSpec, apply_env_overrides
-from fa3trt.errors import InvalidInputError, RequestError
+from fa3trt.errors import InvalidInputError
 from fa3trt.model_io import reference_signature
 from fa3trt.served import NamedBackend, check_padding, load_named_backend
 from fa3trt.signature import Checked, Signature
@@ -68,11 +58,6 @@ log = logging.getLogger("ray.serve")
 # Requests arrive as read-only NumPy views of Ray's object store; they are only read (copied
 # into the batch), so torch's warning about non-writable arrays is noise here.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
-NPY = "application/x-npy"
-NPZ = "application/x-npz"
-V2_VERSIONS = ("1",)
-"""The model versions v2 clients may name: the app serves one model, version "1" (or none named)."""
 
 
 def bucket_limits(buckets: Buckets, batching: BatchingConfig) -> list[tuple[int, float]]:
@@ -130,10 +115,7 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
     }
 
 
-api = FastAPI(title="fa3trt", description="FlashAttention-3 transformer inference")
-
-
-class ModelReplica:
+class ModelReplica(V1Routes, V2Routes):
     """One model replica: a backend, one batch queue per bucket, and the app's HTTP routes.
 
     HTTP (through Serve's proxy) and handle calls reach the replica directly: no hop in between
@@ -423,232 +405,6 @@ class ModelReplica:
         self.metrics.rejected.inc(tags={"bucket": bucket})
         self.metrics.rejected_local += 1
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.args.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestError(
-                f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence", status=413
-            )
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(f"body exceeds the limit of {limit} bytes; send a shorter sequence", status=413)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    @api.post("/v1/infer")
-    async def infer_http(self, request: Request) -> Response:
-        """HTTP: named inputs as .npz (``numpy.savez``; the answer as .npz) or JSON
-        ``{"inputs": {name: array}}`` (answer ``{"outputs": {name: array}}``); for the reference
-        model also one sequence as .npy (the answer in the request's dtype) or JSON ``{"x": [[...]]}``.
-
-        A full queue is answered 503 by Serve's proxy before the body reaches the replica."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        try:
-            if ctype not in (NPZ, NPY, "application/json"):
-                raise RequestError(
-                    f"Content-Type {ctype or '(none)'!r} is not supported; use {NPZ}, application/json or {NPY}",
-                    status=415,
-                )
-            body = await self._read_body(request)
-            named = ctype == NPZ
-            if ctype == NPZ:
-                x: Any = decode_npz(body, self.args.max_body_bytes)
-            elif ctype == NPY:
-                x = decode_npy(body)
-            else:
-                doc = load_json(body)
-                named = self.named is not None or (isinstance(doc, dict) and "inputs" in doc)
-                x = decode_inputs_json(doc) if named else decode_json(doc)
-            # A request that times out is cancelled: its batch queue drops it.
-            y = await asyncio.wait_for(self.infer_named(x) if named else self.infer(x), self.args.request_timeout_s)
-        except RequestError as e:  # before InvalidInputError, its base
-            return JSONResponse({"error": str(e)}, status_code=e.status)
-        except InvalidInputError as e:
-            return JSONResponse({"error": str(e)}, status_code=422)
-        except TimeoutError:
-            return JSONResponse({"error": f"request timed out after {self.args.request_timeout_s}s"}, status_code=504)
-        headers = {"x-fa3trt-replica": self.replica}
-        if named:
-            if ctype == NPZ:
-                return Response(encode_npz(y), media_type=NPZ, headers=headers)
-            return JSONResponse(encode_outputs_json(y), headers=headers)
-        if ctype == NPY:
-            return Response(encode_npy(y), media_type=NPY, headers=headers)
-        return JSONResponse(encode_json(y), headers=headers)
-
-    @api.get("/v1/info")
-    def info(self) -> dict[str, Any]:
-        """The replica's backend, device, buckets and batch limits, and the app's arguments."""
-        d = self.backend.describe()
-        d.update(
-            replica=self.replica,
-            buckets=list(self.buckets.edges),
-            batch_limits={e: size for e, (size, _) in zip(self.buckets.edges, self.limits)},
-            signature=self.signature.to_dict(),
-            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-            cpu_threads=torch.get_num_threads(),
-            cpu_affinity=self.cpu_affinity,
-            app_args=self.args.model_dump() | ({"batching": self.batching.model_dump()} if self.batching else {}),
-        )
-        return d
-
-    @api.get("/v1/stats")
-    def stats(self) -> dict[str, Any]:
-        """This replica's counters since it started: per bucket batches, requests, tokens, compute."""
-        return {
-            "replica": self.replica,
-            "rss_bytes": rss_bytes(),
-            "rejected": self.metrics.rejected_local,
-            "busy_s": self.metrics.busy_s,
-            "phases_s": self.metrics.phases_snapshot(),
-            "wake_lag": self.wake_lag.snapshot(),
-            "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
-        }
-
-    # ---------------------------------------------------------------- KServe v2 (deploy.kserve)
-    @functools.cached_property
-    def model_name(self) -> str:
-        """The model's v2 name: the Serve application's name (``fa3trt`` outside Serve)."""
-        try:
-            return str(serve.get_replica_context().app_name)
-        except Exception:  # outside Serve (direct construction in tests)
-            return "fa3trt"
-
-    def _v2_metadata(self) -> dict[str, Any]:
-        platform = f"fa3trt_{self.backend.name}"
-        return kserve.model_metadata(self.model_name, V2_VERSIONS, platform, self.io_signature())
-
-    async def _v2_infer(self, req: kserve.V2Request) -> dict[str, tuple[np.ndarray, str]]:
-        """Each row of the protocol's batch axis is one request to the batch queues."""
-        sig = self.io_signature()
-        rows = kserve.split_request(req, sig)
-        answers = await asyncio.wait_for(
-            asyncio.gather(*(self.infer_named(r) for r in rows)), self.args.request_timeout_s
-        )
-        return kserve.join_outputs(answers, req, sig)
-
-    def _v2_error(self, e: Exception) -> tuple[int, str]:
-        """(HTTP status, message) of a failed v2 call; server faults are logged."""
-        status = kserve.http_status(e)
-        if status >= 500:
-            log.error("v2 request failed: %s: %s", type(e).__name__, e)
-        if isinstance(e, TimeoutError):
-            return status, f"request timed out after {self.args.request_timeout_s}s; retry, or send fewer rows"
-        return status, kserve.error_body(e)["error"]
-
-    def _http_error(self, e: Exception) -> JSONResponse:
-        status, message = self._v2_error(e)
-        return JSONResponse({"error": message}, status_code=status)
-
-    @api.get("/v2/health/live")
-    def v2_live(self) -> dict[str, bool]:
-        return {"live": True}
-
-    @api.get("/v2/health/ready")
-    def v2_ready(self) -> JSONResponse:
-        ready = bool(self._queues)
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
-
-    @api.get("/v2")
-    def v2_server_metadata(self) -> dict[str, Any]:
-        return kserve.server_metadata(_version())
-
-    @api.get("/v2/models/{name}")
-    @api.get("/v2/models/{name}/versions/{version}")
-    def v2_model_metadata(self, name: str, version: str = "") -> JSONResponse:
-        try:
-            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
-        except RequestError as e:
-            return self._http_error(e)
-        return JSONResponse(self._v2_metadata())
-
-    @api.get("/v2/models/{name}/ready")
-    @api.get("/v2/models/{name}/versions/{version}/ready")
-    def v2_model_ready(self, name: str, version: str = "") -> JSONResponse:
-        try:
-            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
-        except RequestError as e:
-            return self._http_error(e)
-        ready = bool(self._queues)
-        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
-
-    @api.post("/v2/models/{name}/infer")
-    @api.post("/v2/models/{name}/versions/{version}/infer")
-    async def v2_infer_http(self, name: str, request: Request, version: str = "") -> Response:
-        """v2 REST inference: JSON tensors or the binary tensor data extension (deploy.kserve)."""
-        try:
-            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
-            encoding = request.headers.get("content-encoding", "identity").lower()
-            if encoding != "identity":
-                raise RequestError(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed", 415)
-            body = await self._read_body(request)
-            req = kserve.parse_http_infer(body, request.headers.get(kserve.HEADER_LENGTH))
-            outputs = await self._v2_infer(req)
-        except Exception as e:
-            return self._http_error(e)
-        content, json_len = kserve.encode_http_infer(self.model_name, version or V2_VERSIONS[0], req, outputs)
-        headers = {"x-fa3trt-replica": self.replica}
-        if json_len is None:
-            return Response(content, media_type="application/json", headers=headers)
-        headers[kserve.HEADER_LENGTH] = str(json_len)
-        return Response(content, media_type="application/octet-stream", headers=headers)
-
-    # gRPC, inference.GRPCInferenceService: Serve's gRPC proxy calls the method of the RPC's
-    # name with the request's bytes (deploy.kserve.add_GRPCInferenceServiceServicer_to_server);
-    # an error is a status set on grpc_context.
-    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:
-        return kserve.pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:
-        return kserve.pb.ServerReadyResponse(ready=bool(self._queues))
-
-    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:
-        meta = kserve.server_metadata(_version())
-        return kserve.pb.ServerMetadataResponse(**meta)
-
-    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:
-        try:
-            request = kserve.parse_message("ModelReady", request)
-            kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
-        except RequestError as e:
-            return self._grpc_error(e, grpc_context, kserve.pb.ModelReadyResponse())
-        return kserve.pb.ModelReadyResponse(ready=bool(self._queues))
-
-    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
-        try:
-            request = kserve.parse_message("ModelMetadata", request)
-            kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
-        except RequestError as e:
-            return self._grpc_error(e, grpc_context, kserve.pb.ModelMetadataResponse())
-        return kserve.grpc_model_metadata(self._v2_metadata())
-
-    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
-        try:
-            request = kserve.parse_message("ModelInfer", request)
-            kserve.check_model(request.model_name, request.model_version, self.model_name, V2_VERSIONS)
-            size, limit = request.ByteSize(), self.args.max_body_bytes
-            if size > limit:
-                raise RequestError(
-                    f"request of {size} bytes exceeds the limit of {limit} bytes (max_body_bytes); send fewer tokens",
-                    413,
-                )
-            req = kserve.parse_grpc_infer(request)
-            outputs = await self._v2_infer(req)
-        except Exception as e:
-            return self._grpc_error(e, grpc_context, kserve.pb.ModelInferResponse())
-        return kserve.encode_grpc_infer(self.model_name, request.model_version or V2_VERSIONS[0], req, outputs)
-
-    def _grpc_error(self, e: Exception, grpc_context: Any, empty: Any) -> Any:
-        _, message = self._v2_error(e)
-        if grpc_context is None:  # called outside Serve's gRPC proxy
-            raise e
-        grpc_context.set_code(kserve.grpc_code(e))
-        grpc_context.set_details(message)
-        return empty
-
     def check_health(self) -> None:
         if self.named is not None:
             sig = self.signature
@@ -671,13 +427,6 @@ class ModelReplica:
 # Wrapped apart from the class definition: the class stays importable as deploy.app.ModelReplica,
 # so Ray ships it by reference (the worker imports this module) instead of pickling it by value.
 ModelServer = serve.deployment(name="ModelServer")(serve.ingress(api)(ModelReplica))
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("fa3trt")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def build_app(args: dict[str, Any]) -> "serve.Application":

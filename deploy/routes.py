@@ -1,0 +1,321 @@
+"""The app's routes: ``/v1`` over HTTP, and the Open Inference Protocol (KServe v2) over HTTP and
+gRPC, as mixins of the replica class (``deploy.app.ModelReplica``), which Serve's ingress serves.
+
+Contract: the routes only decode, call the replica and encode. They reach the replica through
+``infer`` (the reference model's one array), ``infer_named`` (named inputs, every model),
+``io_signature`` and its attributes named under ``TYPE_CHECKING`` below; the protocol itself is
+``deploy.kserve``, request bodies ``deploy.codec``. ``api`` is the one FastAPI app; every route
+is a method, so a request reaches its replica in one hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.metadata
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from deploy import kserve
+from deploy.codec import (
+    decode_inputs_json,
+    decode_json,
+    decode_npy,
+    decode_npz,
+    encode_json,
+    encode_npy,
+    encode_npz,
+    encode_outputs_json,
+    load_json,
+)
+from deploy.metrics import rss_bytes
+from fa3trt.errors import InvalidInputError, RequestError
+
+if TYPE_CHECKING:
+    from deploy.lag import WakeLag
+    from deploy.metrics import ReplicaMetrics
+    from fa3trt.buckets import Buckets
+    from fa3trt.config import AppArgs, BatchingConfig
+    from fa3trt.signature import Signature
+
+__all__ = ["api", "V1Routes", "V2Routes", "NPY", "NPZ", "V2_VERSIONS"]
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(title="fa3trt", description="FlashAttention-3 transformer inference")
+
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+V2_VERSIONS = ("1",)
+"""The model versions v2 clients may name: the app serves one model, version "1" (or none named)."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fa3trt")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class _Replica:
+    """What the routes use of the replica (``deploy.app.ModelReplica`` defines them)."""
+
+    if TYPE_CHECKING:
+        args: AppArgs
+        replica: str
+        backend: Any
+        named: Any
+        buckets: Buckets
+        limits: list[tuple[int, float]]
+        batching: BatchingConfig | None
+        signature: Signature
+        cpu_affinity: Any
+        metrics: ReplicaMetrics
+        wake_lag: WakeLag
+        _queues: list[Any]
+
+        async def infer(self, x: Any) -> Any: ...
+
+        async def infer_named(self, inputs: Any) -> dict[str, np.ndarray]: ...
+
+        def io_signature(self) -> Signature: ...
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(
+                f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence", status=413
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"body exceeds the limit of {limit} bytes; send a shorter sequence", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class V1Routes(_Replica):
+    """``POST /v1/infer``, ``GET /v1/info``, ``GET /v1/stats``."""
+
+    @api.post("/v1/infer")
+    async def infer_http(self, request: Request) -> Response:
+        """HTTP: named inputs as .npz (``numpy.savez``; the answer as .npz) or JSON
+        ``{"inputs": {name: array}}`` (answer ``{"outputs": {name: array}}``); for the reference
+        model also one sequence as .npy (the answer in the request's dtype) or JSON ``{"x": [[...]]}``.
+
+        A full queue is answered 503 by Serve's proxy before the body reaches the replica."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            if ctype not in (NPZ, NPY, "application/json"):
+                raise RequestError(
+                    f"Content-Type {ctype or '(none)'!r} is not supported; use {NPZ}, application/json or {NPY}",
+                    status=415,
+                )
+            body = await self._read_body(request)
+            named = ctype == NPZ
+            if ctype == NPZ:
+                x: Any = decode_npz(body, self.args.max_body_bytes)
+            elif ctype == NPY:
+                x = decode_npy(body)
+            else:
+                doc = load_json(body)
+                named = self.named is not None or (isinstance(doc, dict) and "inputs" in doc)
+                x = decode_inputs_json(doc) if named else decode_json(doc)
+            # A request that times out is cancelled: its batch queue drops it.
+            y = await asyncio.wait_for(self.infer_named(x) if named else self.infer(x), self.args.request_timeout_s)
+        except RequestError as e:  # before InvalidInputError, its base
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        except InvalidInputError as e:
+            return JSONResponse({"error": str(e)}, status_code=422)
+        except TimeoutError:
+            return JSONResponse({"error": f"request timed out after {self.args.request_timeout_s}s"}, status_code=504)
+        headers = {"x-fa3trt-replica": self.replica}
+        if named:
+            if ctype == NPZ:
+                return Response(encode_npz(y), media_type=NPZ, headers=headers)
+            return JSONResponse(encode_outputs_json(y), headers=headers)
+        if ctype == NPY:
+            return Response(encode_npy(y), media_type=NPY, headers=headers)
+        return JSONResponse(encode_json(y), headers=headers)
+
+    @api.get("/v1/info")
+    def info(self) -> dict[str, Any]:
+        """The replica's backend, device, buckets and batch limits, and the app's arguments."""
+        d = self.backend.describe()
+        d.update(
+            replica=self.replica,
+            buckets=list(self.buckets.edges),
+            batch_limits={e: size for e, (size, _) in zip(self.buckets.edges, self.limits)},
+            signature=self.signature.to_dict(),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            cpu_threads=torch.get_num_threads(),
+            cpu_affinity=self.cpu_affinity,
+            app_args=self.args.model_dump() | ({"batching": self.batching.model_dump()} if self.batching else {}),
+        )
+        return d
+
+    @api.get("/v1/stats")
+    def stats(self) -> dict[str, Any]:
+        """This replica's counters since it started: per bucket batches, requests, tokens, compute."""
+        return {
+            "replica": self.replica,
+            "rss_bytes": rss_bytes(),
+            "rejected": self.metrics.rejected_local,
+            "busy_s": self.metrics.busy_s,
+            "phases_s": self.metrics.phases_snapshot(),
+            "wake_lag": self.wake_lag.snapshot(),
+            "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
+        }
+
+
+class V2Routes(_Replica):
+    """KServe v2: REST routes under ``/v2`` and the ``inference.GRPCInferenceService`` methods."""
+
+    @functools.cached_property
+    def model_name(self) -> str:
+        """The model's v2 name: the Serve application's name (``fa3trt`` outside Serve)."""
+        try:
+            return str(serve.get_replica_context().app_name)
+        except Exception:  # outside Serve (direct construction in tests)
+            return "fa3trt"
+
+    def _v2_metadata(self) -> dict[str, Any]:
+        platform = f"fa3trt_{self.backend.name}"
+        return kserve.model_metadata(self.model_name, V2_VERSIONS, platform, self.io_signature())
+
+    async def _v2_infer(self, req: kserve.V2Request) -> dict[str, tuple[np.ndarray, str]]:
+        """Each row of the protocol's batch axis is one request to the batch queues."""
+        sig = self.io_signature()
+        rows = kserve.split_request(req, sig)
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(self.infer_named(r) for r in rows)), self.args.request_timeout_s
+        )
+        return kserve.join_outputs(answers, req, sig)
+
+    def _v2_error(self, e: Exception) -> tuple[int, str]:
+        """(HTTP status, message) of a failed v2 call; server faults are logged."""
+        status = kserve.http_status(e)
+        if status >= 500:
+            log.error("v2 request failed: %s: %s", type(e).__name__, e)
+        if isinstance(e, TimeoutError):
+            return status, f"request timed out after {self.args.request_timeout_s}s; retry, or send fewer rows"
+        return status, kserve.error_body(e)["error"]
+
+    def _http_error(self, e: Exception) -> JSONResponse:
+        status, message = self._v2_error(e)
+        return JSONResponse({"error": message}, status_code=status)
+
+    @api.get("/v2/health/live")
+    def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    def v2_ready(self) -> JSONResponse:
+        ready = bool(self._queues)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @api.get("/v2")
+    def v2_server_metadata(self) -> dict[str, Any]:
+        return kserve.server_metadata(_version())
+
+    @api.get("/v2/models/{name}")
+    @api.get("/v2/models/{name}/versions/{version}")
+    def v2_model_metadata(self, name: str, version: str = "") -> JSONResponse:
+        try:
+            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
+        except RequestError as e:
+            return self._http_error(e)
+        return JSONResponse(self._v2_metadata())
+
+    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/versions/{version}/ready")
+    def v2_model_ready(self, name: str, version: str = "") -> JSONResponse:
+        try:
+            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
+        except RequestError as e:
+            return self._http_error(e)
+        ready = bool(self._queues)
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+    @api.post("/v2/models/{name}/infer")
+    @api.post("/v2/models/{name}/versions/{version}/infer")
+    async def v2_infer_http(self, name: str, request: Request, version: str = "") -> Response:
+        """v2 REST inference: JSON tensors or the binary tensor data extension (deploy.kserve)."""
+        try:
+            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
+            encoding = request.headers.get("content-encoding", "identity").lower()
+            if encoding != "identity":
+                raise RequestError(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed", 415)
+            body = await self._read_body(request)
+            req = kserve.parse_http_infer(body, request.headers.get(kserve.HEADER_LENGTH))
+            outputs = await self._v2_infer(req)
+        except Exception as e:
+            return self._http_error(e)
+        content, json_len = kserve.encode_http_infer(self.model_name, version or V2_VERSIONS[0], req, outputs)
+        headers = {"x-fa3trt-replica": self.replica}
+        if json_len is None:
+            return Response(content, media_type="application/json", headers=headers)
+        headers[kserve.HEADER_LENGTH] = str(json_len)
+        return Response(content, media_type="application/octet-stream", headers=headers)
+
+    # gRPC, inference.GRPCInferenceService: Serve's gRPC proxy calls the method of the RPC's
+    # name with the request's bytes (deploy.kserve.add_GRPCInferenceServiceServicer_to_server);
+    # an error is a status set on grpc_context.
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:
+        return kserve.pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:
+        return kserve.pb.ServerReadyResponse(ready=bool(self._queues))
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        meta = kserve.server_metadata(_version())
+        return kserve.pb.ServerMetadataResponse(**meta)
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            request = kserve.parse_message("ModelReady", request)
+            kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
+        except RequestError as e:
+            return self._grpc_error(e, grpc_context, kserve.pb.ModelReadyResponse())
+        return kserve.pb.ModelReadyResponse(ready=bool(self._queues))
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            request = kserve.parse_message("ModelMetadata", request)
+            kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
+        except RequestError as e:
+            return self._grpc_error(e, grpc_context, kserve.pb.ModelMetadataResponse())
+        return kserve.grpc_model_metadata(self._v2_metadata())
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
+        try:
+            request = kserve.parse_message("ModelInfer", request)
+            kserve.check_model(request.model_name, request.model_version, self.model_name, V2_VERSIONS)
+            size, limit = request.ByteSize(), self.args.max_body_bytes
+            if size > limit:
+                raise RequestError(
+                    f"request of {size} bytes exceeds the limit of {limit} bytes (max_body_bytes); send fewer tokens",
+                    413,
+                )
+            req = kserve.parse_grpc_infer(request)
+            outputs = await self._v2_infer(req)
+        except Exception as e:
+            return self._grpc_error(e, grpc_context, kserve.pb.ModelInferResponse())
+        return kserve.encode_grpc_infer(self.model_name, request.model_version or V2_VERSIONS[0], req, outputs)
+
+    def _grpc_error(self, e: Exception, grpc_context: Any, empty: Any) -> Any:
+        _, message = self._v2_error(e)
+        if grpc_context is None:  # called outside Serve's gRPC proxy
+            raise e
+        grpc_context.set_code(kserve.grpc_code(e))
+        grpc_context.set_details(message)
+        return empty
