@@ -36,6 +36,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -201,6 +202,20 @@ def _key_lengths(
     return None if bool((lens == sk).all()) else lens.to(torch.int32)
 
 
+@functools.lru_cache(maxsize=256)
+def _kernel_for(device: torch.device, dtype: torch.dtype, d: int) -> bool:
+    return any(get(n).supports(dtype, d) for n in available_kernels(device))
+
+
+def _kernel_takes(device: torch.device, dtype: torch.dtype, d: Any) -> bool:
+    """Whether a kernel available on ``device`` takes ``dtype`` at head dim ``d``: asked once per
+    (device, dtype, d), as every routed call asks it (a symbolic ``d`` is asked each time)."""
+    try:
+        return _kernel_for(device, dtype, d)
+    except TypeError:  # unhashable (symbolic) head dim
+        return any(get(n).supports(dtype, d) for n in available_kernels(device))
+
+
 def _plan(
     q: Any, k: Any, v: Any, mask: Any, dropout: float, causal: bool, scale: Any, gqa: bool,
     promise: _Promise = _Promise(),
@@ -225,7 +240,7 @@ def _plan(
         return f"head dims differ (q {d}, k {dk}, v {v.shape[3]})"
     if hk != h and not (gqa and h % hk == 0):
         return f"heads {h} and {hk} not grouped (H % Hk != 0 or enable_gqa off)"
-    if not any(get(n).supports(q.dtype, d) for n in available_kernels(q.device)):
+    if not _kernel_takes(q.device, q.dtype, d):
         return f"head dim {d} in {q.dtype}: no kernel on {q.device.type}"
     if mask is not None and causal:
         return "attn_mask with is_causal"
