@@ -14,6 +14,7 @@ import fa3trt
 from fa3trt.errors import ExportError
 from fa3trt.export import _name_axes, export_onnx, plugin_nodes, verify_onnx
 from fa3trt.op import onnx_export_mode
+from tests.models import flux_inputs, tiny_flux
 from tests.utils import captured_log
 
 C, H = 32, 4
@@ -232,28 +233,9 @@ def test_reference_model_default_inputs_and_schema(tmp_path: Path) -> None:
 
 def test_strict_export_of_a_routed_diffusers_model(tmp_path: Path) -> None:
     """fa3trt.attention under routing traces strictly; the graph keeps one node per routed call."""
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    model = tiny_flux(1, 1)
     b, img, txt = 2, 16, 8
-    inputs = {
-        "hidden_states": torch.randn(b, img, 8),
-        "encoder_hidden_states": torch.randn(b, txt, 32),
-        "pooled_projections": torch.randn(b, 32),
-        "timestep": torch.full((b,), 0.5),
-        "img_ids": torch.randn(img, 3),
-        "txt_ids": torch.zeros(txt, 3),
-    }
+    inputs = flux_inputs(b, img, txt)
     axes = {
         "hidden_states": {0: "B", 1: "I"},
         "encoder_hidden_states": {0: "B", 1: "T"},

@@ -39,6 +39,7 @@ from fa3trt.profiles import (
 )
 from fa3trt.signature import Signature, TensorSpec
 from fa3trt.store import ArtifactStore
+from tests.models import tiny_bert
 from tests.utils import gpu, requires_tensorrt
 
 ENV = {
@@ -235,17 +236,7 @@ def bert_signature(with_mask: bool) -> Signature:
 
 @pytest.fixture(scope="module")
 def bert() -> torch.nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(config).eval()
+    return tiny_bert(max_positions=64)
 
 
 def corner_inputs(sig: Signature, shape: tuple[int, ...], seed: int) -> dict[str, torch.Tensor]:

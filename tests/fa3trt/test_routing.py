@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fa3trt import ConfigError, RoutingReport, route_attention
 from fa3trt.onnx_node import translation_table
 from fa3trt.op import onnx_export_mode
+from tests.models import flux_inputs, tiny_bert, tiny_flux
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -34,28 +35,8 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- diffusers
 @pytest.fixture(scope="module")
 def flux() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    torch.manual_seed(0)
-    model = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
-    b, img, txt = 2, 16, 8
-    inputs = {
-        "hidden_states": torch.randn(b, img, 8),
-        "encoder_hidden_states": torch.randn(b, txt, 32),
-        "pooled_projections": torch.randn(b, 32),
-        "timestep": torch.full((b,), 0.5),
-        "img_ids": torch.randn(img, 3),
-        "txt_ids": torch.zeros(txt, 3),
-    }
-    return model, inputs
+    model = tiny_flux()
+    return model, flux_inputs()
 
 
 @pytest.fixture(scope="module")
@@ -215,16 +196,7 @@ def test_wan_export_keeps_the_text_length_dynamic(wan: tuple[torch.nn.Module, di
 # --------------------------------------------------------------------------- transformers
 @pytest.fixture(scope="module")
 def bert() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    return transformers.BertModel(config).eval()
+    return tiny_bert()
 
 
 LENGTHS = [10, 6, 3]
