@@ -393,9 +393,10 @@ class ModelReplica(V1Routes, V2Routes):
         except InvalidInputError:
             self._count_rejected("none")
             raise
-        if self.named is None:  # the reference model's own path: x alone, answered in its dtype
-            y = await self.infer(inputs["x"])
-            return {sig.output.name: np.asarray(y)}
+        if self.named is None:  # the reference model's own path: x alone, a NumPy answer in x's dtype
+            x = inputs["x"]
+            y = await self.infer(x if isinstance(x, np.ndarray) else req.tensors["x"])
+            return {sig.output.name: y}
         result = await self._queues[req.bucket]((req, time.perf_counter()))
         if isinstance(result, Exception):
             raise result

@@ -179,18 +179,21 @@ def test_handle_takes_arrays_and_tensors(cluster: dict[str, str], model: torch.n
             y = h.infer.remote(x).result()
             yt = h.infer.remote(torch.from_numpy(x).to(torch.bfloat16)).result()
             print(type(yt).__name__, tuple(yt.shape), yt.dtype)
-            np.savez(sys.argv[1], x=x, y=y, yt=yt.float().numpy())
+            yd = h.infer.remote({"x": torch.from_numpy(x).to(torch.bfloat16)}).result()["y"]  # by name
+            print("named", type(yd).__name__, yd.shape, yd.dtype)
+            np.savez(sys.argv[1], x=x, y=y, yt=yt.float().numpy(), yd=yd)
             """
         )
     )
     r = run([sys.executable, str(script), str(tmp_path / "out.npz")], cluster, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Tensor (7, 256) torch.bfloat16" in r.stdout
+    assert "Tensor (7, 256) torch.bfloat16" in r.stdout and "named ndarray (7, 256) float32" in r.stdout
     data = np.load(tmp_path / "out.npz", allow_pickle=False)
     np.testing.assert_allclose(data["y"], _expect(model, data["x"]), atol=ATOL)
     # bf16 input: the reply is computed from the bf16-rounded input and rounded to bf16.
     xb = torch.from_numpy(data["x"]).to(torch.bfloat16).float().numpy()
     np.testing.assert_allclose(data["yt"], _expect(model, xb), atol=0.05)
+    np.testing.assert_allclose(data["yd"], _expect(model, xb), atol=1e-4)  # the bf16 values, computed in float32
 
 
 def test_reconfigure_changes_batching_live(cluster: dict[str, str], tmp_path: Path) -> None:
