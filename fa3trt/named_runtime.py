@@ -43,6 +43,7 @@ from fa3trt.errors import (
 from fa3trt.named_build import named_engine_key_for
 from fa3trt.plugin import register_plugin, require_registered
 from fa3trt.profiles import NamedProfile, io_differences, select_named_profile, signature_differences
+from fa3trt.runtime import ProfileTurns
 from fa3trt.signature import TORCH_DTYPES, Signature
 from fa3trt.store import BUILD_HINT, ArtifactStore
 
@@ -263,8 +264,7 @@ class NamedTensorRTBackend:
         self.store_uri = store_uri
         self.buckets = buckets
         self.model_id = model_id
-        self._lock = threading.Lock()
-        self._last_use: dict[int, tuple[int, torch.cuda.Event]] = {}  # profile -> (stream, event after its last use)
+        self._turns = ProfileTurns()
 
     @classmethod
     def load(
@@ -305,17 +305,7 @@ class NamedTensorRTBackend:
         """The output (B, ...) of one batch (keyword inputs as ``Signature.assemble`` makes them), on the device."""
         stream = torch.cuda.current_stream(self.device)
         p = self.engine.profile_for(batch)
-        with self._lock:
-            # A profile's context and buffer serve one batch at a time: a batch on another stream
-            # first waits until the profile's last output there has been copied out.
-            last = self._last_use.get(p)
-            if last is not None and last[0] != stream.cuda_stream:
-                stream.wait_event(last[1])
-            y = self.engine(batch).clone()
-            done = torch.cuda.Event()
-            done.record(stream)
-            self._last_use[p] = (stream.cuda_stream, done)
-            return y
+        return self._turns.run(p, stream, lambda: self.engine(batch))
 
     def warmup(self, batches: Sequence[dict[str, torch.Tensor]]) -> None:
         t0 = time.perf_counter()

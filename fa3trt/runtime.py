@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 else:
     from fa3trt._trt import tensorrt as trt
 
-__all__ = ["TRTEngine", "TRTModule", "TensorRTBackend", "select_profile"]
+__all__ = ["TRTEngine", "TRTModule", "TensorRTBackend", "ProfileTurns", "select_profile"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,31 @@ def select_profile(specs: Sequence[ProfileSpec], batch: int, seq: int) -> int:
         f"batch {batch} of sequences padded to {seq} fits no optimization profile ({limits}); "
         "split the batch, or raise max_batch_tokens and rebuild the engine"
     )
+
+
+class ProfileTurns:
+    """Batches on an engine's optimization profiles, one at a time per profile.
+
+    A profile's context and output buffer serve one batch at a time. On one stream its order
+    keeps them apart (the copy of the output is queued before the lock is released); a batch on
+    another stream (a replica runs each bucket on its own) first waits for the profile's last
+    use there to be copied out."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_use: dict[int, tuple[int, torch.cuda.Event]] = {}  # profile -> (stream, event after its last use)
+
+    def run(self, profile: int, stream: torch.cuda.Stream, call: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A copy of ``call()``'s output (a view of the profile's buffer), queued on ``stream``."""
+        with self._lock:
+            last = self._last_use.get(profile)
+            if last is not None and last[0] != stream.cuda_stream:
+                stream.wait_event(last[1])
+            y = call().clone()
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._last_use[profile] = (stream.cuda_stream, done)
+            return y
 
 
 class TRTEngine:
@@ -240,8 +265,7 @@ class TensorRTBackend:
         self.key = key
         self.store_uri = store_uri
         self.buckets = buckets
-        self._lock = threading.Lock()
-        self._last_use: dict[int, tuple[int, torch.cuda.Event]] = {}  # profile -> (stream, event after its last use)
+        self._turns = ProfileTurns()
 
     @classmethod
     def load(
@@ -291,19 +315,7 @@ class TensorRTBackend:
         x = x.to(self.device, self.engine.input_dtype, non_blocking=True)
         stream = torch.cuda.current_stream(self.device)
         p = self.engine.profile_for(int(x.shape[0]), int(x.shape[1]))
-        with self._lock:
-            # A profile's context and output buffer serve one batch at a time. On one stream
-            # its order keeps them apart (the copy below is queued before the lock is released);
-            # a batch on another stream (a replica runs each bucket on its own) first waits for
-            # the profile's last use there to be copied out.
-            last = self._last_use.get(p)
-            if last is not None and last[0] != stream.cuda_stream:
-                stream.wait_event(last[1])
-            y = self.engine(x, seq_lens).clone()
-            done = torch.cuda.Event()
-            done.record(stream)
-            self._last_use[p] = (stream.cuda_stream, done)
-            return y
+        return self._turns.run(p, stream, lambda: self.engine(x, seq_lens))
 
     def warmup(self, shapes: Sequence[tuple[int, int]]) -> None:
         t0 = time.perf_counter()
