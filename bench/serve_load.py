@@ -20,18 +20,17 @@ import asyncio
 import io
 import itertools
 import json
-import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from deploy.codec import all_finite
 from deploy.lag import lag_delta
+from deploy.targets import replica_targets
 
 MIXES = {"seed": (15000, 16500), "256-2048": (256, 2048), "256-16384": (256, 16384)}
 
@@ -176,7 +175,7 @@ async def run_load(
 
 def http_sender(urls: str | list[str], session: Any) -> Send:
     """POST .npy bodies to ``urls`` in turn (one URL: a Serve proxy; several: replicas that
-    serve HTTP themselves, see ``direct_targets``)."""
+    serve HTTP themselves, see ``deploy.targets``)."""
     targets = itertools.cycle([urls] if isinstance(urls, str) else urls)
 
     async def send(x: np.ndarray) -> np.ndarray:
@@ -214,50 +213,21 @@ def v2_http_sender(clients: list[Any], model: str = "fa3trt") -> Send:
     return send
 
 
-def v2_grpc_sender(client: Any, model: str = "fa3trt") -> Send:
-    """KServe v2 over gRPC with a ``tritonclient.grpc.aio`` client (raw tensor contents)."""
+def v2_grpc_sender(clients: list[Any], model: str = "fa3trt", headers: dict[str, str] | None = None) -> Send:
+    """KServe v2 over gRPC with ``tritonclient.grpc.aio`` clients (in turn; raw tensor
+    contents). ``headers``: gRPC metadata, e.g. ``{"application": name}`` for Serve's proxy
+    when the cluster serves several apps."""
     from tritonclient.grpc.aio import InferInput
+
+    targets = itertools.cycle(clients)
 
     async def send(x: np.ndarray) -> np.ndarray:
         t = InferInput("x", [1, *x.shape], _v2_datatype(x))
         t.set_data_from_numpy(x[None])
-        result = await client.infer(model, [t])
+        result = await next(targets).infer(model, [t], headers=headers)
         return result.as_numpy("y")[0]
 
     return send
-
-
-def ray_auth_token() -> str | None:
-    """The Ray cluster's auth token as Ray's own clients find it (env, token file), or None."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    return path.read_text().strip() if path.is_file() else None
-
-
-def direct_targets(dashboard: str, app: str = "fa3trt", host: str | None = None, token: str | None = None) -> list[str]:
-    """Base URLs of an app's replicas that serve HTTP themselves (Ray Serve's direct ingress,
-    on when Ray starts with RAY_SERVE_ENABLE_DIRECT_INGRESS=1): each listens on its own port,
-    and Serve's REST API lists them as the app's target group. ``host`` replaces the listed
-    node IP (``127.0.0.1`` when ``http_options.host`` binds the loopback only)."""
-    import requests
-
-    token = token or ray_auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    r = requests.get(f"{dashboard}/api/serve/applications/", headers=headers, timeout=30)
-    r.raise_for_status()
-    urls = []
-    for group in r.json().get("target_groups") or []:
-        # Proxy target groups name no ingress deployment; direct-ingress ones name the app's.
-        if group.get("app_name") == app and group.get("protocol") == "HTTP" and group.get("ingress_deployment_name"):
-            prefix = str(group.get("route_prefix") or "/").rstrip("/")
-            urls += [f"http://{host or t['ip']}:{t['port']}{prefix}" for t in group.get("targets") or []]
-    if not urls:
-        raise RuntimeError(
-            f"Serve at {dashboard} lists no direct-ingress HTTP targets for app {app!r}: start Ray with "
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (or send to the proxy with --url)"
-        )
-    return urls
 
 
 def handle_sender(handle: Any) -> Send:
@@ -328,7 +298,7 @@ def main() -> None:
     p.add_argument(
         "--direct",
         action="store_true",
-        help="send to every replica's own HTTP port (Serve direct ingress) instead of --url",
+        help="send to every replica's own HTTP or gRPC port (Serve direct ingress) instead of --url / --grpc-url",
     )
     p.add_argument(
         "--dashboard",
@@ -375,12 +345,16 @@ def main() -> None:
     import requests
 
     urls = (
-        direct_targets(args.dashboard, args.app, args.target_host)
+        replica_targets(args.dashboard, args.app, "HTTP", args.target_host)
         if args.direct
         else [u.rstrip("/") for u in args.url.split(",") if u]
     )
+    grpc_urls = [args.grpc_url]
     if args.direct:
         print(f"direct ingress: {len(urls)} replica(s): {', '.join(urls)}")
+        if args.transport == "v2-grpc":
+            grpc_urls = replica_targets(args.dashboard, args.app, "gRPC", args.target_host)
+            print(f"direct ingress gRPC: {', '.join(grpc_urls)}")
     info = requests.get(f"{urls[0]}/v1/info", timeout=30).json()
     lo, hi = parse_mix(args.mix, max(info["buckets"]))
     inputs = make_inputs(args.requests, lo, hi, info["model"]["hidden"], dtype=np.dtype(args.dtype))
@@ -410,11 +384,12 @@ def main() -> None:
         if args.transport == "v2-grpc":
             from tritonclient.grpc.aio import InferenceServerClient as GrpcClient
 
-            client = GrpcClient(args.grpc_url)
+            grpc_clients = [GrpcClient(u) for u in grpc_urls]
             try:
-                return await load(v2_grpc_sender(client, args.app))
+                return await load(v2_grpc_sender(grpc_clients, args.app))
             finally:
-                await client.close()
+                for gc in grpc_clients:
+                    await gc.close()
         timeout = aiohttp.ClientTimeout(total=600)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             return await load(http_sender(urls, session))

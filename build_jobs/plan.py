@@ -214,6 +214,9 @@ def compute_plan(
         else:
             uri = resolve_uri(store or args.store)
             st = stores.setdefault(uri, ArtifactStore(uri))
+        if (backend or args.backend) == "identity":
+            log.info("app %s: backend identity runs no model; nothing to build", app)
+            continue
         kind, why = resolve_backend(backend or args.backend, cluster_resources, trt_ok)
         model: ModelConfig | SourceSpec
         parts: dict[str, Any] = {"format": _PLAN_FORMAT, "backend": kind}

@@ -425,7 +425,7 @@ def encode_http_infer(
         if binary:
             w = _wire(y, datatype)
             t["parameters"] = {"binary_data_size": w.nbytes}
-            chunks.append(w.data.cast("B"))
+            chunks.append(w.reshape(-1).view(np.uint8).data)
         else:
             values = (float32_to_bf16(y).astype("<u4") << 16).view("<f4") if datatype == "BF16" else y
             t["data"] = values.ravel().tolist()

@@ -1,8 +1,10 @@
 """Backends: what runs a padded batch. ``TorchBackend`` (the embedded default, CPU or CUDA) and
 ``TensorRTBackend`` (``fa3trt.runtime``) share one protocol and the same model, weights and op.
+``IdentityBackend`` answers each batch with itself: the serving path with no model, for
+measuring what the transports and batching cost (as Triton's identity backend is used).
 
-``load_backend("auto" | "torch" | "tensorrt", ...)`` picks one and logs why: ``auto`` takes
-TensorRT when it imports and a CUDA GPU is present, else the torch backend.
+``load_backend("auto" | "torch" | "tensorrt" | "identity", ...)`` picks one and logs why:
+``auto`` takes TensorRT when it imports and a CUDA GPU is present, else the torch backend.
 """
 
 from __future__ import annotations
@@ -26,11 +28,20 @@ from fa3trt.kernels.selector import lengths_on_device, select_kernel
 from fa3trt.model import ModelConfig, build_model
 from fa3trt.op import MODE_FP8
 
-__all__ = ["Backend", "TorchBackend", "load_backend", "BackendKind", "default_device"]
+__all__ = [
+    "Backend",
+    "TorchBackend",
+    "IdentityBackend",
+    "load_backend",
+    "BackendKind",
+    "BACKEND_KINDS",
+    "default_device",
+]
 
 log = logging.getLogger(__name__)
 
-BackendKind = Literal["auto", "torch", "tensorrt"]
+BackendKind = Literal["auto", "torch", "tensorrt", "identity"]
+BACKEND_KINDS: tuple[str, ...] = ("auto", "torch", "tensorrt", "identity")
 
 
 @runtime_checkable
@@ -102,16 +113,8 @@ class TorchBackend:
             self.graphs = GraphRunner(self.model, self.hidden, self.dtype, self.device, seq_step=graph_seq_step)
 
     def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.hidden:
-            raise InvalidInputError(f"x must have shape (batch, seq, {self.hidden}), got {tuple(x.shape)}")
-        b, s = int(x.shape[0]), int(x.shape[1])
-        lens = seq_lens.to("cpu", torch.int32)
-        if lens.shape != (b,):
-            raise InvalidInputError(
-                f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(lens.shape)}"
-            )
-        if b and (int(lens.min()) < 0 or int(lens.max()) > s):
-            raise InvalidInputError(f"seq_lens must lie in [0, {s}] (the padded length), got {lens.tolist()}")
+        lens = _check_batch(x, seq_lens, self.hidden)
+        s = int(x.shape[1])
         x = x.to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode():
             if self.device.type != "cuda":
@@ -165,6 +168,54 @@ class TorchBackend:
         }
 
 
+def _check_batch(x: torch.Tensor, seq_lens: torch.Tensor, hidden: int) -> torch.Tensor:
+    """seq_lens as int32 on the CPU, after checking both against the batch's shape."""
+    if x.dim() != 3 or x.shape[-1] != hidden:
+        raise InvalidInputError(f"x must have shape (batch, seq, {hidden}), got {tuple(x.shape)}")
+    b, s = int(x.shape[0]), int(x.shape[1])
+    lens = seq_lens.to("cpu", torch.int32)
+    if lens.shape != (b,):
+        raise InvalidInputError(f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(lens.shape)}")
+    if b and (int(lens.min()) < 0 or int(lens.max()) > s):
+        raise InvalidInputError(f"seq_lens must lie in [0, {s}] (the padded length), got {lens.tolist()}")
+    return lens
+
+
+class IdentityBackend:
+    """Answers each batch with itself, in the model's dtype on the model's device: every step of
+    serving (transport, decoding, batching, staging to the GPU and back, encoding) and no model.
+    ``backend: identity`` in the app's args serves it: the ceiling a transport reaches on this
+    host, measured beside the model (``bench.transports``)."""
+
+    name = "identity"
+
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
+        self.config = config
+        self.device = torch.device(device) if device is not None else default_device()
+        self.hidden = config.hidden
+        self.dtype = config.torch_dtype
+
+    def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        _check_batch(x, seq_lens, self.hidden)
+        return x.to(self.device, self.dtype, non_blocking=True)
+
+    def warmup(self, shapes: Sequence[tuple[int, int]]) -> None:
+        for b, s in shapes:
+            self.run(torch.zeros(b, s, self.hidden), torch.full((b,), s, dtype=torch.int32))
+
+    def describe(self) -> dict[str, Any]:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "device_name": name,
+            "dtype": self.config.dtype,
+            "attention_kernel": None,
+            "model": self.config.to_dict(),
+            "weights": None,
+        }
+
+
 def load_backend(
     kind: BackendKind = "auto",
     config: ModelConfig | None = None,
@@ -184,8 +235,10 @@ def load_backend(
     build command.
     """
     config = config or ModelConfig.preset(MODEL_PRESET)
-    if kind not in ("auto", "torch", "tensorrt"):
-        raise ConfigError(f"backend must be 'auto', 'torch' or 'tensorrt', got {kind!r}")
+    if kind not in BACKEND_KINDS:
+        raise ConfigError(f"backend must be one of {', '.join(map(repr, BACKEND_KINDS))}, got {kind!r}")
+    if kind == "identity":
+        return IdentityBackend(config, device)
     if kind == "auto":
         if not _trt.available():
             log.info("backend auto -> torch: TensorRT is not importable")

@@ -266,8 +266,9 @@ class AppArgs(_Strict):
         max_length=64,
         description="Ascending sequence-length edges; one batch queue (and one TensorRT profile) each.",
     )
-    backend: Literal["auto", "tensorrt", "torch"] = Field(
-        defaults.BACKEND, description="auto: TensorRT when it imports and a GPU is present, else torch."
+    backend: Literal["auto", "tensorrt", "torch", "identity"] = Field(
+        defaults.BACKEND,
+        description="auto: TensorRT when it imports and a GPU is present, else torch. identity: no model, each request answered with itself (the reference model's shape): what serving costs without the model (bench.transports).",
     )
     store: str = Field(
         defaults.STORE,

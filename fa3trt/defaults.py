@@ -30,7 +30,7 @@ MAX_CONCURRENT_BATCHES = 1
 """Batches of one bucket that may run at once."""
 
 # ----------------------------------------------------------------- backend and artifacts
-BACKEND: Literal["auto", "tensorrt", "torch"] = "auto"
+BACKEND: Literal["auto", "tensorrt", "torch", "identity"] = "auto"
 """auto: TensorRT when it imports and a GPU is present, else torch."""
 STORE = "./engines"
 """Artifact store (engines, ONNX exports, weights, timing caches): a folder or an fsspec URI."""

@@ -134,6 +134,11 @@ def load_named_backend(
     """The backend of a user's model: ``torch`` (``ModuleBackend``), ``tensorrt`` (this GPU's
     engine of the model from ``store``, built by ``python -m build_jobs``), or ``auto``
     (TensorRT when it imports and a GPU is present, else torch)."""
+    if kind == "identity":
+        raise ConfigError(
+            "backend 'identity' answers with the request's own input, which only the reference model's shape allows "
+            "(model: preset); serve a user's model with backend 'torch', 'tensorrt' or 'auto'"
+        )
     if kind not in ("auto", "torch", "tensorrt"):
         raise ConfigError(f"backend must be 'auto', 'torch' or 'tensorrt', got {kind!r}")
     if kind == "auto":

@@ -210,8 +210,12 @@ class Signature:
         return out
 
     # ------------------------------------------------------------------ requests
-    def check(self, request: Any, buckets: Buckets) -> Checked:
-        """Validate one request (see the module docstring); its tensors in the declared dtypes."""
+    def check(self, request: Any, buckets: Buckets, convert: bool = True) -> Checked:
+        """Validate one request (see the module docstring); its tensors in the declared dtypes.
+
+        ``convert=False``: a float tensor keeps its own float dtype, for a caller that converts
+        when it batches (the reference model's batch is assembled from the requests' dtype, so
+        a float16 request is never widened on the host first)."""
         if not isinstance(request, Mapping):
             names = [t.name for t in self.sent]
             raise InvalidInputError(
@@ -226,7 +230,7 @@ class Signature:
         sizes: dict[str, tuple[int, str]] = {}
         out: dict[str, np.ndarray] = {}
         for t in self.sent:
-            arr = _as_array(request[t.name], t)
+            arr = _as_array(request[t.name], t, convert)
             if arr.ndim != len(t.axes):
                 raise InvalidInputError(
                     f"input {t.name!r} has shape {arr.shape} (rank {arr.ndim}); it must have rank {len(t.axes)}: "
@@ -370,9 +374,10 @@ class Signature:
         return sizes
 
 
-def _as_array(value: Any, t: TensorSpec) -> np.ndarray:
+def _as_array(value: Any, t: TensorSpec, convert: bool = True) -> np.ndarray:
     """``value`` as an array of ``t``'s dtype (bfloat16 as float32: NumPy has none), or an
-    error naming the input when the conversion would change values."""
+    error naming the input when the conversion would change values. ``convert=False`` leaves
+    a float array of a float input in its own dtype."""
     if isinstance(value, torch.Tensor):
         if value.device.type != "cpu":
             raise InvalidInputError(f"input {t.name!r} is on {value.device}; send a CPU tensor or a NumPy array")
@@ -386,6 +391,8 @@ def _as_array(value: Any, t: TensorSpec) -> np.ndarray:
     if t.torch_dtype.is_floating_point:
         if kind not in _FLOAT_IN and kind not in _INT_IN:
             raise InvalidInputError(f"input {t.name!r} has dtype {value.dtype}; send a float array ({t.dtype})")
+        if not convert and kind in _FLOAT_IN:
+            return value
         return value.astype(np.float32 if t.dtype == "bfloat16" else t.dtype, copy=False)
     if t.dtype == "bool":
         if kind is np.bool_:

@@ -34,6 +34,8 @@ class Cluster:
     grpc: str
     """127.0.0.1:PORT"""
     env: dict[str, str]
+    dashboard: str = ""
+    """http://127.0.0.1:PORT (Serve's REST API: the direct-ingress targets)"""
 
 
 def free_ports(n: int) -> list[int]:
@@ -122,7 +124,7 @@ def isolated_serve_cluster(
                 except requests.RequestException:
                     pass
                 time.sleep(1)
-            yield Cluster(url, f"127.0.0.1:{grpc_port}", env)
+            yield Cluster(url, f"127.0.0.1:{grpc_port}", env, f"http://127.0.0.1:{dash}")
         finally:
             if serve is not None:
                 _stop(serve, 30)

@@ -15,7 +15,7 @@ import requests
 import torch
 
 import fa3trt
-from bench.serve_load import direct_targets
+from deploy.targets import replica_targets
 from tests.deploy.cluster import URL, post_npy, run, serve_cluster
 
 
@@ -27,7 +27,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 
 def test_replicas_answer_on_their_own_ports(cluster: dict[str, str]) -> None:
     # serve_config.yaml binds HTTP to the loopback, so the listed node IP is replaced by it.
-    urls = direct_targets("http://127.0.0.1:8265", "fa3trt", host="127.0.0.1", token=cluster["RAY_AUTH_TOKEN"])
+    urls = replica_targets("http://127.0.0.1:8265", "fa3trt", host="127.0.0.1", token=cluster["RAY_AUTH_TOKEN"])
     assert len(urls) == 1 and urls[0] != URL and 30000 <= int(urls[0].rsplit(":", 1)[1]) <= 31000, urls
     model = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
     x = np.random.default_rng(0).standard_normal((37, 256)).astype(np.float32)
@@ -70,4 +70,4 @@ def test_an_app_without_targets_is_a_clear_error(cluster: dict[str, str]) -> Non
     with pytest.raises(
         RuntimeError, match="no direct-ingress HTTP targets for app 'nope'.*RAY_SERVE_ENABLE_DIRECT_INGRESS=1"
     ):
-        direct_targets("http://127.0.0.1:8265", "nope", token=cluster["RAY_AUTH_TOKEN"])
+        replica_targets("http://127.0.0.1:8265", "nope", token=cluster["RAY_AUTH_TOKEN"])

@@ -14,6 +14,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2 as pb
 
 from deploy import kserve
+from fa3trt.buckets import Buckets
 from fa3trt.errors import InvalidInputError, RequestError
 from fa3trt.signature import Signature, TensorSpec
 
@@ -64,6 +65,19 @@ def test_binary_input_is_a_view_on_the_body() -> None:
     assert not arr.flags.owndata and not arr.flags.writeable  # np.frombuffer on the body, no copy
     row = kserve.split_request(kserve.parse_http_infer(body, n), SIG)[0]["x"]
     assert np.shares_memory(row, np.frombuffer(body, np.uint8))
+    # The replica checks a reference-model request without converting it (the batch converts,
+    # on the device): a float16 request stays the body's float16 bytes.
+    bf16 = Signature(
+        (TensorSpec("x", "bfloat16", ("S", 8)), TensorSpec("seq_lens", "int32", (), fill="lengths")),
+        TensorSpec("y", "bfloat16", ("S", 8)),
+        "S",
+    )
+    body16, n16 = _http_body({"x": x.astype(np.float16)})
+    row16 = kserve.split_request(kserve.parse_http_infer(body16, n16), bf16)[0]
+    kept = bf16.check(row16, Buckets((8,)), convert=False).tensors["x"]
+    assert kept.dtype == np.float16 and np.shares_memory(kept, np.frombuffer(body16, np.uint8))
+    widened = bf16.check(row16, Buckets((8,))).tensors["x"]
+    assert widened.dtype == np.float32 and not np.shares_memory(widened, np.frombuffer(body16, np.uint8))
 
 
 def test_bf16_round_trip_matches_tritonclient() -> None:

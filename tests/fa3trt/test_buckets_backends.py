@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fa3trt
-from fa3trt.backends import Backend, TorchBackend, load_backend
+from fa3trt.backends import Backend, IdentityBackend, TorchBackend, load_backend
 from fa3trt.buckets import Buckets, assemble, lengths_to_device, padding_ratio, to_host
 from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
 from fa3trt.testing import split_rows
@@ -99,8 +99,23 @@ def test_torch_backend_matches_model_per_sequence() -> None:
     assert seen == [((1, 8, 256), [8]), ((2, 16, 256), [16, 16]), ((1, 8, 256), [4])]
 
 
-def test_torch_backend_refuses_bad_lengths() -> None:
-    be = load_backend("torch", fa3trt.ModelConfig.preset("tiny"))
+def test_identity_backend_answers_each_batch_with_itself_in_the_model_dtype() -> None:
+    cfg = fa3trt.ModelConfig.preset("tiny", dtype="float16")
+    be = load_backend("identity", cfg, device="cpu")
+    assert isinstance(be, IdentityBackend) and isinstance(be, Backend)
+    x = torch.randn(3, 8, 256)
+    y = be.run(x, torch.tensor([8, 5, 1], dtype=torch.int32))
+    assert y.dtype == torch.float16 and y.device.type == "cpu"
+    torch.testing.assert_close(y.float(), x.half().float(), rtol=0, atol=0)
+    d = be.describe()
+    assert d["backend"] == "identity" and d["attention_kernel"] is None and d["model"]["hidden"] == 256
+    with pytest.raises(InvalidInputError, match=r"shape \(batch, seq, 256\), got \(3, 8, 7\)"):
+        be.run(torch.randn(3, 8, 7), torch.ones(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("kind", ["torch", "identity"])
+def test_backends_refuse_bad_lengths(kind: str) -> None:
+    be = load_backend(kind, fa3trt.ModelConfig.preset("tiny"))  # type: ignore[arg-type]
     x = torch.randn(2, 8, 256)
     with pytest.raises(InvalidInputError, match=r"seq_lens must lie in \[0, 8\].*\[9, 3\]"):
         be.run(x, torch.tensor([9, 3], dtype=torch.int32))
@@ -138,7 +153,7 @@ def test_torch_backend_on_gpu_matches_each_sequence_alone_without_a_sync(lengths
 def test_load_backend_auto_and_errors() -> None:
     be = load_backend("auto")
     assert isinstance(be, TorchBackend)  # no TensorRT on this machine
-    with pytest.raises(ConfigError, match="'auto', 'torch' or 'tensorrt'"):
+    with pytest.raises(ConfigError, match="one of 'auto', 'torch', 'tensorrt', 'identity', got 'onnx'"):
         load_backend("onnx")  # type: ignore[arg-type]
     if not torch.cuda.is_available():
         with pytest.raises(MissingDependencyError, match="CUDA GPU"):

@@ -12,7 +12,7 @@ import torch
 from fa3trt.buckets import Buckets
 from fa3trt.config import AppArgs, SourceSpec
 from fa3trt.errors import ConfigError, InvalidInputError
-from fa3trt.served import ModuleBackend, check_padding
+from fa3trt.served import ModuleBackend, check_padding, load_named_backend
 from tests.models import BERT_CONFIG
 
 BUCKETS = Buckets((16, 64))
@@ -38,6 +38,12 @@ def bert_spec(mask: bool) -> SourceSpec:
     )
     assert isinstance(args.model, SourceSpec)
     return args.model
+
+
+def test_the_identity_backend_is_refused_for_a_users_model() -> None:
+    # It answers with the request's input, which only the reference model's shape allows.
+    with pytest.raises(ConfigError, match="backend 'identity' .* reference model.*'torch', 'tensorrt' or 'auto'"):
+        load_named_backend("identity", bert_spec(mask=True), buckets=BUCKETS)
 
 
 def test_padding_is_proved_exact_with_a_mask_and_refused_without() -> None:
