@@ -12,7 +12,8 @@
 #                                     #  flame graphs of replicas and clients)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 #   bash bench/gpu_suite.sh named     # a user's model (FLUX.1 width, examples/serve_flux_gpu.yaml): GPU test, served vs direct
-#   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: /v1 HTTP (proxy, direct ingress), KServe v2 HTTP and gRPC
+#   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: every transport (bench.transports), its identity twin
+#                                       # (CLIENTS, CONCURRENCY, DURATION, WARMUP, SUFFIX; PROFILE=1: py-spy of the replica)
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,19 +41,28 @@ case "$1" in
     python3 -m bench.routing --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     ;;
   transports)
+    # `serve run serve_config.yaml` of the seed model (LAYERS=2) with direct ingress on, then bench.transports: handles,
+    # /v1 and KServe v2 over HTTP and gRPC through the proxy and straight to the replica, CLIENTS client processes,
+    # batch 1, and the identity twin (PROFILE=1: py-spy of the replica under v2 HTTP and /v1 HTTP direct afterwards).
     export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=${LAYERS:-2} RAY_SERVE_ENABLE_DIRECT_INGRESS=1
     ray stop --force >/dev/null 2>&1; ray get-auth-token --generate >/dev/null 2>&1 || true
     ray start --head --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "Ray runtime started" | tee -a "$log"
     export RAY_ADDRESS=auto
     serve run serve_config.yaml >"$out/serve_run_transports.log" 2>&1 &
     for _ in $(seq 300); do curl -sf http://127.0.0.1:8000/v1/info >/dev/null && serve status 2>/dev/null | grep -q "status: RUNNING" && break; sleep 1; done
-    load=(--mix 256-2048 --requests "${REQUESTS:-384}" --concurrency "${CONCURRENCY:-32}" --dtype float16)
-    python3 -m bench.serve_load "${load[@]}" --requests 64 >/dev/null 2>&1  # warm
-    for t in "v1-http" "v1-http --direct --target-host 127.0.0.1" "v2-http" "v2-grpc"; do
-      name=$(echo "$t" | tr -c 'a-z0-9' _ | cut -c1-24)
-      echo "== transport $t" | tee -a "$log"
-      python3 -m bench.serve_load --transport $t "${load[@]}" --json "$out/transport_${name}.json" 2>&1 | grep -v "load:" | tail -6 | tee -a "$log"
-    done
+    python3 -m bench.transports --clients "${CLIENTS:-4}" --concurrency "${CONCURRENCY:-32}" --duration "${DURATION:-12}" \
+      --warmup "${WARMUP:-3}" --out "$out" --name "transports_seed${LAYERS:-2}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+    if [ "${PROFILE:-0}" = 1 ] && command -v py-spy >/dev/null; then
+      replica=$(pgrep -f "ServeReplica:fa3trt:ModelServer" | head -1)
+      for t in "v2-http" "v1-http"; do
+        python3 -m bench.serve_load --transport $t --direct --target-host 127.0.0.1 --mix 256-2048 --requests 512 --duration 20 \
+          --concurrency 32 --dtype float16 --verify shape >/dev/null 2>&1 &
+        sleep 5
+        py-spy record --pid "$replica" --duration 10 --rate 200 --format raw --threads --nonblocking \
+          --output "$out/pyspy_replica_${t}_direct.txt" >/dev/null 2>&1
+        wait
+      done
+    fi
     ray stop --force >/dev/null 2>&1
     ;;
   serving)
