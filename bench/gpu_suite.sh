@@ -48,20 +48,27 @@ case "$1" in
     ray stop --force >/dev/null 2>&1; ray get-auth-token --generate >/dev/null 2>&1 || true
     ray start --head --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "Ray runtime started" | tee -a "$log"
     export RAY_ADDRESS=auto
-    serve run serve_config.yaml >"$out/serve_run_transports.log" 2>&1 &
+    config=serve_config.yaml
+    # CUDA_GRAPHS=1: the app with cuda_graphs: true (each batch one graph replay).
+    [ "${CUDA_GRAPHS:-0}" = 1 ] && config=/tmp/serve_config_graphs.yaml && \
+      sed 's/^      backend: auto$/      backend: auto\n      cuda_graphs: true/' serve_config.yaml >"$config"
+    serve run "$config" >"$out/serve_run_transports.log" 2>&1 &
     for _ in $(seq 300); do curl -sf http://127.0.0.1:8000/v1/info >/dev/null && serve status 2>/dev/null | grep -q "status: RUNNING" && break; sleep 1; done
+    curl -s http://127.0.0.1:8000/v1/info | python3 -c "import json,sys; d=json.load(sys.stdin); print('app:', d['backend'], d['attention_kernel'], 'cuda_graphs', d['cuda_graphs'])" | tee -a "$log"
     python3 -m bench.transports --clients "${CLIENTS:-4}" --concurrency "${CONCURRENCY:-32}" --duration "${DURATION:-12}" \
-      --warmup "${WARMUP:-3}" --out "$out" --name "transports_seed${LAYERS:-2}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+      --warmup "${WARMUP:-3}" --transports "${TRANSPORTS:-handle,v1-http,v1-http-direct,v2-http,v2-http-direct,v2-grpc,v2-grpc-direct}" \
+      --out "$out" --name "transports_seed${LAYERS:-2}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     if [ "${PROFILE:-0}" = 1 ] && command -v py-spy >/dev/null; then
+      # The replica under KServe v2 HTTP straight to it: where its time goes, and which threads hold the GIL.
       replica=$(pgrep -f "ServeReplica:fa3trt:ModelServer" | head -1)
-      for t in "v2-http" "v1-http"; do
-        python3 -m bench.serve_load --transport $t --direct --target-host 127.0.0.1 --mix 256-2048 --requests 512 --duration 20 \
-          --concurrency 32 --dtype float16 --verify shape >/dev/null 2>&1 &
-        sleep 5
-        py-spy record --pid "$replica" --duration 10 --rate 200 --format raw --threads --nonblocking \
-          --output "$out/pyspy_replica_${t}_direct.txt" >/dev/null 2>&1
-        wait
+      python3 -m bench.serve_load --transport v2-http --direct --target-host 127.0.0.1 --mix 256-2048 --requests 512 --duration 30 \
+        --concurrency 32 --dtype float16 --verify shape 2>&1 | grep -E "^closed" | tee -a "$log" &
+      sleep 5
+      for gil in "" "--gil"; do
+        py-spy record --pid "$replica" --duration 10 --rate 200 --format raw --threads --nonblocking $gil \
+          --output "$out/pyspy_replica_v2-http_direct${gil:+_gil}.txt" >/dev/null 2>&1
       done
+      wait
     fi
     ray stop --force >/dev/null 2>&1
     ;;

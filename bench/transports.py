@@ -4,10 +4,11 @@ Through deployment handles (the baseline), ``/v1`` HTTP through Serve's proxy an
 replicas (direct ingress), and KServe v2 over HTTP and gRPC through tritonclient's own asyncio
 clients (proxy and direct): each transport driven at once by several client processes (Ray
 actors on the cluster's machines), then at batch 1 (one request in flight, the same requests for
-every transport). Then the same passes against the app's identity twin (``backend: identity``,
-deployed beside it on the same cards: every step of serving but the model), which is the most a
-transport carries on this host. Every pass records each client process's CPU time over its wall
-time (a client near 1.0 is the limit, not the server) and the replicas' busy fraction.
+every transport). Then the same passes against the app's identity twin (``backend: identity`` on
+one CPU beside it, in the requests' dtype: every step of serving but the model and the GPU),
+which is the most a transport carries on this host. Every pass records each client process's
+CPU time over its wall time (a client near 1.0 is the limit, not the server) and the replicas'
+busy fraction.
 
     RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start --head      # direct ingress on (README, "Serving fast")
     serve run serve_config.yaml &
@@ -262,25 +263,29 @@ def find_targets(args: argparse.Namespace, app: str, route_prefix: str, want: li
     return out
 
 
-def deploy_identity(app_args: dict[str, Any], name: str, route_prefix: str) -> None:
-    """The app's identity twin (``backend: identity``) under ``name``, beside the app."""
+def deploy_identity(app_args: dict[str, Any], name: str, route_prefix: str, dtype: str) -> None:
+    """The app's identity twin under ``name``, beside the app: ``backend: identity`` in the
+    requests' dtype (no conversion anywhere), one CPU per replica and no GPU (the GPUs are the
+    model's), so what it carries is the transports' and batching's own ceiling on this host."""
     import ray
     from ray import serve
 
-    from deploy.app import build_app
+    from deploy.app import ModelServer, replica_plan
+    from fa3trt.config import AppArgs, apply_env_overrides
 
-    args = dict(app_args) | {"backend": "identity"}
-    if not ray.cluster_resources().get("GPU"):
-        # Without GPUs each twin replica takes one CPU; Serve would wait for it forever.
-        n = 1 if args["replicas"] == "auto" else int(args["replicas"])
-        args["replica_cpus"] = 1
-        free = ray.available_resources().get("CPU", 0.0)
-        if free < n:
-            raise SystemExit(
-                f"the identity twin needs {n} free CPU(s) and the cluster has {free:g}: serve the app with "
-                "replica_cpus set so one is left, or pass --no-identity"
-            )
-    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    args = apply_env_overrides(dict(app_args)) | {"backend": "identity", "replica_cpus": 1}
+    args["model"] = dict(args["model"]) | {"dtype": dtype}
+    parsed = AppArgs.model_validate(args)
+    opts = replica_plan(parsed, 0, 0)  # the CPU plan: one CPU a replica (replica_cpus)
+    n = int(opts.get("num_replicas", 1))
+    free = ray.available_resources().get("CPU", 0.0)
+    if free < n:
+        raise SystemExit(
+            f"the identity twin needs {n} free CPU(s) and the cluster has {free:g}: serve the app with "
+            "replica_cpus set so one is left, or pass --no-identity"
+        )
+    static = parsed.model_dump(exclude={"batching"})
+    serve.run(ModelServer.options(**opts).bind(static), name=name, route_prefix=route_prefix)  # type: ignore[attr-defined]
 
 
 def main() -> None:
@@ -334,7 +339,7 @@ def main() -> None:
         phases["model"] = runner.measure(args.app, find_targets(args, args.app, "/", want), "model")
         if not args.no_identity:
             twin = f"{args.app}-identity"
-            deploy_identity(app_args, twin, "/identity")
+            deploy_identity(app_args, twin, "/identity", args.dtype)
             try:
                 phases["identity"] = runner.measure(twin, find_targets(args, twin, "/identity", want), "identity")
             finally:

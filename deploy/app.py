@@ -60,10 +60,6 @@ log = logging.getLogger("ray.serve")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-IDENTITY_GPU_SHARE = 0.01
-"""The GPU an identity replica reserves: next to nothing, so it shares a model replica's card."""
-
-
 def bucket_limits(buckets: Buckets, batching: BatchingConfig) -> list[tuple[int, float]]:
     """(max_batch_size, batch_wait_timeout_s) per bucket, overrides applied."""
     out = []
@@ -105,9 +101,7 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         # host serve more when each leaves the others its CPUs (docs/benchmarks.md,
         # "Scale-out", the replica_cpus passes).
         cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else defaults.REPLICA_CPUS_AUTO
-        # An identity app (no model) takes a sliver of a GPU: it sits beside the model's
-        # replicas on their cards and measures the serving path there (bench.transports).
-        actor: dict[str, Any] = {"num_gpus": IDENTITY_GPU_SHARE if args.backend == "identity" else 1, "num_cpus": cpus}
+        actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
     elif isinstance(args.replica_cpus, int):  # several apps on one CPU cluster share it out
         actor = {"num_cpus": args.replica_cpus}
     else:

@@ -149,9 +149,6 @@ def test_batch_limits_and_replica_plan() -> None:
     assert replica_plan(AppArgs.model_validate({"replicas": 3}), 0, 8)["ray_actor_options"] == {"num_cpus": 2}
     gpu = replica_plan(args, 2, 64)
     assert gpu["num_replicas"] == 2 and gpu["ray_actor_options"]["num_gpus"] == 1
-    # An identity app (no model) sits beside the model's replicas on their cards.
-    twin = replica_plan(AppArgs.model_validate({"backend": "identity"}), 2, 64)
-    assert twin["num_replicas"] == 2 and twin["ray_actor_options"]["num_gpus"] == 0.01
     auto = replica_plan(AppArgs.model_validate({"autoscaling": {"min_replicas": 1, "max_replicas": 4}}), 4, 64)
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4} and "num_replicas" not in auto
     assert replica_plan(AppArgs.model_validate({"replicas": 3}), 8, 64)["num_replicas"] == 3
