@@ -1,26 +1,22 @@
-"""The Open Inference Protocol (KServe v2) over HTTP and gRPC: pure functions, no Ray, no server.
+"""The Open Inference Protocol (KServe v2): its datatypes, metadata, checks and the REST form.
+Pure functions, no Ray, no server; the gRPC form is ``deploy.kserve_grpc``.
 
 Contract:
 - ``parse_http_infer(body, header_length)`` reads a v2 REST infer request: JSON tensors, and the
   binary tensor data extension (``Inference-Header-Content-Length``; an input's
-  ``binary_data_size`` bytes follow the JSON in input order). ``parse_grpc_infer`` reads a
-  ``ModelInferRequest`` (``raw_input_contents`` or typed ``contents``). Both give a
-  ``V2Request`` whose binary tensors are read-only ``np.frombuffer`` views on the body's bytes:
-  the only copy of a tensor is the batch it joins (BF16, which NumPy lacks, is widened to
-  float32 once).
+  ``binary_data_size`` bytes follow the JSON in input order), into a ``V2Request`` whose binary
+  tensors are read-only ``np.frombuffer`` views on the body's bytes: the only copy of a tensor
+  is the batch it joins (BF16, which NumPy lacks, is widened to float32 once).
 - ``split_request(req, signature)`` checks it against the model's ``Signature`` (every sent
   input by name, datatype, rank, fixed sizes, one batch size) and cuts the protocol's batch
   axis off: a tensor of shape [N, ...] is N requests, each batched by the server like any other.
-- ``join_outputs`` stacks the answers back; ``encode_http_infer`` / ``encode_grpc_infer`` write
-  the response (binary outputs when asked: ``binary_data`` per output, or ``binary_data_output``
-  for all; gRPC always ``raw_output_contents``). A float output goes back as FP16 when every
-  float input was FP16, BF16 when every float input was BF16, else as the model gives it.
-- ``add_GRPCInferenceServiceServicer_to_server`` (serve_config.yaml's ``grpc_servicer_functions``)
-  registers the v2 RPCs with Serve's gRPC proxy, each request handed to the replica as its
-  bytes; ``parse_message`` reads them there.
+- ``join_outputs`` stacks the answers back; ``encode_http_infer`` writes the response (binary
+  outputs when asked: ``binary_data`` per output, or ``binary_data_output`` for all). A float
+  output goes back as FP16 when every float input was FP16, BF16 when every float input was
+  BF16, else as the model gives it.
 - Errors are ``RequestError`` with the HTTP status the protocol uses (400 bad request, 404
-  unknown model, 413 too large); ``http_status`` and ``grpc_code`` map any error to an answer,
-  ``error_body`` is the protocol's ``{"error": ...}``.
+  unknown model, 413 too large); ``http_status`` maps any error to one, ``error_body`` is the
+  protocol's ``{"error": ...}``.
 """
 
 from __future__ import annotations
@@ -31,9 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2 as pb
 
 from fa3trt.errors import InvalidInputError, RequestError
 from fa3trt.signature import Signature, TensorSpec
@@ -42,22 +36,20 @@ __all__ = [
     "DATATYPES",
     "V2Request",
     "parse_http_infer",
-    "parse_grpc_infer",
     "split_request",
     "join_outputs",
     "encode_http_infer",
-    "encode_grpc_infer",
     "model_metadata",
-    "grpc_model_metadata",
-    "add_GRPCInferenceServiceServicer_to_server",
-    "parse_message",
     "server_metadata",
     "check_model",
     "http_status",
-    "grpc_code",
     "error_body",
     "bf16_to_float32",
     "float32_to_bf16",
+    "tensor_header",
+    "array_from_bytes",
+    "array_from_values",
+    "wire_array",
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -91,22 +83,6 @@ _SPEC_DATATYPE = {
     "bool": "BOOL",
 }
 _NUMPY_DATATYPE = {np.dtype(v).str: k for k, v in DATATYPES.items() if k != "BF16"}
-# gRPC typed contents: the ``InferTensorContents`` field each datatype's values travel in.
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP16": "fp32_contents",
-    "BF16": "fp32_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
 
 
 @dataclass
@@ -203,7 +179,7 @@ def _param(params: Any, key: str, kind: type, where: str) -> Any:
     return v
 
 
-def _tensor_header(t: Any, i: int) -> tuple[str, str, tuple[int, ...]]:
+def tensor_header(t: Any, i: int) -> tuple[str, str, tuple[int, ...]]:
     if not isinstance(t, dict):
         raise RequestError(f"inputs[{i}] must be a JSON object with name, shape, datatype and data, got {t!r:.80}")
     name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
@@ -224,7 +200,7 @@ def _tensor_header(t: Any, i: int) -> tuple[str, str, tuple[int, ...]]:
     return name, datatype, tuple(shape)
 
 
-def _from_bytes(name: str, datatype: str, shape: tuple[int, ...], data: memoryview | bytes) -> np.ndarray:
+def array_from_bytes(name: str, datatype: str, shape: tuple[int, ...], data: memoryview | bytes) -> np.ndarray:
     dt = DATATYPES[datatype]
     want = math.prod(shape) * dt.itemsize
     if len(data) != want:
@@ -236,7 +212,7 @@ def _from_bytes(name: str, datatype: str, shape: tuple[int, ...], data: memoryvi
     return bf16_to_float32(arr) if datatype == "BF16" else arr
 
 
-def _from_values(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+def array_from_values(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
     dt = np.dtype(np.float32) if datatype == "BF16" else DATATYPES[datatype]
     try:
         arr = np.asarray(data, dtype=dt)
@@ -252,7 +228,7 @@ def _from_values(name: str, datatype: str, shape: tuple[int, ...], data: Any) ->
     return arr.reshape(shape)
 
 
-def parse_http_infer(body: bytes, header_length: str | None) -> V2Request:
+def parse_http_infer(body: bytes | bytearray, header_length: str | None) -> V2Request:
     """A v2 REST infer body (JSON, or JSON then binary tensors) -> ``V2Request`` (see the module)."""
     if header_length is None:
         n = len(body)
@@ -278,7 +254,7 @@ def parse_http_infer(body: bytes, header_length: str | None) -> V2Request:
     req = V2Request({}, {}, id=str(doc.get("id", "")), binary_output=binary_output, parameters=params)
     offset = n
     for i, t in enumerate(doc["inputs"]):
-        name, datatype, shape = _tensor_header(t, i)
+        name, datatype, shape = tensor_header(t, i)
         if name in req.inputs:
             raise RequestError(f"input {name!r} is sent twice; send each input once")
         size = _param(t.get("parameters"), "binary_data_size", int, f"input {name!r}")
@@ -290,10 +266,10 @@ def parse_http_infer(body: bytes, header_length: str | None) -> V2Request:
                     f"input {name!r}: binary_data_size {size} reaches past the body's end "
                     f"({len(body) - offset} bytes left after byte {offset}); give each input's true byte size"
                 )
-            arr = _from_bytes(name, datatype, shape, view[offset : offset + size])
+            arr = array_from_bytes(name, datatype, shape, view[offset : offset + size])
             offset += size
         elif "data" in t:
-            arr = _from_values(name, datatype, shape, t["data"])
+            arr = array_from_values(name, datatype, shape, t["data"])
         else:
             raise RequestError(f"input {name!r} has neither data nor binary_data_size; send its values")
         req.inputs[name], req.datatypes[name] = arr, datatype
@@ -312,32 +288,6 @@ def parse_http_infer(body: bytes, header_length: str | None) -> V2Request:
                 raise RequestError(f'each requested output is {{"name": ...}}, got {o!r:.80}')
             b = _param(o.get("parameters"), "binary_data", bool, f"output {o['name']!r}")
             req.outputs[o["name"]] = binary_output if b is None else b
-    return req
-
-
-def parse_grpc_infer(request: Any) -> V2Request:
-    """A gRPC ``ModelInferRequest`` -> ``V2Request``; raw contents are views on its bytes."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise RequestError(
-            f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents; send raw contents for every input or none"
-        )
-    req = V2Request({}, {}, id=request.id)
-    for i, t in enumerate(request.inputs):
-        name, datatype, shape = _tensor_header(
-            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)},
-            i,
-        )
-        if name in req.inputs:
-            raise RequestError(f"input {name!r} is sent twice; send each input once")
-        if raw:
-            arr = _from_bytes(name, datatype, shape, raw[i])
-        else:
-            values = getattr(t.contents, _CONTENTS_FIELD[datatype])
-            arr = _from_values(name, datatype, shape, values)
-        req.inputs[name], req.datatypes[name] = arr, datatype
-    if request.outputs:
-        req.outputs = {o.name: True for o in request.outputs}
     return req
 
 
@@ -404,7 +354,7 @@ def join_outputs(
     return out
 
 
-def _wire(y: np.ndarray, datatype: str) -> np.ndarray:
+def wire_array(y: np.ndarray, datatype: str) -> np.ndarray:
     """The array whose buffer is the tensor's wire bytes (C order, little endian)."""
     if datatype == "BF16":
         return float32_to_bf16(y)
@@ -423,7 +373,7 @@ def encode_http_infer(
         t: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(y.shape)}
         binary = req.binary_output if req.outputs is None else req.outputs[name]
         if binary:
-            w = _wire(y, datatype)
+            w = wire_array(y, datatype)
             t["parameters"] = {"binary_data_size": w.nbytes}
             chunks.append(w.reshape(-1).view(np.uint8).data)
         else:
@@ -436,66 +386,6 @@ def encode_http_infer(
     return b"".join([header, *chunks]), len(header)  # the one copy of each output's bytes
 
 
-def grpc_model_metadata(meta: dict[str, Any]) -> Any:
-    """``model_metadata``'s answer as a gRPC ``ModelMetadataResponse``."""
-    resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
-    for kind in ("inputs", "outputs"):
-        for t in meta[kind]:
-            getattr(resp, kind).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
-    return resp
-
-
-def encode_grpc_infer(model: str, version: str, req: V2Request, outputs: dict[str, tuple[np.ndarray, str]]) -> Any:
-    """A ``ModelInferResponse`` with every output in ``raw_output_contents``."""
-    resp = pb.ModelInferResponse(model_name=model, model_version=version, id=req.id)
-    for name, (y, datatype) in outputs.items():
-        resp.outputs.add(name=name, datatype=datatype, shape=list(y.shape))
-        resp.raw_output_contents.append(_wire(y, datatype).tobytes())
-    return resp
-
-
-# ---------------------------------------------------------------------------- gRPC service
-SERVICE = "inference.GRPCInferenceService"
-GRPC_METHODS = {
-    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
-    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
-    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
-    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
-}
-"""The RPCs served: name -> (request, response) message classes (tritonclient's, the protocol's
-``inference`` package)."""
-
-
-def add_GRPCInferenceServiceServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802  # gRPC's naming
-    """``grpc_servicer_functions`` entry for Serve's gRPC proxy: the v2 RPCs, each request
-    handed on as its bytes.
-
-    Serve's proxy pickles a parsed request to the replica, and tritonclient's message classes
-    do not pickle (their module is registered as ``grpc_service_pb2``, which does not import).
-    Bytes travel as they are, without a parse in the proxy; the replica parses them
-    (``parse_message``)."""
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name), request_deserializer=None, response_serializer=resp.SerializeToString
-        )
-        for name, (_, resp) in GRPC_METHODS.items()
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-
-
-def parse_message(method: str, request: Any) -> Any:
-    """The request message of RPC ``method`` from the bytes the proxy hands on (or a message)."""
-    cls = GRPC_METHODS[method][0]
-    if isinstance(request, cls):
-        return request
-    try:
-        return cls.FromString(request)
-    except Exception as e:
-        raise RequestError(f"the {method} request does not parse as {cls.DESCRIPTOR.full_name} ({e})") from None
-
-
 # ---------------------------------------------------------------------------- errors
 def http_status(e: BaseException) -> int:
     """The protocol's HTTP status for an error (a client's mistake is 4xx, never 5xx)."""
@@ -506,20 +396,6 @@ def http_status(e: BaseException) -> int:
     if isinstance(e, TimeoutError):
         return 504
     return 500
-
-
-_GRPC_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-def grpc_code(e: BaseException) -> grpc.StatusCode:
-    return _GRPC_CODES.get(http_status(e), grpc.StatusCode.INTERNAL)
 
 
 def error_body(e: BaseException) -> dict[str, str]:

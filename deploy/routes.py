@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from deploy import kserve
+from deploy import kserve, kserve_grpc
 from deploy.codec import (
     decode_inputs_json,
     decode_json,
@@ -87,13 +87,29 @@ class _Replica:
 
         def io_signature(self) -> Signature: ...
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request) -> bytes | bytearray:
+        """The request's body, refused (413) past ``max_body_bytes``. With a Content-Length each
+        chunk is copied into one buffer as it arrives: one copy, made in small steps between
+        which the replica's other threads (the batch launching the model) get the GIL, rather
+        than one long join at the end."""
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(
                 f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence", status=413
             )
+        if declared is not None and declared.isdigit():
+            body, size = bytearray(int(declared)), 0
+            view = memoryview(body)
+            async for chunk in request.stream():
+                end = size + len(chunk)
+                if end > len(body):
+                    raise RequestError(f"body is longer than its Content-Length of {declared} bytes", status=400)
+                view[size:end] = chunk
+                size = end
+            if size != len(body):
+                raise RequestError(f"body of {size} bytes is shorter than its Content-Length of {declared}", status=400)
+            return body
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -268,54 +284,56 @@ class V2Routes(_Replica):
         return Response(content, media_type="application/octet-stream", headers=headers)
 
     # gRPC, inference.GRPCInferenceService: Serve's gRPC proxy calls the method of the RPC's
-    # name with the request's bytes (deploy.kserve.add_GRPCInferenceServiceServicer_to_server);
+    # name with the request's bytes (deploy.kserve_grpc.add_GRPCInferenceServiceServicer_to_server);
     # an error is a status set on grpc_context.
     async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:
-        return kserve.pb.ServerLiveResponse(live=True)
+        return kserve_grpc.pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:
-        return kserve.pb.ServerReadyResponse(ready=bool(self._queues))
+        return kserve_grpc.pb.ServerReadyResponse(ready=bool(self._queues))
 
     async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:
         meta = kserve.server_metadata(_version())
-        return kserve.pb.ServerMetadataResponse(**meta)
+        return kserve_grpc.pb.ServerMetadataResponse(**meta)
 
     async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:
         try:
-            request = kserve.parse_message("ModelReady", request)
+            request = kserve_grpc.parse_message("ModelReady", request)
             kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
         except RequestError as e:
-            return self._grpc_error(e, grpc_context, kserve.pb.ModelReadyResponse())
-        return kserve.pb.ModelReadyResponse(ready=bool(self._queues))
+            return self._grpc_error(e, grpc_context, kserve_grpc.pb.ModelReadyResponse())
+        return kserve_grpc.pb.ModelReadyResponse(ready=bool(self._queues))
 
     async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
         try:
-            request = kserve.parse_message("ModelMetadata", request)
+            request = kserve_grpc.parse_message("ModelMetadata", request)
             kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
         except RequestError as e:
-            return self._grpc_error(e, grpc_context, kserve.pb.ModelMetadataResponse())
-        return kserve.grpc_model_metadata(self._v2_metadata())
+            return self._grpc_error(e, grpc_context, kserve_grpc.pb.ModelMetadataResponse())
+        return kserve_grpc.grpc_model_metadata(self._v2_metadata())
 
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
         try:
-            request = kserve.parse_message("ModelInfer", request)
-            kserve.check_model(request.model_name, request.model_version, self.model_name, V2_VERSIONS)
-            size, limit = request.ByteSize(), self.args.max_body_bytes
+            size = request.ByteSize() if isinstance(request, kserve_grpc.pb.ModelInferRequest) else len(request)
+            limit = self.args.max_body_bytes
             if size > limit:
                 raise RequestError(
                     f"request of {size} bytes exceeds the limit of {limit} bytes (max_body_bytes); send fewer tokens",
                     413,
                 )
-            req = kserve.parse_grpc_infer(request)
+            # The tensors stay views on the request's bytes (kserve_grpc.read_infer).
+            request, raw = kserve_grpc.read_infer(request)
+            kserve.check_model(request.model_name, request.model_version, self.model_name, V2_VERSIONS)
+            req = kserve_grpc.parse_grpc_infer(request, raw)
             outputs = await self._v2_infer(req)
         except Exception as e:
-            return self._grpc_error(e, grpc_context, kserve.pb.ModelInferResponse())
-        return kserve.encode_grpc_infer(self.model_name, request.model_version or V2_VERSIONS[0], req, outputs)
+            return self._grpc_error(e, grpc_context, kserve_grpc.pb.ModelInferResponse())
+        return kserve_grpc.encode_grpc_infer(self.model_name, request.model_version or V2_VERSIONS[0], req, outputs)
 
     def _grpc_error(self, e: Exception, grpc_context: Any, empty: Any) -> Any:
         _, message = self._v2_error(e)
         if grpc_context is None:  # called outside Serve's gRPC proxy
             raise e
-        grpc_context.set_code(kserve.grpc_code(e))
+        grpc_context.set_code(kserve_grpc.grpc_code(e))
         grpc_context.set_details(message)
         return empty

@@ -78,7 +78,8 @@ def main() -> None:
     p.add_argument("--protocol", choices=PROTOCOLS, default=None, help="one protocol (default: both)")
     p.add_argument("--host", default=None, help="print this host instead of each listed node IP")
     args = p.parse_args()
-    for proto in [args.protocol] if args.protocol else PROTOCOLS:
+    protocols: tuple[Protocol, ...] = (args.protocol,) if args.protocol else ("HTTP", "gRPC")
+    for proto in protocols:
         try:
             for t in replica_targets(args.dashboard, args.app, proto, args.host):
                 print(f"{proto:5s} {t}")

@@ -4,6 +4,7 @@ answers, decoded by tritonclient's own decoders; every refusal with its status a
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 import ml_dtypes
@@ -13,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2 as pb
 
-from deploy import kserve
+from deploy import kserve, kserve_grpc
 from fa3trt.buckets import Buckets
 from fa3trt.errors import InvalidInputError, RequestError
 from fa3trt.signature import Signature, TensorSpec
@@ -121,24 +122,61 @@ def test_grpc_request_and_response_with_tritonclient_messages() -> None:
     msg = pb.ModelInferRequest(model_name="fa3trt", id="g")
     msg.inputs.extend([t._get_tensor()])
     msg.raw_input_contents.extend([t._get_content()])
-    msg = pb.ModelInferRequest.FromString(msg.SerializeToString())  # as the server receives it
-    req = kserve.parse_grpc_infer(msg)
+    msg.outputs.add(name="y")
+    data = msg.SerializeToString()  # as the server receives it
+    head, raw = kserve_grpc.read_infer(data)
+    # The tensor is a view on the request's bytes; the rest is the message protobuf reads.
+    assert len(raw) == 1 and np.shares_memory(np.frombuffer(raw[0], np.uint8), np.frombuffer(data, np.uint8))
+    whole = pb.ModelInferRequest.FromString(data)
+    assert bytes(raw[0]) == whole.raw_input_contents[0] and not head.raw_input_contents
+    assert (head.model_name, head.id, list(head.inputs), list(head.outputs)) == (
+        whole.model_name,
+        whole.id,
+        list(whole.inputs),
+        list(whole.outputs),
+    )
+    req = kserve_grpc.parse_grpc_infer(head, raw)
     np.testing.assert_array_equal(req.inputs["x"], x)
+    assert req.outputs == {"y": True}
+    np.testing.assert_array_equal(kserve_grpc.parse_grpc_infer(whole).inputs["x"], x)  # a message, as it is
     out = kserve.join_outputs([{"y": r["x"] * 3} for r in kserve.split_request(req, SIG)], req, SIG)
-    resp = kserve.encode_grpc_infer("fa3trt", "1", req, out)
-    y = grpcclient.InferResult(pb.ModelInferResponse.FromString(resp.SerializeToString())).as_numpy("y")
+    resp = kserve_grpc.encode_grpc_infer("fa3trt", "1", req, out)
+    # Our bytes are the message protobuf would write, and tritonclient reads the answer from them.
+    want = pb.ModelInferResponse(model_name="fa3trt", model_version="1", id="g")
+    want.outputs.add(name="y", datatype="FP32", shape=[1, 6, 8])
+    want.raw_output_contents.append((x * 3).tobytes())
+    assert pb.ModelInferResponse.FromString(resp) == want
+    y = grpcclient.InferResult(pb.ModelInferResponse.FromString(resp)).as_numpy("y")
     np.testing.assert_array_equal(y, x * 3)
     # Typed contents instead of raw bytes.
     typed = pb.ModelInferRequest(model_name="fa3trt")
     typed.inputs.add(name="x", datatype="FP32", shape=[1, 2, 8]).contents.fp32_contents.extend(range(16))
-    assert kserve.parse_grpc_infer(typed).inputs["x"].reshape(-1).tolist() == list(range(16))
+    head, raw = kserve_grpc.read_infer(typed.SerializeToString())
+    assert raw == [] and kserve_grpc.parse_grpc_infer(head, raw).inputs["x"].reshape(-1).tolist() == list(range(16))
+
+
+@pytest.mark.parametrize(
+    ("cut", "match"),
+    [
+        (lambda d: d[:-3], "truncated"),  # the raw tensor's bytes end early
+        (lambda d: d + b"\x80", "truncated"),  # a varint with no end
+        (lambda d: d + b"\x0b", "wire type 3"),  # a group, which the protocol never sends
+        (lambda d: b"\x0a\xff\xff\xff\xff\x0f" + d, "truncated"),  # a length past the end
+    ],
+)
+def test_grpc_request_bytes_that_do_not_parse_are_refused(cut: Any, match: str) -> None:
+    msg = pb.ModelInferRequest(model_name="fa3trt")
+    msg.inputs.add(name="x", datatype="FP32", shape=[1, 2, 8])
+    msg.raw_input_contents.append(np.zeros(16, np.float32).tobytes())
+    with pytest.raises(RequestError, match=match):
+        kserve_grpc.read_infer(cut(msg.SerializeToString()))
 
 
 def test_metadata_from_the_signature() -> None:
     meta = kserve.model_metadata("fa3trt", ["1"], "fa3trt_torch", SIG)
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, -1, 8]}]  # seq_lens is made, not sent
     assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, -1, 8]}]
-    g = kserve.grpc_model_metadata(meta)
+    g = kserve_grpc.grpc_model_metadata(meta)
     assert list(g.inputs[0].shape) == [-1, -1, 8] and g.outputs[0].name == "y"
 
 
@@ -191,11 +229,11 @@ def test_refusals_name_the_value_and_the_fix() -> None:
 
 def test_error_mapping() -> None:
     assert kserve.http_status(RequestError("x", 413)) == 413
-    assert kserve.grpc_code(RequestError("x", 413)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert kserve_grpc.grpc_code(RequestError("x", 413)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert kserve.http_status(RequestError("x", 404)) == 404
-    assert kserve.grpc_code(RequestError("x", 404)) == grpc.StatusCode.NOT_FOUND
+    assert kserve_grpc.grpc_code(RequestError("x", 404)) == grpc.StatusCode.NOT_FOUND
     assert kserve.http_status(InvalidInputError("x")) == 400
-    assert kserve.grpc_code(InvalidInputError("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert kserve_grpc.grpc_code(InvalidInputError("x")) == grpc.StatusCode.INVALID_ARGUMENT
     assert kserve.http_status(TimeoutError()) == 504
-    assert kserve.grpc_code(RuntimeError("boom")) == grpc.StatusCode.INTERNAL
+    assert kserve_grpc.grpc_code(RuntimeError("boom")) == grpc.StatusCode.INTERNAL
     assert kserve.error_body(InvalidInputError("bad x")) == {"error": "bad x"}
