@@ -5,7 +5,7 @@ replicas' own gRPC servers (direct ingress). Pure functions, no Ray.
 Contract:
 - ``add_GRPCInferenceServiceServicer_to_server`` (serve_config.yaml's ``grpc_servicer_functions``)
   registers the RPCs, each request handed to the replica as its bytes; ``parse_message`` reads
-  them there. A method may answer with a message or with its serialized bytes.
+  them there. A method answers with a message, or with ``Serialized`` bytes.
 - ``read_infer(data)`` reads a ``ModelInferRequest`` with its ``raw_input_contents`` as views on
   the request's bytes (protobuf would copy each tensor twice: into its arena, then into a Python
   ``bytes``); ``parse_grpc_infer`` makes it a ``deploy.kserve.V2Request``.
@@ -40,6 +40,7 @@ __all__ = [
     "GRPC_METHODS",
     "add_GRPCInferenceServiceServicer_to_server",
     "parse_message",
+    "Serialized",
     "read_infer",
     "parse_grpc_infer",
     "encode_grpc_infer",
@@ -81,10 +82,20 @@ _CONTENTS_FIELD = {
 
 
 # ---------------------------------------------------------------------------- service
+class Serialized:
+    """An answer already in its wire bytes (``encode_grpc_infer``), for Serve, which writes every
+    method's answer as ``answer.SerializeToString()``."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def SerializeToString(self) -> bytes:  # noqa: N802  # protobuf's name
+        return self.data
+
+
 def _serialize(response: Any) -> bytes:
-    """A method's answer on the wire: bytes as they are (``encode_grpc_infer``), else the message's."""
-    if isinstance(response, bytes):
-        return response
     return bytes(response.SerializeToString())
 
 

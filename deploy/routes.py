@@ -328,7 +328,8 @@ class V2Routes(_Replica):
             outputs = await self._v2_infer(req)
         except Exception as e:
             return self._grpc_error(e, grpc_context, kserve_grpc.pb.ModelInferResponse())
-        return kserve_grpc.encode_grpc_infer(self.model_name, request.model_version or V2_VERSIONS[0], req, outputs)
+        answer = kserve_grpc.encode_grpc_infer(self.model_name, request.model_version or V2_VERSIONS[0], req, outputs)
+        return kserve_grpc.Serialized(answer)
 
     def _grpc_error(self, e: Exception, grpc_context: Any, empty: Any) -> Any:
         _, message = self._v2_error(e)

@@ -190,7 +190,7 @@ def test_bench_v2_transports(cluster: Cluster, model: torch.nn.Module) -> None:
         hc = http_aio.InferenceServerClient(cluster.http.removeprefix("http://"))
         gc = grpc_aio.InferenceServerClient(cluster.grpc)
         try:
-            for send in (v2_http_sender([hc]), v2_grpc_sender(gc)):
+            for send in (v2_http_sender([hc]), v2_grpc_sender([gc])):
                 _check(model, inputs[0][None], (await send(inputs[0]))[None])
                 res = await run_load(send, inputs, concurrency=4, progress=False)
                 assert res.requests == 12 and res.errors == 0, res.first_error
