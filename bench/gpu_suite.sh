@@ -43,7 +43,8 @@ case "$1" in
   transports)
     # `serve run serve_config.yaml` of the seed model (LAYERS=2) with direct ingress on, then bench.transports: handles,
     # /v1 and KServe v2 over HTTP and gRPC through the proxy and straight to the replica, CLIENTS client processes,
-    # batch 1, and the identity twin (PROFILE=1: py-spy of the replica under v2 HTTP and /v1 HTTP direct afterwards).
+    # batch 1, and the identity twin (PROFILE=1: py-spy of the replica under v2 HTTP direct afterwards, all threads
+    # and those holding the GIL).
     export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token FA3TRT_MODEL_PRESET=seed FA3TRT_MODEL_LAYERS=${LAYERS:-2} RAY_SERVE_ENABLE_DIRECT_INGRESS=1
     ray stop --force >/dev/null 2>&1; ray get-auth-token --generate >/dev/null 2>&1 || true
     ray start --head --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "Ray runtime started" | tee -a "$log"
@@ -63,12 +64,13 @@ case "$1" in
       replica=$(pgrep -f "ServeReplica:fa3trt:ModelServer" | head -1)
       python3 -m bench.serve_load --transport v2-http --direct --target-host 127.0.0.1 --mix 256-2048 --requests 512 --duration 30 \
         --concurrency 32 --dtype float16 --verify shape 2>&1 | grep -E "^closed" | tee -a "$log" &
+      load_pid=$!
       sleep 5
       for gil in "" "--gil"; do
         py-spy record --pid "$replica" --duration 10 --rate 200 --format raw --threads --nonblocking $gil \
           --output "$out/pyspy_replica_v2-http_direct${gil:+_gil}.txt" >/dev/null 2>&1
       done
-      wait
+      wait "$load_pid"  # not a bare wait: `serve run` is a background job too
     fi
     ray stop --force >/dev/null 2>&1
     ;;

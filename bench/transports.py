@@ -10,7 +10,7 @@ which is the most a transport carries on this host. Every pass records each clie
 CPU time over its wall time (a client near 1.0 is the limit, not the server) and the replicas'
 busy fraction.
 
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ray start --head      # direct ingress on (README, "Serving fast")
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head   # each replica serves HTTP and gRPC itself
     serve run serve_config.yaml &
     python -m bench.transports --clients 4 --concurrency 32 --duration 15 --out docs/benchmarks
 

@@ -87,29 +87,17 @@ class _Replica:
 
         def io_signature(self) -> Signature: ...
 
-    async def _read_body(self, request: Request) -> bytes | bytearray:
-        """The request's body, refused (413) past ``max_body_bytes``. With a Content-Length each
-        chunk is copied into one buffer as it arrives: one copy, made in small steps between
-        which the replica's other threads (the batch launching the model) get the GIL, rather
-        than one long join at the end."""
+    async def _read_body(self, request: Request) -> bytes:
+        """The request's body, refused (413) past ``max_body_bytes``: the chunks as they arrive,
+        joined once. (Copying each chunk into a buffer of the declared length instead cost more:
+        zeroing and faulting in the fresh buffer held the GIL longer than the join, and direct
+        HTTP served less: docs/benchmarks.md, section 8.)"""
         limit = self.args.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(
                 f"body of {declared} bytes exceeds the limit of {limit} bytes; send a shorter sequence", status=413
             )
-        if declared is not None and declared.isdigit():
-            body, size = bytearray(int(declared)), 0
-            view = memoryview(body)
-            async for chunk in request.stream():
-                end = size + len(chunk)
-                if end > len(body):
-                    raise RequestError(f"body is longer than its Content-Length of {declared} bytes", status=400)
-                view[size:end] = chunk
-                size = end
-            if size != len(body):
-                raise RequestError(f"body of {size} bytes is shorter than its Content-Length of {declared}", status=400)
-            return body
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -230,6 +218,14 @@ class V2Routes(_Replica):
         status, message = self._v2_error(e)
         return JSONResponse({"error": message}, status_code=status)
 
+    def _unknown_model(self, name: str, version: str) -> JSONResponse | None:
+        """The protocol's 404 when ``name`` (or ``version``) is not the served model, else None."""
+        try:
+            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
+        except RequestError as e:
+            return self._http_error(e)
+        return None
+
     @api.get("/v2/health/live")
     def v2_live(self) -> dict[str, bool]:
         return {"live": True}
@@ -246,19 +242,13 @@ class V2Routes(_Replica):
     @api.get("/v2/models/{name}")
     @api.get("/v2/models/{name}/versions/{version}")
     def v2_model_metadata(self, name: str, version: str = "") -> JSONResponse:
-        try:
-            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
-        except RequestError as e:
-            return self._http_error(e)
-        return JSONResponse(self._v2_metadata())
+        return self._unknown_model(name, version) or JSONResponse(self._v2_metadata())
 
     @api.get("/v2/models/{name}/ready")
     @api.get("/v2/models/{name}/versions/{version}/ready")
     def v2_model_ready(self, name: str, version: str = "") -> JSONResponse:
-        try:
-            kserve.check_model(name, version, self.model_name, V2_VERSIONS)
-        except RequestError as e:
-            return self._http_error(e)
+        if refused := self._unknown_model(name, version):
+            return refused
         ready = bool(self._queues)
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 

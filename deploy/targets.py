@@ -1,9 +1,11 @@
 """Where an app's replicas answer themselves (Ray Serve's direct ingress), for clients that skip
 the proxy hop.
 
-With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` (or ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, which turns
-it on) in the environment where Ray starts, every replica of the app serves its HTTP routes and
-its gRPC service on ports of its own (HTTP from 30000, gRPC from 40000), beside Serve's proxies.
+With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in the environment where Ray starts, every replica of
+the app serves its HTTP routes and its gRPC service on ports of its own (HTTP from 30000, gRPC
+from 40000), beside Serve's proxies. (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` turns it on too, but
+also sends handle calls over gRPC capped at 4 MiB a message, which refuses large sequences
+unless ``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`` is raised.)
 Serve's REST API lists them as the app's target groups; ``replica_targets`` reads them.
 
     python -m deploy.targets                       # every replica of app fa3trt, HTTP and gRPC
@@ -66,7 +68,7 @@ def replica_targets(
     if not out:
         raise RuntimeError(
             f"Serve at {dashboard} lists no direct-ingress {protocol} targets for app {app!r}: start Ray with "
-            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (or RAY_SERVE_THROUGHPUT_OPTIMIZED=1), or call Serve's proxy"
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1, or call Serve's proxy"
         )
     return out
 
