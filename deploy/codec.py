@@ -44,7 +44,7 @@ _ACCEPTED = (np.float16, np.float32, np.float64)
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def decode_npy(body: bytes | bytearray) -> np.ndarray:
+def decode_npy(body: bytes) -> np.ndarray:
     """Parse a ``.npy`` body without pickle and without trusting its header's size."""
     if not body.startswith(_NPY_MAGIC) or len(body) < 10:
         raise RequestError(
@@ -92,7 +92,7 @@ def encode_npy(arr: np.ndarray) -> bytes:
     return b"".join([head.getvalue(), arr.reshape(-1).view(np.uint8).data])
 
 
-def decode_npz(body: bytes | bytearray, limit: int) -> dict[str, np.ndarray]:
+def decode_npz(body: bytes, limit: int) -> dict[str, np.ndarray]:
     """Named arrays from an ``.npz`` body (``numpy.savez``, compressed or not) without pickle.
 
     The members' uncompressed sizes are read from the archive's directory and refused past
@@ -148,7 +148,7 @@ def encode_outputs_json(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
     return {"outputs": {k: np.asarray(v, dtype=np.float64).tolist() for k, v in outputs.items()}}
 
 
-def load_json(body: bytes | bytearray) -> Any:
+def load_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except ValueError as e:

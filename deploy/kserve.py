@@ -228,7 +228,7 @@ def array_from_values(name: str, datatype: str, shape: tuple[int, ...], data: An
     return arr.reshape(shape)
 
 
-def parse_http_infer(body: bytes | bytearray, header_length: str | None) -> V2Request:
+def parse_http_infer(body: bytes, header_length: str | None) -> V2Request:
     """A v2 REST infer body (JSON, or JSON then binary tensors) -> ``V2Request`` (see the module)."""
     if header_length is None:
         n = len(body)
