@@ -66,6 +66,13 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def describe_device(backend: str, device: torch.device, dtype: str, kernel: str | None) -> dict[str, Any]:
+    """The head of every backend's ``describe()``: which backend, on which device, in which
+    dtype, with which attention kernel."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"backend": backend, "device": str(device), "device_name": name, "dtype": dtype, "attention_kernel": kernel}
+
+
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -153,13 +160,7 @@ class TorchBackend:
         log.info("torch backend warmed %d shapes in %.2fs", len(shapes), time.perf_counter() - t0)
 
     def describe(self) -> dict[str, Any]:
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {
-            "backend": self.name,
-            "device": str(self.device),
-            "device_name": name,
-            "dtype": self.config.dtype,
-            "attention_kernel": self.kernel,
+        return describe_device(self.name, self.device, self.config.dtype, self.kernel) | {
             "cuda_graphs": None
             if self.graphs is None
             else {"captured": len(self.graphs), "seq_step": self.graphs.seq_step},
@@ -204,13 +205,7 @@ class IdentityBackend:
             self.run(torch.zeros(b, s, self.hidden), torch.full((b,), s, dtype=torch.int32))
 
     def describe(self) -> dict[str, Any]:
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {
-            "backend": self.name,
-            "device": str(self.device),
-            "device_name": name,
-            "dtype": self.config.dtype,
-            "attention_kernel": None,
+        return describe_device(self.name, self.device, self.config.dtype, None) | {
             "model": self.config.to_dict(),
             "weights": None,
         }

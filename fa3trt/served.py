@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fa3trt import _trt
-from fa3trt.backends import BackendKind, default_device
+from fa3trt.backends import BackendKind, default_device, describe_device
 from fa3trt.buckets import Buckets
 from fa3trt.config import SourceSpec
 from fa3trt.errors import ConfigError, MissingDependencyError
@@ -106,13 +106,7 @@ class ModuleBackend:
         log.info("torch backend warmed %d batches in %.2fs; %s", len(batches), time.perf_counter() - t0, routed)
 
     def describe(self) -> dict[str, Any]:
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        return {
-            "backend": self.name,
-            "device": str(self.device),
-            "device_name": name,
-            "dtype": self.spec.dtype,
-            "attention_kernel": self.kernel,
+        return describe_device(self.name, self.device, self.spec.dtype, self.kernel) | {
             "model": {
                 "source": self.spec.source,
                 "class": self.spec.class_name or self.spec.factory,
