@@ -13,7 +13,8 @@
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 #   bash bench/gpu_suite.sh named     # a user's model (FLUX.1 width, examples/serve_flux_gpu.yaml): GPU test, served vs direct
 #   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: every transport (bench.transports), its identity twin
-#                                       # (CLIENTS, CONCURRENCY, DURATION, WARMUP, SUFFIX; PROFILE=1: py-spy of the replica)
+#                                       # (CLIENTS, CONCURRENCY, DURATION, WARMUP, TRANSPORTS, SUFFIX, CUDA_GRAPHS=1, INGRESS=N;
+#                                       #  PROFILE=1: py-spy of the replica)
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,10 +50,15 @@ case "$1" in
     ray stop --force >/dev/null 2>&1; ray get-auth-token --generate >/dev/null 2>&1 || true
     ray start --head --disable-usage-stats --dashboard-host=127.0.0.1 2>&1 | grep -iE "Ray runtime started" | tee -a "$log"
     export RAY_ADDRESS=auto
-    config=serve_config.yaml
-    # CUDA_GRAPHS=1: the app with cuda_graphs: true (each batch one graph replay).
-    [ "${CUDA_GRAPHS:-0}" = 1 ] && config=/tmp/serve_config_graphs.yaml && \
-      sed 's/^      backend: auto$/      backend: auto\n      cuda_graphs: true/' serve_config.yaml >"$config"
+    # CUDA_GRAPHS=1: the app with cuda_graphs: true (each batch one graph replay); INGRESS=N: N ingress processes
+    # in front of the model replica (ingress_replicas: N).
+    config=serve_config.yaml extra=
+    [ "${CUDA_GRAPHS:-0}" = 1 ] && extra="$extra\\n      cuda_graphs: true"
+    [ -n "${INGRESS:-}" ] && extra="$extra\\n      ingress_replicas: $INGRESS"
+    if [ -n "$extra" ]; then
+      config=/tmp/serve_config_transports.yaml
+      sed "s/^      backend: auto\$/      backend: auto$extra/" serve_config.yaml >"$config"
+    fi
     serve run "$config" >"$out/serve_run_transports.log" 2>&1 &
     for _ in $(seq 300); do curl -sf http://127.0.0.1:8000/v1/info >/dev/null && serve status 2>/dev/null | grep -q "status: RUNNING" && break; sleep 1; done
     curl -s http://127.0.0.1:8000/v1/info | python3 -c "import json,sys; d=json.load(sys.stdin); print('app:', d['backend'], d['attention_kernel'], 'cuda_graphs', d['cuda_graphs'])" | tee -a "$log"

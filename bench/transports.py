@@ -49,6 +49,9 @@ TRANSPORTS = ("handle", "v1-http", "v1-http-direct", "v2-http", "v2-http-direct"
 KServe v2 through tritonclient (binary tensors); ``-direct``: to each replica's own port."""
 
 
+MODEL_DEPLOYMENT = "ModelServer"
+
+
 @dataclass
 class Target:
     """Where one transport sends: the app (handles; gRPC metadata), and its addresses."""
@@ -67,7 +70,9 @@ async def open_sender(transport: str, target: Target, concurrency: int) -> Async
     if kind == "handle":
         from ray import serve
 
-        yield handle_sender(serve.get_app_handle(target.app))
+        # The model deployment itself (also behind ingress replicas, where the app's handle
+        # would reach an ingress replica first).
+        yield handle_sender(serve.get_deployment_handle(MODEL_DEPLOYMENT, target.app))
     elif kind == "v1-http":
         import aiohttp
 
@@ -215,7 +220,7 @@ class Runner:
         """Every transport under load, then every transport at batch 1."""
         from ray import serve
 
-        handle = serve.get_app_handle(app)
+        handle = serve.get_deployment_handle(MODEL_DEPLOYMENT, app)
         n = self.args.replicas
         results: dict[str, dict[str, Any]] = {}
         for t, target in targets.items():
@@ -270,22 +275,21 @@ def deploy_identity(app_args: dict[str, Any], name: str, route_prefix: str, dtyp
     import ray
     from ray import serve
 
-    from deploy.app import ModelServer, replica_plan
+    from deploy.app import application, ingress_plan, replica_plan
     from fa3trt.config import AppArgs, apply_env_overrides
 
     args = apply_env_overrides(dict(app_args)) | {"backend": "identity", "replica_cpus": 1}
     args["model"] = dict(args["model"]) | {"dtype": dtype}
     parsed = AppArgs.model_validate(args)
     opts = replica_plan(parsed, 0, 0)  # the CPU plan: one CPU a replica (replica_cpus)
-    n = int(opts.get("num_replicas", 1))
+    n = int(opts.get("num_replicas", 1)) + (ingress_plan(parsed)["num_replicas"] if parsed.ingress_replicas else 0)
     free = ray.available_resources().get("CPU", 0.0)
     if free < n:
         raise SystemExit(
             f"the identity twin needs {n} free CPU(s) and the cluster has {free:g}: serve the app with "
             "replica_cpus set so one is left, or pass --no-identity"
         )
-    static = parsed.model_dump(exclude={"batching"})
-    serve.run(ModelServer.options(**opts).bind(static), name=name, route_prefix=route_prefix)  # type: ignore[attr-defined]
+    serve.run(application(parsed, opts), name=name, route_prefix=route_prefix)
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from deploy.codec import (
     validate_sequence,
 )
 from deploy.lag import WakeLag
-from deploy.metrics import ReplicaMetrics
+from deploy.metrics import ReplicaMetrics, rss_bytes
 from deploy.routes import V1Routes, V2Routes, api
 from fa3trt import defaults
 from fa3trt.buckets import Buckets, assemble, to_host
@@ -52,7 +52,15 @@ from fa3trt.served import NamedBackend, check_padding, load_named_backend
 from fa3trt.signature import Checked, Signature
 from fa3trt.timing import timing_events
 
-__all__ = ["build_app", "ModelServer", "ModelReplica", "derive_max_ongoing", "replica_plan"]
+__all__ = [
+    "build_app",
+    "ModelServer",
+    "ModelWorker",
+    "ModelReplica",
+    "derive_max_ongoing",
+    "replica_plan",
+    "ingress_plan",
+]
 
 log = logging.getLogger("ray.serve")
 # Requests arrive as read-only NumPy views of Ray's object store; they are only read (copied
@@ -166,6 +174,7 @@ class ModelReplica(V1Routes, V2Routes):
             )
             self.signature = reference_signature(cfg)
             self.model_dtype = cfg.torch_dtype
+        self.serves_named = self.named is not None
         self.metrics = ReplicaMetrics(self.buckets.edges)
         # One CUDA stream per bucket: a bucket's batch waits for its own copies and kernels only,
         # and one bucket's copies overlap another's kernels. (On one shared stream every
@@ -377,6 +386,39 @@ class ModelReplica(V1Routes, V2Routes):
         (``deploy.kserve``) view of the model, named inputs for every model."""
         return self.signature
 
+    def is_ready(self) -> bool:
+        return bool(self._queues)
+
+    async def backend_name(self) -> str:
+        return str(self.backend.name)
+
+    async def replica_info(self) -> dict[str, Any]:
+        """``/v1/info``: the backend, device, buckets and batch limits, and the app's arguments."""
+        d = self.backend.describe()
+        d.update(
+            replica=self.replica,
+            buckets=list(self.buckets.edges),
+            batch_limits={e: size for e, (size, _) in zip(self.buckets.edges, self.limits)},
+            signature=self.signature.to_dict(),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            cpu_threads=torch.get_num_threads(),
+            cpu_affinity=self.cpu_affinity,
+            app_args=self.args.model_dump() | ({"batching": self.batching.model_dump()} if self.batching else {}),
+        )
+        return d
+
+    async def replica_stats(self) -> dict[str, Any]:
+        """``/v1/stats``: this replica's counters since it started."""
+        return {
+            "replica": self.replica,
+            "rss_bytes": rss_bytes(),
+            "rejected": self.metrics.rejected_local,
+            "busy_s": self.metrics.busy_s,
+            "phases_s": self.metrics.phases_snapshot(),
+            "wake_lag": self.wake_lag.snapshot(),
+            "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
+        }
+
     async def infer_named(self, inputs: Any) -> dict[str, np.ndarray]:
         """One request by name: ``{input: array}`` (each without the batch axis; the inputs the
         signature lists as sent) in, ``{output: array}`` out. Every bad input is an
@@ -430,6 +472,9 @@ class ModelReplica(V1Routes, V2Routes):
 # Wrapped apart from the class definition: the class stays importable as deploy.app.ModelReplica,
 # so Ray ships it by reference (the worker imports this module) instead of pickling it by value.
 ModelServer = serve.deployment(name="ModelServer")(serve.ingress(api)(ModelReplica))
+# Behind ingress replicas (ingress_replicas > 0) the model replicas are called by handle only:
+# the same class without the routes' FastAPI app (Serve allows one per application).
+ModelWorker = serve.deployment(name="ModelServer")(ModelReplica)
 
 
 def build_app(args: dict[str, Any]) -> "serve.Application":
@@ -442,6 +487,30 @@ def build_app(args: dict[str, Any]) -> "serve.Application":
     gpus = resources.get("GPU", 0)
     opts = replica_plan(parsed, gpus, resources.get("CPU", 1))
     log.info("fa3trt app: %s GPUs in the cluster -> model deployment options %s", gpus, opts)
+    return application(parsed, opts)
+
+
+def application(args: AppArgs, opts: dict[str, Any]) -> "serve.Application":
+    """The app from parsed arguments and the model replicas' deployment options: the model
+    replicas as the ingress, or ``ingress_replicas`` ingress processes in front of them."""
     # Batching travels as user_config, not as constructor args: changing it reconfigures live.
-    static = parsed.model_dump(exclude={"batching"})
-    return ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined]  # @serve.deployment returns a Deployment
+    static = args.model_dump(exclude={"batching"})
+    if not args.ingress_replicas:
+        return ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined,no-any-return]  # @serve.deployment returns a Deployment
+    model = ModelWorker.options(**opts).bind(static)
+    from deploy.ingress import Ingress
+
+    ingress = ingress_plan(args)
+    log.info("fa3trt app: ingress deployment options %s", ingress)
+    return Ingress.options(**ingress).bind(static, model)  # type: ignore[attr-defined,no-any-return]
+
+
+def ingress_plan(args: AppArgs) -> dict[str, Any]:
+    """Deployment options of the ingress replicas (``ingress_replicas: N``): N processes of one
+    CPU each, each taking as many requests at once as a model replica does."""
+    return {
+        "num_replicas": args.ingress_replicas,
+        "ray_actor_options": {"num_cpus": 1},
+        "max_ongoing_requests": derive_max_ongoing(args),
+        "max_queued_requests": args.max_queued_requests,
+    }

@@ -14,11 +14,9 @@ import asyncio
 import functools
 import importlib.metadata
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -35,14 +33,10 @@ from deploy.codec import (
     encode_outputs_json,
     load_json,
 )
-from deploy.metrics import rss_bytes
 from fa3trt.errors import InvalidInputError, RequestError
 
 if TYPE_CHECKING:
-    from deploy.lag import WakeLag
-    from deploy.metrics import ReplicaMetrics
-    from fa3trt.buckets import Buckets
-    from fa3trt.config import AppArgs, BatchingConfig
+    from fa3trt.config import AppArgs
     from fa3trt.signature import Signature
 
 __all__ = ["api", "V1Routes", "V2Routes", "NPY", "NPZ", "V2_VERSIONS"]
@@ -65,27 +59,29 @@ def _version() -> str:
 
 
 class _Replica:
-    """What the routes use of the replica (``deploy.app.ModelReplica`` defines them)."""
+    """What the routes use of the class that serves them: ``deploy.app.ModelReplica`` (a model
+    replica as the app's ingress) or ``deploy.ingress.IngressReplica`` (an ingress process that
+    hands each request on to the model replicas)."""
 
     if TYPE_CHECKING:
         args: AppArgs
         replica: str
-        backend: Any
-        named: Any
-        buckets: Buckets
-        limits: list[tuple[int, float]]
-        batching: BatchingConfig | None
-        signature: Signature
-        cpu_affinity: Any
-        metrics: ReplicaMetrics
-        wake_lag: WakeLag
-        _queues: list[Any]
+        serves_named: bool
+        """A user's model (named inputs), not the reference model."""
 
         async def infer(self, x: Any) -> Any: ...
 
         async def infer_named(self, inputs: Any) -> dict[str, np.ndarray]: ...
 
         def io_signature(self) -> Signature: ...
+
+        def is_ready(self) -> bool: ...
+
+        async def backend_name(self) -> str: ...
+
+        async def replica_info(self) -> dict[str, Any]: ...
+
+        async def replica_stats(self) -> dict[str, Any]: ...
 
     async def _read_body(self, request: Request) -> bytes:
         """The request's body, refused (413) past ``max_body_bytes``: the chunks as they arrive,
@@ -132,7 +128,7 @@ class V1Routes(_Replica):
                 x = decode_npy(body)
             else:
                 doc = load_json(body)
-                named = self.named is not None or (isinstance(doc, dict) and "inputs" in doc)
+                named = self.serves_named or (isinstance(doc, dict) and "inputs" in doc)
                 x = decode_inputs_json(doc) if named else decode_json(doc)
             # A request that times out is cancelled: its batch queue drops it.
             y = await asyncio.wait_for(self.infer_named(x) if named else self.infer(x), self.args.request_timeout_s)
@@ -152,33 +148,14 @@ class V1Routes(_Replica):
         return JSONResponse(encode_json(y), headers=headers)
 
     @api.get("/v1/info")
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
         """The replica's backend, device, buckets and batch limits, and the app's arguments."""
-        d = self.backend.describe()
-        d.update(
-            replica=self.replica,
-            buckets=list(self.buckets.edges),
-            batch_limits={e: size for e, (size, _) in zip(self.buckets.edges, self.limits)},
-            signature=self.signature.to_dict(),
-            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-            cpu_threads=torch.get_num_threads(),
-            cpu_affinity=self.cpu_affinity,
-            app_args=self.args.model_dump() | ({"batching": self.batching.model_dump()} if self.batching else {}),
-        )
-        return d
+        return await self.replica_info()
 
     @api.get("/v1/stats")
-    def stats(self) -> dict[str, Any]:
-        """This replica's counters since it started: per bucket batches, requests, tokens, compute."""
-        return {
-            "replica": self.replica,
-            "rss_bytes": rss_bytes(),
-            "rejected": self.metrics.rejected_local,
-            "busy_s": self.metrics.busy_s,
-            "phases_s": self.metrics.phases_snapshot(),
-            "wake_lag": self.wake_lag.snapshot(),
-            "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
-        }
+    async def stats(self) -> dict[str, Any]:
+        """One model replica's counters since it started: per bucket batches, requests, tokens, compute."""
+        return await self.replica_stats()
 
 
 class V2Routes(_Replica):
@@ -192,8 +169,8 @@ class V2Routes(_Replica):
         except Exception:  # outside Serve (direct construction in tests)
             return "fa3trt"
 
-    def _v2_metadata(self) -> dict[str, Any]:
-        platform = f"fa3trt_{self.backend.name}"
+    async def _v2_metadata(self) -> dict[str, Any]:
+        platform = f"fa3trt_{await self.backend_name()}"
         return kserve.model_metadata(self.model_name, V2_VERSIONS, platform, self.io_signature())
 
     async def _v2_infer(self, req: kserve.V2Request) -> dict[str, tuple[np.ndarray, str]]:
@@ -232,7 +209,7 @@ class V2Routes(_Replica):
 
     @api.get("/v2/health/ready")
     def v2_ready(self) -> JSONResponse:
-        ready = bool(self._queues)
+        ready = self.is_ready()
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @api.get("/v2")
@@ -241,15 +218,15 @@ class V2Routes(_Replica):
 
     @api.get("/v2/models/{name}")
     @api.get("/v2/models/{name}/versions/{version}")
-    def v2_model_metadata(self, name: str, version: str = "") -> JSONResponse:
-        return self._unknown_model(name, version) or JSONResponse(self._v2_metadata())
+    async def v2_model_metadata(self, name: str, version: str = "") -> JSONResponse:
+        return self._unknown_model(name, version) or JSONResponse(await self._v2_metadata())
 
     @api.get("/v2/models/{name}/ready")
     @api.get("/v2/models/{name}/versions/{version}/ready")
     def v2_model_ready(self, name: str, version: str = "") -> JSONResponse:
         if refused := self._unknown_model(name, version):
             return refused
-        ready = bool(self._queues)
+        ready = self.is_ready()
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
     @api.post("/v2/models/{name}/infer")
@@ -280,7 +257,7 @@ class V2Routes(_Replica):
         return kserve_grpc.pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:
-        return kserve_grpc.pb.ServerReadyResponse(ready=bool(self._queues))
+        return kserve_grpc.pb.ServerReadyResponse(ready=self.is_ready())
 
     async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:
         meta = kserve.server_metadata(_version())
@@ -292,7 +269,7 @@ class V2Routes(_Replica):
             kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
         except RequestError as e:
             return self._grpc_error(e, grpc_context, kserve_grpc.pb.ModelReadyResponse())
-        return kserve_grpc.pb.ModelReadyResponse(ready=bool(self._queues))
+        return kserve_grpc.pb.ModelReadyResponse(ready=self.is_ready())
 
     async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:
         try:
@@ -300,7 +277,7 @@ class V2Routes(_Replica):
             kserve.check_model(request.name, request.version, self.model_name, V2_VERSIONS)
         except RequestError as e:
             return self._grpc_error(e, grpc_context, kserve_grpc.pb.ModelMetadataResponse())
-        return kserve_grpc.grpc_model_metadata(self._v2_metadata())
+        return kserve_grpc.grpc_model_metadata(await self._v2_metadata())
 
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:
         try:

@@ -282,6 +282,12 @@ class AppArgs(_Strict):
     replicas: int | Literal["auto"] = Field(
         defaults.REPLICAS, description="auto: one per GPU in the cluster (one CPU replica without GPUs)."
     )
+    ingress_replicas: int = Field(
+        defaults.INGRESS_REPLICAS,
+        ge=0,
+        le=256,
+        description="0: the model replicas take HTTP and gRPC themselves (one hop). N: N CPU replicas of an ingress deployment take them and hand each request to the model replicas by handle, spreading the copying of large bodies over N processes (deploy.ingress).",
+    )
     autoscaling: dict[str, Any] | None = Field(
         None,
         description="Serve autoscaling_config passed through (min_replicas, max_replicas, target_ongoing_requests, ...); replaces replicas.",

@@ -43,6 +43,7 @@ BUILD_RETRIES = 2
 
 # ----------------------------------------------------------------- replicas
 REPLICAS: Literal["auto"] = "auto"
+INGRESS_REPLICAS = 0
 """auto: one replica per GPU in the cluster (one CPU replica without GPUs)."""
 REPLICA_CPUS: Literal["auto"] = "auto"
 """CPUs reserved per GPU replica; ``auto`` is ``REPLICA_CPUS_AUTO``."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from deploy.app import ModelReplica, bucket_limits, derive_max_ongoing, replica_plan
+from deploy.app import ModelReplica, bucket_limits, derive_max_ongoing, ingress_plan, replica_plan
 from deploy.codec import all_finite, decode_json, decode_npy, encode_npy, from_numpy_like, to_numpy, validate_sequence
 from fa3trt.buckets import Buckets
 from fa3trt.config import AppArgs
@@ -158,6 +158,16 @@ def test_batch_limits_and_replica_plan() -> None:
     assert cpus(AppArgs.model_validate({"replica_cpus": 6}), 4, 64) == 6
     with pytest.raises(ValueError, match="replica_cpus must be 'auto' or an integer >= 1, got 0"):
         AppArgs.model_validate({"replica_cpus": 0})
+    # Ingress processes: one CPU each, as many requests at once as a model replica.
+    ing = AppArgs.model_validate({"ingress_replicas": 3})
+    assert ingress_plan(ing) == {
+        "num_replicas": 3,
+        "ray_actor_options": {"num_cpus": 1},
+        "max_ongoing_requests": derive_max_ongoing(ing),
+        "max_queued_requests": ing.max_queued_requests,
+    }
+    with pytest.raises(ValidationError, match="ingress_replicas"):
+        AppArgs.model_validate({"ingress_replicas": -1})
 
 
 def test_reconfigure_validates_through_the_schema() -> None:
