@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.exceptions import RayTaskError
 
 from deploy.routes import V1Routes, V2Routes, api
 from fa3trt.config import AppArgs, SourceSpec
@@ -50,11 +51,21 @@ class IngressReplica(V1Routes, V2Routes):
         except Exception:  # outside Serve
             self.replica = f"pid{os.getpid()}"
 
+    async def _call(self, method: str, arg: Any) -> Any:
+        """``method`` of a model replica; its error raised as the model replica raised it (the
+        routes answer it as they would there), not wrapped with the remote traceback."""
+        try:
+            return await getattr(self.model, method).remote(arg)
+        except RayTaskError as e:
+            if isinstance(e.cause, Exception):
+                raise e.cause from None
+            raise
+
     async def infer(self, x: Any) -> Any:
-        return await self.model.infer.remote(x)
+        return await self._call("infer", x)
 
     async def infer_named(self, inputs: Any) -> dict[str, np.ndarray]:
-        result: dict[str, np.ndarray] = await self.model.infer_named.remote(inputs)
+        result: dict[str, np.ndarray] = await self._call("infer_named", inputs)
         return result
 
     def io_signature(self) -> Signature:
