@@ -1,11 +1,14 @@
 """The app's routes: ``/v1`` over HTTP, and the Open Inference Protocol (KServe v2) over HTTP and
-gRPC, as mixins of the replica class (``deploy.app.ModelReplica``), which Serve's ingress serves.
+gRPC, as mixins of the class Serve's ingress serves: the model replica
+(``deploy.app.ModelReplica``), or an ingress process in front of the model replicas
+(``deploy.ingress.IngressReplica``, with ``ingress_replicas: N``).
 
-Contract: the routes only decode, call the replica and encode. They reach the replica through
-``infer`` (the reference model's one array), ``infer_named`` (named inputs, every model),
-``io_signature`` and its attributes named under ``TYPE_CHECKING`` below; the protocol itself is
-``deploy.kserve``, request bodies ``deploy.codec``. ``api`` is the one FastAPI app; every route
-is a method, so a request reaches its replica in one hop.
+Contract: the routes only decode, call and encode. They reach their class through the methods and
+attributes listed under ``TYPE_CHECKING`` in ``_Replica`` (``infer`` for the reference model's
+one array, ``infer_named`` for named inputs of every model, ``io_signature``, readiness, the
+backend's name, a model replica's info and counters). The protocol itself is ``deploy.kserve``
+and ``deploy.kserve_grpc``, request bodies ``deploy.codec``. ``api`` is the one FastAPI app;
+every route is a method.
 """
 
 from __future__ import annotations
