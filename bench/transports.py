@@ -131,10 +131,12 @@ class TransportClient:
             if fixed is None
             else make_inputs(fixed[0], fixed[1], fixed[2], self.hidden, fixed[3], self.dtype)
         )
-        await asyncio.sleep(max(0.0, start_at - time.time()))
-        cpu0, t0 = time.process_time(), time.time()
-        async with open_sender(transport, target, concurrency) as send:
-            left = None if duration is None else start_at + duration - time.time()
+        async with open_sender(transport, target, concurrency) as send:  # its setup before the start
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            cpu0, t0 = time.process_time(), time.time()
+            # A client whose sender took past the start still sends for a moment: it never stops
+            # the pass with an error.
+            left = None if duration is None else max(0.1, start_at + duration - time.time())
             res = await run_load(send, inputs, concurrency=concurrency, progress=False, duration=left, verify=verify)
         wall = time.time() - t0
         return {
