@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import fa3trt
-from deploy.targets import replica_targets
+from deploy.targets import PROTOCOLS, replica_targets
 from tests.deploy.isolated import Cluster, isolated_serve_cluster
 
 HIDDEN = 256
@@ -31,6 +32,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     args = {"ingress_replicas": 2, "replica_cpus": 1}
     env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
     with isolated_serve_cluster(tmp_path_factory.mktemp("ingress"), args, num_cpus=3, extra_env=env) as c:
+        # The app answers once one ingress replica is up; wait for both to list their ports.
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                both = [replica_targets(c.dashboard, "fa3trt", p, "127.0.0.1", c.env["RAY_AUTH_TOKEN"]) for p in PROTOCOLS]
+            except RuntimeError:  # none listed yet
+                both = []
+            if both and all(len(t) == 2 for t in both):
+                break
+            time.sleep(1)
         yield c
 
 
