@@ -36,7 +36,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         deadline = time.time() + 180
         while time.time() < deadline:
             try:
-                both = [replica_targets(c.dashboard, "fa3trt", p, "127.0.0.1", c.env["RAY_AUTH_TOKEN"]) for p in PROTOCOLS]
+                both = [
+                    replica_targets(c.dashboard, "fa3trt", p, "127.0.0.1", c.env["RAY_AUTH_TOKEN"]) for p in PROTOCOLS
+                ]
             except RuntimeError:  # none listed yet
                 both = []
             if both and all(len(t) == 2 for t in both):
