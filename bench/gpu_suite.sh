@@ -14,7 +14,7 @@
 #   bash bench/gpu_suite.sh named     # a user's model (FLUX.1 width, examples/serve_flux_gpu.yaml): GPU test, served vs direct
 #   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: every transport (bench.transports), its identity twin
 #                                       # (CLIENTS, CONCURRENCY, DURATION, WARMUP, TRANSPORTS, SUFFIX, CUDA_GRAPHS=1, INGRESS=N;
-#                                       #  PROFILE=1: py-spy of the replica)
+#                                       #  IDENTITY=0: no identity twin; PROFILE=1: py-spy of the replica)
 # Logs and results go to ${OUT:-docs/benchmarks}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,7 +64,7 @@ case "$1" in
     curl -s http://127.0.0.1:8000/v1/info | python3 -c "import json,sys; d=json.load(sys.stdin); print('app:', d['backend'], d['attention_kernel'], 'cuda_graphs', d['cuda_graphs'])" | tee -a "$log"
     python3 -m bench.transports --clients "${CLIENTS:-4}" --concurrency "${CONCURRENCY:-32}" --duration "${DURATION:-12}" \
       --warmup "${WARMUP:-3}" --transports "${TRANSPORTS:-handle,v1-http,v1-http-direct,v2-http,v2-http-direct,v2-grpc,v2-grpc-direct}" \
-      --out "$out" --name "transports_seed${LAYERS:-2}${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
+      --out "$out" --name "transports_seed${LAYERS:-2}${SUFFIX:-}" $([ "${IDENTITY:-1}" = 0 ] && echo --no-identity) 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
     if [ "${PROFILE:-0}" = 1 ] && command -v py-spy >/dev/null; then
       # The replica under KServe v2 HTTP straight to it: where its time goes, and which threads hold the GIL.
       replica=$(pgrep -f "ServeReplica:fa3trt:ModelServer" | head -1)

@@ -60,6 +60,8 @@ class Target:
     model: str
     urls: list[str] = field(default_factory=list)
     """Base URLs (``/v1`` and v2 HTTP) or ``host:port`` (gRPC)."""
+    actor: Any = None
+    """``handle`` to a plain actor's ``echo`` (the floor server) instead of the model deployment."""
 
 
 @contextlib.asynccontextmanager
@@ -67,7 +69,15 @@ async def open_sender(transport: str, target: Target, concurrency: int) -> Async
     """A ``Send`` for ``transport`` to ``target``, its clients opened on the running loop and
     closed on exit."""
     kind = transport.removesuffix("-direct")
-    if kind == "handle":
+    if kind == "handle" and target.actor is not None:
+        actor = target.actor
+
+        async def echo(x: np.ndarray) -> np.ndarray:
+            y: np.ndarray = await actor.echo.remote(x)
+            return y
+
+        yield echo
+    elif kind == "handle":
         from ray import serve
 
         # The model deployment itself (also behind ingress replicas, where the app's handle
@@ -218,6 +228,13 @@ class Runner:
         r["client_cpu"] = client_cpu([part])
         return r
 
+    def batch1_passes(self, targets: dict[str, Target], label: str) -> dict[str, dict[str, Any]]:
+        batch1: dict[str, dict[str, Any]] = {}
+        for t, target in targets.items():
+            batch1[t] = b = self.batch1(t, target)
+            print(f"{label:8s} {t:15s} batch 1: p50 {b['p50_ms']:7.1f} ms  p99 {b['p99_ms']:7.1f} ms", flush=True)
+        return batch1
+
     def measure(self, app: str, targets: dict[str, Target], label: str) -> dict[str, Any]:
         """Every transport under load, then every transport at batch 1."""
         from ray import serve
@@ -240,10 +257,7 @@ class Runner:
             )
             if r["first_error"]:
                 print(f"   first error: {r['first_error']}")
-        batch1: dict[str, dict[str, Any]] = {}
-        for t, target in targets.items():
-            batch1[t] = b = self.batch1(t, target)
-            print(f"{label:8s} {t:15s} batch 1: p50 {b['p50_ms']:7.1f} ms  p99 {b['p99_ms']:7.1f} ms", flush=True)
+        batch1 = self.batch1_passes(targets, label)
         return {"load": results, "batch1": batch1, "summary": summarize(results, batch1)}
 
 
@@ -294,6 +308,33 @@ def deploy_identity(app_args: dict[str, Any], name: str, route_prefix: str, dtyp
     serve.run(application(parsed, opts), name=name, route_prefix=route_prefix)
 
 
+FLOOR_TRANSPORTS = ("handle", "v1-http-direct", "v2-http-direct", "v2-grpc-direct")
+"""The transports the floor server answers (the proxies are Serve's, so they have no floor)."""
+
+
+def measure_floor(runner: Runner, want: list[str]) -> dict[str, Any]:
+    """Batch 1 through each transport to a bare echo process (``bench.transport_floor``): the
+    clients, the wire and the codecs, no Serve and no model."""
+    import ray
+
+    from bench.transport_floor import FLOOR_MODEL, FloorServer
+
+    # On this node (the clients' and, on one machine, the app's), beside the clients.
+    server = ray.remote(num_cpus=0)(FloorServer).remote()
+    try:
+        addr = ray.get(server.start.remote())
+        urls = {"handle": [], "v1-http-direct": [addr["http"]], "v2-http-direct": [addr["http"]]}
+        urls["v2-grpc-direct"] = [addr["grpc"]]
+        targets = {
+            t: Target(FLOOR_MODEL, FLOOR_MODEL, urls[t], actor=server if t == "handle" else None)
+            for t in FLOOR_TRANSPORTS
+            if t in want
+        }
+        return {"batch1": runner.batch1_passes(targets, "floor")}
+    finally:
+        ray.kill(server)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--app", default="fa3trt", help="the Serve application's name (also its v2 model name)")
@@ -316,6 +357,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--verify", choices=VERIFY, default="shape", help="what each client checks of an answer")
     p.add_argument("--no-identity", action="store_true", help="skip the identity twin's passes")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor server's batch-1 passes")
     p.add_argument("--out", default="docs/benchmarks")
     p.add_argument("--name", default=None, help="result name (default transports_<app>)")
     args = p.parse_args()
@@ -352,6 +394,8 @@ def main() -> None:
                 from ray import serve
 
                 serve.delete(twin)
+        if not args.no_floor:
+            phases["floor"] = measure_floor(runner, want)
     finally:
         runner.close()
     name = args.name or f"transports_{args.app}"
@@ -367,26 +411,36 @@ def main() -> None:
 
 def report(phases: dict[str, Any]) -> None:
     for label, ph in phases.items():
-        s = ph["summary"]
+        s = ph.get("summary", {})
         if "best_network" in s:
             print(
                 f"{label}: best network path {s['best_network']}: {s['best_network_over_handle']:.2f}x the handle path (goal >= 0.8)"
             )
         for t, v in s.get("batch1_p50_over_handle", {}).items():
             print(f"{label}: batch-1 p50 {t}: {v:.2f}x the handle path's (goal <= 1.2)")
+    base = phases.get("model", {}).get("batch1", {}).get("handle")
+    if "floor" in phases and base:
+        for t, r in phases["floor"]["batch1"].items():
+            print(
+                f"floor: batch-1 p50 {t}: {r['p50_ms']:.1f} ms with no Serve and no model, "
+                f"{r['p50_ms'] / base['p50_ms']:.2f}x the model's handle path"
+            )
 
 
 def plot(out: str, name: str, phases: dict[str, Any], title: str) -> None:
     fig, (a, b) = pyplot().subplots(1, 2, figsize=(13, 4.5))
-    ts = list(next(iter(phases.values()))["load"])
+    ts = list(next(iter(phases.values()))["batch1"])
     width = 0.8 / len(phases)
     for j, (label, ph) in enumerate(phases.items()):
+        # The floor has batch-1 passes only, and only of the transports it serves.
         xs = [i + (j - (len(phases) - 1) / 2) * width for i in range(len(ts))]
-        rps = [ph["load"][t]["rps"] for t in ts]
-        a.bar(xs, rps, width, label=label)
-        for x, v in zip(xs, rps):
-            a.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-        b.bar(xs, [ph["batch1"][t]["p50_ms"] for t in ts], width, label=label)
+        if "load" in ph:
+            rps = [ph["load"][t]["rps"] for t in ts]
+            a.bar(xs, rps, width, label=label)
+            for x, v in zip(xs, rps):
+                a.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+        kept = [(x, ph["batch1"][t]["p50_ms"]) for x, t in zip(xs, ts) if t in ph["batch1"]]
+        b.bar([x for x, _ in kept], [v for _, v in kept], width, label=label)
     for ax, ylabel in ((a, "requests/s"), (b, "batch-1 p50 (ms)")):
         ax.set_xticks(range(len(ts)), ts, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)

@@ -1,18 +1,23 @@
 """The transports benchmark: its summary arithmetic, and one whole run on a real local cluster
 with direct ingress on (tiny model, CPU): every transport answers, each pass records its clients'
-CPU time, and the identity twin is deployed beside the app, measured and removed."""
+CPU time, the identity twin is deployed beside the app, measured and removed, and the floor server
+answers the same clients."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
-from bench.transports import TRANSPORTS, client_cpu, summarize
+from bench.serve_load import http_sender, v2_grpc_sender, v2_http_sender
+from bench.transport_floor import FLOOR_MODEL, FloorServer
+from bench.transports import FLOOR_TRANSPORTS, TRANSPORTS, client_cpu, summarize
 from tests.deploy.isolated import isolated_serve_cluster
 
 
@@ -31,6 +36,35 @@ def test_summary_against_the_handle_path() -> None:
 def test_client_cpu_is_cpu_time_over_wall_time() -> None:
     parts = [{"cpu_s": 3.0, "wall_s": 4.0}, {"cpu_s": 1.0, "wall_s": 4.0}, {"cpu_s": 0.0, "wall_s": 0.0}]
     assert client_cpu(parts) == pytest.approx({"max": 0.75, "mean": 0.5})
+
+
+def test_floor_server_echoes_through_every_client() -> None:
+    """The bare server answers /v1 (.npy), v2 HTTP and v2 gRPC, from the clients the benchmark
+    uses, with the request's own tensor, exactly (FP16 and FP32)."""
+    import aiohttp
+    from tritonclient.grpc.aio import InferenceServerClient as GrpcClient
+    from tritonclient.http.aio import InferenceServerClient as HttpClient
+
+    async def go() -> None:
+        server = FloorServer()
+        addr = await server.start()
+        http, grpc = HttpClient(addr["http"].removeprefix("http://")), GrpcClient(addr["grpc"])
+        try:
+            async with aiohttp.ClientSession() as session:
+                sends = [http_sender(addr["http"], session), v2_http_sender([http], FLOOR_MODEL)]
+                sends.append(v2_grpc_sender([grpc], FLOOR_MODEL))
+                rng = np.random.default_rng(0)
+                for dtype in (np.float16, np.float32):
+                    x = rng.standard_normal((37, 24)).astype(dtype)
+                    for send in sends:
+                        y = await send(x)
+                        assert y.dtype == x.dtype and np.array_equal(y, x)
+        finally:
+            await http.close()
+            await grpc.close()
+            await server.stop()
+
+    asyncio.run(go())
 
 
 def test_every_transport_in_one_run(tmp_path: Path) -> None:
@@ -62,5 +96,9 @@ def test_every_transport_in_one_run(tmp_path: Path) -> None:
             assert batch1[t]["requests"] == 4 and batch1[t]["errors"] == 0
             assert load[t]["replicas"] and load[t]["replicas"][0]["requests"] > 0
         assert out[phase]["summary"]["best_network_over_handle"] > 0
+    floor = out["floor"]["batch1"]
+    assert set(floor) == set(FLOOR_TRANSPORTS)
+    assert all(b["requests"] == 4 and b["errors"] == 0 for b in floor.values()), floor
+    assert "floor: batch-1 p50" in r.stdout
     assert out["info"]["backend"] == "torch"
     assert "best network path" in r.stdout and "batch-1 p50" in r.stdout
