@@ -4,7 +4,7 @@ A request is one sequence ``x`` of shape (S, hidden), float16/32/64 (or a CPU to
 bfloat16 included). Everything else is an ``InvalidInputError`` naming the problem (a
 ``RequestError``, HTTP 400, when the body cannot be parsed at all), raised before the request
 joins a batch; only NaN and Inf are looked for later, on the device, in the batch
-(``deploy.app``; ``validate_sequence(reject_nonfinite=True)`` checks them on the host).
+(``deploy.replica``; ``validate_sequence(reject_nonfinite=True)`` checks them on the host).
 ``.npy`` bodies are parsed by hand from their header so that nothing is unpickled and nothing
 is allocated before the header's shape is checked against the bytes actually sent.
 """

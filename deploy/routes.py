@@ -1,6 +1,6 @@
 """The app's routes: ``/v1`` over HTTP, and the Open Inference Protocol (KServe v2) over HTTP and
 gRPC, as mixins of the class Serve's ingress serves: the model replica
-(``deploy.app.ModelReplica``), or an ingress process in front of the model replicas
+(``deploy.replica.ModelReplica``), or an ingress process in front of the model replicas
 (``deploy.ingress.IngressReplica``, with ``ingress_replicas: N``).
 
 Contract: the routes only decode, call and encode. They reach their class through the methods and
@@ -62,7 +62,7 @@ def _version() -> str:
 
 
 class _Replica:
-    """What the routes use of the class that serves them: ``deploy.app.ModelReplica`` (a model
+    """What the routes use of the class that serves them: ``deploy.replica.ModelReplica`` (a model
     replica as the app's ingress) or ``deploy.ingress.IngressReplica`` (an ingress process that
     hands each request on to the model replicas)."""
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from deploy.app import ModelReplica, bucket_limits, derive_max_ongoing, ingress_plan, replica_plan
+from deploy.app import derive_max_ongoing, ingress_plan, replica_plan
 from deploy.codec import all_finite, decode_json, decode_npy, encode_npy, from_numpy_like, to_numpy, validate_sequence
+from deploy.replica import ModelReplica, bucket_limits
 from fa3trt.buckets import Buckets
 from fa3trt.config import AppArgs
 from fa3trt.errors import InvalidInputError, RequestError

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fa3trt
-from deploy.app import ModelReplica
+from deploy.replica import ModelReplica
 from fa3trt.errors import InvalidInputError
 from tests.utils import captured_log, gpu, rel_err
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import fa3trt
-from deploy.app import ModelReplica
+from deploy.replica import ModelReplica
 from tests.utils import gpu, rel_err
 
 pytestmark = gpu
