@@ -31,7 +31,7 @@ import torch
 
 from fa3trt.buckets import Buckets
 from fa3trt.build import DEFAULT_MAX_BATCH_TOKENS, BuildConfig
-from fa3trt.compat import check_compatible, current_environment
+from fa3trt.compat import current_environment
 from fa3trt.errors import (
     ConfigError,
     EngineCorruptError,
@@ -41,9 +41,8 @@ from fa3trt.errors import (
     InvalidInputError,
 )
 from fa3trt.named_build import named_engine_key_for
-from fa3trt.plugin import register_plugin, require_registered
 from fa3trt.profiles import NamedProfile, io_differences, select_named_profile, signature_differences
-from fa3trt.runtime import ProfileTurns
+from fa3trt.runtime import ProfileTurns, deserialize_engine
 from fa3trt.signature import TORCH_DTYPES, Signature
 from fa3trt.store import BUILD_HINT, ArtifactStore
 
@@ -175,19 +174,8 @@ class NamedTRTEngine:
         environment: dict[str, str] | None = None,
     ) -> NamedTRTEngine:
         """Deserialize after checking the engine was built for this TensorRT, GPU and plugin."""
-        check_compatible(metadata, environment)  # before touching the bytes
-        namespace = str(metadata.get("plugin_namespace", ""))
-        register_plugin(namespace)
-        require_registered(namespace)
-        dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        runtime, engine, dev = deserialize_engine(data, metadata, device, environment)
         with torch.cuda.device(dev):
-            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            engine = runtime.deserialize_cuda_engine(data)
-            if engine is None:
-                raise EngineCorruptError(
-                    f"TensorRT could not deserialize engine {metadata.get('key', '?')} ({len(data)} bytes; its log "
-                    f"above says why); rebuild it with `{BUILD_HINT} --force`"
-                )
             obj = cls(engine, metadata, dev, expected)
         obj._runtime = runtime
         return obj

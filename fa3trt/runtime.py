@@ -49,11 +49,36 @@ if TYPE_CHECKING:
 else:
     from fa3trt._trt import tensorrt as trt
 
-__all__ = ["TRTEngine", "TRTModule", "TensorRTBackend", "ProfileTurns", "select_profile"]
+__all__ = ["TRTEngine", "TRTModule", "TensorRTBackend", "ProfileTurns", "select_profile", "deserialize_engine"]
 
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32}
+
+
+def deserialize_engine(
+    data: bytes,
+    metadata: dict[str, Any],
+    device: torch.device | str | None = None,
+    environment: dict[str, str] | None = None,
+) -> tuple[trt.Runtime, trt.ICudaEngine, torch.device]:
+    """(runtime, engine, device) from an engine's bytes, after checking they were built for this
+    TensorRT, GPU and plugin (``metadata``) and registering the plugin in its namespace. The
+    runtime must outlive the engine."""
+    check_compatible(metadata, environment)  # before touching the bytes
+    namespace = str(metadata.get("plugin_namespace", ""))
+    register_plugin(namespace)
+    require_registered(namespace)
+    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    with torch.cuda.device(dev):
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise EngineCorruptError(
+            f"TensorRT could not deserialize engine {metadata.get('key', '?')} ({len(data)} bytes; its log "
+            f"above says why); rebuild it with `{BUILD_HINT} --force`"
+        )
+    return runtime, engine, dev
 
 
 def select_profile(specs: Sequence[ProfileSpec], batch: int, seq: int) -> int:
@@ -155,19 +180,8 @@ class TRTEngine:
         environment: dict[str, str] | None = None,
     ) -> TRTEngine:
         """Deserialize an engine after checking it was built for this TensorRT, GPU and plugin."""
-        check_compatible(metadata, environment)  # before touching the bytes
-        namespace = str(metadata.get("plugin_namespace", ""))
-        register_plugin(namespace)
-        require_registered(namespace)
-        dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        runtime, engine, dev = deserialize_engine(data, metadata, device, environment)
         with torch.cuda.device(dev):
-            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            engine = runtime.deserialize_cuda_engine(data)
-            if engine is None:
-                raise EngineCorruptError(
-                    f"TensorRT could not deserialize engine {metadata.get('key', '?')} ({len(data)} bytes; its log "
-                    f"above says why); rebuild it with `{BUILD_HINT} --force`"
-                )
             obj = cls(engine, metadata, dev)
         obj._runtime = runtime
         return obj
