@@ -1,4 +1,4 @@
-"""Shared test helpers: reusable markers and the relative-error metric."""
+"""Shared test helpers: reusable markers, the relative-error metric, the tiny model's reference answers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,3 +38,19 @@ def captured_log(name: str, level: int = logging.WARNING) -> Iterator[list[str]]
         yield messages
     finally:
         logger.removeHandler(handler)
+
+
+class TinyReference:
+    """The tiny reference model, eager and in float32 on the CPU: what the app's answers are
+    compared against."""
+
+    def __init__(self) -> None:
+        import fa3trt
+
+        self.model = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Its answer to one sequence ``(seq, hidden)``, float32."""
+        with torch.inference_mode():
+            y: np.ndarray = self.model(torch.from_numpy(np.asarray(x, np.float32))[None])[0].numpy()
+            return y

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-import fa3trt
 from deploy.targets import PROTOCOLS, replica_targets
 from tests.deploy.isolated import Cluster, isolated_serve_cluster
+from tests.utils import TinyReference
 
 HIDDEN = 256
 
@@ -47,17 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
-
-
-def _expect(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(torch.from_numpy(x.astype(np.float32))[None])[0].numpy()
-
-
-def test_v1_through_the_proxy_and_each_ingress_replica(cluster: Cluster, model: torch.nn.Module) -> None:
+def test_v1_through_the_proxy_and_each_ingress_replica(cluster: Cluster, tiny: TinyReference) -> None:
     x = np.random.default_rng(0).standard_normal((37, HIDDEN)).astype(np.float32)
     urls = replica_targets(cluster.dashboard, "fa3trt", "HTTP", "127.0.0.1", cluster.env["RAY_AUTH_TOKEN"])
     assert len(urls) == 2  # the ingress replicas listen; the model replica does not
@@ -67,7 +56,7 @@ def test_v1_through_the_proxy_and_each_ingress_replica(cluster: Cluster, model: 
         np.save(buf, x)
         r = requests.post(f"{url}/v1/infer", data=buf.getvalue(), headers={"content-type": "application/x-npy"})
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), _expect(model, x), atol=1e-4)
+        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), tiny(x), atol=1e-4)
         info = requests.get(f"{url}/v1/info", timeout=30).json()
         assert info["backend"] == "torch" and info["buckets"] and "ingress_replica" in info
         seen.add(info["ingress_replica"])
@@ -80,7 +69,7 @@ def test_v1_through_the_proxy_and_each_ingress_replica(cluster: Cluster, model: 
     assert "Traceback" not in bad.text and "ray::" not in bad.text  # the model replica's message, unwrapped
 
 
-def test_kserve_v2_over_http_and_grpc(cluster: Cluster, model: torch.nn.Module) -> None:
+def test_kserve_v2_over_http_and_grpc(cluster: Cluster, tiny: TinyReference) -> None:
     x = np.random.default_rng(1).standard_normal((2, 20, HIDDEN)).astype(np.float16)
     grpc_direct = replica_targets(cluster.dashboard, "fa3trt", "gRPC", "127.0.0.1", cluster.env["RAY_AUTH_TOKEN"])
     assert len(grpc_direct) == 2
@@ -99,7 +88,7 @@ def test_kserve_v2_over_http_and_grpc(cluster: Cluster, model: torch.nn.Module) 
         y = c.infer("fa3trt", [t]).as_numpy("y")
         assert y.dtype == np.float16 and y.shape == x.shape
         for i in range(2):
-            np.testing.assert_allclose(y[i].astype(np.float32), _expect(model, x[i]), atol=2e-3, rtol=1e-3)
+            np.testing.assert_allclose(y[i].astype(np.float32), tiny(x[i]), atol=2e-3, rtol=1e-3)
         wrong = client_mod.InferInput("x", [1, 4, 7], "FP32")
         wrong.set_data_from_numpy(np.zeros((1, 4, 7), np.float32))
         with pytest.raises(InferenceServerException, match="shape") as err:
@@ -107,7 +96,7 @@ def test_kserve_v2_over_http_and_grpc(cluster: Cluster, model: torch.nn.Module) 
         assert "Traceback" not in str(err.value)
 
 
-def test_handle_calls_go_through_an_ingress_replica(cluster: Cluster, model: torch.nn.Module, tmp_path: Path) -> None:
+def test_handle_calls_go_through_an_ingress_replica(cluster: Cluster, tiny: TinyReference, tmp_path: Path) -> None:
     x = np.random.default_rng(2).standard_normal((11, HIDDEN)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     code = (
@@ -117,4 +106,4 @@ def test_handle_calls_go_through_an_ingress_replica(cluster: Cluster, model: tor
     )
     r = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _expect(model, x), atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), tiny(x), atol=1e-4)

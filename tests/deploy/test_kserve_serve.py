@@ -14,15 +14,14 @@ import grpc
 import numpy as np
 import pytest
 import requests
-import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-import fa3trt
 from tests.deploy.isolated import Cluster, isolated_serve_cluster
+from tests.utils import TinyReference
 
 ATOL = 1e-4
 HIDDEN = 256
@@ -35,20 +34,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
-
-
-def _expect(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+def _expect(tiny: TinyReference, x: np.ndarray) -> np.ndarray:
     """The model on each row of x (batch first), fp32."""
-    with torch.inference_mode():
-        return np.stack([model(torch.from_numpy(np.asarray(r, np.float32))[None])[0].numpy() for r in x])
+    return np.stack([tiny(r) for r in x])
 
 
-def _check(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> None:
+def _check(tiny: TinyReference, x: np.ndarray, y: np.ndarray) -> None:
     assert y.shape == x.shape and y.dtype == x.dtype
-    want = _expect(model, x)
+    want = _expect(tiny, x)
     if x.dtype == np.float16:
         np.testing.assert_allclose(y.astype(np.float32), want, atol=2e-3, rtol=1e-3)
     else:
@@ -70,7 +63,7 @@ def _grpc_infer(c: grpcclient.InferenceServerClient, x: np.ndarray, **kw: Any) -
     return c.infer(kw.pop("model", "fa3trt"), [t], **kw).as_numpy("y")
 
 
-def test_http_client(cluster: Cluster, model: torch.nn.Module) -> None:
+def test_http_client(cluster: Cluster, tiny: TinyReference) -> None:
     c = httpclient.InferenceServerClient(cluster.http.removeprefix("http://"))
     assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("fa3trt")
     assert not c.is_model_ready("other")
@@ -82,15 +75,15 @@ def test_http_client(cluster: Cluster, model: torch.nn.Module) -> None:
     rng = np.random.default_rng(0)
     for shape in [(1, 1, HIDDEN), (1, 130, HIDDEN), (3, 40, HIDDEN), (1, 2048, HIDDEN)]:
         x = rng.standard_normal(shape).astype(np.float32)
-        _check(model, x, _http_infer(c, x))
+        _check(tiny, x, _http_infer(c, x))
     x16 = rng.standard_normal((2, 77, HIDDEN)).astype(np.float16)
-    _check(model, x16, _http_infer(c, x16))
+    _check(tiny, x16, _http_infer(c, x16))
     xj = rng.standard_normal((1, 5, HIDDEN)).astype(np.float32)  # JSON in and out
-    _check(model, xj, _http_infer(c, xj, binary=False))
-    _check(model, xj, _http_infer(c, xj, model_version="1"))
+    _check(tiny, xj, _http_infer(c, xj, binary=False))
+    _check(tiny, xj, _http_infer(c, xj, model_version="1"))
 
 
-def test_grpc_client(cluster: Cluster, model: torch.nn.Module) -> None:
+def test_grpc_client(cluster: Cluster, tiny: TinyReference) -> None:
     c = grpcclient.InferenceServerClient(cluster.grpc)
     assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("fa3trt")
     meta = c.get_model_metadata("fa3trt", as_json=True)
@@ -99,9 +92,9 @@ def test_grpc_client(cluster: Cluster, model: torch.nn.Module) -> None:
     rng = np.random.default_rng(1)
     for shape in [(1, 1, HIDDEN), (1, 600, HIDDEN), (2, 33, HIDDEN)]:
         x = rng.standard_normal(shape).astype(np.float32)
-        _check(model, x, _grpc_infer(c, x))
+        _check(tiny, x, _grpc_infer(c, x))
     x16 = rng.standard_normal((1, 300, HIDDEN)).astype(np.float16)
-    _check(model, x16, _grpc_infer(c, x16))
+    _check(tiny, x16, _grpc_infer(c, x16))
 
 
 def _raw_http(cluster: Cluster, body: bytes, header_length: int | None, model: str = "fa3trt") -> requests.Response:
@@ -109,7 +102,7 @@ def _raw_http(cluster: Cluster, body: bytes, header_length: int | None, model: s
     return requests.post(f"{cluster.http}/v2/models/{model}/infer", data=body, headers=headers, timeout=60)
 
 
-def test_bad_requests_get_protocol_errors_and_good_ones_are_unharmed(cluster: Cluster, model: torch.nn.Module) -> None:
+def test_bad_requests_get_protocol_errors_and_good_ones_are_unharmed(cluster: Cluster, tiny: TinyReference) -> None:
     def hc() -> httpclient.InferenceServerClient:  # one per call: its gevent pool stays in one thread
         return httpclient.InferenceServerClient(cluster.http.removeprefix("http://"))
 
@@ -174,10 +167,10 @@ def test_bad_requests_get_protocol_errors_and_good_ones_are_unharmed(cluster: Cl
             got_status, message = f.result()
             assert got_status == status and word in message, (got_status, message)
         for x_good, f in zip(goods, good_f):
-            _check(model, x_good, f.result())
+            _check(tiny, x_good, f.result())
 
 
-def test_bench_v2_transports(cluster: Cluster, model: torch.nn.Module) -> None:
+def test_bench_v2_transports(cluster: Cluster, tiny: TinyReference) -> None:
     """bench.serve_load's v2 senders (tritonclient's asyncio clients) against the app."""
     import tritonclient.grpc.aio as grpc_aio
     import tritonclient.http.aio as http_aio
@@ -191,7 +184,7 @@ def test_bench_v2_transports(cluster: Cluster, model: torch.nn.Module) -> None:
         gc = grpc_aio.InferenceServerClient(cluster.grpc)
         try:
             for send in (v2_http_sender([hc]), v2_grpc_sender([gc])):
-                _check(model, inputs[0][None], (await send(inputs[0]))[None])
+                _check(tiny, inputs[0][None], (await send(inputs[0]))[None])
                 res = await run_load(send, inputs, concurrency=4, progress=False)
                 assert res.requests == 12 and res.errors == 0, res.first_error
         finally:

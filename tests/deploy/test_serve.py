@@ -22,9 +22,9 @@ import requests
 import torch
 import yaml
 
-import fa3trt
 from deploy.lag import lag_delta
 from tests.deploy.cluster import ROOT, URL, post_npy, run, serve_cluster
+from tests.utils import TinyReference
 
 ATOL = 1e-4
 
@@ -35,21 +35,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         yield env
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
-
-
-def _expect(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(torch.from_numpy(np.asarray(x, np.float32))[None])[0].numpy()
-
-
 def _post_npy(x: np.ndarray) -> requests.Response:
     return post_npy(URL, x)
 
 
-def test_http_npy_and_json_match_the_model(cluster: dict[str, str], model: torch.nn.Module) -> None:
+def test_http_npy_and_json_match_the_model(cluster: dict[str, str], tiny: TinyReference) -> None:
     rng = np.random.default_rng(1)
     for n in (1, 77, 128, 129, 600, 2048):
         x = rng.standard_normal((n, 256)).astype(np.float32)
@@ -57,14 +47,14 @@ def test_http_npy_and_json_match_the_model(cluster: dict[str, str], model: torch
         assert r.status_code == 200, r.text
         y = np.load(io.BytesIO(r.content), allow_pickle=False)
         assert y.shape == x.shape and y.dtype == x.dtype
-        np.testing.assert_allclose(y, _expect(model, x), atol=ATOL)
+        np.testing.assert_allclose(y, tiny(x), atol=ATOL)
     x64 = rng.standard_normal((5, 256))
     y64 = np.load(io.BytesIO(_post_npy(x64).content))
     assert y64.dtype == np.float64
     xj = rng.standard_normal((3, 256)).astype(np.float32)
     r = requests.post(f"{URL}/v1/infer", json={"x": xj.tolist()}, timeout=60)
     assert r.status_code == 200
-    np.testing.assert_allclose(np.array(r.json()["y"]), _expect(model, xj), atol=ATOL)
+    np.testing.assert_allclose(np.array(r.json()["y"]), tiny(xj), atol=ATOL)
 
 
 def test_info(cluster: dict[str, str]) -> None:
@@ -73,7 +63,7 @@ def test_info(cluster: dict[str, str]) -> None:
     assert info["model"]["hidden"] == 256 and info["device"] == "cpu"
 
 
-def test_client_errors_do_not_hurt_good_requests(cluster: dict[str, str], model: torch.nn.Module) -> None:
+def test_client_errors_do_not_hurt_good_requests(cluster: dict[str, str], tiny: TinyReference) -> None:
     rng = np.random.default_rng(2)
     good = [rng.standard_normal((int(n), 256)).astype(np.float32) for n in rng.integers(1, 128, 12)]
     bad = [
@@ -95,7 +85,7 @@ def test_client_errors_do_not_hurt_good_requests(cluster: dict[str, str], model:
     for (kind, r), (_, x) in zip(results, items):
         if kind == "good":
             assert r.status_code == 200, r.text
-            np.testing.assert_allclose(np.load(io.BytesIO(r.content)), _expect(model, x), atol=ATOL)  # type: ignore[arg-type]
+            np.testing.assert_allclose(np.load(io.BytesIO(r.content)), tiny(x), atol=ATOL)  # type: ignore[arg-type]
         else:
             assert r.status_code == 422, r.text
     del goods
@@ -121,7 +111,7 @@ def test_client_errors_do_not_hurt_good_requests(cluster: dict[str, str], model:
     assert requests.get(f"{URL}/v1/info", timeout=30).status_code == 200  # still healthy
 
 
-def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], model: torch.nn.Module) -> None:
+def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], tiny: TinyReference) -> None:
     stats0 = requests.get(f"{URL}/v1/stats", timeout=30).json()
     before = stats0["buckets"]
     rng = np.random.default_rng(3)
@@ -131,7 +121,7 @@ def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], model
         rs = list(pool.map(_post_npy, small + mid))
     for x, r in zip(small + mid, rs):
         assert r.status_code == 200
-        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), _expect(model, x), atol=ATOL)
+        np.testing.assert_allclose(np.load(io.BytesIO(r.content)), tiny(x), atol=ATOL)
     stats1 = requests.get(f"{URL}/v1/stats", timeout=30).json()
     after = stats1["buckets"]
     d = {e: {k: after[e][k] - before[e][k] for k in ("requests", "tokens")} for e in after}
@@ -154,7 +144,7 @@ def test_concurrent_requests_batch_within_buckets(cluster: dict[str, str], model
     assert after["128"]["max_batch"] > 1, after
 
 
-def test_handle_from_another_ray_job(cluster: dict[str, str], model: torch.nn.Module, tmp_path: Path) -> None:
+def test_handle_from_another_ray_job(cluster: dict[str, str], tiny: TinyReference, tmp_path: Path) -> None:
     """examples/handle_client.py reads the model's inputs from the app and sends dicts."""
     out = tmp_path / "handle.npz"
     r = run([sys.executable, "examples/handle_client.py", "--save", str(out)], cluster, timeout=180)
@@ -162,10 +152,10 @@ def test_handle_from_another_ray_job(cluster: dict[str, str], model: torch.nn.Mo
     assert "-> y (300, 256) float32" in r.stdout, r.stdout
     data = np.load(out, allow_pickle=False)
     for i in range(3):
-        np.testing.assert_allclose(data[f"out{i}_y"], _expect(model, data[f"in{i}_x"]), atol=ATOL)
+        np.testing.assert_allclose(data[f"out{i}_y"], tiny(data[f"in{i}_x"]), atol=ATOL)
 
 
-def test_handle_takes_arrays_and_tensors(cluster: dict[str, str], model: torch.nn.Module, tmp_path: Path) -> None:
+def test_handle_takes_arrays_and_tensors(cluster: dict[str, str], tiny: TinyReference, tmp_path: Path) -> None:
     """The reference model's own handle calls: a NumPy array, a bfloat16 CPU tensor (answered in its type)."""
     script = tmp_path / "client.py"
     script.write_text(
@@ -189,11 +179,11 @@ def test_handle_takes_arrays_and_tensors(cluster: dict[str, str], model: torch.n
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Tensor (7, 256) torch.bfloat16" in r.stdout and "named ndarray (7, 256) float32" in r.stdout
     data = np.load(tmp_path / "out.npz", allow_pickle=False)
-    np.testing.assert_allclose(data["y"], _expect(model, data["x"]), atol=ATOL)
+    np.testing.assert_allclose(data["y"], tiny(data["x"]), atol=ATOL)
     # bf16 input: the reply is computed from the bf16-rounded input and rounded to bf16.
     xb = torch.from_numpy(data["x"]).to(torch.bfloat16).float().numpy()
-    np.testing.assert_allclose(data["yt"], _expect(model, xb), atol=0.05)
-    np.testing.assert_allclose(data["yd"], _expect(model, xb), atol=1e-4)  # the bf16 values, computed in float32
+    np.testing.assert_allclose(data["yt"], tiny(xb), atol=0.05)
+    np.testing.assert_allclose(data["yd"], tiny(xb), atol=1e-4)  # the bf16 values, computed in float32
 
 
 def test_reconfigure_changes_batching_live(cluster: dict[str, str], tmp_path: Path) -> None:
@@ -235,7 +225,7 @@ KILL = textwrap.dedent(
 )
 
 
-def test_replica_killed_is_replaced_and_keeps_serving(cluster: dict[str, str], model: torch.nn.Module) -> None:
+def test_replica_killed_is_replaced_and_keeps_serving(cluster: dict[str, str], tiny: TinyReference) -> None:
     old = requests.get(f"{URL}/v1/info", timeout=30).json()["replica"]
     r = run([sys.executable, "-c", KILL], cluster)
     assert r.returncode == 0 and "killed" in r.stdout, r.stderr
@@ -247,7 +237,7 @@ def test_replica_killed_is_replaced_and_keeps_serving(cluster: dict[str, str], m
         except requests.RequestException:
             resp = None
         if resp is not None and resp.status_code == 200:
-            np.testing.assert_allclose(np.load(io.BytesIO(resp.content)), _expect(model, x), atol=ATOL)
+            np.testing.assert_allclose(np.load(io.BytesIO(resp.content)), tiny(x), atol=ATOL)
             if resp.headers["x-fa3trt-replica"] != old:
                 ok = True
                 break

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import fa3trt
 from deploy.replica import ModelReplica
 from fa3trt.errors import InvalidInputError
-from tests.utils import captured_log, rel_err
+from tests.utils import TinyReference, captured_log, rel_err
 
 EDGE = 128
 
@@ -48,17 +47,11 @@ def server() -> Any:
     )
 
 
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
+def _want(tiny: TinyReference, x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(tiny(x))
 
 
-def _want(model: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(torch.from_numpy(x)[None])[0]
-
-
-def test_failed_batch_is_split_until_it_fits(server: Any, model: torch.nn.Module) -> None:
+def test_failed_batch_is_split_until_it_fits(server: Any, tiny: TinyReference) -> None:
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((int(n), 256)).astype(np.float32) for n in (128, 100, 90, 128, 70, 128, 110, 128)]
     real = server.backend
@@ -72,10 +65,10 @@ def test_failed_batch_is_split_until_it_fits(server: Any, model: torch.nn.Module
     assert sum("retrying in halves" in m for m in messages) == 3  # one 8 and two 4s
     for x, y in zip(xs, ys):
         assert isinstance(y, np.ndarray) and y.shape == x.shape
-        assert rel_err(torch.from_numpy(y), _want(model, x)) < 1e-4
+        assert rel_err(torch.from_numpy(y), _want(tiny, x)) < 1e-4
 
 
-def test_only_the_request_that_fails_alone_fails(server: Any, model: torch.nn.Module) -> None:
+def test_only_the_request_that_fails_alone_fails(server: Any, tiny: TinyReference) -> None:
     rng = np.random.default_rng(1)
     xs = [rng.standard_normal((int(n), 256)).astype(np.float32) for n in (40, 128, 60, 30)]
     failed_before = server.metrics.local[EDGE]["failed"]
@@ -87,14 +80,14 @@ def test_only_the_request_that_fails_alone_fails(server: Any, model: torch.nn.Mo
         server.backend = real
     assert isinstance(ys[1], RuntimeError) and "OutOfMemoryError" in str(ys[1])
     for i in (0, 2, 3):
-        assert rel_err(torch.from_numpy(ys[i]), _want(model, xs[i])) < 1e-4
+        assert rel_err(torch.from_numpy(ys[i]), _want(tiny, xs[i])) < 1e-4
     assert server.metrics.local[EDGE]["failed"] == failed_before + 1
     # The replica keeps serving: the request that failed succeeds once memory allows.
     y = server._run_split([xs[1]], EDGE)[0]
-    assert rel_err(torch.from_numpy(y), _want(model, xs[1])) < 1e-4
+    assert rel_err(torch.from_numpy(y), _want(tiny, xs[1])) < 1e-4
 
 
-def test_nonfinite_requests_are_refused_in_the_batch(server: Any, model: torch.nn.Module) -> None:
+def test_nonfinite_requests_are_refused_in_the_batch(server: Any, tiny: TinyReference) -> None:
     """NaN and Inf are checked on the assembled batch: the bad requests get InvalidInputError,
     the good ones batched with them the model's answer, and nothing is retried or failed."""
     rng = np.random.default_rng(2)
@@ -107,7 +100,7 @@ def test_nonfinite_requests_are_refused_in_the_batch(server: Any, model: torch.n
     for i in (1, 3):
         assert isinstance(ys[i], InvalidInputError) and "NaN or Inf" in str(ys[i]), ys[i]
     for i in (0, 2, 4):
-        assert rel_err(torch.from_numpy(ys[i]), _want(model, xs[i])) < 1e-4
+        assert rel_err(torch.from_numpy(ys[i]), _want(tiny, xs[i])) < 1e-4
     assert server.metrics.local[EDGE]["failed"] == failed_before and not any("retrying" in m for m in messages)
     # Opted out, the same batch is computed as sent.
     server.args = server.args.model_copy(update={"reject_nonfinite": False})
@@ -116,7 +109,7 @@ def test_nonfinite_requests_are_refused_in_the_batch(server: Any, model: torch.n
     finally:
         server.args = server.args.model_copy(update={"reject_nonfinite": True})
     assert all(isinstance(y, np.ndarray) for y in ys) and np.isnan(ys[1]).any()
-    assert rel_err(torch.from_numpy(ys[0]), _want(model, xs[0])) < 1e-4
+    assert rel_err(torch.from_numpy(ys[0]), _want(tiny, xs[0])) < 1e-4
 
 
 def test_streams_per_bucket_only_on_a_gpu(server: Any) -> None:
