@@ -23,6 +23,7 @@ from ray import serve
 from deploy.ingress import Ingress
 from deploy.replica import ModelReplica, bucket_limits
 from deploy.routes import api
+from deploy.targets import direct_ingress_enabled
 from fa3trt import defaults
 from fa3trt.config import AppArgs, apply_env_overrides
 
@@ -110,6 +111,13 @@ def application(args: AppArgs, opts: dict[str, Any]) -> serve.Application:
     if not args.ingress_replicas:
         return ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined,no-any-return]  # @serve.deployment returns a Deployment
     model = ModelWorker.options(**opts).bind(static)
+    if not direct_ingress_enabled():
+        log.warning(
+            "ingress_replicas: %d without direct ingress: every request still passes Serve's proxy, one process "
+            "per node, which caps large requests (docs/benchmarks.md, section 8). Start Ray with "
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and call the ingress replicas' own ports (python -m deploy.targets)",
+            args.ingress_replicas,
+        )
     ingress = ingress_plan(args)
     log.info("fa3trt app: ingress deployment options %s", ingress)
     return Ingress.options(**ingress).bind(static, model)  # type: ignore[attr-defined,no-any-return]

@@ -21,10 +21,20 @@ from typing import Literal
 
 import requests
 
-__all__ = ["replica_targets", "ray_auth_token", "PROTOCOLS"]
+__all__ = ["replica_targets", "ray_auth_token", "direct_ingress_enabled", "PROTOCOLS"]
 
 PROTOCOLS = ("HTTP", "gRPC")
 Protocol = Literal["HTTP", "gRPC"]
+
+
+def direct_ingress_enabled() -> bool:
+    """Whether Serve in this process's cluster runs direct ingress, as Serve itself decides it from
+    the environment (``RAY_SERVE_ENABLE_DIRECT_INGRESS``, or a setting that implies it)."""
+    try:
+        from ray.serve._private import constants
+    except ImportError:  # a Serve without the setting
+        return False
+    return bool(getattr(constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", False))
 
 
 def ray_auth_token() -> str | None:

@@ -10,12 +10,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from deploy.app import derive_max_ongoing, ingress_plan, replica_plan
+from deploy.app import application, derive_max_ongoing, ingress_plan, replica_plan
 from deploy.codec import all_finite, decode_json, decode_npy, encode_npy, from_numpy_like, to_numpy, validate_sequence
 from deploy.replica import ModelReplica, bucket_limits
+from deploy.targets import direct_ingress_enabled
 from fa3trt.buckets import Buckets
 from fa3trt.config import AppArgs
 from fa3trt.errors import InvalidInputError, RequestError
+from tests.utils import captured_log
 
 B = Buckets((128, 512))
 
@@ -169,6 +171,20 @@ def test_batch_limits_and_replica_plan() -> None:
     }
     with pytest.raises(ValidationError, match="ingress_replicas"):
         AppArgs.model_validate({"ingress_replicas": -1})
+
+
+def test_ingress_replicas_without_direct_ingress_warn() -> None:
+    """Ingress processes behind Serve's proxy add a hop and nothing else: building such an app
+    says so and names the setting (this test process runs without direct ingress)."""
+    assert not direct_ingress_enabled()
+    for n, warned in ((0, False), (2, True)):
+        args = AppArgs.model_validate({"ingress_replicas": n})
+        with captured_log("ray.serve") as messages:
+            application(args, replica_plan(args, 0, 2))
+        hits = [m for m in messages if "without direct ingress" in m]
+        assert bool(hits) == warned, messages
+        if warned:
+            assert "RAY_SERVE_ENABLE_DIRECT_INGRESS=1" in hits[0] and "ingress_replicas: 2" in hits[0]
 
 
 def test_reconfigure_validates_through_the_schema() -> None:
