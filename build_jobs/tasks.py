@@ -178,9 +178,11 @@ def _build_source_engine(
 
     assert isinstance(item.model, SourceSpec)
     buckets = Buckets(item.buckets)
-    path, _ = ensure_source_onnx(store, item.model, buckets, workdir)
+    path, onnx_meta = ensure_source_onnx(store, item.model, buckets, workdir)
     config = BuildConfig(buckets=buckets, max_batch_tokens=item.max_batch_tokens)
-    meta = build_named_to_store(store, path, item.model.signature(), model_id(item.model), config, force=force)
+    sig, mid = item.model.signature(), model_id(item.model)
+    # The export stored the file already: the named record points to it (fa3trt.named_build).
+    meta = build_named_to_store(store, path, sig, mid, config, force=force, stored_as=str(onnx_meta["key"]))
     extra: dict[str, Any] = {
         k: meta[k] for k in ("trt_version", "compute_capability", "gpu_name", "plugin_version") if k in meta
     }

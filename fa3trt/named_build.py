@@ -14,8 +14,10 @@ Contract:
   model source's identity (``model_id``, an opaque digest its caller computes from the model
   config), the ONNX file, the build config, the engine-shaping part of the signature, and the
   TensorRT version, compute capability and plugin version (``fa3trt.compat.engine_key``).
-- ``build_named_to_store`` puts the ONNX file and this GPU's engine in the store;
-  ``named_engine_key_for`` finds that key again from the stored ONNX.
+- ``index_named_onnx`` records under ``named_onnx_key`` which ONNX file (its sha256) a named
+  model's engines come from: a pointer where the export already stored the file (``stored_as``),
+  else the file itself. ``build_named_to_store`` does this and puts this GPU's engine in the
+  store; ``named_engine_key_for`` finds the engine's key again from that record.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "named_onnx_key",
     "named_engine_key",
     "named_engine_key_for",
+    "index_named_onnx",
     "build_named_to_store",
 ]
 
@@ -165,6 +168,36 @@ def named_engine_key_for(
     return named_engine_key(model_id, str(meta["onnx_sha256"]), config, signature, env)
 
 
+def index_named_onnx(
+    store: ArtifactStore,
+    onnx_path: str | os.PathLike[str],
+    signature: Signature,
+    model_id: str,
+    *,
+    stored_as: str | None = None,
+) -> tuple[str, str]:
+    """Record in ``store``, under ``named_onnx_key``, the ONNX file a named model's engines are
+    built from; returns (that key, the file's sha256).
+
+    Where the export already stored the same file (``stored_as``, its key, whose
+    ``onnx_sha256`` matches), the record only points to it; otherwise it holds the file, so the
+    bytes are in the store once either way. A record that already says the same is kept."""
+    sha = file_sha256(onnx_path)
+    okey = named_onnx_key(model_id, signature)
+    pointer = (
+        stored_as is not None
+        and store.has("onnx", stored_as)
+        and str(store.metadata("onnx", stored_as).get("onnx_sha256")) == sha
+    )
+    meta: dict[str, Any] = {"onnx_sha256": sha, "model_id": model_id, "stored_as": stored_as if pointer else None}
+    if store.has("onnx", okey):
+        have = store.metadata("onnx", okey)
+        if all(have.get(k) == v for k, v in meta.items()):
+            return okey, sha
+    store.put("onnx", okey, b"" if pointer else Path(onnx_path).read_bytes(), meta)
+    return okey, sha
+
+
 def build_named_to_store(
     store: ArtifactStore,
     onnx_path: str | os.PathLike[str],
@@ -173,8 +206,11 @@ def build_named_to_store(
     config: BuildConfig,
     *,
     force: bool = False,
+    stored_as: str | None = None,
 ) -> dict[str, Any]:
-    """Put ``onnx_path`` and this GPU's engine built from it in ``store``; returns the engine's metadata.
+    """Put this GPU's engine built from ``onnx_path`` in ``store``, and the file's record
+    (``index_named_onnx``; ``stored_as``: the file's key where the export stored it); returns the
+    engine's metadata.
 
     Registers the plugin, checks the file against the signature, and builds with the store's
     timing cache for this (GPU, TensorRT version), writing it back. An engine already in the
@@ -183,10 +219,7 @@ def build_named_to_store(
     register_plugin(config.plugin_namespace)
     env = current_environment()
     check_onnx_signature(onnx_path, signature)
-    sha = file_sha256(onnx_path)
-    okey = named_onnx_key(model_id, signature)
-    if not store.has("onnx", okey) or str(store.metadata("onnx", okey).get("onnx_sha256")) != sha:
-        store.put("onnx", okey, Path(onnx_path).read_bytes(), {"onnx_sha256": sha, "model_id": model_id})
+    okey, sha = index_named_onnx(store, onnx_path, signature, model_id, stored_as=stored_as)
     key = named_engine_key(model_id, sha, config, signature, env)
     if store.has("engines", key) and not force:
         log.info("engine %s already in %s; pass force=True to rebuild", key, store.uri)

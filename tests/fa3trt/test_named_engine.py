@@ -4,6 +4,7 @@ profile's corners, and the engine path on a TensorRT machine."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from fa3trt.export import export_onnx, verify_onnx
 from fa3trt.named_build import (
     build_named_engine,
     check_onnx_signature,
+    index_named_onnx,
     named_engine_key,
     named_engine_key_for,
     named_onnx_key,
@@ -195,6 +197,33 @@ def test_engine_key_for_needs_the_onnx_in_the_store(tmp_path: Path) -> None:
         named_engine_key_for(store, sig, "model-a", cfg, ENV)
     store.put("onnx", named_onnx_key("model-a", sig), b"onnx", {"onnx_sha256": "a" * 64})
     assert named_engine_key_for(store, sig, "model-a", cfg, ENV) == named_engine_key("model-a", "a" * 64, cfg, sig, ENV)
+
+
+def test_the_named_record_points_to_the_exported_file_or_holds_it(tmp_path: Path) -> None:
+    """The ONNX bytes are in the store once: where the export stored the same file, the named
+    record only points to it; otherwise (another file, or no export key) it holds the file. The
+    engine's key is found from the record either way."""
+    store, sig, cfg = ArtifactStore(tmp_path / "store"), dit_signature(), BuildConfig(buckets=Buckets((16,)))
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"graph bytes" * 100)
+    sha = hashlib.sha256(onnx.read_bytes()).hexdigest()
+    store.put("onnx", "onnx-export", onnx.read_bytes(), {"onnx_sha256": sha})
+    okey, got_sha = index_named_onnx(store, onnx, sig, "model-a", stored_as="onnx-export")
+    assert okey == named_onnx_key("model-a", sig) and got_sha == sha
+    data, meta = store.get("onnx", okey)
+    assert data == b"" and meta["stored_as"] == "onnx-export" and meta["onnx_sha256"] == sha
+    assert named_engine_key_for(store, sig, "model-a", cfg, ENV) == named_engine_key("model-a", sha, cfg, sig, ENV)
+    # Another file under the same model: the export's entry no longer matches, so the record holds it.
+    onnx.write_bytes(b"other graph")
+    sha2 = hashlib.sha256(b"other graph").hexdigest()
+    index_named_onnx(store, onnx, sig, "model-a", stored_as="onnx-export")
+    data, meta = store.get("onnx", okey)
+    assert data == b"other graph" and meta["stored_as"] is None and meta["onnx_sha256"] == sha2
+    assert named_engine_key_for(store, sig, "model-a", cfg, ENV) == named_engine_key("model-a", sha2, cfg, sig, ENV)
+    # No export key at all (a file built directly): the record holds it; asked again, it is kept.
+    _, stored_at = store.get("onnx", okey)
+    index_named_onnx(store, onnx, sig, "model-a")
+    assert store.metadata("onnx", okey)["stored_at"] == stored_at["stored_at"]
 
 
 def test_from_bytes_refuses_another_environment_before_deserializing() -> None:
