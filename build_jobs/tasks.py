@@ -169,20 +169,12 @@ def _build_source_engine(
     item: BuildItem, store: ArtifactStore, force: bool, workdir: str
 ) -> tuple[str, str, int, dict[str, Any]]:
     """A user's model on TensorRT: its routed ONNX (exported once per spec), then this GPU's
-    engine with one profile per bucket over every named axis (``fa3trt.named_build``)."""
-    from fa3trt.artifacts import ensure_source_onnx
+    engine with one profile per bucket over every named axis (``fa3trt.artifacts.build_source_to_store``)."""
+    from fa3trt.artifacts import build_source_to_store
     from fa3trt.buckets import Buckets
-    from fa3trt.build import BuildConfig
-    from fa3trt.named_build import build_named_to_store
-    from fa3trt.sources import model_id
 
     assert isinstance(item.model, SourceSpec)
-    buckets = Buckets(item.buckets)
-    path, onnx_meta = ensure_source_onnx(store, item.model, buckets, workdir)
-    config = BuildConfig(buckets=buckets, max_batch_tokens=item.max_batch_tokens)
-    sig, mid = item.model.signature(), model_id(item.model)
-    # The export stored the file already: the named record points to it (fa3trt.named_build).
-    meta = build_named_to_store(store, path, sig, mid, config, force=force, stored_as=str(onnx_meta["key"]))
+    meta = build_source_to_store(store, item.model, Buckets(item.buckets), item.max_batch_tokens, workdir, force=force)
     extra: dict[str, Any] = {
         k: meta[k] for k in ("trt_version", "compute_capability", "gpu_name", "plugin_version") if k in meta
     }

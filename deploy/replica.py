@@ -98,6 +98,7 @@ class ModelReplica(V1Routes, V2Routes):
                 buckets=self.buckets,
                 store=self.args.store,
                 max_batch_tokens=self.args.batching.max_batch_tokens,
+                build_if_missing=self.args.build_if_missing,
             )
             self.backend: Any = self.named
             self.signature: Signature = self.named.signature

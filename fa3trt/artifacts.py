@@ -4,7 +4,8 @@ the weights the torch backend serves.
 ``onnx_key(config, weights)`` names the ONNX export of a model spec: a hash of everything that
 changes the exported graph (model config, weights content, opset, plugin version, torch's
 major.minor version, which owns the exporter). ``ensure_onnx`` exports once and shares the file
-through the store; every later caller, on any node, fetches it.
+through the store; every later caller, on any node, fetches it. ``build_source_to_store`` takes
+a user's model from its spec to this GPU's engine: the export (once per spec), then the build.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.sources import export_source, model_id
 from fa3trt.store import ArtifactStore
 
-__all__ = ["weights_digest", "onnx_key", "ensure_onnx", "source_onnx_key", "ensure_source_onnx", "spec_hash"]
+__all__ = [
+    "weights_digest",
+    "onnx_key",
+    "ensure_onnx",
+    "source_onnx_key",
+    "ensure_source_onnx",
+    "build_source_to_store",
+    "spec_hash",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +129,26 @@ def ensure_source_onnx(
     """``ensure_onnx`` for a user's model (``fa3trt.sources.export_source``)."""
     meta = {"model": spec.model_dump(mode="json", by_alias=True), "model_id": model_id(spec)}
     return _ensure(store, source_onnx_key(spec, buckets), workdir, lambda p: export_source(spec, p, buckets), meta)
+
+
+def build_source_to_store(
+    store: ArtifactStore,
+    spec: SourceSpec,
+    buckets: Buckets,
+    max_batch_tokens: int,
+    workdir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    """A user's model on TensorRT: its routed ONNX (``ensure_source_onnx``: exported once per
+    spec, on any node), then this GPU's engine with one profile per bucket over every named axis
+    (``fa3trt.named_build.build_named_to_store``; its ONNX record points to the export's entry).
+    Returns the engine's metadata. Needs a GPU and TensorRT."""
+    from fa3trt.build import BuildConfig
+    from fa3trt.named_build import build_named_to_store
+
+    path, onnx_meta = ensure_source_onnx(store, spec, buckets, workdir)
+    config = BuildConfig(buckets=buckets, max_batch_tokens=max_batch_tokens)
+    return build_named_to_store(
+        store, path, spec.signature(), model_id(spec), config, force=force, stored_as=str(onnx_meta["key"])
+    )

@@ -282,7 +282,8 @@ class NamedTensorRTBackend:
             raise EngineNotFoundError(
                 f"no TensorRT engine in store {st.uri} for model {model_id} with buckets {list(buckets.edges)} and "
                 f"max_batch_tokens {mbt} on this GPU ({env['gpu_name']}, sm{env['compute_capability']}, TensorRT "
-                f"{env['trt_version']}): build it with `{BUILD_HINT} --store {st.uri}`"
+                f"{env['trt_version']}): build it with `{BUILD_HINT} --store {st.uri}`, or start with "
+                "build_if_missing"
             )
         data, meta = st.get("engines", key)
         engine = NamedTRTEngine.from_bytes(data, meta, expected=signature, device=device, environment=env)

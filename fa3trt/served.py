@@ -14,7 +14,8 @@ Contract:
   else a ``ConfigError`` says to batch by shape.
 - ``load_named_backend(kind, spec, ...)`` picks the backend as ``fa3trt.load_backend`` does:
   ``ModuleBackend``, or this GPU's engine of the model (``fa3trt.named_runtime``) from the
-  store. Both follow ``NamedBackend``.
+  store, exported and built first where it is missing and ``build_if_missing`` is set. Both
+  follow ``NamedBackend``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from fa3trt import _trt
 from fa3trt.backends import BackendKind, default_device, describe_device
 from fa3trt.buckets import Buckets
 from fa3trt.config import SourceSpec
-from fa3trt.errors import ConfigError, MissingDependencyError
+from fa3trt.errors import ConfigError, EngineNotFoundError, MissingDependencyError
 from fa3trt.kernels.selector import select_kernel
 from fa3trt.model_io import select_output
 from fa3trt.routing import RoutingReport, route_attention
@@ -124,9 +125,11 @@ def load_named_backend(
     store: str | None = None,
     max_batch_tokens: int | None = None,
     device: torch.device | str | None = None,
+    build_if_missing: bool = False,
 ) -> NamedBackend:
     """The backend of a user's model: ``torch`` (``ModuleBackend``), ``tensorrt`` (this GPU's
-    engine of the model from ``store``, built by ``python -m build_jobs``), or ``auto``
+    engine of the model from ``store``, built by ``python -m build_jobs``; with
+    ``build_if_missing``, exported and built here first when the store lacks it), or ``auto``
     (TensorRT when it imports and a GPU is present, else torch)."""
     if kind == "identity":
         raise ConfigError(
@@ -145,9 +148,34 @@ def load_named_backend(
     _trt.require()
     from fa3trt.named_runtime import NamedTensorRTBackend
 
-    return NamedTensorRTBackend.load(
-        spec.signature(), model_id(spec), buckets=buckets, store=store, max_batch_tokens=max_batch_tokens, device=device
+    def load() -> NamedBackend:
+        return NamedTensorRTBackend.load(
+            spec.signature(),
+            model_id(spec),
+            buckets=buckets,
+            store=store,
+            max_batch_tokens=max_batch_tokens,
+            device=device,
+        )
+
+    try:
+        return load()
+    except EngineNotFoundError:
+        if not build_if_missing:
+            raise
+    import tempfile
+
+    from fa3trt.artifacts import build_source_to_store
+    from fa3trt.build import DEFAULT_MAX_BATCH_TOKENS
+    from fa3trt.store import ArtifactStore
+
+    st = ArtifactStore(store)
+    log.info(
+        "no engine in %s for %s on this GPU: exporting and building it now (build_if_missing)", st.uri, spec.source
     )
+    with tempfile.TemporaryDirectory(prefix="fa3trt-build-") as tmp:
+        build_source_to_store(st, spec, buckets, max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, tmp)
+    return load()
 
 
 def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:

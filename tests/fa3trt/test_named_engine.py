@@ -394,3 +394,40 @@ def test_bert_engine_matches_the_torch_model(bert: torch.nn.Module, tmp_path: Pa
     other = Signature(sig.inputs, TensorSpec("last_hidden_state", "float32", ("S", 64)), "S")
     with pytest.raises((EngineMismatchError, EngineNotFoundError)):
         NamedTensorRTBackend.load(other, "bert-tiny", buckets=BUCKETS, store=store, max_batch_tokens=MAX_BATCH_TOKENS)
+
+
+@gpu
+@requires_tensorrt
+def test_build_if_missing_exports_and_builds_a_user_model(tmp_path: Path) -> None:
+    """examples/serve_bert.yaml's model on backend tensorrt with an empty store: without
+    build_if_missing the error names the build command; with it, the replica's loader exports
+    the ONNX, builds this GPU's engine (the ONNX stored once) and serves the eager model's answers."""
+    import yaml
+
+    from fa3trt.config import AppArgs, SourceSpec
+    from fa3trt.errors import EngineNotFoundError
+    from fa3trt.model_io import select_output
+    from fa3trt.served import ModuleBackend, load_named_backend
+    from fa3trt.sources import model_id
+    from tests.utils import rel_err
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples/serve_bert.yaml").read_text())
+    app = AppArgs.model_validate(doc["applications"][0]["args"])
+    spec, buckets, mbt = app.model, app.bucket_set(), app.batching.max_batch_tokens
+    assert isinstance(spec, SourceSpec)
+    store = str(tmp_path / "store")
+    with pytest.raises(EngineNotFoundError, match="build_jobs"):
+        load_named_backend("tensorrt", spec, buckets=buckets, store=store, max_batch_tokens=mbt)
+    be = load_named_backend("tensorrt", spec, buckets=buckets, store=store, max_batch_tokens=mbt, build_if_missing=True)
+    assert be.describe()["backend"] == "tensorrt" and be.signature == spec.signature()
+    st = ArtifactStore(store)
+    record = st.metadata("onnx", named_onnx_key(model_id(spec), spec.signature()))
+    assert record["size"] == 0 and record["stored_as"]  # a pointer to the export, not a second copy
+    eager = ModuleBackend(spec, "cuda").module  # the model as transformers runs it, unrouted
+    sig = spec.signature()
+    for length in (5, 64, 300):
+        req = sig.check(sig.sample_request(length, seed=length), buckets)
+        batch = sig.assemble([req], be.device)
+        with torch.inference_mode():
+            want = select_output(eager(**batch), "last_hidden_state")
+        assert rel_err(be.run(batch).float().cpu(), want.float().cpu()) < 1e-3
