@@ -124,6 +124,11 @@ class TransportClient:
     def ready(self) -> bool:
         return True
 
+    def node_id(self) -> str:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     async def run(
         self,
         transport: str,
@@ -316,11 +321,15 @@ def measure_floor(runner: Runner, want: list[str]) -> dict[str, Any]:
     """Batch 1 through each transport to a bare echo process (``bench.transport_floor``): the
     clients, the wire and the codecs, no Serve and no model."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from bench.transport_floor import FLOOR_MODEL, FloorServer
 
-    # On this node (the clients' and, on one machine, the app's), beside the clients.
-    server = ray.remote(num_cpus=0)(FloorServer).remote()
+    # On the node of the client that drives batch 1, which reaches it at 127.0.0.1: the floor is
+    # a same-host call (on one machine, the app's host too).
+    node = ray.get(runner.clients[0].node_id.remote())
+    strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+    server = ray.remote(num_cpus=0)(FloorServer).options(scheduling_strategy=strategy).remote()
     try:
         addr = ray.get(server.start.remote())
         urls = {"handle": [], "v1-http-direct": [addr["http"]], "v2-http-direct": [addr["http"]]}
