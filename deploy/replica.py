@@ -68,10 +68,11 @@ def bucket_limits(buckets: Buckets, batching: BatchingConfig) -> list[tuple[int,
 class ModelReplica(V1Routes, V2Routes):
     """One model replica: a backend, one batch queue per bucket, and the app's HTTP routes.
 
-    HTTP (through Serve's proxy) and handle calls reach the replica directly: no hop in between
-    copies a request or its answer once more (a separate ingress deployment served less:
-    docs/benchmarks.md, "Scale-out", "How the app's design was decided").
-    Deployed as ``ModelServer`` (``deploy.app``); a plain class here, so workers import it from
+    By default HTTP (through Serve's proxy) and handle calls reach the replica directly: no hop
+    in between copies a request or its answer once more (behind Serve's proxy a separate ingress
+    deployment served less: docs/benchmarks.md, "Scale-out"). With direct ingress and large
+    bodies, ingress processes in front (``ingress_replicas``, ``deploy.ingress``) keep the
+    body copies off this process's GIL (section 8). Deployed as ``ModelServer`` (``deploy.app``); a plain class here, so workers import it from
     this module by name."""
 
     def __init__(self, args: dict[str, Any], batching: dict[str, Any] | None = None) -> None:
