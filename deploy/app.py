@@ -20,9 +20,7 @@ from typing import Any
 
 from ray import serve
 
-from deploy.ingress import Ingress
-from deploy.replica import ModelReplica, bucket_limits
-from deploy.routes import api
+from deploy.replica import ModelServer, ModelWorker, bucket_limits
 from deploy.targets import direct_ingress_enabled
 from fa3trt import defaults
 from fa3trt.config import AppArgs, apply_env_overrides
@@ -82,14 +80,6 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
     }
 
 
-# Wrapped apart from the class definition: the class stays importable as deploy.replica.ModelReplica,
-# so Ray ships it by reference (the worker imports that module) instead of pickling it by value.
-ModelServer = serve.deployment(name="ModelServer")(serve.ingress(api)(ModelReplica))
-# Behind ingress replicas (ingress_replicas > 0) the model replicas are called by handle only:
-# the same class without the routes' FastAPI app (Serve allows one per application).
-ModelWorker = serve.deployment(name="ModelServer")(ModelReplica)
-
-
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder (``import_path: deploy.app:build_app``)."""
     import ray
@@ -111,6 +101,10 @@ def application(args: AppArgs, opts: dict[str, Any]) -> serve.Application:
     if not args.ingress_replicas:
         return ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined,no-any-return]  # @serve.deployment returns a Deployment
     model = ModelWorker.options(**opts).bind(static)
+    # Imported here, not at the top: see deploy.replica's ModelServer. (This module is imported
+    # by the process that builds the app, which serves nothing.)
+    from deploy.ingress import Ingress
+
     if not direct_ingress_enabled():
         log.warning(
             "ingress_replicas: %d without direct ingress: every request still passes Serve's proxy, one process "

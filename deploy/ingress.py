@@ -88,5 +88,5 @@ class IngressReplica(V1Routes, V2Routes):
         return stats
 
 
-# As deploy.app.ModelServer: wrapped apart from the class, so workers import it by name.
+# As deploy.replica.ModelServer: wrapped beside the class, whose import runs it in the replica.
 Ingress = serve.deployment(name="Ingress")(serve.ingress(api)(IngressReplica))

@@ -35,7 +35,7 @@ from deploy.codec import (
 )
 from deploy.lag import WakeLag
 from deploy.metrics import ReplicaMetrics, rss_bytes
-from deploy.routes import V1Routes, V2Routes
+from deploy.routes import V1Routes, V2Routes, api
 from fa3trt.buckets import Buckets, assemble, to_host
 from fa3trt.config import AppArgs, BatchingConfig, SourceSpec
 from fa3trt.errors import InvalidInputError
@@ -44,7 +44,7 @@ from fa3trt.served import NamedBackend, check_padding, load_named_backend
 from fa3trt.signature import Checked, Signature
 from fa3trt.timing import timing_events
 
-__all__ = ["ModelReplica", "bucket_limits"]
+__all__ = ["ModelReplica", "ModelServer", "ModelWorker", "bucket_limits"]
 
 log = logging.getLogger("ray.serve")
 # Requests arrive as read-only NumPy views of Ray's object store; they are only read (copied
@@ -72,8 +72,8 @@ class ModelReplica(V1Routes, V2Routes):
     in between copies a request or its answer once more (behind Serve's proxy a separate ingress
     deployment served less: docs/benchmarks.md, "Scale-out"). With direct ingress and large
     bodies, ingress processes in front (``ingress_replicas``, ``deploy.ingress``) keep the
-    body copies off this process's GIL (section 8). Deployed as ``ModelServer`` (``deploy.app``); a plain class here, so workers import it from
-    this module by name."""
+    body copies off this process's GIL (section 8). Deployed as ``ModelServer`` or
+    ``ModelWorker`` (the end of this module), bound by ``deploy.app``."""
 
     def __init__(self, args: dict[str, Any], batching: dict[str, Any] | None = None) -> None:
         """``args``: AppArgs without ``batching``, which arrives as Serve's ``user_config``
@@ -411,3 +411,14 @@ class ModelReplica(V1Routes, V2Routes):
             ok = bool(torch.isfinite(y).all())
         if not ok:
             raise RuntimeError("health check: the backend returned non-finite values")
+
+
+# The deployments, wrapped here, beside the class: a replica's process imports this module to
+# get the class by reference, and that import is what runs `serve.ingress(api)` in it, moving
+# the routes of the one FastAPI app onto this class. A second class wrapped in the same process
+# breaks them (every route answers 422), so a serving process imports one wrapper only: a model
+# replica's this module, an ingress replica's deploy.ingress (tests/deploy/test_codec_config.py).
+ModelServer = serve.deployment(name="ModelServer")(serve.ingress(api)(ModelReplica))
+# Behind ingress replicas (ingress_replicas > 0) the model replicas are called by handle only:
+# the same class without the routes' FastAPI app (Serve allows one per application).
+ModelWorker = serve.deployment(name="ModelServer")(ModelReplica)

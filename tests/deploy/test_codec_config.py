@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -171,6 +173,27 @@ def test_batch_limits_and_replica_plan() -> None:
     }
     with pytest.raises(ValidationError, match="ingress_replicas"):
         AppArgs.model_validate({"ingress_replicas": -1})
+
+
+@pytest.mark.parametrize(
+    "module,other",
+    [("deploy.replica", "deploy.ingress"), ("deploy.app", "deploy.ingress"), ("deploy.ingress", "deploy.replica")],
+)
+def test_a_replica_process_wraps_one_class_with_the_routes(module: str, other: str) -> None:
+    """A replica's process imports its class's module, and that import is what runs
+    serve.ingress(api), moving the shared FastAPI app's routes onto the class (left unwrapped,
+    every route took `self` as a query parameter and answered 422). Wrapping the other class too
+    broke them the same way, so importing either deployment's module must not import the other's."""
+    code = (
+        f"import sys, {module}\n"
+        "from deploy.routes import api\n"
+        f"assert {other!r} not in sys.modules, 'imported {other}'\n"
+        "unwrapped = [r.path for r in api.routes if any(p.name == 'self' for p in "
+        "getattr(getattr(r, 'dependant', None), 'query_params', []))]\n"
+        "assert not unwrapped, f'routes not wrapped for a class: {unwrapped}'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_ingress_replicas_without_direct_ingress_warn() -> None:
