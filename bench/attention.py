@@ -6,7 +6,7 @@ real lengths only) and are compared with the same kernel on the unmasked full 8x
 "cudnn+mask" is the dense boolean padding mask the project avoids, measured as the baseline.
 Goals: the default kernel >= 95% of the fastest at each dense shape; ragged >= 90% of unmasked.
 Every kernel is timed in the steady state of a recurring shape: the default (adaptive cuDNN)
-kernel is first called until the shape has repaid a cuDNN plan (fa3trt.kernels.cudnn). Device time
+kernel is first called until the shape has repaid a cuDNN plan (fa3trt.attention.kernels.cudnn). Device time
 is taken with 20 calls queued behind a GPU sleep (``fa3trt.testing.time_queued``), so no gap the
 host leaves between launches is counted, and the host's own µs per call are reported beside it
 (for the paths that read device lengths on the host, that includes waiting for the GPU). The
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from bench._common import bar_plot, card, save
-from fa3trt.kernels import cudnn, fa3, flash_cute
-from fa3trt.kernels.registry import available_kernels
-from fa3trt.kernels.selector import select_kernel
+from fa3trt.attention.kernels import cudnn, fa3, flash_cute
+from fa3trt.attention.kernels.registry import available_kernels
+from fa3trt.attention.kernels.selector import select_kernel
 from fa3trt.testing import reference_attention, run_kernel, time_queued
 
 H, D = 32, 128

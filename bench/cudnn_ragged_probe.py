@@ -28,8 +28,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from fa3trt.kernels import cudnn_graph as cf  # noqa: E402
-from fa3trt.kernels.tail import triton_kernel, zero_tail_  # noqa: E402
+from fa3trt.attention.kernels import cudnn_graph as cf  # noqa: E402
+from fa3trt.attention.kernels.tail import triton_kernel, zero_tail_  # noqa: E402
 from fa3trt.testing import reference_attention, run_kernel  # noqa: E402
 from fa3trt.timing import time_cuda_ms  # noqa: E402
 
@@ -99,7 +99,7 @@ def environment() -> None:
     except Exception:
         say("importing cudnn failed:")
         traceback.print_exc(file=sys.stdout)
-    say("fa3trt.kernels.cudnn_graph.available() =", cf.available(), cf.frontend_versions())
+    say("fa3trt.attention.kernels.cudnn_graph.available() =", cf.available(), cf.frontend_versions())
     try:  # every libcudnn mapped into the process: one directory means one copy
         with open("/proc/self/maps") as maps:
             libs = sorted({line.split()[-1] for line in maps if "libcudnn" in line})

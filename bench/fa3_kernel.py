@@ -4,7 +4,7 @@ dense shapes and on the ragged batch, with the host out of the way.
 Host µs per call at a small batch (8 x 128 tokens, so the GPU keeps up with the host) for: the
 interface's ``flash_attn_varlen_func`` (an autograd Function around a Python custom op around
 the registered op), its ``_flash_attn_forward``, the registered op ``torch.ops.flash_attn_3.fwd``
-that ``fa3trt.kernels.fa3`` calls, and the op's own paths (device and host lengths, dense), beside
+that ``fa3trt.attention.kernels.fa3`` calls, and the op's own paths (device and host lengths, dense), beside
 cuDNN SDPA. Then device time per call (20 calls queued behind a GPU sleep,
 ``fa3trt.testing.time_queued``; ``--rounds`` rounds, all entries in alternation) for FA3 and
 cuDNN at dense shapes from 16x1024 to the seed's 1x15708, and for the ragged 8 x 2048 batch
@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from bench._common import bar_plot, card, host_us, save
+from fa3trt.attention.kernels import fa3 as _fa3
+from fa3trt.attention.kernels import sdpa
+from fa3trt.attention.kernels.tail import zero_tail_
 from fa3trt.buckets import to_device
-from fa3trt.kernels import fa3 as _fa3
-from fa3trt.kernels import sdpa
-from fa3trt.kernels.tail import zero_tail_
 from fa3trt.testing import run_kernel, time_queued
 
 H, D = 32, 128
@@ -66,7 +66,9 @@ def host_costs(fa3: Any, op: Any, qkv: list[torch.Tensor]) -> dict[str, float]:
         "interface _flash_attn_forward": lambda: fa3._flash_attn_forward(
             *flat, cu_seqlens_q=cu, cu_seqlens_k=cu, seqused_q=ld, seqused_k=ld, max_seqlen_q=128, max_seqlen_k=128
         ),
-        "registered op (what fa3trt.kernels.fa3 calls)": lambda: op(q, k, v, seqused_q=ld, seqused_k=ld, num_splits=1),
+        "registered op (what fa3trt.attention.kernels.fa3 calls)": lambda: op(
+            q, k, v, seqused_q=ld, seqused_k=ld, num_splits=1
+        ),
         "op path, device lengths": lambda: run_kernel("fa3", q, k, v, ld),
         "op path, host lengths": lambda: run_kernel("fa3", q, k, v, lh),
         "op path, dense": lambda: run_kernel("fa3", q, k, v),

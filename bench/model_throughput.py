@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench._common import bar_plot, card, gemm_tflops, save, time_cuda_ms
-from fa3trt.backends import TorchBackend
-from fa3trt.kernels import cudnn  # noqa: E402
-from fa3trt.model import ModelConfig, Transformer
+from fa3trt.attention.kernels import cudnn  # noqa: E402
+from fa3trt.models.reference import ModelConfig, Transformer
+from fa3trt.serving.backends import TorchBackend
 
 
 def model_flops(cfg: ModelConfig, b: int, s: int) -> float:

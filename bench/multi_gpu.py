@@ -39,10 +39,10 @@ import torch
 
 from bench._common import GpuSampler, card, pyplot, save, save_figure
 from bench.serve_load import parse_mix
-from fa3trt.backends import TorchBackend
+from fa3trt.attention.kernels.selector import lengths_on_device, select_kernel
 from fa3trt.buckets import assemble, to_host
-from fa3trt.kernels.selector import lengths_on_device, select_kernel
-from fa3trt.model import ModelConfig
+from fa3trt.models.reference import ModelConfig
+from fa3trt.serving.backends import TorchBackend
 from fa3trt.timing import timing_events
 
 PATHS = ("device", "staged", "staged-copy", "device+graphs", "staged+graphs")

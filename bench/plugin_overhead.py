@@ -3,7 +3,7 @@
 For each shape (default: the seed's 1x15708x32x128 bf16, and a short 1x256x32x128), on one GPU
 in one process: host microseconds per call of
   bare      the attention kernel the plugin uses, called on torch tensors (its own output)
-  core      fa3trt.plugin.enqueue_core on raw pointers with its view cache (steady state); with
+  core      fa3trt.trt.plugin.enqueue_core on raw pointers with its view cache (steady state); with
             a direct-write kernel (FlashAttention's CuTe kernel, cuDNN's padding-mask graph) the
             kernel writes TensorRT's buffer and a Triton kernel zeroes the tails
   masked    enqueue_core with write="masked": the kernel's own result copied in by a masked write
@@ -33,11 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import host_us  # noqa: E402
-from fa3trt import plugin  # noqa: E402
-from fa3trt.kernels.base import Ragged  # noqa: E402
-from fa3trt.kernels.registry import KERNELS, available_kernels, direct_write_kernels  # noqa: E402
-from fa3trt.kernels.selector import enqueue_kernel  # noqa: E402
-from fa3trt.plugin import enqueue  # noqa: E402
+from fa3trt.attention.kernels.base import Ragged  # noqa: E402
+from fa3trt.attention.kernels.registry import KERNELS, available_kernels, direct_write_kernels  # noqa: E402
+from fa3trt.attention.kernels.selector import enqueue_kernel  # noqa: E402
+from fa3trt.trt import plugin  # noqa: E402
+from fa3trt.trt.plugin import enqueue  # noqa: E402
 
 GOAL_US = 30.0
 

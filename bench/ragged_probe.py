@@ -25,7 +25,7 @@ import torch
 
 from bench._common import card, save, time_cuda_ms
 from bench.attention import RAGGED, flops, paired
-from fa3trt.kernels import flash_cute as _flash_cute
+from fa3trt.attention.kernels import flash_cute as _flash_cute
 
 
 def _fwd(**kw: Any) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from bench._common import bar_plot, card, save, time_cuda_ms
 from fa3trt import route_attention
-from fa3trt.kernels.selector import select_kernel
+from fa3trt.attention.kernels.selector import select_kernel
 
 
 class _PassMode(TorchFunctionMode):

@@ -256,7 +256,7 @@ def main() -> None:
     from ray import serve
 
     from deploy.app import build_app
-    from fa3trt.model import ModelConfig
+    from fa3trt.models.reference import ModelConfig
 
     lo, hi = parse_mix(args.mix)
     hidden = ModelConfig.preset(args.preset, **({"layers": args.layers} if args.layers else {})).hidden

@@ -3,7 +3,7 @@
 Reads an app config naming a user's model (default ``examples/serve_flux_gpu.yaml``: FLUX.1's
 transformer at its real width, 2 + 4 blocks, bf16), then:
 
-1. direct: the model as the replica runs it (``fa3trt.served.ModuleBackend``: loaded from its
+1. direct: the model as the replica runs it (``fa3trt.serving.served.ModuleBackend``: loaded from its
    source, attention routed) called in this process on batches of equal-shape requests at the
    bucket's batch limit; its requests/s at saturation. The same requests through the eager,
    unrouted model give the reference answers.
@@ -30,7 +30,7 @@ import yaml
 
 from bench._common import bar_plot, card, save
 from fa3trt.config import AppArgs, SourceSpec
-from fa3trt.model_io import select_output
+from fa3trt.onnx.calls import select_output
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,7 +45,7 @@ def _sync() -> None:
 def direct(args: AppArgs, length: int, other: int, n: int, device: str) -> dict[str, Any]:
     """Requests/s of the model called in-process at the bucket's batch limit, and the unrouted
     model's answers to the first requests (the reference)."""
-    from fa3trt.served import ModuleBackend
+    from fa3trt.serving.served import ModuleBackend
 
     assert isinstance(args.model, SourceSpec)
     backend = ModuleBackend(args.model, device)

@@ -79,9 +79,9 @@ def main() -> None:
     from ray import serve
 
     from deploy.app import build_app
-    from fa3trt.backends import TorchBackend
     from fa3trt.buckets import assemble, to_host
-    from fa3trt.model import ModelConfig
+    from fa3trt.models.reference import ModelConfig
+    from fa3trt.serving.backends import TorchBackend
 
     lo, hi = parse_mix(args.mix)
     model: dict[str, Any] = {"preset": args.preset} | ({"layers": args.layers} if args.layers else {})

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from fa3trt import defaults, tensorrt_available
 from fa3trt.config import APP_IMPORT_PATH, AppArgs, SourceSpec
 from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError
-from fa3trt.model import ModelConfig
+from fa3trt.models.reference import ModelConfig
 from fa3trt.store import ArtifactStore, sanitize_key_part, validate_key
 
 __all__ = [
@@ -196,7 +196,7 @@ def compute_plan(
     """
     from fa3trt.artifacts import onnx_key, source_onnx_key, weights_digest
     from fa3trt.buckets import Buckets
-    from fa3trt.sources import model_id
+    from fa3trt.models.sources import model_id
 
     if not specs:
         raise ConfigError(

@@ -6,7 +6,7 @@ spec (one per GPU type) depends on it, so the export is shared instead of repeat
 ``build_item`` runs on the item's GPU (``num_gpus=1``) or CPU slot:
 
 1. TensorRT backend: ``register_plugin()`` first, logged with the worker's
-   ``CUDA_VISIBLE_DEVICES``; then ``fa3trt.build.build_to_store`` builds and stores the engine.
+   ``CUDA_VISIBLE_DEVICES``; then ``fa3trt.trt.build.build_to_store`` builds and stores the engine.
 2. Torch backend: fetch the ONNX (``ensure_onnx``), verify it in ONNX Runtime against a float32
    copy of the model (``verify_onnx``), and store the weights the torch backend serves as
    safetensors under kind ``artifacts``.
@@ -34,7 +34,7 @@ from build_jobs.plan import RECORD_KIND, BuildItem
 from fa3trt import defaults
 from fa3trt.config import SourceSpec
 from fa3trt.errors import ArtifactCorruptError, BuildItemError
-from fa3trt.model import ModelConfig
+from fa3trt.models.reference import ModelConfig
 from fa3trt.store import ArtifactStore, validate_key
 
 __all__ = ["export_spec", "build_item", "weights_key", "worker_info", "remote_functions"]
@@ -146,7 +146,7 @@ def _build_engine(
     item: BuildItem, store: ArtifactStore, force: bool, workdir: str
 ) -> tuple[str, str, int, dict[str, Any]]:
     from fa3trt.buckets import Buckets
-    from fa3trt.build import build_to_store
+    from fa3trt.trt.build import build_to_store
 
     if isinstance(item.model, SourceSpec):
         return _build_source_engine(item, store, force, workdir)
@@ -186,7 +186,7 @@ def _verify_source(item: BuildItem, store: ArtifactStore, workdir: str) -> tuple
     unrouted model; the replicas load the model from its source, so the artifact is that ONNX."""
     from fa3trt.artifacts import ensure_source_onnx
     from fa3trt.buckets import Buckets
-    from fa3trt.sources import verify_source
+    from fa3trt.models.sources import verify_source
 
     assert isinstance(item.model, SourceSpec)
     buckets = Buckets(item.buckets)
@@ -204,8 +204,8 @@ def _build_torch_artifact(
     if isinstance(item.model, SourceSpec):
         return _verify_source(item, store, workdir)
     from fa3trt.artifacts import ensure_onnx, weights_digest
-    from fa3trt.export import export_onnx, verify_onnx
-    from fa3trt.model import build_model
+    from fa3trt.models.reference import build_model
+    from fa3trt.onnx.export import export_onnx, verify_onnx
 
     onnx_path, onnx_meta = ensure_onnx(store, item.model, item.weights, workdir)
     served = build_model(item.model, item.weights, "cpu")
@@ -258,7 +258,7 @@ def build_item(item: BuildItem, force: bool = False, onnx: dict[str, Any] | None
         if item.backend == "tensorrt":
             # Before anything else touches TensorRT in this process: parsing and deserializing
             # need the plugin creator in the registry.
-            from fa3trt.plugin import register_plugin
+            from fa3trt.trt.plugin import register_plugin
 
             register_plugin()
             plugin_registered = True

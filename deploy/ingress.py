@@ -26,7 +26,7 @@ from ray.exceptions import RayTaskError
 
 from deploy.routes import V1Routes, V2Routes, api
 from fa3trt.config import AppArgs, SourceSpec
-from fa3trt.model_io import reference_signature
+from fa3trt.onnx.calls import reference_signature
 from fa3trt.signature import Signature
 
 __all__ = ["IngressReplica", "Ingress"]

@@ -6,7 +6,7 @@ bucket before it reports ready, and keeps one batch queue per bucket with its ow
 ``seq_lens``; each caller gets exactly its own rows back. NaN and Inf are looked for on the
 device, in the assembled batch, and refuse only the requests holding them. A batch that fails is
 split and retried in halves, so only the requests that really fail, fail. A user's model
-(``model: source: ...``) runs on ``fa3trt.served``'s backends, its requests checked, batched
+(``model: source: ...``) runs on ``fa3trt.serving.served``'s backends, its requests checked, batched
 (padded or by shape) and answered by its ``fa3trt.signature.Signature``.
 
 The routes are mixed in from ``deploy.routes``, so a replica can be the app's ingress itself;
@@ -39,8 +39,8 @@ from deploy.routes import V1Routes, V2Routes, api
 from fa3trt.buckets import Buckets, assemble, to_host
 from fa3trt.config import AppArgs, BatchingConfig, SourceSpec
 from fa3trt.errors import InvalidInputError
-from fa3trt.model_io import reference_signature
-from fa3trt.served import NamedBackend, check_padding, load_named_backend
+from fa3trt.onnx.calls import reference_signature
+from fa3trt.serving.served import NamedBackend, check_padding, load_named_backend
 from fa3trt.signature import Checked, Signature
 from fa3trt.timing import timing_events
 
@@ -79,7 +79,7 @@ class ModelReplica(V1Routes, V2Routes):
         """``args``: AppArgs without ``batching``, which arrives as Serve's ``user_config``
         through ``reconfigure`` (so changing it never restarts the replica). ``batching`` is
         for use outside Serve."""
-        from fa3trt.backends import load_backend
+        from fa3trt.serving.backends import load_backend
 
         self.args = AppArgs.model_validate(args)
         self.buckets = self.args.bucket_set()
@@ -90,7 +90,7 @@ class ModelReplica(V1Routes, V2Routes):
         gpu = self.args.numa_affinity and torch.cuda.is_available()
         self.cpu_affinity = pin_to_gpu_node(torch.cuda.current_device()) if gpu else None
         spec = self.args.model
-        # A user's model (named inputs, fa3trt.served) or the reference model (one array x).
+        # A user's model (named inputs, fa3trt.serving.served) or the reference model (one array x).
         self.named: NamedBackend | None = None
         if isinstance(spec, SourceSpec):
             self.named = load_named_backend(
@@ -124,7 +124,7 @@ class ModelReplica(V1Routes, V2Routes):
         # and one bucket's copies overlap another's kernels. (On one shared stream every
         # answer's sync also waited for whatever the other buckets had queued.) With TensorRT
         # a bucket's batches meet its own profile; a batch that needs another bucket's profile
-        # waits for that profile's last use (fa3trt.runtime.TensorRTBackend.run).
+        # waits for that profile's last use (fa3trt.trt.runtime.TensorRTBackend.run).
         dev = self.backend.device
         own = dev.type == "cuda" and self.args.stream_per_bucket
         self._streams = [torch.cuda.Stream(dev) if own else None for _ in self.buckets.edges]

@@ -1,11 +1,11 @@
 """fa3trt: FlashAttention-3 inside TensorRT engines, served on Ray.
 
 Importing this package needs neither TensorRT, CUDA nor FA3: those are imported lazily by the
-modules that use them (``fa3trt._trt`` alone imports TensorRT; ``fa3trt.kernels.fa3`` alone FA3).
+modules that use them (``fa3trt.trt._trt`` alone imports TensorRT; ``fa3trt.attention.kernels.fa3`` alone FA3).
 """
 
-from fa3trt._trt import available as tensorrt_available
-from fa3trt.backends import load_backend
+from fa3trt.attention.op import attention
+from fa3trt.attention.routing import RoutingReport, route_attention
 from fa3trt.errors import (
     ArtifactCorruptError,
     ArtifactNotFoundError,
@@ -25,10 +25,10 @@ from fa3trt.errors import (
     RayUnavailableError,
     RequestError,
 )
-from fa3trt.export import export_onnx
-from fa3trt.model import ModelConfig, build_model, save_weights
-from fa3trt.op import attention
-from fa3trt.routing import RoutingReport, route_attention
+from fa3trt.models.reference import ModelConfig, build_model, save_weights
+from fa3trt.onnx.export import export_onnx
+from fa3trt.serving.backends import load_backend
+from fa3trt.trt._trt import available as tensorrt_available
 
 __all__ = [
     "attention",

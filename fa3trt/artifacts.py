@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from fa3trt._hashing import spec_hash
+from fa3trt.attention.op import PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.buckets import Buckets
 from fa3trt.config import SourceSpec
-from fa3trt.export import OPSET, export_onnx, file_sha256
-from fa3trt.model import ModelConfig, build_model
-from fa3trt.op import PLUGIN_NAME, PLUGIN_VERSION
-from fa3trt.sources import export_source, model_id
+from fa3trt.models.reference import ModelConfig, build_model
+from fa3trt.models.sources import export_source, model_id
+from fa3trt.onnx.export import OPSET, export_onnx, file_sha256
 from fa3trt.store import ArtifactStore
 
 __all__ = [
@@ -126,7 +126,7 @@ def ensure_onnx(
 def ensure_source_onnx(
     store: ArtifactStore, spec: SourceSpec, buckets: Buckets, workdir: str | os.PathLike[str]
 ) -> tuple[Path, dict[str, Any]]:
-    """``ensure_onnx`` for a user's model (``fa3trt.sources.export_source``)."""
+    """``ensure_onnx`` for a user's model (``fa3trt.models.sources.export_source``)."""
     meta = {"model": spec.model_dump(mode="json", by_alias=True), "model_id": model_id(spec)}
     return _ensure(store, source_onnx_key(spec, buckets), workdir, lambda p: export_source(spec, p, buckets), meta)
 
@@ -142,10 +142,10 @@ def build_source_to_store(
 ) -> dict[str, Any]:
     """A user's model on TensorRT: its routed ONNX (``ensure_source_onnx``: exported once per
     spec, on any node), then this GPU's engine with one profile per bucket over every named axis
-    (``fa3trt.named_build.build_named_to_store``; its ONNX record points to the export's entry).
+    (``fa3trt.trt.named_build.build_named_to_store``; its ONNX record points to the export's entry).
     Returns the engine's metadata. Needs a GPU and TensorRT."""
-    from fa3trt.build import BuildConfig
-    from fa3trt.named_build import build_named_to_store
+    from fa3trt.trt.build import BuildConfig
+    from fa3trt.trt.named_build import build_named_to_store
 
     path, onnx_meta = ensure_source_onnx(store, spec, buckets, workdir)
     config = BuildConfig(buckets=buckets, max_batch_tokens=max_batch_tokens)

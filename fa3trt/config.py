@@ -31,7 +31,7 @@ from pydantic import (
 from fa3trt import defaults
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
-from fa3trt.model import ModelConfig
+from fa3trt.models.reference import ModelConfig
 from fa3trt.signature import Signature, TensorSpec
 
 __all__ = [
@@ -61,7 +61,7 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """The reference model (``source: fa3trt``): one of its presets."""
 
-    source: Literal["fa3trt"] = Field("fa3trt", description="The reference transformer of fa3trt.model.")
+    source: Literal["fa3trt"] = Field("fa3trt", description="The reference transformer of fa3trt.models.reference.")
     preset: Literal["tiny", "seed"] = Field(
         defaults.MODEL_PRESET, description="Model preset: tiny (CPU) or seed (4096 wide, 32 heads)."
     )
@@ -310,7 +310,7 @@ class AppArgs(_Strict):
     )
     cuda_graphs: bool = Field(
         defaults.CUDA_GRAPHS,
-        description="Torch backend on a GPU: run batches as CUDA graphs (fa3trt._graphs): one launch per batch instead of the model's few dozen. Needs FA3 or FlashAttention's CuTe kernel.",
+        description="Torch backend on a GPU: run batches as CUDA graphs (fa3trt.serving.graphs): one launch per batch instead of the model's few dozen. Needs FA3 or FlashAttention's CuTe kernel.",
     )
     stream_per_bucket: bool = Field(
         defaults.STREAM_PER_BUCKET,

@@ -1,7 +1,7 @@
 """Every default of the project, in one place.
 
-Contract: the serve config schema (``fa3trt.config``), the engine build (``fa3trt.build``), the
-backend loader (``fa3trt.backends``), the store and the build jobs take their defaults from
+Contract: the serve config schema (``fa3trt.config``), the engine build (``fa3trt.trt.build``), the
+backend loader (``fa3trt.serving.backends``), the store and the build jobs take their defaults from
 here, so a value left out anywhere means the same thing everywhere: ``load_backend("tensorrt")``
 without buckets looks for the engines that the shipped ``serve_config.yaml`` builds. Plain
 constants only; this module imports nothing.

@@ -7,7 +7,7 @@ clusters, and leaves out the backward pass, split-KV, paged KV, append-KV, local
 softcap, PackGQA, the sm8x kernels and the mixed head dims: six kernel files at the defaults,
 compiled in parallel in minutes where the full build takes hours (docs/benchmarks.md, section 1). It runs FA3's own setup.py with its
 ``FLASH_ATTENTION_DISABLE_*`` switches, which setup.py also records in the
-``flash_attn_config`` module it writes, so ``fa3trt.kernels.fa3`` knows what the build holds and
+``flash_attn_config`` module it writes, so ``fa3trt.attention.kernels.fa3`` knows what the build holds and
 sends everything else to the next kernel.
 
     python -m fa3trt.fa3_build ~/flash-attention             # pip-install the build (flash_attn_3)

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from fa3trt import _trt
 from fa3trt.timing import time_cuda_ms
+from fa3trt.trt import _trt
 
 __all__ = ["main", "missing_requirements", "TOLERANCE", "EXIT_MISSING"]
 
@@ -93,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         print("The torch backend works without these: `python -m pytest tests` checks it.")
         return EXIT_MISSING
 
-    from fa3trt.backends import TorchBackend
+    from fa3trt.attention.kernels.selector import enqueue_kernel
     from fa3trt.buckets import Buckets
-    from fa3trt.compat import current_environment
-    from fa3trt.kernels.selector import enqueue_kernel
-    from fa3trt.model import ModelConfig
-    from fa3trt.runtime import TensorRTBackend
+    from fa3trt.models.reference import ModelConfig
+    from fa3trt.serving.backends import TorchBackend
     from fa3trt.store import ArtifactStore
+    from fa3trt.trt.compat import current_environment
+    from fa3trt.trt.runtime import TensorRTBackend
 
     env = current_environment()
     print(
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_source(spec: Any, buckets: Any, max_batch_tokens: int, store_uri: str | None) -> int:
     """``--config`` with a user's model: the ONNX check anywhere; the engine where TensorRT runs."""
-    from fa3trt.sources import export_source, model_id, verify_source
+    from fa3trt.models.sources import export_source, model_id, verify_source
 
     print(f"model {spec.describe()} ({model_id(spec)}), buckets {list(buckets.edges)}")
     with tempfile.TemporaryDirectory(prefix="fa3trt-selfcheck-") as tmp:
@@ -165,11 +165,11 @@ def _check_source(spec: Any, buckets: Any, max_batch_tokens: int, store_uri: str
             for m in missing:
                 print(f"  - {m}")
             return EXIT_MISSING
-        from fa3trt.build import BuildConfig
-        from fa3trt.named_build import build_named_to_store
-        from fa3trt.named_runtime import NamedTensorRTBackend
-        from fa3trt.served import ModuleBackend
+        from fa3trt.serving.served import ModuleBackend
         from fa3trt.store import ArtifactStore
+        from fa3trt.trt.build import BuildConfig
+        from fa3trt.trt.named_build import build_named_to_store
+        from fa3trt.trt.named_runtime import NamedTensorRTBackend
 
         store = ArtifactStore(store_uri or tmp)
         sig = spec.signature()

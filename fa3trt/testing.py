@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fa3trt.kernels.selector import kernel_for
+from fa3trt.attention.kernels.selector import kernel_for
 
 __all__ = ["reference_attention", "run_kernel", "time_queued", "split_rows"]
 

@@ -21,13 +21,8 @@ PACKAGES = ("fa3trt", "deploy", "build_jobs", "bench")
 # fa3trt/__init__.py re-exports _trt.available as fa3trt.tensorrt_available for the other packages.
 TRT_USERS = {
     "fa3trt/__init__.py",
-    "fa3trt/_trt.py",
-    "fa3trt/build.py",
-    "fa3trt/compat.py",
-    "fa3trt/runtime.py",
-    "fa3trt/named_runtime.py",
-    "fa3trt/backends.py",
-    "fa3trt/served.py",
+    "fa3trt/serving/backends.py",
+    "fa3trt/serving/served.py",
     "fa3trt/selfcheck.py",
 }
 
@@ -84,9 +79,9 @@ def test_module_respects_the_rooms(path: Path) -> None:
         for module, name in _names(node):
             top = module.split(".")[0]
             full = f"{module}.{name}" if name else module
-            if top == "tensorrt" and not static and rel != "fa3trt/_trt.py":
-                problems.append(f"imports TensorRT at run time ({full}); go through fa3trt._trt")
-            if "_trt" in full.split(".") and not (rel in TRT_USERS or rel.startswith("fa3trt/plugin/")):
+            if top == "tensorrt" and not static and rel != "fa3trt/trt/_trt.py":
+                problems.append(f"imports TensorRT at run time ({full}); go through fa3trt.trt._trt")
+            if "_trt" in full.split(".") and not (rel in TRT_USERS or rel.startswith("fa3trt/trt/")):
                 problems.append(f"reaches TensorRT ({full}) outside the TensorRT layer")
             ours = top in PACKAGES
             if ours and name and name.startswith("_") and not _is_module(module, name):

@@ -89,7 +89,7 @@ def test_items_run_concurrently_and_land_in_the_store(first_build: list[BuildRes
     # The served weights load back into the torch backend's model.
     from safetensors.torch import load
 
-    from fa3trt.model import build_model
+    from fa3trt.models.reference import build_model
 
     b = next(r for r in results if r.spec == "b")
     state = load(store.get("artifacts", b.key)[0])

@@ -9,10 +9,10 @@ import yaml
 from pydantic import ValidationError
 
 from fa3trt.buckets import Buckets
-from fa3trt.build import BuildConfig
 from fa3trt.config import APP_IMPORT_PATH, AppArgs, BatchingConfig, apply_env_overrides, load_serve_config
 from fa3trt.errors import ConfigError
 from fa3trt.store import ArtifactStore
+from fa3trt.trt.build import BuildConfig
 
 SHIPPED = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 

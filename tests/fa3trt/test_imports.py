@@ -22,7 +22,7 @@ for pkg in (fa3trt, build_jobs, deploy):
         if m.name.endswith("__main__"):
             continue
         importlib.import_module(m.name)
-from fa3trt import _trt
+from fa3trt.trt import _trt
 assert not _trt.available()
 try:
     _trt.module()

@@ -1,0 +1,99 @@
+"""A user's model as a serving backend on the CPU: the signature's checks and batches, and the
+start-up proof that ``batching: pad`` is exact (tiny transformers BERT, random weights)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fa3trt.buckets import Buckets
+from fa3trt.config import AppArgs, SourceSpec
+from fa3trt.errors import ConfigError, InvalidInputError
+from fa3trt.serving.served import ModuleBackend, check_padding, load_named_backend
+from tests.models import BERT_CONFIG
+
+BUCKETS = Buckets((16, 64))
+
+
+def bert_spec(mask: bool) -> SourceSpec:
+    inputs: dict[str, Any] = {"input_ids": {"axes": ["S"], "dtype": "int64"}}
+    if mask:
+        inputs["attention_mask"] = {"axes": ["S"], "dtype": "int64", "fill": "mask"}
+    args = AppArgs.model_validate(
+        {
+            "model": {
+                "source": "transformers",
+                "class": "BertModel",
+                "config": {**BERT_CONFIG, "max_position_embeddings": 64},
+                "inputs": inputs,
+                "output": {"name": "h", "select": "last_hidden_state", "axes": ["S", 32]},
+                "bucketed_axis": "S",
+                "batching": "pad",
+            },
+            "buckets": list(BUCKETS.edges),
+        }
+    )
+    assert isinstance(args.model, SourceSpec)
+    return args.model
+
+
+def test_the_identity_backend_is_refused_for_a_users_model() -> None:
+    # It answers with the request's input, which only the reference model's shape allows.
+    with pytest.raises(ConfigError, match="backend 'identity' .* reference model.*'torch', 'tensorrt' or 'auto'"):
+        load_named_backend("identity", bert_spec(mask=True), buckets=BUCKETS)
+
+
+def test_padding_is_proved_exact_with_a_mask_and_refused_without() -> None:
+    backend = ModuleBackend(bert_spec(mask=True), "cpu")
+    assert check_padding(backend, BUCKETS, torch.float32) < 1e-5
+    # Without the mask, the padding tokens are attended to: the answer changes, and the replica refuses to start.
+    leaky = ModuleBackend(bert_spec(mask=False), "cpu")
+    with pytest.raises(ConfigError, match="batching: pad is not exact for this model.*use batching: shape"):
+        check_padding(leaky, BUCKETS, torch.float32)
+
+
+def test_a_padded_batch_answers_each_request_as_alone() -> None:
+    """Against the eager unrouted model run on each sequence alone."""
+    spec = bert_spec(mask=True)
+    backend = ModuleBackend(spec, "cpu")
+    sig = backend.signature
+    rng = np.random.default_rng(0)
+    reqs = [sig.check({"input_ids": rng.integers(0, 64, n)}, BUCKETS) for n in (5, 16, 9)]
+    assert [r.bucket for r in reqs] == [0, 0, 0] and [r.length for r in reqs] == [5, 16, 9]
+    batch = sig.assemble(reqs, backend.device)
+    assert batch["attention_mask"].tolist()[0] == [1] * 5 + [0] * 11 and batch["input_ids"].shape == (3, 16)
+    answers = sig.split(backend.run(batch), reqs)
+    for r, a in zip(reqs, answers):
+        ids = torch.from_numpy(r.tensors["input_ids"])[None]
+        with torch.inference_mode():
+            want = backend.module(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+        assert a.shape == (r.length, 32)
+        np.testing.assert_allclose(a, want.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        ({"input_ids": np.arange(3), "attention_mask": np.ones(3)}, "unexpected ['attention_mask']"),
+        ({}, "missing ['input_ids']"),
+        ({"input_ids": np.zeros((2, 3), np.int64)}, "'input_ids' has shape (2, 3) (rank 2); it must have rank 1"),
+        ({"input_ids": np.full(3, 0.5)}, "'input_ids' has dtype float64; send integers (int64)"),
+        (
+            {"input_ids": np.zeros(65, np.int64)},
+            "input 'input_ids', axis S: sequence length 65 exceeds the largest bucket (64)",
+        ),
+        ({"input_ids": [2**40]}, None),
+        ("ids", "a request is a mapping of input name -> array"),
+    ],
+)
+def test_bad_requests_name_the_input(request_: Any, message: str | None) -> None:
+    sig = bert_spec(mask=True).signature()
+    if message is None:  # 2**40 fits int64: accepted
+        assert sig.check(request_, BUCKETS).tensors["input_ids"].dtype == np.int64
+        return
+    with pytest.raises(InvalidInputError) as e:
+        sig.check(request_, BUCKETS)
+    assert message in str(e.value)
