@@ -29,7 +29,8 @@ import torch
 import yaml
 
 from bench._common import bar_plot, card, save
-from fa3trt.config import AppArgs, SourceSpec
+from fa3trt.config import AppArgs
+from fa3trt.models.spec import SourceSpec
 from fa3trt.onnx.calls import select_output
 
 

@@ -3,7 +3,7 @@
 ``build_all(config)`` plans one item per (fa3trt application of the serve config, GPU type of
 the Ray cluster), skips those already in the store, and runs the rest as Ray tasks (one GPU
 each) that register the TensorRT plugin and build the engine, or, with the torch backend,
-export and verify the ONNX and store the served weights. ``python -m build_jobs`` is the CLI.
+export and verify the ONNX. ``python -m build_jobs`` is the CLI.
 """
 
 from build_jobs.plan import BuildItem, compute_plan, gpu_types

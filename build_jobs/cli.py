@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from build_jobs.plan import BuildItem
 from build_jobs.runner import BuildResult, build_all
 from fa3trt import defaults
-from fa3trt.config import SourceSpec
 from fa3trt.errors import Fa3TrtError
 
 __all__ = ["main", "format_table", "format_plan"]
@@ -46,9 +45,7 @@ def format_plan(plan: Sequence[BuildItem]) -> str:
             i.app,
             i.gpu_type or "-",
             i.backend,
-            i.model.describe()
-            if isinstance(i.model, SourceSpec)
-            else f"{i.model.name} x{i.model.layers} {i.model.dtype}",
+            i.model.describe(),
             i.action,
             i.item_key,
             i.reason,

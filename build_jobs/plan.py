@@ -8,7 +8,10 @@ Ray tasks.
 - GPU types are the ``accelerator_type:<T>`` resources Ray puts on GPU nodes. A cluster with no
   types gets one item per spec (``gpu_type`` None).
 - Backend: a spec's ``backend`` (or the ``backend`` override); ``auto`` resolves here, on the
-  driver, to ``tensorrt`` when the cluster has GPUs and TensorRT imports, else ``torch``.
+  driver, to ``tensorrt`` when the cluster has GPUs and TensorRT imports, else ``torch``. Every
+  model, the reference one included, is planned alike: its ONNX export (shared by its GPU
+  types), then per GPU type an engine (``tensorrt``) or the export's ONNX Runtime check
+  (``torch``).
 - Scheduling: an item asks for ``num_gpus=1`` when the cluster has GPUs, else ``num_gpus=0``
   and one CPU. Either way it asks for ``0.001`` of its ``accelerator_type:<T>`` resource, which
   is exactly what Ray's ``accelerator_type=`` option does: the item lands on a node of that GPU
@@ -31,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fa3trt import defaults, tensorrt_available
-from fa3trt.config import APP_IMPORT_PATH, AppArgs, SourceSpec
+from fa3trt.config import APP_IMPORT_PATH, AppArgs
 from fa3trt.errors import ArtifactCorruptError, ArtifactNotFoundError, ConfigError
-from fa3trt.models.reference import ModelConfig
+from fa3trt.models.spec import AnyModelSpec
 from fa3trt.store import ArtifactStore, sanitize_key_part, validate_key
 
 __all__ = [
@@ -55,7 +58,7 @@ ACCELERATOR_PREFIX = "accelerator_type:"
 ACCELERATOR_FRACTION = 0.001
 """What Ray's ``accelerator_type=`` task option asks for: a label, not a share of the node."""
 RECORD_KIND = "artifacts"
-_PLAN_FORMAT = 1
+_PLAN_FORMAT = 2
 
 Spec = tuple[str, AppArgs]
 """(application name, validated args), as ``fa3trt.config.load_serve_config`` returns them."""
@@ -73,10 +76,8 @@ class BuildItem:
     """Ray accelerator type (``H100``) this item builds for; None on a cluster without types."""
     backend: Backend
     """What the item builds: a TensorRT engine, or the torch backend's verified artifacts."""
-    model: ModelConfig | SourceSpec
-    """The reference model's config, or a user's model (``model:`` with a ``source``)."""
-    weights: str | None
-    """Absolute path of the safetensors weights (reachable from every node), or None (seeded)."""
+    model: AnyModelSpec
+    """The app's model (its weights file, if any, as an absolute path reachable from every node)."""
     buckets: tuple[int, ...]
     max_batch_tokens: int
     store: str
@@ -194,7 +195,7 @@ def compute_plan(
     ``trt_available`` defaults to whether TensorRT imports on this (driver) machine. Items whose
     build record is in the store, and duplicates of an earlier item, get ``action="skip"``.
     """
-    from fa3trt.artifacts import onnx_key, source_onnx_key, weights_digest
+    from fa3trt.artifacts import onnx_key
     from fa3trt.buckets import Buckets
     from fa3trt.models.sources import model_id
 
@@ -218,23 +219,14 @@ def compute_plan(
             log.info("app %s: backend identity runs no model; nothing to build", app)
             continue
         kind, why = resolve_backend(backend or args.backend, cluster_resources, trt_ok)
-        model: ModelConfig | SourceSpec
-        parts: dict[str, Any] = {"format": _PLAN_FORMAT, "backend": kind}
-        if isinstance(args.model, SourceSpec):
-            # Weights are read where the model is loaded, so a local file must be reachable there.
-            model = args.model
-            if model.weights is not None:
-                model = model.model_copy(update={"weights": os.path.abspath(model.weights)})
-            weights = None
-            okey = source_onnx_key(model, Buckets(tuple(args.buckets)))
-            parts.update(onnx=okey, model=model_id(model))
-        else:
-            model = args.model.config()
-            weights = os.path.abspath(args.model.weights) if args.model.weights else None
-            okey = onnx_key(model, weights)
-            parts.update(onnx=okey, model=model.compute_hash(), weights=weights_digest(model, weights))
-        if kind == "tensorrt":  # the torch artifact does not depend on buckets or batch limits
-            parts.update(buckets=list(args.buckets), max_batch_tokens=args.batching.max_batch_tokens)
+        # Weights are read where the model is loaded, so a local file must be reachable there.
+        model = args.model
+        if model.weights is not None:
+            model = model.model_copy(update={"weights": os.path.abspath(model.weights)})
+        okey = onnx_key(model, Buckets(tuple(args.buckets)))
+        parts: dict[str, Any] = {"format": _PLAN_FORMAT, "backend": kind, "onnx": okey, "model": model_id(model)}
+        if kind == "tensorrt":  # the verified ONNX does not depend on the batch limits
+            parts.update(max_batch_tokens=args.batching.max_batch_tokens)
         for gpu in types:
             key = _item_key(kind, gpu, {**parts, "gpu_type": gpu})
             item = BuildItem(
@@ -242,7 +234,6 @@ def compute_plan(
                 gpu_type=gpu,
                 backend=kind,
                 model=model,
-                weights=weights,
                 buckets=tuple(args.buckets),
                 max_batch_tokens=args.batching.max_batch_tokens,
                 store=st.uri if "://" in st.uri else st.root,

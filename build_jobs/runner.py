@@ -32,7 +32,7 @@ class BuildResult:
     """What happened to one plan item. ``planned`` is a dry run's status."""
 
     key: str
-    """The stored artifact's key (engine or torch weights) when known, else the item key."""
+    """The stored artifact's key (engine, or the verified ONNX) when known, else the item key."""
     gpu_type: str | None
     spec: str
     """Application name of the spec in the serve config."""
@@ -200,7 +200,7 @@ def build_all(
                     max_retries=max_retries,
                     retry_exceptions=True,
                     name=f"export:{item.app}",
-                ).remote(item.store, item.model, item.weights, force, item.buckets)
+                ).remote(item.store, item.model, force, item.buckets)
             ref = build_fn.options(**item.task_options(max_retries=max_retries)).remote(item, force, exports[ekey])
             pending[ref] = i
         t0 = time.time()

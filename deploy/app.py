@@ -11,6 +11,9 @@ reaches its replica in one hop. With ``ingress_replicas: N``, N CPU ingress proc
 (``deploy.ingress``) take the routes instead and call the model replicas by handle.
 
 ``max_ongoing_requests`` of the model replicas is derived so every bucket's batches can fill.
+The app builder checks the model's source (package, class, folder, factory) before any replica
+starts, so ``serve run`` of a config that cannot load fails at once with the fix, instead of
+retrying replicas forever.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from deploy.replica import ModelServer, ModelWorker, bucket_limits
 from deploy.targets import direct_ingress_enabled
 from fa3trt import defaults
 from fa3trt.config import AppArgs, apply_env_overrides
+from fa3trt.models.sources import check_source
 
 __all__ = [
     "build_app",
@@ -33,6 +37,7 @@ __all__ = [
     "derive_max_ongoing",
     "replica_plan",
     "ingress_plan",
+    "cpu_threads",
 ]
 
 log = logging.getLogger("ray.serve")
@@ -49,17 +54,16 @@ def derive_max_ongoing(args: AppArgs) -> int:
 def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) -> dict[str, Any]:
     """Deployment options for the model replicas on a cluster with these GPUs and CPUs.
 
-    One replica per GPU (``num_gpus: 1``). Without GPUs, the CPUs are shared out among the
-    replicas: Ray sizes a replica's thread pools (OMP_NUM_THREADS) by its ``num_cpus``, and
-    a CPU replica computes with all the threads it is given.
+    One replica per GPU (``num_gpus: 1``). Without GPUs, ``replica_cpus: auto`` reserves a share
+    of a CPU per replica (``defaults.CPU_REPLICA_CPUS``), so several apps in one config all start
+    on a small machine; the replica's PyTorch threads are set apart from the reservation
+    (``cpu_threads``), since Ray gives a fractional reservation one thread.
     """
     gpus = int(cluster_gpus)
     if args.autoscaling is not None:
         sizing: dict[str, Any] = {"autoscaling_config": args.autoscaling}
-        n = int(args.autoscaling.get("max_replicas", 1))
     else:
-        n = (gpus or 1) if args.replicas == "auto" else args.replicas
-        sizing = {"num_replicas": n}
+        sizing = {"num_replicas": (gpus or 1) if args.replicas == "auto" else args.replicas}
     if gpus:
         # A GPU replica's PyTorch threads (OMP_NUM_THREADS = its num_cpus) only copy requests
         # into the staging buffer: one thread stages as fast as several, and replicas sharing a
@@ -67,10 +71,10 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
         # "Scale-out", the replica_cpus passes).
         cpus = args.replica_cpus if isinstance(args.replica_cpus, int) else defaults.REPLICA_CPUS_AUTO
         actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": cpus}
-    elif isinstance(args.replica_cpus, int):  # several apps on one CPU cluster share it out
+    elif isinstance(args.replica_cpus, int):  # an explicit reservation, its threads as many
         actor = {"num_cpus": args.replica_cpus}
     else:
-        actor = {"num_cpus": max(1, int(cluster_cpus) // max(1, n))}
+        actor = {"num_cpus": defaults.CPU_REPLICA_CPUS}
     return {
         "ray_actor_options": actor,
         "max_ongoing_requests": derive_max_ongoing(args),
@@ -80,27 +84,41 @@ def replica_plan(args: AppArgs, cluster_gpus: float, cluster_cpus: float = 1) ->
     }
 
 
+def cpu_threads(args: AppArgs, cluster_gpus: float, cluster_cpus: float) -> int | None:
+    """PyTorch threads of a CPU replica with ``replica_cpus: auto``: the cluster's CPUs shared
+    among the app's replicas (its compute is its threads); None elsewhere (Ray's OMP_NUM_THREADS,
+    the reservation)."""
+    if cluster_gpus or isinstance(args.replica_cpus, int):
+        return None
+    n = int(args.autoscaling.get("max_replicas", 1)) if args.autoscaling is not None else None
+    if n is None:
+        n = 1 if args.replicas == "auto" else args.replicas
+    return max(1, int(cluster_cpus) // max(1, n))
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder (``import_path: deploy.app:build_app``)."""
     import ray
 
     args = apply_env_overrides(args)
     parsed = AppArgs.model_validate(args)
+    # Before any replica starts: a source that cannot load fails `serve run` now, with its fix.
+    check_source(parsed.model)
     resources = ray.cluster_resources() if ray.is_initialized() else {}
-    gpus = resources.get("GPU", 0)
-    opts = replica_plan(parsed, gpus, resources.get("CPU", 1))
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
+    opts = replica_plan(parsed, gpus, cpus)
     log.info("fa3trt app: %s GPUs in the cluster -> model deployment options %s", gpus, opts)
-    return application(parsed, opts)
+    return application(parsed, opts, cpu_threads(parsed, gpus, cpus))
 
 
-def application(args: AppArgs, opts: dict[str, Any]) -> serve.Application:
-    """The app from parsed arguments and the model replicas' deployment options: the model
-    replicas as the ingress, or ``ingress_replicas`` ingress processes in front of them."""
+def application(args: AppArgs, opts: dict[str, Any], threads: int | None = None) -> serve.Application:
+    """The app from parsed arguments, the model replicas' deployment options and their PyTorch
+    threads: the model replicas as the ingress, or ``ingress_replicas`` ingress processes in front."""
     # Batching travels as user_config, not as constructor args: changing it reconfigures live.
-    static = args.model_dump(exclude={"batching"})
+    static = args.model_dump(exclude={"batching"}, by_alias=True)
     if not args.ingress_replicas:
-        return ModelServer.options(**opts).bind(static)  # type: ignore[attr-defined,no-any-return]  # @serve.deployment returns a Deployment
-    model = ModelWorker.options(**opts).bind(static)
+        return ModelServer.options(**opts).bind(static, None, threads)  # type: ignore[attr-defined,no-any-return]  # @serve.deployment returns a Deployment
+    model = ModelWorker.options(**opts).bind(static, None, threads)
     # Imported here, not at the top: see deploy.replica's ModelServer. (This module is imported
     # by the process that builds the app, which serves nothing.)
     from deploy.ingress import Ingress

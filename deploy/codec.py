@@ -1,12 +1,13 @@
-"""Request decoding and validation, shared by the HTTP ingress and the handle API.
+"""Request bodies: decoding and encoding, shared by the HTTP routes and the handle API.
 
-A request is one sequence ``x`` of shape (S, hidden), float16/32/64 (or a CPU torch tensor,
-bfloat16 included). Everything else is an ``InvalidInputError`` naming the problem (a
-``RequestError``, HTTP 400, when the body cannot be parsed at all), raised before the request
-joins a batch; only NaN and Inf are looked for later, on the device, in the batch
-(``deploy.replica``; ``validate_sequence(reject_nonfinite=True)`` checks them on the host).
-``.npy`` bodies are parsed by hand from their header so that nothing is unpickled and nothing
-is allocated before the header's shape is checked against the bytes actually sent.
+A request is named inputs (.npz, JSON ``{"inputs": {...}}``, a mapping through a handle) or, for
+a model with one sent input, that array alone (.npy, JSON ``{"x": [...]}``, a NumPy array or a
+CPU torch tensor through a handle). A body that cannot be parsed at all is a ``RequestError``
+(HTTP 400); a parsed one that breaks the model's signature is an ``InvalidInputError`` raised by
+``fa3trt.requests.check_request`` before the request joins a batch; NaN and Inf are looked for
+later, on the device, in the batch. ``.npy`` bodies are parsed by hand from their header so that
+nothing is unpickled and nothing is allocated before the header's shape is checked against the
+bytes actually sent.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fa3trt.buckets import Buckets
 from fa3trt.errors import InvalidInputError, RequestError
+from fa3trt.signature import Signature
 
 __all__ = [
     "decode_npz",
@@ -34,13 +35,10 @@ __all__ = [
     "encode_npy",
     "decode_json",
     "encode_json",
-    "validate_sequence",
-    "all_finite",
     "to_numpy",
     "from_numpy_like",
 ]
 
-_ACCEPTED = (np.float16, np.float32, np.float64)
 _NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -157,28 +155,28 @@ def load_json(body: bytes) -> Any:
         ) from e
 
 
-def decode_json(body: bytes | dict[str, Any]) -> np.ndarray:
-    """``{"x": [[...], ...]}`` (the body, or the body already parsed) -> float32 array."""
+def decode_json(body: bytes | dict[str, Any], signature: Signature | None = None) -> np.ndarray:
+    """A single array from ``{"x": [...]}`` (or ``{<the one input's name>: [...]}``); the body, or
+    the body already parsed. Integers stay integers."""
     doc = load_json(body) if isinstance(body, bytes) else body
-    if not isinstance(doc, dict) or "x" not in doc:
+    names = ["x"] + [t.name for t in (signature.sent if signature is not None else ())]
+    key = next((k for k in names if isinstance(doc, dict) and k in doc), None)
+    if key is None or len(doc) != 1:
         raise InvalidInputError(
-            'JSON body must be an object with key "x" holding a list of rows, e.g. {"x": [[0.1, 0.2]]}'
+            'JSON body must be {"inputs": {name: array, ...}} with one entry per input, or for a model with one input '
+            '{"x": array}, e.g. {"x": [[0.1, 0.2]]}'
         )
-    x = doc["x"]
-    if not isinstance(x, list) or not all(isinstance(r, list) for r in x):
-        raise InvalidInputError('"x" must be a list of rows (a 2-D list of numbers)')
-    widths = {len(r) for r in x}
-    if len(widths) > 1:
-        raise InvalidInputError(
-            f'"x" has ragged rows (row lengths {sorted(widths)[:5]}); every row must have hidden numbers'
-        )
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in x for v in r):
-        raise InvalidInputError('"x" must hold only numbers')
-    return np.asarray(x, dtype=np.float32).reshape(len(x), widths.pop() if widths else 0)
+    try:
+        arr = np.asarray(doc[key])
+    except ValueError as e:
+        raise InvalidInputError(f'"{key}" is a ragged list ({e}); every row must have the same length') from e
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise InvalidInputError(f'"{key}" must be a (nested) list of numbers')
+    return arr
 
 
-def encode_json(arr: np.ndarray) -> dict[str, Any]:
-    return {"y": arr.astype(np.float64).tolist()}
+def encode_json(arr: np.ndarray, name: str = "y") -> dict[str, Any]:
+    return {name: arr.astype(np.float64).tolist()}
 
 
 def to_numpy(x: Any) -> tuple[np.ndarray, Any]:
@@ -203,34 +201,3 @@ def from_numpy_like(y: np.ndarray, like: Any) -> Any:
     if isinstance(like, torch.dtype):
         return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(like)
     return y.astype(like, copy=False)
-
-
-def all_finite(x: np.ndarray) -> bool:
-    """Whether every element is finite, at the cost of one pass over the bytes.
-
-    NumPy's float16 arithmetic is emulated, so ``np.isfinite`` on float16 costs several times
-    its float32 time (docs/benchmarks.md, "Serving"): a half is finite exactly when its five
-    exponent bits are not all ones, i.e. when its bits with the sign cleared are below 0x7C00."""
-    if x.size == 0:
-        return True
-    if x.dtype == np.float16:
-        return int((x.view(np.uint16) & 0x7FFF).max()) < 0x7C00
-    return bool(np.isfinite(x).all())
-
-
-def validate_sequence(x: np.ndarray, hidden: int, buckets: Buckets, reject_nonfinite: bool = True) -> int:
-    """Check one request; returns its bucket index."""
-    if x.ndim != 2:
-        raise InvalidInputError(
-            f"x must be 2-D (seq_len, {hidden}), got shape {x.shape}; send one sequence per request"
-        )
-    if x.dtype.type not in _ACCEPTED and x.dtype != np.dtype("float32"):
-        raise InvalidInputError(f"x has dtype {x.dtype}; send float16, float32 or float64")
-    if x.shape[1] != hidden:
-        raise InvalidInputError(
-            f"x has hidden size {x.shape[1]}, this model takes {hidden}: shape must be (seq_len, {hidden})"
-        )
-    i = buckets.index(x.shape[0])
-    if reject_nonfinite and not all_finite(x):
-        raise InvalidInputError("x holds NaN or Inf; send finite values (or serve with reject_nonfinite: false)")
-    return i

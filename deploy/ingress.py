@@ -20,13 +20,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 from ray import serve
 from ray.exceptions import RayTaskError
 
 from deploy.routes import V1Routes, V2Routes, api
-from fa3trt.config import AppArgs, SourceSpec
-from fa3trt.onnx.calls import reference_signature
+from fa3trt.config import AppArgs
 from fa3trt.signature import Signature
 
 __all__ = ["IngressReplica", "Ingress"]
@@ -39,12 +37,8 @@ class IngressReplica(V1Routes, V2Routes):
     def __init__(self, args: dict[str, Any], model: Any) -> None:
         self.args = AppArgs.model_validate(args)
         self.model = model
-        spec = self.args.model
-        self.serves_named = isinstance(spec, SourceSpec)
         # The model replicas' signature, from the same arguments (nothing is loaded here).
-        self.signature: Signature = (
-            spec.signature() if isinstance(spec, SourceSpec) else reference_signature(spec.config())
-        )
+        self.signature: Signature = self.args.model.signature()
         self._backend: str | None = None
         try:
             self.replica = str(serve.get_replica_context().replica_id.unique_id)
@@ -63,10 +57,6 @@ class IngressReplica(V1Routes, V2Routes):
 
     async def infer(self, x: Any) -> Any:
         return await self._call("infer", x)
-
-    async def infer_named(self, inputs: Any) -> dict[str, np.ndarray]:
-        result: dict[str, np.ndarray] = await self._call("infer_named", inputs)
-        return result
 
     def io_signature(self) -> Signature:
         return self.signature

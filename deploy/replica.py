@@ -1,16 +1,20 @@
 """The model replica: one backend, one ``@serve.batch`` queue per sequence-length bucket.
 
-It loads its backend (the TensorRT engine for its GPU, or the torch model), warms up every
-bucket before it reports ready, and keeps one batch queue per bucket with its own batch limit
-(token budget // bucket edge). A batch is padded to its longest member and runs with
-``seq_lens``; each caller gets exactly its own rows back. NaN and Inf are looked for on the
-device, in the assembled batch, and refuse only the requests holding them. A batch that fails is
-split and retried in halves, so only the requests that really fail, fail. A user's model
-(``model: source: ...``) runs on ``fa3trt.serving.served``'s backends, its requests checked, batched
-(padded or by shape) and answered by its ``fa3trt.signature.Signature``.
+One path for every model, the reference one included. The replica loads its backend (this GPU's
+TensorRT engine, or the torch model; ``fa3trt.serving``), warms every bucket with requests the
+model accepts, and checks that ``batching: pad`` is exact for the model, before it reports
+ready. Each bucket keeps one batch queue with its own batch limit (token budget // bucket
+edge). A request is checked against the model's signature before it joins a batch; a batch is
+assembled on the device (pinned staging, conversion and NaN/Inf there: ``fa3trt.serving.batch``),
+run, and cut back into each caller's answer. A request holding NaN or Inf gets its own 422 and
+the requests batched with it are answered. A batch that fails is split and retried in halves,
+so only the requests that really fail, fail.
 
-The routes are mixed in from ``deploy.routes``, so a replica can be the app's ingress itself;
-``deploy.app`` deploys it, as the ingress or behind ingress processes.
+The handle API is ``infer``: named inputs (a mapping) in, ``{output name: array}`` out; for a
+model with one sent input, the array alone in (NumPy or a CPU torch tensor), its answer alone
+out, in the request's dtype and type. The routes are mixed in from ``deploy.routes``, so a
+replica can be the app's ingress itself; ``deploy.app`` deploys it, as the ingress or behind
+ingress processes.
 """
 
 import asyncio
@@ -27,24 +31,22 @@ import torch
 from ray import serve
 
 from deploy.affinity import pin_to_gpu_node
-from deploy.codec import (
-    all_finite,
-    from_numpy_like,
-    to_numpy,
-    validate_sequence,
-)
+from deploy.codec import from_numpy_like, to_numpy
 from deploy.lag import WakeLag
 from deploy.metrics import ReplicaMetrics, rss_bytes
 from deploy.routes import V1Routes, V2Routes, api
-from fa3trt.buckets import Buckets, assemble, to_host
-from fa3trt.config import AppArgs, BatchingConfig, SourceSpec
+from fa3trt.buckets import Buckets
+from fa3trt.config import AppArgs, BatchingConfig
 from fa3trt.errors import InvalidInputError
-from fa3trt.onnx.calls import reference_signature
-from fa3trt.serving.served import NamedBackend, check_padding, load_named_backend
-from fa3trt.signature import Checked, Signature
+from fa3trt.requests import Checked, check_request
+from fa3trt.serving import load_backend
+from fa3trt.serving.batch import assemble, group_key, split, wire_dtype
+from fa3trt.serving.warmup import check_padding, health_request, warmup_requests
+from fa3trt.signature import Signature
 from fa3trt.timing import timing_events
+from fa3trt.transfer import to_host
 
-__all__ = ["ModelReplica", "ModelServer", "ModelWorker", "bucket_limits"]
+__all__ = ["ModelReplica", "ModelServer", "ModelWorker", "bucket_limits", "single_input"]
 
 log = logging.getLogger("ray.serve")
 # Requests arrive as read-only NumPy views of Ray's object store; they are only read (copied
@@ -65,6 +67,18 @@ def bucket_limits(buckets: Buckets, batching: BatchingConfig) -> list[tuple[int,
     return out
 
 
+def single_input(signature: Signature) -> str:
+    """The name of a model's one sent input: what a single array (``/v1/infer`` as .npy or
+    ``{"x": ...}``, ``infer(array)``) is; an ``InvalidInputError`` naming them where it has several."""
+    sent = [t.name for t in signature.sent]
+    if len(sent) != 1:
+        raise InvalidInputError(
+            f"this model takes the inputs {sent}; send them by name (a mapping, .npz, or JSON "
+            '{"inputs": {name: array}}), not a single array'
+        )
+    return sent[0]
+
+
 class ModelReplica(V1Routes, V2Routes):
     """One model replica: a backend, one batch queue per bucket, and the app's HTTP routes.
 
@@ -75,56 +89,40 @@ class ModelReplica(V1Routes, V2Routes):
     body copies off this process's GIL (section 8). Deployed as ``ModelServer`` or
     ``ModelWorker`` (the end of this module), bound by ``deploy.app``."""
 
-    def __init__(self, args: dict[str, Any], batching: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, args: dict[str, Any], batching: dict[str, Any] | None = None, cpu_threads: int | None = None
+    ) -> None:
         """``args``: AppArgs without ``batching``, which arrives as Serve's ``user_config``
         through ``reconfigure`` (so changing it never restarts the replica). ``batching`` is
-        for use outside Serve."""
-        from fa3trt.serving.backends import load_backend
-
+        for use outside Serve. ``cpu_threads``: PyTorch's threads on a CPU replica
+        (``deploy.app.replica_plan``)."""
         self.args = AppArgs.model_validate(args)
         self.buckets = self.args.bucket_set()
         self._t0 = time.perf_counter()
+        if cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
         # How late this process's threads get to run Python again (GIL and CPU waits): /v1/stats.
         self.wake_lag = WakeLag()
         # Before anything is allocated: page-locked buffers are first-touched on the GPU's node.
         gpu = self.args.numa_affinity and torch.cuda.is_available()
         self.cpu_affinity = pin_to_gpu_node(torch.cuda.current_device()) if gpu else None
-        spec = self.args.model
-        # A user's model (named inputs, fa3trt.serving.served) or the reference model (one array x).
-        self.named: NamedBackend | None = None
-        if isinstance(spec, SourceSpec):
-            self.named = load_named_backend(
-                self.args.backend,
-                spec,
-                buckets=self.buckets,
-                store=self.args.store,
-                max_batch_tokens=self.args.batching.max_batch_tokens,
-                build_if_missing=self.args.build_if_missing,
-            )
-            self.backend: Any = self.named
-            self.signature: Signature = self.named.signature
-            self.model_dtype: torch.dtype = getattr(torch, spec.dtype)
-        else:
-            cfg = spec.config()
-            self.backend = load_backend(
-                self.args.backend,
-                cfg,
-                weights=spec.weights,
-                buckets=self.buckets,
-                store=self.args.store,
-                build_if_missing=self.args.build_if_missing,
-                max_batch_tokens=self.args.batching.max_batch_tokens,
-                cuda_graphs=self.args.cuda_graphs,
-            )
-            self.signature = reference_signature(cfg)
-            self.model_dtype = cfg.torch_dtype
-        self.serves_named = self.named is not None
+        self.backend = load_backend(
+            self.args.backend,
+            self.args.model,
+            buckets=self.buckets,
+            store=self.args.store,
+            max_batch_tokens=self.args.batching.max_batch_tokens,
+            build_if_missing=self.args.build_if_missing,
+            cuda_graphs=self.args.cuda_graphs,
+            compile=self.args.compile,
+        )
+        self.signature: Signature = self.backend.signature
         self.metrics = ReplicaMetrics(self.buckets.edges)
         # One CUDA stream per bucket: a bucket's batch waits for its own copies and kernels only,
         # and one bucket's copies overlap another's kernels. (On one shared stream every
         # answer's sync also waited for whatever the other buckets had queued.) With TensorRT
         # a bucket's batches meet its own profile; a batch that needs another bucket's profile
-        # waits for that profile's last use (fa3trt.trt.runtime.TensorRTBackend.run).
+        # waits for that profile's last use (fa3trt.trt.runtime.ProfileTurns).
         dev = self.backend.device
         own = dev.type == "cuda" and self.args.stream_per_bucket
         self._streams = [torch.cuda.Stream(dev) if own else None for _ in self.buckets.edges]
@@ -146,8 +144,8 @@ class ModelReplica(V1Routes, V2Routes):
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply batching knobs (Serve ``user_config``): at start, then live on every change.
 
-        The first call builds one batch queue per bucket and warms every bucket at its edge,
-        alone and at its batch limit, before the replica reports ready.
+        The first call builds one batch queue per bucket and warms every bucket, alone and at its
+        batch limit, before the replica reports ready.
         """
         batching = BatchingConfig.model_validate(user_config, context={"buckets": self.buckets.edges})
         self.limits = bucket_limits(self.buckets, batching)
@@ -160,16 +158,12 @@ class ModelReplica(V1Routes, V2Routes):
                 )
                 self._queues.append(queue(self._make_batch_fn(i)))  # type: ignore[arg-type]  # Ray's stub types only the sync form
             # Each bucket warms on its own stream (per-stream library state; CUDA graphs are
-            # captured per stream).
-            for i, ((size, _), e) in enumerate(zip(self.limits, self.buckets.edges)):
+            # captured per stream), through the batch assembler as served.
+            for i, (size, _) in enumerate(self.limits):
                 with self._on_stream(i):
-                    if self.named is None:
-                        self.backend.warmup(sorted({(1, e), (size, e)}))
-                    else:
-                        sizes = self.signature.sample_sizes(self.buckets, e)
-                        self.named.warmup([self.signature.samples(sizes, b) for b in sorted({1, size})])
-            if self.named is not None:
-                check_padding(self.named, self.buckets, self.model_dtype)
+                    reqs = warmup_requests(self.signature, self.buckets, i, size)
+                    self.backend.warmup([self._assemble(r).inputs for r in reqs])
+            check_padding(self.backend, self.buckets)
             log.info(
                 "fa3trt replica %s ready in %.1fs: %s",
                 self.replica,
@@ -189,29 +183,37 @@ class ModelReplica(V1Routes, V2Routes):
         stream = self._streams[i]
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-    def _make_batch_fn(self, i: int) -> Callable[[list[tuple[np.ndarray, float]]], Awaitable[list[Any]]]:
+    def _assemble(self, reqs: list[Checked], check_finite: bool = False) -> Any:
+        return assemble(
+            self.signature,
+            reqs,
+            self.backend.device,
+            lengths_on_device=self.backend.lengths_on_device,
+            check_finite=check_finite,
+        )
+
+    def _make_batch_fn(self, i: int) -> Callable[[list[tuple[Checked, float]]], Awaitable[list[Any]]]:
         edge = self.buckets.edges[i]
 
-        async def run_batch(items: list[tuple[np.ndarray, float]]) -> list[Any]:
+        async def run_batch(items: list[tuple[Checked, float]]) -> list[Any]:
             start = time.perf_counter()
             waits = [start - t for _, t in items]
             self.metrics.batch_started()
             try:
                 # Compute off the event loop so the queues keep filling while the device works.
-                results = await asyncio.to_thread(self._run_split, [x for x, _ in items], edge)
+                results = await asyncio.to_thread(self._run_split, [r for r, _ in items], edge)
             finally:
                 self.metrics.batch_ended()
-            lens = [x.length if isinstance(x, Checked) else x.shape[0] for x, _ in items]
-            self.metrics.record(edge, lens, waits, time.perf_counter() - start)
+            self.metrics.record(edge, [r.length for r, _ in items], waits, time.perf_counter() - start)
             return results
 
         return run_batch
 
-    def _run_split(self, xs: list[np.ndarray], edge: int) -> list[Any]:
+    def _run_split(self, reqs: list[Checked], edge: int) -> list[Any]:
         """Run a batch of the bucket ``edge`` on that bucket's stream; on failure retry its
         halves, so a failure stays with the requests that cause it."""
         with self._on_stream(self.buckets.edges.index(edge)):
-            result = self._attempt(xs)
+            result = self._attempt(reqs)
         if not isinstance(result, str):
             return result
         # The failed attempt's frames (the batch, its activations) are gone with _attempt's
@@ -219,115 +221,101 @@ class ModelReplica(V1Routes, V2Routes):
         # block would run with the failed batch's tensors still held by the traceback).
         if self.backend.device.type == "cuda":
             torch.cuda.empty_cache()
-        if len(xs) == 1:
-            n = xs[0].length if isinstance(xs[0], Checked) else xs[0].shape[0]
-            log.error("request of %d tokens failed in bucket %d: %s", n, edge, result)
+        if len(reqs) == 1:
+            log.error("request of %d tokens failed in bucket %d: %s", reqs[0].length, edge, result)
             self.metrics.failed.inc(tags={"bucket": str(edge)})
             self.metrics.local[edge]["failed"] += 1
             return [RuntimeError(f"inference failed: {result}")]
-        log.warning("batch of %d failed in bucket %d (%s); retrying in halves", len(xs), edge, result)
-        h = len(xs) // 2
-        return self._run_split(xs[:h], edge) + self._run_split(xs[h:], edge)
+        log.warning("batch of %d failed in bucket %d (%s); retrying in halves", len(reqs), edge, result)
+        h = len(reqs) // 2
+        return self._run_split(reqs[:h], edge) + self._run_split(reqs[h:], edge)
 
-    def _attempt(self, xs: list[Any]) -> list[np.ndarray | InvalidInputError] | str:
+    def _attempt(self, reqs: list[Checked]) -> list[Any] | str:
         """The batch's answers (an InvalidInputError for a request holding NaN or Inf), or why it
-        failed (a message only: no traceback outlives the call)."""
-        if self.named is not None:
-            return self._attempt_named(xs)
-        try:
-            t0 = time.perf_counter()
-            x, lens = assemble(xs, self.backend.dtype, self.backend.device)
-            finite = self._finite_rows(x) if self.args.reject_nonfinite else None
-            # Back in the requests' dtype when they share float16 (half the bytes to move), else float32.
-            out_dtype = torch.float16 if all(a.dtype == np.float16 for a in xs) else torch.float32
-            t1 = time.perf_counter()
-            events = timing_events(x.device)  # the model's device time
-            if events:
-                events[0].record()
-            y_dev = self.backend.run(x, lens).to(out_dtype)
-            if events:
-                events[1].record()
-            t_launch = time.perf_counter()
-            y = to_host(y_dev).numpy()
-            t2 = time.perf_counter()
-            ok = finite.tolist() if finite is not None else [True] * len(xs)
-        except Exception as e:
-            return f"{type(e).__name__}: {e}"
-        answers = [y[i, : a.shape[0]] if ok[i] else self._nonfinite_error() for i, a in enumerate(xs)]
-        gpu_s = events[0].elapsed_time(events[1]) / 1e3 if events else 0.0  # no GPU: none of its time
-        self.metrics.record_phases(t1 - t0, t2 - t1, t_launch - t1, gpu_s, time.perf_counter() - t2)
-        return answers
-
-    def _attempt_named(self, reqs: list[Checked]) -> list[Any] | str:
-        """``_attempt`` for a user's model: the requests that may share a batch (equal
-        ``Signature.group_key``) run together, each group one call of the model."""
-        assert self.named is not None
-        sig, backend = self.signature, self.named
+        failed (a message only: no traceback outlives the call). Requests that may share a batch
+        (equal ``group_key``: all of them under ``pad``) run together, each group one call."""
         groups: dict[Any, list[int]] = {}
         for i, r in enumerate(reqs):
-            groups.setdefault(sig.group_key(r), []).append(i)
+            groups.setdefault(group_key(self.signature, r), []).append(i)
         answers: list[Any] = [None] * len(reqs)
+        phases = [0.0] * 5  # assemble, model (to the answer on the host), launch, GPU, answers
         try:
-            t0 = time.perf_counter()
-            staged = run = 0.0
             for idx in groups.values():
                 group = [reqs[i] for i in idx]
+                t0 = time.perf_counter()
+                batch = self._assemble(group, self.args.reject_nonfinite)
                 t1 = time.perf_counter()
-                batch = sig.assemble(group, backend.device)
+                events = timing_events(self.backend.device)  # the model's device time
+                if events:
+                    events[0].record()
+                y_dev = self.backend.run(batch.inputs).to(wire_dtype(self.signature, group))
+                if events:
+                    events[1].record()
+                t_launch = time.perf_counter()
+                y = to_host(y_dev)
                 t2 = time.perf_counter()
-                y = to_host(backend.run(batch))
-                staged, run = staged + t2 - t1, run + time.perf_counter() - t2
-                for i, a in zip(idx, sig.split(y, group)):
-                    answers[i] = a
+                bad = self._nonfinite(batch.finite, len(group))
+                for k, (i, a) in enumerate(zip(idx, split(self.signature, y, group))):
+                    answers[i] = self._nonfinite_error(bad[k]) if bad[k] else a
+                gpu_s = events[0].elapsed_time(events[1]) / 1e3 if events else 0.0  # no GPU: none of its time
+                for j, v in enumerate((t1 - t0, t2 - t1, t_launch - t1, gpu_s, time.perf_counter() - t2)):
+                    phases[j] += v
         except Exception as e:
             return f"{type(e).__name__}: {e}"
-        total = time.perf_counter() - t0
-        self.metrics.record_phases(staged, run, run, 0.0, max(0.0, total - staged - run))
+        self.metrics.record_phases(*phases)
         return answers
 
     @staticmethod
-    def _finite_rows(x: torch.Tensor) -> torch.Tensor:
-        """(B,) bool on x's device: whether each sequence of the batch is free of NaN and Inf.
+    def _nonfinite(finite: dict[str, torch.Tensor], n: int) -> list[list[str]]:
+        """Per row, the float inputs holding NaN or Inf (one host copy per input, after the output's)."""
+        rows: list[list[str]] = [[] for _ in range(n)]
+        for name, ok in finite.items():
+            for k, good in enumerate(ok.tolist()):
+                if not good:
+                    rows[k].append(name)
+        return rows
 
-        Checked here, on the device, rather than on each request as it arrives: one pass over
-        the batch (min and max propagate NaN and show an Inf) that the GPU does in microseconds
-        and whose answer comes back with the batch's, instead of a pass over every request's
-        bytes on the replica's event loop. Every layer works per token or per sequence, so a
-        bad sequence spoils only its own rows of the output, which are not returned."""
-        lo, hi = torch.aminmax(x.view(x.shape[0], -1), dim=1)
-        return torch.isfinite(lo) & torch.isfinite(hi)
-
-    def _nonfinite_error(self) -> InvalidInputError:
+    def _nonfinite_error(self, names: list[str]) -> InvalidInputError:
         dtype = str(self.backend.dtype).replace("torch.", "")
         return InvalidInputError(
-            f"x holds NaN or Inf (checked as the model's {dtype}); send finite values (or serve with reject_nonfinite: false)"
+            f"input {' and '.join(map(repr, names))} holds NaN or Inf (checked as the model's {dtype}); send finite "
+            "values (or serve with reject_nonfinite: false)"
         )
 
     async def infer(self, x: Any) -> Any:
-        """One request. The reference model: one sequence (S, hidden) in, (S, hidden) out in the
-        caller's dtype and type. Any model: a mapping of input name -> array (no batch axis) in,
-        ``{output name: array}`` out (``infer_named``)."""
-        if isinstance(x, Mapping) or self.named is not None:
-            return await self.infer_named(x)
-        arr, like = to_numpy(x)
+        """One request: named inputs (a mapping of input name -> array, no batch axis) in,
+        ``{output name: array}`` out; or, for a model with one sent input, that array alone (NumPy
+        or a CPU torch tensor) in and its answer alone out, in the request's dtype and type.
+        Every bad input is an ``InvalidInputError`` naming it, raised before the request joins a
+        batch."""
+        if isinstance(x, Mapping):
+            return {self.signature.output.name: await self._submit(x, None)}
         try:
-            # Shape, dtype and length here; NaN and Inf in the batch, on the device (_finite_rows).
-            i = validate_sequence(arr, self.backend.hidden, self.buckets, reject_nonfinite=False)
+            arr, like = to_numpy(x)
+            name = single_input(self.signature)
         except InvalidInputError:
             self._count_rejected("none")
             raise
-        # Any accepted float dtype: the batch is assembled once, converted to the backend's dtype.
-        result = await self._queues[i]((arr, time.perf_counter()))
+        answer = np.dtype(arr.dtype) if arr.dtype.kind == "f" else None
+        return from_numpy_like(await self._submit({name: arr}, answer), like)
+
+    async def _submit(self, inputs: Any, answer_dtype: np.dtype | None) -> np.ndarray:
+        try:
+            req = check_request(self.signature, inputs, self.buckets, answer_dtype)
+        except InvalidInputError:
+            self._count_rejected("none")
+            raise
+        result = await self._queues[req.bucket]((req, time.perf_counter()))
         if isinstance(result, InvalidInputError):
-            self._count_rejected(str(self.buckets.edges[i]))
+            self._count_rejected(str(self.buckets.edges[req.bucket]))
             raise result
         if isinstance(result, Exception):
             raise result
-        return from_numpy_like(result, like)
+        return result  # type: ignore[no-any-return]
 
     def io_signature(self) -> Signature:
         """What one request carries and gets back (no batch axis): the protocol layers'
-        (``deploy.kserve``) view of the model, named inputs for every model."""
+        (``deploy.kserve``) view of the model."""
         return self.signature
 
     def is_ready(self) -> bool:
@@ -363,54 +351,17 @@ class ModelReplica(V1Routes, V2Routes):
             "buckets": {str(e): dict(v) for e, v in self.metrics.local.items()},
         }
 
-    async def infer_named(self, inputs: Any) -> dict[str, np.ndarray]:
-        """One request by name: ``{input: array}`` (each without the batch axis; the inputs the
-        signature lists as sent) in, ``{output: array}`` out. Every bad input is an
-        ``InvalidInputError`` naming it, raised before the request joins a batch."""
-        sig = self.signature
-        try:
-            # The reference model batches the requests' own float dtype (assemble converts on
-            # the device): checked here, not converted.
-            req = sig.check(inputs, self.buckets, convert=self.named is not None)
-            if self.named is not None and self.args.reject_nonfinite:
-                for name, arr in req.tensors.items():
-                    if arr.dtype.kind == "f" and not all_finite(arr):
-                        raise InvalidInputError(
-                            f"input {name!r} holds NaN or Inf; send finite values (or serve with reject_nonfinite: false)"
-                        )
-        except InvalidInputError:
-            self._count_rejected("none")
-            raise
-        if self.named is None:  # the reference model's own path: x alone, a NumPy answer in x's dtype
-            x = inputs["x"]
-            y = await self.infer(x if isinstance(x, np.ndarray) else req.tensors["x"])
-            return {sig.output.name: y}
-        result = await self._queues[req.bucket]((req, time.perf_counter()))
-        if isinstance(result, Exception):
-            raise result
-        return {sig.output.name: result}
-
     def _count_rejected(self, bucket: str) -> None:
         self.metrics.rejected.inc(tags={"bucket": bucket})
         self.metrics.rejected_local += 1
 
     def check_health(self) -> None:
-        if self.named is not None:
-            sig = self.signature
-            sizes = {a: lo for a, (lo, _) in sig.ranges.items()} | {sig.bucketed: 1}
-            with self._on_stream(0):
-                y = self.named.run(sig.samples(sizes, 1))
-                ok = bool(torch.isfinite(y).all())
-            if not ok:
-                raise RuntimeError("health check: the model returned non-finite values")
-            return
-        x = torch.zeros(1, 1, self.backend.hidden)
-        x[0, 0, 0] = 1.0
-        with self._on_stream(0):  # the smallest bucket's: its warm shapes (and CUDA graph) serve
-            y = self.backend.run(x, torch.ones(1, dtype=torch.int32))
+        """One request of the smallest sizes the model accepts, on the smallest bucket's stream."""
+        with self._on_stream(0):
+            y = self.backend.run(self._assemble([health_request(self.signature)]).inputs)
             ok = bool(torch.isfinite(y).all())
         if not ok:
-            raise RuntimeError("health check: the backend returned non-finite values")
+            raise RuntimeError("health check: the model returned non-finite values")
 
 
 # The deployments, wrapped here, beside the class: a replica's process imports this module to

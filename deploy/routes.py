@@ -4,8 +4,8 @@ gRPC, as mixins of the class Serve's ingress serves: the model replica
 (``deploy.ingress.IngressReplica``, with ``ingress_replicas: N``).
 
 Contract: the routes only decode, call and encode. They reach their class through the methods and
-attributes listed under ``TYPE_CHECKING`` in ``_Replica`` (``infer`` for the reference model's
-one array, ``infer_named`` for named inputs of every model, ``io_signature``, readiness, the
+attributes listed under ``TYPE_CHECKING`` in ``_Replica`` (``infer``: named inputs of every
+model, or the single array of a model with one sent input; ``io_signature``, readiness, the
 backend's name, a model replica's info and counters). The protocol itself is ``deploy.kserve``
 and ``deploy.kserve_grpc``, request bodies ``deploy.codec``. ``api`` is the one FastAPI app;
 every route is a method.
@@ -69,12 +69,8 @@ class _Replica:
     if TYPE_CHECKING:
         args: AppArgs
         replica: str
-        serves_named: bool
-        """A user's model (named inputs), not the reference model."""
 
         async def infer(self, x: Any) -> Any: ...
-
-        async def infer_named(self, inputs: Any) -> dict[str, np.ndarray]: ...
 
         def io_signature(self) -> Signature: ...
 
@@ -112,8 +108,9 @@ class V1Routes(_Replica):
     @api.post("/v1/infer")
     async def infer_http(self, request: Request) -> Response:
         """HTTP: named inputs as .npz (``numpy.savez``; the answer as .npz) or JSON
-        ``{"inputs": {name: array}}`` (answer ``{"outputs": {name: array}}``); for the reference
-        model also one sequence as .npy (the answer in the request's dtype) or JSON ``{"x": [[...]]}``.
+        ``{"inputs": {name: array}}`` (answer ``{"outputs": {name: array}}``); for a model with
+        one sent input also that array alone, as .npy (the answer as .npy in the request's
+        dtype) or JSON ``{"x": [...]}`` (answer ``{output name: [...]}``).
 
         A full queue is answered 503 by Serve's proxy before the body reaches the replica."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -131,10 +128,10 @@ class V1Routes(_Replica):
                 x = decode_npy(body)
             else:
                 doc = load_json(body)
-                named = self.serves_named or (isinstance(doc, dict) and "inputs" in doc)
-                x = decode_inputs_json(doc) if named else decode_json(doc)
+                named = isinstance(doc, dict) and "inputs" in doc
+                x = decode_inputs_json(doc) if named else decode_json(doc, self.io_signature())
             # A request that times out is cancelled: its batch queue drops it.
-            y = await asyncio.wait_for(self.infer_named(x) if named else self.infer(x), self.args.request_timeout_s)
+            y = await asyncio.wait_for(self.infer(x), self.args.request_timeout_s)
         except RequestError as e:  # before InvalidInputError, its base
             return JSONResponse({"error": str(e)}, status_code=e.status)
         except InvalidInputError as e:
@@ -148,7 +145,7 @@ class V1Routes(_Replica):
             return JSONResponse(encode_outputs_json(y), headers=headers)
         if ctype == NPY:
             return Response(encode_npy(y), media_type=NPY, headers=headers)
-        return JSONResponse(encode_json(y), headers=headers)
+        return JSONResponse(encode_json(y, self.io_signature().output.name), headers=headers)
 
     @api.get("/v1/info")
     async def info(self) -> dict[str, Any]:
@@ -180,9 +177,7 @@ class V2Routes(_Replica):
         """Each row of the protocol's batch axis is one request to the batch queues."""
         sig = self.io_signature()
         rows = kserve.split_request(req, sig)
-        answers = await asyncio.wait_for(
-            asyncio.gather(*(self.infer_named(r) for r in rows)), self.args.request_timeout_s
-        )
+        answers = await asyncio.wait_for(asyncio.gather(*(self.infer(r) for r in rows)), self.args.request_timeout_s)
         return kserve.join_outputs(answers, req, sig)
 
     def _v2_error(self, e: Exception) -> tuple[int, str]:

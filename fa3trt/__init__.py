@@ -28,7 +28,7 @@ from fa3trt.errors import (
 from fa3trt.models.reference import ModelConfig, build_model, save_weights
 from fa3trt.onnx.export import export_onnx
 from fa3trt.serving.backends import load_backend
-from fa3trt.trt._trt import available as tensorrt_available
+from fa3trt.trt import available as tensorrt_available
 
 __all__ = [
     "attention",

@@ -14,15 +14,13 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
-    Discriminator,
     Field,
-    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -31,15 +29,9 @@ from pydantic import (
 from fa3trt import defaults
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
-from fa3trt.models.reference import ModelConfig
-from fa3trt.signature import Signature, TensorSpec
+from fa3trt.models.spec import AnyModelSpec, ReferenceSpec
 
 __all__ = [
-    "ModelSpec",
-    "SourceSpec",
-    "InputArgs",
-    "OutputArgs",
-    "AnyModelSpec",
     "BucketOverride",
     "BatchingConfig",
     "AppArgs",
@@ -56,159 +48,6 @@ log = logging.getLogger(__name__)
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Strict):
-    """The reference model (``source: fa3trt``): one of its presets."""
-
-    source: Literal["fa3trt"] = Field("fa3trt", description="The reference transformer of fa3trt.models.reference.")
-    preset: Literal["tiny", "seed"] = Field(
-        defaults.MODEL_PRESET, description="Model preset: tiny (CPU) or seed (4096 wide, 32 heads)."
-    )
-    layers: int | None = Field(None, ge=1, le=512, description="Override the preset's layer count.")
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Override the preset's dtype.")
-    attn_mode: Literal[0, 1] = Field(
-        defaults.ATTN_MODE, description="0: attention in the model dtype; 1: FP8 attention."
-    )
-    seed: int = Field(defaults.SEED, ge=0, description="Seed of the weight init when no weights file is given.")
-    weights: str | None = Field(None, description="Safetensors weights file; default: seeded init.")
-
-    def config(self) -> ModelConfig:
-        overrides: dict[str, Any] = {"attn_mode": self.attn_mode, "seed": self.seed}
-        if self.layers is not None:
-            overrides["layers"] = self.layers
-        if self.dtype is not None:
-            overrides["dtype"] = self.dtype
-        return ModelConfig.preset(self.preset, **overrides)
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():
-            raise ValueError(f"weights file {v!r} does not exist; give a safetensors file or omit weights")
-        return v
-
-
-_DTYPE = Literal["float32", "float16", "bfloat16", "int64", "int32", "bool"]
-
-
-class InputArgs(_Strict):
-    """One named input of a model from ``source: diffusers | transformers | python``."""
-
-    axes: list[str | int] = Field(
-        description="Axes of one request's tensor, without the batch axis: a name for a dynamic axis (shared by every input that has it), an int for a fixed size."
-    )
-    dtype: _DTYPE | None = Field(
-        None, description="The dtype the model takes; default: the model's dtype (keep positions in float32)."
-    )
-    batched: bool = Field(
-        True,
-        description="false: one tensor for the whole batch (FLUX's img_ids); requests batch only with equal copies.",
-    )
-    pad: float = Field(0.0, description="The value that pads the bucketed axis under batching: pad.")
-    fill: Literal["lengths", "mask"] | None = Field(
-        None,
-        description="Made by the server from each request's bucketed length (never sent): lengths (B,) or a 0/1 mask.",
-    )
-
-
-class OutputArgs(_Strict):
-    """The model output a request gets back."""
-
-    name: str = Field("output", min_length=1, description="The answer's name (HTTP, handle, protocol).")
-    select: str | int = Field(
-        0,
-        description="What of the model's return value: a key, an attribute (sample, last_hidden_state) or a position.",
-    )
-    axes: list[str | int] = Field(
-        default_factory=list, description="Its axes without the batch axis; batching: pad cuts the bucketed one back."
-    )
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="The answer's dtype.")
-
-
-class SourceSpec(_Strict):
-    """A user's model: a diffusers or transformers class, or a Python factory."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    source: Literal["diffusers", "transformers", "python"] = Field(description="Where the model comes from.")
-    class_name: str | None = Field(
-        None,
-        alias="class",
-        description="diffusers / transformers: the model class (FluxTransformer2DModel, BertModel).",
-    )
-    config: dict[str, Any] | None = Field(
-        None, description="diffusers / transformers: the class's config (random weights from seed, or weights=)."
-    )
-    path: str | None = Field(None, description="diffusers / transformers: a local folder for from_pretrained.")
-    factory: str | None = Field(
-        None, description="python: 'package.module:function' returning the module (or (module, sample inputs))."
-    )
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="The model's dtype.")
-    routing: Literal["auto", "sdpa", "transformers", "off"] = Field(
-        "auto", description="How attention reaches fa3trt.attention (fa3trt.route_attention); off: not routed."
-    )
-    inputs: dict[str, InputArgs] = Field(min_length=1, description="The model's keyword inputs by name.")
-    output: OutputArgs = Field(default_factory=lambda: OutputArgs())
-    bucketed_axis: str = Field(description="The axis whose size picks the bucket (the sequence or token axis).")
-    axis_ranges: dict[str, tuple[int, int]] = Field(
-        default_factory=dict, description="[min, max] of every other named axis (TensorRT profiles, request checks)."
-    )
-    batching: Literal["pad", "shape"] = Field(
-        "shape",
-        description="pad: requests of different lengths share a batch, padded (exact only when every cross-token op is attention reading the lengths, e.g. an encoder with a padding mask); shape: only equal shapes batch together.",
-    )
-    seed: int = Field(defaults.SEED, ge=0, description="Seed of the random init when no weights are given.")
-    weights: str | None = Field(None, description="Safetensors file of the model's state dict.")
-
-    @model_validator(mode="after")
-    def _keys_fit_source(self) -> SourceSpec:
-        needs = {"diffusers": ("class_name",), "transformers": ("class_name",), "python": ("factory",)}[self.source]
-        shown = {"class_name": "class"}
-        for k in needs:
-            if getattr(self, k) is None:
-                raise ValueError(f"model.source {self.source} needs model.{shown.get(k, k)}")
-        wrong = {
-            "diffusers": ("factory",),
-            "transformers": ("factory",),
-            "python": ("class_name", "config", "path"),
-        }[self.source]
-        for k in wrong:
-            if getattr(self, k) is not None:
-                raise ValueError(f"model.{shown.get(k, k)} does not apply to source {self.source}; remove it")
-        if self.source in ("diffusers", "transformers") and (self.config is None) == (self.path is None):
-            raise ValueError(f"model.source {self.source} needs exactly one of model.config and model.path")
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise ValueError(f"model.weights {self.weights!r} does not exist; give a safetensors file or omit it")
-        try:
-            self.signature()
-        except ConfigError as e:
-            raise ValueError(f"model: {e}") from None
-        return self
-
-    def describe(self) -> str:
-        """One line for logs and build plans: ``diffusers FluxTransformer2DModel bfloat16``."""
-        return f"{self.source} {self.class_name or self.factory} {self.dtype}"
-
-    def signature(self) -> Signature:
-        ins = tuple(
-            TensorSpec(n, a.dtype or self.dtype, tuple(a.axes), a.batched, a.pad, a.fill)
-            for n, a in self.inputs.items()
-        )
-        out = TensorSpec(self.output.name, self.output.dtype, tuple(self.output.axes))
-        return Signature(ins, out, self.bucketed_axis, dict(self.axis_ranges), self.batching)
-
-
-def _model_source(v: Any) -> str:
-    if isinstance(v, dict):
-        return "fa3trt" if v.get("source", "fa3trt") == "fa3trt" else "external"
-    return "fa3trt" if isinstance(v, ModelSpec) else "external"
-
-
-AnyModelSpec = Annotated[
-    Annotated[ModelSpec, Tag("fa3trt")] | Annotated[SourceSpec, Tag("external")], Discriminator(_model_source)
-]
-"""``model:`` of the app: the reference model (``source: fa3trt``, the default) or a user's."""
 
 
 class BucketOverride(_Strict):
@@ -259,7 +98,7 @@ class BatchingConfig(_Strict):
 class AppArgs(_Strict):
     """Everything the Serve app (``APP_IMPORT_PATH``) takes."""
 
-    model: AnyModelSpec = Field(default_factory=lambda: ModelSpec())
+    model: AnyModelSpec = Field(default_factory=lambda: ReferenceSpec())
     buckets: list[int] = Field(
         default_factory=lambda: list(defaults.BUCKETS),
         min_length=1,
@@ -312,6 +151,10 @@ class AppArgs(_Strict):
         defaults.CUDA_GRAPHS,
         description="Torch backend on a GPU: run batches as CUDA graphs (fa3trt.serving.graphs): one launch per batch instead of the model's few dozen. Needs FA3 or FlashAttention's CuTe kernel.",
     )
+    compile: bool = Field(
+        defaults.COMPILE,
+        description="Torch backend: run the model under torch.compile, its attention one opaque call of the op inside the compiled graph (the first batch of each shape compiles).",
+    )
     stream_per_bucket: bool = Field(
         defaults.STREAM_PER_BUCKET,
         description="GPU replicas: each bucket's batches on a CUDA stream of their own, so one bucket's copies and answers never wait on another's kernels (false: every bucket on the default stream).",
@@ -343,6 +186,10 @@ class AppArgs(_Strict):
     @model_validator(mode="after")
     def _overrides_name_buckets(self) -> AppArgs:
         self.batching.check_overrides(self.buckets)
+        try:
+            self.model.signature().check_buckets(self.bucket_set())
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return self
 
     def bucket_set(self) -> Buckets:

@@ -38,6 +38,8 @@ BUILD_IF_MISSING = False
 """Whether a replica builds its GPU's engine at start when the store lacks it."""
 SERVE_CONFIG = "serve_config.yaml"
 """The Serve config the build jobs read when none is given."""
+BUILD_HINT = f"python -m build_jobs --config {SERVE_CONFIG}"
+"""The command that builds what a replica or a check finds missing (named in their errors)."""
 BUILD_RETRIES = 2
 """Retries of a failed build task."""
 
@@ -50,10 +52,15 @@ REPLICA_CPUS: Literal["auto"] = "auto"
 REPLICA_CPUS_AUTO = 1
 """What ``replica_cpus: auto`` reserves: a GPU replica's threads only stage batches, and one
 thread keeps up (docs/benchmarks.md, "Scale-out", the ``replica_cpus`` passes)."""
+CPU_REPLICA_CPUS = 0.25
+"""What a CPU replica reserves with ``replica_cpus: auto``: a share of a CPU, so several apps
+fit on one small machine; its PyTorch threads are set apart (``deploy.app.cpu_threads``)."""
 NUMA_AFFINITY = True
 """Keep each GPU replica's threads on the CPUs of its GPU's NUMA node."""
 CUDA_GRAPHS = False
 """Torch backend on a GPU: run batches as CUDA graphs."""
+COMPILE = False
+"""Torch backend: run the model under torch.compile."""
 STREAM_PER_BUCKET = True
 """GPU replicas: each bucket's batches on a CUDA stream of their own."""
 

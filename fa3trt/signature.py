@@ -9,16 +9,16 @@ Contract:
   the bucketed axis (``"lengths"``: int32 (B,); ``"mask"``: 1 up to the length, 0 after) and are
   never sent.
 - A ``Signature`` is the inputs, the output, the bucketed axis (its size picks the bucket), the
-  range of every other named axis, and how requests of different sizes share a batch:
+  range of every other named axis (the bucketed one may have a lower bound; its upper bound is
+  the largest bucket), the step each named axis must be a multiple of (a DiT's latent axes: its
+  patch size), and how requests of different sizes share a batch:
   ``"pad"`` pads every tensor with the bucketed axis to the batch's longest (with ``pad``) and
   cuts each answer back to its own length: exact only when every cross-token op of the model is
   attention that reads the lengths (the reference model; an encoder with a padding mask);
   ``"shape"`` batches only requests of equal shapes (``group_key``).
-- ``check(request, buckets)`` validates one request (a mapping of name -> array) before it joins
-  a batch: missing or extra names, rank, fixed sizes, named axes out of range or disagreeing
-  between tensors, dtypes that cannot be converted without loss. Every error is an
-  ``InvalidInputError`` naming the input. ``assemble`` and ``split`` make a batch and cut its
-  output back into answers.
+- Requests are checked against it by ``fa3trt.requests.check_request``.
+- ``samples``, ``sample_sizes`` and ``smallest_sizes`` make inputs at sizes the model accepts
+  (warm-up, health checks, export samples and checks).
 - ``to_dict``/``from_dict`` round-trip it (engine metadata, ``/v1/info``).
 """
 
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from fa3trt.buckets import Buckets
-from fa3trt.errors import ConfigError, InvalidInputError
+from fa3trt.errors import ConfigError
 
-__all__ = ["TensorSpec", "Signature", "Checked", "TORCH_DTYPES", "BATCH_AXIS", "Batching", "Fill"]
+__all__ = ["TensorSpec", "Signature", "TORCH_DTYPES", "BATCH_AXIS", "Batching", "Fill", "round_up", "round_down"]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -50,9 +50,6 @@ BATCH_AXIS = "B"
 
 Batching = Literal["pad", "shape"]
 Fill = Literal["lengths", "mask"]
-
-_FLOAT_IN = (np.float16, np.float32, np.float64)
-_INT_IN = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32)
 
 
 @dataclass(frozen=True)
@@ -108,14 +105,14 @@ class TensorSpec:
         )
 
 
-@dataclass(frozen=True)
-class Checked:
-    """One validated request: its tensors in their declared dtypes, bucket and length."""
+def round_up(n: int, step: int) -> int:
+    """The smallest multiple of ``step`` at or above ``n``."""
+    return -(-n // step) * step
 
-    tensors: dict[str, np.ndarray]
-    bucket: int
-    length: int
-    """Its size along the bucketed axis."""
+
+def round_down(n: int, step: int) -> int:
+    """The largest multiple of ``step`` at or below ``n``."""
+    return n // step * step
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,11 @@ class Signature:
     output: TensorSpec
     bucketed: str
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Per named axis [min, max]; required for every axis but the bucketed one, whose max is the
+    largest bucket (a declared one is the most the model takes: the buckets must stay within)."""
     batching: Batching = "shape"
+    steps: dict[str, int] = field(default_factory=dict)
+    """Per named axis, the step its sizes must be a multiple of (default 1)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -145,14 +146,18 @@ class Signature:
             if a not in self.ranges:
                 raise ConfigError(f"axis {a!r} has no range; give axis_ranges: {{{a}: [min, max]}}")
         for a, (lo, hi) in self.ranges.items():
-            if a == self.bucketed:
-                raise ConfigError(
-                    f"axis {a!r} is bucketed: its range comes from the buckets; remove it from axis_ranges"
-                )
             if a not in axes:
                 raise ConfigError(f"axis_ranges names {a!r}, which no input has; axes: {sorted(axes)}")
             if not 1 <= lo <= hi:
                 raise ConfigError(f"axis_ranges[{a!r}] = [{lo}, {hi}] must satisfy 1 <= min <= max")
+        for a, step in self.steps.items():
+            if a not in axes:
+                raise ConfigError(f"axis_multiples names {a!r}, which no input has; axes: {sorted(axes)}")
+            if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+                raise ConfigError(f"axis_multiples[{a!r}] = {step!r} must be an integer >= 1")
+            if a in self.ranges and round_up(self.ranges[a][0], step) > self.ranges[a][1]:
+                lo, hi = self.ranges[a]
+                raise ConfigError(f"axis {a!r}: no multiple of {step} lies in its range [{lo}, {hi}]; widen the range")
         if self.batching == "pad":
             if any(not t.batched for t in self.inputs):
                 raise ConfigError(
@@ -183,6 +188,7 @@ class Signature:
             "bucketed": self.bucketed,
             "ranges": {a: list(r) for a, r in self.ranges.items()},
             "batching": self.batching,
+            "steps": dict(self.steps),
         }
 
     @classmethod
@@ -193,10 +199,43 @@ class Signature:
             bucketed=str(d["bucketed"]),
             ranges={a: (int(r[0]), int(r[1])) for a, r in d.get("ranges", {}).items()},
             batching=d.get("batching", "shape"),
+            steps={a: int(n) for a, n in d.get("steps", {}).items()},
         )
 
+    def step(self, axis: str) -> int:
+        """The step sizes of ``axis`` must be a multiple of (1 when none is declared)."""
+        return self.steps.get(axis, 1)
+
     def axis_range(self, axis: str, buckets: Buckets) -> tuple[int, int]:
-        return (1, buckets.max_len) if axis == self.bucketed else self.ranges[axis]
+        """[min, max] of ``axis`` (the bucketed one: its declared min, the largest bucket)."""
+        if axis == self.bucketed:
+            return self.ranges.get(axis, (1, buckets.max_len))[0], buckets.max_len
+        return self.ranges[axis]
+
+    def accepted(self, axis: str, lo: int, hi: int) -> tuple[int, int] | None:
+        """The smallest and largest sizes of ``axis`` within [lo, hi] that the model accepts
+        (its own range and step), or None when there is none."""
+        step = self.step(axis)
+        if axis in self.ranges:
+            lo, hi = max(lo, self.ranges[axis][0]), min(hi, self.ranges[axis][1])
+        first, last = round_up(lo, step), round_down(hi, step)
+        return (first, last) if first <= last else None
+
+    def check_buckets(self, buckets: Buckets) -> None:
+        """``ConfigError`` unless every bucket holds a size of the bucketed axis the model accepts."""
+        a = self.bucketed
+        if a in self.ranges and buckets.max_len > self.ranges[a][1]:
+            raise ConfigError(
+                f"the largest bucket ({buckets.max_len}) exceeds the most the model takes along {a!r} "
+                f"({self.ranges[a][1]}); use bucket edges up to {self.ranges[a][1]}"
+            )
+        for i, edge in enumerate(buckets.edges):
+            if self.accepted(a, buckets.lower(i), edge) is None:
+                lo = self.ranges.get(a, (1, edge))[0]
+                raise ConfigError(
+                    f"bucket {edge} holds no size of axis {a!r} the model accepts (from {max(lo, buckets.lower(i))} to "
+                    f"{edge}, a multiple of {self.step(a)}); choose bucket edges that are multiples of {self.step(a)}"
+                )
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """Per input, dim -> axis name of the batched tensor (``fa3trt.export_onnx``'s form)."""
@@ -208,115 +247,6 @@ class Signature:
                 d = {0: BATCH_AXIS, **d}
             out[t.name] = d
         return out
-
-    # ------------------------------------------------------------------ requests
-    def check(self, request: Any, buckets: Buckets, convert: bool = True) -> Checked:
-        """Validate one request (see the module docstring); its tensors in the declared dtypes.
-
-        ``convert=False``: a float tensor keeps its own float dtype, for a caller that converts
-        when it batches (the reference model's batch is assembled from the requests' dtype, so
-        a float16 request is never widened on the host first)."""
-        if not isinstance(request, Mapping):
-            names = [t.name for t in self.sent]
-            raise InvalidInputError(
-                f"a request is a mapping of input name -> array with the inputs {names}, got {type(request).__name__}"
-            )
-        want = {t.name for t in self.sent}
-        missing = sorted(want - set(request))
-        extra = sorted(set(request) - want)
-        if missing or extra:
-            parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
-            raise InvalidInputError(f"inputs {', '.join(parts)}: this model takes exactly {sorted(want)}")
-        sizes: dict[str, tuple[int, str]] = {}
-        out: dict[str, np.ndarray] = {}
-        for t in self.sent:
-            arr = _as_array(request[t.name], t, convert)
-            if arr.ndim != len(t.axes):
-                raise InvalidInputError(
-                    f"input {t.name!r} has shape {arr.shape} (rank {arr.ndim}); it must have rank {len(t.axes)}: "
-                    f"axes {list(t.axes)}, without the batch axis"
-                )
-            for dim, (a, n) in enumerate(zip(t.axes, arr.shape)):
-                if isinstance(a, int):
-                    if n != a:
-                        raise InvalidInputError(f"input {t.name!r} has size {n} on axis {dim}; it must be {a}")
-                    continue
-                seen = sizes.get(a)
-                if seen is not None and seen[0] != n:
-                    raise InvalidInputError(
-                        f"input {t.name!r} has {a}={n} on axis {dim}, but {seen[1]!r} has {a}={seen[0]}; "
-                        f"every input's axis {a!r} must have the same size"
-                    )
-                sizes[a] = (n, t.name)
-            out[t.name] = arr
-        for a, (n, name) in sizes.items():
-            if a == self.bucketed:
-                continue
-            lo, hi = self.ranges[a]
-            if not lo <= n <= hi:
-                raise InvalidInputError(f"input {name!r} has axis {a}={n}, outside this model's range [{lo}, {hi}]")
-        length = sizes[self.bucketed][0]
-        try:
-            bucket = buckets.index(length)
-        except InvalidInputError as e:
-            raise InvalidInputError(f"input {sizes[self.bucketed][1]!r}, axis {self.bucketed}: {e}") from None
-        return Checked(out, bucket, length)
-
-    def group_key(self, req: Checked) -> tuple[Any, ...]:
-        """Requests with equal keys may share a batch (``"shape"``: equal shapes, equal unbatched tensors)."""
-        if self.batching == "pad":
-            return ()
-        return tuple(
-            (t.name, req.tensors[t.name].shape, None if t.batched else req.tensors[t.name].tobytes()) for t in self.sent
-        )
-
-    def assemble(self, reqs: Sequence[Checked], device: torch.device) -> dict[str, torch.Tensor]:
-        """The batch of ``reqs`` (one group: see ``group_key``) as the model's keyword inputs.
-
-        Every tensor in its declared dtype."""
-        longest = max(r.length for r in reqs)
-        lens = torch.tensor([r.length for r in reqs], dtype=torch.int32)
-        batch: dict[str, torch.Tensor] = {}
-        for t in self.inputs:
-            dtype = t.torch_dtype
-            if t.fill == "lengths":
-                batch[t.name] = lens.to(device)
-                continue
-            if t.fill == "mask":
-                if any(isinstance(a, str) and a != self.bucketed for a in t.axes):
-                    raise ConfigError(f"{t.name}: a mask may have only the bucketed axis and fixed sizes")
-                shape = [longest if a == self.bucketed else int(a) for a in t.axes]
-                m = torch.arange(longest)[None, :] < lens[:, None]
-                view = [len(reqs)] + [longest if a == self.bucketed else 1 for a in t.axes]
-                batch[t.name] = m.view(view).expand(len(reqs), *shape).to(device, dtype)
-                continue
-            # (np.ascontiguousarray would make a 0-d array 1-d.)
-            arrays = [torch.from_numpy(np.require(r.tensors[t.name], requirements="C")) for r in reqs]
-            if not t.batched:
-                batch[t.name] = arrays[0].to(device, dtype)
-                continue
-            if self.batching == "pad" and self.bucketed in t.axes:
-                dim = t.axes.index(self.bucketed)
-                padded = list(arrays[0].shape)
-                padded[dim] = longest
-                out = torch.full((len(arrays), *padded), t.pad, dtype=arrays[0].dtype)
-                for i, a in enumerate(arrays):
-                    out[i].narrow(dim, 0, a.shape[dim]).copy_(a)
-                batch[t.name] = out.to(device, dtype)
-            else:
-                batch[t.name] = torch.stack(arrays).to(device, dtype)
-        return batch
-
-    def split(self, y: torch.Tensor, reqs: Sequence[Checked]) -> list[np.ndarray]:
-        """The batch output ``y`` (on the CPU) cut into each request's answer, in the output dtype
-        (bfloat16 goes out as float32: NumPy has no bfloat16)."""
-        if y.shape[0] != len(reqs):
-            raise InvalidInputError(f"the model returned {y.shape[0]} rows for a batch of {len(reqs)}")
-        dtype = self.output.torch_dtype
-        y = y.to(torch.float32 if dtype == torch.bfloat16 else dtype)
-        cut = self.batching == "pad" and self.bucketed in self.output.axes
-        dim = self.output.axes.index(self.bucketed) if cut else 0
-        return [(y[i].narrow(dim, 0, r.length) if cut else y[i]).numpy() for i, r in enumerate(reqs)]
 
     def samples(
         self, sizes: Mapping[str, int], batch: int = 1, seed: int = 0, lengths: Sequence[int] | None = None
@@ -357,9 +287,9 @@ class Signature:
     def sample_request(self, length: int, seed: int = 0, other: int | None = None) -> dict[str, np.ndarray]:
         """Random inputs of one request as a client sends them (no batch axis, bfloat16 as
         float32): the bucketed axis at ``length``, every other named axis at ``other`` (default
-        its range's min)."""
-        sizes = {a: lo if other is None else other for a, (lo, _) in self.ranges.items()} | {self.bucketed: length}
-        batch = self.samples(sizes, 1, seed)
+        its smallest accepted size)."""
+        sizes = self.smallest_sizes() if other is None else {a: other for a in self.ranges}
+        batch = self.samples(sizes | {self.bucketed: length}, 1, seed)
         out = {}
         for t in self.sent:
             v = batch[t.name][0] if t.batched else batch[t.name]
@@ -367,46 +297,17 @@ class Signature:
         return out
 
     def sample_sizes(self, buckets: Buckets, length: int | None = None) -> dict[str, int]:
-        """Every named axis at its range's max (the bucketed one at ``length``, default the
-        largest bucket's edge)."""
-        sizes = {a: hi for a, (_, hi) in self.ranges.items()}
-        sizes[self.bucketed] = buckets.max_len if length is None else length
+        """Every named axis at its largest accepted size (the bucketed one at the largest it
+        accepts up to ``length``, default the largest bucket's edge)."""
+        sizes = {}
+        for a in self.axis_names():
+            hi = (buckets.max_len if length is None else length) if a == self.bucketed else self.ranges[a][1]
+            got = self.accepted(a, 1, hi)
+            if got is None:
+                raise ConfigError(f"axis {a!r} takes no size up to {hi} (min and step); raise the size")
+            sizes[a] = got[1]
         return sizes
 
-
-def _as_array(value: Any, t: TensorSpec, convert: bool = True) -> np.ndarray:
-    """``value`` as an array of ``t``'s dtype (bfloat16 as float32: NumPy has none), or an
-    error naming the input when the conversion would change values. ``convert=False`` leaves
-    a float array of a float input in its own dtype."""
-    if isinstance(value, torch.Tensor):
-        if value.device.type != "cpu":
-            raise InvalidInputError(f"input {t.name!r} is on {value.device}; send a CPU tensor or a NumPy array")
-        value = value.detach()
-        value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-    if isinstance(value, (list, np.generic, int, float, bool)):
-        value = np.asarray(value)
-    if not isinstance(value, np.ndarray):
-        raise InvalidInputError(f"input {t.name!r} must be an array, got {type(value).__name__}")
-    kind = value.dtype.type
-    if t.torch_dtype.is_floating_point:
-        if kind not in _FLOAT_IN and kind not in _INT_IN:
-            raise InvalidInputError(f"input {t.name!r} has dtype {value.dtype}; send a float array ({t.dtype})")
-        if not convert and kind in _FLOAT_IN:
-            return value
-        return value.astype(np.float32 if t.dtype == "bfloat16" else t.dtype, copy=False)
-    if t.dtype == "bool":
-        if kind is np.bool_:
-            return value
-        if kind in _INT_IN and value.size and not np.isin(value, (0, 1)).all():
-            raise InvalidInputError(f"input {t.name!r} is a mask: send booleans or 0/1 integers")
-        if kind not in _INT_IN:
-            raise InvalidInputError(f"input {t.name!r} has dtype {value.dtype}; send booleans or 0/1 integers")
-        return value.astype(np.bool_)
-    if kind is np.bool_ or kind in _INT_IN:
-        info = np.iinfo(t.dtype)
-        if value.size and (int(value.min()) < info.min or int(value.max()) > info.max):
-            raise InvalidInputError(f"input {t.name!r} holds values outside {t.dtype}")
-        return value.astype(t.dtype, copy=False)
-    if kind in _FLOAT_IN and value.size and np.array_equal(value, np.round(value)) and np.isfinite(value).all():
-        return value.astype(t.dtype)  # JSON numbers of an integer input (2.0 -> 2)
-    raise InvalidInputError(f"input {t.name!r} has dtype {value.dtype}; send integers ({t.dtype})")
+    def smallest_sizes(self) -> dict[str, int]:
+        """Every named axis at its smallest accepted size: the health check's request."""
+        return {a: round_up(self.ranges.get(a, (1, 1))[0], self.step(a)) for a in self.axis_names()}

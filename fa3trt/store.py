@@ -44,6 +44,7 @@ from datetime import datetime
 from typing import Any
 
 from fa3trt import defaults
+from fa3trt.defaults import BUILD_HINT
 from fa3trt.errors import (
     ArtifactCorruptError,
     ArtifactNotFoundError,
@@ -55,7 +56,6 @@ from fa3trt.errors import (
 __all__ = [
     "ArtifactStore",
     "KINDS",
-    "BUILD_HINT",
     "GC_GRACE_S",
     "validate_key",
     "sanitize_key_part",
@@ -65,7 +65,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KINDS = ("engines", "onnx", "timing", "artifacts")
-BUILD_HINT = f"python -m build_jobs --config {defaults.SERVE_CONFIG}"
 GC_GRACE_S = 600.0
 """A replaced blob is deleted only when older than this: a concurrent writer commits its sidecar
 within moments of renaming its blob, so a blob this old that no sidecar names is garbage."""

@@ -24,6 +24,10 @@ Contract (what FA3 takes):
 The kernel is chosen once per device by ``fa3trt.attention.kernels.selector`` and logged; a dtype, head
 dim or feature (cross-attention, causal, grouped-query heads) it lacks runs on the next kernel
 in line (logged once).
+
+``recording_calls()`` collects each eager call's mode, head dim and dtype within a block: a
+backend runs one batch under it at load, so it knows, for any model, which head dims need an
+FP8 kernel and whether the kernel reads its lengths on the device.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +48,8 @@ from fa3trt.errors import InvalidInputError
 
 __all__ = [
     "attention",
+    "recording_calls",
+    "AttentionCall",
     "custom_attn",
     "onnx_export_mode",
     "plugin_node",
@@ -59,6 +66,28 @@ PLUGIN_NAME = "CustomAttnPlugin"
 PLUGIN_VERSION = "2"
 """2: key lengths as a fifth input, ``causal`` and ``softmax_scale`` fields (1: self-attention only)."""
 PLUGIN_DOMAIN = "attn"
+
+
+class AttentionCall(NamedTuple):
+    """What one eager call of ``attention`` asked of the kernels."""
+
+    mode: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+_recorded: contextvars.ContextVar[list[AttentionCall] | None] = contextvars.ContextVar("fa3trt_calls", default=None)
+
+
+@contextlib.contextmanager
+def recording_calls() -> Iterator[list[AttentionCall]]:
+    """The eager ``attention`` calls made in this block (this context), as they happen."""
+    calls: list[AttentionCall] = []
+    token = _recorded.set(calls)
+    try:
+        yield calls
+    finally:
+        _recorded.reset(token)
 
 
 # --------------------------------------------------------------------------- the op
@@ -247,6 +276,8 @@ def attention(
     elif seq_lens_k is not None and seq_lens_k.dtype != torch.int32:
         seq_lens_k = seq_lens_k.to(torch.int32)
     scale = default_scale(q.shape[3]) if softmax_scale is None else float(softmax_scale)
+    if not torch.compiler.is_compiling() and (calls := _recorded.get()) is not None:
+        calls.append(AttentionCall(int(mode), int(q.shape[3]), q.dtype))
     if _in_export():
         b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         lens_q = torch.full((b,), sq, dtype=torch.int32, device=q.device) if seq_lens is None else seq_lens

@@ -2,6 +2,9 @@
 
 ``build_model(config, weights)`` returns an ``nn.Module`` taking ``(x, seq_lens)`` with x of
 shape (B, S, hidden) and seq_lens int32 (B,); rows past a sequence's length come back zero.
+``reference_signature(config)`` describes it as every served model is described: ``x`` (S,
+hidden) in, ``y`` (S, hidden) out, ``seq_lens`` made by the server, requests of different
+lengths padded into one batch.
 Weights come from a safetensors file or a seeded init made on the CPU in float32, so the same
 seed gives the same weights on every device and backend.
 """
@@ -20,10 +23,11 @@ from torch import nn
 
 from fa3trt._hashing import spec_hash
 from fa3trt.attention.op import MODE_FP8, MODE_NATIVE, attention
-from fa3trt.buckets import to_device
 from fa3trt.errors import ConfigError, InvalidInputError
+from fa3trt.signature import Signature, TensorSpec
+from fa3trt.transfer import to_device
 
-__all__ = ["ModelConfig", "Transformer", "build_model", "save_weights", "PRESETS"]
+__all__ = ["ModelConfig", "Transformer", "build_model", "save_weights", "reference_signature", "PRESETS"]
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +195,11 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.fspath(path))
+
+
+def reference_signature(cfg: ModelConfig) -> Signature:
+    """The reference model as a served signature: ``x`` (S, hidden) in, ``y`` (S, hidden) out,
+    ``seq_lens`` made by the server, requests of different lengths padded into one batch."""
+    x = TensorSpec("x", cfg.dtype, ("S", cfg.hidden))
+    lens = TensorSpec("seq_lens", "int32", (), fill="lengths")
+    return Signature((x, lens), TensorSpec("y", cfg.dtype, ("S", cfg.hidden)), "S", {}, "pad")

@@ -1,33 +1,32 @@
-"""Load a user's model from its source (``model:`` of the app config, ``fa3trt.config.SourceSpec``).
+"""Load a model from its source (``model:`` of the app config, ``fa3trt.models.spec``).
 
 Contract:
+- ``check_source(spec)`` finds what would stop a model from loading without building it: the
+  package not importable (the error names the install command), the class missing, the folder
+  or its ``config.json`` unreadable, the factory not importable or not callable. The app builder
+  calls it before any replica starts, so ``serve run`` fails at once instead of retrying.
 - ``load_source(spec)`` returns a ``Loaded``: the module in eval mode in the spec's dtype on the
   CPU, frozen, its ``Signature``, and the factory's sample inputs where a ``python`` factory
-  gave them (checked against the signature). Sources: ``diffusers`` / ``transformers`` (a class
-  of the package by name, built from ``config`` or loaded from a local folder ``path``, never
-  from the network) and ``python`` (``"package.module:function"`` returning the module, or
-  ``(module, sample_inputs)``).
+  gave them (checked against the signature). Sources: ``fa3trt`` (the reference presets),
+  ``diffusers`` / ``transformers`` (a class of the package by name, built from ``config`` or
+  loaded from a local folder ``path``, never from the network) and ``python``
+  (``"package.module:function"`` returning the module, or ``(module, sample_inputs)``).
 - Random weights come from ``seed`` in a forked RNG, on the CPU in float32, so every replica
   and every build worker makes the same model; ``weights`` (safetensors, never pickle) replace
   them and must name exactly the model's parameters.
-- ``model_id(spec)`` digests everything that makes two models differ (source, class, config,
-  the folder's files, factory, dtype, seed, weights file, signature): the artifact store keys
-  ONNX files and engines by it.
-- ``export_source`` exports it to ONNX with its attention routed, by its signature's names and
-  axes; where an input is ``fill: mask`` (the server makes it: a key-padding prefix mask) the
-  routing is told so (``key_padding_masks``), and the traced masks become key lengths.
-  ``verify_source`` checks the file in ONNX Runtime against the eager unrouted model, with the
-  filled inputs made from ragged lengths (padded masks), as the server makes them.
-- A source that cannot be loaded is a ``ConfigError`` that names the key to fix.
+- ``model_id(spec)`` digests everything that makes two models differ (source, preset or class,
+  config, the folder's files, factory, dtype, seed, weights file, signature, torch's and the
+  package's versions): the artifact store keys ONNX files and engines by it.
+- A source that cannot be loaded is a ``ConfigError`` (``MissingDependencyError`` for a missing
+  package) that names the key to fix.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
+import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,18 +34,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from fa3trt._hashing import spec_hash
-from fa3trt.attention.routing import route_attention
-from fa3trt.buckets import Buckets
-from fa3trt.config import SourceSpec
+from fa3trt._hashing import file_sha256, spec_hash
 from fa3trt.errors import ConfigError, MissingDependencyError
-from fa3trt.onnx.check import verify_onnx
-from fa3trt.onnx.export import ExportResult, export_onnx, file_sha256
-from fa3trt.signature import BATCH_AXIS, Signature
+from fa3trt.models.reference import build_model
+from fa3trt.models.spec import AnyModelSpec, ReferenceSpec, SourceSpec
+from fa3trt.signature import Signature
 
-__all__ = ["Loaded", "load_source", "model_id", "export_source", "verify_source", "export_sizes", "ragged_lengths"]
+__all__ = ["Loaded", "load_source", "check_source", "model_id", "EXTRAS"]
 
 log = logging.getLogger(__name__)
+
+EXTRAS = {"diffusers": "diffusers", "transformers": "transformers"}
+"""The fa3trt extra that installs each source's package (pinned as the tests pin it)."""
 
 
 @dataclass
@@ -58,14 +57,22 @@ class Loaded:
     samples: dict[str, torch.Tensor] | None = None
 
 
+def _install_hint(package: str) -> str:
+    extra = EXTRAS.get(package)
+    return f"pip install 'fa3trt[{extra}]'" if extra else f"pip install {package}"
+
+
 def _package(name: str) -> Any:
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise MissingDependencyError(f"model.source {name} needs the {name} package: pip install {name} ({e})") from e
+        raise MissingDependencyError(
+            f"model.source {name} needs the {name} package, which does not import here ({e}): "
+            f"{_install_hint(name)} on every node that serves or builds it"
+        ) from e
 
 
-def _class(package: Any, spec: SourceSpec) -> Any:
+def _class(package: Any, spec: SourceSpec) -> type[nn.Module]:
     cls = getattr(package, spec.class_name or "", None)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise ConfigError(
@@ -76,40 +83,75 @@ def _class(package: Any, spec: SourceSpec) -> Any:
     return cls
 
 
+def _factory(spec: SourceSpec) -> Any:
+    target = spec.factory or ""
+    mod_name, _, fn_name = target.partition(":")
+    if not mod_name or not fn_name:
+        raise ConfigError(f"model.factory {target!r} must be 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(
+            f"model.factory {target!r} cannot be imported ({type(e).__name__}: {e}); check the module path and that "
+            "the module is installed on every node"
+        ) from e
+    if not callable(fn):
+        raise ConfigError(f"model.factory {target!r} is a {type(fn).__name__}, not a function that returns a model")
+    return fn
+
+
+def check_source(spec: AnyModelSpec) -> None:
+    """Raise what ``load_source`` would raise for a missing package, class, folder or factory,
+    without building the model (see the module docstring)."""
+    if isinstance(spec, ReferenceSpec):
+        return
+    if spec.source == "python":
+        _factory(spec)
+        return
+    if importlib.util.find_spec(spec.source) is None:
+        raise MissingDependencyError(
+            f"model.source {spec.source} needs the {spec.source} package, which is not installed: "
+            f"{_install_hint(spec.source)} on every node that serves or builds it"
+        )
+    _class(_package(spec.source), spec)
+    if spec.path is not None:
+        folder = Path(spec.path)
+        if not folder.is_dir():
+            raise ConfigError(f"model.path {spec.path!r} is not a folder; give a local from_pretrained folder")
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"model.path {spec.path!r} has no config.json; give the folder that save_pretrained wrote"
+            )
+
+
 def _build(spec: SourceSpec) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
     if spec.source == "python":
-        target = spec.factory or ""
-        mod_name, _, fn_name = target.partition(":")
-        if not mod_name or not fn_name:
-            raise ConfigError(f"model.factory {target!r} must be 'package.module:function'")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"model.factory {target!r} cannot be imported ({e}); check the module path") from e
-        made = fn()
+        target = spec.factory
+        made = _factory(spec)()
         module, samples = made if isinstance(made, tuple) else (made, None)
         if not isinstance(module, nn.Module):
             raise ConfigError(f"model.factory {target!r} returned a {type(module).__name__}, not an nn.Module")
         if samples is not None and not isinstance(samples, dict):
             raise ConfigError(f"model.factory {target!r}: sample inputs must be a dict of name -> tensor")
         return module, samples
-    package = _package(spec.source)
-    cls = _class(package, spec)
+    cls = _class(_package(spec.source), spec)
     if spec.path is not None:
         if not Path(spec.path).is_dir():
             raise ConfigError(f"model.path {spec.path!r} is not a folder; give a local from_pretrained folder")
-        return cls.from_pretrained(spec.path, local_files_only=True), None
+        return cls.from_pretrained(spec.path, local_files_only=True), None  # type: ignore[attr-defined]
     config = dict(spec.config or {})
     try:
         if spec.source == "diffusers":
-            return cls.from_config(config), None
-        return cls(cls.config_class(**config)), None
+            return cls.from_config(config), None  # type: ignore[attr-defined]
+        return cls(cls.config_class(**config)), None  # type: ignore[attr-defined,call-arg]
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.config does not build {spec.class_name}: {e}") from e
 
 
-def load_source(spec: SourceSpec) -> Loaded:
+def load_source(spec: AnyModelSpec) -> Loaded:
     """The model ``spec`` names, on the CPU (see the module docstring)."""
+    if isinstance(spec, ReferenceSpec):
+        return Loaded(build_model(spec.config(), spec.weights), spec.signature())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         module, samples = _build(spec)
@@ -132,7 +174,7 @@ def load_source(spec: SourceSpec) -> Loaded:
         missing = sorted({t.name for t in signature.sent} - set(samples))
         if missing:
             raise ConfigError(f"model.factory {spec.factory!r} gave sample inputs without {missing}")
-    log.info("loaded %s model %s (%s)", spec.source, spec.class_name or spec.factory, spec.dtype)
+    log.info("loaded %s", spec.describe())
     return Loaded(module, signature, samples)
 
 
@@ -159,96 +201,20 @@ def _folder_digest(path: str) -> list[tuple[str, str]]:
     return sorted((str(p.relative_to(root)), _file_digest(p)) for p in root.rglob("*") if p.is_file())
 
 
-def model_id(spec: SourceSpec) -> str:
+def model_id(spec: AnyModelSpec) -> str:
     """A digest of everything that makes the model (see the module docstring)."""
-    d = spec.model_dump(mode="json", by_alias=True)
-    if spec.path is not None:  # by content, not by where the folder is
-        d["path"] = _folder_digest(spec.path)
+    d: dict[str, Any]
+    if isinstance(spec, ReferenceSpec):  # by what the preset and overrides make, not how they are written
+        d = {"source": spec.source, "model": spec.config().compute_hash()}
+    else:
+        d = spec.model_dump(mode="json", by_alias=True)
+        if spec.path is not None:  # by content, not by where the folder is
+            d["path"] = _folder_digest(spec.path)
     if spec.weights is not None:
-        d["weights"] = file_sha256(spec.weights)
+        d["weights"] = _file_digest(Path(spec.weights))
     d["signature"] = spec.signature().to_dict()
+    source = spec.source if spec.source in EXTRAS else None
     d["packages"] = {
-        p: getattr(importlib.import_module(p), "__version__", "?")
-        for p in ("torch",) + ((spec.source,) if spec.source != "python" else ())
+        p: getattr(importlib.import_module(p), "__version__", "?") for p in ("torch",) + ((source,) if source else ())
     }
     return spec_hash(d, 16)
-
-
-def export_sizes(signature: Signature, buckets: Buckets) -> dict[str, int]:
-    """Sample sizes for export: each named axis at 16 within its range (at least 2: torch.export
-    specializes sizes 0 and 1), the batch axis at 2."""
-    sizes = {BATCH_AXIS: 2}
-    for a in sorted(signature.axis_names()):
-        lo, hi = signature.axis_range(a, buckets)
-        if hi < 2:
-            raise ConfigError(f"axis {a!r} has range [{lo}, {hi}]; a dynamic axis needs a max >= 2 (or make it a size)")
-        sizes[a] = min(hi, max(lo, 2, 16))
-    return sizes
-
-
-def export_source(
-    spec: SourceSpec, path: str | os.PathLike[str], buckets: Buckets, loaded: Loaded | None = None
-) -> ExportResult:
-    """Export the model of ``spec`` with its attention routed (one CustomAttnPlugin node per
-    routed call), its inputs and axes named by its signature, and its output selected."""
-    loaded = loaded or load_source(spec)
-    sig = loaded.signature
-    sizes = export_sizes(sig, buckets)
-    inputs = loaded.samples if loaded.samples is not None else sig.samples(sizes, sizes[BATCH_AXIS])
-    dtype = getattr(torch, spec.dtype)  # float inputs in the model's dtype (the engine's inputs)
-    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
-    ranges = {a: sig.axis_range(a, buckets) for a in sig.axis_names()}
-    module = loaded.module
-    # The server makes a fill: mask input from each request's length: a key-padding prefix mask.
-    promise = any(t.fill == "mask" for t in sig.inputs)
-    with contextlib.ExitStack() as stack:
-        if spec.routing != "off":
-            report = stack.enter_context(route_attention(module, spec.routing, key_padding_masks=promise))
-        res = export_onnx(
-            module,
-            path,
-            {t.name: inputs[t.name] for t in sig.inputs},
-            sig.dynamic_axes(),
-            output=spec.output.select,
-            output_name=sig.output.name,
-            axis_ranges=ranges,
-        )
-    if spec.routing != "off":
-        log.info("export of %s: %s", spec.class_name or spec.factory, report.summary())
-    return res
-
-
-def ragged_lengths(batch: int, length: int) -> list[int]:
-    """Lengths along the bucketed axis for checks: the full length, about half, and 1, repeated,
-    so a batch of two or more holds padded sequences (one of a single token from three)."""
-    return [(length, max(1, length // 2), 1)[i % 3] for i in range(batch)]
-
-
-def verify_source(spec: SourceSpec, path: str | os.PathLike[str], buckets: Buckets) -> float:
-    """The exported file in ONNX Runtime against the eager, unrouted model in float32, at the
-    export's sample sizes and at each axis's smallest and largest size (the batch at 1 and 3).
-    Filled inputs (masks, lengths) come from ``ragged_lengths``: padded batches, as served.
-    A file exported in another dtype is checked through a float32 export of the same model."""
-    spec32 = spec.model_copy(update={"dtype": "float32"})
-    loaded = load_source(spec32)
-    sig = loaded.signature
-    if spec.dtype != "float32":
-        path = Path(path).with_name(Path(path).stem + "-verify-float32.onnx")
-        export_source(spec32, path, buckets, load_source(spec32))
-    sizes = export_sizes(sig, buckets)
-
-    def make_inputs(s: dict[str, int]) -> dict[str, torch.Tensor]:
-        lengths = ragged_lengths(s[BATCH_AXIS], s[sig.bucketed])
-        made = sig.samples(s, s[BATCH_AXIS], lengths=lengths)
-        return {t.name: made[t.name] for t in sig.inputs}
-
-    check = {a: list(sig.axis_range(a, buckets)) for a in sig.axis_names()} | {BATCH_AXIS: [1, 3]}
-    return verify_onnx(
-        path,
-        loaded.module,
-        make_inputs(sizes),
-        output=spec.output.select,
-        check_sizes=check,
-        make_inputs=make_inputs,
-        atol=1e-4,
-    )

@@ -17,8 +17,6 @@ Contract:
 - ``select_output(out, output)``: a tensor as is (``output`` 0); a mapping (dict, diffusers' and
   transformers' ``ModelOutput``) by key or by position among its values; a tuple or list by
   position; any other object by attribute name (``.sample``). Anything else is an ``ExportError``.
-- ``reference_inputs(model, batch, seq)`` gives the reference ``Transformer``'s sample inputs
-  ``x`` (B, S, hidden) and ``seq_lens`` (B,) and their named dynamic axes.
 """
 
 from __future__ import annotations
@@ -30,13 +28,8 @@ import torch
 from torch import nn
 
 from fa3trt.errors import ExportError
-from fa3trt.models.reference import ModelConfig, Transformer
-from fa3trt.signature import Signature, TensorSpec
 
-__all__ = ["NamedCall", "select_output", "reference_inputs", "reference_signature", "narrow_int64", "REFERENCE_AXES"]
-
-REFERENCE_AXES: dict[str, dict[int, str]] = {"x": {0: "B", 1: "S"}, "seq_lens": {0: "B"}}
-"""The reference model's dynamic axes: batch ``B`` and sequence ``S``."""
+__all__ = ["NamedCall", "select_output", "narrow_int64"]
 
 
 def select_output(out: Any, output: str | int = 0) -> torch.Tensor:
@@ -87,21 +80,6 @@ class NamedCall(nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         kwargs = {n: a.to(torch.int64) if n in self.widen else a for n, a in zip(self.names, args)}
         return select_output(self.model(**kwargs), self.output)
-
-
-def reference_inputs(model: Transformer, batch: int, seq: int) -> dict[str, torch.Tensor]:
-    """Sample inputs of the reference model on the CPU, in its dtype (sizes >= 2: see export_onnx)."""
-    cfg = model.cfg
-    x = torch.randn(batch, seq, cfg.hidden, dtype=cfg.torch_dtype)
-    return {"x": x, "seq_lens": torch.full((batch,), seq, dtype=torch.int32)}
-
-
-def reference_signature(cfg: ModelConfig) -> Signature:
-    """The reference model as a served signature: ``x`` (S, hidden) in, ``y`` (S, hidden) out,
-    ``seq_lens`` made by the server, requests of different lengths padded into one batch."""
-    x = TensorSpec("x", cfg.dtype, ("S", cfg.hidden))
-    lens = TensorSpec("seq_lens", "int32", (), fill="lengths")
-    return Signature((x, lens), TensorSpec("y", cfg.dtype, ("S", cfg.hidden)), "S", {}, "pad")
 
 
 def narrow_int64(inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:

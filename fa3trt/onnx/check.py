@@ -29,7 +29,6 @@ from torch import nn
 
 from fa3trt.attention.op import PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION
 from fa3trt.errors import ExportError
-from fa3trt.models.reference import Transformer
 from fa3trt.onnx.calls import NamedCall
 
 __all__ = ["verify_onnx", "onnx_input_axes", "check_shapes"]
@@ -130,32 +129,19 @@ def _as_graph_dtype(t: torch.Tensor, onnx_type: str) -> np.ndarray:
 def verify_onnx(
     path: str | os.PathLike[str],
     model: nn.Module,
-    inputs: Mapping[str, torch.Tensor] | None = None,
+    inputs: Mapping[str, torch.Tensor],
     *,
     output: str | int = 0,
     check_sizes: Mapping[str, list[int]] | None = None,
     make_inputs: Callable[[dict[str, int]], Mapping[str, torch.Tensor]] | None = None,
-    lengths: tuple[int, ...] = (48, 17, 1),
     atol: float = 1e-4,
     seed: int = 0,
 ) -> float:
-    """Run ``path`` in ONNX Runtime (CPU) and ``model`` eagerly; see the module docstring.
-
-    Without ``inputs`` the model must be the reference ``Transformer``: one padded batch of
-    ``lengths`` (x and seq_lens), as ``export_onnx`` exports it by default.
-    """
+    """Run ``path`` in ONNX Runtime (CPU) and ``model`` eagerly; see the module docstring."""
     import onnxruntime as ort
     from onnxruntime_extensions import get_library_path
 
     g = torch.Generator().manual_seed(seed)
-    if inputs is None:
-        if not isinstance(model, Transformer):
-            raise ExportError(
-                f"verify_onnx needs inputs= for a {type(model).__name__} (only the reference model has defaults)"
-            )
-        x = torch.randn(len(lengths), max(lengths), model.cfg.hidden, generator=g).to(model.cfg.torch_dtype)
-        inputs = {"x": x, "seq_lens": torch.tensor(lengths, dtype=torch.int32)}
-        check_sizes = {"B": [len(lengths)], "S": [max(lengths)]}
     params = [p for p in model.parameters() if p.is_floating_point()]
     dtypes = {str(t.dtype) for t in [*params[:1], *inputs.values()] if t.is_floating_point()}
     if dtypes - {"torch.float32"}:

@@ -1,9 +1,12 @@
-"""Export any model whose attention calls ``fa3trt.attention`` to ONNX, by named inputs.
+"""Export any model to ONNX by named inputs, its attention calls as ``CustomAttnPlugin`` nodes.
 
 Contract:
-- ``export_onnx(model, path, inputs, dynamic_axes)`` traces ``model(**inputs)`` with one
-  ``torch.export.Dim`` per axis name of ``dynamic_axes`` (an axis name shared by inputs is one
-  dimension), strictly first, then writes it with ``torch.onnx.export``. Every
+- ``export_onnx(model, path, inputs, dynamic_axes)`` routes the model's attention calls to
+  ``fa3trt.attention`` (``routing="auto"``: ``fa3trt.route_attention``; ``"off"`` keeps PyTorch's
+  attention, for a model that calls the op itself or should not be routed), traces
+  ``model(**inputs)`` with one ``torch.export.Dim`` per axis name of ``dynamic_axes`` (an axis
+  name shared by inputs is one dimension; an axis of ``axis_steps`` is a multiple of its step),
+  strictly first, then writes it with ``torch.onnx.export``. Every
   ``fa3trt.attention`` call becomes one ``attn::CustomAttnPlugin`` node; the selected output
   (``output``: a position or a name, see ``fa3trt.onnx.calls.select_output``) is the graph's one
   output ``output_name``; graph inputs carry the input names and their dynamic axes the axis
@@ -17,22 +20,20 @@ Contract:
   op under strict tracing too (``fa3trt.onnx.node``), so only the model's own code can force
   the fallback.
 - Sample sizes of dynamic axes must be >= 2: torch.export specializes sizes 0 and 1.
-- Without ``inputs`` the model must be the reference ``Transformer``: inputs ``x`` (B, S, hidden)
-  and ``seq_lens`` (B,), output ``y``, exactly ``cfg.layers`` plugin nodes.
+- ``ExportResult`` says how many calls became plugin nodes and each node's mode and head dim
+  (``plugins``), and, where routing was on, how many calls were routed and why the rest were not
+  (``routing``). A file with no plugin node is logged as a warning with those reasons.
 
-``verify_onnx`` (``fa3trt.onnx.check``) runs the file in ONNX Runtime against the eager model;
-``python -m fa3trt.onnx.export --check`` does both for a preset.
+``verify_onnx`` (``fa3trt.onnx.check``) runs the file in ONNX Runtime against the eager model.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import copy
-import hashlib
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,15 +41,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from fa3trt._hashing import file_sha256
 from fa3trt.attention.op import PLUGIN_NAME, onnx_export_mode
+from fa3trt.attention.routing import RoutingReport, route_attention
 from fa3trt.attention.routing import tracing as routing_tracing
 from fa3trt.errors import ExportError
-from fa3trt.models.reference import ModelConfig, Transformer, build_model
-from fa3trt.onnx.calls import REFERENCE_AXES, NamedCall, narrow_int64, reference_inputs
+from fa3trt.onnx.calls import NamedCall, narrow_int64
 from fa3trt.onnx.check import verify_onnx
+from fa3trt.onnx.graph import plugin_calls
 from fa3trt.onnx.node import translation_table
 
-__all__ = ["export_onnx", "verify_onnx", "ExportResult", "file_sha256", "plugin_nodes", "OPSET", "DEFAULT_AXIS_RANGES"]
+__all__ = ["export_onnx", "verify_onnx", "ExportResult", "plugin_nodes", "OPSET", "DEFAULT_AXIS_RANGES", "ROUTING"]
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +75,14 @@ class ExportResult:
     """The graph's output: ``{"name": "y", "dtype": ..., "shape": [...]}``."""
     strict: bool = False
     """True when strict ``torch.export`` (dynamo) traced the model; False after the non-strict fallback."""
+    plugins: list[dict[str, Any]] = field(default_factory=list)
+    """Per plugin node, in graph order: ``{"mode", "causal", "head_dim"}`` (``fa3trt.onnx.graph.plugin_calls``)."""
+    routing: dict[str, Any] | None = None
+    """The routing report (``RoutingReport.as_dict()``: routed, and left alone by reason); None with routing off."""
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+ROUTING = ("auto", "sdpa", "transformers", "off")
+"""``export_onnx``'s ``routing``: a ``route_attention`` method, or ``off``."""
 
 
 def plugin_nodes(model_proto: object) -> list[object]:
@@ -91,9 +94,14 @@ def _axis_dims(
     inputs: dict[str, torch.Tensor],
     dynamic_axes: dict[str, dict[int, str]],
     axis_ranges: dict[str, tuple[int, int]] | None,
+    axis_steps: dict[str, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """One ``torch.export.Dim`` per axis name, validated against the samples; and where each name is used."""
+    """One ``torch.export.Dim`` per axis name, validated against the samples; and where each name is used.
+
+    An axis with a step k > 1 is ``k * Dim``: torch.export then knows its size is a multiple of
+    k, so a model that divides it by its patch size traces without specializing it."""
     ranges = {**DEFAULT_AXIS_RANGES, **(axis_ranges or {})}
+    steps = axis_steps or {}
     dims: dict[str, Any] = {}
     where: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
@@ -123,7 +131,19 @@ def _axis_dims(
                     f"{name}[{axis}] (axis {axis_name}) has sample size {size}; a dynamic axis needs a sample size >= 2 "
                     f"(torch.export specializes 0 and 1) within its range [{lo}, {hi}]; choose another sample size"
                 )
-            dims.setdefault(axis_name, torch.export.Dim(axis_name, min=lo, max=hi))
+            step = steps.get(axis_name, 1)
+            if size % step:
+                raise ExportError(
+                    f"{name}[{axis}] (axis {axis_name}) has sample size {size}, not a multiple of its step {step}; "
+                    "choose a sample size that is"
+                )
+            if axis_name not in dims:
+                if step > 1:
+                    # The Dim counts steps; the sample has at least two (torch.export specializes 0 and 1).
+                    base = torch.export.Dim(f"{axis_name}_steps", min=max(1, -(-lo // step)), max=hi // step)
+                    dims[axis_name] = step * base
+                else:
+                    dims[axis_name] = torch.export.Dim(axis_name, min=lo, max=hi)
     return dims, where
 
 
@@ -211,38 +231,38 @@ def _schema(value: Any) -> dict[str, Any]:
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
-    inputs: dict[str, torch.Tensor] | None = None,
+    inputs: dict[str, torch.Tensor],
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     *,
     output: str | int = 0,
     output_name: str = "y",
     axis_ranges: dict[str, tuple[int, int]] | None = None,
+    axis_steps: dict[str, int] | None = None,
+    routing: str = "auto",
+    key_padding_masks: bool = False,
     plugin_namespace: str = "",
     external_data: bool | None = None,
-    sample_batch: int = 2,
-    sample_seq: int = 64,
     narrow_int64_inputs: bool = True,
 ) -> ExportResult:
     """Export ``model(**inputs)`` to ``path`` (see the module docstring); returns the file's record.
 
     ``dynamic_axes``: per input, axis -> axis name (None: all static). ``axis_ranges``: per axis
-    name (min, max), defaults ``DEFAULT_AXIS_RANGES``. ``external_data``: None decides by size.
-    ``sample_batch`` / ``sample_seq``: the reference model's sample sizes when ``inputs`` is None.
+    name (min, max), defaults ``DEFAULT_AXIS_RANGES``; ``axis_steps``: per axis name the step its
+    sizes are a multiple of. ``routing``: a ``route_attention`` method (``"auto"``) or ``"off"``;
+    ``key_padding_masks``: the caller's promise that every mask the model builds is a key-padding
+    prefix mask (``route_attention``'s). ``external_data``: None decides by size.
     ``narrow_int64_inputs``: int64 inputs become int32 graph inputs, widened inside the graph
-    (``fa3trt.onnx.calls``'s docstring says why); False keeps them int64.
+    (``fa3trt.onnx.calls``' docstring says why); False keeps them int64.
     """
     import onnx
 
-    if inputs is None:
-        if not isinstance(model, Transformer):
-            raise ExportError(
-                f"export_onnx needs inputs= (named sample tensors) and dynamic_axes= for a {type(model).__name__}; "
-                "only the reference Transformer has defaults"
-            )
-        inputs = reference_inputs(model, sample_batch, sample_seq)
-        dynamic_axes = REFERENCE_AXES if dynamic_axes is None else dynamic_axes
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs.values()):
-        raise ExportError(f"inputs must be a non-empty dict of name -> tensor, got {type(inputs).__name__}")
+    if routing not in ROUTING:
+        raise ExportError(f"routing must be one of {list(ROUTING)}, got {routing!r}; 'off' keeps PyTorch's attention")
+    if not isinstance(inputs, dict) or not inputs or not all(isinstance(t, torch.Tensor) for t in inputs.values()):
+        raise ExportError(
+            f"inputs must be a non-empty dict of name -> sample tensor (the model's keyword inputs), got "
+            f"{type(inputs).__name__}"
+        )
     if output_name in inputs:
         raise ExportError(f"output_name {output_name!r} is also an input's name; pass another output_name=")
     dynamic_axes = dict(dynamic_axes or {})
@@ -251,7 +271,7 @@ def export_onnx(
         # (2.11) give the plugin node's placeholder output a CPU device inside a CUDA graph.
         model = copy.deepcopy(model).to("cpu")
     inputs = {name: t.to("cpu") for name, t in inputs.items()}
-    dims, where = _axis_dims(inputs, dynamic_axes, axis_ranges)
+    dims, where = _axis_dims(inputs, dynamic_axes, axis_ranges, axis_steps)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -264,7 +284,11 @@ def export_onnx(
     call = NamedCall(model, list(inputs), output, widen)
     args = tuple(inputs.values())
     shapes = tuple({a: dims[n] for a, n in dynamic_axes.get(name, {}).items()} or None for name in inputs)
-    program, strict = _trace(call, args, shapes, where)
+    report: RoutingReport | None = None
+    with contextlib.ExitStack() as stack:
+        if routing != "off":
+            report = stack.enter_context(route_attention(model, routing, key_padding_masks=key_padding_masks))
+        program, strict = _trace(call, args, shapes, where)
     try:
         with onnx_export_mode():
             onnx_program = torch.onnx.export(
@@ -288,13 +312,13 @@ def export_onnx(
     proto = onnx.load(str(path), load_external_data=False)
     _name_axes(proto, dynamic_axes, where)
     nodes = plugin_nodes(proto)
-    if isinstance(model, Transformer) and len(nodes) != model.cfg.layers:
-        raise ExportError(
-            f"expected {model.cfg.layers} {PLUGIN_NAME} nodes (one per layer), found {len(nodes)}; "
-            "the attention call was traced into other ops"
-        )
     if not nodes:
-        log.warning("%s has no %s node: the model never calls fa3trt.attention", path, PLUGIN_NAME)
+        why = (
+            f"routing found no call it could route ({report.summary()})"
+            if report is not None
+            else "routing is off and the model never calls fa3trt.attention"
+        )
+        log.warning("%s has no %s node: %s", path, PLUGIN_NAME, why)
     for node in nodes:
         for attr in node.attribute:  # type: ignore[attr-defined]
             if attr.name == "plugin_namespace" and plugin_namespace:
@@ -303,7 +327,17 @@ def export_onnx(
     onnx.checker.check_model(str(path))
     schema = {i.name: _schema(i) for i in proto.graph.input}
     out = {"name": proto.graph.output[0].name, **_schema(proto.graph.output[0])}
-    result = ExportResult(str(path), file_sha256(path), bool(external_data), len(nodes), schema, out, strict)
+    result = ExportResult(
+        str(path),
+        file_sha256(path),
+        bool(external_data),
+        len(nodes),
+        schema,
+        out,
+        strict,
+        plugin_calls(path),
+        report.as_dict() if report is not None else None,
+    )
     log.info(
         "exported %s (%s torch.export): %d plugin nodes, inputs %s, sha256 %s",
         path,
@@ -313,34 +347,3 @@ def export_onnx(
         result.sha256[:12],
     )
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fa3trt.onnx.export", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny", help="model preset (tiny, seed)")
-    p.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    p.add_argument("--weights", default=None, help="safetensors weights (default: seeded init)")
-    p.add_argument("--out", default="model.onnx", help="output path")
-    p.add_argument("--plugin-namespace", default="")
-    p.add_argument("--check", action="store_true", help="verify in ONNX Runtime against PyTorch (float32)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {"layers": args.layers} if args.layers else {}
-    cfg = ModelConfig.preset(args.preset, **overrides)
-    if args.check:
-        cfg = ModelConfig.preset(args.preset, dtype="float32", **overrides)
-    model = build_model(cfg, args.weights)
-    res = export_onnx(model, args.out, plugin_namespace=args.plugin_namespace)
-    print(f"wrote {res.path} ({res.plugin_nodes} {PLUGIN_NAME} nodes, sha256 {res.sha256[:16]})")
-    if args.check:
-        try:
-            err = verify_onnx(res.path, model)
-        except Exception as e:
-            print(f"FAILED: {e}", file=sys.stderr)
-            return 1
-        print(f"ONNX Runtime vs PyTorch: max abs error {err:.2e} (tolerance 1e-4): OK")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,41 +1,43 @@
-"""Backends: what runs a padded batch. ``TorchBackend`` (the embedded default, CPU or CUDA) and
-``TensorRTBackend`` (``fa3trt.trt.runtime``) share one protocol and the same model, weights and op.
-``IdentityBackend`` answers each batch with itself: the serving path with no model, for
-measuring what the transports and batching cost (as Triton's identity backend is used).
+"""Backends: what runs a batch of any model. One protocol, one loader.
 
-``load_backend("auto" | "torch" | "tensorrt" | "identity", ...)`` picks one and logs why:
-``auto`` takes TensorRT when it imports and a CUDA GPU is present, else the torch backend.
+Contract:
+- A ``Backend`` runs one batch: the model's keyword inputs (batch axis first, as
+  ``fa3trt.serving.batch.assemble`` makes them) in, the selected output (B, ...) on its
+  ``device`` out. It declares its ``signature``, the float ``dtype`` its model computes in and
+  whether a batch's lengths should reach it on the device (``lengths_on_device``).
+- ``TorchBackend`` (``fa3trt.serving.torch_backend``: the model under attention routing,
+  eager, as CUDA graphs or under ``torch.compile``), ``TensorRTBackend``
+  (``fa3trt.serving.tensorrt_backend``: this GPU's engine from the store) and ``IdentityBackend``
+  (no model: each batch answered with its one input, what serving costs without the model, as
+  Triton's identity backend is used) follow it, for every model source alike.
+- ``load_backend("auto" | "torch" | "tensorrt" | "identity", spec, ...)`` picks one and logs
+  why: ``auto`` takes TensorRT when it imports and a CUDA GPU is present, else the torch backend.
+  Options that one backend cannot honour are refused or logged as a warning, never dropped.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from fa3trt.attention.kernels import flash_cute
-from fa3trt.attention.kernels.fp8 import require_fp8_kernel
-from fa3trt.attention.kernels.selector import lengths_on_device, select_kernel
-from fa3trt.attention.op import MODE_FP8
-from fa3trt.buckets import Buckets, to_device
-from fa3trt.defaults import BUCKETS, MODEL_PRESET
-from fa3trt.errors import ConfigError, InvalidInputError, MissingDependencyError
-from fa3trt.models.reference import ModelConfig, build_model
-from fa3trt.serving.graphs import GraphRunner
-from fa3trt.trt import _trt
+from fa3trt import trt
+from fa3trt.buckets import Buckets
+from fa3trt.defaults import BUCKETS, MAX_BATCH_TOKENS
+from fa3trt.errors import ConfigError, MissingDependencyError
+from fa3trt.models.spec import AnyModelSpec, ReferenceSpec
+from fa3trt.signature import Signature, TensorSpec
 
 __all__ = [
     "Backend",
-    "TorchBackend",
     "IdentityBackend",
     "load_backend",
     "BackendKind",
     "BACKEND_KINDS",
     "default_device",
+    "describe_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,22 +48,17 @@ BACKEND_KINDS: tuple[str, ...] = ("auto", "torch", "tensorrt", "identity")
 
 @runtime_checkable
 class Backend(Protocol):
-    """Runs the model on a padded batch.
-
-    ``run(x, seq_lens)``: x (B, L, hidden) on the CPU or the backend's ``device`` (in its
-    ``dtype`` saves a conversion), seq_lens int32 (B,) on the CPU; returns (B, L, hidden) on the backend's device in the model dtype, rows past
-    each length zero. ``warmup`` runs each (batch, seq) shape once so first requests pay no
-    compile or allocation cost.
-    """
+    """Runs one batch of a model (see the module docstring)."""
 
     name: str
     device: torch.device
+    signature: Signature
     dtype: torch.dtype
-    hidden: int
+    lengths_on_device: bool
 
-    def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor: ...
+    def run(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
-    def warmup(self, shapes: Sequence[tuple[int, int]]) -> None: ...
+    def warmup(self, batches: Sequence[dict[str, torch.Tensor]]) -> None: ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -77,187 +74,96 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-class TorchBackend:
-    """The PyTorch model in inference mode, on CPU or CUDA: eager, or on CUDA with
-    ``cuda_graphs`` as CUDA graphs per batch shape (``fa3trt.serving.graphs``: batches rounded up to
-    a graph's shape, the sequence length to a multiple of ``graph_seq_step``)."""
-
-    name = "torch"
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        weights: str | os.PathLike[str] | None = None,
-        device: torch.device | str | None = None,
-        *,
-        cuda_graphs: bool = False,
-        graph_seq_step: int = 128,
-    ) -> None:
-        self.config = config
-        self.device = torch.device(device) if device is not None else default_device()
-        self.hidden = config.hidden
-        self.dtype = config.torch_dtype
-        self.weights = None if weights is None else os.fspath(weights)
-        if config.attn_mode == MODE_FP8:
-            require_fp8_kernel(self.device, config.head_dim)
-        self.model = build_model(config, weights, self.device)
-        self.kernel = select_kernel(self.device)
-        self._lengths_on_device = lengths_on_device(self.kernel, self.dtype, config.head_dim)
-        self.graphs: GraphRunner | None = None
-        if cuda_graphs:
-            if self.device.type != "cuda":
-                raise ConfigError(
-                    f"cuda_graphs needs a CUDA device and this backend runs on {self.device}; set cuda_graphs to false"
-                )
-            if not self._lengths_on_device:
-                raise ConfigError(
-                    f"cuda_graphs needs an attention kernel that reads the lengths on the GPU (FA3, or FlashAttention's "
-                    f"CuTe kernel: fp16/bf16 on sm90, {flash_cute.INSTALL_HINT}); this device runs {self.kernel!r} "
-                    f"in {config.dtype}: install it, or set cuda_graphs to false"
-                )
-            if graph_seq_step < 1:
-                raise ConfigError(f"graph_seq_step must be >= 1, got {graph_seq_step}")
-            self.graphs = GraphRunner(self.model, self.hidden, self.dtype, self.device, seq_step=graph_seq_step)
-
-    def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        lens = _check_batch(x, seq_lens, self.hidden)
-        s = int(x.shape[1])
-        x = x.to(self.device, self.dtype, non_blocking=True)
-        with torch.inference_mode():
-            if self.device.type != "cuda":
-                return self.model(x, lens)
-            # A batch with no padding runs the dense kernels, with no lengths at all. Otherwise,
-            # for a kernel that reads them there, the lengths checked above go to the GPU once,
-            # queued, so no layer waits on the host for them; the SDPA kernels dispatch on host
-            # lengths.
-            if self.graphs is not None:
-                y = self.graphs.run(x, to_device(lens, self.device))
-                if y is not None:
-                    return y
-            if bool((lens == s).all()):
-                return self.model(x, None)
-            return self.model(x, to_device(lens, self.device) if self._lengths_on_device else lens)
-
-    def warmup(self, shapes: Sequence[tuple[int, int]]) -> None:
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(0)
-        # Loads the kernels and fills the allocator's pools at the largest shapes. (cuDNN plans
-        # are not built here: the attention builds one for a shape once its work repays it.)
-        for b, s in shapes:
-            x = torch.randn(b, s, self.hidden, generator=g)
-            self.run(x, torch.full((b,), s, dtype=torch.int32))
-        if shapes:
-            # One ragged batch too: a kernel that compiles per variant (FlashAttention's CuTe
-            # kernel: dense and ragged are separate compiles of seconds each) is then ready for
-            # the first padded batch as well.
-            b, s = min(shapes, key=lambda bs: bs[0] * bs[1])
-            if s > 1:
-                lens = torch.full((b,), s, dtype=torch.int32)
-                lens[-1] = s // 2
-                self.run(torch.randn(b, s, self.hidden, generator=g), lens)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        log.info("torch backend warmed %d shapes in %.2fs", len(shapes), time.perf_counter() - t0)
-
-    def describe(self) -> dict[str, Any]:
-        return describe_device(self.name, self.device, self.config.dtype, self.kernel) | {
-            "cuda_graphs": None
-            if self.graphs is None
-            else {"captured": len(self.graphs), "seq_step": self.graphs.seq_step},
-            "model": self.config.to_dict(),
-            "weights": self.weights,
-        }
-
-
-def _check_batch(x: torch.Tensor, seq_lens: torch.Tensor, hidden: int) -> torch.Tensor:
-    """seq_lens as int32 on the CPU, after checking both against the batch's shape."""
-    if x.dim() != 3 or x.shape[-1] != hidden:
-        raise InvalidInputError(f"x must have shape (batch, seq, {hidden}), got {tuple(x.shape)}")
-    b, s = int(x.shape[0]), int(x.shape[1])
-    lens = seq_lens.to("cpu", torch.int32)
-    if lens.shape != (b,):
-        raise InvalidInputError(f"seq_lens must have shape ({b},) (one length per sequence), got {tuple(lens.shape)}")
-    if b and (int(lens.min()) < 0 or int(lens.max()) > s):
-        raise InvalidInputError(f"seq_lens must lie in [0, {s}] (the padded length), got {lens.tolist()}")
-    return lens
+def echo_input(signature: Signature) -> TensorSpec:
+    """The one sent input an identity backend answers with: a float input shaped as the output."""
+    fits = [
+        t for t in signature.sent if t.batched and t.axes == signature.output.axes and t.torch_dtype.is_floating_point
+    ]
+    if len(fits) != 1:
+        raise ConfigError(
+            f"backend 'identity' answers each request with its input, so the model must take exactly one float input "
+            f"shaped as its output {list(signature.output.axes)}; this one has "
+            f"{[(t.name, list(t.axes)) for t in signature.sent]}: serve it with backend 'torch', 'tensorrt' or 'auto'"
+        )
+    return fits[0]
 
 
 class IdentityBackend:
-    """Answers each batch with itself, in the model's dtype on the model's device: every step of
+    """Answers each batch with its one input, in the output's dtype on the device: every step of
     serving (transport, decoding, batching, staging to the GPU and back, encoding) and no model.
-    ``backend: identity`` in the app's args serves it: the ceiling a transport reaches on this
-    host, measured beside the model (``bench.transports``)."""
+    ``backend: identity`` serves it: the ceiling a transport reaches on this host, measured beside
+    the model (``bench.transports``)."""
 
     name = "identity"
+    lengths_on_device = False
 
-    def __init__(self, config: ModelConfig, device: torch.device | str | None = None) -> None:
-        self.config = config
+    def __init__(self, spec: AnyModelSpec, device: torch.device | str | None = None) -> None:
+        self.spec = spec
+        self.signature = spec.signature()
         self.device = torch.device(device) if device is not None else default_device()
-        self.hidden = config.hidden
-        self.dtype = config.torch_dtype
+        self.dtype: torch.dtype = getattr(torch, spec.model_dtype)
+        self.echo = echo_input(self.signature).name
 
-    def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        _check_batch(x, seq_lens, self.hidden)
-        return x.to(self.device, self.dtype, non_blocking=True)
+    def run(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch[self.echo].to(self.device, self.signature.output.torch_dtype, non_blocking=True)
 
-    def warmup(self, shapes: Sequence[tuple[int, int]]) -> None:
-        for b, s in shapes:
-            self.run(torch.zeros(b, s, self.hidden), torch.full((b,), s, dtype=torch.int32))
+    def warmup(self, batches: Sequence[dict[str, torch.Tensor]]) -> None:
+        for b in batches:
+            self.run(b)
 
     def describe(self) -> dict[str, Any]:
-        return describe_device(self.name, self.device, self.config.dtype, None) | {
-            "model": self.config.to_dict(),
-            "weights": None,
-        }
+        return describe_device(self.name, self.device, self.spec.model_dtype, None) | {"model": self.spec.describe()}
 
 
 def load_backend(
     kind: BackendKind = "auto",
-    config: ModelConfig | None = None,
+    spec: AnyModelSpec | None = None,
     *,
-    weights: str | os.PathLike[str] | None = None,
-    device: torch.device | str | None = None,
     buckets: Buckets | None = None,
     store: str | None = None,
-    build_if_missing: bool = False,
     max_batch_tokens: int | None = None,
+    device: torch.device | str | None = None,
+    build_if_missing: bool = False,
     cuda_graphs: bool = False,
+    compile: bool = False,
 ) -> Backend:
-    """Pick and construct a backend. ``config`` defaults to the ``tiny`` preset.
+    """The backend of ``spec`` (default: the reference model's tiny preset); see the module docstring.
 
-    The TensorRT backend loads this GPU's engine for (model, buckets) from ``store``; with
-    ``build_if_missing`` it builds it first, else a missing engine is an error naming the
-    build command.
-    """
-    config = config or ModelConfig.preset(MODEL_PRESET)
+    The TensorRT backend loads this GPU's engine for (model, buckets, token budget) from
+    ``store``; with ``build_if_missing`` it exports and builds it first, else a missing engine is
+    an error naming the build command."""
+    spec = spec if spec is not None else ReferenceSpec()
     if kind not in BACKEND_KINDS:
         raise ConfigError(f"backend must be one of {', '.join(map(repr, BACKEND_KINDS))}, got {kind!r}")
     if kind == "identity":
-        return IdentityBackend(config, device)
+        return IdentityBackend(spec, device)
     if kind == "auto":
-        if not _trt.available():
+        if not trt.available():
             log.info("backend auto -> torch: TensorRT is not importable")
             kind = "torch"
         elif not torch.cuda.is_available():
             log.info("backend auto -> torch: TensorRT imports but no CUDA GPU is visible")
             kind = "torch"
         else:
-            log.info("backend auto -> tensorrt: TensorRT %s and a CUDA GPU are present", _trt.version())
+            log.info("backend auto -> tensorrt: TensorRT %s and a CUDA GPU are present", trt.version())
             kind = "tensorrt"
     if kind == "torch":
-        return TorchBackend(config, weights, device, cuda_graphs=cuda_graphs)
-    if cuda_graphs:
-        log.info("cuda_graphs applies to the torch backend; the TensorRT engine runs as built")
+        from fa3trt.serving.torch_backend import TorchBackend
+
+        return TorchBackend(spec, device, cuda_graphs=cuda_graphs, compile=compile)
+    for option, on in (("cuda_graphs", cuda_graphs), ("compile", compile)):
+        if on:
+            log.warning("%s applies to the torch backend; the TensorRT engine runs as built", option)
     if not torch.cuda.is_available():
         raise MissingDependencyError("backend 'tensorrt' needs a CUDA GPU and none is visible; use backend 'torch'")
-    _trt.require()  # raises with the install hint
-    from fa3trt.trt.runtime import TensorRTBackend
+    trt.require()  # raises with the install hint
+    from fa3trt.serving.tensorrt_backend import TensorRTBackend
 
     return TensorRTBackend.load(
-        config,
-        weights=weights,
+        spec,
         buckets=buckets or Buckets(BUCKETS),
         store=store,
+        max_batch_tokens=max_batch_tokens or MAX_BATCH_TOKENS,
+        device=device,
         build_if_missing=build_if_missing,
-        max_batch_tokens=max_batch_tokens,
     )

@@ -11,6 +11,6 @@ This layer imports no model, exporter or store: what to build and where to keep 
 ``fa3trt.artifacts``'s business. Importing it needs neither TensorRT nor a GPU.
 """
 
-from fa3trt.trt._trt import available, require, version
+from fa3trt.trt._trt import INSTALL_HINT, available, require, version
 
-__all__ = ["available", "require", "version"]
+__all__ = ["available", "require", "version", "INSTALL_HINT"]

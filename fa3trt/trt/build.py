@@ -1,18 +1,27 @@
-"""Build TensorRT engines: ONNX bytes in, engine bytes plus metadata out.
+"""Build TensorRT engines: an ONNX file and the model's ``Signature`` in, engine bytes plus
+metadata out.
 
 Contract:
 - ``BuildConfig`` holds everything that shapes an engine besides the ONNX file. One
-  optimization profile per sequence-length bucket (``profiles``: batch 1..limit, sequence
-  ``buckets.lower(i)``..edge, optimized for a full batch at the edge). Networks are strongly
-  typed (the ONNX dtypes decide precisions, no builder precision flags).
-- ``build_engine(onnx_path, config)`` returns ``(engine_bytes, metadata)``: TensorRT version,
-  GPU name and compute capability, plugin name/version/namespace, ONNX sha256, config hash and
-  the bucket -> profile map. It needs the plugin registered (``PluginNotRegisteredError``).
-- ``build_to_store`` / ``engine_key_for`` are what build workers and replicas call; the key
-  and the compatibility check are ``fa3trt.trt.compat``'s.
+  optimization profile per bucket over every named axis of the signature
+  (``fa3trt.trt.profiles``). Networks are strongly typed (the ONNX dtypes decide precisions, no
+  builder precision flags).
+- ``check_onnx_signature(onnx_path, signature)`` compares the file's graph inputs and output
+  with the signature before anything is built: names, ranks, dtypes (``int64`` declared is
+  ``int32`` in the graph: ``fa3trt.onnx.calls``), fixed sizes, and named axes left dynamic. A
+  difference is a ``ConfigError`` naming the input and the fix.
+- ``build_engine(onnx_path, signature, config)`` returns ``(engine_bytes, metadata)``: TensorRT
+  version, GPU name and compute capability, plugin name/version/namespace, the metadata format,
+  the ONNX sha256, the build config and its hash, the signature, the profiles, the bucket ->
+  profile map and the plugin nodes' calls (mode, head dim: a replica refuses an FP8 engine on a
+  GPU without an FP8 kernel before loading it). It needs the plugin registered
+  (``PluginNotRegisteredError``).
+- ``build_hash(config, signature)`` is what of the build its engine's store key hashes
+  (``fa3trt.trt.compat.engine_key`` adds the ONNX file, TensorRT, the GPU and the plugin).
 
-The decisions (profiles, hashes) are plain functions tested without TensorRT; only
-``build_engine`` touches it.
+The decisions (profiles, hashes, checks) are plain functions tested without TensorRT; only
+``engine_bytes`` touches it. Where the ONNX comes from and where engines are kept is
+``fa3trt.artifacts``'s business: this module imports no model, exporter or store.
 """
 
 from __future__ import annotations
@@ -20,23 +29,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fa3trt._hashing import spec_hash
-from fa3trt.artifacts import ensure_onnx, onnx_key, weights_digest
-from fa3trt.attention.op import PLUGIN_NAME, PLUGIN_VERSION
+from fa3trt._hashing import file_sha256, spec_hash
+from fa3trt.attention.op import PLUGIN_NAME
 from fa3trt.buckets import Buckets
 from fa3trt.defaults import BUCKETS, MAX_BATCH_TOKENS
-from fa3trt.errors import ArtifactNotFoundError, ConfigError, EngineBuildError, EngineNotFoundError
-from fa3trt.models.reference import ModelConfig
-from fa3trt.onnx.export import file_sha256
-from fa3trt.store import BUILD_HINT, ArtifactStore
-from fa3trt.trt.compat import METADATA_FORMAT, current_environment, engine_key
-from fa3trt.trt.plugin import register_plugin, require_registered
+from fa3trt.errors import ConfigError, EngineBuildError
+from fa3trt.onnx.graph import graph_io, plugin_calls
+from fa3trt.signature import Signature
+from fa3trt.trt.compat import METADATA_FORMAT, current_environment
+from fa3trt.trt.plugin import require_registered
+from fa3trt.trt.profiles import batch_limits, engine_signature, io_differences, profiles
 
 if TYPE_CHECKING:
     import tensorrt as trt  # static only: checked against tensorrt-stubs
@@ -45,26 +52,20 @@ else:
 
 __all__ = [
     "BuildConfig",
-    "ProfileSpec",
     "HASH_IGNORES",
     "DEFAULT_MAX_BATCH_TOKENS",
-    "profiles",
-    "onnx_hidden",
+    "ProfileShapes",
+    "check_onnx_signature",
     "build_engine",
     "engine_bytes",
     "build_metadata",
-    "ProfileShapes",
-    "engine_key_for",
-    "build_to_store",
+    "build_hash",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_TOKENS = MAX_BATCH_TOKENS
 """Token budget per batch when none is given (``fa3trt.defaults``, as the serve config's)."""
-INPUT_X = "x"
-INPUT_SEQ_LENS = "seq_lens"
-OUTPUT_Y = "y"
 
 _HW_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 
@@ -122,74 +123,6 @@ class BuildConfig:
         for name in HASH_IGNORES:
             d.pop(name)
         return spec_hash(d)
-
-
-@dataclass(frozen=True)
-class ProfileSpec:
-    """One optimization profile: the (batch, seq) box of one bucket."""
-
-    index: int
-    bucket_edge: int
-    batch: tuple[int, int, int]
-    """(min, opt, max)."""
-    seq: tuple[int, int, int]
-    """(min, opt, max)."""
-
-    def shapes(self, hidden: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """(min, opt, max) shapes of each engine input for this profile."""
-        x = tuple((b, s, hidden) for b, s in zip(self.batch, self.seq))
-        lens = tuple((b,) for b in self.batch)
-        return {INPUT_X: (x[0], x[1], x[2]), INPUT_SEQ_LENS: (lens[0], lens[1], lens[2])}
-
-    def admits(self, batch: int, seq: int) -> bool:
-        return self.batch[0] <= batch <= self.batch[2] and self.seq[0] <= seq <= self.seq[2]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "profile": self.index,
-            "bucket_edge": self.bucket_edge,
-            "batch": list(self.batch),
-            "seq": list(self.seq),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ProfileSpec:
-        b, s = d["batch"], d["seq"]
-        return cls(
-            int(d["profile"]),
-            int(d["bucket_edge"]),
-            (int(b[0]), int(b[1]), int(b[2])),
-            (int(s[0]), int(s[1]), int(s[2])),
-        )
-
-
-def profiles(buckets: Buckets, max_batch_tokens: int) -> list[ProfileSpec]:
-    """One profile per bucket: batch 1..limit, seq ``lower(i)``..edge, opt = (limit, edge).
-
-    Opt is the full batch at the edge: under load batches fill to their limit, which is where
-    throughput is decided; the padded batch of a bucket never exceeds its edge.
-    """
-    if max_batch_tokens < 1:
-        raise ConfigError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
-    out = []
-    for i, edge in enumerate(buckets.edges):
-        limit = buckets.batch_limit(i, max_batch_tokens)
-        out.append(ProfileSpec(i, edge, (1, limit, limit), (buckets.lower(i), edge, edge)))
-    return out
-
-
-def onnx_hidden(onnx_path: str | os.PathLike[str]) -> int:
-    """The model width D: the static last dim of the ONNX input ``x`` (B, S, D)."""
-    import onnx
-
-    proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
-    for inp in proto.graph.input:
-        if inp.name == INPUT_X:
-            dims = inp.type.tensor_type.shape.dim
-            if len(dims) == 3 and dims[2].dim_value > 0:
-                return int(dims[2].dim_value)
-            raise ConfigError(f"ONNX input {INPUT_X!r} of {onnx_path} must be (B, S, D) with a static D; re-export it")
-    raise ConfigError(f"{onnx_path} has no input named {INPUT_X!r}; export it with fa3trt.onnx.export.export_onnx")
 
 
 # --------------------------------------------------------------------------- building
@@ -262,118 +195,56 @@ def build_metadata(onnx_path: str | os.PathLike[str], config: BuildConfig, env: 
     }
 
 
-def build_engine(onnx_path: str | os.PathLike[str], config: BuildConfig) -> tuple[bytes, dict[str, Any]]:
-    """Build the reference model's engine from ``onnx_path``; returns (bytes, metadata).
+def check_onnx_signature(onnx_path: str | os.PathLike[str], signature: Signature) -> None:
+    """``ConfigError`` naming every input of ``onnx_path`` that disagrees with ``signature``."""
+    io, dims = graph_io(onnx_path)
+    problems = io_differences(signature, io)
+    for t in signature.inputs:
+        if t.name not in dims or len(dims[t.name]) != len(t.axes) + (1 if t.batched else 0):
+            continue  # reported above
+        got = dims[t.name][1:] if t.batched else dims[t.name]
+        if t.batched and not isinstance(dims[t.name][0], str):
+            problems.append(f"input {t.name!r}: the batch axis is static ({dims[t.name][0]}) in the graph")
+        for i, (want, have) in enumerate(zip(t.axes, got)):
+            if isinstance(want, int) and have not in (want, 0):
+                problems.append(f"input {t.name!r}: axis {i} has size {have} in the graph; declared {want}")
+            if isinstance(want, str) and not isinstance(have, str):
+                problems.append(f"input {t.name!r}: axis {want} came out static ({have}) in the graph")
+    if problems:
+        raise ConfigError(
+            f"ONNX file {onnx_path} does not match the model's signature: {'; '.join(problems)}. Fix: export "
+            "it from the model's spec (fa3trt.artifacts.ensure_onnx), or correct the signature"
+        )
 
-    ``fa3trt.trt.named_build.build_named_engine`` is the same for a model described by a ``Signature``.
-    """
-    require_registered(config.plugin_namespace)
-    env = current_environment()
+
+def build_hash(config: BuildConfig, signature: Signature) -> str:
+    """What of a build its engine's key hashes: the build config and the engine-shaping part of
+    the signature (its axes, ranges and steps decide the profiles)."""
+    return spec_hash({"build": config.compute_hash(), "signature": engine_signature(signature)})
+
+
+def build_engine(
+    onnx_path: str | os.PathLike[str], signature: Signature, config: BuildConfig
+) -> tuple[bytes, dict[str, Any]]:
+    """Build the engine of ``onnx_path`` (see the module docstring); returns (bytes, metadata).
+
+    The plugin must be registered in this process first (``fa3trt.trt.plugin.register_plugin``)."""
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ConfigError(f"ONNX file {onnx_path} does not exist; export it first (fa3trt.artifacts.ensure_onnx)")
-    hidden = onnx_hidden(onnx_path)
-    specs = profiles(config.buckets, config.max_batch_tokens)
-    data, seconds = engine_bytes(onnx_path, config, [s.shapes(hidden) for s in specs])
+    check_onnx_signature(onnx_path, signature)  # before the GPU and TensorRT are asked anything
+    env = current_environment()
+    specs = profiles(signature, config.buckets, batch_limits(config.buckets, config.max_batch_tokens))
+    data, seconds = engine_bytes(onnx_path, config, [s.shapes for s in specs])
     meta: dict[str, Any] = {
         **build_metadata(onnx_path, config, env),
-        "hidden": hidden,
+        "signature": signature.to_dict(),
         "profiles": [s.to_dict() for s in specs],
         "bucket_to_profile": {str(s.bucket_edge): s.index for s in specs},
+        "plugin_calls": plugin_calls(onnx_path),
+        "build_hash": build_hash(config, signature),
         "build_seconds": round(seconds, 3),
         "built_at": time.time(),
     }
     log.info("built engine from %s in %.1fs (%d bytes, %d profiles)", onnx_path.name, seconds, len(data), len(specs))
     return data, meta
-
-
-def _build_config(buckets: Buckets, max_batch_tokens: int, build_config: BuildConfig | None) -> BuildConfig:
-    if build_config is None:
-        return BuildConfig(buckets=buckets, max_batch_tokens=max_batch_tokens)
-    if build_config.buckets != buckets or build_config.max_batch_tokens != max_batch_tokens:
-        raise ConfigError(
-            f"build_config has buckets {list(build_config.buckets.edges)} and max_batch_tokens "
-            f"{build_config.max_batch_tokens}, the call passed {list(buckets.edges)} and {max_batch_tokens}; pass the same"
-        )
-    return build_config
-
-
-def _onnx_sha256(store: ArtifactStore, model_config: ModelConfig, weights: str | os.PathLike[str] | None) -> str:
-    key = onnx_key(model_config, weights)
-    meta = store.metadata("onnx", key)  # ArtifactNotFoundError naming the build command if absent
-    return str(meta.get("onnx_sha256") or meta["sha256"])
-
-
-def engine_key_for(
-    store: ArtifactStore,
-    model_config: ModelConfig,
-    weights: str | os.PathLike[str] | None,
-    buckets: Buckets,
-    max_batch_tokens: int,
-    *,
-    build_config: BuildConfig | None = None,
-    env: dict[str, str] | None = None,
-) -> str:
-    """The store key of this GPU's engine for (model, weights, buckets, token budget).
-
-    Needs the model's ONNX in the store (every build puts it there); without it there can be
-    no engine either, and ``EngineNotFoundError`` names the build command.
-    """
-    cfg = _build_config(buckets, max_batch_tokens, build_config)
-    env = env or current_environment()
-    try:
-        sha = _onnx_sha256(store, model_config, weights)
-    except ArtifactNotFoundError:
-        raise EngineNotFoundError(
-            f"no engine for model {model_config.name} ({weights_digest(model_config, weights)}) in store {store.uri}: "
-            f"its ONNX was never exported there, so nothing was built; run `{BUILD_HINT} --store {store.uri}`"
-        ) from None
-    return engine_key(sha, cfg.compute_hash(), env["trt_version"], env["compute_capability"], PLUGIN_VERSION)
-
-
-def build_to_store(
-    store: ArtifactStore,
-    model_config: ModelConfig,
-    weights: str | os.PathLike[str] | None,
-    buckets: Buckets,
-    *,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-    force: bool = False,
-    workdir: str | os.PathLike[str] | None = None,
-    build_config: BuildConfig | None = None,
-) -> dict[str, Any]:
-    """Build this GPU's engine for a model spec and put it in the store; returns its metadata.
-
-    Registers the plugin, exports (or fetches) the ONNX through the store, builds with the
-    store's timing cache for this (GPU, TensorRT version) and writes the cache back. An engine
-    already in the store is returned as is unless ``force``. Concurrent builders of one key
-    both succeed (the store's writes are atomic); the timing cache is last-writer-wins, which
-    only costs build time.
-    """
-    cfg = _build_config(buckets, max_batch_tokens, build_config)
-    register_plugin(cfg.plugin_namespace)
-    env = current_environment()
-    with tempfile.TemporaryDirectory(prefix="fa3trt-build-") as tmp:
-        work = Path(workdir) if workdir is not None else Path(tmp)
-        onnx_path, onnx_meta = ensure_onnx(store, model_config, weights, work)
-        sha = str(onnx_meta.get("onnx_sha256") or file_sha256(onnx_path))
-        key = engine_key(sha, cfg.compute_hash(), env["trt_version"], env["compute_capability"], PLUGIN_VERSION)
-        if store.has("engines", key) and not force:
-            log.info("engine %s already in %s; pass force=True to rebuild", key, store.uri)
-            return store.metadata("engines", key)
-        gpu_type = f"{env['gpu_name']}-sm{env['compute_capability']}"
-        tpath = work / "timing.cache"
-        if (cache := store.get_timing_cache(gpu_type, env["trt_version"])) is not None:
-            tpath.write_bytes(cache)  # a corrupt cache comes back as None and is not fed to TensorRT
-        cfg = dataclasses.replace(cfg, timing_cache_path=str(tpath))
-        data, meta = build_engine(onnx_path, cfg)
-        meta.update(
-            key=key,
-            onnx_key=onnx_key(model_config, weights),
-            model=model_config.to_dict(),
-            weights=weights_digest(model_config, weights),
-        )
-        meta["build_config"]["timing_cache_path"] = None  # a worker's temp path means nothing elsewhere
-        if tpath.exists():
-            store.put_timing_cache(gpu_type, env["trt_version"], tpath.read_bytes())
-        return store.put("engines", key, data, meta)

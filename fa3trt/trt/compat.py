@@ -6,7 +6,7 @@ Contract:
   config's hash, the TensorRT version, the GPU's compute capability, the plugin's name and
   version, and the metadata layout (``METADATA_FORMAT``).
 - ``check_compatible(metadata)`` raises ``EngineMismatchError`` saying "engine was built for X,
-  this is Y" and how to rebuild; ``current_environment()`` is the Y of this process.
+  this is Y" and how to rebuild (an engine of an earlier metadata format, too); ``current_environment()`` is the Y of this process.
 Plain functions over plain values; only ``current_environment`` asks TensorRT and the GPU.
 """
 
@@ -18,14 +18,15 @@ import torch
 
 from fa3trt._hashing import spec_hash
 from fa3trt.attention.op import PLUGIN_NAME, PLUGIN_VERSION
+from fa3trt.defaults import BUILD_HINT
 from fa3trt.errors import EngineMismatchError, MissingDependencyError
-from fa3trt.store import BUILD_HINT
 from fa3trt.trt import _trt
 
 __all__ = ["METADATA_FORMAT", "engine_key", "current_environment", "check_compatible"]
 
-METADATA_FORMAT = 1
-"""Version of the engine metadata layout; bump when a key changes meaning."""
+METADATA_FORMAT = 2
+"""Version of the engine metadata layout; bump when a key changes meaning. 2: every engine is
+built from a model's signature (inputs bound by name), with its plugin nodes' calls."""
 
 
 def engine_key(
@@ -88,6 +89,11 @@ def check_compatible(metadata: dict[str, Any], current: dict[str, str] | None = 
             f"rebuild it with `{BUILD_HINT} --force`"
         )
     rebuild = f"rebuild it on this machine with `{BUILD_HINT} --store <uri>`"
+    if metadata.get("format") != METADATA_FORMAT:
+        raise EngineMismatchError(
+            f"engine was built in metadata format {metadata.get('format', 1)!r}, this is format {METADATA_FORMAT} "
+            f"(engines of earlier releases are rebuilt once); rebuild it with `{BUILD_HINT} --store <uri> --force`"
+        )
     if (metadata["plugin_name"], str(metadata["plugin_version"])) != (cur["plugin_name"], cur["plugin_version"]):
         raise EngineMismatchError(
             f"engine was built for plugin {metadata['plugin_name']} v{metadata['plugin_version']}, "

@@ -1,19 +1,19 @@
 """Optimization profiles and IO checks of an engine built from a ``Signature``: plain functions.
 
 Contract:
-- ``named_profiles(signature, buckets, batch_limits)`` is one profile per bucket: per input a
-  (min, opt, max) shape. The batch axis runs 1..limit (opt = limit), the bucketed axis
-  ``buckets.lower(i)``..edge (opt = edge), every other named axis over ``signature.ranges``
-  (opt = max), fixed sizes as they are; an unbatched input has no batch axis, ``fill:
+- ``profiles(signature, buckets, batch_limits)`` is one profile per bucket: per input a
+  (min, opt, max) shape. The batch axis runs 1..limit (opt = limit), the bucketed axis over the
+  sizes of the bucket the model accepts (``buckets.lower(i)``..edge, within its declared min and
+  step; opt = the largest), every other named axis over the sizes it accepts (opt = the
+  largest), fixed sizes as they are; an unbatched input has no batch axis, ``fill:
   lengths`` is (B,), ``fill: mask`` is shaped by its axes like any input. Opt is the full batch
   at its largest: under load, batches fill to their limit, where throughput is decided.
-- ``select_named_profile(profiles, shapes)`` is the first profile holding every input's shape,
+- ``select_profile(profiles, shapes)`` is the first profile holding every input's shape,
   else an ``InvalidInputError`` naming the input and axis that no profile holds.
 - Engine dtypes: an ``int64`` input enters the engine as ``int32`` (``ENGINE_DTYPES``; why:
   ``fa3trt.onnx.calls.NamedCall``); floating inputs take the exported model's float dtype.
   ``dtype_fits(declared, engine)`` says whether a tensor of the signature's dtype may be bound
   to an engine tensor of that dtype (after the runtime's cast).
-- ``export_axis_ranges(signature, buckets)``: the ranges to export the model's axes with.
 - ``io_differences(signature, io)``: what an engine's (or ONNX file's) inputs and output lack
   or have otherwise than the signature, one line each, naming the tensor.
 - ``signature_differences(stored, expected)``: how an engine's signature differs from the one
@@ -28,13 +28,14 @@ from typing import Any
 
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError, InvalidInputError
+from fa3trt.onnx.graph import IOSpec
 from fa3trt.signature import BATCH_AXIS, Signature, TensorSpec
 
 __all__ = [
-    "NamedProfile",
-    "named_profiles",
+    "Profile",
+    "profiles",
     "batch_limits",
-    "select_named_profile",
+    "select_profile",
     "ENGINE_DTYPES",
     "engine_dtype",
     "dtype_fits",
@@ -42,12 +43,9 @@ __all__ = [
     "signature_differences",
     "engine_signature",
     "IOSpec",
-    "export_axis_ranges",
 ]
 
 Shape = tuple[int, ...]
-IOSpec = tuple[str, int, bool]
-"""One engine or ONNX tensor as the checks see it: (dtype name as in ``TORCH_DTYPES``, rank, is_input)."""
 
 ENGINE_DTYPES: dict[str, str] = {"int64": "int32"}
 """Declared dtype -> the dtype the engine takes it in (others unchanged)."""
@@ -67,7 +65,7 @@ def dtype_fits(declared: str, engine: str) -> bool:
 
 
 @dataclass(frozen=True)
-class NamedProfile:
+class Profile:
     """One optimization profile: per input its (min, opt, max) shape."""
 
     index: int
@@ -89,7 +87,7 @@ class NamedProfile:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> NamedProfile:
+    def from_dict(cls, d: Mapping[str, Any]) -> Profile:
         shapes = {
             str(n): (tuple(map(int, m[0])), tuple(map(int, m[1])), tuple(map(int, m[2])))
             for n, m in d["shapes"].items()
@@ -104,14 +102,6 @@ def batch_limits(buckets: Buckets, max_batch_tokens: int) -> list[int]:
     return [buckets.batch_limit(i, max_batch_tokens) for i in range(len(buckets.edges))]
 
 
-def export_axis_ranges(signature: Signature, buckets: Buckets) -> dict[str, tuple[int, int]]:
-    """``export_onnx``'s ``axis_ranges`` for a signature: what its engine's profiles span (the
-    bucketed axis 1..the largest edge, the others their ranges). A model that bounds an axis
-    (a position table) then fails at export, naming the axis, rather than at build."""
-    ranges = {a: signature.axis_range(a, buckets) for a in signature.axis_names()}
-    return dict(sorted(ranges.items()))
-
-
 def _axis_box(t: TensorSpec, signature: Signature, lower: int, edge: int) -> tuple[Shape, Shape, Shape]:
     lo: list[int] = []
     opt: list[int] = []
@@ -119,18 +109,21 @@ def _axis_box(t: TensorSpec, signature: Signature, lower: int, edge: int) -> tup
     for a in t.axes:
         if isinstance(a, int):
             box = (a, a, a)
-        elif a == signature.bucketed:
-            box = (lower, edge, edge)
         else:
-            r = signature.ranges[a]
-            box = (r[0], r[1], r[1])
+            span = (lower, edge) if a == signature.bucketed else signature.ranges[a]
+            accepted = signature.accepted(a, *span)
+            if accepted is None:
+                raise ConfigError(
+                    f"axis {a!r} accepts no size in [{span[0]}, {span[1]}]; check its range, step and the buckets"
+                )
+            box = (accepted[0], accepted[1], accepted[1])
         lo.append(box[0])
         opt.append(box[1])
         hi.append(box[2])
     return tuple(lo), tuple(opt), tuple(hi)
 
 
-def named_profiles(signature: Signature, buckets: Buckets, limits: Sequence[int]) -> list[NamedProfile]:
+def profiles(signature: Signature, buckets: Buckets, limits: Sequence[int]) -> list[Profile]:
     """One profile per bucket (see the module docstring); ``limits``: each bucket's largest batch."""
     if len(limits) != len(buckets.edges):
         raise ConfigError(
@@ -147,7 +140,7 @@ def named_profiles(signature: Signature, buckets: Buckets, limits: Sequence[int]
             if t.batched:
                 lo, opt, hi = (1, *lo), (limit, *opt), (limit, *hi)
             shapes[t.name] = (lo, opt, hi)
-        out.append(NamedProfile(i, edge, shapes))
+        out.append(Profile(i, edge, shapes))
     return out
 
 
@@ -156,42 +149,42 @@ def _axis_label(t: TensorSpec, dim: int) -> str:
     return str(axes[dim]) if dim < len(axes) else "?"
 
 
-def select_named_profile(
-    profiles: Sequence[NamedProfile], shapes: Mapping[str, Sequence[int]], signature: Signature | None = None
+def select_profile(
+    candidates: Sequence[Profile], shapes: Mapping[str, Sequence[int]], signature: Signature | None = None
 ) -> int:
     """Index of the first profile holding every input's shape; else ``InvalidInputError`` naming
     the input and axis outside every profile, or the batch limits."""
-    if not profiles:
+    if not candidates:
         raise ConfigError("the engine has no optimization profiles; rebuild it")
-    for p in profiles:
+    for p in candidates:
         missing = sorted(set(p.shapes) - set(shapes))
         if missing:
             raise InvalidInputError(f"the batch lacks inputs {missing}; the engine takes {sorted(p.shapes)}")
         if p.admits(shapes):
             return p.index
     specs = {t.name: t for t in signature.inputs} if signature is not None else {}
-    for name in profiles[0].shapes:
+    for name in candidates[0].shapes:
         got = tuple(shapes[name])
-        rank = len(profiles[0].shapes[name][0])
+        rank = len(candidates[0].shapes[name][0])
         if len(got) != rank:
             raise InvalidInputError(f"input {name!r} has shape {got} (rank {len(got)}); the engine takes rank {rank}")
         for dim, n in enumerate(got):
-            lo = min(p.shapes[name][0][dim] for p in profiles)
-            hi = max(p.shapes[name][2][dim] for p in profiles)
+            lo = min(p.shapes[name][0][dim] for p in candidates)
+            hi = max(p.shapes[name][2][dim] for p in candidates)
             if not lo <= n <= hi:
                 axis = _axis_label(specs[name], dim) if name in specs else f"dim {dim}"
                 raise InvalidInputError(
                     f"input {name!r} has {axis}={n} (axis {dim}), outside the engine's range [{lo}, {hi}]; "
                     "send sizes within it, or rebuild the engine with wider buckets or axis_ranges"
                 )
-    limits = ", ".join(f"bucket {p.bucket_edge}: " + _limits_text(p) for p in profiles)
+    limits = ", ".join(f"bucket {p.bucket_edge}: " + _limits_text(p) for p in candidates)
     raise InvalidInputError(
         f"a batch of shapes {dict((n, tuple(s)) for n, s in shapes.items())} fits no optimization profile "
         f"({limits}); split the batch, or raise max_batch_tokens and rebuild the engine"
     )
 
 
-def _limits_text(p: NamedProfile) -> str:
+def _limits_text(p: Profile) -> str:
     return "; ".join(f"{n} {list(lo)}..{list(hi)}" for n, (lo, _, hi) in p.shapes.items())
 
 

@@ -1,26 +1,29 @@
-"""Run TensorRT engines: ``TRTEngine`` (bytes -> zero-copy calls), ``TRTModule`` (drop-in
-``nn.Module``) and ``TensorRTBackend`` (the ``Backend`` protocol).
+"""Run TensorRT engines: engine bytes in, calls bound by name.
 
 Contract:
-- ``TRTEngine.from_bytes(data, metadata)`` refuses an engine built for another TensorRT, GPU
-  or plugin before deserializing it, registers the plugin first, and makes one execution
-  context per optimization profile.
-- A call binds the caller's ``x`` and ``seq_lens`` by address (no staging copies), sets the
-  input shapes, runs ``execute_async_v3`` on the current CUDA stream and checks its result. The
-  output is a view of a buffer preallocated per profile at the profile's max shape: valid until
-  the next call on the same profile (``TRTModule`` and ``TensorRTBackend`` hand out copies).
-- (batch, seq) outside every profile is an ``InvalidInputError`` naming the limits.
-
-``select_profile`` is the profile choice as a plain function, tested without TensorRT.
+- ``TRTEngine.from_bytes(data, metadata, expected=...)`` refuses an engine built for another
+  TensorRT, GPU, plugin or metadata format before deserializing it (``fa3trt.trt.compat``), and
+  one whose plugin nodes run FP8 attention (mode 1) at a head dim no FP8 kernel of this GPU
+  takes (``check_plugin_calls``); registers the plugin; checks the metadata's signature against
+  the engine's IO tensors (names, dtypes, ranks: ``EngineCorruptError``) and against the
+  signature the server expects (``EngineMismatchError`` naming each difference); and makes one
+  execution context per optimization profile with an output buffer sized from the engine's
+  output shape at the profile's max input shapes.
+- A call takes the batch's keyword tensors, picks the profile
+  (``fa3trt.trt.profiles.select_profile``), binds every input by name (moved to the device and
+  converted to the engine's dtype only when needed; ``int64`` to ``int32`` after a range check
+  naming the input), sets its shapes, binds the output at the shape the engine gives for them
+  and runs ``execute_async_v3`` on the current stream. The output is a view of the profile's
+  buffer, valid until the next call on that profile: ``ProfileTurns`` hands out copies and keeps
+  batches on other streams off a profile still in use; ``TRTModule`` is the engine as an
+  ``nn.Module`` taking the model's keyword inputs.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,32 +31,53 @@ from torch import nn
 
 from fa3trt.attention.kernels.fp8 import require_fp8_kernel
 from fa3trt.attention.op import MODE_FP8
-from fa3trt.buckets import Buckets
-from fa3trt.errors import EngineCorruptError, EngineExecutionError, EngineNotFoundError, InvalidInputError
-from fa3trt.models.reference import ModelConfig
-from fa3trt.store import BUILD_HINT, ArtifactStore
-from fa3trt.trt.build import (
-    DEFAULT_MAX_BATCH_TOKENS,
-    INPUT_SEQ_LENS,
-    INPUT_X,
-    OUTPUT_Y,
-    ProfileSpec,
-    build_to_store,
-    engine_key_for,
+from fa3trt.defaults import BUILD_HINT
+from fa3trt.errors import (
+    EngineCorruptError,
+    EngineExecutionError,
+    EngineMismatchError,
+    InvalidInputError,
 )
-from fa3trt.trt.compat import check_compatible, current_environment
+from fa3trt.signature import TORCH_DTYPES, Signature
+from fa3trt.trt.compat import check_compatible
 from fa3trt.trt.plugin import register_plugin, require_registered
+from fa3trt.trt.profiles import Profile, io_differences, select_profile, signature_differences
 
 if TYPE_CHECKING:
     import tensorrt as trt  # static only: checked against tensorrt-stubs
 else:
     from fa3trt.trt._trt import tensorrt as trt
 
-__all__ = ["TRTEngine", "TRTModule", "TensorRTBackend", "ProfileTurns", "select_profile", "deserialize_engine"]
+__all__ = [
+    "TRTEngine",
+    "TRTModule",
+    "ProfileTurns",
+    "deserialize_engine",
+    "check_plugin_calls",
+    "narrow_to_engine",
+    "TRT_DTYPE_NAMES",
+]
 
 log = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32}
+TRT_DTYPE_NAMES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+}
+"""TensorRT's ``DataType`` names in the signature's dtype vocabulary."""
+_INT32 = torch.iinfo(torch.int32)
+
+
+def check_plugin_calls(metadata: dict[str, Any], device: torch.device) -> None:
+    """``MissingDependencyError`` where a plugin node of the engine runs FP8 attention (mode 1)
+    at a head dim no FP8 kernel of ``device`` takes (``fa3trt.attention.kernels.fp8``)."""
+    for call in metadata.get("plugin_calls") or []:
+        if int(call.get("mode", 0)) == MODE_FP8 and call.get("head_dim"):
+            require_fp8_kernel(device, int(call["head_dim"]))
 
 
 def deserialize_engine(
@@ -66,10 +90,11 @@ def deserialize_engine(
     TensorRT, GPU and plugin (``metadata``) and registering the plugin in its namespace. The
     runtime must outlive the engine."""
     check_compatible(metadata, environment)  # before touching the bytes
+    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    check_plugin_calls(metadata, dev)
     namespace = str(metadata.get("plugin_namespace", ""))
     register_plugin(namespace)
     require_registered(namespace)
-    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
     with torch.cuda.device(dev):
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(data)
@@ -79,30 +104,6 @@ def deserialize_engine(
             f"above says why); rebuild it with `{BUILD_HINT} --force`"
         )
     return runtime, engine, dev
-
-
-def select_profile(specs: Sequence[ProfileSpec], batch: int, seq: int) -> int:
-    """Index of the first profile whose (batch, seq) box holds (``batch``, ``seq``).
-
-    Profiles follow the buckets, so the first match is the smallest bucket that fits. Raises
-    ``InvalidInputError`` naming the limits when none does.
-    """
-    if batch < 1 or seq < 1:
-        raise InvalidInputError(f"batch and sequence length must be >= 1, got batch {batch}, seq {seq}")
-    for spec in specs:
-        if spec.admits(batch, seq):
-            return spec.index
-    max_seq = max(s.seq[2] for s in specs)
-    if seq > max_seq:
-        raise InvalidInputError(
-            f"sequence length {seq} exceeds the engine's largest bucket ({max_seq}); split the sequence "
-            "or build an engine with a larger bucket edge"
-        )
-    limits = ", ".join(f"seq {s.seq[0]}..{s.seq[2]}: batch <= {s.batch[2]}" for s in specs)
-    raise InvalidInputError(
-        f"batch {batch} of sequences padded to {seq} fits no optimization profile ({limits}); "
-        "split the batch, or raise max_batch_tokens and rebuild the engine"
-    )
 
 
 class ProfileTurns:
@@ -130,43 +131,99 @@ class ProfileTurns:
             return y
 
 
-class TRTEngine:
-    """One deserialized engine with one execution context per optimization profile."""
+def narrow_to_engine(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` as the engine binds input ``name``: on ``device``, of ``dtype``, contiguous. An int64
+    tensor for an int32 input is range-checked first (an ``InvalidInputError`` naming the input)."""
+    if t.dtype == torch.int64 and dtype == torch.int32 and t.numel():
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        if lo < _INT32.min or hi > _INT32.max:
+            raise InvalidInputError(
+                f"input {name!r} holds values {lo}..{hi}, outside int32, which the engine takes it in; "
+                "send values within int32"
+            )
+    if t.device != device or t.dtype != dtype:
+        t = t.to(device, dtype, non_blocking=True)
+    return t.contiguous()
 
-    def __init__(self, engine: trt.ICudaEngine, metadata: dict[str, Any], device: torch.device) -> None:
+
+def _dims(d: trt.Dims) -> tuple[int, ...]:
+    return tuple(int(d[i]) for i in range(len(d)))
+
+
+class TRTEngine:
+    """One deserialized engine, one execution context per optimization profile."""
+
+    def __init__(
+        self,
+        engine: trt.ICudaEngine,
+        metadata: dict[str, Any],
+        device: torch.device,
+        expected: Signature | None = None,
+    ) -> None:
+        rebuild = f"rebuild it with `{BUILD_HINT} --force`"
+        try:
+            self.signature = Signature.from_dict(metadata["signature"])
+            self.profiles = [Profile.from_dict(p) for p in metadata["profiles"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise EngineCorruptError(
+                f"engine metadata has no valid signature or profiles ({e}): it was not built by "
+                f"fa3trt.trt.build; {rebuild}"
+            ) from e
         self.engine = engine
         self.metadata = metadata
         self.device = device
-        self.specs = [ProfileSpec.from_dict(p) for p in metadata["profiles"]]
-        if engine.num_optimization_profiles != len(self.specs):
+        if engine.num_optimization_profiles != len(self.profiles):
             raise EngineCorruptError(
                 f"engine has {engine.num_optimization_profiles} optimization profiles, its metadata lists "
-                f"{len(self.specs)}; rebuild it with `{BUILD_HINT} --force`"
+                f"{len(self.profiles)}; {rebuild}"
             )
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        if sorted(names) != sorted((INPUT_X, INPUT_SEQ_LENS, OUTPUT_Y)):
-            raise EngineCorruptError(
-                f"engine tensors are {names}, expected x, seq_lens, y; rebuild it from fa3trt.onnx.export"
+        io = {
+            n: (
+                TRT_DTYPE_NAMES.get(engine.get_tensor_dtype(n).name, engine.get_tensor_dtype(n).name.lower()),
+                len(engine.get_tensor_shape(n)),
+                engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT,
             )
-        self.input_dtype = _TORCH_DTYPES[engine.get_tensor_dtype(INPUT_X).name]
-        self.output_dtype = _TORCH_DTYPES[engine.get_tensor_dtype(OUTPUT_Y).name]
-        self.hidden = int(metadata["hidden"])
+            for n in names
+        }
+        if problems := io_differences(self.signature, io):
+            raise EngineCorruptError(
+                f"engine tensors do not match its metadata's signature: {'; '.join(problems)}; {rebuild}"
+            )
+        if expected is not None and (problems := signature_differences(self.signature, expected)):
+            raise EngineMismatchError(
+                f"engine {metadata.get('key', '?')} was built for another signature than this server's: "
+                f"{'; '.join(problems)}; rebuild it for this model config with `{BUILD_HINT} --store <uri>`"
+            )
+        self.input_dtypes = {t.name: TORCH_DTYPES[io[t.name][0]] for t in self.signature.inputs}
+        self.output_name = self.signature.output.name
+        self.output_dtype = TORCH_DTYPES[io[self.output_name][0]]
         self._contexts: list[trt.IExecutionContext] = []
         self._outputs: list[torch.Tensor] = []
-        self._locks = [threading.Lock() for _ in self.specs]
+        self._locks = [threading.Lock() for _ in self.profiles]
         self._runtime: Any = None  # set by from_bytes: the engine must not outlive its runtime
         stream = torch.cuda.current_stream(device)
-        for spec in self.specs:
+        for p in self.profiles:
             ctx = engine.create_execution_context()
             if ctx is None:
                 raise EngineExecutionError(
-                    f"TensorRT could not create an execution context for profile {spec.index} (out of GPU memory?)"
+                    f"TensorRT could not create an execution context for profile {p.index} (out of GPU memory?)"
                 )
-            if not ctx.set_optimization_profile_async(spec.index, stream.cuda_stream):
-                raise EngineExecutionError(f"TensorRT refused optimization profile {spec.index}")
+            if not ctx.set_optimization_profile_async(p.index, stream.cuda_stream):
+                raise EngineExecutionError(f"TensorRT refused optimization profile {p.index}")
+            for name, (_, _, hi) in p.shapes.items():
+                if not ctx.set_input_shape(name, hi):
+                    raise EngineCorruptError(
+                        f"TensorRT refused input {name!r} at {hi}, profile {p.index}'s max; {rebuild}"
+                    )
+            shape = _dims(ctx.get_tensor_shape(self.output_name))
+            if any(n < 0 for n in shape):
+                raise EngineCorruptError(f"output {self.output_name!r} has no size at profile {p.index}'s max: {shape}")
             self._contexts.append(ctx)
-            # Flat buffer: a (b, s, D) result is its first b*s*D elements, dense as TensorRT writes it.
-            numel = spec.batch[2] * spec.seq[2] * self.hidden
+            numel = 1
+            for n in shape:
+                numel *= n
+            # Flat: a smaller batch's output is the buffer's first elements, dense as TensorRT writes it.
             self._outputs.append(torch.empty(numel, dtype=self.output_dtype, device=device))
         stream.synchronize()  # once, at load: the profile switches are done before any call
 
@@ -176,76 +233,71 @@ class TRTEngine:
         data: bytes,
         metadata: dict[str, Any],
         *,
+        expected: Signature | None = None,
         device: torch.device | str | None = None,
         environment: dict[str, str] | None = None,
     ) -> TRTEngine:
-        """Deserialize an engine after checking it was built for this TensorRT, GPU and plugin."""
+        """Deserialize after checking the engine was built for this TensorRT, GPU and plugin."""
         runtime, engine, dev = deserialize_engine(data, metadata, device, environment)
         with torch.cuda.device(dev):
-            obj = cls(engine, metadata, dev)
+            obj = cls(engine, metadata, dev, expected)
         obj._runtime = runtime
         return obj
 
-    def profile_for(self, batch: int, seq: int) -> int:
-        return select_profile(self.specs, batch, seq)
+    def profile_for(self, batch: Mapping[str, torch.Tensor]) -> int:
+        return select_profile(self.profiles, {n: tuple(t.shape) for n, t in batch.items()}, self.signature)
 
-    def __call__(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        """Run one padded batch; returns a view valid until the next call on the same profile."""
-        if x.dim() != 3 or x.shape[-1] != self.hidden:
-            raise InvalidInputError(f"x must have shape (batch, seq, {self.hidden}), got {tuple(x.shape)}")
-        b, s = int(x.shape[0]), int(x.shape[1])
-        if seq_lens.shape != (b,):
-            raise InvalidInputError(f"seq_lens must have shape ({b},), got {tuple(seq_lens.shape)}")
-        p = select_profile(self.specs, b, s)
-        if x.device != self.device or x.dtype != self.input_dtype or not x.is_contiguous():
-            # Only a wrongly placed input is converted; a correct one is bound as is.
-            x = x.to(self.device, self.input_dtype).contiguous()
-        lens = seq_lens.to(self.device, torch.int32, non_blocking=True)
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Run one batch; returns a view valid until the next call on the same profile."""
+        extra = sorted(set(batch) - set(self.input_dtypes))
+        if extra:
+            raise InvalidInputError(
+                f"the batch has inputs {extra} the engine does not take ({sorted(self.input_dtypes)})"
+            )
+        p = self.profile_for(batch)
         out_buf = self._outputs[p]
-        if out_buf.data_ptr() <= x.data_ptr() < out_buf.data_ptr() + out_buf.numel() * out_buf.element_size():
-            x = x.clone()  # a previous output fed back in (a sampler loop): engines must not alias I/O
-        out = out_buf[: b * s * self.hidden].view(b, s, self.hidden)
+        lo, hi = out_buf.data_ptr(), out_buf.data_ptr() + out_buf.numel() * out_buf.element_size()
+        bound: dict[str, torch.Tensor] = {}
+        for name, dtype in self.input_dtypes.items():
+            t = narrow_to_engine(name, batch[name], dtype, self.device)
+            bound[name] = t.clone() if lo <= t.data_ptr() < hi else t  # engines must not alias I/O
         stream = torch.cuda.current_stream(self.device)
         ctx = self._contexts[p]
         with self._locks[p]:  # shapes and addresses are context state
-            ok = (
-                ctx.set_input_shape(INPUT_X, (b, s, self.hidden))
-                and ctx.set_input_shape(INPUT_SEQ_LENS, (b,))
-                and ctx.set_tensor_address(INPUT_X, x.data_ptr())
-                and ctx.set_tensor_address(INPUT_SEQ_LENS, lens.data_ptr())
-                and ctx.set_tensor_address(OUTPUT_Y, out.data_ptr())
-            )
-            if not ok:
-                raise EngineExecutionError(
-                    f"TensorRT refused shape ({b}, {s}, {self.hidden}) or an address on profile {p}; its log above says why"
-                )
+            for name, t in bound.items():
+                if not (ctx.set_input_shape(name, tuple(t.shape)) and ctx.set_tensor_address(name, t.data_ptr())):
+                    raise EngineExecutionError(
+                        f"TensorRT refused input {name!r} at shape {tuple(t.shape)} on profile {p}; its log above says why"
+                    )
+            shape = _dims(ctx.get_tensor_shape(self.output_name))
+            numel = 1
+            for n in shape:
+                numel *= n
+            if any(n < 0 for n in shape) or numel > out_buf.numel():
+                raise EngineExecutionError(f"the engine gives output {self.output_name!r} shape {shape} on profile {p}")
+            out = out_buf[:numel].view(shape)
+            if not ctx.set_tensor_address(self.output_name, out.data_ptr()):
+                raise EngineExecutionError(f"TensorRT refused the address of output {self.output_name!r}")
             if not ctx.execute_async_v3(stream.cuda_stream):
+                shapes = {n: tuple(t.shape) for n, t in bound.items()}
                 raise EngineExecutionError(
-                    f"execute_async_v3 failed for batch {b}, seq {s} on profile {p}; the TensorRT or "
-                    "CustomAttnPlugin log above says why"
+                    f"execute_async_v3 failed for inputs {shapes} on profile {p}; the TensorRT or CustomAttnPlugin "
+                    "log above says why"
                 )
         return out
 
     def describe(self) -> dict[str, Any]:
-        keep = (
-            "key",
-            "trt_version",
-            "gpu_name",
-            "compute_capability",
-            "plugin_version",
-            "onnx_sha256",
-            "build_config_hash",
-        )
-        return {k: self.metadata.get(k) for k in keep} | {"profiles": [s.to_dict() for s in self.specs]}
+        keep = ("key", "trt_version", "gpu_name", "compute_capability", "plugin_version", "onnx_sha256")
+        return {k: self.metadata.get(k) for k in (*keep, "build_hash", "model_id", "plugin_calls")} | {
+            "profiles": [p.to_dict() for p in self.profiles]
+        }
 
 
 class TRTModule(nn.Module):
-    """A TensorRT engine as a drop-in for the PyTorch model: ``forward(x, seq_lens=None)``.
-
-    Same signature and output as ``fa3trt.models.reference.Transformer`` (rows past each length zero). By
-    default each call returns its own tensor (``clone_outputs``), so callers that keep earlier
-    outputs, like a diffusion sampler, are safe; pass False to get the engine's reused buffer.
-    """
+    """An engine as a drop-in ``nn.Module``: ``forward(**inputs)`` with the model's keyword inputs
+    (batch axis first), returning the output. By default each call returns its own tensor
+    (``clone_outputs``), so callers that keep earlier outputs, like a diffusion sampler, are
+    safe; pass False to get the engine's reused buffer."""
 
     def __init__(self, engine: TRTEngine, *, clone_outputs: bool = True) -> None:
         super().__init__()
@@ -256,97 +308,6 @@ class TRTModule(nn.Module):
     def from_bytes(cls, data: bytes, metadata: dict[str, Any], **kwargs: Any) -> TRTModule:
         return cls(TRTEngine.from_bytes(data, metadata), **kwargs)
 
-    def forward(self, x: torch.Tensor, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise InvalidInputError(f"x must have shape (batch, seq, {self.engine.hidden}), got {tuple(x.shape)}")
-        if seq_lens is None:
-            seq_lens = torch.full((x.shape[0],), x.shape[1], dtype=torch.int32, device=x.device)
-        out = self.engine(x, seq_lens)
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        out = self.engine(inputs)
         return out.clone() if self.clone_outputs else out
-
-
-class TensorRTBackend:
-    """The ``Backend`` protocol on a ``TRTEngine``: this GPU's engine from the store."""
-
-    name = "tensorrt"
-
-    def __init__(self, engine: TRTEngine, config: ModelConfig, *, key: str, store_uri: str, buckets: Buckets) -> None:
-        self.engine = engine
-        self.config = config
-        self.device = engine.device
-        self.dtype = engine.input_dtype
-        self.hidden = config.hidden
-        self.key = key
-        self.store_uri = store_uri
-        self.buckets = buckets
-        self._turns = ProfileTurns()
-
-    @classmethod
-    def load(
-        cls,
-        config: ModelConfig,
-        *,
-        weights: str | os.PathLike[str] | None,
-        buckets: Buckets,
-        store: str | ArtifactStore | None,
-        build_if_missing: bool,
-        max_batch_tokens: int | None,
-    ) -> TensorRTBackend:
-        """Load this GPU's engine for (config, weights, buckets) from ``store``.
-
-        A missing engine is built first with ``build_if_missing``, else ``EngineNotFoundError``
-        names the build command.
-        """
-        st = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
-        mbt = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS
-        env = current_environment()  # a GPU and TensorRT, or an error saying which is missing
-        if config.attn_mode == MODE_FP8:
-            require_fp8_kernel(torch.device("cuda", torch.cuda.current_device()), config.head_dim)
-        register_plugin()
-        key: str | None
-        try:
-            key = engine_key_for(st, config, weights, buckets, mbt, env=env)
-        except EngineNotFoundError:
-            key = None  # no ONNX in the store yet, so no engine either
-        if key is None or not st.has("engines", key):
-            if not build_if_missing:
-                raise EngineNotFoundError(
-                    f"no TensorRT engine in store {st.uri} for model {config.name!r} with buckets "
-                    f"{list(buckets.edges)} and max_batch_tokens {mbt} on this GPU ({env['gpu_name']}, "
-                    f"sm{env['compute_capability']}, TensorRT {env['trt_version']}): build it with "
-                    f"`{BUILD_HINT} --store {st.uri}`, or start with build_if_missing"
-                )
-            log.info("no engine in %s for this GPU: building it now", st.uri)
-            key = str(build_to_store(st, config, weights, buckets, max_batch_tokens=mbt)["key"])
-        data, meta = st.get("engines", key)
-        engine = TRTEngine.from_bytes(data, meta)
-        log.info("loaded engine %s from %s on %s", key, st.uri, env["gpu_name"])
-        return cls(engine, config, key=key, store_uri=st.uri, buckets=buckets)
-
-    def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.hidden:
-            raise InvalidInputError(f"x must have shape (batch, seq, {self.hidden}), got {tuple(x.shape)}")
-        x = x.to(self.device, self.engine.input_dtype, non_blocking=True)
-        stream = torch.cuda.current_stream(self.device)
-        p = self.engine.profile_for(int(x.shape[0]), int(x.shape[1]))
-        return self._turns.run(p, stream, lambda: self.engine(x, seq_lens))
-
-    def warmup(self, shapes: Sequence[tuple[int, int]]) -> None:
-        t0 = time.perf_counter()
-        for b, s in shapes:
-            x = torch.zeros(b, s, self.hidden, dtype=self.engine.input_dtype, device=self.device)
-            self.run(x, torch.full((b,), s, dtype=torch.int32))
-        torch.cuda.synchronize(self.device)
-        log.info("tensorrt backend warmed %d shapes in %.2fs", len(shapes), time.perf_counter() - t0)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backend": self.name,
-            "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device),
-            "dtype": self.config.dtype,
-            "model": self.config.to_dict(),
-            "buckets": list(self.buckets.edges),
-            "store": self.store_uri,
-            "engine": self.engine.describe(),
-        }

@@ -113,7 +113,7 @@ def device_lengths_of(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(query lengths, key lengths) as contiguous int32 on q's device, queued; the key lengths
     are the query lengths' tensor itself for padded self-attention (one copy, not two)."""
-    from fa3trt.buckets import lengths_to_device
+    from fa3trt.transfer import lengths_to_device
 
     lens_q = None if seq_lens is None else lengths_to_device(seq_lens, q.device)
     lens_k = key_lengths(seq_lens, seq_lens_k, q.shape[1], k.shape[1])

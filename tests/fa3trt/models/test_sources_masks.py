@@ -4,7 +4,6 @@ the file in ONNX Runtime against the eager unrouted model on padded batches (CPU
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -17,9 +16,11 @@ import yaml
 from torch import nn
 
 from fa3trt.buckets import Buckets
-from fa3trt.config import AppArgs, SourceSpec
+from fa3trt.config import AppArgs
 from fa3trt.errors import ConfigError, ExportError
-from fa3trt.models.sources import export_source, load_source, ragged_lengths, verify_source
+from fa3trt.models.export import export_source, ragged_lengths, verify_source
+from fa3trt.models.sources import load_source
+from fa3trt.models.spec import SourceSpec
 from fa3trt.onnx.check import _register_ort_plugin_op
 from fa3trt.onnx.export import plugin_nodes
 
@@ -27,8 +28,7 @@ transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 ort_extensions = pytest.importorskip("onnxruntime_extensions")
 
-ROOT = Path(__file__).resolve().parents[2]
-KEY_LENGTHS = "route_attention (transformers+sdpa): routed 2 attention calls (2 with key lengths); left none alone"
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def bert_args() -> AppArgs:
@@ -36,17 +36,13 @@ def bert_args() -> AppArgs:
     return AppArgs.model_validate(config["applications"][0]["args"])
 
 
-def left_alone(messages: list[str], reason: str) -> int:
-    """From export_source's logged report: no call routed, and how many were left alone, each for
+def left_alone(routing: dict | None, reason: str) -> int:
+    """From an export's routing report: no call routed, and how many were left alone, each for
     ``reason`` (a mask's key axis may print as torch's symbol before the first guard unifies it)."""
-    (line,) = [m for m in messages if m.startswith("export of ")]
-    m = re.fullmatch(
-        r"export of \w+: route_attention \([^)]*\): routed 0 attention calls; left (\d+) alone: (.*)", line
-    )
-    assert m, line
-    counts = re.findall(r"(\d+) x attn_mask \(B,1,S,\w+\) bool " + re.escape(reason) + "(?:; |$)", m[2])
-    assert sum(map(int, counts)) == int(m[1]), line  # every call left alone for that reason
-    return int(m[1])
+    assert routing is not None and routing["routed"] == 0, routing
+    for key in routing["left"]:
+        assert re.fullmatch(r"attn_mask \(B,1,S,\w+\) bool " + re.escape(reason), key), routing
+    return int(sum(routing["left"].values()))
 
 
 def run_onnx(path: str, feed: dict[str, torch.Tensor]) -> np.ndarray:
@@ -61,46 +57,32 @@ def run_onnx(path: str, feed: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def bert_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[AppArgs, str, list[str]]:
+def bert_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[AppArgs, str, dict]:
     args = bert_args()
     path = tmp_path_factory.mktemp("bert") / "bert.onnx"
-    messages: list[str] = []
-
-    class _List(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    logger, handler = logging.getLogger("fa3trt.models.sources"), _List(logging.INFO)
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        res = export_source(args.model, path, args.bucket_set())
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    assert res.plugin_nodes == args.model.config["num_hidden_layers"] == 2  # type: ignore[index]
-    return args, res.path, messages
+    res = export_source(args.model, path, args.bucket_set())
+    assert res.plugin_nodes == args.model.config["num_hidden_layers"] == 2  # type: ignore[union-attr,index]
+    return args, res.path, res.routing or {}
 
 
-def test_example_bert_exports_one_plugin_node_per_layer(bert_onnx: tuple[AppArgs, str, list[str]]) -> None:
-    args, path, messages = bert_onnx
+def test_example_bert_exports_one_plugin_node_per_layer(bert_onnx: tuple[AppArgs, str, dict]) -> None:
+    args, path, routing = bert_onnx
     proto = onnx.load(path)
     nodes = plugin_nodes(proto)
     assert len(nodes) == 2
     # key lengths computed in the graph from the mask: a fifth input other than the query lengths
     assert all(n.input[3] != n.input[4] for n in nodes)  # type: ignore[attr-defined]
     assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
-    assert f"export of BertModel: {KEY_LENGTHS}" in messages
+    assert routing == {"method": "transformers+sdpa", "routed": 2, "routed_with": {"key lengths": 2}, "left": {}}
 
 
-def test_example_bert_verifies_on_padded_batches(bert_onnx: tuple[AppArgs, str, list[str]]) -> None:
+def test_example_bert_verifies_on_padded_batches(bert_onnx: tuple[AppArgs, str, dict]) -> None:
     args, path, _ = bert_onnx
     assert verify_source(args.model, path, args.bucket_set()) < 1e-4
 
 
 @pytest.mark.parametrize("n", [9, 64, 300])
-def test_example_bert_padded_rows_equal_each_sequence_alone(bert_onnx: tuple[AppArgs, str, list[str]], n: int) -> None:
+def test_example_bert_padded_rows_equal_each_sequence_alone(bert_onnx: tuple[AppArgs, str, dict], n: int) -> None:
     # ONNX Runtime on a padded batch against the eager unrouted model: the batch with the same
     # mask (every row), and each sequence run alone without padding (its kept rows).
     args, path, _ = bert_onnx
@@ -118,17 +100,16 @@ def test_example_bert_padded_rows_equal_each_sequence_alone(bert_onnx: tuple[App
             torch.testing.assert_close(got[i, :m], alone, rtol=1e-4, atol=1e-4)
 
 
-def test_a_sent_mask_is_no_promise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_sent_mask_is_no_promise(tmp_path: Path) -> None:
     # Without fill: mask the mask is the client's: any values, so traced masks are left alone.
     args = bert_args()
     inputs = dict(
         args.model.inputs, attention_mask=args.model.inputs["attention_mask"].model_copy(update={"fill": None})
     )
     spec = args.model.model_copy(update={"inputs": inputs})
-    with caplog.at_level(logging.INFO, logger="fa3trt.models.sources"):
-        res = export_source(spec, tmp_path / "sent.onnx", args.bucket_set())
+    res = export_source(spec, tmp_path / "sent.onnx", args.bucket_set())
     assert res.plugin_nodes == 0
-    assert left_alone(caplog.messages, "while tracing (values unknown)") == 2
+    assert left_alone(res.routing, "while tracing (values unknown)") == 2
     assert verify_source(spec, res.path, args.bucket_set()) < 1e-4
 
 
@@ -158,15 +139,14 @@ def llama_spec() -> SourceSpec:
     )
 
 
-def test_causal_model_with_the_promise_keeps_its_masks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_causal_model_with_the_promise_keeps_its_masks(tmp_path: Path) -> None:
     # Llama's masks are causal and padding: with fill: mask the promise is given, but its modules
     # are causal, so no mask becomes lengths, and ONNX Runtime equals eager on padded batches.
     spec, buckets = llama_spec(), Buckets((16, 32))
-    with caplog.at_level(logging.INFO, logger="fa3trt.models.sources"):
-        res = export_source(spec, tmp_path / "llama.onnx", buckets)
+    res = export_source(spec, tmp_path / "llama.onnx", buckets)
     assert res.plugin_nodes == 0
     reason = "while tracing (values unknown; key_padding_masks does not hold for a causal module)"
-    assert left_alone(caplog.messages, reason) == 2
+    assert left_alone(res.routing, reason) == 2
     assert verify_source(spec, res.path, buckets) < 1e-4
 
 
@@ -201,7 +181,7 @@ def python_spec(factory: str) -> SourceSpec:
     return SourceSpec.model_validate(
         {
             "source": "python",
-            "factory": f"tests.fa3trt.test_sources_masks:{factory}",
+            "factory": f"tests.fa3trt.models.test_sources_masks:{factory}",
             "routing": "sdpa",
             "inputs": {"x": {"axes": ["S", 16]}, "mask": {"axes": ["S"], "dtype": "bool", "fill": "mask"}},
             "output": {"name": "y", "axes": ["S", 16]},

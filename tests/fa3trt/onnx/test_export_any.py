@@ -210,8 +210,10 @@ def test_argument_errors_name_the_fix(tmp_path: Path) -> None:
     x = {"x": torch.randn(2, 12, C)}
     with pytest.raises(ExportError, match=r"output='nope' selects nothing .*\['aux', 'sample'\]"):
         export_onnx(model, tmp_path / "m.onnx", x, {"x": {0: "B"}}, output="nope")
-    with pytest.raises(ExportError, match="needs inputs="):
-        export_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match="inputs must be a non-empty dict of name -> sample tensor"):
+        export_onnx(model, tmp_path / "m.onnx", {})
+    with pytest.raises(ExportError, match=r"routing must be one of .*'off' keeps PyTorch's attention"):
+        export_onnx(model, tmp_path / "m.onnx", x, routing="sometimes")
     with pytest.raises(ExportError, match=r"x\[0\] \(axis B\) has sample size 1; .* >= 2"):
         export_onnx(model, tmp_path / "m.onnx", {"x": torch.randn(1, 12, C)}, {"x": {0: "B"}}, output="sample")
     with pytest.raises(ExportError, match="dynamic_axes names input 'y'"):
@@ -220,35 +222,37 @@ def test_argument_errors_name_the_fix(tmp_path: Path) -> None:
         export_onnx(model, tmp_path / "m.onnx", x, {"x": {1: "S"}}, output="sample", axis_ranges={"S": (1, 8)})
 
 
-def test_reference_model_default_inputs_and_schema(tmp_path: Path) -> None:
-    model = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny", layers=1))
-    res = export_onnx(model, tmp_path / "m.onnx")
-    assert res.inputs == {
-        "x": {"dtype": "float32", "shape": ["B", "S", 256]},
-        "seq_lens": {"dtype": "int32", "shape": ["B"]},
-    }
-    assert res.output["name"] == "y" and res.plugin_nodes == 1
-    assert res.strict  # traced by strict torch.export: no fallback
+FLUX_AXES = {
+    "hidden_states": {0: "B", 1: "I"},
+    "encoder_hidden_states": {0: "B", 1: "T"},
+    "pooled_projections": {0: "B"},
+    "timestep": {0: "B"},
+    "img_ids": {0: "I"},
+    "txt_ids": {0: "T"},
+}
 
 
-def test_strict_export_of_a_routed_diffusers_model(tmp_path: Path) -> None:
-    """fa3trt.attention under routing traces strictly; the graph keeps one node per routed call."""
+def test_export_routes_a_diffusers_model_by_default(tmp_path: Path) -> None:
+    """No router around the call: export_onnx routes the model itself, strictly traced, one
+    plugin node per routed call, and says so in its result."""
     model = tiny_flux(1, 1)
-    b, img, txt = 2, 16, 8
-    inputs = flux_inputs(b, img, txt)
-    axes = {
-        "hidden_states": {0: "B", 1: "I"},
-        "encoder_hidden_states": {0: "B", 1: "T"},
-        "pooled_projections": {0: "B"},
-        "timestep": {0: "B"},
-        "img_ids": {0: "I"},
-        "txt_ids": {0: "T"},
-    }
-    with torch.no_grad(), fa3trt.route_attention(model) as report, captured_log("fa3trt.onnx.export") as warnings:
-        res = export_onnx(model, tmp_path / "m.onnx", inputs, axes, output="sample")
+    inputs = flux_inputs(2, 16, 8)
+    with torch.no_grad(), captured_log("fa3trt.onnx.export") as warnings:
+        res = export_onnx(model, tmp_path / "m.onnx", inputs, FLUX_AXES, output="sample")
     assert res.strict and not warnings  # no "strict torch.export failed ..., falling back"
-    assert report.routed > 0 and res.plugin_nodes == 2  # one joint, one single-stream block
+    assert res.plugin_nodes == 2  # one joint, one single-stream block
+    assert res.routing is not None and res.routing["method"] == "sdpa" and res.routing["left"] == {}
+    assert res.routing["routed"] >= res.plugin_nodes  # strict export may count a call once per pass
+    assert [p["head_dim"] for p in res.plugins] == [16, 16]
     assert verify_onnx(res.path, model, inputs, output="sample") < 1e-4
+
+
+def test_export_with_routing_off_keeps_pytorch_attention_and_says_why(tmp_path: Path) -> None:
+    model = tiny_flux(1, 1)
+    with torch.no_grad(), captured_log("fa3trt.onnx.export") as warnings:
+        res = export_onnx(model, tmp_path / "m.onnx", flux_inputs(2, 16, 8), FLUX_AXES, output="sample", routing="off")
+    assert res.plugin_nodes == 0 and res.routing is None
+    assert any("no CustomAttnPlugin node: routing is off" in w for w in warnings)
 
 
 def test_exported_program_runs_the_attention_eagerly() -> None:

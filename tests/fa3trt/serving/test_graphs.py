@@ -1,38 +1,61 @@
-"""CUDA graphs in the torch backend (``cuda_graphs=True``). GPU tests need FA3 or the CuTe
-kernel (lengths on the device); every answer is checked against the float32 model run on
-each sequence alone."""
+"""CUDA graphs in the torch backend (``cuda_graphs=True``), for any model that qualifies. GPU
+tests of the reference model need FA3 or the CuTe kernel (lengths on the device); every answer
+is checked against the float32 model run on each sequence alone, or the eager unrouted model."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 import fa3trt
 from fa3trt.attention.kernels.selector import lengths_on_device, select_kernel
+from fa3trt.buckets import Buckets
+from fa3trt.config import AppArgs
 from fa3trt.errors import ConfigError
-from fa3trt.serving.backends import TorchBackend, load_backend
+from fa3trt.models.spec import ReferenceSpec
+from fa3trt.requests import check_request
+from fa3trt.serving import load_backend
+from fa3trt.serving.batch import assemble
 from fa3trt.serving.graphs import GraphRunner
+from fa3trt.serving.torch_backend import TorchBackend
 from tests.utils import gpu, rel_err
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def batch_of(be: TorchBackend, rows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sequences of the reference model as the replica batches them."""
+    reqs = [check_request(be.signature, {"x": r.float().numpy()}, Buckets((4096,))) for r in rows]
+    return assemble(be.signature, reqs, be.device, lengths_on_device=be.lengths_on_device).inputs
 
 
 def test_graph_shapes_round_up_a_little() -> None:
-    g = GraphRunner(torch.nn.Identity(), 8, torch.float32, torch.device("cpu"), seq_step=128)
+    sig = ReferenceSpec().signature()
+    g = GraphRunner(lambda b: b["x"], sig, torch.device("cpu"), seq_step=128)
     assert [g.shape_for(b, 1)[0] for b in range(1, 18)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16, 16, 16, 24]
     assert [g.shape_for(1, s)[1] for s in (1, 128, 129, 2048, 2049)] == [128, 128, 256, 2048, 2176]
     # Fewer than half again as many sequences as the batch holds.
     assert all(b <= g.shape_for(b, 1)[0] < 1.5 * b for b in range(1, 300))
+    # batching: shape never pads the bucketed axis: its size is the graph's.
+    flux = AppArgs.model_validate(
+        yaml.safe_load((ROOT / "examples/serve_flux.yaml").read_text())["applications"][0]["args"]
+    )
+    g = GraphRunner(lambda b: b["x"], flux.model.signature(), torch.device("cpu"), seq_step=128)
+    assert g.shape_for(5, 37) == (6, 37)
 
 
-def test_cuda_graphs_need_a_gpu_and_a_device_length_kernel() -> None:
-    cfg = fa3trt.ModelConfig.preset("tiny")
+def test_cuda_graphs_need_a_gpu() -> None:
     with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device.*runs on cpu"):
-        TorchBackend(cfg, device="cpu", cuda_graphs=True)
+        TorchBackend(ReferenceSpec(), device="cpu", cuda_graphs=True)
     with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device"):
-        load_backend("torch", cfg, device="cpu", cuda_graphs=True)
-    assert load_backend("torch", cfg, device="cpu").describe()["cuda_graphs"] is None
+        load_backend("torch", ReferenceSpec(), device="cpu", cuda_graphs=True)
+    assert load_backend("torch", ReferenceSpec(), device="cpu").describe()["cuda_graphs"] is None
 
 
 def _side_by_side(loop: Callable[[int], None], n: int) -> None:
@@ -51,8 +74,8 @@ def graphed() -> tuple[TorchBackend, torch.nn.Module]:
         pytest.skip("needs a CUDA GPU")
     if not lengths_on_device(select_kernel("cuda"), torch.bfloat16, 64):
         pytest.skip("needs FA3 or FlashAttention's CuTe kernel (sm90, pip extra hopper)")
-    cfg = fa3trt.ModelConfig.preset("tiny", dtype="bfloat16")
-    return TorchBackend(cfg, device="cuda", cuda_graphs=True), fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
+    be = TorchBackend(ReferenceSpec(preset="tiny", dtype="bfloat16"), device="cuda", cuda_graphs=True)
+    return be, fa3trt.build_model(fa3trt.ModelConfig.preset("tiny"))
 
 
 @gpu
@@ -60,14 +83,12 @@ def test_graphed_batches_match_each_sequence_alone(graphed: tuple[TorchBackend, 
     be, ref = graphed
     assert be.graphs is not None
     g = torch.Generator().manual_seed(0)
-    for lengths in [(100, 37, 1), (120, 120, 120), (5, 90, 64, 3, 128), (300,), (0, 7)]:
+    for lengths in [(100, 37, 1), (120, 120, 120), (5, 90, 64, 3, 128), (300,), (1, 7)]:
         rows = [torch.randn(n, 256, generator=g) for n in lengths]
-        x, lens = fa3trt.buckets.assemble(rows, be.dtype, be.device)
-        y = be.run(x, lens).float().cpu()
+        y = be.run(batch_of(be, rows)).float().cpu()
         assert y.shape == (len(rows), max(lengths), 256)
         for i, r in enumerate(rows):
-            if len(r):
-                assert rel_err(y[i, : len(r)], ref(r[None])[0]) < 3e-2, (lengths, i)
+            assert rel_err(y[i, : len(r)], ref(r[None])[0]) < 3e-2, (lengths, i)
             assert not y[i, len(r) :].any()
     # (3, 100) and (3, 120) share one graph; (5, ...) ran in a (6, 128) graph, (1, 300) in (1, 384), (2, 7) in (2, 128).
     assert len(be.graphs) == 4 and be.describe()["cuda_graphs"]["captured"] == 4
@@ -76,18 +97,19 @@ def test_graphed_batches_match_each_sequence_alone(graphed: tuple[TorchBackend, 
 @gpu
 def test_a_replay_never_waits_on_the_gpu_and_answers_are_its_own(graphed: tuple[TorchBackend, torch.nn.Module]) -> None:
     be, _ = graphed
-    a = torch.randn(2, 60, 256, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(2, 60, 256, device="cuda", dtype=torch.bfloat16)
-    lens = torch.tensor([60, 31], dtype=torch.int32)
-    be.run(a, lens)
+    lens = torch.tensor([60, 31], dtype=torch.int32, device="cuda")
+    a = {"x": torch.randn(2, 60, 256, device="cuda", dtype=torch.bfloat16), "seq_lens": lens}
+    b = {"x": torch.randn(2, 60, 256, device="cuda", dtype=torch.bfloat16), "seq_lens": lens}
+    be.run(a)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ya = be.run(a, lens)
-        yb = be.run(b, lens)  # same graph: must not overwrite ya
+        ya = be.run(a)
+        yb = be.run(b)  # same graph: must not overwrite ya
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    eager = be.model(a, lens.cuda())
+    with torch.inference_mode():
+        eager = be.module(a["x"], lens)
     assert rel_err(ya.float(), eager.float()) < 1e-2 and rel_err(yb.float(), ya.float()) > 0.5
 
 
@@ -95,14 +117,16 @@ def test_a_replay_never_waits_on_the_gpu_and_answers_are_its_own(graphed: tuple[
 def test_each_stream_has_its_own_graphs(graphed: tuple[TorchBackend, torch.nn.Module]) -> None:
     be, _ = graphed
     assert be.graphs is not None
-    x = torch.randn(1, 200, 256, device="cuda", dtype=torch.bfloat16)
-    lens = torch.tensor([200], dtype=torch.int32)
+    x = {
+        "x": torch.randn(1, 200, 256, device="cuda", dtype=torch.bfloat16),
+        "seq_lens": torch.tensor([200], dtype=torch.int32),
+    }
     torch.cuda.synchronize()  # x is written on the default stream, read on the others
     before = len(be.graphs)
     ys = []
     for stream in (torch.cuda.Stream(), torch.cuda.Stream()):
         with torch.cuda.stream(stream):
-            ys.append(be.run(x, lens))
+            ys.append(be.run(x))
         stream.synchronize()
     assert len(be.graphs) == before + 2 and rel_err(ys[0].float(), ys[1].float()) < 1e-3
 
@@ -117,7 +141,9 @@ def test_buckets_replay_side_by_side_from_threads(graphed: tuple[TorchBackend, t
     gen = torch.Generator().manual_seed(1)
     rows = [torch.randn(n, 256, generator=gen) for n in (90, 250, 400)]
     want = [ref(r[None])[0] for r in rows]
-    xs = [r[None].to("cuda", torch.bfloat16) for r in rows]
+    xs = [
+        {"x": r[None].to("cuda", torch.bfloat16), "seq_lens": torch.tensor([len(r)], dtype=torch.int32)} for r in rows
+    ]
     streams = [torch.cuda.Stream() for _ in rows]
     torch.cuda.synchronize()  # xs are written on the default stream, read on the others
     errors: list[tuple[int, float]] = []
@@ -125,7 +151,7 @@ def test_buckets_replay_side_by_side_from_threads(graphed: tuple[TorchBackend, t
     def loop(i: int) -> None:
         with torch.cuda.stream(streams[i]):
             for _ in range(40):
-                y = be.run(xs[i], torch.tensor([len(rows[i])], dtype=torch.int32))
+                y = be.run(xs[i])
                 err = rel_err(y[0].float().cpu(), want[i])
                 if err > 3e-2:
                     errors.append((i, err))
@@ -144,7 +170,7 @@ def test_shapes_past_the_buffer_budget_run_eagerly(graphed: tuple[TorchBackend, 
     try:
         before = len(be.graphs)
         r = torch.randn(700, 256)
-        y = be.run(r[None].to("cuda", torch.bfloat16), torch.tensor([700], dtype=torch.int32))
+        y = be.run({"x": r[None].to("cuda", torch.bfloat16), "seq_lens": torch.tensor([700], dtype=torch.int32)})
         assert len(be.graphs) == before and rel_err(y[0].float().cpu(), ref(r[None])[0]) < 3e-2
     finally:
         be.graphs.max_bytes = budget
@@ -163,29 +189,26 @@ def test_graphs_one_thread_captured_replay_side_by_side_at_seed_width() -> None:
         pytest.skip("needs a CUDA GPU")
     if not lengths_on_device(select_kernel("cuda"), torch.bfloat16, 128):
         pytest.skip("needs FA3 or FlashAttention's CuTe kernel (sm90, pip extra hopper)")
-    be = TorchBackend(fa3trt.ModelConfig.preset("seed", layers=1), device="cuda", cuda_graphs=True)
+    be = TorchBackend(ReferenceSpec(preset="seed", layers=1), device="cuda", cuda_graphs=True)
     assert be.graphs is not None
     ref = fa3trt.build_model(fa3trt.ModelConfig.preset("seed", layers=1, dtype="float32"), device="cuda")
     gen = torch.Generator().manual_seed(2)
-    batches = [
-        [torch.randn(n, be.hidden, generator=gen) for n in lens] for lens in ((96,), (200, 150), (64, 10, 128, 33))
-    ]
+    batches = [[torch.randn(n, 4096, generator=gen) for n in lens] for lens in ((96,), (200, 150), (64, 10, 128, 33))]
     with torch.no_grad():
         want = [[ref(r[None].cuda())[0] for r in rows] for rows in batches]
-    inputs = [fa3trt.buckets.assemble(rows, be.dtype, be.device) for rows in batches]
+    inputs = [batch_of(be, rows) for rows in batches]
     streams = [torch.cuda.Stream() for _ in batches]
     torch.cuda.synchronize()  # the inputs are written on the default stream, read on the others
-    for stream, (x, lens) in zip(streams, inputs):  # this one thread captures every stream's graph
+    for stream, batch in zip(streams, inputs):  # this one thread captures every stream's graph
         with torch.cuda.stream(stream):
-            be.run(x, lens)
+            be.run(batch)
     torch.cuda.synchronize()
     errors: list[tuple[int, int, float]] = []
 
     def loop(i: int) -> None:
-        x, lens = inputs[i]
         with torch.cuda.stream(streams[i]):
             for _ in range(50):
-                for y in [be.run(x, lens) for _ in range(4)]:
+                for y in [be.run(inputs[i]) for _ in range(4)]:
                     for j, w in enumerate(want[i]):
                         err = rel_err(y[j, : len(w)].float(), w)
                         if err > 3e-2:
@@ -193,3 +216,61 @@ def test_graphs_one_thread_captured_replay_side_by_side_at_seed_width() -> None:
 
     _side_by_side(loop, len(batches))
     assert len(be.graphs) == len(batches) and not errors, errors[:5]
+
+
+@gpu
+def test_a_users_model_runs_as_cuda_graphs_where_it_qualifies() -> None:
+    """The tiny FLUX of examples/serve_flux.yaml (batching: shape) under cuda_graphs: batches
+    rounded up to a graph's rows give the eager unrouted model's answers."""
+    from fa3trt.models.sources import load_source
+    from fa3trt.onnx.calls import select_output
+
+    app = AppArgs.model_validate(
+        yaml.safe_load((ROOT / "examples/serve_flux.yaml").read_text())["applications"][0]["args"]
+    )
+    be = TorchBackend(app.model, device="cuda", cuda_graphs=True)
+    eager = load_source(app.model).module.to("cuda")
+    sig = be.signature
+    for n, rows in ((16, 3), (40, 1), (16, 3)):
+        reqs = [check_request(sig, sig.sample_request(n, seed=i, other=8), app.bucket_set()) for i in range(rows)]
+        for r in reqs[1:]:  # one shape: one copy of the unbatched positions
+            r.tensors.update({t.name: reqs[0].tensors[t.name] for t in sig.sent if not t.batched})
+        batch = assemble(sig, reqs, be.device).inputs
+        with torch.inference_mode():
+            want = select_output(eager(**batch), "sample")
+        assert rel_err(be.run(batch).float(), want.float()) < 1e-4
+    assert be.graphs is not None and len(be.graphs) == 2  # (3 -> 3 rows, 16) and (1, 40); the repeat replays
+
+
+class HostSync(torch.nn.Module):
+    """A forward that waits on the host: no CUDA graph can hold it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float(x.abs().max().item() > 0)
+
+
+def host_sync() -> torch.nn.Module:
+    return HostSync()
+
+
+@gpu
+def test_a_model_that_waits_on_the_host_is_refused_naming_why() -> None:
+    from fa3trt.models.spec import SourceSpec
+
+    spec = SourceSpec.model_validate(
+        {
+            "source": "python",
+            "factory": "tests.fa3trt.serving.test_graphs:host_sync",
+            "routing": "off",
+            "inputs": {"x": {"axes": ["S", 4]}},
+            "output": {"axes": ["S", 4]},
+            "bucketed_axis": "S",
+        }
+    )
+    be = TorchBackend(spec, device="cuda", cuda_graphs=True)
+    x = {"x": torch.ones(2, 8, 4, device="cuda")}
+    with pytest.raises(
+        ConfigError, match="cuda_graphs: this model cannot run as a CUDA graph .*Set cuda_graphs to false"
+    ):
+        be.run(x)
+    np.testing.assert_array_equal(TorchBackend(spec, device="cuda").run(x).cpu().numpy(), np.ones((2, 8, 4)))

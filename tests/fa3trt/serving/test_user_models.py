@@ -1,5 +1,5 @@
-"""A user's model as a serving backend on the CPU: the signature's checks and batches, and the
-start-up proof that ``batching: pad`` is exact (tiny transformers BERT, random weights)."""
+"""A user's model through the one serving path on the CPU: the signature's checks and batches,
+and the start-up proof that ``batching: pad`` is exact (tiny transformers BERT, random weights)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import pytest
 import torch
 
 from fa3trt.buckets import Buckets
-from fa3trt.config import AppArgs, SourceSpec
+from fa3trt.config import AppArgs
 from fa3trt.errors import ConfigError, InvalidInputError
-from fa3trt.serving.served import ModuleBackend, check_padding, load_named_backend
+from fa3trt.models.spec import SourceSpec
+from fa3trt.requests import check_request
+from fa3trt.serving import load_backend
+from fa3trt.serving.batch import assemble, split
+from fa3trt.serving.torch_backend import TorchBackend
+from fa3trt.serving.warmup import check_padding
 from tests.models import BERT_CONFIG
 
 BUCKETS = Buckets((16, 64))
@@ -40,32 +45,34 @@ def bert_spec(mask: bool) -> SourceSpec:
     return args.model
 
 
-def test_the_identity_backend_is_refused_for_a_users_model() -> None:
-    # It answers with the request's input, which only the reference model's shape allows.
-    with pytest.raises(ConfigError, match="backend 'identity' .* reference model.*'torch', 'tensorrt' or 'auto'"):
-        load_named_backend("identity", bert_spec(mask=True), buckets=BUCKETS)
+def test_the_identity_backend_is_refused_where_no_input_is_shaped_as_the_output() -> None:
+    # It answers with the request's input: token ids are not the hidden states it returns.
+    with pytest.raises(
+        ConfigError, match="backend 'identity' answers each request with its input.*'torch', 'tensorrt' or 'auto'"
+    ):
+        load_backend("identity", bert_spec(mask=True), buckets=BUCKETS)
 
 
 def test_padding_is_proved_exact_with_a_mask_and_refused_without() -> None:
-    backend = ModuleBackend(bert_spec(mask=True), "cpu")
-    assert check_padding(backend, BUCKETS, torch.float32) < 1e-5
+    backend = TorchBackend(bert_spec(mask=True), "cpu")
+    assert check_padding(backend, BUCKETS) < 1e-5
     # Without the mask, the padding tokens are attended to: the answer changes, and the replica refuses to start.
-    leaky = ModuleBackend(bert_spec(mask=False), "cpu")
+    leaky = TorchBackend(bert_spec(mask=False), "cpu")
     with pytest.raises(ConfigError, match="batching: pad is not exact for this model.*use batching: shape"):
-        check_padding(leaky, BUCKETS, torch.float32)
+        check_padding(leaky, BUCKETS)
 
 
 def test_a_padded_batch_answers_each_request_as_alone() -> None:
     """Against the eager unrouted model run on each sequence alone."""
     spec = bert_spec(mask=True)
-    backend = ModuleBackend(spec, "cpu")
+    backend = TorchBackend(spec, "cpu")
     sig = backend.signature
     rng = np.random.default_rng(0)
-    reqs = [sig.check({"input_ids": rng.integers(0, 64, n)}, BUCKETS) for n in (5, 16, 9)]
+    reqs = [check_request(sig, {"input_ids": rng.integers(0, 64, n)}, BUCKETS) for n in (5, 16, 9)]
     assert [r.bucket for r in reqs] == [0, 0, 0] and [r.length for r in reqs] == [5, 16, 9]
-    batch = sig.assemble(reqs, backend.device)
+    batch = assemble(sig, reqs, backend.device).inputs
     assert batch["attention_mask"].tolist()[0] == [1] * 5 + [0] * 11 and batch["input_ids"].shape == (3, 16)
-    answers = sig.split(backend.run(batch), reqs)
+    answers = split(sig, backend.run(batch), reqs)
     for r, a in zip(reqs, answers):
         ids = torch.from_numpy(r.tensors["input_ids"])[None]
         with torch.inference_mode():
@@ -92,8 +99,8 @@ def test_a_padded_batch_answers_each_request_as_alone() -> None:
 def test_bad_requests_name_the_input(request_: Any, message: str | None) -> None:
     sig = bert_spec(mask=True).signature()
     if message is None:  # 2**40 fits int64: accepted
-        assert sig.check(request_, BUCKETS).tensors["input_ids"].dtype == np.int64
+        assert check_request(sig, request_, BUCKETS).tensors["input_ids"].dtype == np.int64
         return
     with pytest.raises(InvalidInputError) as e:
-        sig.check(request_, BUCKETS)
+        check_request(sig, request_, BUCKETS)
     assert message in str(e.value)

@@ -12,15 +12,19 @@ import pytest
 import torch
 import yaml
 
-from fa3trt.config import AppArgs, SourceSpec
+from fa3trt.config import AppArgs
+from fa3trt.models.spec import SourceSpec
 from fa3trt.onnx.calls import select_output
-from fa3trt.serving.served import ModuleBackend, check_padding
+from fa3trt.requests import check_request
+from fa3trt.serving.batch import assemble
+from fa3trt.serving.torch_backend import TorchBackend
+from fa3trt.serving.warmup import check_padding
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-CONFIG = Path(__file__).resolve().parents[2] / "examples/serve_flux_gpu.yaml"
+CONFIG = Path(__file__).resolve().parents[3] / "examples/serve_flux_gpu.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +33,19 @@ def app() -> AppArgs:
 
 
 @pytest.fixture(scope="module")
-def backend(app: AppArgs) -> ModuleBackend:
+def backend(app: AppArgs) -> TorchBackend:
     assert isinstance(app.model, SourceSpec)
-    return ModuleBackend(app.model, "cuda")
+    return TorchBackend(app.model, "cuda")
 
 
 @pytest.mark.parametrize("image,text", [(1024, 512), (4096, 512), (4000, 77)])
-def test_flux_real_width_routed_matches_unrouted(backend: ModuleBackend, app: AppArgs, image: int, text: int) -> None:
+def test_flux_real_width_routed_matches_unrouted(backend: TorchBackend, app: AppArgs, image: int, text: int) -> None:
     sig = backend.signature
-    reqs = [sig.check(sig.sample_request(image, seed=i, other=text), app.bucket_set()) for i in range(2)]
+    reqs = [check_request(sig, sig.sample_request(image, seed=i, other=text), app.bucket_set()) for i in range(2)]
     # Two requests of one shape batch together when their positions (unbatched inputs) agree.
     shared = {t.name: reqs[0].tensors[t.name] for t in sig.sent if not t.batched}
     reqs[1] = dataclasses.replace(reqs[1], tensors=reqs[1].tensors | shared)
-    batch = sig.assemble(reqs, backend.device)
+    batch = assemble(sig, reqs, backend.device).inputs
     before = backend.routing.routed
     got = backend.run(batch).float()
     assert backend.routing.routed - before == 2 + 4, backend.routing.as_dict()  # every block's attention
@@ -52,5 +56,5 @@ def test_flux_real_width_routed_matches_unrouted(backend: ModuleBackend, app: Ap
     assert err < 2e-2, err  # bf16: two kernels' rounding, not a different computation
 
 
-def test_shape_batching_needs_no_padding_check(backend: ModuleBackend, app: AppArgs) -> None:
-    assert check_padding(backend, app.bucket_set(), torch.bfloat16) == 0.0  # batching: shape
+def test_shape_batching_needs_no_padding_check(backend: TorchBackend, app: AppArgs) -> None:
+    assert check_padding(backend, app.bucket_set()) == 0.0  # batching: shape

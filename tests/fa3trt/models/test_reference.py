@@ -1,9 +1,8 @@
-"""Reference model, weights round trip, and ONNX export verified in ONNX Runtime."""
+"""The reference model as one more source: its forward, weights round trip, and its export by
+the one pipeline (``export_source``) verified in ONNX Runtime."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
@@ -11,8 +10,11 @@ import pytest
 import torch
 
 import fa3trt
+from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError, InvalidInputError
-from fa3trt.onnx.export import export_onnx, plugin_nodes, verify_onnx
+from fa3trt.models.export import export_source, verify_source
+from fa3trt.models.spec import ReferenceSpec
+from fa3trt.onnx.export import export_onnx, plugin_nodes
 from tests.utils import rel_err
 
 
@@ -81,43 +83,60 @@ def test_model_rejects_wrong_hidden() -> None:
 
 
 def test_export_writes_plugin_nodes_and_matches_in_ort(tmp_path: Path) -> None:
-    cfg = fa3trt.ModelConfig.preset("tiny")
-    model = fa3trt.build_model(cfg)
-    res = export_onnx(model, tmp_path / "m.onnx", plugin_namespace="fa3trt")
+    spec = ReferenceSpec(preset="tiny")
+    cfg = spec.config()
+    buckets = Buckets((32, 96))
+    res = export_source(spec, tmp_path / "m.onnx", buckets)
     proto = onnx.load(res.path)
     nodes = plugin_nodes(proto)
     assert res.plugin_nodes == len(nodes) == cfg.layers
+    assert res.plugins == [{"mode": 0, "causal": False, "head_dim": cfg.head_dim}] * cfg.layers
+    assert res.routing is None  # the reference model calls the op itself: nothing to route
     for n in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         assert n.domain == "attn"
         scale = attrs.pop("softmax_scale")
-        assert attrs == {"mode": 0, "causal": 0, "plugin_version": b"2", "plugin_namespace": b"fa3trt"}
+        assert attrs == {"mode": 0, "causal": 0, "plugin_version": b"2", "plugin_namespace": b""}
         assert scale == pytest.approx(cfg.head_dim**-0.5)
         # q, k, v, then the query and key lengths: for the reference model's self-attention
         # both are the graph's seq_lens input.
         assert len(n.input) == 5 and len(n.output) == 1 and n.input[3] == n.input[4]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     assert dims == {"x": ["B", "S", 256], "seq_lens": ["B"]}
+    assert res.inputs == {
+        "x": {"dtype": "float32", "shape": ["B", "S", 256]},
+        "seq_lens": {"dtype": "int32", "shape": ["B"]},
+    }
+    assert res.output["name"] == "y" and res.strict  # traced by strict torch.export: no fallback
     assert not res.external_data
-    # fp32: ORT's ops and PyTorch's differ only in summation order.
-    err = verify_onnx(res.path, model, lengths=(70, 33, 1), atol=1e-4)
-    assert err < 1e-4
+    # fp32, padded batches (ragged lengths), at the sample sizes and each axis's smallest and largest.
+    assert verify_source(spec, res.path, buckets) < 1e-4
+
+
+def test_plugin_namespace_is_written_to_every_node(tmp_path: Path) -> None:
+    model = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny", layers=1))
+    sample = {"x": torch.randn(2, 8, 256), "seq_lens": torch.tensor([8, 3], dtype=torch.int32)}
+    res = export_onnx(
+        model,
+        tmp_path / "m.onnx",
+        sample,
+        {"x": {0: "B", 1: "S"}, "seq_lens": {0: "B"}},
+        routing="off",
+        plugin_namespace="fa3trt",
+    )
+    attrs = [
+        {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in plugin_nodes(onnx.load(res.path))
+    ]
+    assert [a["plugin_namespace"] for a in attrs] == [b"fa3trt"]
 
 
 def test_export_external_data(tmp_path: Path) -> None:
-    model = fa3trt.build_model(fa3trt.ModelConfig.preset("tiny", layers=1))
-    res = export_onnx(model, tmp_path / "m.onnx", external_data=True)
+    spec = ReferenceSpec(preset="tiny", layers=1)
+    model = fa3trt.build_model(spec.config())
+    sample = {"x": torch.randn(2, 8, 256), "seq_lens": torch.tensor([8, 3], dtype=torch.int32)}
+    res = export_onnx(
+        model, tmp_path / "m.onnx", sample, {"x": {0: "B", 1: "S"}, "seq_lens": {0: "B"}}, external_data=True
+    )
     assert res.external_data
     assert any(p.name != "m.onnx" for p in tmp_path.iterdir())  # weights beside the graph
-    verify_onnx(res.path, model)
-
-
-def test_export_check_cli(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "fa3trt.onnx.export", "--check", "--out", str(tmp_path / "t.onnx")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "ONNX Runtime vs PyTorch" in out.stdout and "OK" in out.stdout
+    assert verify_source(spec, res.path, Buckets((32,))) < 1e-4
