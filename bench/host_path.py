@@ -3,9 +3,9 @@
 For each batch shape (rows of float16 requests as they arrive from Ray's object store, hidden
 4096, the model in bfloat16), on one GPU in one process, wall milliseconds per batch of
   h2d  baseline  each row copied from pageable memory (``.to(device)``), converted on the GPU
-       staged    ``fa3trt.buckets.assemble``: rows into one page-locked block, one DMA
+       staged    ``fa3trt.serving.batch.assemble``: rows into one page-locked block, one DMA
   d2h  baseline  ``y.cpu()``: into fresh pageable memory through the driver's bounce buffer
-       pinned    ``fa3trt.buckets.to_host``: one DMA into a reused page-locked block
+       pinned    ``fa3trt.transfer.to_host``: one DMA into a reused page-locked block
 and the GB/s each reaches. The ratio staged/baseline is the figure.
 
     python -m bench.host_path --out docs/benchmarks
@@ -22,9 +22,24 @@ import numpy as np
 import torch
 
 from bench._common import card, pyplot, save, save_figure, time_host_ms
-from fa3trt.buckets import assemble, to_host
+from fa3trt.buckets import Buckets
+from fa3trt.requests import Checked, check_request
+from fa3trt.serving.batch import assemble
+from fa3trt.signature import Signature, TensorSpec
+from fa3trt.transfer import to_host
 
 HIDDEN = 4096
+SIGNATURE = Signature(
+    (TensorSpec("x", "bfloat16", ("S", HIDDEN)), TensorSpec("seq_lens", "int32", (), fill="lengths")),
+    TensorSpec("y", "bfloat16", ("S", HIDDEN)),
+    "S",
+    batching="pad",
+)
+"""The seed model's requests (the model in bfloat16)."""
+
+
+def staged(reqs: list[Checked], device: torch.device) -> torch.Tensor:
+    return assemble(SIGNATURE, reqs, device).inputs["x"]
 
 
 def pageable_assemble(rows: list[np.ndarray], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -48,8 +63,9 @@ def measure(b: int, longest: int, iters: int) -> dict[str, Any]:
     dev = torch.device("cuda")
     rows = batch_rows(b, longest)
     nbytes = sum(r.nbytes for r in rows)
+    reqs = [check_request(SIGNATURE, {"x": r}, Buckets((longest,))) for r in rows]
     ref = pageable_assemble(rows, torch.bfloat16, dev)
-    x, _ = assemble(rows, torch.bfloat16, dev)
+    x = staged(reqs, dev)
     torch.testing.assert_close(x, ref, rtol=0, atol=0)  # the two paths build the same batch
     y = x.to(torch.float16)
     res = {
@@ -58,7 +74,7 @@ def measure(b: int, longest: int, iters: int) -> dict[str, Any]:
         "request_bytes": nbytes,
         "answer_bytes": y.numel() * y.element_size(),
         "h2d_baseline_ms": time_host_ms(lambda: pageable_assemble(rows, torch.bfloat16, dev), warmup=2, iters=iters),
-        "h2d_staged_ms": time_host_ms(lambda: assemble(rows, torch.bfloat16, dev), warmup=2, iters=iters),
+        "h2d_staged_ms": time_host_ms(lambda: staged(reqs, dev), warmup=2, iters=iters),
         "d2h_baseline_ms": time_host_ms(lambda: y.cpu().numpy(), warmup=2, iters=iters),
         "d2h_pinned_ms": time_host_ms(lambda: to_host(y).numpy(), warmup=2, iters=iters),
     }

@@ -22,7 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench._common import bar_plot, card, gemm_tflops, save, time_cuda_ms
 from fa3trt.attention.kernels import cudnn  # noqa: E402
 from fa3trt.models.reference import ModelConfig, Transformer
-from fa3trt.serving.backends import TorchBackend
+from fa3trt.models.spec import ReferenceSpec
+from fa3trt.serving.torch_backend import TorchBackend
 
 
 def model_flops(cfg: ModelConfig, b: int, s: int) -> float:
@@ -51,17 +52,18 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     args = p.parse_args()
     gemm = gemm_tflops()
-    cfg = ModelConfig.preset("seed", layers=args.layers)
-    backend = TorchBackend(cfg, device="cuda")
+    spec = ReferenceSpec(preset="seed", layers=args.layers)
+    cfg = spec.config()
+    backend = TorchBackend(spec, device="cuda")
     rows: list[dict[str, Any]] = []
     for b, s in ((1, 15708), (4, 4096)):
         x = torch.randn(b, s, cfg.hidden, device="cuda", dtype=torch.bfloat16)
-        lens = torch.full((b,), s, dtype=torch.int32)
+        batch = {"x": x, "seq_lens": torch.full((b,), s, dtype=torch.int32)}  # every row full: no padding
         f = model_flops(cfg, b, s)
         with torch.inference_mode():
             for name, fn in (
-                ("fa3trt torch backend", lambda: backend.run(x, lens)),
-                ("eager cuDNN baseline", lambda: eager_baseline(backend.model, x)),
+                ("fa3trt torch backend", lambda: backend.run(batch)),
+                ("eager cuDNN baseline", lambda: eager_baseline(backend.module, x)),
             ):
                 # Warm until the attention shape has repaid its cuDNN plan (the steady state of
                 # a model called again and again at one shape, e.g. a diffusion sampler).

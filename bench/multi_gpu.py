@@ -7,7 +7,8 @@ processes starting together. Each batch is ``--batch`` requests of random length
 
 - ``device``: inputs already on the GPU; the model, then a stream sync.
 - ``staged``: the replica's path: float16 rows on the host staged into page-locked memory,
-  one DMA in, the model, the answers back by one DMA (``fa3trt.buckets.assemble``/``to_host``).
+  one DMA in, the model, the answers back by one DMA (``fa3trt.serving.batch.assemble``,
+  ``fa3trt.transfer.to_host``).
 - ``staged-copy``: the staging alone, no model: the host side's own ceiling.
 - ``device+graphs``, ``staged+graphs``: the first two with the backend's CUDA graphs
   (``cuda_graphs=True``; every batch shape captured before the clock starts).
@@ -40,10 +41,13 @@ import torch
 from bench._common import GpuSampler, card, pyplot, save, save_figure
 from bench.serve_load import parse_mix
 from fa3trt.attention.kernels.selector import lengths_on_device, select_kernel
-from fa3trt.buckets import assemble, to_host
-from fa3trt.models.reference import ModelConfig
-from fa3trt.serving.backends import TorchBackend
+from fa3trt.buckets import Buckets
+from fa3trt.models.spec import ReferenceSpec
+from fa3trt.requests import check_request
+from fa3trt.serving.batch import assemble
+from fa3trt.serving.torch_backend import TorchBackend
 from fa3trt.timing import timing_events
+from fa3trt.transfer import to_host
 
 PATHS = ("device", "staged", "staged-copy", "device+graphs", "staged+graphs")
 
@@ -63,28 +67,25 @@ def _loops(rank: int, args: dict[str, Any], paths: list[str], barrier: Any, resu
     if cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(args["threads"])
-    cfg = (
-        ModelConfig.preset(args["preset"], layers=args["layers"])
-        if args["layers"]
-        else ModelConfig.preset(args["preset"])
-    )
-    backend = TorchBackend(cfg, device=device)
+    spec = ReferenceSpec(preset=args["preset"], layers=args["layers"] or None)
+    backend = TorchBackend(spec, device=device)
+    sig, hidden = backend.signature, spec.config().hidden
     rng = np.random.default_rng(rank)
     lo, hi = args["mix"]
+    buckets = Buckets((hi,))
     pool = [
-        rng.standard_normal((int(n), cfg.hidden), dtype=np.float32).astype(np.float16)
+        check_request(sig, {"x": rng.standard_normal((int(n), hidden), dtype=np.float32).astype(np.float16)}, buckets)
         for n in rng.integers(lo, hi + 1, size=64)
     ]
     batches = [[pool[(i * args["batch"] + j) % len(pool)] for j in range(args["batch"])] for i in range(len(pool))]
-    on_device = [assemble(b, backend.dtype, device) for b in batches]
-    backend.warmup([max(((x.shape[0], x.shape[1]) for x, _ in on_device), key=lambda bs: bs[1])])
-    for x, lens in on_device[:4]:
-        backend.run(x, lens)
+    on_device = [assemble(sig, b, device, lengths_on_device=backend.lengths_on_device).inputs for b in batches]
+    for b in on_device[:4]:
+        backend.run(b)
     graphed = None
     if any(p.endswith("+graphs") for p in paths):
-        graphed = TorchBackend(cfg, device=device, cuda_graphs=True)
-        for x, lens in on_device:  # captures every shape the loop will see
-            graphed.run(x, lens)
+        graphed = TorchBackend(spec, device=device, cuda_graphs=True)
+        for b in on_device:  # captures every shape the loop will see
+            graphed.run(b)
     if cuda:
         torch.cuda.synchronize(device)
     for path in paths:
@@ -98,8 +99,8 @@ def _loop(
     args: dict[str, Any],
     path: str,
     backend: TorchBackend,
-    batches: list[list[np.ndarray]],
-    on_device: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[list[Any]],
+    on_device: list[dict[str, torch.Tensor]],
 ) -> dict[str, Any]:
     device = backend.device
     cuda = device.type == "cuda"
@@ -109,13 +110,14 @@ def _loop(
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
         if path == "device":
-            x, lens = on_device[n % len(on_device)]
+            batch = on_device[n % len(on_device)]
         else:
-            x, lens = assemble(batches[n % len(batches)], backend.dtype, device)
+            reqs = batches[n % len(batches)]
+            batch = assemble(backend.signature, reqs, device, lengths_on_device=backend.lengths_on_device).inputs
         ev = timing_events(device)
         if ev:
             ev[0].record()
-        y = backend.run(x, lens).to(torch.float16) if path != "staged-copy" else x.to(torch.float16)
+        y = backend.run(batch).to(torch.float16) if path != "staged-copy" else batch["x"].to(torch.float16)
         if ev:
             ev[1].record()
         t1 = time.perf_counter()
@@ -129,7 +131,7 @@ def _loop(
         enqueue.append(t1 - t0)
         if ev:
             gpu.append(ev[0].elapsed_time(ev[1]) / 1e3)
-        tokens += int(lens.sum())
+        tokens += int(batch["seq_lens"].sum())
         n += 1
     return {
         "rank": rank,
@@ -211,7 +213,7 @@ def main() -> None:
         have = torch.cuda.device_count()
         if max(counts) > have:
             raise SystemExit(f"--gpus asks for {max(counts)} GPUs, this machine has {have}; pass --gpus up to {have}")
-    cfg = ModelConfig.preset(a.preset, layers=a.layers) if a.layers else ModelConfig.preset(a.preset)
+    cfg = ReferenceSpec(preset=a.preset, layers=a.layers or None).config()
     graphs_ok = a.device == "cuda" and lengths_on_device(select_kernel("cuda"), cfg.torch_dtype, cfg.head_dim)
     if not graphs_ok and any(x.endswith("+graphs") for x in paths):
         print("CUDA graphs need FA3 or the CuTe kernel on a GPU (fa3trt[hopper]): the +graphs paths are left out")

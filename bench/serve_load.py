@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from deploy.codec import all_finite
 from deploy.lag import lag_delta
 from deploy.targets import replica_targets
 
@@ -77,6 +76,15 @@ class LoadResult:
             rps=self.rps, tokens_per_s=self.tokens_per_s, p50_ms=self.pct(50), p90_ms=self.pct(90), p99_ms=self.pct(99)
         )
         return d
+
+
+def single_width(info: dict[str, Any]) -> int:
+    """The last axis's size of the one input a single-array request carries (``/v1/info``'s
+    signature): the reference model's hidden size."""
+    sent = [t for t in info["signature"]["inputs"] if t.get("fill") is None]
+    if len(sent) != 1 or not isinstance(sent[0]["axes"][-1], int):
+        raise SystemExit(f"this load sends one array (S, width) per request; the app's model takes {sent}")
+    return int(sent[0]["axes"][-1])
 
 
 def make_inputs(n: int, lo: int, hi: int, hidden: int, seed: int = 0, dtype: Any = np.float32) -> list[np.ndarray]:
@@ -136,7 +144,7 @@ async def run_load(
         t0 = time.perf_counter()
         try:
             y = await send(x)
-            if y.shape != x.shape or y.dtype != x.dtype or (check_values and not all_finite(y)):
+            if y.shape != x.shape or y.dtype != x.dtype or (check_values and not np.isfinite(y).all()):
                 raise ValueError(f"bad answer: shape {y.shape} dtype {y.dtype} for input {x.shape} {x.dtype}")
             ms = (time.perf_counter() - t0) * 1e3
             lat.append(ms)
@@ -357,7 +365,7 @@ def main() -> None:
             print(f"direct ingress gRPC: {', '.join(grpc_urls)}")
     info = requests.get(f"{urls[0]}/v1/info", timeout=30).json()
     lo, hi = parse_mix(args.mix, max(info["buckets"]))
-    inputs = make_inputs(args.requests, lo, hi, info["model"]["hidden"], dtype=np.dtype(args.dtype))
+    inputs = make_inputs(args.requests, lo, hi, single_width(info), dtype=np.dtype(args.dtype))
 
     async def load(send: Send) -> LoadResult:
         return await run_load(

@@ -79,13 +79,17 @@ def main() -> None:
     from ray import serve
 
     from deploy.app import build_app
-    from fa3trt.buckets import assemble, to_host
-    from fa3trt.models.reference import ModelConfig
-    from fa3trt.serving.backends import TorchBackend
+    from fa3trt.buckets import Buckets
+    from fa3trt.models.spec import ReferenceSpec
+    from fa3trt.requests import check_request
+    from fa3trt.serving.batch import assemble, split, wire_dtype
+    from fa3trt.serving.torch_backend import TorchBackend
+    from fa3trt.transfer import to_host
 
     lo, hi = parse_mix(args.mix)
     model: dict[str, Any] = {"preset": args.preset} | ({"layers": args.layers} if args.layers else {})
-    cfg = ModelConfig.preset(args.preset, **({"layers": args.layers} if args.layers else {}))
+    spec = ReferenceSpec(preset=args.preset, layers=args.layers or None)
+    cfg = spec.config()
     inputs = make_inputs(args.requests, lo, hi, cfg.hidden, dtype=np.dtype(args.dtype))
     gpus = torch.cuda.device_count()
     results: dict[str, dict[str, Any]] = {}
@@ -100,14 +104,15 @@ def main() -> None:
     # 1. direct backend, one request at a time, no Serve (the same host path as a replica's:
     #    assembly into a page-locked batch, the answer back by one DMA).
     if "direct" in want:
-        backend = TorchBackend(cfg)
-        backend.warmup([(1, hi)])
+        backend = TorchBackend(spec)
+        sig, buckets = backend.signature, Buckets((hi,))
 
         async def direct(x: np.ndarray) -> np.ndarray:
-            xb, lens = assemble([x], backend.dtype, backend.device)
-            return to_host(
-                backend.run(xb, lens)[0].to(torch.float16 if x.dtype == np.float16 else torch.float32)
-            ).numpy()
+            reqs = [check_request(sig, {"x": x}, buckets, x.dtype)]
+            batch = assemble(sig, reqs, backend.device, lengths_on_device=backend.lengths_on_device)
+            return split(sig, to_host(backend.run(batch.inputs).to(wire_dtype(sig, reqs))), reqs)[0]
+
+        asyncio.run(direct(inputs[0]))  # warm
 
         res = asyncio.run(run_load(direct, inputs, concurrency=1, progress=False))
         record("direct (no Serve, batch 1)", res)

@@ -40,6 +40,7 @@ from bench.serve_load import (
     make_inputs,
     parse_mix,
     run_load,
+    single_width,
     v2_grpc_sender,
     v2_http_sender,
 )
@@ -387,10 +388,10 @@ def main() -> None:
         else max(1, int(ray.cluster_resources().get("GPU", 0)))
     )
     print(
-        f"{card()}: app {args.app} ({info['backend']}, {info['model']['name']} x{info['model']['layers']}), mix {args.mix} "
+        f"{card()}: app {args.app} ({info['backend']}, {info['model']['spec']}), mix {args.mix} "
         f"{args.dtype}, {args.clients} client processes, concurrency {args.concurrency}, {args.duration:.0f} s passes"
     )
-    runner = Runner(args, int(info["model"]["hidden"]), mix)
+    runner = Runner(args, single_width(info), mix)
     phases: dict[str, Any] = {}
     try:
         phases["model"] = runner.measure(args.app, find_targets(args, args.app, "/", want), "model")
@@ -415,7 +416,7 @@ def main() -> None:
     }
     save(args.out, name, result)
     report(phases)
-    plot(args.out, name, phases, f"{info['model']['name']} x{info['model']['layers']} layers, mix {args.mix}, {card()}")
+    plot(args.out, name, phases, f"{info['model']['spec']}, mix {args.mix}, {card()}")
 
 
 def report(phases: dict[str, Any]) -> None:

@@ -11,14 +11,20 @@ reaches its replica in one hop. With ``ingress_replicas: N``, N CPU ingress proc
 (``deploy.ingress``) take the routes instead and call the model replicas by handle.
 
 ``max_ongoing_requests`` of the model replicas is derived so every bucket's batches can fill.
-The app builder checks the model's source (package, class, folder, factory) before any replica
-starts, so ``serve run`` of a config that cannot load fails at once with the fix, instead of
-retrying replicas forever.
+The app builder checks the arguments and the model's source (package, class, folder, factory)
+before any replica starts. Where it fails while Serve's controller builds the app for
+``serve run <config>`` (which otherwise waits on a failed app forever), it prints why to that
+terminal and stops ``serve run``, non-zero (``stop_serve_run``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -38,6 +44,7 @@ __all__ = [
     "replica_plan",
     "ingress_plan",
     "cpu_threads",
+    "stop_serve_run",
 ]
 
 log = logging.getLogger("ray.serve")
@@ -100,10 +107,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder (``import_path: deploy.app:build_app``)."""
     import ray
 
-    args = apply_env_overrides(args)
-    parsed = AppArgs.model_validate(args)
-    # Before any replica starts: a source that cannot load fails `serve run` now, with its fix.
-    check_source(parsed.model)
+    try:
+        parsed = AppArgs.model_validate(apply_env_overrides(args))
+        # Before any replica starts: a source that cannot load fails `serve run` now, with its fix.
+        check_source(parsed.model)
+    except Exception as e:
+        stop_serve_run(f"the fa3trt app cannot start: {type(e).__name__}: {e}")
+        raise
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 1)
     opts = replica_plan(parsed, gpus, cpus)
@@ -144,3 +154,36 @@ def ingress_plan(args: AppArgs) -> dict[str, Any]:
         "max_ongoing_requests": derive_max_ongoing(args),
         "max_queued_requests": args.max_queued_requests,
     }
+
+
+def stop_serve_run(message: str) -> bool:
+    """Where Serve's controller builds this app for ``serve run <config>`` (in a Ray task of that
+    driver's job, on its node), print ``message`` to the driver's terminal and stop it (SIGTERM:
+    it exits non-zero); ``serve run`` of a config otherwise waits forever on an app that cannot
+    start. Elsewhere (a builder called in a Python process, ``serve deploy``), nothing: the error
+    reaches its caller, or Serve's status. Returns whether it stopped one."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return False  # built in the caller's own process: the exception reaches it
+    try:
+        from ray.util.state import list_jobs
+
+        job = ray.get_runtime_context().get_job_id()
+        (found,) = list_jobs(filters=[("job_id", "=", job)], raise_on_missing_output=False)
+        driver = found.driver_info
+        if driver is None or driver.node_ip_address != ray.util.get_node_ip_address():
+            return False
+        pid = int(driver.pid)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except Exception as e:  # no state API, another node, no /proc: Serve's status says what failed
+        log.debug("not stopping the deploying driver: %s", e)
+        return False
+    # Only `serve run` (its script, directly or through the interpreter): never a dashboard or a
+    # user's own driver.
+    if "serve" not in [Path(a.decode(errors="replace")).name for a in argv[:2]] or b"run" not in argv[1:3]:
+        return False
+    print(f"\n{message}\nStopping `serve run` (pid {pid}).", file=sys.stderr, flush=True)
+    time.sleep(2)  # Ray forwards this task's lines to the driver's terminal first
+    os.kill(pid, signal.SIGTERM)
+    return True

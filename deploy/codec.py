@@ -36,6 +36,8 @@ __all__ = [
     "decode_json",
     "encode_json",
     "to_numpy",
+    "bf16_to_float32",
+    "float32_to_bf16",
     "from_numpy_like",
 ]
 
@@ -201,3 +203,18 @@ def from_numpy_like(y: np.ndarray, like: Any) -> Any:
     if isinstance(like, torch.dtype):
         return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(like)
     return y.astype(like, copy=False)
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """BF16 wire values (uint16 bits) as float32: the high half of each float32."""
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
+def float32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> BF16 bits (uint16), rounded to nearest even as the hardware does; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype="<f4").view("<u4")
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+    nan = np.isnan(x)
+    if nan.any():
+        bits[nan] = 0x7FC0
+    return bits

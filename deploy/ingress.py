@@ -45,18 +45,18 @@ class IngressReplica(V1Routes, V2Routes):
         except Exception:  # outside Serve
             self.replica = f"pid{os.getpid()}"
 
-    async def _call(self, method: str, arg: Any) -> Any:
+    async def _call(self, method: str, *args: Any) -> Any:
         """``method`` of a model replica; its error raised as the model replica raised it (the
         routes answer it as they would there), not wrapped with the remote traceback."""
         try:
-            return await getattr(self.model, method).remote(arg)
+            return await getattr(self.model, method).remote(*args)
         except RayTaskError as e:
             if isinstance(e.cause, Exception):
                 raise e.cause from None
             raise
 
-    async def infer(self, x: Any) -> Any:
-        return await self._call("infer", x)
+    async def infer(self, x: Any, answer_dtype: str | None = None) -> Any:
+        return await self._call("infer", x, answer_dtype)
 
     def io_signature(self) -> Signature:
         return self.signature

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from deploy.codec import bf16_to_float32, float32_to_bf16
 from fa3trt.errors import InvalidInputError, RequestError
 from fa3trt.signature import Signature, TensorSpec
 
@@ -44,8 +45,6 @@ __all__ = [
     "check_model",
     "http_status",
     "error_body",
-    "bf16_to_float32",
-    "float32_to_bf16",
     "tensor_header",
     "array_from_bytes",
     "array_from_values",
@@ -100,21 +99,6 @@ class V2Request:
 
 
 # ---------------------------------------------------------------------------- datatypes
-def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
-    """BF16 wire values (uint16 bits) as float32: the high half of each float32."""
-    return (bits.astype("<u4") << 16).view("<f4")
-
-
-def float32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> BF16 bits (uint16), rounded to nearest even as the hardware does; NaN stays NaN."""
-    u = np.ascontiguousarray(x, dtype="<f4").view("<u4")
-    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
-    nan = np.isnan(x)
-    if nan.any():
-        bits[nan] = 0x7FC0
-    return bits
-
-
 def datatype_of(spec: TensorSpec) -> str:
     return _SPEC_DATATYPE[spec.dtype]
 
@@ -327,12 +311,22 @@ def split_request(req: V2Request, sig: Signature) -> list[dict[str, np.ndarray]]
     return [{k: v[i] for k, v in req.inputs.items()} for i in range(batch[0])]
 
 
+def _floats(req: V2Request) -> set[str]:
+    return {req.datatypes[n] for n in req.inputs if req.datatypes[n] in _FLOATS}
+
+
+def answer_dtype(req: V2Request) -> str | None:
+    """float16 where every float input is FP16 (``join_outputs`` sends FP16 back then: the
+    answers may leave the device so, half the bytes), else None (the output's own dtype)."""
+    return "float16" if _floats(req) == {"FP16"} else None
+
+
 def join_outputs(
     answers: Sequence[dict[str, np.ndarray]], req: V2Request, sig: Signature
 ) -> dict[str, tuple[np.ndarray, str]]:
     """Each requested output: the rows' answers with the batch axis in front, and its v2 datatype."""
     names = [sig.output.name] if req.outputs is None else list(req.outputs)
-    floats = {req.datatypes[n] for n, a in req.inputs.items() if req.datatypes[n] in _FLOATS}
+    floats = _floats(req)
     out: dict[str, tuple[np.ndarray, str]] = {}
     for name in names:
         rows = [a[name] for a in answers]

@@ -282,14 +282,15 @@ class ModelReplica(V1Routes, V2Routes):
             "values (or serve with reject_nonfinite: false)"
         )
 
-    async def infer(self, x: Any) -> Any:
+    async def infer(self, x: Any, answer_dtype: str | None = None) -> Any:
         """One request: named inputs (a mapping of input name -> array, no batch axis) in,
-        ``{output name: array}`` out; or, for a model with one sent input, that array alone (NumPy
-        or a CPU torch tensor) in and its answer alone out, in the request's dtype and type.
-        Every bad input is an ``InvalidInputError`` naming it, raised before the request joins a
-        batch."""
+        ``{output name: array}`` out (in ``answer_dtype`` where given, else the output's dtype);
+        or, for a model with one sent input, that array alone (NumPy or a CPU torch tensor) in
+        and its answer alone out, in the request's dtype and type. Every bad input is an
+        ``InvalidInputError`` naming it, raised before the request joins a batch."""
         if isinstance(x, Mapping):
-            return {self.signature.output.name: await self._submit(x, None)}
+            answer = np.dtype(answer_dtype) if answer_dtype is not None else None
+            return {self.signature.output.name: await self._submit(x, answer)}
         try:
             arr, like = to_numpy(x)
             name = single_input(self.signature)

@@ -70,7 +70,7 @@ class _Replica:
         args: AppArgs
         replica: str
 
-        async def infer(self, x: Any) -> Any: ...
+        async def infer(self, x: Any, answer_dtype: str | None = None) -> Any: ...
 
         def io_signature(self) -> Signature: ...
 
@@ -177,7 +177,10 @@ class V2Routes(_Replica):
         """Each row of the protocol's batch axis is one request to the batch queues."""
         sig = self.io_signature()
         rows = kserve.split_request(req, sig)
-        answers = await asyncio.wait_for(asyncio.gather(*(self.infer(r) for r in rows)), self.args.request_timeout_s)
+        hint = kserve.answer_dtype(req)
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(self.infer(r, hint) for r in rows)), self.args.request_timeout_s
+        )
         return kserve.join_outputs(answers, req, sig)
 
     def _v2_error(self, e: Exception) -> tuple[int, str]:

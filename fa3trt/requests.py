@@ -81,11 +81,14 @@ def check_request(
             sizes[a] = (n, t.name)
         out[t.name] = arr
     for a, (n, name) in sizes.items():
-        lo, hi = signature.ranges.get(a, (1, n))
-        if a == signature.bucketed:
-            hi = max(n, 1)  # the buckets bound it, below
-        if not lo <= n <= hi:
-            raise InvalidInputError(f"input {name!r} has axis {a}={n}, outside this model's range [{lo}, {hi}]")
+        if a == signature.bucketed:  # its max is the largest bucket's (below)
+            lo = signature.ranges.get(a, (1, n))[0]
+            if n < lo:
+                raise InvalidInputError(f"input {name!r} has axis {a}={n}; this model takes at least {lo} along {a}")
+        else:
+            lo, hi = signature.ranges[a]
+            if not lo <= n <= hi:
+                raise InvalidInputError(f"input {name!r} has axis {a}={n}, outside this model's range [{lo}, {hi}]")
         if n % signature.step(a):
             near = sorted({max(signature.step(a), round_down(n, signature.step(a))), round_up(n, signature.step(a))})
             raise InvalidInputError(

@@ -1,12 +1,16 @@
 """The rooms and the arrows between them, read from the source (no imports run):
 
-- only ``fa3trt/_trt.py`` imports TensorRT at run time (elsewhere only under ``TYPE_CHECKING``,
-  for mypy against the stubs), and only ``fa3trt/_trt.py``, ``fa3trt/plugin/``, ``build.py``,
-  ``compat.py``, ``runtime.py``, ``named_runtime.py``, ``backends.py`` and ``selfcheck.py`` reach it (other packages ask
-  ``fa3trt.tensorrt_available()``); the op, the kernels and the model never do;
+- only ``fa3trt/trt/_trt.py`` imports TensorRT at run time (elsewhere only under
+  ``TYPE_CHECKING``, for mypy against the stubs), and only the TensorRT layer (``fa3trt/trt/``)
+  reaches that module; everything else asks ``fa3trt.trt.available()`` (``fa3trt.tensorrt_available``);
+- the pipeline's rooms point one way (``ARROWS``): the op, the kernels and the routing know no
+  model, exporter, engine or server; the exporter knows no model or engine; the TensorRT layer
+  knows no model, exporter or store (what to build and where to keep it is ``fa3trt.artifacts``');
+  the models know no engine or server;
 - no module imports another module's private name, and nothing outside ``fa3trt`` imports a
   private module of it;
-- ``build_jobs`` and ``deploy`` never import each other.
+- ``build_jobs`` and ``deploy`` never import each other;
+- no module of the library holds more than ``MAX_LINES`` lines.
 """
 
 from __future__ import annotations
@@ -19,12 +23,48 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fa3trt", "deploy", "build_jobs", "bench")
 # fa3trt/__init__.py re-exports _trt.available as fa3trt.tensorrt_available for the other packages.
-TRT_USERS = {
-    "fa3trt/__init__.py",
-    "fa3trt/serving/backends.py",
-    "fa3trt/serving/served.py",
-    "fa3trt/selfcheck.py",
+MAX_LINES = 400
+
+# Where each room of fa3trt may not reach (module prefixes). Static imports (TYPE_CHECKING) count too.
+ARROWS: dict[str, tuple[str, ...]] = {
+    "fa3trt/attention/": (
+        "fa3trt.models",
+        "fa3trt.onnx",
+        "fa3trt.trt",
+        "fa3trt.serving",
+        "fa3trt.artifacts",
+        "fa3trt.store",
+        "fa3trt.config",
+    ),
+    "fa3trt/onnx/": (
+        "fa3trt.models",
+        "fa3trt.trt",
+        "fa3trt.serving",
+        "fa3trt.artifacts",
+        "fa3trt.store",
+        "fa3trt.config",
+    ),
+    "fa3trt/trt/": (
+        "fa3trt.models",
+        "fa3trt.onnx.export",
+        "fa3trt.onnx.check",
+        "fa3trt.onnx.calls",
+        "fa3trt.serving",
+        "fa3trt.artifacts",
+        "fa3trt.store",
+        "fa3trt.config",
+    ),
+    "fa3trt/models/": ("fa3trt.trt", "fa3trt.serving", "fa3trt.artifacts", "fa3trt.store", "fa3trt.config"),
+    "fa3trt/serving/": ("fa3trt.config",),
+    "fa3trt/artifacts.py": ("fa3trt.serving", "fa3trt.config"),
+    "fa3trt/config.py": ("fa3trt.serving", "fa3trt.trt", "fa3trt.artifacts", "fa3trt.onnx"),
+    "fa3trt/store.py": ("fa3trt.models", "fa3trt.trt", "fa3trt.serving", "fa3trt.onnx", "fa3trt.attention"),
 }
+# The contract every room shares: these import no room of the pipeline.
+for _base in ("errors", "defaults", "_hashing", "buckets", "signature", "requests", "transfer"):
+    ARROWS[f"fa3trt/{_base}.py"] = tuple(
+        f"fa3trt.{r}" for r in ("attention", "models", "onnx", "trt", "serving", "artifacts", "store", "config")
+    )
 
 
 def _modules() -> list[Path]:
@@ -81,8 +121,11 @@ def test_module_respects_the_rooms(path: Path) -> None:
             full = f"{module}.{name}" if name else module
             if top == "tensorrt" and not static and rel != "fa3trt/trt/_trt.py":
                 problems.append(f"imports TensorRT at run time ({full}); go through fa3trt.trt._trt")
-            if "_trt" in full.split(".") and not (rel in TRT_USERS or rel.startswith("fa3trt/trt/")):
-                problems.append(f"reaches TensorRT ({full}) outside the TensorRT layer")
+            if "_trt" in full.split(".") and not rel.startswith("fa3trt/trt/"):
+                problems.append(f"reaches TensorRT ({full}) outside the TensorRT layer; ask fa3trt.trt.available()")
+            for room, banned in ARROWS.items():
+                if rel.startswith(room) and any(full == b or full.startswith(b + ".") for b in banned):
+                    problems.append(f"{room} imports {full}: an arrow the wrong way (tests/test_layering.py, ARROWS)")
             ours = top in PACKAGES
             if ours and name and name.startswith("_") and not _is_module(module, name):
                 problems.append(f"imports the private name {name} from {module}")
@@ -95,3 +138,12 @@ def test_module_respects_the_rooms(path: Path) -> None:
             if rel.startswith("deploy/") and top == "build_jobs":
                 problems.append(f"deploy imports build_jobs ({full})")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in _modules() if p.parts[-2] != "bench"], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_no_module_is_a_room_of_its_own(path: Path) -> None:
+    """A module that outgrows MAX_LINES holds two things: split it by what each part holds."""
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (at most {MAX_LINES})"

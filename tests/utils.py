@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +39,14 @@ def captured_log(name: str, level: int = logging.WARNING) -> Iterator[list[str]]
         yield messages
     finally:
         logger.removeHandler(handler)
+
+
+def as_requests(replica: Any, xs: list[np.ndarray]) -> list[Any]:
+    """Single arrays as a replica queues them: checked against its model's signature, each
+    answered in its own dtype (the single-array API's rule)."""
+    from fa3trt.requests import check_request
+
+    return [check_request(replica.signature, {"x": x}, replica.buckets, x.dtype) for x in xs]
 
 
 class TinyReference:

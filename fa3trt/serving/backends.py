@@ -112,7 +112,9 @@ class IdentityBackend:
             self.run(b)
 
     def describe(self) -> dict[str, Any]:
-        return describe_device(self.name, self.device, self.spec.model_dtype, None) | {"model": self.spec.describe()}
+        return describe_device(self.name, self.device, self.spec.model_dtype, None) | {
+            "model": {"spec": self.spec.describe()}
+        }
 
 
 def load_backend(

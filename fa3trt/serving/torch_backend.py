@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -83,13 +83,9 @@ class TorchBackend:
         self.routing = RoutingReport(spec.routing)
         self._report_lock = threading.Lock()
         self._lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        self.compiled = compile
-        self._forward = self._eager
-        if compile:
-            from fa3trt.attention.routing import compile_routed
-
-            self._forward = compile_routed(self.module, spec.routing, select=spec.select)
         self.calls = self._probe()
+        self.compiled = compile
+        self._forward = self._compile() if compile else self._eager
         self.lengths_on_device = (
             self.device.type == "cuda"
             and get(self.kernel).device_lengths
@@ -120,6 +116,25 @@ class TorchBackend:
         for head_dim in sorted({c.head_dim for c in calls if c.mode == MODE_FP8}):
             require_fp8_kernel(self.device, head_dim)
         return sorted(set(calls), key=lambda c: (c.mode, c.head_dim, str(c.dtype)))
+
+    def _compile(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """The model under ``torch.compile``, its routed attention one op node of the graph."""
+        from fa3trt.attention.routing import compile_routed  # type: ignore[attr-defined]
+
+        if self.spec.routing == "off":
+            compiled: Any = torch.compile(self.module)
+        else:
+            # The server makes a fill: mask input from each request's length: a key-padding
+            # prefix mask, so a compiled graph may count its kept keys as the lengths.
+            promise = any(t.fill == "mask" for t in self.signature.inputs)
+            compiled = compile_routed(self.module, self.spec.routing, key_padding_masks=promise)
+            self.routing = compiled.report
+        self._lock = threading.Lock()  # one compiled call at a time (its report, dynamo's caches)
+
+        def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return select_output(compiled(**batch), self.spec.select)
+
+        return forward
 
     def _eager(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's selected output for one batch, routed by the spec's method."""

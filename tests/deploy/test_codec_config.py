@@ -1,4 +1,4 @@
-"""Request decoding/validation and the app's batching and replica plan (no Ray needed)."""
+"""Request decoding, the single-array API's checks, and the app's batching and replica plan (no Ray needed)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from deploy.app import application, derive_max_ongoing, ingress_plan, replica_plan
-from deploy.codec import all_finite, decode_json, decode_npy, encode_npy, from_numpy_like, to_numpy, validate_sequence
-from deploy.replica import ModelReplica, bucket_limits
+from deploy.app import application, cpu_threads, derive_max_ongoing, ingress_plan, replica_plan
+from deploy.codec import decode_json, decode_npy, encode_npy, from_numpy_like, to_numpy
+from deploy.replica import ModelReplica, bucket_limits, single_input
 from deploy.targets import direct_ingress_enabled
 from fa3trt.buckets import Buckets
 from fa3trt.config import AppArgs
 from fa3trt.errors import InvalidInputError, RequestError
+from fa3trt.models.spec import ReferenceSpec
+from fa3trt.requests import check_request
 from tests.utils import captured_log
 
 B = Buckets((128, 512))
@@ -75,54 +77,51 @@ def test_npy_truncated_and_lying_header() -> None:
 
 def test_json_decoding() -> None:
     x = decode_json(json.dumps({"x": [[1, 2], [3.5, 4]]}).encode())
-    assert x.dtype == np.float32 and x.shape == (2, 2)
+    assert x.dtype == np.float64 and x.shape == (2, 2)
+    assert decode_json({"x": [1, 2]}).dtype == np.int64  # integers stay integers
     with pytest.raises(RequestError, match="malformed JSON") as e:
         decode_json(b"{nope")
     assert e.value.status == 400
-    with pytest.raises(InvalidInputError, match="ragged rows"):
+    with pytest.raises(InvalidInputError, match='"x" is a ragged list'):
         decode_json(b'{"x": [[1, 2], [3]]}')
-    with pytest.raises(InvalidInputError, match="only numbers"):
+    with pytest.raises(InvalidInputError, match="must be a .nested. list of numbers"):
         decode_json(b'{"x": [["a", 2]]}')
-    with pytest.raises(InvalidInputError, match='key "x"'):
+    with pytest.raises(InvalidInputError, match='JSON body must be {"inputs": {name: array, ...}}'):
         decode_json(b"[1, 2]")
+    # The one input may also be named as the model names it.
+    sig = ReferenceSpec().signature()
+    assert decode_json({"x": [[0.5]]}, sig).shape == (1, 1)
 
 
 @pytest.mark.parametrize(
     "arr, match",
     [
-        (np.zeros((2, 3, 8), np.float32), "2-D"),
-        (np.zeros((4, 7), np.float32), "hidden size 7"),
-        (np.zeros((0, 8), np.float32), ">= 1, got 0"),
-        (np.zeros((513, 8), np.float32), "exceeds the largest bucket"),
-        (np.zeros((4, 8), np.int32), "dtype int32"),
-        (np.zeros((4, 8), np.complex64), "dtype complex64"),
-        (np.full((4, 8), np.nan, np.float32), "NaN or Inf"),
-        (np.full((4, 8), np.inf, np.float64), "NaN or Inf"),
+        (np.zeros((2, 3, 256), np.float32), r"has shape \(2, 3, 256\) \(rank 3\); it must have rank 2"),
+        (np.zeros((4, 7), np.float32), "input 'x' has size 7 on axis 1; it must be 256"),
+        (np.zeros((0, 256), np.float32), "input 'x' has axis S=0; this model takes at least 1 along S"),
+        (np.zeros((513, 256), np.float32), "input 'x', axis S: sequence length 513 exceeds the largest bucket"),
+        (np.zeros((4, 256), np.complex64), "input 'x' has dtype complex64; send a float array"),
     ],
 )
-def test_validate_sequence_rejects(arr: np.ndarray, match: str) -> None:
+def test_a_single_array_is_checked_by_the_signature(arr: np.ndarray, match: str) -> None:
     with pytest.raises(InvalidInputError, match=match):
-        validate_sequence(arr, 8, B)
+        check_request(ReferenceSpec().signature(), {single_input(ReferenceSpec().signature()): arr}, B)
 
 
-def test_validate_sequence_accepts_and_nonfinite_opt_out() -> None:
-    assert validate_sequence(np.zeros((128, 8), np.float16), 8, B) == 0
-    assert validate_sequence(np.zeros((129, 8)), 8, B) == 1
-    assert validate_sequence(np.full((3, 8), np.nan, np.float32), 8, B, reject_nonfinite=False) == 0
+def test_single_array_accepts_floats_in_their_own_dtype() -> None:
+    sig = ReferenceSpec().signature()
+    assert check_request(sig, {"x": np.zeros((128, 256), np.float16)}, B).bucket == 0
+    assert check_request(sig, {"x": np.zeros((129, 256))}, B).tensors["x"].dtype == np.float64
+    # NaN and Inf are found later, on the device, in the batch (fa3trt.serving.batch).
+    assert check_request(sig, {"x": np.full((3, 256), np.nan, np.float32)}, B).length == 3
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_all_finite_matches_numpy(dtype: type) -> None:
-    rng = np.random.default_rng(0)
-    info = np.finfo(dtype)
-    specials = [np.nan, np.inf, -np.inf, -np.nan, info.max, -info.max, info.tiny, info.smallest_subnormal, 0.0, -0.0]
-    for special in specials:
-        x = rng.standard_normal((7, 33)).astype(dtype)
-        x[3, 5] = special
-        # Strided views too: a slice of a batch is not contiguous.
-        for view in (x, x[:, ::2], x.T):
-            assert all_finite(view) == bool(np.isfinite(view).all()), (dtype, special, view.strides)
-    assert all_finite(np.zeros((0, 8), dtype))
+def test_a_single_array_needs_a_model_with_one_sent_input() -> None:
+    from fa3trt.signature import Signature, TensorSpec
+
+    two = Signature((TensorSpec("a", axes=("S",)), TensorSpec("b", axes=("S",))), TensorSpec("y", axes=("S",)), "S")
+    with pytest.raises(InvalidInputError, match=r"this model takes the inputs \['a', 'b'\]; send them by name"):
+        single_input(two)
 
 
 def test_handle_types() -> None:
@@ -149,9 +148,13 @@ def test_batch_limits_and_replica_plan() -> None:
     )
     assert bucket_limits(args.bucket_set(), args.batching) == [(32, 0.005), (3, 0.5), (2, 0.005)]
     assert derive_max_ongoing(args) == 2 * (32 + 3 + 2) + 3  # running and waiting batches, one spare per bucket
+    # A CPU replica reserves a share of a CPU (several apps fit on one machine); its threads are the CPUs.
     cpu = replica_plan(args, 0, 8)
-    assert cpu["num_replicas"] == 1 and cpu["ray_actor_options"] == {"num_cpus": 8}
-    assert replica_plan(AppArgs.model_validate({"replicas": 3}), 0, 8)["ray_actor_options"] == {"num_cpus": 2}
+    assert cpu["num_replicas"] == 1 and cpu["ray_actor_options"] == {"num_cpus": 0.25}
+    assert cpu_threads(args, 0, 8) == 8 and cpu_threads(AppArgs.model_validate({"replicas": 3}), 0, 8) == 2
+    assert cpu_threads(args, 2, 64) is None  # GPU replicas: Ray's OMP_NUM_THREADS (their num_cpus)
+    pinned = AppArgs.model_validate({"replica_cpus": 2})
+    assert replica_plan(pinned, 0, 8)["ray_actor_options"] == {"num_cpus": 2} and cpu_threads(pinned, 0, 8) is None
     gpu = replica_plan(args, 2, 64)
     assert gpu["num_replicas"] == 2 and gpu["ray_actor_options"]["num_gpus"] == 1
     auto = replica_plan(AppArgs.model_validate({"autoscaling": {"min_replicas": 1, "max_replicas": 4}}), 4, 64)

@@ -16,7 +16,7 @@ import torch
 import fa3trt
 from deploy.replica import ModelReplica
 from fa3trt.errors import InvalidInputError
-from tests.utils import captured_log, gpu, rel_err
+from tests.utils import as_requests, captured_log, gpu, rel_err
 
 pytestmark = gpu
 
@@ -54,7 +54,7 @@ def _warm(server: Any, xs: list[np.ndarray]) -> None:
     spans = [(i, i + n) for n in (8, 4, 2, 1) for i in range(0, len(xs), n)]
     for _ in range(2):
         for a, b in spans:
-            assert all(isinstance(y, np.ndarray) for y in server._run_split(xs[a:b], EDGE))
+            assert all(isinstance(y, np.ndarray) for y in server._run_split(as_requests(server, xs[a:b]), EDGE))
 
 
 def _single_request_bytes(server: Any, x: np.ndarray) -> int:
@@ -62,7 +62,7 @@ def _single_request_bytes(server: Any, x: np.ndarray) -> int:
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    server._run_split([x], EDGE)
+    server._run_split(as_requests(server, [x]), EDGE)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
 
@@ -75,7 +75,7 @@ def test_oom_batch_is_split_and_every_request_answered(setup: tuple[Any, torch.n
     filler = _fill_leaving(3 * need + (256 << 20))  # room for two requests, not four or eight
     try:
         with captured_log("ray.serve") as messages:
-            ys = server._run_split(xs, EDGE)
+            ys = server._run_split(as_requests(server, xs), EDGE)
     finally:
         del filler
         torch.cuda.empty_cache()
@@ -93,13 +93,13 @@ def test_requests_that_cannot_fit_fail_alone_and_the_replica_recovers(
     failed = server.metrics.local[EDGE]["failed"]
     filler = _fill_leaving(8 << 20)  # room for no request at all
     try:
-        ys = server._run_split(xs[:2], EDGE)
+        ys = server._run_split(as_requests(server, xs[:2]), EDGE)
     finally:
         del filler
         torch.cuda.empty_cache()
     assert all(isinstance(y, RuntimeError) and "OutOfMemoryError" in str(y) for y in ys), ys
     assert server.metrics.local[EDGE]["failed"] == failed + 2
-    ys = server._run_split(xs[:4], EDGE)
+    ys = server._run_split(as_requests(server, xs[:4]), EDGE)
     for x, y in zip(xs[:4], ys):
         assert rel_err(torch.from_numpy(y.astype(np.float32)), _want(model, x)) < 2e-2
 
@@ -114,7 +114,7 @@ def test_nonfinite_rows_are_refused_in_the_batch_on_the_gpu(
     bad_nan[-1, 4095] = np.nan  # the last value of the row: a reduction must reach it
     bad_inf[0, 0] = -np.inf
     batch = [xs[0], bad_nan, bad_inf, xs[3]]
-    ys = server._run_split(batch, EDGE)
+    ys = server._run_split(as_requests(server, batch), EDGE)
     for i in (1, 2):
         assert isinstance(ys[i], InvalidInputError) and "NaN or Inf" in str(ys[i]) and "bfloat16" in str(ys[i])
     for i in (0, 3):

@@ -12,7 +12,7 @@ import torch
 
 import fa3trt
 from deploy.replica import ModelReplica
-from tests.utils import gpu, rel_err
+from tests.utils import as_requests, gpu, rel_err
 
 pytestmark = gpu
 
@@ -33,10 +33,10 @@ def test_two_buckets_run_at_once_on_their_own_streams() -> None:
     lock = threading.Lock()
     run = server.backend.run
 
-    def recording_run(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    def recording_run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with lock:
-            seen[EDGES[0] if x.shape[1] <= EDGES[0] else EDGES[1]].add(torch.cuda.current_stream().cuda_stream)
-        return run(x, lens)
+            seen[EDGES[0] if batch["x"].shape[1] <= EDGES[0] else EDGES[1]].add(torch.cuda.current_stream().cuda_stream)
+        return run(batch)
 
     server.backend.run = recording_run  # type: ignore[method-assign,assignment]
     rng = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def test_two_buckets_run_at_once_on_their_own_streams() -> None:
         want = {e: [model(torch.from_numpy(x).float()[None])[0] for x in xs] for e, xs in batches.items()}
     with ThreadPoolExecutor(2) as pool:
         for _ in range(20):
-            futures = {e: pool.submit(server._run_split, batches[e], e) for e in EDGES}
+            futures = {e: pool.submit(server._run_split, as_requests(server, batches[e]), e) for e in EDGES}
             for e, f in futures.items():
                 for y, w in zip(f.result(), want[e]):
                     assert isinstance(y, np.ndarray) and rel_err(torch.from_numpy(y).float(), w) < 3e-2

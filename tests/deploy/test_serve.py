@@ -60,7 +60,8 @@ def test_http_npy_and_json_match_the_model(cluster: dict[str, str], tiny: TinyRe
 def test_info(cluster: dict[str, str]) -> None:
     info = requests.get(f"{URL}/v1/info", timeout=30).json()
     assert info["backend"] == "torch" and info["buckets"] == [128, 512, 2048]
-    assert info["model"]["hidden"] == 256 and info["device"] == "cpu"
+    assert info["signature"]["inputs"][0]["axes"] == ["S", 256] and info["device"] == "cpu"
+    assert info["model"]["spec"] == "fa3trt tiny (2 layers, 256 wide) float32" and info["routing"] is None
 
 
 def test_client_errors_do_not_hurt_good_requests(cluster: dict[str, str], tiny: TinyReference) -> None:
@@ -70,7 +71,7 @@ def test_client_errors_do_not_hurt_good_requests(cluster: dict[str, str], tiny: 
         (np.zeros((3, 100), np.float32), 422),
         (np.zeros((3000, 256), np.float32), 422),
         (np.full((3, 256), np.nan, np.float32), 422),
-        (np.zeros((3, 256), np.int64), 422),
+        (np.zeros((3, 256), np.complex64), 422),  # (integers are numbers: they are taken as floats)
     ]
 
     def send(item: tuple[str, object]) -> tuple[str, requests.Response]:

@@ -17,7 +17,7 @@ import torch
 
 from deploy.replica import ModelReplica
 from fa3trt.errors import InvalidInputError
-from tests.utils import TinyReference, captured_log, rel_err
+from tests.utils import TinyReference, as_requests, captured_log, rel_err
 
 EDGE = 128
 
@@ -33,11 +33,12 @@ class TokenBudget:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
-    def run(self, x: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    def run(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["x"]
         self.batches.append(x.shape[0])
         if x.shape[0] * x.shape[1] > self.budget:
             raise torch.OutOfMemoryError(f"{x.shape[0] * x.shape[1]} tokens > budget {self.budget}")
-        return self._backend.run(x, seq_lens)
+        return self._backend.run(batch)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_failed_batch_is_split_until_it_fits(server: Any, tiny: TinyReference) -
     server.backend = budget = TokenBudget(real, budget=2 * EDGE)
     try:
         with captured_log("ray.serve") as messages:
-            ys = server._run_split(xs, EDGE)
+            ys = server._run_split(as_requests(server, xs), EDGE)
     finally:
         server.backend = real
     assert budget.batches[0] == 8 and max(b for b in budget.batches if b <= 2) == 2  # 8 -> 4 -> 2
@@ -75,7 +76,7 @@ def test_only_the_request_that_fails_alone_fails(server: Any, tiny: TinyReferenc
     real = server.backend
     server.backend = TokenBudget(real, budget=100)  # the 128-token request never fits
     try:
-        ys = server._run_split(xs, EDGE)
+        ys = server._run_split(as_requests(server, xs), EDGE)
     finally:
         server.backend = real
     assert isinstance(ys[1], RuntimeError) and "OutOfMemoryError" in str(ys[1])
@@ -83,7 +84,7 @@ def test_only_the_request_that_fails_alone_fails(server: Any, tiny: TinyReferenc
         assert rel_err(torch.from_numpy(ys[i]), _want(tiny, xs[i])) < 1e-4
     assert server.metrics.local[EDGE]["failed"] == failed_before + 1
     # The replica keeps serving: the request that failed succeeds once memory allows.
-    y = server._run_split([xs[1]], EDGE)[0]
+    y = server._run_split(as_requests(server, [xs[1]]), EDGE)[0]
     assert rel_err(torch.from_numpy(y), _want(tiny, xs[1])) < 1e-4
 
 
@@ -96,7 +97,7 @@ def test_nonfinite_requests_are_refused_in_the_batch(server: Any, tiny: TinyRefe
     xs[3][0, 0] = np.inf
     failed_before = server.metrics.local[EDGE]["failed"]
     with captured_log("ray.serve") as messages:
-        ys = server._run_split(xs, EDGE)
+        ys = server._run_split(as_requests(server, xs), EDGE)
     for i in (1, 3):
         assert isinstance(ys[i], InvalidInputError) and "NaN or Inf" in str(ys[i]), ys[i]
     for i in (0, 2, 4):
@@ -105,7 +106,7 @@ def test_nonfinite_requests_are_refused_in_the_batch(server: Any, tiny: TinyRefe
     # Opted out, the same batch is computed as sent.
     server.args = server.args.model_copy(update={"reject_nonfinite": False})
     try:
-        ys = server._run_split(xs, EDGE)
+        ys = server._run_split(as_requests(server, xs), EDGE)
     finally:
         server.args = server.args.model_copy(update={"reject_nonfinite": True})
     assert all(isinstance(y, np.ndarray) for y in ys) and np.isnan(ys[1]).any()

@@ -1,7 +1,9 @@
-"""Serve your own model, end to end: `serve run` of a config naming a diffusers FLUX transformer
-and a transformers BERT encoder (the shipped examples/serve_*.yaml, tiny configs), called over
-HTTP (.npz and JSON) and through the handle from another Ray job. Answers are compared with the
-eager, unrouted model built here from the same config and seed. No mocks.
+"""Serve your own model, end to end: one `serve run` of a config naming three apps, a diffusers
+FLUX transformer, a transformers BERT encoder and a diffusers SD3 transformer with 4-D latents
+(the shipped examples/serve_*.yaml, tiny configs), all started on a 2-CPU cluster with the
+default replica_cpus, called over HTTP (.npz and JSON), KServe v2 and through the handle from
+another Ray job. Answers are compared with the eager, unrouted model built here from the same
+config and seed. No mocks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ import yaml
 from tests.deploy.cluster import ROOT, URL, run, serve_cluster
 
 ATOL = 1e-4
-APPS = {"flux": ROOT / "examples/serve_flux.yaml", "bert": ROOT / "examples/serve_bert.yaml"}
+APPS = {
+    "flux": ROOT / "examples/serve_flux.yaml",
+    "bert": ROOT / "examples/serve_bert.yaml",
+    "sd3": ROOT / "examples/serve_sd3.yaml",
+}
 
 
 def _args(app: str) -> dict[str, Any]:
@@ -33,18 +39,18 @@ def _args(app: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """Both example apps in one `serve run`, at /flux and /bert."""
-    tmp = tmp_path_factory.mktemp("serve-named")
+    """The three example apps in one `serve run`, at /flux, /bert and /sd3, on 2 CPUs: each CPU
+    replica reserves a share of a CPU by default, so every app starts without hand-tuning."""
+    tmp = tmp_path_factory.mktemp("serve-models")
     doc = yaml.safe_load(APPS["flux"].read_text())
     doc["applications"] = [
         {**yaml.safe_load(APPS[name].read_text())["applications"][0], "name": name, "route_prefix": f"/{name}"}
         for name in APPS
     ]
-    for app in doc["applications"]:  # two apps on one CPU cluster: each takes half its CPUs
-        app["args"]["replica_cpus"] = 2
-    config = tmp / "serve_named.yaml"
+    assert all("replica_cpus" not in app["args"] for app in doc["applications"])
+    config = tmp / "serve_models.yaml"
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
-    with serve_cluster(tmp, num_cpus=4, config=config, prefixes=("/flux", "/bert")) as env:
+    with serve_cluster(tmp, num_cpus=2, config=config, prefixes=tuple(f"/{name}" for name in APPS)) as env:
         yield env
 
 
@@ -66,6 +72,26 @@ def flux() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def bert() -> torch.nn.Module:
     return _eager("bert")
+
+
+@pytest.fixture(scope="module")
+def sd3() -> torch.nn.Module:
+    return _eager("sd3")
+
+
+def sd3_request(h: int, w: int, t: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "hidden_states": rng.standard_normal((4, h, w)).astype(np.float32),
+        "encoder_hidden_states": rng.standard_normal((t, 32)).astype(np.float32),
+        "pooled_projections": rng.standard_normal(32).astype(np.float32),
+        "timestep": np.float32(rng.uniform(0, 1000)),
+    }
+
+
+def sd3_expect(model: torch.nn.Module, req: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.inference_mode():
+        return model(**{k: torch.from_numpy(np.asarray(v))[None] for k, v in req.items()}).sample[0].numpy()
 
 
 def flux_request(s: int, t: int, seed: int) -> dict[str, np.ndarray]:
@@ -171,6 +197,7 @@ def test_bert_lengths_batched_with_padding(cluster: dict[str, str], bert: torch.
 
 
 BAD = [
+    ("sd3", {**sd3_request(8, 8, 8, 0), "hidden_states": np.zeros((4, 9, 8), np.float32)}, "H=9"),
     ("bert", {"input_ids": np.arange(5), "token_type_ids": np.zeros(5, np.int64)}, "token_type_ids"),
     ("bert", {}, "input_ids"),
     ("bert", {"input_ids": np.zeros((2, 5), np.int64)}, "input_ids"),
@@ -218,3 +245,52 @@ def test_handle_from_another_ray_job(cluster: dict[str, str], bert: torch.nn.Mod
             np.testing.assert_allclose(
                 data[f"out{i}_last_hidden_state"], bert_expect(bert, data[f"in{i}_input_ids"]), atol=ATOL
             )
+
+
+def test_sd3_latents_over_http_kserve_and_the_handle(
+    cluster: dict[str, str], sd3: torch.nn.Module, tmp_path: Path
+) -> None:
+    """A DiT with 4-D latents through the one pipeline: equal shapes batched, other sizes apart,
+    over .npz, JSON and KServe v2 (tritonclient), each answer the eager unrouted model's."""
+    import tritonclient.http as httpclient
+
+    reqs = [sd3_request(16, 12, 8, i) for i in range(3)] + [sd3_request(32, 8, 8, 3), sd3_request(6, 64, 3, 4)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        npz = list(pool.map(lambda r: post_npz("sd3", r), reqs))
+        js = list(pool.map(lambda r: post_json("sd3", r), reqs[3:]))
+    for req, r in zip(reqs, npz):
+        y = _npz(r)["sample"]
+        assert y.shape == req["hidden_states"].shape
+        np.testing.assert_allclose(y, sd3_expect(sd3, req), atol=ATOL)
+    for req, r in zip(reqs[3:], js):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.asarray(r.json()["outputs"]["sample"]), sd3_expect(sd3, req), atol=ATOL)
+    client = httpclient.InferenceServerClient("127.0.0.1:8000/sd3")  # the app's routes under its prefix
+    rows = reqs[:2]  # the protocol's batch axis: two rows of one shape
+    inputs = []
+    for name in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"):
+        x = np.stack([np.asarray(r[name], np.float32) for r in rows])
+        inp = httpclient.InferInput(name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        inputs.append(inp)
+    out = client.infer("sd3", inputs).as_numpy("sample")
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(out[i], sd3_expect(sd3, r), atol=ATOL)
+    meta = client.get_model_metadata("sd3")
+    assert meta["inputs"][0] == {"name": "hidden_states", "datatype": "FP32", "shape": [-1, 4, -1, -1]}
+
+
+@pytest.mark.parametrize(
+    "h, w, message",
+    [
+        (7, 8, "input 'hidden_states' has axis H=7, which is not a multiple of 2"),
+        (8, 9, "input 'hidden_states' has axis W=9, which is not a multiple of 2"),
+        (2, 8, "input 'hidden_states' has axis H=2; this model takes at least 4 along H"),
+        (8, 2, "input 'hidden_states' has axis W=2, outside this model's range [4, 64]"),
+    ],
+)
+def test_latent_sizes_the_model_cannot_take_are_422_naming_the_axis(
+    cluster: dict[str, str], h: int, w: int, message: str
+) -> None:
+    r = post_npz("sd3", sd3_request(h, w, 8, 0))
+    assert r.status_code == 422 and message in r.json()["error"], r.text
