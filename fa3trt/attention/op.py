@@ -241,7 +241,9 @@ def _validate(
         )
     if mode not in (MODE_NATIVE, MODE_FP8):
         raise InvalidInputError(f"mode must be 0 (input dtype) or 1 (FP8), got {mode!r}")
-    if softmax_scale is not None and not (softmax_scale > 0 and math.isfinite(softmax_scale)):
+    # 0 < scale < inf rather than math.isfinite: the same test (NaN fails both), and one dynamo
+    # traces for the symbolic float a torch.compile trace with dynamic=True passes.
+    if softmax_scale is not None and not (0 < softmax_scale < math.inf):
         raise InvalidInputError(
             f"softmax_scale must be a finite number > 0 (or None for 1/sqrt(D)), got {softmax_scale!r}"
         )

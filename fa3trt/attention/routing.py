@@ -8,11 +8,25 @@ Contract:
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` is replaced while a router is
   open (diffusers' processors and transformers' SDPA attention call it by that name; a name
   imported before the block, ``from torch.nn.functional import scaled_dot_product_attention``,
-  is not seen); other threads get PyTorch's SDPA. Around a trace (torch.export, torch.compile)
-  ``tracing()`` adds a ``TorchFunctionMode`` per router, which dynamo traces with its counts. ``"transformers"``: each ``PreTrainedModel`` in ``model`` runs
-  the attention function registered as ``"fa3trt"``, whose masks are built as for SDPA (a
-  left-alone call runs transformers' SDPA attention). ``"auto"``: both where ``model`` holds a
-  ``PreTrainedModel``, else ``"sdpa"``.
+  is not seen); other threads get PyTorch's SDPA. ``"transformers"``: each ``PreTrainedModel`` in
+  ``model`` runs the attention function registered as ``"fa3trt"``, whose masks are built as for
+  SDPA (a left-alone call runs transformers' SDPA attention). ``"auto"``: both where ``model``
+  holds a ``PreTrainedModel``, else ``"sdpa"``.
+- ``torch.compile``: ``compiled = compile_routed(model, method, key_padding_masks=...)``, then
+  ``compiled(**inputs)``. It compiles ``model`` once and runs each call under a router of its
+  own. Both hooks route inside dynamo's trace: each routed call is one ``attn::custom_attn``
+  node of the compiled graph, so the routed model compiles to the graphs of the unrouted one
+  (a tiny FLUX: one graph, its 4 SDPA calls 4 op nodes). Dynamo replays the report's counting
+  after each graph it runs, so the report counts each call as eager routing does. Those counts
+  are guarded, so a compiled call that finds other counts in its report than when it was
+  traced recompiles: ``compile_routed`` gives every call a new report. (``torch.compile``
+  inside one ``route_attention`` block routes and counts the same way, but each further call
+  recompiles, up to dynamo's recompile limit, past which the model runs eagerly, still routed.)
+  ``tracing()`` is not for ``torch.compile``: while a ``TorchFunctionMode`` is active dynamo
+  breaks the graph at Tensor methods written in Python (``Tensor.unflatten``; PyTorch issue
+  179853), which split the tiny FLUX into 16 graphs.
+- Strict ``torch.export``: ``tracing()`` around it adds a ``TorchFunctionMode`` per router, which
+  sees the SDPA calls of any name and which dynamo traces with its counts.
 - Which calls the op computes exactly, and how a mask becomes key lengths (also while tracing,
   and under ``key_padding_masks``): ``fa3trt.attention.rules``.
 """
@@ -32,10 +46,18 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fa3trt.attention.op import attention
-from fa3trt.attention.rules import Plan, Promise, plan_call
+from fa3trt.attention.rules import Plan, Promise, plan_call, prepare_dynamo
 from fa3trt.errors import ConfigError
 
-__all__ = ["route_attention", "tracing", "RoutingReport", "METHODS", "INTERFACE_NAME"]
+__all__ = [
+    "route_attention",
+    "compile_routed",
+    "CompiledRouted",
+    "tracing",
+    "RoutingReport",
+    "METHODS",
+    "INTERFACE_NAME",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +104,8 @@ _local = threading.local()
 
 @contextlib.contextmanager
 def _passthrough() -> Iterator[None]:
-    """Our own calls (the op's kernel, a left-alone call) are not intercepted again."""
+    """Our own calls (a left-alone call) are not intercepted again. The op's kernels call
+    PyTorch's SDPA by a name of their own (``fa3trt.attention.kernels.sdpa.torch_sdpa``), which no hook sees."""
     _local.depth = getattr(_local, "depth", 0) + 1
     try:
         yield
@@ -95,10 +118,11 @@ def _intercepting() -> bool:
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """The op over SDPA-layout inputs; returns (B, Sq, H, D)."""
+    """The op over SDPA-layout inputs; returns (B, Sq, H, D). Under torch.compile it becomes the
+    graph's one ``attn::custom_attn`` node (and its transposes). No context manager wraps it: a
+    graph break inside one makes dynamo give up the whole frame, which then runs eagerly."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    with _passthrough():
-        return attention(qt, kt, vt, None, 0, seq_lens_k=plan.seq_lens_k, causal=plan.causal, softmax_scale=plan.scale)
+    return attention(qt, kt, vt, None, 0, seq_lens_k=plan.seq_lens_k, causal=plan.causal, softmax_scale=plan.scale)
 
 
 class _Router:
@@ -147,13 +171,18 @@ def _sdpa_routers() -> list[_Router]:
 
 def _routed_sdpa(*args: Any, **kwargs: Any) -> Any:
     """``F.scaled_dot_product_attention`` while a router is open: the innermost ``sdpa`` router
-    of this thread decides; other threads and our own calls get PyTorch's SDPA. A dynamo trace
-    (strict torch.export, torch.compile) gets PyTorch's SDPA too, for the modes of ``tracing()``
-    to route: dynamo does not replay this function's Python side effects (the report's counts)."""
+    of this thread decides; other threads and our own calls get PyTorch's SDPA. Traced by
+    dynamo under torch.compile, it routes there too (the op becomes a node of the graph, the
+    counts are replayed after it). Strict torch.export gets PyTorch's SDPA, for the modes of
+    ``tracing()`` to route: they see SDPA under any name, this function only under its own."""
     routers = getattr(_local, "sdpa_routers", None)
-    if not routers or not _intercepting() or torch.compiler.is_dynamo_compiling():
+    if not routers or not _intercepting() or _strict_exporting():
         return _SDPA(*args, **kwargs)
     return _route_sdpa(routers[-1], args, kwargs)
+
+
+def _strict_exporting() -> bool:
+    return torch.compiler.is_dynamo_compiling() and torch.compiler.is_exporting()
 
 
 def _route_sdpa(router: _Router, args: Any, kwargs: Any) -> Any:
@@ -210,9 +239,12 @@ class _SdpaMode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def tracing() -> Iterator[None]:
-    """Around a trace of a model under ``route_attention`` (``fa3trt.export_onnx`` uses it):
-    this thread's open ``sdpa`` routers also as ``TorchFunctionMode``s, which dynamo traces with
-    their counts, where the replaced SDPA function's counts would be lost."""
+    """Around a strict ``torch.export`` of a model under ``route_attention`` (``fa3trt.export_onnx``
+    uses it): this thread's open ``sdpa`` routers also as ``TorchFunctionMode``s, which see SDPA
+    called under any name and which dynamo traces with their counts. Not for ``torch.compile``
+    (``compile_routed``): a mode there breaks the graph at every Tensor method written in Python
+    (see the module docstring), and the replaced SDPA function routes there by itself."""
+    prepare_dynamo()
     with contextlib.ExitStack() as stack:
         for router in list(_sdpa_routers()):
             stack.enter_context(_SdpaMode(router))
@@ -294,6 +326,25 @@ def _interface(models: list[Any]) -> Iterator[None]:
             config._attn_implementation = implementation
 
 
+def _hooks(model: torch.nn.Module, method: str, key_padding_masks: Any, caller: str) -> tuple[list[Any], list[str]]:
+    """The ``PreTrainedModel``s to hook and the hooks ``method`` uses on ``model``; ``ConfigError``
+    for an argument that is not one of those documented."""
+    if method not in METHODS:
+        raise ConfigError(f"{caller}: method must be one of {list(METHODS)}, got {method!r}")
+    if not isinstance(key_padding_masks, bool):
+        raise ConfigError(
+            f"{caller}: key_padding_masks must be True or False, got {key_padding_masks!r}; pass True "
+            "only where every attention mask the model builds is a key-padding prefix mask"
+        )
+    models = _pretrained_models(model) if method != "sdpa" else []
+    if method == "transformers" and not models:
+        raise ConfigError(
+            f"{caller}: method='transformers' needs a transformers PreTrainedModel and "
+            f"{type(model).__name__} holds none; use method='sdpa' or 'auto'"
+        )
+    return models, (["transformers"] if models else []) + (["sdpa"] if method != "transformers" else [])
+
+
 @contextlib.contextmanager
 def route_attention(
     model: torch.nn.Module, method: str = "auto", *, key_padding_masks: bool = False, log_level: int = logging.INFO
@@ -305,23 +356,15 @@ def route_attention(
     ``method``: ``"auto"``, ``"sdpa"`` or ``"transformers"`` (see the module docstring).
     ``key_padding_masks``: the caller promises that every mask the model builds is a key-padding
     prefix mask, so masks become key lengths under tracing too (see the module docstring)."""
-    if method not in METHODS:
-        raise ConfigError(f"route_attention: method must be one of {list(METHODS)}, got {method!r}")
-    if not isinstance(key_padding_masks, bool):
-        raise ConfigError(
-            f"route_attention: key_padding_masks must be True or False, got {key_padding_masks!r}; pass True "
-            "only where every attention mask the model builds is a key-padding prefix mask"
-        )
-    models = _pretrained_models(model) if method != "sdpa" else []
-    if method == "transformers" and not models:
-        raise ConfigError(
-            f"route_attention: method='transformers' needs a transformers PreTrainedModel and "
-            f"{type(model).__name__} holds none; use method='sdpa' or 'auto'"
-        )
-    hooks = (["transformers"] if models else []) + (["sdpa"] if method != "transformers" else [])
+    models, hooks = _hooks(model, method, key_padding_masks, "route_attention")
     report = RoutingReport("+".join(hooks))
     router = _Router(report, key_padding_masks, key_padding_masks and _has_causal_module(model))
     routers: list[_Router] = _local.__dict__.setdefault("routers", [])
+    # Set before any trace reads it: a compiled call guards on the attribute, and one traced
+    # while it was missing would recompile once it exists.
+    _local.__dict__.setdefault("depth", 0)
+    if "torch._dynamo" in sys.modules:  # a trace may follow; without dynamo none can
+        prepare_dynamo()
     with contextlib.ExitStack() as stack:
         if models:
             stack.enter_context(_interface(models))
@@ -333,3 +376,50 @@ def route_attention(
         finally:
             routers.remove(router)
             log.log(log_level, "%s", report.summary())
+
+
+# --------------------------------------------------------------------------- torch.compile
+class CompiledRouted:
+    """``model`` compiled once by ``torch.compile``, each call run under ``route_attention``
+    (made by ``compile_routed``). One call at a time, as for ``route_attention``'s
+    transformers hook.
+
+    ``report``: the totals over every call; ``last_report``: the last call's (None before one)."""
+
+    def __init__(
+        self, model: torch.nn.Module, method: str, key_padding_masks: bool, compile_kwargs: dict[str, Any]
+    ) -> None:
+        _, hooks = _hooks(model, method, key_padding_masks, "compile_routed")
+        prepare_dynamo()
+        self.module = model
+        self.method = method
+        self.key_padding_masks = key_padding_masks
+        self.compiled = torch.compile(model, **compile_kwargs)
+        self.report = RoutingReport("+".join(hooks))
+        self.last_report: RoutingReport | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The compiled model's output for these inputs, its attention routed."""
+        # A new report per call: the compiled graphs guard on the counts they find at the start
+        # (dynamo replays the counting after each graph), which are then always zero.
+        with route_attention(
+            self.module, self.method, key_padding_masks=self.key_padding_masks, log_level=logging.DEBUG
+        ) as report:
+            out = self.compiled(*args, **kwargs)
+        self.last_report = report
+        self.report.add(report)
+        return out
+
+
+def compile_routed(
+    model: torch.nn.Module, method: str = "auto", *, key_padding_masks: bool = False, **compile_kwargs: Any
+) -> CompiledRouted:
+    """``model`` under ``torch.compile(model, **compile_kwargs)`` with its attention routed as
+    ``route_attention(model, method, key_padding_masks=...)`` routes it: call the result as the
+    model (``compiled(**inputs)``). Each routed call is one ``attn::custom_attn`` node inside the
+    compiled graph; the calls' reports are ``.last_report`` and, added up, ``.report``.
+
+    ``key_padding_masks``: as for ``route_attention``. A compiled graph cannot read a mask's
+    values, so without the promise every mask stays a mask (the call is left alone); with it a
+    mask of a key-padding shape becomes key lengths counted in the graph."""
+    return CompiledRouted(model, method, key_padding_masks, compile_kwargs)

@@ -5,8 +5,9 @@
   (B|1,1,1,Sk), or (B|1,1,Sq,Sk) whose query rows are all the same (an expanded view, else one
   comparison over the mask), whose kept keys are a non-empty prefix becomes ``seq_lens_k``.
   Causal masks never become lengths; ``is_causal`` becomes ``causal`` only where Sq == Sk.
-  Also left alone: dropout, inputs that need grad (the op has no backward), other dtypes, head
-  dims no kernel on the device takes, heads not grouped (H % Hk), tensors that are not 4-D.
+  Also left alone: dropout, inputs that need grad (the op has no backward; under torch.compile
+  too, whose graphs keep autograd, but not while exporting), other dtypes, head dims no kernel on
+  the device takes, heads not grouped (H % Hk), tensors that are not 4-D.
 - Tracing rule: under torch.compile, torch.export, ONNX export or jit tracing (or for any tensor
   subclass: fake, functional) a mask's values cannot be read, so every mask is left alone there;
   the decision then rests on types and shapes only, and sizes count as equal only where provably
@@ -34,7 +35,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from fa3trt.attention.kernels.base import FLOAT_DTYPES
 from fa3trt.attention.kernels.registry import available_kernels, get
 
-__all__ = ["Plan", "Promise", "plan_call", "key_lengths", "kernel_takes", "values_hidden"]
+__all__ = ["Plan", "Promise", "plan_call", "key_lengths", "kernel_takes", "values_hidden", "prepare_dynamo"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,14 @@ class Plan:
 def values_hidden(t: torch.Tensor) -> bool:
     tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
     return tracing or torch.onnx.is_in_onnx_export() or type(t) is not torch.Tensor
+
+
+def _exporting(t: torch.Tensor) -> bool:
+    """A trace for a program that runs without autograd (torch.export, ONNX export, jit tracing),
+    or a tensor subclass (fake, functional): what needs grad there does not matter. A
+    torch.compile trace runs with autograd, so there it does."""
+    exporting = torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return exporting or type(t) is not torch.Tensor
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -150,13 +159,29 @@ def _kernel_for(device: torch.device, dtype: torch.dtype, d: int) -> bool:
     return any(get(n).supports(dtype, d) for n in available_kernels(device))
 
 
+def _kernel_takes(device: torch.device, dtype: torch.dtype, d: int) -> bool:
+    """``_kernel_for`` behind a plain function: what ``prepare_dynamo`` marks (dynamo takes the
+    mark from a function, not from an ``lru_cache`` wrapper)."""
+    return _kernel_for(device, dtype, d)
+
+
 def kernel_takes(device: torch.device, dtype: torch.dtype, d: Any) -> bool:
     """Whether a kernel available on ``device`` takes ``dtype`` at head dim ``d``: asked once per
     (device, dtype, d), as every routed call asks it (a symbolic ``d`` is asked each time)."""
-    try:
-        return _kernel_for(device, dtype, d)
-    except TypeError:  # unhashable (symbolic) head dim
-        return any(get(n).supports(dtype, d) for n in available_kernels(device))
+    if isinstance(d, int):
+        return _kernel_takes(device, dtype, d)
+    return any(get(n).supports(dtype, d) for n in available_kernels(device))
+
+
+def prepare_dynamo() -> None:
+    """Before a dynamo trace (torch.compile, strict torch.export): ``kernel_takes`` is computed
+    when the trace reaches it and taken as a constant, instead of being traced. Traced, it would
+    take the registry's probes (the CUDA capability, each kernel's package import, ``lru_cache``,
+    which dynamo warns of) into the trace, where one it cannot trace breaks the graph. The answer
+    rests on the device, dtype and head dim, all fixed by the trace's guards. Imports
+    torch._dynamo (seconds), so ``import fa3trt`` does not call it; routing calls it where a
+    trace may follow."""
+    torch.compiler.assume_constant_result(_kernel_takes)
 
 
 def plan_call(
@@ -172,7 +197,7 @@ def plan_call(
         return "q, k, v dtypes differ"
     if q.dtype not in FLOAT_DTYPES:
         return f"dtype {q.dtype}"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and not values_hidden(q):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)) and not _exporting(q):
         return "inputs require grad (the op has no backward)"
     (b, h, sq, d), (bk, hk, sk, dk) = q.shape, k.shape
     same = _same(sq, sk)

@@ -119,7 +119,7 @@ class TorchBackend:
 
     def _compile(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         """The model under ``torch.compile``, its routed attention one op node of the graph."""
-        from fa3trt.attention.routing import compile_routed  # type: ignore[attr-defined]
+        from fa3trt.attention.routing import compile_routed
 
         if self.spec.routing == "off":
             compiled: Any = torch.compile(self.module)

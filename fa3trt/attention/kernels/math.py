@@ -4,7 +4,6 @@ sizes a CPU serves; it takes every call the op can express."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fa3trt.attention.kernels import sdpa
 from fa3trt.attention.kernels.base import AttentionKernel, key_lengths
@@ -48,7 +47,7 @@ class Math(AttentionKernel):
         seen = keep.any(-1)
         keep = keep.clone()
         keep[..., 0] |= ~seen
-        o = F.scaled_dot_product_attention(
+        o = sdpa.torch_sdpa(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),

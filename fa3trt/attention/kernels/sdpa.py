@@ -11,12 +11,17 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention as torch_sdpa
 
 from fa3trt.attention.kernels.base import host_lengths, key_lengths
 
-__all__ = ["BACKENDS", "dense", "one_sequence", "per_sequence", "padded_cu_seqlens", "attend", "general"]
+__all__ = ["torch_sdpa", "BACKENDS", "dense", "one_sequence", "per_sequence", "padded_cu_seqlens", "attend", "general"]
+
+# ``torch_sdpa``: PyTorch's SDPA under a name bound at import, the one every kernel calls, not
+# looked up on torch.nn.functional at each call: fa3trt.route_attention replaces that attribute
+# while a router is open, and inside a torch.compile graph no frame of the router wraps the op
+# when it runs to tell the op's own calls from the model's (each routed call was routed again).
 
 BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -43,7 +48,7 @@ def _priority(backend: str | None) -> contextlib.AbstractContextManager[Any]:
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None) -> torch.Tensor:
     """Attention over whole (B, S, H, D) sequences on SDPA's ``backend`` first."""
     with _priority(backend):
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        o = torch_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return o.transpose(1, 2).contiguous()
 
 
@@ -58,7 +63,7 @@ def attend(
     if causal and sq != sk:
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
     with _priority(backend):
-        o = F.scaled_dot_product_attention(
+        o = torch_sdpa(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
