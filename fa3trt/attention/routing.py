@@ -38,7 +38,6 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fa3trt.attention.op import attention
+from fa3trt.attention.report import RoutingReport
 from fa3trt.attention.rules import Plan, Promise, plan_call, prepare_dynamo
 from fa3trt.errors import ConfigError
 
@@ -67,35 +67,6 @@ INTERFACE_NAME = "fa3trt"
 
 # Arguments of a transformers attention call that the op has no way to express.
 _UNEXPRESSED = ("position_bias", "softcap", "s_aux", "sinks")
-
-
-@dataclass
-class RoutingReport:
-    """Calls routed (and what they needed of the op) and calls left alone (by reason)."""
-
-    method: str
-    """The hooks used: ``"sdpa"``, ``"transformers"`` or ``"transformers+sdpa"``."""
-    routed: int = 0
-    routed_with: dict[str, int] = field(default_factory=dict)
-    """Routed calls that needed key lengths, causal, grouped heads or Sq != Sk."""
-    left: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "routed": self.routed, "routed_with": self.routed_with, "left": self.left}
-
-    def add(self, other: RoutingReport) -> None:
-        """Add ``other``'s counts to this report (a server's totals over its batches)."""
-        self.routed += other.routed
-        for mine, theirs in ((self.routed_with, other.routed_with), (self.left, other.left)):
-            for k, n in theirs.items():
-                mine[k] = mine.get(k, 0) + n
-
-    def summary(self) -> str:
-        line = f"route_attention ({self.method}): routed {self.routed} attention calls"
-        if self.routed_with:
-            line += " (" + ", ".join(f"{n} with {k}" for k, n in self.routed_with.items()) + ")"
-        left = "; ".join(f"{n} x {k}" for k, n in self.left.items())
-        return line + (f"; left {sum(self.left.values())} alone: {left}" if left else "; left none alone")
 
 
 # --------------------------------------------------------------------------- the router and its hooks

@@ -35,7 +35,7 @@ from fa3trt.attention.kernels.fp8 import require_fp8_kernel
 from fa3trt.attention.kernels.registry import get
 from fa3trt.attention.kernels.selector import lengths_on_device, select_kernel
 from fa3trt.attention.op import MODE_FP8, AttentionCall, recording_calls
-from fa3trt.attention.routing import RoutingReport, route_attention
+from fa3trt.attention.routing import RoutingReport, compile_routed, route_attention
 from fa3trt.errors import ConfigError
 from fa3trt.models.sources import load_source, model_id
 from fa3trt.models.spec import AnyModelSpec
@@ -119,8 +119,6 @@ class TorchBackend:
 
     def _compile(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         """The model under ``torch.compile``, its routed attention one op node of the graph."""
-        from fa3trt.attention.routing import compile_routed
-
         if self.spec.routing == "off":
             compiled: Any = torch.compile(self.module)
         else:

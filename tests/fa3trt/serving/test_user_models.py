@@ -104,3 +104,23 @@ def test_bad_requests_name_the_input(request_: Any, message: str | None) -> None
     with pytest.raises(InvalidInputError) as e:
         check_request(sig, request_, BUCKETS)
     assert message in str(e.value)
+
+
+def test_compile_serves_a_routed_model_with_the_eager_models_answers() -> None:
+    """``compile: true``: the model under torch.compile, its routed attention one op node in the
+    graph (tests/fa3trt/attention/test_routing_compile.py counts them); the answers are the eager
+    unrouted model's, padded batch or not."""
+    spec = bert_spec(mask=True)
+    compiled = TorchBackend(spec, "cpu", compile=True)
+    eager = TorchBackend(spec, "cpu")
+    sig = compiled.signature
+    rng = np.random.default_rng(3)
+    for lengths in ((7, 16, 3), (12,)):
+        reqs = [check_request(sig, {"input_ids": rng.integers(0, 64, n)}, BUCKETS) for n in lengths]
+        batch = assemble(sig, reqs, compiled.device).inputs
+        for got, r in zip(split(sig, compiled.run(batch), reqs), reqs):
+            ids = torch.from_numpy(r.tensors["input_ids"])[None]
+            with torch.inference_mode():
+                want = eager.module(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert compiled.describe()["compile"] and compiled.routing.routed > 0 and compiled.routing.left == {}
