@@ -11,7 +11,9 @@
 #                                     #  cluster started for each count); PROFILE=1 PROFILE_AT=<s>: py-spy
 #                                     #  flame graphs of replicas and clients)
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
-#   bash bench/gpu_suite.sh named     # a user's model (FLUX.1 width, examples/serve_flux_gpu.yaml): GPU test, served vs direct
+#   bash bench/gpu_suite.sh pipeline  # the one pipeline: serving GPU tests (STEP=tests), bench.serve_model per CONFIGS with
+#                                     # PASSES (STEP=models: served vs direct, CUDA graphs, compile), the seed model's served
+#                                     # requests/s of this tree against BASELINE's (STEP=seed, RUNS); STEP=all for every step
 #   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: every transport (bench.transports), its identity twin
 #                                       # (CLIENTS, CONCURRENCY, DURATION, WARMUP, TRANSPORTS, SUFFIX, CUDA_GRAPHS=1, INGRESS=N;
 #                                       #  IDENTITY=0: no identity twin; PROFILE=1: py-spy of the replica)
@@ -36,10 +38,31 @@ case "$1" in
       [ -f "bench/$b.py" ] && python3 -m bench.$b --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     done
     ;;
-  named)
-    python3 -m pytest -q -m gpu tests/fa3trt/test_served_gpu.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -8
-    python3 -m bench.serve_named --config examples/serve_flux_gpu.yaml --out "$out" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING" | tee -a "$log"
-    python3 -m bench.routing --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
+  pipeline)
+    step=${STEP:-all}
+    if [[ $step == all || $step == *tests* ]]; then
+      python3 -m pytest -q -m gpu tests/fa3trt/serving tests/deploy/test_gpu_streams.py -p no:cacheprovider 2>&1 | tee -a "$log" | tail -15
+    fi
+    if [[ $step == all || $step == *models* ]]; then
+      for cfg in ${CONFIGS:-examples/serve_flux_gpu.yaml examples/serve_sd3_gpu.yaml}; do
+        python3 -m bench.serve_model --config "$cfg" --requests "${REQUESTS:-32}" --concurrency "${CONCURRENCY:-16}" \
+          --passes "${PASSES:-direct,direct-device,served,served+graphs,compiled-sdpa,compiled-routed,served+compile}" \
+          --out "$out" --name "serve_model_$(basename "$cfg" .yaml)${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING|^\s*$" | tee -a "$log"
+      done
+    fi
+    if [[ $step == all || $step == *seed* ]]; then
+      # The seed model (2 layers) through the handle, closed loop, the 256-2048 mix: this tree and BASELINE (a
+      # checkout of the code before, e.g. `git archive <commit>`), in turn, RUNS times, each in a fresh process.
+      site=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+      for run in ${RUNS:-1 2}; do
+        for tree in "$PWD" ${BASELINE:+"$(cd "$BASELINE" && pwd)"}; do
+          label=$([ "$tree" = "$PWD" ] && echo new || echo baseline)
+          (cd "$tree" && PYTHONPATH="$site:$tree" python3 -m bench.serving --preset seed --layers 2 --scenarios buckets \
+            --requests "${SEED_REQUESTS:-640}" --concurrency 32 --out "$out" --name "serving_seed2_${label}_run$run" 2>&1 \
+            | grep --line-buffered -E "serve buckets|card:" | sed "s/^/$label run $run: /" | tee -a "$log")
+        done
+      done
+    fi
     ;;
   transports)
     # `serve run serve_config.yaml` of the seed model (LAYERS=2) with direct ingress on, then bench.transports: handles,
