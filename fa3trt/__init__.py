@@ -5,7 +5,7 @@ modules that use them (``fa3trt.trt._trt`` alone imports TensorRT; ``fa3trt.atte
 """
 
 from fa3trt.attention.op import attention
-from fa3trt.attention.routing import RoutingReport, route_attention
+from fa3trt.attention.routing import RoutingReport, compile_routed, route_attention
 from fa3trt.errors import (
     ArtifactCorruptError,
     ArtifactNotFoundError,
@@ -33,6 +33,7 @@ from fa3trt.trt import available as tensorrt_available
 __all__ = [
     "attention",
     "route_attention",
+    "compile_routed",
     "RoutingReport",
     "tensorrt_available",
     "ModelConfig",

@@ -9,11 +9,12 @@ Nothing here imports a model, the exporter, TensorRT or the serving code.
 """
 
 from fa3trt.attention.op import MODE_FP8, MODE_NATIVE, PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION, attention
-from fa3trt.attention.routing import RoutingReport, route_attention
+from fa3trt.attention.routing import RoutingReport, compile_routed, route_attention
 
 __all__ = [
     "attention",
     "route_attention",
+    "compile_routed",
     "RoutingReport",
     "MODE_NATIVE",
     "MODE_FP8",

@@ -174,12 +174,12 @@ def test_every_gpu_kernel_general_call(
 def test_fp8_model_is_refused_on_a_gpu_without_an_fp8_kernel() -> None:
     from fa3trt.attention.kernels.fp8 import fp8_refusal
     from fa3trt.errors import MissingDependencyError
-    from fa3trt.models.reference import ModelConfig
-    from fa3trt.serving.backends import TorchBackend
+    from fa3trt.models.spec import ReferenceSpec
+    from fa3trt.serving.torch_backend import TorchBackend
 
-    cfg = ModelConfig.preset("tiny", attn_mode=1, dtype="bfloat16")
-    if fp8_refusal("cuda", available_kernels("cuda"), cfg.head_dim) is None:
-        TorchBackend(cfg, device="cuda")  # FA3's FP8 kernel is here: it loads
+    spec = ReferenceSpec(preset="tiny", attn_mode=1, dtype="bfloat16")
+    if fp8_refusal("cuda", available_kernels("cuda"), spec.config().head_dim) is None:
+        TorchBackend(spec, device="cuda")  # FA3's FP8 kernel is here: it loads
     else:
         with pytest.raises(MissingDependencyError, match="fa3_build"):
-            TorchBackend(cfg, device="cuda")
+            TorchBackend(spec, device="cuda")
