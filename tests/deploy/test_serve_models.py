@@ -234,26 +234,31 @@ def test_bad_inputs_are_4xx_naming_the_input(cluster: dict[str, str], bert: torc
     assert r.status_code == 422 and "input_ids" in r.json()["error"]
 
 
-def test_handle_from_another_ray_job(cluster: dict[str, str], bert: torch.nn.Module, tmp_path: Path) -> None:
+@pytest.mark.parametrize("app, lengths", [("bert", "7,30,60"), ("flux", "16,16,40"), ("sd3", "8,16,16")])
+def test_handle_from_another_ray_job(
+    cluster: dict[str, str],
+    app: str,
+    lengths: str,
+    flux: torch.nn.Module,
+    bert: torch.nn.Module,
+    sd3: torch.nn.Module,
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "handle.npz"
-    cmd = [sys.executable, "examples/handle_client.py", "--app", "bert", "--lengths", "7,30,60", "--save", str(out)]
+    cmd = [sys.executable, "examples/handle_client.py", "--app", app, "--lengths", lengths, "--save", str(out)]
     r = run(cmd, cluster, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "last_hidden_state (60, 32) float32" in r.stdout, r.stdout
+    models = {"flux": flux, "bert": bert, "sd3": sd3}
     with np.load(out, allow_pickle=False) as data:
         for i in range(3):
-            np.testing.assert_allclose(
-                data[f"out{i}_last_hidden_state"], bert_expect(bert, data[f"in{i}_input_ids"]), atol=ATOL
-            )
+            req = {k.split("_", 1)[1]: data[k] for k in data.files if k.startswith(f"in{i}_")}
+            (got,) = [data[k] for k in data.files if k.startswith(f"out{i}_")]
+            np.testing.assert_allclose(got, _expect(app, models, req), atol=ATOL)
 
 
-def test_sd3_latents_over_http_kserve_and_the_handle(
-    cluster: dict[str, str], sd3: torch.nn.Module, tmp_path: Path
-) -> None:
+def test_sd3_latents_over_http(cluster: dict[str, str], sd3: torch.nn.Module) -> None:
     """A DiT with 4-D latents through the one pipeline: equal shapes batched, other sizes apart,
-    over .npz, JSON and KServe v2 (tritonclient), each answer the eager unrouted model's."""
-    import tritonclient.http as httpclient
-
+    over .npz and JSON, each answer the eager unrouted model's."""
     reqs = [sd3_request(16, 12, 8, i) for i in range(3)] + [sd3_request(32, 8, 8, 3), sd3_request(6, 64, 3, 4)]
     with cf.ThreadPoolExecutor(8) as pool:
         npz = list(pool.map(lambda r: post_npz("sd3", r), reqs))
@@ -265,19 +270,6 @@ def test_sd3_latents_over_http_kserve_and_the_handle(
     for req, r in zip(reqs[3:], js):
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(np.asarray(r.json()["outputs"]["sample"]), sd3_expect(sd3, req), atol=ATOL)
-    client = httpclient.InferenceServerClient("127.0.0.1:8000/sd3")  # the app's routes under its prefix
-    rows = reqs[:2]  # the protocol's batch axis: two rows of one shape
-    inputs = []
-    for name in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"):
-        x = np.stack([np.asarray(r[name], np.float32) for r in rows])
-        inp = httpclient.InferInput(name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x, binary_data=True)
-        inputs.append(inp)
-    out = client.infer("sd3", inputs).as_numpy("sample")
-    for i, r in enumerate(rows):
-        np.testing.assert_allclose(out[i], sd3_expect(sd3, r), atol=ATOL)
-    meta = client.get_model_metadata("sd3")
-    assert meta["inputs"][0] == {"name": "hidden_states", "datatype": "FP32", "shape": [-1, 4, -1, -1]}
 
 
 @pytest.mark.parametrize(
@@ -294,3 +286,45 @@ def test_latent_sizes_the_model_cannot_take_are_422_naming_the_axis(
 ) -> None:
     r = post_npz("sd3", sd3_request(h, w, 8, 0))
     assert r.status_code == 422 and message in r.json()["error"], r.text
+
+
+def _rows(app: str) -> list[dict[str, np.ndarray]]:
+    """Two requests of one shape for ``app``, as the protocol's batch axis carries them."""
+    if app == "flux":
+        return [flux_request(16, 8, i) for i in range(2)]
+    if app == "bert":
+        rng = np.random.default_rng(11)
+        return [{"input_ids": rng.integers(0, 64, 20)} for _ in range(2)]
+    return [sd3_request(16, 12, 8, i) for i in range(2)]
+
+
+def _expect(app: str, models: dict[str, torch.nn.Module], req: dict[str, np.ndarray]) -> np.ndarray:
+    if app == "flux":
+        return flux_expect(models[app], req)
+    if app == "bert":
+        return bert_expect(models[app], req["input_ids"])
+    return sd3_expect(models[app], req)
+
+
+@pytest.mark.parametrize("app", list(APPS))
+def test_kserve_v2_of_every_model(
+    cluster: dict[str, str], app: str, flux: torch.nn.Module, bert: torch.nn.Module, sd3: torch.nn.Module
+) -> None:
+    """The unmodified tritonclient against each app's own routes (under its prefix): every
+    declared input a protocol input, a row per request, each answer the eager unrouted model's."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:8000/{app}")
+    meta = client.get_model_metadata(app)
+    rows = _rows(app)
+    inputs = []
+    for spec in meta["inputs"]:
+        x = np.stack([np.asarray(r[spec["name"]]) for r in rows])
+        x = x.astype(np.int64 if spec["datatype"].startswith("INT") else np.float32)
+        inp = httpclient.InferInput(spec["name"], list(x.shape), spec["datatype"])
+        inp.set_data_from_numpy(x, binary_data=True)
+        inputs.append(inp)
+    out = client.infer(app, inputs).as_numpy(meta["outputs"][0]["name"])
+    models = {"flux": flux, "bert": bert, "sd3": sd3}
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(out[i], _expect(app, models, r), atol=ATOL)
