@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from fa3trt.signature import Signature, round_up
+from fa3trt.transfer import to_device
 
 __all__ = ["GraphRunner", "batch_rows"]
 
@@ -156,7 +157,9 @@ class GraphRunner:
                 static.copy_(t, non_blocking=True)
                 continue
             if spec.fill == "lengths":
-                static[:b].copy_(t, non_blocking=True)
+                # Host lengths (a batch without padding) go through page-locked memory: a copy
+                # from pageable memory would wait for the GPU.
+                static[:b].copy_(to_device(t, self.device))
                 static[b:].zero_()
                 continue
             dim = 1 + spec.axes.index(sig.bucketed) if sig.bucketed in spec.axes else None
