@@ -1,24 +1,23 @@
-"""Helpers for tests and benchmarks: the numerical reference, a queued device timer, and
-row splitting. Public and documented; no serving path uses them.
+"""Helpers for tests and benchmarks: the numerical reference, one kernel as the op runs it, and
+a queued device timer. Public and documented; no serving path uses them.
 
 - ``reference_attention``: plain softmax(QK^T/sqrt(d))V with a key-padding mask in float64, the
   reference every kernel is compared against.
 - ``run_kernel``: one named kernel as the op runs it (what it lacks on the next in line), mode 0.
 - ``time_queued``: device and host time per call of work queued behind a GPU sleep.
-- ``split_rows``: each sequence's own rows of a padded batch.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fa3trt.attention.kernels.selector import kernel_for
 
-__all__ = ["reference_attention", "run_kernel", "time_queued", "split_rows"]
+__all__ = ["reference_attention", "run_kernel", "time_queued"]
 
 
 def reference_attention(
@@ -78,12 +77,6 @@ def run_kernel(
     cross = q.shape[1] != k.shape[1] or (seq_lens_k is not None and seq_lens_k is not seq_lens)
     kernel = kernel_for(name, q.device, q.dtype, q.shape[-1], cross=cross, causal=causal, gqa=q.shape[2] != k.shape[2])
     return kernel.forward(q, k, v, seq_lens, seq_lens_k, causal=causal, scale=softmax_scale)
-
-
-def split_rows(y: torch.Tensor, seq_lens: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
-    """Each sequence's own rows of a padded (B, L, D) output (views)."""
-    lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else list(seq_lens)
-    return [y[i, :n] for i, n in enumerate(lens)]
 
 
 def time_queued(fn: Callable[[], Any], *, calls: int = 20, sleep_cycles: int = 100_000_000) -> tuple[float, float]:

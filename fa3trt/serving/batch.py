@@ -101,7 +101,9 @@ def assemble(
     padded = signature.batching == "pad" and any(n < longest for n in lengths)
     cuda = device.type == "cuda"
     lens = torch.tensor(lengths, dtype=torch.int32)
-    lens_dev = to_device(lens, device) if cuda else lens
+    # On the device where a mask is made there, or where the kernel reads padded lengths there.
+    wants = any(t.fill == "mask" for t in signature.inputs) or (lengths_on_device and padded)
+    lens_dev = to_device(lens, device) if cuda and wants else lens
     finite: dict[str, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for t in signature.inputs:
