@@ -54,6 +54,18 @@ class RequestError(InvalidInputError):
         self.status = status
 
 
+class DeadlineError(RequestError):
+    """A generation refused at admission: its deadline cannot be met (HTTP 429). ``estimate_s``
+    is the time it would have taken, from now."""
+
+    def __init__(self, message: str, estimate_s: float) -> None:
+        super().__init__(message, status=429)
+        self.estimate_s = estimate_s
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray pickles it back to the caller
+        return (type(self), (str(self), self.estimate_s))
+
+
 class ConfigError(Fa3TrtError, ValueError):
     """A configuration value is out of range or inconsistent with another one."""
 

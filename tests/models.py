@@ -3,6 +3,9 @@ random weights from a fixed seed (the same configs as examples/serve_flux.yaml a
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
@@ -48,3 +51,66 @@ def tiny_bert(max_positions: int = 32) -> torch.nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     return transformers.BertModel(transformers.BertConfig(max_position_embeddings=max_positions, **BERT_CONFIG)).eval()
+
+
+# The generation app's tiny transformer (examples/generate_flux.yaml): FLUX.1-dev-style, with the
+# distilled guidance embedding, and FLUX.1-dev's scheduler.
+FLUX_GEN_CONFIG = {
+    **FLUX_CONFIG,
+    "axes_dims_rope": [4, 6, 6],
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "guidance_embeds": True,
+}
+FLUX_DEV_SCHEDULER = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def flux_pipeline_latents(transformer: torch.nn.Module, fields: dict[str, Any]) -> np.ndarray:
+    """The final packed latents (S, C) diffusers' ``FluxPipeline`` gives for a generation request's
+    fields (eager ``transformer``, no VAE, ``output_type="latent"``): the reference of the
+    generation app."""
+    diffusers = pytest.importorskip("diffusers")
+
+    def tensor(name: str) -> torch.Tensor | None:
+        return torch.from_numpy(np.asarray(fields[name], np.float32))[None] if name in fields else None
+
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV_SCHEDULER),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        out = pipe(
+            prompt_embeds=tensor("prompt_embeds"),
+            pooled_prompt_embeds=tensor("pooled_prompt_embeds"),
+            negative_prompt_embeds=tensor("negative_prompt_embeds"),
+            negative_pooled_prompt_embeds=tensor("negative_pooled_prompt_embeds"),
+            true_cfg_scale=fields.get("true_cfg_scale", 1.0),
+            height=fields["height"],
+            width=fields["width"],
+            num_inference_steps=fields["steps"],
+            guidance_scale=fields.get("guidance_scale", 3.5),
+            generator=torch.Generator("cpu").manual_seed(fields.get("seed", 0)),
+            latents=tensor("latents"),
+            output_type="latent",
+        )
+    return out.images[0].numpy()
+
+
+def tiny_flux_gen(seed: int = 0) -> torch.nn.Module:
+    """The generation app's tiny transformer as diffusers builds it, unrouted (``seed`` as the config's)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    return diffusers.FluxTransformer2DModel.from_config(FLUX_GEN_CONFIG).eval()

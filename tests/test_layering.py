@@ -6,7 +6,8 @@
 - the pipeline's rooms point one way (``ARROWS``): the op, the kernels and the routing know no
   model, exporter, engine or server; the exporter knows no model or engine; the TensorRT layer
   knows no model, exporter or store (what to build and where to keep it is ``fa3trt.artifacts``');
-  the models know no engine or server;
+  the models know no engine or server; the generation loop knows no engine, exporter or store (its
+  backend is handed to it);
 - no module imports another module's private name, and nothing outside ``fa3trt`` imports a
   private module of it;
 - ``build_jobs`` and ``deploy`` never import each other;
@@ -55,7 +56,15 @@ ARROWS: dict[str, tuple[str, ...]] = {
         "fa3trt.config",
     ),
     "fa3trt/models/": ("fa3trt.trt", "fa3trt.serving", "fa3trt.artifacts", "fa3trt.store", "fa3trt.config"),
-    "fa3trt/serving/": ("fa3trt.config",),
+    "fa3trt/serving/": ("fa3trt.config", "fa3trt.generation"),
+    "fa3trt/generation/": (
+        "fa3trt.trt",
+        "fa3trt.onnx",
+        "fa3trt.serving",
+        "fa3trt.artifacts",
+        "fa3trt.store",
+        "fa3trt.config",
+    ),
     "fa3trt/artifacts.py": ("fa3trt.serving", "fa3trt.config"),
     "fa3trt/config.py": ("fa3trt.serving", "fa3trt.trt", "fa3trt.artifacts", "fa3trt.onnx"),
     "fa3trt/store.py": ("fa3trt.models", "fa3trt.trt", "fa3trt.serving", "fa3trt.onnx", "fa3trt.attention"),
@@ -63,7 +72,8 @@ ARROWS: dict[str, tuple[str, ...]] = {
 # The contract every room shares: these import no room of the pipeline.
 for _base in ("errors", "defaults", "_hashing", "buckets", "signature", "requests", "transfer"):
     ARROWS[f"fa3trt/{_base}.py"] = tuple(
-        f"fa3trt.{r}" for r in ("attention", "models", "onnx", "trt", "serving", "artifacts", "store", "config")
+        f"fa3trt.{r}"
+        for r in ("attention", "models", "onnx", "trt", "serving", "artifacts", "store", "config", "generation")
     )
 
 

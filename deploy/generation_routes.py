@@ -1,0 +1,143 @@
+"""The generation app's HTTP routes, mixed into its replica (``deploy.generation``).
+
+Contract: ``POST /v1/generate`` takes JSON (``{"prompt_embeds": [[...]], "pooled_prompt_embeds":
+[...], "height": 1024, "width": 1024, "steps": 28, "seed": 7, "deadline_ms": 30000}``) or an
+``.npz`` body (the arrays, and the other fields as 0-d arrays). It answers the final latents: as
+JSON (``{"latents": [[...]], "steps": n, "seconds": s}``) or as ``.npz`` for an ``.npz`` request.
+With ``"stream": true`` (or ``Accept: text/event-stream``) it answers server-sent events: one
+``step`` event per denoising step (``{"step": i, "steps": n}``), then a ``done`` event holding
+the latents as a base64 ``.npy`` (``latents_npy``). A bad field is a 422 naming it; a deadline
+that cannot be met a 429 with the estimate (``estimate_ms``); a client that goes away cancels its
+generation, which frees its slot at the next step boundary. ``GET /v1/info`` and
+``GET /v1/stats`` describe the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from deploy.codec import decode_npz, encode_npy, encode_npz, load_json
+from fa3trt.errors import DeadlineError, InvalidInputError, RequestError
+
+if TYPE_CHECKING:
+    from fa3trt.generation.config import GenerationArgs
+
+__all__ = ["gen_api", "GenerationRoutes", "NPZ", "EVENTS"]
+
+log = logging.getLogger("ray.serve")
+
+gen_api = FastAPI(title="fa3trt generation", description="The denoising loop on the server")
+
+NPZ = "application/x-npz"
+EVENTS = "text/event-stream"
+
+
+def _scalars(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """An ``.npz`` body's fields: 0-d arrays as Python values, the rest as they are."""
+    return {k: (v.item() if v.ndim == 0 else v) for k, v in arrays.items()}
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _error(e: Exception) -> JSONResponse:
+    if isinstance(e, DeadlineError):
+        return JSONResponse({"error": str(e), "estimate_ms": round(e.estimate_s * 1e3, 1)}, status_code=429)
+    if isinstance(e, RequestError):
+        return JSONResponse({"error": str(e)}, status_code=e.status)
+    return JSONResponse({"error": str(e)}, status_code=422)
+
+
+class GenerationRoutes:
+    """``/v1/generate``, ``/v1/info``, ``/v1/stats`` on the class that runs the loop."""
+
+    if TYPE_CHECKING:
+        args: GenerationArgs
+
+        async def generate(self, request: Any) -> dict[str, Any]: ...
+
+        def generate_stream(self, request: Any) -> AsyncIterator[dict[str, Any]]: ...
+
+        async def replica_info(self) -> dict[str, Any]: ...
+
+        async def replica_stats(self) -> dict[str, Any]: ...
+
+    async def _body(self, request: Request) -> tuple[dict[str, Any], bool]:
+        """The request's fields, and whether it came as ``.npz``."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in (NPZ, "application/json"):
+            raise RequestError(
+                f"Content-Type {ctype or '(none)'!r} is not supported; use application/json or {NPZ}", 415
+            )
+        body = await request.body()
+        if len(body) > self.args.max_body_bytes:
+            raise RequestError(f"body of {len(body)} bytes exceeds the limit of {self.args.max_body_bytes} bytes", 413)
+        if ctype == NPZ:
+            return _scalars(decode_npz(body, self.args.max_body_bytes)), True
+        doc = load_json(body)
+        if not isinstance(doc, dict):
+            raise InvalidInputError(
+                'a generation request is a JSON object of fields, e.g. {"prompt_embeds": [[...]], ...}'
+            )
+        return doc, False
+
+    @gen_api.post("/v1/generate")
+    async def generate_http(self, request: Request) -> Response:
+        """One generation over HTTP (see the module docstring)."""
+        try:
+            fields, npz = await self._body(request)
+            stream = bool(fields.get("stream")) or EVENTS in request.headers.get("accept", "")
+            fields.pop("stream", None)
+            if stream:
+                events = self.generate_stream(fields)
+                first = await anext(events)  # a bad request or a refused deadline fails here, as an error status
+                return StreamingResponse(self._sse(first, events), media_type=EVENTS)
+            out = await asyncio.wait_for(self.generate(fields), self.args.request_timeout_s)
+        except (InvalidInputError, DeadlineError) as e:
+            return _error(e)
+        except TimeoutError:
+            return JSONResponse(
+                {"error": f"generation timed out after {self.args.request_timeout_s}s"}, status_code=504
+            )
+        if npz:
+            return Response(encode_npz({"latents": out["latents"]}), media_type=NPZ)
+        return JSONResponse({"latents": out["latents"].tolist(), "steps": out["steps"], "seconds": out["seconds"]})
+
+    async def _sse(self, first: dict[str, Any], events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+        """Server-sent events of one generation: its steps, then its latents."""
+
+        async def chain() -> AsyncIterator[dict[str, Any]]:
+            yield first
+            async for e in events:
+                yield e
+
+        async for e in chain():
+            if "latents" in e:
+                npy = base64.b64encode(encode_npy(np.ascontiguousarray(e["latents"]))).decode()
+                yield _event("done", {"steps": e["steps"], "seconds": e["seconds"], "latents_npy": npy})
+            else:
+                yield _event("step", e)
+
+    @gen_api.get("/v1/info")
+    async def info(self) -> dict[str, Any]:
+        return await self.replica_info()
+
+    @gen_api.get("/v1/stats")
+    async def stats(self) -> dict[str, Any]:
+        return await self.replica_stats()
+
+
+def decode_sse_latents(data: dict[str, Any]) -> np.ndarray:
+    """The latents of a ``done`` event (for clients)."""
+    return np.load(io.BytesIO(base64.b64decode(data["latents_npy"])), allow_pickle=False)

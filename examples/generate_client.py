@@ -1,0 +1,99 @@
+"""Call the generation app (``serve run examples/generate_flux.yaml``) over HTTP or by handle.
+
+    python examples/generate_client.py                      # HTTP, server-sent events per step
+    python examples/generate_client.py --handle             # from another Ray job, streamed
+
+Reads the app's limits (``/v1/info``), makes random prompt embeddings of its widths (a real
+client sends its text encoder's), asks for one image of ``--size`` pixels, prints each step as it
+lands, and with --save writes the final packed latents to an .npy file (decode them with the
+model's VAE after unpacking, as diffusers' FluxPipeline does with ``output_type="latent"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import numpy as np
+import requests
+
+from deploy.generation_routes import decode_sse_latents
+
+
+def request_fields(
+    limits: dict[str, Any], size: int, steps: int, seed: int, deadline_ms: float | None
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    fields: dict[str, Any] = {
+        "prompt_embeds": rng.standard_normal((min(16, limits["max_text_tokens"]), limits["text_dim"])).astype(
+            np.float32
+        ),
+        "pooled_prompt_embeds": rng.standard_normal(limits["pooled_dim"]).astype(np.float32),
+        "height": size,
+        "width": size,
+        "steps": steps,
+        "seed": seed,
+    }
+    if deadline_ms is not None:
+        fields["deadline_ms"] = deadline_ms
+    return fields
+
+
+def over_http(url: str, fields: dict[str, Any]) -> np.ndarray:
+    body = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in fields.items()} | {"stream": True}
+    with requests.post(f"{url}/v1/generate", json=body, stream=True, timeout=600) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"HTTP {r.status_code}: {r.text}")
+        event = None
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if event == "done":
+                    print(f"done in {data['seconds']:.3f} s")
+                    return decode_sse_latents(data)
+                print(f"step {data['step']}/{data['steps']}")
+    raise SystemExit("the stream ended without a done event")
+
+
+def over_handle(address: str, app: str, fields: dict[str, Any]) -> np.ndarray:
+    import ray
+    from ray import serve
+
+    ray.init(address=address, logging_level="WARNING")
+    handle = serve.get_app_handle(app)
+    for event in handle.options(stream=True).generate_stream.remote(fields):
+        if "latents" in event:
+            print(f"done in {event['seconds']:.3f} s")
+            return np.asarray(event["latents"])
+        print(f"step {event['step']}/{event['steps']}")
+    raise SystemExit("the stream ended without the answer")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the app's HTTP address")
+    p.add_argument("--handle", action="store_true", help="call through the deployment handle (another Ray job)")
+    p.add_argument("--address", default="auto", help="Ray cluster address for --handle")
+    p.add_argument("--app", default="fa3trt-generate", help="Serve application name for --handle")
+    p.add_argument("--size", type=int, default=128, help="image height and width in pixels")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline-ms", type=float, default=None, help="the time the generation may take")
+    p.add_argument("--save", default=None, help="write the final latents to this .npy")
+    args = p.parse_args()
+
+    limits = requests.get(f"{args.url}/v1/info", timeout=30).json()["limits"]
+    fields = request_fields(limits, args.size, args.steps, args.seed, args.deadline_ms)
+    t0 = time.perf_counter()
+    latents = over_handle(args.address, args.app, fields) if args.handle else over_http(args.url, fields)
+    print(f"latents {latents.shape} {latents.dtype} in {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    if args.save:
+        np.save(args.save, latents)
+
+
+if __name__ == "__main__":
+    main()

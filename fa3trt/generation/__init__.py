@@ -1,0 +1,18 @@
+"""Generation: the denoising loop on the server, batched step by step across requests.
+
+- ``config``: the generation app's arguments (``GenerationArgs``);
+- ``requests``: one request checked field by field (``parse_request``);
+- ``flux``: FLUX-style transformers in the loop, step for step as diffusers' ``FluxPipeline``;
+- ``policy``: which requests run the next pass (earliest deadline first, or FIFO), the cost
+  model and the admission estimate;
+- ``engine``: the requests in flight and their passes (``StepEngine``).
+
+No Ray here: ``deploy.generation`` serves it.
+"""
+
+from fa3trt.generation.config import GenerationArgs
+from fa3trt.generation.engine import Generation, StepEngine
+from fa3trt.generation.flux import FluxFamily
+from fa3trt.generation.requests import GenerateRequest, parse_request
+
+__all__ = ["GenerationArgs", "GenerateRequest", "parse_request", "FluxFamily", "Generation", "StepEngine"]

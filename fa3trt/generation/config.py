@@ -1,0 +1,125 @@
+"""The generation app's arguments (``args:`` of an application with ``import_path:
+deploy.generation:build_app``).
+
+Contract: validated with pydantic; unknown keys are refused; every field has a bound and a
+description. The transformer is a diffusers DiT named as any model source is (class and config,
+or a local folder), without inputs: its family's adapter (``fa3trt.generation.flux``) declares
+them, so the transformer runs through the same backends as any served model (torch under
+routing, CUDA graphs, ``torch.compile``, or its TensorRT engine). The scheduler is a diffusers
+scheduler class and its config (flow-matching Euler, FLUX.1-dev's shift, by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fa3trt import defaults
+from fa3trt.buckets import Buckets
+from fa3trt.errors import ConfigError
+
+__all__ = ["TransformerArgs", "SchedulerArgs", "GenerationArgs", "GENERATION_IMPORT_PATH", "FLUX_SCHEDULER"]
+
+GENERATION_IMPORT_PATH = "deploy.generation:build_app"
+
+FLUX_SCHEDULER: dict[str, Any] = {
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+"""FLUX.1-dev's flow-matching Euler scheduler config (the default)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TransformerArgs(_Strict):
+    """The denoising transformer: a diffusers class from a config or a local folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    source: Literal["diffusers"] = Field("diffusers", description="Where the transformer comes from.")
+    class_name: str = Field("FluxTransformer2DModel", alias="class", description="The diffusers transformer class.")
+    config: dict[str, Any] | None = Field(
+        None, description="The class's config (random weights from seed, or weights=)."
+    )
+    path: str | None = Field(None, description="A local from_pretrained folder of the transformer instead of config.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="The transformer's dtype.")
+    routing: Literal["auto", "sdpa", "off"] = Field("auto", description="How its attention reaches the op.")
+    seed: int = Field(defaults.SEED, ge=0, description="Seed of the random init when no weights are given.")
+    weights: str | None = Field(None, description="Safetensors file of the transformer's state dict.")
+
+    @model_validator(mode="after")
+    def _config_or_path(self) -> TransformerArgs:
+        if (self.config is None) == (self.path is None):
+            raise ValueError("transformer needs exactly one of transformer.config and transformer.path")
+        return self
+
+
+class SchedulerArgs(_Strict):
+    """The sampler: a diffusers scheduler class and its config, one instance per request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    class_name: str = Field(
+        "FlowMatchEulerDiscreteScheduler", alias="class", description="A diffusers scheduler class."
+    )
+    config: dict[str, Any] = Field(default_factory=lambda: dict(FLUX_SCHEDULER), description="Its config.")
+
+
+class GenerationArgs(_Strict):
+    """Everything the generation app takes."""
+
+    transformer: TransformerArgs
+    scheduler: SchedulerArgs = Field(default_factory=lambda: SchedulerArgs())
+    guidance_scale: float = Field(
+        3.5, ge=0.0, le=100.0, description="The distilled guidance a request gets when it names none (FLUX.1-dev)."
+    )
+    vae_scale_factor: int = Field(8, ge=1, le=64, description="Pixels per latent along each side (the VAE's).")
+    buckets: list[int] = Field(
+        default_factory=lambda: [256, 1024, 4096],
+        min_length=1,
+        max_length=64,
+        description="Ascending edges of the image-token count: one batch shape family and one TensorRT profile each.",
+    )
+    max_text_tokens: int = Field(512, ge=1, le=4096, description="The longest prompt embedding a request may carry.")
+    max_steps: int = Field(100, ge=1, le=10000, description="The most denoising steps a request may ask for.")
+    max_batch_rows: int = Field(8, ge=1, le=1024, description="Rows per transformer pass (a true-CFG request takes 2).")
+    policy: Literal["edf", "fifo"] = Field(
+        "edf", description="edf: earliest deadline first, preempting at step boundaries; fifo: arrival order."
+    )
+    backend: Literal["auto", "tensorrt", "torch"] = Field("auto", description="As the serving app's.")
+    store: str = Field(defaults.STORE, min_length=1, description="Artifact store for the transformer's engines.")
+    build_if_missing: bool = Field(defaults.BUILD_IF_MISSING, description="Build this GPU's engine at start.")
+    cuda_graphs: bool = Field(defaults.CUDA_GRAPHS, description="Torch backend: each step's batch as a CUDA graph.")
+    compile: bool = Field(defaults.COMPILE, description="Torch backend: the transformer under torch.compile.")
+    replicas: int | Literal["auto"] = Field(
+        defaults.REPLICAS, description="auto: one per GPU (one CPU replica without)."
+    )
+    max_queued_requests: int = Field(defaults.MAX_QUEUED_REQUESTS, ge=1, le=1 << 20, description="Serve's queue limit.")
+    max_body_bytes: int = Field(defaults.MAX_BODY_BYTES, ge=1024, le=1 << 32, description="Largest HTTP body.")
+    request_timeout_s: float = Field(600.0, gt=0, le=86400, description="Longest time a generation may take.")
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets_valid(cls, v: list[int]) -> list[int]:
+        try:
+            Buckets(tuple(v))
+        except ConfigError as e:
+            raise ValueError(str(e)) from e
+        return v
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"replicas must be 'auto' or an integer >= 1, got {v}")
+        return v
+
+    def bucket_set(self) -> Buckets:
+        return Buckets(tuple(self.buckets))

@@ -1,0 +1,226 @@
+"""Step-level continuous batching of generations: every pass a batch of requests in flight, each
+at its own step, one transformer pass, each request's own scheduler step. No Ray, no asyncio:
+``deploy.generation`` drives it from a loop.
+
+Contract:
+- ``StepEngine(family, backend, buckets, max_rows, policy)`` holds the requests in flight.
+  ``new(request)`` prepares one (its latents, ids, rows and scheduler on the backend's device) as
+  a ``Generation``; ``admit(gen)`` adds it, or refuses it with ``DeadlineError`` (the estimate
+  in its message) when the cost model says its deadline cannot be met, or that it would make a
+  request in flight miss a deadline that one would otherwise meet; ``cancel(gen)`` drops it
+  (its memory is free once the pass in flight, if any, is done).
+- ``pick()`` is the next pass's requests (``fa3trt.generation.policy``); ``step(batch)`` runs one
+  pass over them and each one's scheduler step, and returns the requests it finished. Requests
+  join and leave at any step boundary. ``admit``, ``cancel`` and ``pick`` may be called from
+  another thread than ``step``'s (a lock guards the requests in flight).
+- ``warm(rows)`` runs passes of each bucket's size at every row count and records the cost
+  model; warm-up requests never reach a caller.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fa3trt.buckets import Buckets
+from fa3trt.errors import DeadlineError
+from fa3trt.generation.flux import FluxFamily
+from fa3trt.generation.policy import CostModel, Policy, finish_times, pick
+from fa3trt.generation.requests import GenerateRequest
+
+__all__ = ["Generation", "StepEngine"]
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request in flight: its state on the device, its step, its deadline."""
+
+    request: GenerateRequest
+    key: tuple[Any, ...]
+    """What must be equal to share a pass: the image's and the prompt's sizes."""
+    bucket: int
+    arrival: float
+    deadline: float
+    latents: torch.Tensor
+    img_ids: torch.Tensor
+    txt_ids: torch.Tensor
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    guidance: float
+    scheduler: Any
+    timesteps: torch.Tensor
+    id: int = field(default_factory=lambda: next(_ids))
+    step: int = 0
+    cancelled: bool = False
+    on_step: Callable[[Generation], None] | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def cfg_scale(self) -> float:
+        return self.request.true_cfg_scale
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def remaining(self) -> int:
+        return self.steps - self.step
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps
+
+
+class StepEngine:
+    """The requests in flight and their passes (see the module docstring)."""
+
+    def __init__(
+        self,
+        family: FluxFamily,
+        backend: Any,
+        buckets: Buckets,
+        max_rows: int,
+        policy: Policy = "edf",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.family, self.backend, self.buckets = family, backend, buckets
+        self.max_rows, self.policy, self.clock = max_rows, policy, clock
+        self.cost = CostModel()
+        self.active: list[Generation] = []
+        self._lock = threading.Lock()
+        self.passes = 0
+        self.rows_run = 0
+
+    def new(self, request: GenerateRequest, on_step: Callable[[Generation], None] | None = None) -> Generation:
+        """``request`` prepared on the device (see the module docstring)."""
+        tokens = self.family.tokens(request.height, request.width)
+        now = self.clock()
+        start = self.family.start(request, self.backend.device, self.backend.dtype)
+        key = (request.height, request.width, int(request.prompt_embeds.shape[0]))
+        deadline = now + request.deadline_ms / 1e3 if request.deadline_ms is not None else math.inf
+        return Generation(
+            request,
+            key,
+            self.buckets.index(tokens),
+            now,
+            deadline,
+            start.latents,
+            start.img_ids,
+            start.txt_ids,
+            start.embeds,
+            start.pooled,
+            start.guidance,
+            start.scheduler,
+            start.timesteps,
+            on_step=on_step,
+        )
+
+    def admit(self, gen: Generation) -> float:
+        """Add ``gen`` to the requests in flight; returns the estimated seconds to its end, or
+        raises ``DeadlineError`` when its deadline cannot be met, or when going ahead of a request
+        in flight would make that one miss a deadline it would otherwise meet."""
+        with self._lock:
+            now = self.clock()
+            after = finish_times([*self.active, gen], self.cost, self.policy, self.max_rows)
+            eta = next(t for s, t in after if s is gen)
+            if now + eta > gen.deadline:
+                budget = (gen.deadline - gen.arrival) * 1e3
+                raise DeadlineError(
+                    f"deadline_ms {budget:.0f} cannot be met: this request would take about {eta * 1e3:.0f} ms with "
+                    f"the {len(self.active)} in flight; retry later, or give it {math.ceil(eta * 1e3)} ms",
+                    eta,
+                )
+            before = dict((s.id, t) for s, t in finish_times(self.active, self.cost, self.policy, self.max_rows))
+            for s, t in after:
+                if s is not gen and now + t > s.deadline >= now + before[s.id]:
+                    raise DeadlineError(
+                        f"this request would make a request in flight miss its deadline: its passes (about "
+                        f"{math.ceil(eta * 1e3)} ms) run ahead of or beside one due in {(s.deadline - now) * 1e3:.0f} "
+                        "ms; retry later" + ("" if gen.deadline == math.inf else ", or give it a later deadline"),
+                        eta,
+                    )
+            self.active.append(gen)
+            return eta
+
+    def cancel(self, gen: Generation) -> None:
+        with self._lock:
+            gen.cancelled = True
+            if gen in self.active:
+                self.active.remove(gen)
+
+    def pick(self) -> list[Generation]:
+        with self._lock:
+            return pick(self.active, self.policy, self.max_rows)
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def step(self, batch: Sequence[Generation]) -> list[Generation]:
+        """One pass over ``batch`` and each one's scheduler step; the requests it finished."""
+        batch = list(batch)
+        with torch.inference_mode():
+            out = self.backend.run(self.family.inputs(batch))
+            noises = self.family.noise(out, batch)
+            for gen, noise in zip(batch, noises):
+                t = gen.timesteps[gen.step]
+                gen.latents = gen.scheduler.step(noise, t, gen.latents, return_dict=False)[0].to(gen.latents.dtype)
+                gen.step += 1
+        self.passes += 1
+        self.rows_run += sum(g.rows for g in batch)
+        finished = [g for g in batch if g.done]
+        with self._lock:
+            for g in finished:
+                if g in self.active:
+                    self.active.remove(g)
+        for g in batch:
+            if g.on_step is not None and not g.cancelled:
+                g.on_step(g)
+        return finished
+
+    def warm(self, rows: Sequence[int] | None = None, steps: int = 4) -> CostModel:
+        """Passes of each bucket's largest square image with the longest prompt at each row count
+        in ``rows`` (default 1 and every power of two up to ``max_rows``), timed into the cost
+        model: the first pass of a shape compiles and allocates, the median of the others is
+        recorded."""
+        counts = sorted(set(rows or [min(self.max_rows, 1 << i) for i in range(int(math.log2(self.max_rows)) + 1)]))
+        limits = self.family.limits()
+        for edge in self.buckets.edges:
+            side = max(1, math.isqrt(edge)) * limits.pixel_step
+            req = GenerateRequest(
+                prompt_embeds=np.zeros((limits.max_text_tokens, limits.text_dim), np.float32),
+                pooled_prompt_embeds=np.zeros(limits.pooled_dim, np.float32),
+                height=side,
+                width=side,
+                steps=max(2, steps),
+                guidance_scale=limits.default_guidance,
+                seed=0,
+            )
+            for n in counts:
+                gens = [self.new(req) for _ in range(n)]
+                timings = []
+                for _ in range(req.steps):
+                    t0 = time.perf_counter()
+                    self.step(gens)
+                    if self.backend.device.type == "cuda":
+                        torch.cuda.synchronize(self.backend.device)
+                    timings.append(time.perf_counter() - t0)
+                self.cost.record(gens[0].bucket, n, float(np.median(timings[1:])))
+        self.passes = self.rows_run = 0
+        log.info("generation cost model (seconds per pass by bucket x rows): %s", self.cost.to_dict())
+        return self.cost

@@ -1,0 +1,198 @@
+"""One generation request, checked before it is admitted: every bad field is an
+``InvalidInputError`` naming the field and what to send instead.
+
+Contract: ``parse_request(raw, limits)`` takes a mapping (JSON, an ``.npz`` body's arrays, or a
+handle call's dict) and returns a ``GenerateRequest``. Sizes come as ``height`` and ``width`` in
+pixels (multiples of the VAE's factor times the patch packing), or as ``tokens`` (a square image
+of that many image tokens). The noise comes from ``seed`` (one per request: its answer does not
+depend on what it is batched with) or as ``latents`` themselves. ``deadline_ms`` is the time the
+client gives the whole generation, from its arrival.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fa3trt.errors import InvalidInputError
+
+__all__ = ["GenerateRequest", "Limits", "parse_request", "FIELDS"]
+
+FIELDS = (
+    "prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+    "height",
+    "width",
+    "tokens",
+    "steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "seed",
+    "latents",
+    "deadline_ms",
+    "output",
+    "stream",
+)
+"""The fields a request may carry."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the app takes: the text embedding's width and length, the pooled width, the size
+    step in pixels, the largest image in tokens, the most steps, the latents' packed channels."""
+
+    text_dim: int
+    pooled_dim: int
+    max_text_tokens: int
+    pixel_step: int
+    max_tokens: int
+    max_steps: int
+    channels: int
+    default_guidance: float
+
+
+@dataclass
+class GenerateRequest:
+    """A checked request (arrays as float32; sizes in pixels)."""
+
+    prompt_embeds: np.ndarray
+    pooled_prompt_embeds: np.ndarray
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    negative_prompt_embeds: np.ndarray | None = None
+    negative_pooled_prompt_embeds: np.ndarray | None = None
+    true_cfg_scale: float = 1.0
+    latents: np.ndarray | None = None
+    deadline_ms: float | None = None
+    output: str = "latents"
+    stream: bool = False
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance with a negative prompt: two rows a step."""
+        return self.true_cfg_scale > 1.0 and self.negative_prompt_embeds is not None
+
+
+def _array(raw: Mapping[str, Any], name: str, rank: int, last: int, lead: str = "T") -> np.ndarray:
+    value = raw[name]
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"{name} must be an array of numbers ({e})") from e
+    if arr.ndim == rank + 1 and arr.shape[0] == 1:  # a batch of one, as diffusers' pipelines take them
+        arr = arr[0]
+    if arr.ndim != rank or arr.shape[-1] != last:
+        want = f"({lead + ', ' if rank == 2 else ''}{last})"
+        raise InvalidInputError(f"{name} has shape {tuple(arr.shape)}; it must be {want}")
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(f"{name} holds NaN or Inf; send finite values")
+    return arr
+
+
+def _number(raw: Mapping[str, Any], name: str, kind: type, lo: float, hi: float, default: Any = None) -> Any:
+    if name not in raw or raw[name] is None:
+        if default is None:
+            raise InvalidInputError(f"{name} is missing; send it")
+        return default
+    value = raw[name]
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and float(value) != int(value)):
+        raise InvalidInputError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    value = kind(value)
+    if not (lo <= value <= hi) or (kind is float and not math.isfinite(value)):
+        raise InvalidInputError(f"{name} = {value} is outside [{lo:g}, {hi:g}]")
+    return value
+
+
+def _size(raw: Mapping[str, Any], limits: Limits) -> tuple[int, int]:
+    step = limits.pixel_step
+    if "tokens" in raw and raw["tokens"] is not None:
+        if "height" in raw or "width" in raw:
+            raise InvalidInputError("send tokens, or height and width, not both")
+        tokens = _number(raw, "tokens", int, 1, limits.max_tokens)
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise InvalidInputError(
+                f"tokens = {tokens} is not a square (a square image); send {side * side} or height and width"
+            )
+        return side * step, side * step
+    height = _number(raw, "height", int, step, 1 << 16)
+    width = _number(raw, "width", int, step, 1 << 16)
+    for name, value in (("height", height), ("width", width)):
+        if value % step:
+            near = sorted({max(step, value // step * step), -(-value // step) * step})
+            raise InvalidInputError(
+                f"{name} = {value} is not a multiple of {step} (the VAE's factor times the patch size); "
+                f"send {' or '.join(map(str, near))}"
+            )
+    tokens = (height // step) * (width // step)
+    if tokens > limits.max_tokens:
+        raise InvalidInputError(
+            f"height x width = {height} x {width} is {tokens} image tokens, past the largest bucket ({limits.max_tokens})"
+        )
+    return height, width
+
+
+def parse_request(raw: Any, limits: Limits) -> GenerateRequest:
+    """``raw`` checked field by field (see the module docstring)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidInputError(f"a generation request is a mapping of field -> value, got {type(raw).__name__}")
+    if "prompt" in raw:
+        raise InvalidInputError("prompt needs a text encoder, which this app has none of; send prompt_embeds")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise InvalidInputError(f"unknown fields {unknown}; a request may carry {list(FIELDS)}")
+    for name in ("prompt_embeds", "pooled_prompt_embeds"):
+        if name not in raw:
+            raise InvalidInputError(f"{name} is missing: this app takes prompt embeddings (it has no text encoder)")
+    embeds = _array(raw, "prompt_embeds", 2, limits.text_dim)
+    if not 1 <= embeds.shape[0] <= limits.max_text_tokens:
+        raise InvalidInputError(f"prompt_embeds has {embeds.shape[0]} tokens; send 1 to {limits.max_text_tokens}")
+    pooled = _array(raw, "pooled_prompt_embeds", 1, limits.pooled_dim)
+    height, width = _size(raw, limits)
+    req = GenerateRequest(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        height=height,
+        width=width,
+        steps=_number(raw, "steps", int, 1, limits.max_steps, 28),
+        guidance_scale=_number(raw, "guidance_scale", float, 0.0, 100.0, limits.default_guidance),
+        true_cfg_scale=_number(raw, "true_cfg_scale", float, 1.0, 100.0, 1.0),
+        seed=_number(raw, "seed", int, 0, 2**63 - 1, 0),
+        deadline_ms=_number(raw, "deadline_ms", float, 1.0, 8.64e7, math.inf),
+        output=str(raw.get("output", "latents")),
+        stream=bool(raw.get("stream", False)),
+    )
+    if req.deadline_ms == math.inf:
+        req.deadline_ms = None
+    if req.output != "latents":
+        raise InvalidInputError(f"output {req.output!r} is not offered: this app has no VAE; send output 'latents'")
+    negatives = [n for n in ("negative_prompt_embeds", "negative_pooled_prompt_embeds") if n in raw]
+    if negatives:
+        if len(negatives) != 2:
+            raise InvalidInputError("send both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+        req.negative_prompt_embeds = _array(raw, "negative_prompt_embeds", 2, limits.text_dim)
+        req.negative_pooled_prompt_embeds = _array(raw, "negative_pooled_prompt_embeds", 1, limits.pooled_dim)
+        if req.negative_prompt_embeds.shape != embeds.shape:
+            raise InvalidInputError(
+                f"negative_prompt_embeds has shape {req.negative_prompt_embeds.shape}; it must be prompt_embeds' {embeds.shape}"
+            )
+    if "latents" in raw:
+        tokens = (height // limits.pixel_step) * (width // limits.pixel_step)
+        req.latents = _array(raw, "latents", 2, limits.channels, lead="S")
+        if req.latents.shape[0] != tokens:
+            raise InvalidInputError(
+                f"latents has {req.latents.shape[0]} tokens; height x width = {height} x {width} makes {tokens} "
+                f"(packed latents of shape ({tokens}, {limits.channels}))"
+            )
+    return req

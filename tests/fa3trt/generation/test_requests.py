@@ -1,0 +1,166 @@
+"""A generation request checked field by field, and the app's arguments: every bad value is
+refused with a message that names it and says what to send. No model runs here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from fa3trt.errors import ConfigError, InvalidInputError
+from fa3trt.generation import FluxFamily, GenerationArgs, parse_request
+from fa3trt.generation.policy import CostModel, finish_times, order, pick
+from fa3trt.generation.requests import Limits
+
+LIMITS = Limits(
+    text_dim=32,
+    pooled_dim=16,
+    max_text_tokens=64,
+    pixel_step=16,
+    max_tokens=256,
+    max_steps=50,
+    channels=8,
+    default_guidance=3.5,
+)
+
+
+def good(**extra: Any) -> dict[str, Any]:
+    return {
+        "prompt_embeds": np.zeros((8, 32), np.float32),
+        "pooled_prompt_embeds": np.zeros(16, np.float32),
+        "height": 128,
+        "width": 64,
+    } | extra
+
+
+def test_a_good_request_with_its_defaults() -> None:
+    r = parse_request(good(), LIMITS)
+    assert (r.height, r.width, r.steps, r.guidance_scale, r.seed, r.deadline_ms) == (128, 64, 28, 3.5, 0, None)
+    assert not r.cfg
+    # JSON lists, a batch of one as the pipelines take it, and the size as a token count.
+    r = parse_request(
+        {"prompt_embeds": [[[0.0] * 32] * 3], "pooled_prompt_embeds": [[1.0] * 16], "tokens": 64, "steps": 4}, LIMITS
+    )
+    assert (
+        r.prompt_embeds.shape == (3, 32) and r.pooled_prompt_embeds.shape == (16,) and (r.height, r.width) == (128, 128)
+    )
+    neg = {"negative_prompt_embeds": np.ones((8, 32)), "negative_pooled_prompt_embeds": np.ones(16)}
+    assert parse_request(good(true_cfg_scale=4.0, **neg), LIMITS).cfg
+    assert not parse_request(good(**neg), LIMITS).cfg  # true_cfg_scale 1: the negative prompt is unused
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompt_embeds": np.zeros((8, 31))}, r"prompt_embeds has shape \(8, 31\); it must be \(T, 32\)"),
+        ({"prompt_embeds": np.zeros((65, 32))}, "prompt_embeds has 65 tokens; send 1 to 64"),
+        ({"prompt_embeds": np.full((2, 32), np.nan)}, "prompt_embeds holds NaN or Inf"),
+        ({"prompt_embeds": "a cat"}, "prompt_embeds must be an array of numbers"),
+        ({"pooled_prompt_embeds": np.zeros(15)}, r"pooled_prompt_embeds has shape \(15,\); it must be \(16\)"),
+        ({"height": 100}, "height = 100 is not a multiple of 16 .*; send 96 or 112"),
+        ({"width": 8}, r"width = 8 is outside \[16, 65536\]"),
+        ({"height": 512, "width": 256}, "512 x 256 is 512 image tokens, past the largest bucket \\(256\\)"),
+        ({"height": 64.5}, "height must be an integer, got 64.5"),
+        ({"steps": 0}, r"steps = 0 is outside \[1, 50\]"),
+        ({"steps": True}, "steps must be an integer, got True"),
+        ({"guidance_scale": "high"}, "guidance_scale must be a number"),
+        ({"seed": -1}, r"seed = -1 is outside"),
+        ({"deadline_ms": 0}, r"deadline_ms = 0.0 is outside \[1, "),
+        ({"tokens": 64}, "send tokens, or height and width, not both"),
+        ({"prompt": "a cat"}, "prompt needs a text encoder.*send prompt_embeds"),
+        ({"nagative_prompt_embeds": np.zeros((8, 32))}, r"unknown fields \['nagative_prompt_embeds'\]"),
+        ({"negative_prompt_embeds": np.zeros((8, 32))}, "send both negative_prompt_embeds and negative_pooled"),
+        (
+            {"negative_prompt_embeds": np.zeros((4, 32)), "negative_pooled_prompt_embeds": np.zeros(16)},
+            r"negative_prompt_embeds has shape \(4, 32\); it must be prompt_embeds' \(8, 32\)",
+        ),
+        ({"latents": np.zeros((31, 8))}, r"latents has 31 tokens; height x width = 128 x 64 makes 32"),
+        ({"latents": np.zeros((32, 4))}, r"latents has shape \(32, 4\); it must be \(S, 8\)"),
+        ({"output": "png"}, "output 'png' is not offered: this app has no VAE"),
+    ],
+)
+def test_each_bad_field_is_named_with_the_fix(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        parse_request(good(**change), LIMITS)
+
+
+def test_a_missing_field_and_a_non_mapping() -> None:
+    with pytest.raises(InvalidInputError, match="pooled_prompt_embeds is missing"):
+        parse_request({"prompt_embeds": np.zeros((8, 32)), "height": 64, "width": 64}, LIMITS)
+    with pytest.raises(InvalidInputError, match="height is missing"):
+        parse_request({k: v for k, v in good().items() if k != "height"}, LIMITS)
+    sized = {k: v for k, v in good().items() if k not in ("height", "width")}
+    with pytest.raises(InvalidInputError, match="tokens = 60 is not a square .*send 49"):
+        parse_request(sized | {"tokens": 60}, LIMITS)
+    with pytest.raises(InvalidInputError, match=r"tokens = 324 is outside \[1, 256\]"):
+        parse_request(sized | {"tokens": 324}, LIMITS)
+    with pytest.raises(InvalidInputError, match="a mapping of field -> value, got list"):
+        parse_request([1, 2], LIMITS)
+
+
+FLUX = {"class": "FluxTransformer2DModel", "config": {"in_channels": 8, "joint_attention_dim": 32}}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"transformer": FLUX, "bucket": [64]}, "bucket"),
+        ({"transformer": FLUX | {"path": "/models/flux"}}, "exactly one of transformer.config and transformer.path"),
+        ({"transformer": FLUX, "buckets": [256, 64]}, "buckets"),
+        ({"transformer": FLUX, "max_batch_rows": 0}, "max_batch_rows"),
+        ({"transformer": FLUX, "policy": "sjf"}, "policy"),
+        ({"transformer": FLUX, "replicas": 0}, "replicas must be 'auto' or an integer >= 1"),
+    ],
+)
+def test_bad_app_arguments_are_refused_naming_the_key(args: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        GenerationArgs.model_validate(args)
+
+
+@pytest.mark.parametrize(
+    ("transformer", "message"),
+    [
+        ({"class": "SD3Transformer2DModel", "config": {}}, "runs FLUX-style transformers"),
+        (FLUX | {"config": {"patch_size": 2}}, "patch_size = 2: FLUX packs 2x2 latents itself; use 1"),
+        (FLUX | {"config": {"in_channels": 6}}, "in_channels = 6 is not 4 x the latent channels"),
+        ({"class": "FluxTransformer2DModel", "path": "/nonexistent"}, "/nonexistent/config.json is not a readable"),
+    ],
+)
+def test_transformers_the_loop_cannot_run_are_refused(transformer: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FluxFamily(GenerationArgs.model_validate({"transformer": transformer}))
+
+
+def test_a_scheduler_that_is_not_diffusers_is_refused() -> None:
+    pytest.importorskip("diffusers")
+    family = FluxFamily(GenerationArgs.model_validate({"transformer": FLUX, "scheduler": {"class": "Flux"}}))
+    with pytest.raises(ConfigError, match="scheduler.class 'Flux' is not a diffusers scheduler"):
+        family.scheduler()
+
+
+class S:
+    """A request in flight as the policy reads it."""
+
+    def __init__(self, key: str, rows: int, arrival: float, deadline: float, remaining: int) -> None:
+        self.key, self.bucket, self.rows = (key,), 0, rows
+        self.arrival, self.deadline, self.remaining = arrival, deadline, remaining
+
+
+def test_policy_orders_picks_and_replays_the_passes() -> None:
+    a, b, c, d = S("x", 1, 0, 9, 4), S("y", 1, 1, 2, 2), S("x", 1, 2, 5, 3), S("x", 2, 3, float("inf"), 1)
+    assert order([a, b, c, d], "edf") == [b, c, a, d]
+    assert order([d, c, b, a], "fifo") == [a, b, c, d]
+    assert pick([a, b, c, d], "edf", 8) == [b]
+    assert pick([a, c, d], "edf", 8) == [c, a, d]
+    assert pick([a, c, d], "edf", 2) == [c, a]  # d's two rows do not fit
+    cost = CostModel()
+    cost.record(0, 1, 1.0)
+    cost.record(0, 2, 1.5)
+    cost.record(0, 4, 1.2)  # noisier than the 2-row pass: read as 1.5
+    assert [cost.seconds(0, r) for r in (1, 2, 3, 4, 8)] == [1.0, 1.5, 1.5, 1.5, 3.0]
+    # edf: b alone 2 x 1.0; then c, a, d together (4 rows: 1.5) for d's 1 pass, c and a (2 rows)
+    # for 2 passes until c is done, a alone for its last.
+    times = dict((s.key + (s.arrival,), t) for s, t in finish_times([a, b, c, d], cost, "edf", 8))
+    assert times == {("y", 1): 2.0, ("x", 3): 3.5, ("x", 2): 6.5, ("x", 0): 7.5}
