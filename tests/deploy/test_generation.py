@@ -1,0 +1,233 @@
+"""The generation app end to end: `serve run examples/generate_flux.yaml` on a 2-CPU cluster,
+called over HTTP (JSON, .npz, server-sent steps) and through the handle from another Ray job.
+Every answer is compared with diffusers' FluxPipeline run alone on the eager, unrouted
+transformer built here from the same config and seed; a deadline the replica cannot meet is a
+429 with its estimate, a bad field a 422 naming it, and a client that goes away frees its slot.
+No mocks."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+
+from deploy.generation_routes import decode_sse_latents
+from tests.deploy.cluster import ROOT, URL, run, serve_cluster
+from tests.models import FLUX_GEN_CONFIG, flux_pipeline_latents, tiny_flux_gen
+
+ATOL = 1e-4
+CONFIG = ROOT / "examples/generate_flux.yaml"
+
+
+def test_the_example_is_the_tested_model() -> None:
+    args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
+    assert args["transformer"]["config"] == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in FLUX_GEN_CONFIG.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    with serve_cluster(tmp_path_factory.mktemp("generate"), num_cpus=2, config=CONFIG) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def eager() -> torch.nn.Module:
+    return tiny_flux_gen()
+
+
+def fields(size: int, steps: int, seed: int, **extra: Any) -> dict[str, Any]:
+    rng = np.random.default_rng(1000 + seed)
+    return {
+        "prompt_embeds": rng.standard_normal((8, 32)).astype(np.float32),
+        "pooled_prompt_embeds": rng.standard_normal(32).astype(np.float32),
+        "height": size,
+        "width": size,
+        "steps": steps,
+        "seed": seed,
+    } | extra
+
+
+def as_json(f: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in f.items()}
+
+
+def post(body: dict[str, Any], **kw: Any) -> requests.Response:
+    return requests.post(f"{URL}/v1/generate", json=as_json(body), timeout=120, **kw)
+
+
+def stats() -> dict[str, Any]:
+    return dict(requests.get(f"{URL}/v1/stats", timeout=10).json())
+
+
+def test_json_answers_are_the_pipelines_batched_step_by_step(cluster: dict[str, str], eager: torch.nn.Module) -> None:
+    reqs = [fields(128, 6, 1), fields(128, 9, 2), fields(64, 4, 3), fields(128, 5, 4, guidance_scale=6.0)]
+    reqs.append(
+        fields(128, 4, 5, true_cfg_scale=3.0)
+        | {
+            "negative_prompt_embeds": np.zeros((8, 32), np.float32),
+            "negative_pooled_prompt_embeds": np.zeros(32, np.float32),
+        }
+    )
+    before = stats()
+    with cf.ThreadPoolExecutor(len(reqs)) as pool:
+        answers = list(pool.map(post, reqs))
+    for r, a in zip(reqs, answers):
+        assert a.status_code == 200, a.text
+        body = a.json()
+        assert body["steps"] == r["steps"]
+        np.testing.assert_allclose(np.asarray(body["latents"]), flux_pipeline_latents(eager, r), atol=ATOL, rtol=0)
+    after = stats()
+    assert after["finished"] - before["finished"] == len(reqs)
+    rows = sum(r["steps"] * (2 if "true_cfg_scale" in r else 1) for r in reqs)
+    assert after["rows"] - before["rows"] == rows
+
+
+def test_npz_in_npz_out(cluster: dict[str, str], eager: torch.nn.Module) -> None:
+    f = fields(64, 5, 7, latents=np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32))
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in f.items()})
+    r = requests.post(
+        f"{URL}/v1/generate", data=buf.getvalue(), headers={"content-type": "application/x-npz"}, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/x-npz"
+    got = np.load(io.BytesIO(r.content), allow_pickle=False)["latents"]
+    np.testing.assert_allclose(got, flux_pipeline_latents(eager, f), atol=ATOL, rtol=0)
+
+
+def sse(r: requests.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    name = ""
+    for line in r.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[6:])
+
+
+def test_server_sent_steps_then_the_latents(cluster: dict[str, str], eager: torch.nn.Module) -> None:
+    f = fields(128, 7, 8)
+    with post(f | {"stream": True}, stream=True) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = list(sse(r))
+    assert [e for e, _ in events] == ["step"] * 8 + ["done"]
+    assert [d["step"] for _, d in events[:-1]] == list(range(8))
+    np.testing.assert_allclose(decode_sse_latents(events[-1][1]), flux_pipeline_latents(eager, f), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "message"),
+    [
+        ({"height": 100}, 422, "height = 100 is not a multiple of 16"),
+        ({"height": 512, "width": 256}, 422, "is 512 image tokens, past the largest bucket \\(256\\)"),
+        ({"prompt_embeds": np.zeros((8, 4))}, 422, r"prompt_embeds has shape \(8, 4\)"),
+        ({"steps": 101}, 422, r"steps = 101 is outside \[1, 100\]"),
+        ({"prompt": "a cat"}, 422, "send prompt_embeds"),
+    ],
+)
+def test_bad_fields_are_4xx_naming_them(
+    cluster: dict[str, str], change: dict[str, Any], status: int, message: str
+) -> None:
+    r = post(fields(64, 2, 0) | change)
+    assert r.status_code == status and r.json()["error"], r.text[:300]
+    assert re.search(message, r.json()["error"]), r.json()
+    stream = post(fields(64, 2, 0) | change | {"stream": True})  # refused before the stream starts
+    assert stream.status_code == status
+
+
+def test_wrong_content_type_and_body(cluster: dict[str, str]) -> None:
+    r = requests.post(f"{URL}/v1/generate", data=b"x", headers={"content-type": "text/plain"}, timeout=10)
+    assert r.status_code == 415 and "text/plain" in r.json()["error"]
+    r = requests.post(f"{URL}/v1/generate", data=b"[1]", headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 422 and "JSON object of fields" in r.json()["error"]
+
+
+def test_a_deadline_that_cannot_be_met_is_429_with_the_estimate(
+    cluster: dict[str, str], eager: torch.nn.Module
+) -> None:
+    before = stats()
+    r = post(fields(256, 100, 9, deadline_ms=1))
+    assert r.status_code == 429, r.text
+    assert "deadline_ms 1 cannot be met" in r.json()["error"] and r.json()["estimate_ms"] > 1
+    # Given the time it asked for (and a margin for the CPU's noise), the same request is served.
+    f = fields(64, 3, 9, deadline_ms=max(2000.0, 20 * r.json()["estimate_ms"]))
+    ok = post(f)
+    assert ok.status_code == 200, ok.text
+    np.testing.assert_allclose(np.asarray(ok.json()["latents"]), flux_pipeline_latents(eager, f), atol=ATOL, rtol=0)
+    assert stats()["refused"] - before["refused"] == 1
+
+
+def test_a_client_that_goes_away_frees_its_slot(cluster: dict[str, str]) -> None:
+    before = stats()
+    with post(fields(256, 100, 10, stream=True), stream=True) as r:
+        events = sse(r)
+        assert next(events)[0] == "step" and next(events)[0] == "step"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        now = stats()
+        if now["cancelled"] > before["cancelled"] and now["in_flight"] == 0:
+            break
+        time.sleep(0.2)
+    assert now["cancelled"] - before["cancelled"] == 1 and now["in_flight"] == 0, now
+    assert now["passes"] - before["passes"] < 100  # it did not run to its end
+
+
+HANDLE = """
+import sys, numpy as np, ray
+from ray import serve
+from fa3trt.errors import DeadlineError
+ray.init(address="auto", logging_level="ERROR")
+h = serve.get_app_handle("fa3trt-generate")
+f = dict(np.load(sys.argv[1]))
+f = {k: (v.item() if v.ndim == 0 else v) for k, v in f.items()}
+out = h.generate.remote(f).result()
+steps = [e["step"] for e in h.options(stream=True).generate_stream.remote(f) if "step" in e]
+try:
+    h.generate.remote(f | {"steps": 100, "height": 256, "width": 256, "deadline_ms": 1}).result()
+    refused = "no"
+except DeadlineError as e:
+    refused = f"{e.status} {e.estimate_s > 0}"
+np.savez(sys.argv[2], latents=out["latents"], steps=np.array(steps), refused=np.array(refused))
+"""
+
+
+def test_the_handle_from_another_ray_job(cluster: dict[str, str], eager: torch.nn.Module, tmp_path: Path) -> None:
+    f = fields(128, 4, 11)
+    np.savez(tmp_path / "in.npz", **{k: np.asarray(v) for k, v in f.items()})
+    out = run([sys.executable, "-c", HANDLE, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")], cluster, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = np.load(tmp_path / "out.npz")
+    np.testing.assert_allclose(got["latents"], flux_pipeline_latents(eager, f), atol=ATOL, rtol=0)
+    assert got["steps"].tolist() == [0, 1, 2, 3, 4]
+    assert str(got["refused"]) == "429 True"
+
+
+def test_the_example_client(cluster: dict[str, str], eager: torch.nn.Module, tmp_path: Path) -> None:
+    out = run(
+        [
+            sys.executable,
+            "examples/generate_client.py",
+            "--steps",
+            "3",
+            "--seed",
+            "2",
+            "--save",
+            str(tmp_path / "l.npy"),
+        ],
+        cluster,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 3/3" in out.stdout and "latents (64, 8) float32" in out.stdout
