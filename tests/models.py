@@ -74,12 +74,16 @@ FLUX_DEV_SCHEDULER = {
 
 def flux_pipeline_latents(transformer: torch.nn.Module, fields: dict[str, Any]) -> np.ndarray:
     """The final packed latents (S, C) diffusers' ``FluxPipeline`` gives for a generation request's
-    fields (eager ``transformer``, no VAE, ``output_type="latent"``): the reference of the
-    generation app."""
+    fields (eager ``transformer``, no VAE, ``output_type="latent"``; the embeddings in the
+    transformer's dtype on its device): the reference of the generation app."""
     diffusers = pytest.importorskip("diffusers")
 
+    param = next(transformer.parameters())
+
     def tensor(name: str) -> torch.Tensor | None:
-        return torch.from_numpy(np.asarray(fields[name], np.float32))[None] if name in fields else None
+        if name not in fields:
+            return None
+        return torch.from_numpy(np.asarray(fields[name], np.float32))[None].to(param.device, param.dtype)
 
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV_SCHEDULER),
@@ -106,7 +110,7 @@ def flux_pipeline_latents(transformer: torch.nn.Module, fields: dict[str, Any]) 
             latents=tensor("latents"),
             output_type="latent",
         )
-    return out.images[0].numpy()
+    return out.images[0].float().cpu().numpy()
 
 
 def tiny_flux_gen(seed: int = 0) -> torch.nn.Module:

@@ -1,0 +1,58 @@
+"""A FLUX-width generation on a GPU (examples/generate_flux_gpu.yaml: 24 heads of 128, 2 + 4
+blocks, bf16), batched step by step with requests of another size and other step counts, against
+diffusers' FluxPipeline run alone on the same transformer unrouted (PyTorch SDPA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fa3trt.generation import FluxFamily, GenerationArgs, StepEngine, parse_request
+from fa3trt.serving import load_backend
+from tests.models import flux_pipeline_latents
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+CONFIG = Path(__file__).resolve().parents[3] / "examples/generate_flux_gpu.yaml"
+
+
+def test_flux_width_generation_batched_matches_the_pipeline_alone() -> None:
+    args = GenerationArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
+    family = FluxFamily(args)
+    limits = family.limits()
+    backend = load_backend("torch", family.spec(), device="cuda")
+    eng = StepEngine(family, backend, args.bucket_set(), args.max_batch_rows)
+    rng = np.random.default_rng(0)
+
+    def fields(size: int, steps: int, seed: int) -> dict[str, object]:
+        return {
+            "prompt_embeds": rng.standard_normal((128, limits.text_dim)).astype(np.float32),
+            "pooled_prompt_embeds": rng.standard_normal(limits.pooled_dim).astype(np.float32),
+            "height": size,
+            "width": size,
+            "steps": steps,
+            "seed": seed,
+        }
+
+    reqs = [fields(512, 8, 1), fields(512, 6, 2), fields(768, 5, 3)]
+    gens = [eng.new(parse_request(r, limits)) for r in reqs]
+    eng.admit(gens[0])
+    eng.step(eng.pick())
+    for g in gens[1:]:
+        eng.admit(g)
+    while len(eng):
+        eng.step(eng.pick())
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(args.transformer.seed)  # as diffusers builds it from the config, unrouted
+    eager = diffusers.FluxTransformer2DModel.from_config(args.transformer.config).eval().to("cuda", torch.bfloat16)
+    for g, r in zip(gens, reqs):
+        want = flux_pipeline_latents(eager, r)
+        got = g.latents[0].float().cpu().numpy()
+        err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        assert err < 5e-2, (r["height"], r["steps"], err)  # bf16: two attention kernels' rounding over the steps
