@@ -7,7 +7,12 @@ leave at any step boundary, each at its own step. The transformer runs on the se
 (torch under routing, CUDA graphs, ``torch.compile``, or this GPU's engine). The cost model of
 the admission check is measured at start, before the replica takes traffic.
 
-The handle API: ``generate(fields)`` returns ``{"latents": array, "steps": n, "seconds": s}``;
+With a ``vae:`` a second deployment, ``VaeDecoder``, decodes the latents of a request that asks
+for ``output: png`` (one VAE replica per generation replica, on ``vae.gpu_share`` of its GPU), so
+the decoder's work never holds up the loop's passes.
+
+The handle API: ``generate(fields)`` returns ``{"latents": array, "steps": n, "seconds": s}``
+(``{"png": bytes, ...}`` for ``output: png``);
 ``handle.options(stream=True).generate_stream.remote(fields)`` yields ``{"step": i, "steps": n}``
 per step, then the answer. The HTTP routes are ``deploy.generation_routes``'. A caller that goes
 away (a cancelled call, a closed connection) cancels its generation.
@@ -27,15 +32,16 @@ from ray import serve
 
 from deploy.generation_routes import GenerationRoutes, gen_api
 from fa3trt import defaults
-from fa3trt.errors import DeadlineError, InvalidInputError
+from fa3trt.errors import DeadlineError
 from fa3trt.generation.config import GenerationArgs
 from fa3trt.generation.engine import Generation, StepEngine
 from fa3trt.generation.flux import FluxFamily
 from fa3trt.generation.requests import parse_request
+from fa3trt.generation.vae import Decoder, vae_config
 from fa3trt.models.sources import check_source
 from fa3trt.serving import load_backend
 
-__all__ = ["GenerationReplica", "GenerationServer", "build_app", "generation_plan"]
+__all__ = ["GenerationReplica", "GenerationServer", "VaeReplica", "VaeDecoder", "build_app", "generation_plan"]
 
 log = logging.getLogger("ray.serve")
 
@@ -43,11 +49,12 @@ log = logging.getLogger("ray.serve")
 class GenerationReplica(GenerationRoutes):
     """One replica of the generation app (see the module docstring)."""
 
-    def __init__(self, args: dict[str, Any], cpu_threads: int | None = None) -> None:
+    def __init__(self, args: dict[str, Any], cpu_threads: int | None = None, vae: Any = None) -> None:
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
         t0 = time.perf_counter()
         self.args = GenerationArgs.model_validate(args)
+        self.vae = vae  # the VaeDecoder deployment's handle, where the app has a VAE
         self.family = FluxFamily(self.args)
         self.limits = self.family.limits()
         buckets = self.args.bucket_set()
@@ -126,10 +133,16 @@ class GenerationReplica(GenerationRoutes):
         self._ensure_loop().set()
         return gen, queue, time.perf_counter()
 
-    def _answer(self, gen: Generation, t0: float) -> dict[str, Any]:
+    async def _answer(self, gen: Generation, t0: float) -> dict[str, Any]:
+        """The finished request's latents, or its PNG from the VAE deployment."""
         self.counts["finished"] += 1
         latents = gen.latents[0].float().cpu().numpy()
-        return {"latents": latents, "steps": gen.steps, "seconds": round(time.perf_counter() - t0, 4)}
+        out: dict[str, Any] = {"steps": gen.steps}
+        if gen.request.output == "png":
+            out["png"] = await self.vae.decode.remote(latents, gen.request.height, gen.request.width)
+        else:
+            out["latents"] = latents
+        return out | {"seconds": round(time.perf_counter() - t0, 4)}
 
     async def generate(self, fields: Any) -> dict[str, Any]:
         """One generation to its end (see the module docstring)."""
@@ -140,7 +153,7 @@ class GenerationReplica(GenerationRoutes):
                 if isinstance(event, Exception):
                     raise event
                 if isinstance(event, Generation):
-                    return self._answer(gen, t0)
+                    return await self._answer(gen, t0)
         except asyncio.CancelledError:
             self._cancel(gen)
             raise
@@ -157,7 +170,7 @@ class GenerationReplica(GenerationRoutes):
                     raise event
                 if isinstance(event, Generation):
                     finished = True
-                    yield self._answer(gen, t0)
+                    yield await self._answer(gen, t0)
                     return
                 yield event
         finally:
@@ -196,30 +209,56 @@ class GenerationReplica(GenerationRoutes):
             raise RuntimeError(f"the generation loop died: {self._loop_task.exception()}")
 
 
+class VaeReplica:
+    """One replica of the app's image decoder (``fa3trt.generation.vae.Decoder``), on its share of
+    a GPU (or the CPU): ``decode(latents, height, width)`` returns PNG bytes."""
+
+    def __init__(self, args: dict[str, Any], cpu_threads: int | None = None) -> None:
+        if cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
+        parsed = GenerationArgs.model_validate(args)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.decoder = Decoder(parsed, FluxFamily(parsed).channels, device)
+
+    async def decode(self, latents: Any, height: int, width: int) -> bytes:
+        return await asyncio.to_thread(self.decoder.decode, latents, height, width)
+
+
 # Wrapped beside the class, as deploy.replica's deployments are: a replica's process imports this
 # module to get the class, and that import moves the routes of gen_api onto it.
 GenerationServer = serve.deployment(name="GenerationServer")(serve.ingress(gen_api)(GenerationReplica))
+VaeDecoder = serve.deployment(name="VaeDecoder")(VaeReplica)
 
 
 def generation_plan(
     args: GenerationArgs, cluster_gpus: float, cluster_cpus: float
-) -> tuple[dict[str, Any], int | None]:
-    """Deployment options of the generation replicas, and a CPU replica's PyTorch threads: one
-    replica per GPU (one CPU replica without GPUs, reserving a share of a CPU as the serving
-    app's do). A replica takes as many requests at once as Serve lets it queue: they wait in
-    its loop, not in Serve's queue, so a deadline is judged as soon as a request arrives."""
+) -> tuple[dict[str, Any], dict[str, Any] | None, int | None]:
+    """Deployment options of the generation replicas and of the VAE's (None without a VAE), and a
+    CPU replica's PyTorch threads: one generation replica per GPU (one CPU replica without GPUs,
+    reserving a share of a CPU as the serving app's do), and as many VAE replicas, each on
+    ``vae.gpu_share`` of a GPU beside the transformer's. A replica takes as many requests at once
+    as Serve lets it queue: they wait in its loop, not in Serve's queue, so a deadline is judged
+    as soon as a request arrives."""
     gpus = int(cluster_gpus)
     n = (gpus or 1) if args.replicas == "auto" else args.replicas
+    share = args.vae.gpu_share if args.vae is not None else 0.0
     actor: dict[str, Any] = (
-        {"num_gpus": 1, "num_cpus": defaults.REPLICA_CPUS_AUTO} if gpus else {"num_cpus": defaults.CPU_REPLICA_CPUS}
+        {"num_gpus": 1 - share, "num_cpus": defaults.REPLICA_CPUS_AUTO}
+        if gpus
+        else {"num_cpus": defaults.CPU_REPLICA_CPUS}
     )
-    opts = {
-        "num_replicas": n,
-        "ray_actor_options": actor,
-        "max_ongoing_requests": args.max_queued_requests,
-        "max_queued_requests": args.max_queued_requests,
-    }
-    return opts, None if gpus else max(1, int(cluster_cpus) // max(1, n))
+    queue = {"max_ongoing_requests": args.max_queued_requests, "max_queued_requests": args.max_queued_requests}
+    opts = {"num_replicas": n, "ray_actor_options": actor, **queue}
+    vae = None
+    if args.vae is not None:
+        vae_actor = (
+            {"num_gpus": share, "num_cpus": defaults.CPU_REPLICA_CPUS}
+            if gpus
+            else {"num_cpus": defaults.CPU_REPLICA_CPUS}
+        )
+        vae = {"num_replicas": n, "ray_actor_options": vae_actor, **queue}
+    processes = n * (2 if vae else 1)
+    return opts, vae, None if gpus else max(1, int(cluster_cpus) // processes)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -230,11 +269,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     try:
         parsed = GenerationArgs.model_validate(args)
-        check_source(FluxFamily(parsed).spec())
-    except (InvalidInputError, ValueError, Exception) as e:
+        family = FluxFamily(parsed)
+        check_source(family.spec())
+        if parsed.vae is not None:
+            vae_config(parsed, family.channels)
+    except Exception as e:
         stop_serve_run(f"the fa3trt generation app cannot start: {type(e).__name__}: {e}")
         raise
     resources = ray.cluster_resources() if ray.is_initialized() else {}
-    opts, threads = generation_plan(parsed, resources.get("GPU", 0), resources.get("CPU", 1))
-    log.info("fa3trt generation app: deployment options %s", opts)
-    return GenerationServer.options(**opts).bind(parsed.model_dump(by_alias=True), threads)  # type: ignore[attr-defined,no-any-return]
+    opts, vae_opts, threads = generation_plan(parsed, resources.get("GPU", 0), resources.get("CPU", 1))
+    log.info("fa3trt generation app: deployment options %s, VAE %s", opts, vae_opts)
+    doc = parsed.model_dump(by_alias=True)
+    vae = VaeDecoder.options(**vae_opts).bind(doc, threads) if vae_opts is not None else None  # type: ignore[attr-defined]
+    return GenerationServer.options(**opts).bind(doc, threads, vae)  # type: ignore[attr-defined,no-any-return]

@@ -3,12 +3,14 @@
 Contract: ``POST /v1/generate`` takes JSON (``{"prompt_embeds": [[...]], "pooled_prompt_embeds":
 [...], "height": 1024, "width": 1024, "steps": 28, "seed": 7, "deadline_ms": 30000}``) or an
 ``.npz`` body (the arrays, and the other fields as 0-d arrays). It answers the final latents: as
-JSON (``{"latents": [[...]], "steps": n, "seconds": s}``) or as ``.npz`` for an ``.npz`` request.
-With ``"stream": true`` (or ``Accept: text/event-stream``) it answers server-sent events: one
-``step`` event per denoising step (``{"step": i, "steps": n}``), then a ``done`` event holding
-the latents as a base64 ``.npy`` (``latents_npy``). A bad field is a 422 naming it; a deadline
-that cannot be met a 429 with the estimate (``estimate_ms``); a client that goes away cancels its
-generation, which frees its slot at the next step boundary. ``GET /v1/info`` and
+JSON (``{"latents": [[...]], "steps": n, "seconds": s}``) or as ``.npz`` for an ``.npz`` request;
+with ``"output": "png"`` (an app with a VAE) the body is the ``image/png`` itself (its steps and
+seconds in the ``x-fa3trt-steps`` and ``x-fa3trt-seconds`` headers). With ``"stream": true`` (or
+``Accept: text/event-stream``) it answers server-sent events: one ``step`` event per denoising
+step (``{"step": i, "steps": n}``), then a ``done`` event holding the latents as a base64
+``.npy`` (``latents_npy``) or the base64 PNG (``png``). A bad field is a 422 naming it; a
+deadline that cannot be met a 429 with the estimate (``estimate_ms``); a client that goes away
+cancels its generation, which frees its slot at the next step boundary. ``GET /v1/info`` and
 ``GET /v1/stats`` describe the replica.
 """
 
@@ -110,6 +112,9 @@ class GenerationRoutes:
             return JSONResponse(
                 {"error": f"generation timed out after {self.args.request_timeout_s}s"}, status_code=504
             )
+        if "png" in out:
+            meta = {"x-fa3trt-steps": str(out["steps"]), "x-fa3trt-seconds": str(out["seconds"])}
+            return Response(out["png"], media_type="image/png", headers=meta)
         if npz:
             return Response(encode_npz({"latents": out["latents"]}), media_type=NPZ)
         return JSONResponse({"latents": out["latents"].tolist(), "steps": out["steps"], "seconds": out["seconds"]})
@@ -123,11 +128,15 @@ class GenerationRoutes:
                 yield e
 
         async for e in chain():
-            if "latents" in e:
+            if "seconds" not in e:
+                yield _event("step", e)
+            elif "png" in e:
+                yield _event(
+                    "done", {"steps": e["steps"], "seconds": e["seconds"], "png": base64.b64encode(e["png"]).decode()}
+                )
+            else:
                 npy = base64.b64encode(encode_npy(np.ascontiguousarray(e["latents"]))).decode()
                 yield _event("done", {"steps": e["steps"], "seconds": e["seconds"], "latents_npy": npy})
-            else:
-                yield _event("step", e)
 
     @gen_api.get("/v1/info")
     async def info(self) -> dict[str, Any]:

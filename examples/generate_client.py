@@ -2,6 +2,7 @@
 
     python examples/generate_client.py                      # HTTP, server-sent events per step
     python examples/generate_client.py --handle             # from another Ray job, streamed
+    python examples/generate_client.py --output png --save image.png   # decoded by the app's VAE
 
 Reads the app's limits (``/v1/info``), makes random prompt embeddings of its widths (a real
 client sends its text encoder's), asks for one image of ``--size`` pixels, prints each step as it
@@ -12,8 +13,10 @@ model's VAE after unpacking, as diffusers' FluxPipeline does with ``output_type=
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +44,7 @@ def request_fields(
     return fields
 
 
-def over_http(url: str, fields: dict[str, Any]) -> np.ndarray:
+def over_http(url: str, fields: dict[str, Any]) -> np.ndarray | bytes:
     body = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in fields.items()} | {"stream": True}
     with requests.post(f"{url}/v1/generate", json=body, stream=True, timeout=600) as r:
         if r.status_code != 200:
@@ -54,21 +57,21 @@ def over_http(url: str, fields: dict[str, Any]) -> np.ndarray:
                 data = json.loads(line[6:])
                 if event == "done":
                     print(f"done in {data['seconds']:.3f} s")
-                    return decode_sse_latents(data)
+                    return base64.b64decode(data["png"]) if "png" in data else decode_sse_latents(data)
                 print(f"step {data['step']}/{data['steps']}")
     raise SystemExit("the stream ended without a done event")
 
 
-def over_handle(address: str, app: str, fields: dict[str, Any]) -> np.ndarray:
+def over_handle(address: str, app: str, fields: dict[str, Any]) -> np.ndarray | bytes:
     import ray
     from ray import serve
 
     ray.init(address=address, logging_level="WARNING")
     handle = serve.get_app_handle(app)
     for event in handle.options(stream=True).generate_stream.remote(fields):
-        if "latents" in event:
+        if "seconds" in event:
             print(f"done in {event['seconds']:.3f} s")
-            return np.asarray(event["latents"])
+            return bytes(event["png"]) if "png" in event else np.asarray(event["latents"])
         print(f"step {event['step']}/{event['steps']}")
     raise SystemExit("the stream ended without the answer")
 
@@ -83,16 +86,23 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-ms", type=float, default=None, help="the time the generation may take")
-    p.add_argument("--save", default=None, help="write the final latents to this .npy")
+    p.add_argument("--output", choices=("latents", "png"), default="latents", help="png: the app's VAE decodes it")
+    p.add_argument("--save", default=None, help="write the final latents to this .npy (or the .png)")
     args = p.parse_args()
 
     limits = requests.get(f"{args.url}/v1/info", timeout=30).json()["limits"]
-    fields = request_fields(limits, args.size, args.steps, args.seed, args.deadline_ms)
+    fields = request_fields(limits, args.size, args.steps, args.seed, args.deadline_ms) | {"output": args.output}
     t0 = time.perf_counter()
-    latents = over_handle(args.address, args.app, fields) if args.handle else over_http(args.url, fields)
-    print(f"latents {latents.shape} {latents.dtype} in {(time.perf_counter() - t0) * 1e3:.1f} ms")
-    if args.save:
-        np.save(args.save, latents)
+    answer = over_handle(args.address, args.app, fields) if args.handle else over_http(args.url, fields)
+    ms = (time.perf_counter() - t0) * 1e3
+    if isinstance(answer, bytes):
+        print(f"png of {len(answer)} bytes in {ms:.1f} ms")
+        if args.save:
+            Path(args.save).write_bytes(answer)
+    else:
+        print(f"latents {answer.shape} {answer.dtype} in {ms:.1f} ms")
+        if args.save:
+            np.save(args.save, answer)
 
 
 if __name__ == "__main__":

@@ -72,10 +72,13 @@ FLUX_DEV_SCHEDULER = {
 }
 
 
-def flux_pipeline_latents(transformer: torch.nn.Module, fields: dict[str, Any]) -> np.ndarray:
+def flux_pipeline_latents(
+    transformer: torch.nn.Module, fields: dict[str, Any], vae: torch.nn.Module | None = None
+) -> np.ndarray:
     """The final packed latents (S, C) diffusers' ``FluxPipeline`` gives for a generation request's
-    fields (eager ``transformer``, no VAE, ``output_type="latent"``; the embeddings in the
-    transformer's dtype on its device): the reference of the generation app."""
+    fields (eager ``transformer``, ``output_type="latent"``; the embeddings in the transformer's
+    dtype on its device): the reference of the generation app. With ``vae``, the image it decodes
+    (``output_type="pil"``) as an (H, W, 3) uint8 array."""
     diffusers = pytest.importorskip("diffusers")
 
     param = next(transformer.parameters())
@@ -87,7 +90,7 @@ def flux_pipeline_latents(transformer: torch.nn.Module, fields: dict[str, Any]) 
 
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV_SCHEDULER),
-        vae=None,
+        vae=vae,
         text_encoder=None,
         tokenizer=None,
         text_encoder_2=None,
@@ -108,8 +111,10 @@ def flux_pipeline_latents(transformer: torch.nn.Module, fields: dict[str, Any]) 
             guidance_scale=fields.get("guidance_scale", 3.5),
             generator=torch.Generator("cpu").manual_seed(fields.get("seed", 0)),
             latents=tensor("latents"),
-            output_type="latent",
+            output_type="latent" if vae is None else "pil",
         )
+    if vae is not None:
+        return np.asarray(out.images[0])
     return out.images[0].float().cpu().numpy()
 
 
@@ -118,3 +123,26 @@ def tiny_flux_gen(seed: int = 0) -> torch.nn.Module:
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
     return diffusers.FluxTransformer2DModel.from_config(FLUX_GEN_CONFIG).eval()
+
+
+# The generation app's tiny VAE (examples/generate_flux.yaml): 2 latent channels (the transformer
+# packs 4 x 2), 4 blocks (8 pixels per latent), FLUX.1's scaling and shift.
+FLUX_GEN_VAE_CONFIG = {
+    "block_out_channels": [8, 8, 8, 8],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 2,
+    "norm_num_groups": 4,
+    "layers_per_block": 1,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
+def tiny_vae(seed: int = 0) -> torch.nn.Module:
+    """The generation app's tiny VAE as diffusers builds it (``seed`` as the config's)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL.from_config(FLUX_GEN_VAE_CONFIG).eval()

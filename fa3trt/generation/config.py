@@ -6,7 +6,8 @@ description. The transformer is a diffusers DiT named as any model source is (cl
 or a local folder), without inputs: its family's adapter (``fa3trt.generation.flux``) declares
 them, so the transformer runs through the same backends as any served model (torch under
 routing, CUDA graphs, ``torch.compile``, or its TensorRT engine). The scheduler is a diffusers
-scheduler class and its config (flow-matching Euler, FLUX.1-dev's shift, by default).
+scheduler class and its config (flow-matching Euler, FLUX.1-dev's shift, by default). The VAE,
+when given, decodes a request's latents to a PNG in its own deployment.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fa3trt import defaults
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
 
-__all__ = ["TransformerArgs", "SchedulerArgs", "GenerationArgs", "GENERATION_IMPORT_PATH", "FLUX_SCHEDULER"]
+__all__ = ["TransformerArgs", "VaeArgs", "SchedulerArgs", "GenerationArgs", "GENERATION_IMPORT_PATH", "FLUX_SCHEDULER"]
 
 GENERATION_IMPORT_PATH = "deploy.generation:build_app"
 
@@ -61,6 +62,34 @@ class TransformerArgs(_Strict):
         return self
 
 
+class VaeArgs(_Strict):
+    """The image decoder: a diffusers autoencoder from a config or a local folder, served as its
+    own deployment (one replica per transformer replica, sharing its GPU)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    class_name: str = Field("AutoencoderKL", alias="class", description="The diffusers autoencoder class.")
+    config: dict[str, Any] | None = Field(
+        None, description="The class's config (random weights from seed, or weights=)."
+    )
+    path: str | None = Field(None, description="A local from_pretrained folder of the VAE instead of config.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="The VAE's dtype.")
+    seed: int = Field(defaults.SEED, ge=0, description="Seed of the random init when no weights are given.")
+    weights: str | None = Field(None, description="Safetensors file of the VAE's state dict.")
+    gpu_share: float = Field(
+        0.25,
+        gt=0.0,
+        lt=1.0,
+        description="On GPUs: the share of a GPU each VAE replica takes (the transformer the rest).",
+    )
+
+    @model_validator(mode="after")
+    def _config_or_path(self) -> VaeArgs:
+        if (self.config is None) == (self.path is None):
+            raise ValueError("vae needs exactly one of vae.config and vae.path")
+        return self
+
+
 class SchedulerArgs(_Strict):
     """The sampler: a diffusers scheduler class and its config, one instance per request."""
 
@@ -80,7 +109,10 @@ class GenerationArgs(_Strict):
     guidance_scale: float = Field(
         3.5, ge=0.0, le=100.0, description="The distilled guidance a request gets when it names none (FLUX.1-dev)."
     )
-    vae_scale_factor: int = Field(8, ge=1, le=64, description="Pixels per latent along each side (the VAE's).")
+    vae: VaeArgs | None = Field(None, description="The image decoder: with it a request may ask for output 'png'.")
+    vae_scale_factor: int = Field(
+        8, ge=1, le=64, description="Pixels per latent along each side (the VAE's; checked against vae when given)."
+    )
     buckets: list[int] = Field(
         default_factory=lambda: [256, 1024, 4096],
         min_length=1,

@@ -112,6 +112,7 @@ class FluxFamily:
             max_steps=self.args.max_steps,
             channels=self.channels,
             default_guidance=self.args.guidance_scale,
+            outputs=("latents", "png") if self.args.vae is not None else ("latents",),
         )
 
     def spec(self) -> SourceSpec:

@@ -55,6 +55,8 @@ class Limits:
     max_steps: int
     channels: int
     default_guidance: float
+    outputs: tuple[str, ...] = ("latents",)
+    """What a request may ask for: ``latents``, and ``png`` where the app has a VAE."""
 
 
 @dataclass
@@ -175,8 +177,9 @@ def parse_request(raw: Any, limits: Limits) -> GenerateRequest:
     )
     if req.deadline_ms == math.inf:
         req.deadline_ms = None
-    if req.output != "latents":
-        raise InvalidInputError(f"output {req.output!r} is not offered: this app has no VAE; send output 'latents'")
+    if req.output not in limits.outputs:
+        why = "this app has no VAE" if req.output == "png" else "unknown output"
+        raise InvalidInputError(f"output {req.output!r} is not offered ({why}); send one of {list(limits.outputs)}")
     negatives = [n for n in ("negative_prompt_embeds", "negative_pooled_prompt_embeds") if n in raw]
     if negatives:
         if len(negatives) != 2:

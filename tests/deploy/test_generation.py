@@ -7,6 +7,7 @@ No mocks."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import io
 import json
@@ -23,9 +24,11 @@ import requests
 import torch
 import yaml
 
+from deploy.generation import generation_plan
 from deploy.generation_routes import decode_sse_latents
+from fa3trt.generation import GenerationArgs
 from tests.deploy.cluster import ROOT, URL, run, serve_cluster
-from tests.models import FLUX_GEN_CONFIG, flux_pipeline_latents, tiny_flux_gen
+from tests.models import FLUX_GEN_CONFIG, FLUX_GEN_VAE_CONFIG, flux_pipeline_latents, tiny_flux_gen, tiny_vae
 
 ATOL = 1e-4
 CONFIG = ROOT / "examples/generate_flux.yaml"
@@ -36,6 +39,7 @@ def test_the_example_is_the_tested_model() -> None:
     assert args["transformer"]["config"] == {
         k: list(v) if isinstance(v, tuple) else v for k, v in FLUX_GEN_CONFIG.items()
     }
+    assert args["vae"]["config"] == FLUX_GEN_VAE_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 @pytest.fixture(scope="module")
 def eager() -> torch.nn.Module:
     return tiny_flux_gen()
+
+
+@pytest.fixture(scope="module")
+def vae() -> torch.nn.Module:
+    return tiny_vae()
+
+
+def png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def fields(size: int, steps: int, seed: int, **extra: Any) -> dict[str, Any]:
@@ -128,6 +143,20 @@ def test_server_sent_steps_then_the_latents(cluster: dict[str, str], eager: torc
     np.testing.assert_allclose(decode_sse_latents(events[-1][1]), flux_pipeline_latents(eager, f), atol=ATOL, rtol=0)
 
 
+def test_png_from_the_vae_deployment(cluster: dict[str, str], eager: torch.nn.Module, vae: torch.nn.Module) -> None:
+    f = fields(128, 4, 12, output="png")
+    r = post(f)
+    assert r.status_code == 200, r.text[:300]
+    assert r.headers["content-type"] == "image/png" and r.headers["x-fa3trt-steps"] == "4"
+    got, want = png_array(r.content), flux_pipeline_latents(eager, f, vae=vae)
+    assert got.shape == want.shape == (128, 128, 3)
+    assert np.abs(got.astype(int) - want).max() <= 1  # float32 rounding at a level's edge at most
+    with post(f | {"stream": True}, stream=True) as s:
+        events = list(sse(s))
+    assert events[-1][0] == "done" and base64.b64decode(events[-1][1]["png"]) == r.content
+    assert [e for e, _ in events[:-1]] == ["step"] * 5
+
+
 @pytest.mark.parametrize(
     ("change", "status", "message"),
     [
@@ -194,17 +223,21 @@ h = serve.get_app_handle("fa3trt-generate")
 f = dict(np.load(sys.argv[1]))
 f = {k: (v.item() if v.ndim == 0 else v) for k, v in f.items()}
 out = h.generate.remote(f).result()
+png = h.generate.remote(f | {"output": "png"}).result()["png"]
 steps = [e["step"] for e in h.options(stream=True).generate_stream.remote(f) if "step" in e]
 try:
     h.generate.remote(f | {"steps": 100, "height": 256, "width": 256, "deadline_ms": 1}).result()
     refused = "no"
 except DeadlineError as e:
     refused = f"{e.status} {e.estimate_s > 0}"
-np.savez(sys.argv[2], latents=out["latents"], steps=np.array(steps), refused=np.array(refused))
+np.savez(sys.argv[2], latents=out["latents"], steps=np.array(steps), refused=np.array(refused),
+         png=np.frombuffer(png, np.uint8))
 """
 
 
-def test_the_handle_from_another_ray_job(cluster: dict[str, str], eager: torch.nn.Module, tmp_path: Path) -> None:
+def test_the_handle_from_another_ray_job(
+    cluster: dict[str, str], eager: torch.nn.Module, vae: torch.nn.Module, tmp_path: Path
+) -> None:
     f = fields(128, 4, 11)
     np.savez(tmp_path / "in.npz", **{k: np.asarray(v) for k, v in f.items()})
     out = run([sys.executable, "-c", HANDLE, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")], cluster, timeout=180)
@@ -213,6 +246,8 @@ def test_the_handle_from_another_ray_job(cluster: dict[str, str], eager: torch.n
     np.testing.assert_allclose(got["latents"], flux_pipeline_latents(eager, f), atol=ATOL, rtol=0)
     assert got["steps"].tolist() == [0, 1, 2, 3, 4]
     assert str(got["refused"]) == "429 True"
+    image = png_array(got["png"].tobytes())
+    assert np.abs(image.astype(int) - flux_pipeline_latents(eager, f, vae=vae)).max() <= 1
 
 
 def test_the_example_client(cluster: dict[str, str], eager: torch.nn.Module, tmp_path: Path) -> None:
@@ -231,3 +266,19 @@ def test_the_example_client(cluster: dict[str, str], eager: torch.nn.Module, tmp
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 3/3" in out.stdout and "latents (64, 8) float32" in out.stdout
+    png = tmp_path / "image.png"
+    out = run([sys.executable, "examples/generate_client.py", "--output", "png", "--save", str(png)], cluster)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "png of" in out.stdout and png_array(png.read_bytes()).shape == (128, 128, 3)
+
+
+def test_the_plan_puts_a_vae_replica_beside_each_transformer_replica() -> None:
+    args = GenerationArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
+    opts, vae_opts, threads = generation_plan(args, cluster_gpus=4, cluster_cpus=64)
+    assert opts["num_replicas"] == vae_opts["num_replicas"] == 4 and threads is None  # type: ignore[index]
+    assert opts["ray_actor_options"]["num_gpus"] == 0.75 and vae_opts["ray_actor_options"]["num_gpus"] == 0.25  # type: ignore[index]
+    opts, vae_opts, threads = generation_plan(args, cluster_gpus=0, cluster_cpus=2)
+    assert "num_gpus" not in opts["ray_actor_options"] and threads == 1  # two processes share the 2 CPUs
+    no_vae = args.model_copy(update={"vae": None})
+    opts, vae_opts, threads = generation_plan(no_vae, cluster_gpus=2, cluster_cpus=32)
+    assert vae_opts is None and opts["ray_actor_options"]["num_gpus"] == 1

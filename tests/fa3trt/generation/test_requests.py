@@ -78,7 +78,8 @@ def test_a_good_request_with_its_defaults() -> None:
         ),
         ({"latents": np.zeros((31, 8))}, r"latents has 31 tokens; height x width = 128 x 64 makes 32"),
         ({"latents": np.zeros((32, 4))}, r"latents has shape \(32, 4\); it must be \(S, 8\)"),
-        ({"output": "png"}, "output 'png' is not offered: this app has no VAE"),
+        ({"output": "png"}, r"output 'png' is not offered \(this app has no VAE\); send one of \['latents'\]"),
+        ({"output": "jpeg"}, r"output 'jpeg' is not offered \(unknown output\)"),
     ],
 )
 def test_each_bad_field_is_named_with_the_fix(change: dict[str, Any], message: str) -> None:
