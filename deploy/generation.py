@@ -8,8 +8,9 @@ leave at any step boundary, each at its own step. The transformer runs on the se
 the admission check is measured at start, before the replica takes traffic.
 
 With a ``vae:`` a second deployment, ``VaeDecoder``, decodes the latents of a request that asks
-for ``output: png`` (one VAE replica per generation replica, on ``vae.gpu_share`` of its GPU), so
-the decoder's work never holds up the loop's passes.
+for ``output: png``, and with ``text_encoders:`` a third, ``TextEncoder``, turns a request's
+prompt into its embeddings before it joins the loop (one replica of each per generation replica,
+each on its ``gpu_share`` of that GPU), so neither holds up the loop's passes.
 
 The handle API: ``generate(fields)`` returns ``{"latents": array, "steps": n, "seconds": s}``
 (``{"png": bytes, ...}`` for ``output: png``);
@@ -37,11 +38,21 @@ from fa3trt.generation.config import GenerationArgs
 from fa3trt.generation.engine import Generation, StepEngine
 from fa3trt.generation.flux import FluxFamily
 from fa3trt.generation.requests import parse_request
+from fa3trt.generation.text import PromptEncoder, text_configs
 from fa3trt.generation.vae import Decoder, vae_config
 from fa3trt.models.sources import check_source
 from fa3trt.serving import load_backend
 
-__all__ = ["GenerationReplica", "GenerationServer", "VaeReplica", "VaeDecoder", "build_app", "generation_plan"]
+__all__ = [
+    "GenerationReplica",
+    "GenerationServer",
+    "VaeReplica",
+    "VaeDecoder",
+    "TextEncoderReplica",
+    "TextEncoder",
+    "build_app",
+    "generation_plan",
+]
 
 log = logging.getLogger("ray.serve")
 
@@ -49,12 +60,12 @@ log = logging.getLogger("ray.serve")
 class GenerationReplica(GenerationRoutes):
     """One replica of the generation app (see the module docstring)."""
 
-    def __init__(self, args: dict[str, Any], cpu_threads: int | None = None, vae: Any = None) -> None:
+    def __init__(self, args: dict[str, Any], cpu_threads: int | None = None, vae: Any = None, text: Any = None) -> None:
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
         t0 = time.perf_counter()
         self.args = GenerationArgs.model_validate(args)
-        self.vae = vae  # the VaeDecoder deployment's handle, where the app has a VAE
+        self.vae, self.text = vae, text  # the VaeDecoder and TextEncoder deployments' handles, where configured
         self.family = FluxFamily(self.args)
         self.limits = self.family.limits()
         buckets = self.args.bucket_set()
@@ -111,8 +122,14 @@ class GenerationReplica(GenerationRoutes):
             queue.put_nowait(outcome)
 
     async def _start(self, fields: Any) -> tuple[Generation, asyncio.Queue[Any], float]:
-        """A request checked, prepared and admitted; its events' queue; its start time."""
+        """A request checked, its prompts encoded, prepared and admitted; its events' queue; its
+        start time."""
+        t0, arrival = time.perf_counter(), self.engine.clock()
         req = parse_request(fields, self.limits)
+        if req.needs_encoding:  # the text encoders' deployment; its deadline counts from arrival
+            texts = [req.prompt] + ([req.negative_prompt] if req.negative_prompt and req.true_cfg_scale > 1 else [])
+            encoded = await asyncio.gather(*(self.text.encode.remote(t) for t in texts))
+            req = req.encoded(encoded[0], encoded[1] if len(encoded) > 1 else None)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -122,7 +139,7 @@ class GenerationReplica(GenerationRoutes):
             if gen.done:
                 loop.call_soon_threadsafe(queue.put_nowait, gen)
 
-        gen = self.engine.new(req, on_step)
+        gen = self.engine.new(req, on_step, arrival=arrival)
         gen.events = queue  # type: ignore[attr-defined]
         try:
             self.engine.admit(gen)
@@ -131,7 +148,7 @@ class GenerationReplica(GenerationRoutes):
             raise
         self.counts["admitted"] += 1
         self._ensure_loop().set()
-        return gen, queue, time.perf_counter()
+        return gen, queue, t0
 
     async def _answer(self, gen: Generation, t0: float) -> dict[str, Any]:
         """The finished request's latents, or its PNG from the VAE deployment."""
@@ -224,41 +241,51 @@ class VaeReplica:
         return await asyncio.to_thread(self.decoder.decode, latents, height, width)
 
 
+class TextEncoderReplica:
+    """One replica of the app's text encoders (``fa3trt.generation.text.PromptEncoder``), on its
+    share of a GPU (or the CPU): ``encode(prompt)`` returns its (sequence, pooled) embeddings;
+    prompts arriving together are encoded as one batch (both encoders pad to fixed lengths, so a
+    prompt's embeddings do not depend on its neighbours)."""
+
+    def __init__(self, args: dict[str, Any], cpu_threads: int | None = None) -> None:
+        if cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.encoder = PromptEncoder(GenerationArgs.model_validate(args), device)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def encode(self, prompts: list[str]) -> list[tuple[Any, Any]]:
+        return await asyncio.to_thread(self.encoder.encode, prompts)
+
+
 # Wrapped beside the class, as deploy.replica's deployments are: a replica's process imports this
 # module to get the class, and that import moves the routes of gen_api onto it.
 GenerationServer = serve.deployment(name="GenerationServer")(serve.ingress(gen_api)(GenerationReplica))
 VaeDecoder = serve.deployment(name="VaeDecoder")(VaeReplica)
+TextEncoder = serve.deployment(name="TextEncoder")(TextEncoderReplica)
 
 
-def generation_plan(
-    args: GenerationArgs, cluster_gpus: float, cluster_cpus: float
-) -> tuple[dict[str, Any], dict[str, Any] | None, int | None]:
-    """Deployment options of the generation replicas and of the VAE's (None without a VAE), and a
-    CPU replica's PyTorch threads: one generation replica per GPU (one CPU replica without GPUs,
-    reserving a share of a CPU as the serving app's do), and as many VAE replicas, each on
-    ``vae.gpu_share`` of a GPU beside the transformer's. A replica takes as many requests at once
-    as Serve lets it queue: they wait in its loop, not in Serve's queue, so a deadline is judged
-    as soon as a request arrives."""
+def generation_plan(args: GenerationArgs, cluster_gpus: float, cluster_cpus: float) -> dict[str, Any]:
+    """Deployment options of the generation replicas (``generate``) and, where configured, of the
+    VAE's (``vae``) and the text encoders' (``text``), and a CPU replica's PyTorch threads
+    (``threads``, None on GPUs): one generation replica per GPU (one CPU replica without GPUs,
+    reserving a share of a CPU as the serving app's do), and as many VAE and text-encoder
+    replicas, each on its ``gpu_share`` of a GPU beside the transformer's. A replica takes as many
+    requests at once as Serve lets it queue: they wait in its loop, not in Serve's queue, so a
+    deadline is judged as soon as a request arrives."""
     gpus = int(cluster_gpus)
     n = (gpus or 1) if args.replicas == "auto" else args.replicas
-    share = args.vae.gpu_share if args.vae is not None else 0.0
-    actor: dict[str, Any] = (
-        {"num_gpus": 1 - share, "num_cpus": defaults.REPLICA_CPUS_AUTO}
-        if gpus
-        else {"num_cpus": defaults.CPU_REPLICA_CPUS}
-    )
     queue = {"max_ongoing_requests": args.max_queued_requests, "max_queued_requests": args.max_queued_requests}
-    opts = {"num_replicas": n, "ray_actor_options": actor, **queue}
-    vae = None
-    if args.vae is not None:
-        vae_actor = (
-            {"num_gpus": share, "num_cpus": defaults.CPU_REPLICA_CPUS}
-            if gpus
-            else {"num_cpus": defaults.CPU_REPLICA_CPUS}
-        )
-        vae = {"num_replicas": n, "ray_actor_options": vae_actor, **queue}
-    processes = n * (2 if vae else 1)
-    return opts, vae, None if gpus else max(1, int(cluster_cpus) // processes)
+    shares = {
+        name: part.gpu_share for name, part in (("vae", args.vae), ("text", args.text_encoders)) if part is not None
+    }
+    plan: dict[str, Any] = {}
+    for name, share in (("generate", 1 - sum(shares.values())), *shares.items()):
+        cpus = defaults.REPLICA_CPUS_AUTO if gpus and name == "generate" else defaults.CPU_REPLICA_CPUS
+        actor = {"num_gpus": share, "num_cpus": cpus} if gpus else {"num_cpus": cpus}
+        plan[name] = {"num_replicas": n, "ray_actor_options": actor, **queue}
+    plan["threads"] = None if gpus else max(1, int(cluster_cpus) // (n * (1 + len(shares))))
+    return plan
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -273,12 +300,18 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         check_source(family.spec())
         if parsed.vae is not None:
             vae_config(parsed, family.channels)
+        if parsed.text_encoders is not None:
+            text_configs(parsed, family)
     except Exception as e:
         stop_serve_run(f"the fa3trt generation app cannot start: {type(e).__name__}: {e}")
         raise
     resources = ray.cluster_resources() if ray.is_initialized() else {}
-    opts, vae_opts, threads = generation_plan(parsed, resources.get("GPU", 0), resources.get("CPU", 1))
-    log.info("fa3trt generation app: deployment options %s, VAE %s", opts, vae_opts)
-    doc = parsed.model_dump(by_alias=True)
-    vae = VaeDecoder.options(**vae_opts).bind(doc, threads) if vae_opts is not None else None  # type: ignore[attr-defined]
-    return GenerationServer.options(**opts).bind(doc, threads, vae)  # type: ignore[attr-defined,no-any-return]
+    plan = generation_plan(parsed, resources.get("GPU", 0), resources.get("CPU", 1))
+    log.info("fa3trt generation app: deployment options %s", plan)
+    doc, threads = parsed.model_dump(by_alias=True), plan["threads"]
+    parts = {
+        name: deployment.options(**plan[name]).bind(doc, threads)  # type: ignore[attr-defined]
+        for name, deployment in (("vae", VaeDecoder), ("text", TextEncoder))
+        if name in plan
+    }
+    return GenerationServer.options(**plan["generate"]).bind(doc, threads, parts.get("vae"), parts.get("text"))  # type: ignore[attr-defined,no-any-return]

@@ -10,8 +10,9 @@ seconds in the ``x-fa3trt-steps`` and ``x-fa3trt-seconds`` headers). With ``"str
 step (``{"step": i, "steps": n}``), then a ``done`` event holding the latents as a base64
 ``.npy`` (``latents_npy``) or the base64 PNG (``png``). A bad field is a 422 naming it; a
 deadline that cannot be met a 429 with the estimate (``estimate_ms``); a client that goes away
-cancels its generation, which frees its slot at the next step boundary. ``GET /v1/info`` and
-``GET /v1/stats`` describe the replica.
+cancels its generation, which frees its slot at the next step boundary. ``POST
+/v1/images/generations`` is OpenAI's Images API where the app has text encoders and a VAE
+(``deploy.openai_images``). ``GET /v1/info`` and ``GET /v1/stats`` describe the replica.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import base64
 import io
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +31,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deploy.codec import decode_npz, encode_npy, encode_npz, load_json
+from deploy.openai_images import images_fields, openai_error
 from fa3trt.errors import DeadlineError, InvalidInputError, RequestError
 
 if TYPE_CHECKING:
     from fa3trt.generation.config import GenerationArgs
+    from fa3trt.generation.requests import Limits
 
 __all__ = ["gen_api", "GenerationRoutes", "NPZ", "EVENTS"]
 
@@ -62,10 +66,12 @@ def _error(e: Exception) -> JSONResponse:
 
 
 class GenerationRoutes:
-    """``/v1/generate``, ``/v1/info``, ``/v1/stats`` on the class that runs the loop."""
+    """``/v1/generate``, ``/v1/images/generations``, ``/v1/info``, ``/v1/stats`` on the class that
+    runs the loop."""
 
     if TYPE_CHECKING:
         args: GenerationArgs
+        limits: Limits
 
         async def generate(self, request: Any) -> dict[str, Any]: ...
 
@@ -118,6 +124,37 @@ class GenerationRoutes:
         if npz:
             return Response(encode_npz({"latents": out["latents"]}), media_type=NPZ)
         return JSONResponse({"latents": out["latents"].tolist(), "steps": out["steps"], "seconds": out["seconds"]})
+
+    @gen_api.post("/v1/images/generations")
+    async def images_generations(self, request: Request) -> Response:
+        """OpenAI's Images API (``deploy.openai_images``): ``n`` PNGs of one prompt, generated
+        side by side (they share the loop's passes), as ``{"created": t, "data": [{"b64_json":
+        ...}]}``. Needs the app's text encoders and VAE."""
+        if not (self.limits.prompts and "png" in self.limits.outputs):
+            missing = " and ".join(
+                n for n, ok in (("text_encoders", self.limits.prompts), ("vae", "png" in self.limits.outputs)) if not ok
+            )
+            return openai_error(f"/v1/images/generations needs {missing} in this app's config", 501)
+        body = await request.body()
+        if len(body) > self.args.max_body_bytes:
+            return openai_error(f"body of {len(body)} bytes exceeds the limit of {self.args.max_body_bytes} bytes", 413)
+        try:
+            many = images_fields(load_json(body), self.limits)
+            tasks = [asyncio.ensure_future(self.generate(f)) for f in many]
+            try:
+                outs = await asyncio.wait_for(asyncio.gather(*tasks), self.args.request_timeout_s)
+            except BaseException:  # one refused or the client gone: the others stop too
+                for t in tasks:
+                    t.cancel()
+                raise
+        except DeadlineError as e:
+            return openai_error(str(e), 429)
+        except InvalidInputError as e:
+            return openai_error(str(e), 400)
+        except TimeoutError:
+            return openai_error(f"generation timed out after {self.args.request_timeout_s}s", 504)
+        data = [{"b64_json": base64.b64encode(o["png"]).decode()} for o in outs]
+        return JSONResponse({"created": int(time.time()), "data": data})
 
     async def _sse(self, first: dict[str, Any], events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
         """Server-sent events of one generation: its steps, then its latents."""

@@ -3,9 +3,10 @@
     python examples/generate_client.py                      # HTTP, server-sent events per step
     python examples/generate_client.py --handle             # from another Ray job, streamed
     python examples/generate_client.py --output png --save image.png   # decoded by the app's VAE
+    python examples/generate_client.py --prompt "a red house" --output png --save house.png
 
-Reads the app's limits (``/v1/info``), makes random prompt embeddings of its widths (a real
-client sends its text encoder's), asks for one image of ``--size`` pixels, prints each step as it
+Reads the app's limits (``/v1/info``), makes random prompt embeddings of its widths (or sends
+``--prompt`` to an app with text encoders), asks for one image of ``--size`` pixels, prints each step as it
 lands, and with --save writes the final packed latents to an .npy file (decode them with the
 model's VAE after unpacking, as diffusers' FluxPipeline does with ``output_type="latent"``).
 """
@@ -86,12 +87,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-ms", type=float, default=None, help="the time the generation may take")
+    p.add_argument("--prompt", default=None, help="send this text (an app with text encoders) instead of embeddings")
     p.add_argument("--output", choices=("latents", "png"), default="latents", help="png: the app's VAE decodes it")
     p.add_argument("--save", default=None, help="write the final latents to this .npy (or the .png)")
     args = p.parse_args()
 
     limits = requests.get(f"{args.url}/v1/info", timeout=30).json()["limits"]
     fields = request_fields(limits, args.size, args.steps, args.seed, args.deadline_ms) | {"output": args.output}
+    if args.prompt is not None:  # the app's text encoders make the embeddings
+        fields = {k: v for k, v in fields.items() if not k.endswith("prompt_embeds")} | {"prompt": args.prompt}
     t0 = time.perf_counter()
     answer = over_handle(args.address, args.app, fields) if args.handle else over_http(args.url, fields)
     ms = (time.perf_counter() - t0) * 1e3

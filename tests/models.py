@@ -73,12 +73,16 @@ FLUX_DEV_SCHEDULER = {
 
 
 def flux_pipeline_latents(
-    transformer: torch.nn.Module, fields: dict[str, Any], vae: torch.nn.Module | None = None
+    transformer: torch.nn.Module,
+    fields: dict[str, Any],
+    vae: torch.nn.Module | None = None,
+    text: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """The final packed latents (S, C) diffusers' ``FluxPipeline`` gives for a generation request's
     fields (eager ``transformer``, ``output_type="latent"``; the embeddings in the transformer's
     dtype on its device): the reference of the generation app. With ``vae``, the image it decodes
-    (``output_type="pil"``) as an (H, W, 3) uint8 array."""
+    (``output_type="pil"``) as an (H, W, 3) uint8 array. With ``text`` (``tiny_text_encoders``),
+    a ``prompt`` is encoded by the pipeline itself (T5 padded to ``max_sequence_length``)."""
     diffusers = pytest.importorskip("diffusers")
 
     param = next(transformer.parameters())
@@ -91,15 +95,19 @@ def flux_pipeline_latents(
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV_SCHEDULER),
         vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
+        text_encoder=(text or {}).get("clip"),
+        tokenizer=(text or {}).get("clip_tokenizer"),
+        text_encoder_2=(text or {}).get("t5"),
+        tokenizer_2=(text or {}).get("t5_tokenizer"),
         transformer=transformer,
     )
+    prompts = {k: fields[k] for k in ("prompt", "negative_prompt") if k in fields}
+    if prompts:
+        prompts["max_sequence_length"] = (text or {})["max_sequence_length"]
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         out = pipe(
+            **prompts,
             prompt_embeds=tensor("prompt_embeds"),
             pooled_prompt_embeds=tensor("pooled_prompt_embeds"),
             negative_prompt_embeds=tensor("negative_prompt_embeds"),
@@ -146,3 +154,46 @@ def tiny_vae(seed: int = 0) -> torch.nn.Module:
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
     return diffusers.AutoencoderKL.from_config(FLUX_GEN_VAE_CONFIG).eval()
+
+
+# The generation app's tiny text encoders (examples/generate_flux.yaml) and their tokenizers
+# (examples/tokenizers/): CLIP's pooled width and T5's width are the tiny transformer's.
+CLIP_CONFIG = {
+    "vocab_size": 54,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+    "bos_token_id": 52,
+    "eos_token_id": 53,
+    "pad_token_id": 53,
+}
+T5_CONFIG = {
+    "vocab_size": 38,
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 64,
+    "num_layers": 1,
+    "num_heads": 2,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+
+
+def tiny_text_encoders(tokenizers: str, max_sequence_length: int, seed: int = 0) -> dict[str, Any]:
+    """The tiny CLIP and T5 encoders as transformers builds them (``seed`` as the config's), their
+    tokenizers from ``tokenizers``/clip and /t5, for ``flux_pipeline_latents(text=...)``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_CONFIG)).eval()
+    torch.manual_seed(seed)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(**T5_CONFIG)).eval()
+    return {
+        "clip": clip,
+        "clip_tokenizer": transformers.AutoTokenizer.from_pretrained(f"{tokenizers}/clip"),
+        "t5": t5,
+        "t5_tokenizer": transformers.AutoTokenizer.from_pretrained(f"{tokenizers}/t5"),
+        "max_sequence_length": max_sequence_length,
+    }

@@ -5,7 +5,8 @@
 - ``flux``: FLUX-style transformers in the loop, step for step as diffusers' ``FluxPipeline``;
 - ``policy``: which requests run the next pass (earliest deadline first, or FIFO), the cost
   model and the admission estimate;
-- ``engine``: the requests in flight and their passes (``StepEngine``).
+- ``engine``: the requests in flight and their passes (``StepEngine``);
+- ``text`` and ``vae``: prompts to embeddings and latents to PNGs, as the pipeline does them.
 
 No Ray here: ``deploy.generation`` serves it.
 """

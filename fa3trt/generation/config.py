@@ -7,7 +7,8 @@ or a local folder), without inputs: its family's adapter (``fa3trt.generation.fl
 them, so the transformer runs through the same backends as any served model (torch under
 routing, CUDA graphs, ``torch.compile``, or its TensorRT engine). The scheduler is a diffusers
 scheduler class and its config (flow-matching Euler, FLUX.1-dev's shift, by default). The VAE,
-when given, decodes a request's latents to a PNG in its own deployment.
+when given, decodes a request's latents to a PNG in its own deployment; the text encoders, when
+given, turn a request's prompt into its embeddings in theirs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from fa3trt import defaults
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
 
-__all__ = ["TransformerArgs", "VaeArgs", "SchedulerArgs", "GenerationArgs", "GENERATION_IMPORT_PATH", "FLUX_SCHEDULER"]
+__all__ = [
+    "TransformerArgs",
+    "VaeArgs",
+    "TextEncoderArgs",
+    "TextEncodersArgs",
+    "SchedulerArgs",
+    "GenerationArgs",
+    "GENERATION_IMPORT_PATH",
+    "FLUX_SCHEDULER",
+]
 
 GENERATION_IMPORT_PATH = "deploy.generation:build_app"
 
@@ -90,6 +100,36 @@ class VaeArgs(_Strict):
         return self
 
 
+class TextEncoderArgs(_Strict):
+    """One text encoder: a transformers class from a config or a local folder, and its tokenizer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    class_name: str = Field(alias="class", description="The transformers class (CLIPTextModel, T5EncoderModel).")
+    config: dict[str, Any] | None = Field(None, description="The class's config (random weights from seed).")
+    path: str | None = Field(None, description="A local from_pretrained folder of the encoder instead of config.")
+    tokenizer: str = Field(min_length=1, description="A local folder of its tokenizer (AutoTokenizer.from_pretrained).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="The encoder's dtype.")
+    seed: int = Field(defaults.SEED, ge=0, description="Seed of the random init when no folder is given.")
+
+    @model_validator(mode="after")
+    def _config_or_path(self) -> TextEncoderArgs:
+        if (self.config is None) == (self.path is None):
+            raise ValueError(f"text encoder {self.class_name} needs exactly one of config and path")
+        return self
+
+
+class TextEncodersArgs(_Strict):
+    """FLUX's two text encoders (as its pipeline uses them), served as their own deployment: with
+    them a request may send ``prompt`` instead of its embeddings."""
+
+    clip: TextEncoderArgs = Field(description="The pooled embedding's encoder (FLUX: CLIPTextModel, text_encoder/).")
+    t5: TextEncoderArgs = Field(description="The sequence's encoder (FLUX: T5EncoderModel, text_encoder_2/).")
+    gpu_share: float = Field(
+        0.25, gt=0.0, lt=1.0, description="On GPUs: the share of a GPU each text-encoder replica takes."
+    )
+
+
 class SchedulerArgs(_Strict):
     """The sampler: a diffusers scheduler class and its config, one instance per request."""
 
@@ -110,6 +150,9 @@ class GenerationArgs(_Strict):
         3.5, ge=0.0, le=100.0, description="The distilled guidance a request gets when it names none (FLUX.1-dev)."
     )
     vae: VaeArgs | None = Field(None, description="The image decoder: with it a request may ask for output 'png'.")
+    text_encoders: TextEncodersArgs | None = Field(
+        None, description="The text encoders: with them a request may send prompt (T5 padded to max_text_tokens)."
+    )
     vae_scale_factor: int = Field(
         8, ge=1, le=64, description="Pixels per latent along each side (the VAE's; checked against vae when given)."
     )
@@ -145,6 +188,16 @@ class GenerationArgs(_Strict):
         except ConfigError as e:
             raise ValueError(str(e)) from e
         return v
+
+    @model_validator(mode="after")
+    def _shares_fit(self) -> GenerationArgs:
+        shares = sum(p.gpu_share for p in (self.vae, self.text_encoders) if p is not None)
+        if shares >= 0.9:
+            raise ValueError(
+                f"vae.gpu_share + text_encoders.gpu_share = {shares:g} leaves the transformer under 0.1 of its GPU; "
+                "lower them"
+            )
+        return self
 
     @field_validator("replicas")
     @classmethod

@@ -107,10 +107,18 @@ class StepEngine:
         self.passes = 0
         self.rows_run = 0
 
-    def new(self, request: GenerateRequest, on_step: Callable[[Generation], None] | None = None) -> Generation:
-        """``request`` prepared on the device (see the module docstring)."""
+    def new(
+        self,
+        request: GenerateRequest,
+        on_step: Callable[[Generation], None] | None = None,
+        arrival: float | None = None,
+    ) -> Generation:
+        """``request`` prepared on the device (see the module docstring); its deadline counts from
+        ``arrival`` (on the engine's clock; default now)."""
+        if request.needs_encoding:
+            raise ValueError("a request that sent prompt needs its embeddings first (GenerateRequest.encoded)")
         tokens = self.family.tokens(request.height, request.width)
-        now = self.clock()
+        now = self.clock() if arrival is None else arrival
         start = self.family.start(request, self.backend.device, self.backend.dtype)
         key = (request.height, request.width, int(request.prompt_embeds.shape[0]))
         deadline = now + request.deadline_ms / 1e3 if request.deadline_ms is not None else math.inf

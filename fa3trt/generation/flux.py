@@ -113,6 +113,7 @@ class FluxFamily:
             channels=self.channels,
             default_guidance=self.args.guidance_scale,
             outputs=("latents", "png") if self.args.vae is not None else ("latents",),
+            prompts=self.args.text_encoders is not None,
         )
 
     def spec(self) -> SourceSpec:

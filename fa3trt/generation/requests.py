@@ -4,13 +4,16 @@
 Contract: ``parse_request(raw, limits)`` takes a mapping (JSON, an ``.npz`` body's arrays, or a
 handle call's dict) and returns a ``GenerateRequest``. Sizes come as ``height`` and ``width`` in
 pixels (multiples of the VAE's factor times the patch packing), or as ``tokens`` (a square image
-of that many image tokens). The noise comes from ``seed`` (one per request: its answer does not
+of that many image tokens). The text comes as embeddings, or as ``prompt`` (and
+``negative_prompt``) where the app has text encoders: such a request's embeddings are empty until
+``encoded`` fills them. The noise comes from ``seed`` (one per request: its answer does not
 depend on what it is batched with) or as ``latents`` themselves. ``deadline_ms`` is the time the
 client gives the whole generation, from its arrival.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +26,8 @@ from fa3trt.errors import InvalidInputError
 __all__ = ["GenerateRequest", "Limits", "parse_request", "FIELDS"]
 
 FIELDS = (
+    "prompt",
+    "negative_prompt",
     "prompt_embeds",
     "pooled_prompt_embeds",
     "negative_prompt_embeds",
@@ -57,6 +62,12 @@ class Limits:
     default_guidance: float
     outputs: tuple[str, ...] = ("latents",)
     """What a request may ask for: ``latents``, and ``png`` where the app has a VAE."""
+    prompts: bool = False
+    """Whether a request may send ``prompt`` (the app has text encoders)."""
+
+
+MAX_PROMPT_CHARS = 8192
+EMBEDDINGS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
 @dataclass
@@ -77,6 +88,25 @@ class GenerateRequest:
     deadline_ms: float | None = None
     output: str = "latents"
     stream: bool = False
+    prompt: str | None = None
+    """Set where the request sent text: its embeddings are empty until ``encoded``."""
+    negative_prompt: str | None = None
+
+    @property
+    def needs_encoding(self) -> bool:
+        return self.prompt is not None and self.prompt_embeds.shape[0] == 0
+
+    def encoded(
+        self, positive: tuple[np.ndarray, np.ndarray], negative: tuple[np.ndarray, np.ndarray] | None
+    ) -> GenerateRequest:
+        """This request with its prompts' (sequence, pooled) embeddings."""
+        return dataclasses.replace(
+            self,
+            prompt_embeds=positive[0],
+            pooled_prompt_embeds=positive[1],
+            negative_prompt_embeds=negative[0] if negative else None,
+            negative_pooled_prompt_embeds=negative[1] if negative else None,
+        )
 
     @property
     def cfg(self) -> bool:
@@ -145,22 +175,45 @@ def _size(raw: Mapping[str, Any], limits: Limits) -> tuple[int, int]:
     return height, width
 
 
+def _text(raw: Mapping[str, Any], name: str) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInputError(f"{name} must be a non-empty string, got {value!r:.80}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidInputError(f"{name} has {len(value)} characters; send at most {MAX_PROMPT_CHARS}")
+    return value
+
+
 def parse_request(raw: Any, limits: Limits) -> GenerateRequest:
     """``raw`` checked field by field (see the module docstring)."""
     if not isinstance(raw, Mapping):
         raise InvalidInputError(f"a generation request is a mapping of field -> value, got {type(raw).__name__}")
-    if "prompt" in raw:
-        raise InvalidInputError("prompt needs a text encoder, which this app has none of; send prompt_embeds")
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise InvalidInputError(f"unknown fields {unknown}; a request may carry {list(FIELDS)}")
-    for name in ("prompt_embeds", "pooled_prompt_embeds"):
-        if name not in raw:
-            raise InvalidInputError(f"{name} is missing: this app takes prompt embeddings (it has no text encoder)")
-    embeds = _array(raw, "prompt_embeds", 2, limits.text_dim)
-    if not 1 <= embeds.shape[0] <= limits.max_text_tokens:
-        raise InvalidInputError(f"prompt_embeds has {embeds.shape[0]} tokens; send 1 to {limits.max_text_tokens}")
-    pooled = _array(raw, "pooled_prompt_embeds", 1, limits.pooled_dim)
+    prompt, negative = _text(raw, "prompt"), _text(raw, "negative_prompt")
+    if prompt is not None or negative is not None:
+        if not limits.prompts:
+            raise InvalidInputError(
+                "prompt needs a text encoder, which this app has none of; send prompt_embeds and pooled_prompt_embeds"
+            )
+        if prompt is None:
+            raise InvalidInputError("negative_prompt needs prompt; send both")
+        given = [n for n in EMBEDDINGS if n in raw]
+        if given:
+            raise InvalidInputError(f"send prompt or {given[0]}, not both")
+        embeds, pooled = np.zeros((0, limits.text_dim), np.float32), np.zeros(limits.pooled_dim, np.float32)
+    else:
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            if name not in raw:
+                alt = "prompt, or " if limits.prompts else ""
+                raise InvalidInputError(f"{name} is missing; send {alt}prompt_embeds and pooled_prompt_embeds")
+        embeds = _array(raw, "prompt_embeds", 2, limits.text_dim)
+        if not 1 <= embeds.shape[0] <= limits.max_text_tokens:
+            raise InvalidInputError(f"prompt_embeds has {embeds.shape[0]} tokens; send 1 to {limits.max_text_tokens}")
+        pooled = _array(raw, "pooled_prompt_embeds", 1, limits.pooled_dim)
     height, width = _size(raw, limits)
     req = GenerateRequest(
         prompt_embeds=embeds,
@@ -173,6 +226,8 @@ def parse_request(raw: Any, limits: Limits) -> GenerateRequest:
         seed=_number(raw, "seed", int, 0, 2**63 - 1, 0),
         deadline_ms=_number(raw, "deadline_ms", float, 1.0, 8.64e7, math.inf),
         output=str(raw.get("output", "latents")),
+        prompt=prompt,
+        negative_prompt=negative,
         stream=bool(raw.get("stream", False)),
     )
     if req.deadline_ms == math.inf:

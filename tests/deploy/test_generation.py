@@ -28,7 +28,16 @@ from deploy.generation import generation_plan
 from deploy.generation_routes import decode_sse_latents
 from fa3trt.generation import GenerationArgs
 from tests.deploy.cluster import ROOT, URL, run, serve_cluster
-from tests.models import FLUX_GEN_CONFIG, FLUX_GEN_VAE_CONFIG, flux_pipeline_latents, tiny_flux_gen, tiny_vae
+from tests.models import (
+    CLIP_CONFIG,
+    FLUX_GEN_CONFIG,
+    FLUX_GEN_VAE_CONFIG,
+    T5_CONFIG,
+    flux_pipeline_latents,
+    tiny_flux_gen,
+    tiny_text_encoders,
+    tiny_vae,
+)
 
 ATOL = 1e-4
 CONFIG = ROOT / "examples/generate_flux.yaml"
@@ -40,6 +49,7 @@ def test_the_example_is_the_tested_model() -> None:
         k: list(v) if isinstance(v, tuple) else v for k, v in FLUX_GEN_CONFIG.items()
     }
     assert args["vae"]["config"] == FLUX_GEN_VAE_CONFIG
+    assert args["text_encoders"]["clip"]["config"] == CLIP_CONFIG and args["text_encoders"]["t5"]["config"] == T5_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +167,68 @@ def test_png_from_the_vae_deployment(cluster: dict[str, str], eager: torch.nn.Mo
     assert [e for e, _ in events[:-1]] == ["step"] * 5
 
 
+@pytest.fixture(scope="module")
+def text() -> dict[str, Any]:
+    return tiny_text_encoders(str(ROOT / "examples/tokenizers"), max_sequence_length=64)
+
+
+def test_a_prompt_through_the_text_encoder_deployment(
+    cluster: dict[str, str], eager: torch.nn.Module, text: dict[str, Any]
+) -> None:
+    reqs = [
+        {"prompt": "a photo of a cat", "height": 128, "width": 64, "steps": 4, "seed": 5},
+        {"prompt": "a red house", "negative_prompt": "a blue sky", "true_cfg_scale": 2.5}
+        | {"height": 64, "width": 64, "steps": 3, "seed": 6},
+    ]
+    with cf.ThreadPoolExecutor(len(reqs)) as pool:
+        answers = list(pool.map(post, reqs))
+    for r, a in zip(reqs, answers):
+        assert a.status_code == 200, a.text[:300]
+        want = flux_pipeline_latents(eager, r, text=text)
+        np.testing.assert_allclose(np.asarray(a.json()["latents"]), want, atol=ATOL, rtol=0)
+
+
+def images(body: dict[str, Any]) -> requests.Response:
+    return requests.post(f"{URL}/v1/images/generations", json=body, timeout=120)
+
+
+def test_openai_images_api(
+    cluster: dict[str, str], eager: torch.nn.Module, vae: torch.nn.Module, text: dict[str, Any]
+) -> None:
+    body = {"prompt": "a red house", "n": 2, "size": "128x64", "seed": 40, "steps": 3, "model": "any"}
+    r = images(body)
+    assert r.status_code == 200, r.text[:300]
+    data = r.json()["data"]
+    assert len(data) == 2 and isinstance(r.json()["created"], int)
+    for i, item in enumerate(data):
+        fields = {"prompt": "a red house", "width": 128, "height": 64, "steps": 3, "seed": 40 + i}
+        want = flux_pipeline_latents(eager, fields, vae=vae, text=text)
+        got = png_array(base64.b64decode(item["b64_json"]))
+        assert got.shape == want.shape == (64, 128, 3)
+        assert np.abs(got.astype(int) - want).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"prompt": "a cat", "response_format": "url"}, 400, "response_format 'url' is not offered"),
+        ({"prompt": "a cat", "size": "100x128"}, 400, "width = 100 is not a multiple of 16"),
+        ({"prompt": "a cat", "size": "big"}, 400, "size 'big' must be WIDTHxHEIGHT"),
+        ({"prompt": "a cat", "n": 11}, 400, "n = 11 must be an integer from 1 to 10"),
+        ({"prompt": "a cat", "quality": "hd"}, 400, r"parameters \['quality'\] are not supported"),
+        ({"size": "64x64"}, 400, "prompt is missing"),
+        ({"prompt": "a cat", "steps": 100, "size": "256x256", "deadline_ms": 1}, 429, "cannot be met"),
+    ],
+)
+def test_openai_errors_name_the_parameter(
+    cluster: dict[str, str], body: dict[str, Any], status: int, message: str
+) -> None:
+    r = images(body)
+    assert r.status_code == status, r.text[:300]
+    error = r.json()["error"]
+    assert re.search(message, error["message"]) and error["type"] in ("invalid_request_error", "rate_limit_error")
+
+
 @pytest.mark.parametrize(
     ("change", "status", "message"),
     [
@@ -164,7 +236,8 @@ def test_png_from_the_vae_deployment(cluster: dict[str, str], eager: torch.nn.Mo
         ({"height": 512, "width": 256}, 422, "is 512 image tokens, past the largest bucket \\(256\\)"),
         ({"prompt_embeds": np.zeros((8, 4))}, 422, r"prompt_embeds has shape \(8, 4\)"),
         ({"steps": 101}, 422, r"steps = 101 is outside \[1, 100\]"),
-        ({"prompt": "a cat"}, 422, "send prompt_embeds"),
+        ({"prompt": "a cat"}, 422, "send prompt or prompt_embeds, not both"),
+        ({"prompt_embeds": None, "prompt": ""}, 422, "prompt must be a non-empty string"),
     ],
 )
 def test_bad_fields_are_4xx_naming_them(
@@ -267,18 +340,21 @@ def test_the_example_client(cluster: dict[str, str], eager: torch.nn.Module, tmp
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 3/3" in out.stdout and "latents (64, 8) float32" in out.stdout
     png = tmp_path / "image.png"
-    out = run([sys.executable, "examples/generate_client.py", "--output", "png", "--save", str(png)], cluster)
+    cmd = ["examples/generate_client.py", "--prompt", "a red house", "--output", "png", "--save", str(png)]
+    out = run([sys.executable, *cmd], cluster)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "png of" in out.stdout and png_array(png.read_bytes()).shape == (128, 128, 3)
 
 
-def test_the_plan_puts_a_vae_replica_beside_each_transformer_replica() -> None:
+def test_the_plan_puts_the_vae_and_text_encoders_beside_each_transformer_replica() -> None:
     args = GenerationArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
-    opts, vae_opts, threads = generation_plan(args, cluster_gpus=4, cluster_cpus=64)
-    assert opts["num_replicas"] == vae_opts["num_replicas"] == 4 and threads is None  # type: ignore[index]
-    assert opts["ray_actor_options"]["num_gpus"] == 0.75 and vae_opts["ray_actor_options"]["num_gpus"] == 0.25  # type: ignore[index]
-    opts, vae_opts, threads = generation_plan(args, cluster_gpus=0, cluster_cpus=2)
-    assert "num_gpus" not in opts["ray_actor_options"] and threads == 1  # two processes share the 2 CPUs
-    no_vae = args.model_copy(update={"vae": None})
-    opts, vae_opts, threads = generation_plan(no_vae, cluster_gpus=2, cluster_cpus=32)
-    assert vae_opts is None and opts["ray_actor_options"]["num_gpus"] == 1
+    plan = generation_plan(args, cluster_gpus=4, cluster_cpus=64)
+    assert [plan[k]["num_replicas"] for k in ("generate", "vae", "text")] == [4, 4, 4] and plan["threads"] is None
+    gpus = {k: plan[k]["ray_actor_options"]["num_gpus"] for k in ("generate", "vae", "text")}
+    assert gpus == {"generate": 0.5, "vae": 0.25, "text": 0.25}
+    plan = generation_plan(args, cluster_gpus=0, cluster_cpus=6)
+    assert "num_gpus" not in plan["generate"]["ray_actor_options"] and plan["threads"] == 2  # 3 processes, 6 CPUs
+    bare = generation_plan(
+        args.model_copy(update={"vae": None, "text_encoders": None}), cluster_gpus=2, cluster_cpus=32
+    )
+    assert set(bare) == {"generate", "threads"} and bare["generate"]["ray_actor_options"]["num_gpus"] == 1
