@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from ray import serve
 
 from deploy.generation_routes import GenerationRoutes, gen_api
+from deploy.replica import replica_id
 from fa3trt import defaults
 from fa3trt.errors import DeadlineError
 from fa3trt.generation.config import GenerationArgs
@@ -84,15 +84,8 @@ class GenerationReplica(GenerationRoutes):
         self.counts = {"admitted": 0, "finished": 0, "refused": 0, "cancelled": 0}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
-        self.replica = self._replica_id()
+        self.replica = replica_id()
         log.info("fa3trt generation replica %s ready in %.1fs", self.replica, time.perf_counter() - t0)
-
-    @staticmethod
-    def _replica_id() -> str:
-        try:
-            return str(serve.get_replica_context().replica_id.unique_id)
-        except Exception:  # outside Serve (direct construction in tests)
-            return f"pid{os.getpid()}"
 
     def _ensure_loop(self) -> asyncio.Event:
         if self._wake is None or self._loop_task is None or self._loop_task.done():

@@ -46,7 +46,7 @@ from fa3trt.signature import Signature
 from fa3trt.timing import timing_events
 from fa3trt.transfer import to_host
 
-__all__ = ["ModelReplica", "ModelServer", "ModelWorker", "bucket_limits", "single_input"]
+__all__ = ["ModelReplica", "ModelServer", "ModelWorker", "bucket_limits", "replica_id", "single_input"]
 
 log = logging.getLogger("ray.serve")
 # Requests arrive as read-only NumPy views of Ray's object store; they are only read (copied
@@ -77,6 +77,14 @@ def single_input(signature: Signature) -> str:
             '{"inputs": {name: array}}), not a single array'
         )
     return sent[0]
+
+
+def replica_id() -> str:
+    """This Serve replica's id; outside Serve (a replica class built directly) the process's."""
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside Serve (direct construction in tests)
+        return f"pid{os.getpid()}"
 
 
 class ModelReplica(V1Routes, V2Routes):
@@ -126,20 +134,13 @@ class ModelReplica(V1Routes, V2Routes):
         dev = self.backend.device
         own = dev.type == "cuda" and self.args.stream_per_bucket
         self._streams = [torch.cuda.Stream(dev) if own else None for _ in self.buckets.edges]
-        self.replica = self._replica_id()
+        self.replica = replica_id()
         self._queues: list[Any] = []
         self._max_concurrent = 0
         self.limits: list[tuple[int, float]] = []
         self.batching: BatchingConfig | None = None
         if batching is not None:
             self.reconfigure(batching)
-
-    @staticmethod
-    def _replica_id() -> str:
-        try:
-            return str(serve.get_replica_context().replica_id.unique_id)
-        except Exception:  # outside Serve (direct construction in tests)
-            return f"pid{os.getpid()}"
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply batching knobs (Serve ``user_config``): at start, then live on every change.

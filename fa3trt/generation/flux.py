@@ -23,9 +23,7 @@ timesteps are its own, and the transformer treats the rows of a batch apart.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +31,7 @@ import torch
 
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import GenerationArgs
+from fa3trt.generation.parts import part_config
 from fa3trt.generation.requests import GenerateRequest, Limits
 from fa3trt.models.spec import SourceSpec
 
@@ -67,15 +66,7 @@ class Start:
 
 def _transformer_config(args: GenerationArgs) -> dict[str, Any]:
     t = args.transformer
-    if t.config is not None:
-        return dict(t.config)
-    path = Path(t.path or "") / "config.json"
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"transformer.path: {path} is not a readable config.json ({e}); give the transformer's folder"
-        ) from e
+    return part_config(t.config, t.path, "transformer")
 
 
 class FluxFamily:

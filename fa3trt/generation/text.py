@@ -13,7 +13,6 @@ padding and pooling are the pipeline's.
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,27 +23,18 @@ import torch
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import GenerationArgs, TextEncoderArgs
 from fa3trt.generation.flux import FluxFamily
+from fa3trt.generation.parts import load_part, part_config
 
 __all__ = ["PromptEncoder", "text_configs"]
-
-
-def _config(enc: TextEncoderArgs) -> dict[str, Any]:
-    if enc.config is not None:
-        return dict(enc.config)
-    path = Path(enc.path or "") / "config.json"
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"text encoder path: {path} is not a readable config.json ({e}); give the encoder's folder"
-        ) from e
 
 
 def text_configs(args: GenerationArgs, family: FluxFamily) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both encoders' configs, checked against the transformer (see the module docstring)."""
     if args.text_encoders is None:
         raise ConfigError("the generation app has no text_encoders: add text_encoders: {clip: ..., t5: ...}")
-    clip, t5 = _config(args.text_encoders.clip), _config(args.text_encoders.t5)
+    enc = args.text_encoders
+    clip = part_config(enc.clip.config, enc.clip.path, "text_encoders.clip")
+    t5 = part_config(enc.t5.config, enc.t5.path, "text_encoders.t5")
     width = clip.get("hidden_size", clip.get("text_config", {}).get("hidden_size"))
     if width != family.pooled_dim:
         raise ConfigError(
@@ -61,25 +51,20 @@ def text_configs(args: GenerationArgs, family: FluxFamily) -> tuple[dict[str, An
     return clip, t5
 
 
-def _load(enc: TextEncoderArgs, device: torch.device) -> Any:
-    transformers = importlib.import_module("transformers")
-    cls = getattr(transformers, enc.class_name, None)
-    if cls is None or not hasattr(cls, "config_class"):
-        raise ConfigError(f"text encoder class {enc.class_name!r} is not a transformers model class")
+def _load(enc: TextEncoderArgs, field: str, device: torch.device) -> Any:
     dtype = getattr(torch, enc.dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(enc.seed)
-        try:
-            model = (
-                cls(cls.config_class(**enc.config))
-                if enc.config is not None
-                else cls.from_pretrained(enc.path, dtype=dtype)
-            )
-        except (OSError, TypeError, ValueError) as e:
-            raise ConfigError(
-                f"text encoder {enc.class_name} does not load from {enc.path or 'its config'}: {e}"
-            ) from e
-    return model.eval().to(device, dtype)
+    model = load_part(
+        "transformers",
+        enc.class_name,
+        config=enc.config,
+        path=enc.path,
+        dtype=dtype,
+        seed=enc.seed,
+        field=field,
+        from_config=lambda cls, config: cls(cls.config_class(**config)),
+        dtype_kwarg="dtype",
+    )
+    return model.to(device, dtype)
 
 
 class PromptEncoder:
@@ -99,9 +84,9 @@ class PromptEncoder:
         self.pipe = diffusers.FluxPipeline(
             scheduler=None,
             vae=None,
-            text_encoder=_load(enc.clip, self.device),
+            text_encoder=_load(enc.clip, "text_encoders.clip", self.device),
             tokenizer=tokenizers[0],
-            text_encoder_2=_load(enc.t5, self.device),
+            text_encoder_2=_load(enc.t5, "text_encoders.t5", self.device),
             tokenizer_2=tokenizers[1],
             transformer=None,
         )

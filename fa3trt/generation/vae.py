@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import importlib
 import io
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import GenerationArgs
+from fa3trt.generation.parts import load_part, part_config
 
 __all__ = ["Decoder", "unpack", "vae_config"]
 
@@ -42,14 +41,7 @@ def vae_config(args: GenerationArgs, packed_channels: int) -> dict[str, Any]:
     packed channels and ``vae_scale_factor``, without loading its weights (the app builder's check)."""
     if args.vae is None:
         raise ConfigError("the generation app has no vae: add vae: {class: AutoencoderKL, config|path: ...}")
-    if args.vae.config is not None:
-        cfg = dict(args.vae.config)
-    else:
-        path = Path(args.vae.path or "") / "config.json"
-        try:
-            cfg = dict(json.loads(path.read_text()))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"vae.path: {path} is not a readable config.json ({e}); give the VAE's folder") from e
+    cfg = part_config(args.vae.config, args.vae.path, "vae")
     blocks = len(cfg.get("block_out_channels", (64,)))
     factor = 2 ** (blocks - 1)
     if factor != args.vae_scale_factor:
@@ -73,22 +65,19 @@ class Decoder:
     def __init__(self, args: GenerationArgs, packed_channels: int, device: torch.device | str = "cpu") -> None:
         vae_config(args, packed_channels)
         assert args.vae is not None
-        diffusers = importlib.import_module("diffusers")
         self.args, v = args, args.vae
-        cls = getattr(diffusers, v.class_name, None)
-        if cls is None or not hasattr(cls, "from_config"):
-            raise ConfigError(f"vae.class {v.class_name!r} is not a diffusers model class")
         dtype = getattr(torch, v.dtype)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(v.seed)
-            try:
-                vae = (
-                    cls.from_config(v.config)
-                    if v.config is not None
-                    else cls.from_pretrained(v.path, torch_dtype=dtype)
-                )
-            except (OSError, TypeError, ValueError) as e:
-                raise ConfigError(f"vae: {v.class_name} does not load from {v.path or 'its config'}: {e}") from e
+        vae = load_part(
+            "diffusers",
+            v.class_name,
+            config=v.config,
+            path=v.path,
+            dtype=dtype,
+            seed=v.seed,
+            field="vae",
+            from_config=lambda cls, config: cls.from_config(config),
+            dtype_kwarg="torch_dtype",
+        )
         if v.weights is not None:
             from safetensors.torch import load_file
 
