@@ -64,7 +64,7 @@ def _stage_dtype(arrays: Sequence[np.ndarray]) -> torch.dtype:
     converts), else float32 (converted once, while staging)."""
     kinds = {a.dtype for a in arrays}
     if len(kinds) == 1 and next(iter(kinds)) in (np.float16, np.float32):
-        return torch.from_numpy(arrays[0][:0].reshape(-1)).dtype
+        return torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype  # (a request's input may be 0-d)
     return torch.float32
 
 

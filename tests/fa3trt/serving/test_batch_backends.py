@@ -254,6 +254,34 @@ def test_assemble_on_gpu_stages_through_pinned_memory(src: type) -> None:
     torch.testing.assert_close(host, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_a_scalar_input_per_request_is_batched_as_a_row(device: str) -> None:
+    """A DiT's timestep: a 0-d input per request, one row of the batch (staged on a GPU too)."""
+    sig = Signature(
+        inputs=(
+            TensorSpec("x", "bfloat16", ("S", 4)),
+            TensorSpec("timestep", "bfloat16", ()),
+            TensorSpec("guidance", "float32", ()),
+        ),
+        output=TensorSpec("y", "bfloat16", ("S", 4)),
+        bucketed="S",
+    )
+    reqs = [
+        check_request(
+            sig,
+            {"x": np.full((5, 4), k, np.float32), "timestep": np.array(k / 10, dt), "guidance": np.array(3.5 + k)},
+            BUCKETS,
+        )
+        for k, dt in enumerate((np.float32, np.float16))
+    ]
+    batch = assemble(sig, reqs, torch.device(device), check_finite=True)
+    t, g = batch.inputs["timestep"].cpu(), batch.inputs["guidance"].cpu()
+    assert t.shape == (2,) and t.dtype == torch.bfloat16 and g.dtype == torch.float32
+    np.testing.assert_allclose(t.float().numpy(), [0.0, 0.1], rtol=1e-2)
+    np.testing.assert_array_equal(g.numpy(), [3.5, 4.5])
+    assert batch.finite["timestep"].tolist() == [True, True]
+
+
 def test_load_backend_auto_and_errors() -> None:
     be = load_backend("auto")
     assert isinstance(be, TorchBackend)  # no TensorRT on this machine
