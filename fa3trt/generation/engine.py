@@ -201,11 +201,16 @@ class StepEngine:
                 g.on_step(g)
         return finished
 
+    def _sync(self) -> None:
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize(self.backend.device)
+
     def warm(self, rows: Sequence[int] | None = None, steps: int = 4) -> CostModel:
         """Passes of each bucket's largest square image with the longest prompt at each row count
         in ``rows`` (default 1 and every power of two up to ``max_rows``), timed into the cost
-        model: the first pass of a shape compiles and allocates, the median of the others is
-        recorded."""
+        model: the first pass of a shape compiles and allocates; the others run back to back, as
+        the serving loop runs them (the host queues a pass while the device runs the one before),
+        and their mean is recorded."""
         counts = sorted(set(rows or [min(self.max_rows, 1 << i) for i in range(int(math.log2(self.max_rows)) + 1)]))
         limits = self.family.limits()
         for edge in self.buckets.edges:
@@ -221,14 +226,13 @@ class StepEngine:
             )
             for n in counts:
                 gens = [self.new(req) for _ in range(n)]
-                timings = []
-                for _ in range(req.steps):
-                    t0 = time.perf_counter()
+                self.step(gens)
+                self._sync()
+                t0 = time.perf_counter()
+                for _ in range(req.steps - 1):
                     self.step(gens)
-                    if self.backend.device.type == "cuda":
-                        torch.cuda.synchronize(self.backend.device)
-                    timings.append(time.perf_counter() - t0)
-                self.cost.record(gens[0].bucket, n, float(np.median(timings[1:])))
+                self._sync()
+                self.cost.record(gens[0].bucket, n, (time.perf_counter() - t0) / (req.steps - 1))
         self.passes = self.rows_run = 0
         log.info("generation cost model (seconds per pass by bucket x rows): %s", self.cost.to_dict())
         return self.cost
