@@ -15,8 +15,8 @@
 #                                     # PASSES (STEP=models: served vs direct, CUDA graphs, compile), the seed model's served
 #                                     # requests/s of this tree against BASELINE's (STEP=seed, RUNS); STEP=all for every step
 #   bash bench/gpu_suite.sh generation  # generation on the server: bench.generation (step-level EDF/FIFO vs a loop per
-#                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SUFFIX), then the
-#                                       # generation GPU test (a FLUX-width generation vs the eager pipeline)
+#                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SIZES, ARMS, SUFFIX), then the
+#                                       # generation GPU test (a FLUX-width generation vs the eager pipeline; TESTS=0: none)
 #   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: every transport (bench.transports), its identity twin
 #                                       # (CLIENTS, CONCURRENCY, DURATION, WARMUP, TRANSPORTS, SUFFIX, CUDA_GRAPHS=1, INGRESS=N;
 #                                       #  IDENTITY=0: no identity twin; PROFILE=1: py-spy of the replica)
@@ -43,8 +43,9 @@ case "$1" in
     ;;
   generation)
     python3 -m bench.generation --config "${CONFIG:-examples/generate_flux_gpu.yaml}" --requests "${REQUESTS:-60}" \
-      --loads "${LOADS:-0.5,0.8,1.0}" --out "$out" --name "generation${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING|^\s*$" | tee -a "$log"
-    python3 -m pytest -q -m gpu tests/fa3trt/generation -p no:cacheprovider 2>&1 | tee -a "$log" | tail -8
+      --loads "${LOADS:-0.5,0.8,1.0}" --sizes "${SIZES:-512,768,1024}" --arms "${ARMS:-alone,request,step-fifo,step-edf}" \
+      --out "$out" --name "generation${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING|UserWarning|exe_args|^\s*$" | tee -a "$log"
+    [ "${TESTS:-1}" = 1 ] && python3 -m pytest -q -m gpu tests/fa3trt/generation -p no:cacheprovider 2>&1 | tee -a "$log" | tail -8
     ;;
   pipeline)
     step=${STEP:-all}
