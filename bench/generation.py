@@ -38,7 +38,7 @@ import yaml
 
 from bench._common import pyplot, save, save_figure
 from fa3trt.errors import DeadlineError
-from fa3trt.generation import FluxFamily, GenerationArgs, StepEngine, parse_request
+from fa3trt.generation import GenerationArgs, StepEngine, family_for, parse_request
 from fa3trt.generation.engine import Generation
 from fa3trt.serving import load_backend
 
@@ -52,7 +52,7 @@ def _sync(device: torch.device) -> None:
 
 def make_fields(limits: Any, size: int, steps: int, seed: int, text: int) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
-    return {
+    fields = {
         "prompt_embeds": rng.standard_normal((text, limits.text_dim)).astype(np.float32),
         "pooled_prompt_embeds": rng.standard_normal(limits.pooled_dim).astype(np.float32),
         "height": size,
@@ -60,6 +60,10 @@ def make_fields(limits: Any, size: int, steps: int, seed: int, text: int) -> dic
         "steps": steps,
         "seed": seed,
     }
+    if limits.guidance_negative:  # classifier-free guidance (SD3): an empty negative prompt, two rows a step
+        fields["negative_prompt_embeds"] = np.zeros((text, limits.text_dim), np.float32)
+        fields["negative_pooled_prompt_embeds"] = np.zeros(limits.pooled_dim, np.float32)
+    return fields
 
 
 def workload(args: argparse.Namespace, limits: Any, rate: float) -> list[tuple[float, dict[str, Any]]]:
@@ -193,7 +197,7 @@ def main() -> None:
 
     doc = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"]
     app = GenerationArgs.model_validate(doc | {"backend": "torch"})
-    family = FluxFamily(app)
+    family = family_for(app)
     limits = family.limits()
     backend = load_backend("torch", family.spec(), device=args.device, cuda_graphs=app.cuda_graphs, compile=app.compile)
     eng = StepEngine(family, backend, app.bucket_set(), app.max_batch_rows, clock=time.perf_counter)

@@ -15,7 +15,7 @@
 #                                     # PASSES (STEP=models: served vs direct, CUDA graphs, compile), the seed model's served
 #                                     # requests/s of this tree against BASELINE's (STEP=seed, RUNS); STEP=all for every step
 #   bash bench/gpu_suite.sh generation  # generation on the server: bench.generation (step-level EDF/FIFO vs a loop per
-#                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SIZES, ARMS, SUFFIX), then the
+#                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SIZES, ARMS, TEXT, SUFFIX), then the
 #                                       # generation GPU test (a FLUX-width generation vs the eager pipeline; TESTS=0: none)
 #   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: every transport (bench.transports), its identity twin
 #                                       # (CLIENTS, CONCURRENCY, DURATION, WARMUP, TRANSPORTS, SUFFIX, CUDA_GRAPHS=1, INGRESS=N;
@@ -43,7 +43,7 @@ case "$1" in
     ;;
   generation)
     python3 -m bench.generation --config "${CONFIG:-examples/generate_flux_gpu.yaml}" --requests "${REQUESTS:-60}" \
-      --loads "${LOADS:-0.5,0.8,1.0}" --sizes "${SIZES:-512,768,1024}" --arms "${ARMS:-alone,request,step-fifo,step-edf}" \
+      --loads "${LOADS:-0.5,0.8,1.0}" --sizes "${SIZES:-512,768,1024}" --arms "${ARMS:-alone,request,step-fifo,step-edf}" --text "${TEXT:-512}" \
       --out "$out" --name "generation${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING|UserWarning|exe_args|^\s*$" | tee -a "$log"
     [ "${TESTS:-1}" = 1 ] && python3 -m pytest -q -m gpu tests/fa3trt/generation -p no:cacheprovider 2>&1 | tee -a "$log" | tail -8
     ;;

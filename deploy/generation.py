@@ -36,7 +36,7 @@ from fa3trt import defaults
 from fa3trt.errors import DeadlineError
 from fa3trt.generation.config import GenerationArgs
 from fa3trt.generation.engine import Generation, StepEngine
-from fa3trt.generation.flux import FluxFamily
+from fa3trt.generation.family import family_for
 from fa3trt.generation.requests import parse_request
 from fa3trt.generation.text import PromptEncoder, text_configs
 from fa3trt.generation.vae import Decoder, vae_config
@@ -66,15 +66,15 @@ class GenerationReplica(GenerationRoutes):
         t0 = time.perf_counter()
         self.args = GenerationArgs.model_validate(args)
         self.vae, self.text = vae, text  # the VaeDecoder and TextEncoder deployments' handles, where configured
-        self.family = FluxFamily(self.args)
+        self.family = family_for(self.args)
         self.limits = self.family.limits()
         buckets = self.args.bucket_set()
         self.backend = load_backend(
             self.args.backend,
             self.family.spec(),
-            buckets=buckets,
+            buckets=self.family.buckets(),
             store=self.args.store,
-            max_batch_tokens=buckets.max_len * self.args.max_batch_rows,
+            max_batch_tokens=self.family.max_batch_tokens(),
             build_if_missing=self.args.build_if_missing,
             cuda_graphs=self.args.cuda_graphs,
             compile=self.args.compile,
@@ -228,7 +228,7 @@ class VaeReplica:
             torch.set_num_threads(cpu_threads)
         parsed = GenerationArgs.model_validate(args)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.decoder = Decoder(parsed, FluxFamily(parsed).channels, device)
+        self.decoder = Decoder(parsed, family_for(parsed), device)
 
     async def decode(self, latents: Any, height: int, width: int) -> bytes:
         return await asyncio.to_thread(self.decoder.decode, latents, height, width)
@@ -289,10 +289,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     try:
         parsed = GenerationArgs.model_validate(args)
-        family = FluxFamily(parsed)
+        family = family_for(parsed)
         check_source(family.spec())
         if parsed.vae is not None:
-            vae_config(parsed, family.channels)
+            vae_config(parsed, family.latent_channels)
         if parsed.text_encoders is not None:
             text_configs(parsed, family)
     except Exception as e:

@@ -1,4 +1,4 @@
-"""Call the generation app (``serve run examples/generate_flux.yaml``) over HTTP or by handle.
+"""Call the generation app (``serve run examples/generate_flux.yaml``, or ``generate_sd3.yaml``) over HTTP or by handle.
 
     python examples/generate_client.py                      # HTTP, server-sent events per step
     python examples/generate_client.py --handle             # from another Ray job, streamed
@@ -7,8 +7,10 @@
 
 Reads the app's limits (``/v1/info``), makes random prompt embeddings of its widths (or sends
 ``--prompt`` to an app with text encoders), asks for one image of ``--size`` pixels, prints each step as it
-lands, and with --save writes the final packed latents to an .npy file (decode them with the
-model's VAE after unpacking, as diffusers' FluxPipeline does with ``output_type="latent"``).
+lands, and with --save writes the final latents to an .npy file (FLUX: packed (tokens, channels),
+to decode with the model's VAE after unpacking, as diffusers' FluxPipeline does with
+``output_type="latent"``; SD3: (channels, height / 8, width / 8)). An app whose model guides by a
+negative prompt (SD3) gets an empty one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def request_fields(
         "steps": steps,
         "seed": seed,
     }
+    if limits.get("guidance_negative"):  # guided by a negative prompt (SD3): an empty one
+        t = fields["prompt_embeds"].shape[0]
+        fields["negative_prompt_embeds"] = np.zeros((t, limits["text_dim"]), np.float32)
+        fields["negative_pooled_prompt_embeds"] = np.zeros(limits["pooled_dim"], np.float32)
     if deadline_ms is not None:
         fields["deadline_ms"] = deadline_ms
     return fields

@@ -156,6 +156,76 @@ def tiny_vae(seed: int = 0) -> torch.nn.Module:
     return diffusers.AutoencoderKL.from_config(FLUX_GEN_VAE_CONFIG).eval()
 
 
+# The SD3 generation app's tiny transformer and VAE (examples/generate_sd3.yaml): 4 latent
+# channels, patch size 2, 8 pixels per latent; SD3's scheduler shift, scaling and shift factors.
+SD3_GEN_CONFIG = {
+    "sample_size": 16,
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 24,
+    "pos_embed_max_size": 32,
+}
+SD3_VAE_CONFIG = {**FLUX_GEN_VAE_CONFIG, "latent_channels": 4, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+SD3_SCHEDULER = {"shift": 3.0}
+
+
+def tiny_sd3_gen(seed: int = 0) -> torch.nn.Module:
+    """The SD3 generation app's tiny transformer as diffusers builds it, unrouted."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    return diffusers.SD3Transformer2DModel.from_config(SD3_GEN_CONFIG).eval()
+
+
+def tiny_sd3_vae(seed: int = 0) -> torch.nn.Module:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL.from_config(SD3_VAE_CONFIG).eval()
+
+
+def sd3_pipeline_latents(fields: dict[str, Any], vae: torch.nn.Module | None = None) -> np.ndarray:
+    """The final latents (C, h, w) diffusers' ``StableDiffusion3Pipeline`` gives for a request's
+    fields on the eager tiny SD3 transformer (``output_type="latent"``); with ``vae``, its image as
+    an (H, W, 3) uint8 array."""
+    diffusers = pytest.importorskip("diffusers")
+
+    def tensor(name: str) -> torch.Tensor | None:
+        return torch.from_numpy(np.asarray(fields[name], np.float32))[None] if name in fields else None
+
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tiny_sd3_gen(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        out = pipe(
+            prompt_embeds=tensor("prompt_embeds"),
+            pooled_prompt_embeds=tensor("pooled_prompt_embeds"),
+            negative_prompt_embeds=tensor("negative_prompt_embeds"),
+            negative_pooled_prompt_embeds=tensor("negative_pooled_prompt_embeds"),
+            height=fields["height"],
+            width=fields["width"],
+            num_inference_steps=fields["steps"],
+            guidance_scale=fields.get("guidance_scale", 7.0),
+            generator=torch.Generator("cpu").manual_seed(fields.get("seed", 0)),
+            latents=tensor("latents"),
+            output_type="latent" if vae is None else "pil",
+        )
+    return np.asarray(out.images[0]) if vae is not None else out.images[0].float().numpy()
+
+
 # The generation app's tiny text encoders (examples/generate_flux.yaml) and their tokenizers
 # (examples/tokenizers/): CLIP's pooled width and T5's width are the tiny transformer's.
 CLIP_CONFIG = {

@@ -42,7 +42,7 @@ FLUX_SCHEDULER: dict[str, Any] = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
 }
-"""FLUX.1-dev's flow-matching Euler scheduler config (the default)."""
+"""FLUX.1-dev's flow-matching Euler scheduler config (the FLUX family's default)."""
 
 
 class _Strict(BaseModel):
@@ -138,7 +138,9 @@ class SchedulerArgs(_Strict):
     class_name: str = Field(
         "FlowMatchEulerDiscreteScheduler", alias="class", description="A diffusers scheduler class."
     )
-    config: dict[str, Any] = Field(default_factory=lambda: dict(FLUX_SCHEDULER), description="Its config.")
+    config: dict[str, Any] | None = Field(
+        None, description="Its config (default: the family's: FLUX.1-dev's dynamic shift, SD3's shift 3)."
+    )
 
 
 class GenerationArgs(_Strict):
@@ -146,8 +148,11 @@ class GenerationArgs(_Strict):
 
     transformer: TransformerArgs
     scheduler: SchedulerArgs = Field(default_factory=lambda: SchedulerArgs())
-    guidance_scale: float = Field(
-        3.5, ge=0.0, le=100.0, description="The distilled guidance a request gets when it names none (FLUX.1-dev)."
+    guidance_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="The guidance a request gets when it names none (default: the family's: FLUX.1-dev 3.5, SD3 7).",
     )
     vae: VaeArgs | None = Field(None, description="The image decoder: with it a request may ask for output 'png'.")
     text_encoders: TextEncodersArgs | None = Field(

@@ -33,7 +33,7 @@ import torch
 
 from fa3trt.buckets import Buckets
 from fa3trt.errors import DeadlineError
-from fa3trt.generation.flux import FluxFamily
+from fa3trt.generation.family import Family
 from fa3trt.generation.policy import CostModel, Policy, finish_times, pick
 from fa3trt.generation.requests import GenerateRequest
 
@@ -54,13 +54,13 @@ class Generation:
     arrival: float
     deadline: float
     latents: torch.Tensor
-    img_ids: torch.Tensor
-    txt_ids: torch.Tensor
     embeds: torch.Tensor
     pooled: torch.Tensor
     guidance: float
+    cfg_scale: float
     scheduler: Any
     timesteps: torch.Tensor
+    shared: dict[str, torch.Tensor]
     id: int = field(default_factory=lambda: next(_ids))
     step: int = 0
     cancelled: bool = False
@@ -69,10 +69,6 @@ class Generation:
     @property
     def rows(self) -> int:
         return int(self.embeds.shape[0])
-
-    @property
-    def cfg_scale(self) -> float:
-        return self.request.true_cfg_scale
 
     @property
     def steps(self) -> int:
@@ -92,7 +88,7 @@ class StepEngine:
 
     def __init__(
         self,
-        family: FluxFamily,
+        family: Family,
         backend: Any,
         buckets: Buckets,
         max_rows: int,
@@ -129,13 +125,13 @@ class StepEngine:
             now,
             deadline,
             start.latents,
-            start.img_ids,
-            start.txt_ids,
             start.embeds,
             start.pooled,
             start.guidance,
+            start.cfg_scale,
             start.scheduler,
             start.timesteps,
+            start.shared,
             on_step=on_step,
         )
 
@@ -221,7 +217,7 @@ class StepEngine:
                 height=side,
                 width=side,
                 steps=max(2, steps),
-                guidance_scale=limits.default_guidance,
+                guidance_scale=1.0 if limits.guidance_negative else limits.default_guidance,  # one row each
                 seed=0,
             )
             for n in counts:

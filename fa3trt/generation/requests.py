@@ -64,6 +64,14 @@ class Limits:
     """What a request may ask for: ``latents``, and ``png`` where the app has a VAE."""
     prompts: bool = False
     """Whether a request may send ``prompt`` (the app has text encoders)."""
+    spatial: bool = False
+    """Whether ``latents`` are (channels, height / vae_scale_factor, width / vae_scale_factor), else packed
+    (tokens, channels)."""
+    vae_scale_factor: int = 8
+    max_side: int | None = None
+    """The longest side in pixels a request may ask for (None: any the token count allows)."""
+    guidance_negative: bool = False
+    """Whether ``guidance_scale`` > 1 guides with the negative prompt (then a request must carry one)."""
 
 
 MAX_PROMPT_CHARS = 8192
@@ -161,6 +169,8 @@ def _size(raw: Mapping[str, Any], limits: Limits) -> tuple[int, int]:
     height = _number(raw, "height", int, step, 1 << 16)
     width = _number(raw, "width", int, step, 1 << 16)
     for name, value in (("height", height), ("width", width)):
+        if limits.max_side is not None and value > limits.max_side:
+            raise InvalidInputError(f"{name} = {value} is past the longest side this app takes ({limits.max_side})")
         if value % step:
             near = sorted({max(step, value // step * step), -(-value // step) * step})
             raise InvalidInputError(
@@ -245,12 +255,40 @@ def parse_request(raw: Any, limits: Limits) -> GenerateRequest:
             raise InvalidInputError(
                 f"negative_prompt_embeds has shape {req.negative_prompt_embeds.shape}; it must be prompt_embeds' {embeds.shape}"
             )
-    if "latents" in raw:
-        tokens = (height // limits.pixel_step) * (width // limits.pixel_step)
-        req.latents = _array(raw, "latents", 2, limits.channels, lead="S")
-        if req.latents.shape[0] != tokens:
+    if limits.guidance_negative and req.guidance_scale > 1.0:
+        if req.true_cfg_scale != 1.0:
+            raise InvalidInputError("true_cfg_scale: this model guides by guidance_scale; leave true_cfg_scale out")
+        if req.negative_prompt_embeds is None and req.prompt is None:
             raise InvalidInputError(
-                f"latents has {req.latents.shape[0]} tokens; height x width = {height} x {width} makes {tokens} "
-                f"(packed latents of shape ({tokens}, {limits.channels}))"
+                f"guidance_scale = {req.guidance_scale:g} guides with a negative prompt: send negative_prompt_embeds "
+                "and negative_pooled_prompt_embeds (zeros for an empty prompt), or guidance_scale 1"
             )
+    if "latents" in raw:
+        req.latents = _latents(raw, limits, height, width)
     return req
+
+
+def _latents(raw: Mapping[str, Any], limits: Limits, height: int, width: int) -> np.ndarray:
+    if limits.spatial:
+        want: tuple[int, ...] = (limits.channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
+        try:
+            arr = np.asarray(raw["latents"], dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"latents must be an array of numbers ({e})") from e
+        if arr.ndim == 4 and arr.shape[0] == 1:  # a batch of one, as diffusers' pipelines take them
+            arr = arr[0]
+        if arr.shape != want:
+            raise InvalidInputError(
+                f"latents has shape {arr.shape}; height x width = {height} x {width} makes latents of shape {want}"
+            )
+        if not np.isfinite(arr).all():
+            raise InvalidInputError("latents holds NaN or Inf; send finite values")
+        return arr
+    tokens = (height // limits.pixel_step) * (width // limits.pixel_step)
+    arr = _array(raw, "latents", 2, limits.channels, lead="S")
+    if arr.shape[0] != tokens:
+        raise InvalidInputError(
+            f"latents has {arr.shape[0]} tokens; height x width = {height} x {width} makes {tokens} "
+            f"(packed latents of shape ({tokens}, {limits.channels}))"
+        )
+    return arr

@@ -22,13 +22,13 @@ import torch
 
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import GenerationArgs, TextEncoderArgs
-from fa3trt.generation.flux import FluxFamily
+from fa3trt.generation.family import Family, family_for
 from fa3trt.generation.parts import load_part, part_config
 
 __all__ = ["PromptEncoder", "text_configs"]
 
 
-def text_configs(args: GenerationArgs, family: FluxFamily) -> tuple[dict[str, Any], dict[str, Any]]:
+def text_configs(args: GenerationArgs, family: Family) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both encoders' configs, checked against the transformer (see the module docstring)."""
     if args.text_encoders is None:
         raise ConfigError("the generation app has no text_encoders: add text_encoders: {clip: ..., t5: ...}")
@@ -71,7 +71,7 @@ class PromptEncoder:
     """FLUX's text encoders on ``device`` (see the module docstring)."""
 
     def __init__(self, args: GenerationArgs, device: torch.device | str = "cpu") -> None:
-        family = FluxFamily(args)
+        family = family_for(args)
         text_configs(args, family)
         assert args.text_encoders is not None
         self.device = torch.device(device)

@@ -1,14 +1,15 @@
-"""A generation's latents to an image, as diffusers' ``FluxPipeline`` decodes them.
+"""A generation's latents to an image, as the family's diffusers pipeline decodes them.
 
-Contract: ``vae_config(args, packed_channels)`` reads the configured autoencoder's config and checks it against the
-transformer (its latent channels times 4 are the transformer's packed channels, its scale factor
-2 ** (blocks - 1) is ``vae_scale_factor``), each mismatch a ``ConfigError`` naming the fix.
-``Decoder(args, packed_channels, device)`` loads it (a diffusers class from a config with random weights from
-``seed``, or a local folder; an optional safetensors state dict). ``decode(latents,
-height, width)`` takes packed latents (S, C), as the loop answers them, and returns the image as
-PNG bytes: unpacked, unscaled and shifted by the VAE's config, decoded, and post-processed by
-diffusers' ``VaeImageProcessor`` (the pipeline's ``output_type="pil"``). ``decode_many`` decodes
-images of one size as one batch.
+Contract: ``vae_config(args, latent_channels)`` reads the configured autoencoder's config and
+checks it against the transformer (its latent channels are those of the transformer's latents,
+its scale factor 2 ** (blocks - 1) is ``vae_scale_factor``), each mismatch a ``ConfigError``
+naming the fix. ``Decoder(args, family, device)`` loads it (a diffusers class from a config with
+random weights from ``seed``, or a local folder; an optional safetensors state dict).
+``decode(latents, height, width)`` takes a request's latents as the loop answers them (FLUX:
+packed (S, C); SD3: (C, h, w)) and returns the image as PNG bytes: as the family's latents
+(``Family.image_latents``: unpacked for FLUX), unscaled and shifted by the VAE's config, decoded,
+and post-processed by diffusers' ``VaeImageProcessor`` (the pipeline's ``output_type="pil"``).
+``decode_many`` decodes images of one size as one batch.
 """
 
 from __future__ import annotations
@@ -23,22 +24,16 @@ import torch
 
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import GenerationArgs
+from fa3trt.generation.family import Family
 from fa3trt.generation.parts import load_part, part_config
 
-__all__ = ["Decoder", "unpack", "vae_config"]
+__all__ = ["Decoder", "vae_config"]
 
 
-def unpack(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
-    """Packed (B, S, C) latents to (B, C / 4, H, W), as the pipeline unpacks them."""
-    b, _, c = latents.shape
-    h, w = 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
-    x = latents.view(b, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c // 4, h, w)
-
-
-def vae_config(args: GenerationArgs, packed_channels: int) -> dict[str, Any]:
-    """The VAE's config (inline, or its folder's ``config.json``) checked against the transformer's
-    packed channels and ``vae_scale_factor``, without loading its weights (the app builder's check)."""
+def vae_config(args: GenerationArgs, latent_channels: int) -> dict[str, Any]:
+    """The VAE's config (inline, or its folder's ``config.json``) checked against the channels of
+    the transformer's latents and ``vae_scale_factor``, without loading its weights (the app
+    builder's check)."""
     if args.vae is None:
         raise ConfigError("the generation app has no vae: add vae: {class: AutoencoderKL, config|path: ...}")
     cfg = part_config(args.vae.config, args.vae.path, "vae")
@@ -49,12 +44,11 @@ def vae_config(args: GenerationArgs, packed_channels: int) -> dict[str, Any]:
             f"vae_scale_factor = {args.vae_scale_factor} but the vae scales by {factor} ({blocks} blocks); "
             f"set vae_scale_factor: {factor}"
         )
-    packed = packed_channels
     latent = int(cfg.get("latent_channels", 4))
-    if latent * 4 != packed:
+    if latent != latent_channels:
         raise ConfigError(
-            f"vae latent_channels = {latent}, but the transformer packs {packed} channels (4 x {packed // 4}); "
-            f"give a vae with latent_channels {packed // 4}"
+            f"vae latent_channels = {latent}, but the transformer's latents have {latent_channels} channels; "
+            f"give a vae with latent_channels {latent_channels}"
         )
     return cfg
 
@@ -62,10 +56,10 @@ def vae_config(args: GenerationArgs, packed_channels: int) -> dict[str, Any]:
 class Decoder:
     """The configured VAE on ``device`` (see the module docstring)."""
 
-    def __init__(self, args: GenerationArgs, packed_channels: int, device: torch.device | str = "cpu") -> None:
-        vae_config(args, packed_channels)
+    def __init__(self, args: GenerationArgs, family: Family, device: torch.device | str = "cpu") -> None:
+        vae_config(args, family.latent_channels)
         assert args.vae is not None
-        self.args, v = args, args.vae
+        self.args, self.family, v = args, family, args.vae
         dtype = getattr(torch, v.dtype)
         vae = load_part(
             "diffusers",
@@ -95,7 +89,7 @@ class Decoder:
     def decode_many(self, latents: Sequence[np.ndarray], height: int, width: int) -> list[bytes]:
         """PNGs of several images of one size (see the module docstring)."""
         x = torch.from_numpy(np.stack([np.asarray(a, np.float32) for a in latents])).to(self.device, self.dtype)
-        x = unpack(x, height, width, self.args.vae_scale_factor) / self.scaling + self.shift
+        x = self.family.image_latents(x, height, width) / self.scaling + self.shift
         with torch.inference_mode():
             images: Any = self.processor.postprocess(self.vae.decode(x, return_dict=False)[0], output_type="pil")
         out = []

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from fa3trt.errors import ConfigError, InvalidInputError
-from fa3trt.generation import FluxFamily, GenerationArgs, parse_request
+from fa3trt.generation import FluxFamily, GenerationArgs, family_for, parse_request
 from fa3trt.generation.policy import CostModel, finish_times, order, pick
 from fa3trt.generation.requests import Limits
 
@@ -123,7 +123,7 @@ def test_bad_app_arguments_are_refused_naming_the_key(args: dict[str, Any], mess
 @pytest.mark.parametrize(
     ("transformer", "message"),
     [
-        ({"class": "SD3Transformer2DModel", "config": {}}, "runs FLUX-style transformers"),
+        ({"class": "PixArtTransformer2DModel", "config": {}}, "the generation app runs"),
         (FLUX | {"config": {"patch_size": 2}}, "patch_size = 2: FLUX packs 2x2 latents itself; use 1"),
         (FLUX | {"config": {"in_channels": 6}}, "in_channels = 6 is not 4 x the latent channels"),
         ({"class": "FluxTransformer2DModel", "path": "/nonexistent"}, "/nonexistent/config.json is not a readable"),
@@ -131,7 +131,7 @@ def test_bad_app_arguments_are_refused_naming_the_key(args: dict[str, Any], mess
 )
 def test_transformers_the_loop_cannot_run_are_refused(transformer: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        FluxFamily(GenerationArgs.model_validate({"transformer": transformer}))
+        family_for(GenerationArgs.model_validate({"transformer": transformer}))
 
 
 def test_a_scheduler_that_is_not_diffusers_is_refused() -> None:

@@ -49,7 +49,7 @@ def test_the_png_is_the_pipelines_image() -> None:
         eng.admit(g)
     while len(eng):
         eng.step(eng.pick())
-    decoder = Decoder(args, family.channels)
+    decoder = Decoder(args, family)
     pngs = decoder.decode_many([g.latents[0].numpy() for g in gens], 64, 128)
     assert decoder.decode(gens[1].latents[0].numpy(), 64, 128) == pngs[1]
     transformer, vae = tiny_flux_gen(), tiny_vae()
@@ -69,7 +69,7 @@ def test_the_png_is_the_pipelines_image() -> None:
         ),
         (
             {"vae": {"config": FLUX_GEN_VAE_CONFIG | {"latent_channels": 4}}},
-            "latent_channels = 4, but the transformer packs 8",
+            "latent_channels = 4, but the transformer.s latents have 2 channels",
         ),
         ({"vae": {"path": "/nonexistent-vae"}}, "vae.path: /nonexistent-vae/config.json is not a readable config.json"),
     ],
@@ -77,10 +77,10 @@ def test_the_png_is_the_pipelines_image() -> None:
 def test_a_vae_that_does_not_fit_is_refused_naming_the_fix(change: dict[str, Any], message: str) -> None:
     args = GenerationArgs.model_validate(ARGS | change)
     with pytest.raises(ConfigError, match=message):
-        vae_config(args, FluxFamily(args).channels)
+        vae_config(args, FluxFamily(args).latent_channels)
 
 
 def test_without_a_vae_png_is_refused(tmp_path: Path) -> None:
     args = GenerationArgs.model_validate({k: v for k, v in ARGS.items() if k != "vae"})
     with pytest.raises(ConfigError, match="has no vae"):
-        Decoder(args, 8)
+        Decoder(args, FluxFamily(args))

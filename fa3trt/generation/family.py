@@ -1,0 +1,208 @@
+"""What the denoising loop needs of a transformer family, and the family of a configured transformer.
+
+Contract: ``family_for(args)`` is the adapter of the configured transformer's class
+(``FluxTransformer2DModel``: ``fa3trt.generation.flux.FluxFamily``; ``SD3Transformer2DModel``:
+``fa3trt.generation.sd3.SD3Family``); any other class is a ``ConfigError`` naming those. An
+adapter (a ``Family``) reads the transformer's config and gives
+- ``spec()``: the transformer as a served model source (any backend runs it), and ``buckets()``,
+  ``max_batch_tokens()``: what its backend is built for;
+- ``limits()``: what a request may carry (``fa3trt.generation.requests.Limits``), and
+  ``tokens(height, width)``: an image's token count, which picks its bucket;
+- ``scheduler()``: a new instance of the configured scheduler (one per request: its step index
+  is its own), from the family's default config where the app names none;
+- ``start(request, device, dtype)``: a request's ``Start``, its state before its first step, as
+  the family's diffusers pipeline prepares it (initial noise drawn from the request's own seed on
+  the CPU, timesteps, rows: the prompt, and the negative prompt under classifier-free guidance);
+- ``inputs(states)``: one pass's batch over requests each at its own step (the timestep is a
+  row's input), and ``noise(out, states)``: each request's model output back, its rows combined
+  as the pipeline combines them;
+- ``latent_channels``: the channels of the latents the VAE decodes, and ``image_latents(x,
+  height, width)``: a batch of the loop's latents as the VAE takes them.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fa3trt.buckets import Buckets
+from fa3trt.errors import ConfigError
+from fa3trt.generation.config import GenerationArgs
+from fa3trt.generation.parts import part_config
+from fa3trt.generation.requests import GenerateRequest, Limits
+from fa3trt.models.spec import SourceSpec
+
+__all__ = ["FAMILIES", "Family", "Start", "family_for", "noise_from_seed"]
+
+FAMILIES = {
+    "FluxTransformer2DModel": "fa3trt.generation.flux:FluxFamily",
+    "SD3Transformer2DModel": "fa3trt.generation.sd3:SD3Family",
+}
+"""The transformer classes the generation app runs, and their adapters."""
+
+
+@dataclass
+class Start:
+    """A request's state before its first step."""
+
+    latents: torch.Tensor
+    """(1, ...) latents in the model's dtype on the device, as the family's model takes them."""
+    embeds: torch.Tensor
+    """(rows, T, D): the prompt (and the negative prompt)."""
+    pooled: torch.Tensor
+    """(rows, P)."""
+    guidance: float
+    """The distilled guidance input, where the model embeds one."""
+    cfg_scale: float
+    """Classifier-free guidance: the scale its two rows are combined with (1: one row)."""
+    scheduler: Any
+    timesteps: torch.Tensor
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Inputs one for the whole batch (FLUX's position ids): only requests with equal ones share a pass."""
+
+
+def noise_from_seed(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """The initial noise as diffusers' pipelines draw it: a CPU generator seeded with ``seed``, in
+    ``dtype`` (a request's answer does not depend on the device or on what it is batched with)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    return randn_tensor(shape, generator=g, device=torch.device("cpu"), dtype=dtype)
+
+
+class Family(abc.ABC):
+    """What the adapters share (see the module docstring); a subclass sets the model's widths in
+    ``__init__`` and gives ``spec``, ``start``, ``inputs``, ``noise`` and ``image_latents``."""
+
+    name = ""
+    default_scheduler: dict[str, Any] = {}
+    default_guidance = 1.0
+    spatial = False
+    """Whether requests send latents as (C, h, w) (else packed, (S, C))."""
+    guidance_negative = False
+    """Whether ``guidance_scale`` > 1 guides with the negative prompt (else it is a distilled guidance input)."""
+
+    def __init__(self, args: GenerationArgs) -> None:
+        self.args = args
+        t = args.transformer
+        self.config = part_config(t.config, t.path, "transformer")
+        self.text_dim = 0
+        self.pooled_dim = 0
+        self.channels = 0
+        self.latent_channels = 0
+        self.pixel_step = 1
+        self.max_side: int | None = None
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance a request gets when it names none: the app's, else the family's."""
+        return self.args.guidance_scale if self.args.guidance_scale is not None else self.default_guidance
+
+    def limits(self) -> Limits:
+        return Limits(
+            text_dim=self.text_dim,
+            pooled_dim=self.pooled_dim,
+            max_text_tokens=self.args.max_text_tokens,
+            pixel_step=self.pixel_step,
+            max_tokens=self.args.bucket_set().max_len,
+            max_steps=self.args.max_steps,
+            channels=self.channels,
+            default_guidance=self.guidance_scale,
+            outputs=("latents", "png") if self.args.vae is not None else ("latents",),
+            prompts=self.args.text_encoders is not None,
+            spatial=self.spatial,
+            vae_scale_factor=self.args.vae_scale_factor,
+            max_side=self.max_side,
+            guidance_negative=self.guidance_negative,
+        )
+
+    def tokens(self, height: int, width: int) -> int:
+        return (height // self.pixel_step) * (width // self.pixel_step)
+
+    def buckets(self) -> Buckets:
+        """The backend's buckets along the spec's bucketed axis (by default the image tokens)."""
+        return self.args.bucket_set()
+
+    def max_batch_tokens(self) -> int:
+        return self.buckets().max_len * self.args.max_batch_rows
+
+    def scheduler(self) -> Any:
+        diffusers = importlib.import_module("diffusers")
+        s = self.args.scheduler
+        cls = getattr(diffusers, s.class_name, None)
+        if cls is None or not hasattr(cls, "from_config"):
+            raise ConfigError(f"scheduler.class {s.class_name!r} is not a diffusers scheduler")
+        try:
+            return cls.from_config(dict(s.config if s.config is not None else self.default_scheduler))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"scheduler.config does not build {s.class_name}: {e}") from e
+
+    def _spec(
+        self, inputs: dict[str, Any], output_axes: list[Any], bucketed: str, ranges: dict[str, Any]
+    ) -> SourceSpec:
+        t = self.args.transformer
+        return SourceSpec.model_validate(
+            {
+                "source": "diffusers",
+                "class": t.class_name,
+                **({"config": t.config} if t.config is not None else {"path": t.path}),
+                "dtype": t.dtype,
+                "routing": t.routing,
+                "seed": t.seed,
+                "weights": t.weights,
+                "inputs": inputs,
+                "output": {"name": "sample", "select": 0, "axes": output_axes, "dtype": t.dtype},
+                "bucketed_axis": bucketed,
+                "axis_ranges": ranges,
+                "batching": "shape",
+            }
+        )
+
+    def _rows(
+        self, req: GenerateRequest, cfg: bool, negative_first: bool, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeds (rows, T, D), pooled (rows, P)): the prompt, and with ``cfg`` the negative
+        prompt before or after it, as the family's pipeline orders them."""
+        rows, pooled = [req.prompt_embeds], [req.pooled_prompt_embeds]
+        if cfg:
+            assert req.negative_prompt_embeds is not None and req.negative_pooled_prompt_embeds is not None
+            at = 0 if negative_first else 1
+            rows.insert(at, req.negative_prompt_embeds)
+            pooled.insert(at, req.negative_pooled_prompt_embeds)
+        return (
+            torch.from_numpy(np.stack(rows)).to(device, dtype),
+            torch.from_numpy(np.stack(pooled)).to(device, dtype),
+        )
+
+    @abc.abstractmethod
+    def spec(self) -> SourceSpec: ...
+
+    @abc.abstractmethod
+    def start(self, req: GenerateRequest, device: torch.device, dtype: torch.dtype) -> Start: ...
+
+    @abc.abstractmethod
+    def inputs(self, states: list[Any]) -> dict[str, torch.Tensor]: ...
+
+    @abc.abstractmethod
+    def noise(self, out: torch.Tensor, states: list[Any]) -> list[torch.Tensor]: ...
+
+    @abc.abstractmethod
+    def image_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor: ...
+
+
+def family_for(args: GenerationArgs) -> Family:
+    """The adapter of ``args.transformer``'s class (see the module docstring)."""
+    name = args.transformer.class_name
+    if name not in FAMILIES:
+        raise ConfigError(
+            f"transformer.class {name!r}: the generation app runs {sorted(FAMILIES)}; serve other models with "
+            "the serving app (deploy.app:build_app)"
+        )
+    module, cls = FAMILIES[name].split(":")
+    family: Family = getattr(importlib.import_module(module), cls)(args)
+    return family
