@@ -3,10 +3,10 @@ deploy.generation:build_app``).
 
 Contract: validated with pydantic; unknown keys are refused; every field has a bound and a
 description. The transformer is a diffusers DiT named as any model source is (class and config,
-or a local folder), without inputs: its family's adapter (``fa3trt.generation.flux``) declares
+or a local folder), without inputs: its family's adapter (``fa3trt.generation.family``: FLUX or SD3, by class) declares
 them, so the transformer runs through the same backends as any served model (torch under
 routing, CUDA graphs, ``torch.compile``, or its TensorRT engine). The scheduler is a diffusers
-scheduler class and its config (flow-matching Euler, FLUX.1-dev's shift, by default). The VAE,
+scheduler class and its config (flow-matching Euler with the family's shift by default). The VAE,
 when given, decodes a request's latents to a PNG in its own deployment; the text encoders, when
 given, turn a request's prompt into its embeddings in theirs.
 """
