@@ -17,7 +17,6 @@ import pytest
 import requests
 import yaml
 
-from deploy.codec import encode_npz
 from tests.deploy.cluster import ROOT, URL, run, serve_cluster
 from tests.models import SD3_GEN_CONFIG, SD3_SCHEDULER, SD3_VAE_CONFIG, sd3_pipeline_latents, tiny_sd3_vae
 
@@ -77,11 +76,10 @@ def test_npz_latents_in_and_png_out(cluster: dict[str, str]) -> None:
     from PIL import Image
 
     f = fields(32, 64, 3, 5, latents=np.random.default_rng(4).standard_normal((4, 4, 8)).astype(np.float32))
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in f.items()})
     r = requests.post(
-        f"{URL}/v1/generate",
-        data=encode_npz({k: np.asarray(v) for k, v in f.items()}),
-        headers={"content-type": "application/x-npz"},
-        timeout=120,
+        f"{URL}/v1/generate", data=buf.getvalue(), headers={"content-type": "application/x-npz"}, timeout=120
     )
     assert r.status_code == 200, r.text[:300]
     got = np.load(io.BytesIO(r.content))["latents"]
