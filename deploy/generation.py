@@ -120,7 +120,8 @@ class GenerationReplica(GenerationRoutes):
         t0, arrival = time.perf_counter(), self.engine.clock()
         req = parse_request(fields, self.limits)
         if req.needs_encoding:  # the text encoders' deployment; its deadline counts from arrival
-            texts = [req.prompt] + ([req.negative_prompt] if req.negative_prompt and req.true_cfg_scale > 1 else [])
+            negative = self.family.negative_text(req)
+            texts = [req.prompt] + ([negative] if negative is not None else [])
             encoded = await asyncio.gather(*(self.text.encode.remote(t) for t in texts))
             req = req.encoded(encoded[0], encoded[1] if len(encoded) > 1 else None)
         loop = asyncio.get_running_loop()

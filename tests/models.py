@@ -188,11 +188,18 @@ def tiny_sd3_vae(seed: int = 0) -> torch.nn.Module:
     return diffusers.AutoencoderKL.from_config(SD3_VAE_CONFIG).eval()
 
 
-def sd3_pipeline_latents(fields: dict[str, Any], vae: torch.nn.Module | None = None) -> np.ndarray:
+def sd3_pipeline_latents(
+    fields: dict[str, Any], vae: torch.nn.Module | None = None, text: dict[str, Any] | None = None
+) -> np.ndarray:
     """The final latents (C, h, w) diffusers' ``StableDiffusion3Pipeline`` gives for a request's
     fields on the eager tiny SD3 transformer (``output_type="latent"``); with ``vae``, its image as
-    an (H, W, 3) uint8 array."""
+    an (H, W, 3) uint8 array; with ``text`` (``tiny_sd3_text_encoders``), a ``prompt`` (and
+    ``negative_prompt``) encoded by the pipeline itself."""
     diffusers = pytest.importorskip("diffusers")
+    text = text or {}
+    prompts = {k: fields[k] for k in ("prompt", "negative_prompt") if k in fields}
+    if prompts:
+        prompts["max_sequence_length"] = text["max_sequence_length"]
 
     def tensor(name: str) -> torch.Tensor | None:
         return torch.from_numpy(np.asarray(fields[name], np.float32))[None] if name in fields else None
@@ -201,16 +208,17 @@ def sd3_pipeline_latents(fields: dict[str, Any], vae: torch.nn.Module | None = N
         transformer=tiny_sd3_gen(),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER),
         vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder=text.get("clip"),
+        tokenizer=text.get("clip_tokenizer"),
+        text_encoder_2=text.get("clip_2"),
+        tokenizer_2=text.get("clip_tokenizer"),
+        text_encoder_3=text.get("t5"),
+        tokenizer_3=text.get("t5_tokenizer"),
     )
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         out = pipe(
+            **prompts,
             prompt_embeds=tensor("prompt_embeds"),
             pooled_prompt_embeds=tensor("pooled_prompt_embeds"),
             negative_prompt_embeds=tensor("negative_prompt_embeds"),
@@ -264,6 +272,33 @@ def tiny_text_encoders(tokenizers: str, max_sequence_length: int, seed: int = 0)
         "clip": clip,
         "clip_tokenizer": transformers.AutoTokenizer.from_pretrained(f"{tokenizers}/clip"),
         "t5": t5,
+        "t5_tokenizer": transformers.AutoTokenizer.from_pretrained(f"{tokenizers}/t5"),
+        "max_sequence_length": max_sequence_length,
+    }
+
+
+# SD3's tiny text encoders (examples/generate_sd3.yaml): two CLIPs with projections (12 + 12: the
+# tiny SD3's pooled width 24; hidden 16 + 16 padded to T5's 32) and FLUX's tiny T5; the CLIP
+# tokenizer serves both CLIPs.
+SD3_CLIP_CONFIG = {**CLIP_CONFIG, "hidden_size": 16, "intermediate_size": 32, "projection_dim": 12}
+SD3_CLIP_2_CONFIG = {**SD3_CLIP_CONFIG, "num_hidden_layers": 2}
+
+
+def tiny_sd3_text_encoders(tokenizers: str, max_sequence_length: int, seed: int = 0) -> dict[str, Any]:
+    """SD3's tiny encoders as transformers builds them (``seed`` as the config's), for
+    ``sd3_pipeline_latents(text=...)``."""
+    transformers = pytest.importorskip("transformers")
+    made = {}
+    for name, cls, cfg in (
+        ("clip", "CLIPTextModelWithProjection", SD3_CLIP_CONFIG),
+        ("clip_2", "CLIPTextModelWithProjection", SD3_CLIP_2_CONFIG),
+        ("t5", "T5EncoderModel", T5_CONFIG),
+    ):
+        model_cls = getattr(transformers, cls)
+        torch.manual_seed(seed)
+        made[name] = model_cls(model_cls.config_class(**cfg)).eval()
+    return made | {
+        "clip_tokenizer": transformers.AutoTokenizer.from_pretrained(f"{tokenizers}/clip"),
         "t5_tokenizer": transformers.AutoTokenizer.from_pretrained(f"{tokenizers}/t5"),
         "max_sequence_length": max_sequence_length,
     }

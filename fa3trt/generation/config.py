@@ -120,11 +120,19 @@ class TextEncoderArgs(_Strict):
 
 
 class TextEncodersArgs(_Strict):
-    """FLUX's two text encoders (as its pipeline uses them), served as their own deployment: with
-    them a request may send ``prompt`` instead of its embeddings."""
+    """The family's text encoders (as its pipeline uses them: FLUX's CLIP and T5, SD3's two CLIPs
+    and T5), served as their own deployment: with them a request may send ``prompt`` instead of
+    its embeddings."""
 
-    clip: TextEncoderArgs = Field(description="The pooled embedding's encoder (FLUX: CLIPTextModel, text_encoder/).")
-    t5: TextEncoderArgs = Field(description="The sequence's encoder (FLUX: T5EncoderModel, text_encoder_2/).")
+    clip: TextEncoderArgs = Field(
+        description="The first CLIP (FLUX: CLIPTextModel, text_encoder/; SD3: CLIPTextModelWithProjection, text_encoder/)."
+    )
+    clip_2: TextEncoderArgs | None = Field(
+        None, description="SD3's second CLIP (CLIPTextModelWithProjection, text_encoder_2/); FLUX has none."
+    )
+    t5: TextEncoderArgs = Field(
+        description="The sequence's T5 encoder (T5EncoderModel; FLUX: text_encoder_2/, SD3: text_encoder_3/)."
+    )
     gpu_share: float = Field(
         0.25, gt=0.0, lt=1.0, description="On GPUs: the share of a GPU each text-encoder replica takes."
     )

@@ -17,7 +17,9 @@ adapter (a ``Family``) reads the transformer's config and gives
   row's input), and ``noise(out, states)``: each request's model output back, its rows combined
   as the pipeline combines them;
 - ``latent_channels``: the channels of the latents the VAE decodes, and ``image_latents(x,
-  height, width)``: a batch of the loop's latents as the VAE takes them.
+  height, width)``: a batch of the loop's latents as the VAE takes them;
+- ``negative_text(request)``: the negative prompt a request that sent ``prompt`` is encoded with
+  (None: it runs one row a step).
 """
 
 from __future__ import annotations
@@ -193,6 +195,10 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def image_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def negative_text(self, req: GenerateRequest) -> str | None:
+        """The negative prompt a ``prompt`` request is encoded with, or None (no guided row)."""
 
 
 def family_for(args: GenerationArgs) -> Family:

@@ -157,3 +157,6 @@ class FluxFamily(Family):
 
     def image_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return unpack(latents, height, width, self.args.vae_scale_factor)
+
+    def negative_text(self, req: GenerateRequest) -> str | None:
+        return req.negative_prompt if req.negative_prompt and req.true_cfg_scale > 1.0 else None

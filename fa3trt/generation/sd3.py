@@ -14,8 +14,8 @@ config and gives
   scheduler shifts dynamically, as the pipeline does);
 - ``inputs(states)``, ``noise(out, states)`` (``uncond + scale * (text - uncond)``), and
   ``image_latents`` (the latents as they are: the VAE takes them unpacked).
-A request under guidance must carry its negative embeddings (this family has no text encoders
-yet: a request sends ``prompt_embeds``). Each side of an image may be up to twice the side of the
+A request under guidance carries its negative prompt (or its embeddings; with text encoders an
+empty negative prompt is encoded where it sends none, as the pipeline does). Each side of an image may be up to twice the side of the
 largest bucket's square, within the model's ``pos_embed_max_size``.
 """
 
@@ -64,11 +64,6 @@ class SD3Family(Family):
         self.text_dim = int(cfg.get("joint_attention_dim", 4096))
         self.pooled_dim = int(cfg.get("pooled_projection_dim", 2048))
         self.pixel_step = args.vae_scale_factor * self.patch
-        if args.text_encoders is not None:
-            raise ConfigError(
-                "text_encoders: the sd3 family takes prompt embeddings (SD3's three text encoders are not served "
-                "yet); remove text_encoders and send prompt_embeds and pooled_prompt_embeds"
-            )
         side = math.isqrt(args.bucket_set().max_len)
         self.max_rows = 2 * side * self.patch  # latent rows (or columns) of the widest image
         limit = cfg.get("pos_embed_max_size")
@@ -151,3 +146,6 @@ class SD3Family(Family):
 
     def image_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return latents
+
+    def negative_text(self, req: GenerateRequest) -> str | None:
+        return (req.negative_prompt or "") if req.guidance_scale > 1.0 else None

@@ -1,10 +1,11 @@
 """The generation app with an SD3-style transformer end to end: `serve run
-examples/generate_sd3.yaml` on a 2-CPU cluster, called over HTTP (JSON, .npz, PNG) and by the
-example client. Every answer is compared with diffusers' StableDiffusion3Pipeline run alone on the
+examples/generate_sd3.yaml` on a 2-CPU cluster, called over HTTP (JSON, .npz, PNG, prompts through the text encoders'
+deployment, OpenAI's Images API) and by the example client. Every answer is compared with diffusers' StableDiffusion3Pipeline run alone on the
 eager, unrouted transformer built here from the same config and seed. No mocks."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import io
 import sys
@@ -18,7 +19,17 @@ import requests
 import yaml
 
 from tests.deploy.cluster import ROOT, URL, run, serve_cluster
-from tests.models import SD3_GEN_CONFIG, SD3_SCHEDULER, SD3_VAE_CONFIG, sd3_pipeline_latents, tiny_sd3_vae
+from tests.models import (
+    SD3_CLIP_2_CONFIG,
+    SD3_CLIP_CONFIG,
+    SD3_GEN_CONFIG,
+    SD3_SCHEDULER,
+    SD3_VAE_CONFIG,
+    T5_CONFIG,
+    sd3_pipeline_latents,
+    tiny_sd3_text_encoders,
+    tiny_sd3_vae,
+)
 
 pytest.importorskip("diffusers")
 
@@ -30,6 +41,9 @@ def test_the_example_is_the_tested_model() -> None:
     args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
     assert args["transformer"]["config"] == SD3_GEN_CONFIG
     assert args["vae"]["config"] == SD3_VAE_CONFIG and args["scheduler"]["config"] == SD3_SCHEDULER
+    text = args["text_encoders"]
+    assert text["clip"]["config"] == SD3_CLIP_CONFIG and text["clip_2"]["config"] == SD3_CLIP_2_CONFIG
+    assert text["t5"]["config"] == T5_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +134,26 @@ def test_the_example_client(cluster: dict[str, str], tmp_path: Path) -> None:
     out = run(cmd, cluster)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 3/3" in out.stdout and "latents (4, 8, 8) float32" in out.stdout
+
+
+def test_prompts_through_the_text_encoders_and_openai_images(cluster: dict[str, str]) -> None:
+    from PIL import Image
+
+    text = tiny_sd3_text_encoders(str(ROOT / "examples/tokenizers"), 64 - 16)
+    reqs = [
+        {"prompt": "a red house", "negative_prompt": "blurry", "height": 64, "width": 64, "steps": 3, "seed": 1},
+        {"prompt": "a cat", "height": 64, "width": 64, "steps": 3, "seed": 2},  # an empty negative prompt
+    ]
+    with cf.ThreadPoolExecutor(len(reqs)) as pool:
+        answers = list(pool.map(post, reqs))
+    for r, a in zip(reqs, answers):
+        assert a.status_code == 200, a.text[:300]
+        np.testing.assert_allclose(
+            np.asarray(a.json()["latents"]), sd3_pipeline_latents(r, text=text), atol=ATOL, rtol=0
+        )
+    body = {"prompt": "a red house", "size": "64x32", "steps": 3, "seed": 4}
+    r = requests.post(f"{URL}/v1/images/generations", json=body, timeout=120)
+    assert r.status_code == 200, r.text[:300]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+    want = sd3_pipeline_latents({**body, "width": 64, "height": 32}, vae=tiny_sd3_vae(), text=text)
+    assert image.shape == (32, 64, 3) and np.abs(image.astype(int) - want).max() <= 1

@@ -15,9 +15,20 @@ import pytest
 from fa3trt.errors import ConfigError, InvalidInputError
 from fa3trt.generation import GenerationArgs, StepEngine, family_for, parse_request
 from fa3trt.generation.sd3 import SD3Family
+from fa3trt.generation.text import PromptEncoder, text_configs
 from fa3trt.generation.vae import Decoder
 from fa3trt.serving import load_backend
-from tests.models import SD3_GEN_CONFIG, SD3_VAE_CONFIG, sd3_pipeline_latents, tiny_sd3_vae
+from tests.deploy.cluster import ROOT
+from tests.models import (
+    SD3_CLIP_2_CONFIG,
+    SD3_CLIP_CONFIG,
+    SD3_GEN_CONFIG,
+    SD3_VAE_CONFIG,
+    T5_CONFIG,
+    sd3_pipeline_latents,
+    tiny_sd3_text_encoders,
+    tiny_sd3_vae,
+)
 
 pytest.importorskip("diffusers")
 
@@ -143,18 +154,6 @@ def test_the_family_defaults_and_what_it_refuses_at_start(family: SD3Family) -> 
     assert not family.scheduler().config.use_dynamic_shifting
     spec = family.spec()
     assert spec.bucketed_axis == "H" and family.buckets().edges == (32,)
-    with pytest.raises(ConfigError, match="sd3 family takes prompt embeddings"):
-        family_for(
-            GenerationArgs.model_validate(
-                ARGS
-                | {
-                    "text_encoders": {
-                        "clip": {"class": "CLIPTextModel", "config": {}, "tokenizer": "x"},
-                        "t5": {"class": "T5EncoderModel", "config": {}, "tokenizer": "x"},
-                    }
-                }
-            )
-        )
     with pytest.raises(ConfigError, match="out_channels = 8 is not in_channels"):
         family_for(
             GenerationArgs.model_validate(
@@ -162,3 +161,56 @@ def test_the_family_defaults_and_what_it_refuses_at_start(family: SD3Family) -> 
                 | {"transformer": {"class": "SD3Transformer2DModel", "config": SD3_GEN_CONFIG | {"out_channels": 8}}}
             )
         )
+
+
+TOKENIZERS = str(ROOT / "examples/tokenizers")
+TEXT = {
+    "clip": {"class": "CLIPTextModelWithProjection", "config": SD3_CLIP_CONFIG, "tokenizer": f"{TOKENIZERS}/clip"},
+    "clip_2": {"class": "CLIPTextModelWithProjection", "config": SD3_CLIP_2_CONFIG, "tokenizer": f"{TOKENIZERS}/clip"},
+    "t5": {"class": "T5EncoderModel", "config": T5_CONFIG, "tokenizer": f"{TOKENIZERS}/t5"},
+}
+
+
+def test_prompts_are_encoded_and_generated_as_the_pipeline_does() -> None:
+    pytest.importorskip("transformers")
+    args = GenerationArgs.model_validate(ARGS | {"text_encoders": TEXT, "max_text_tokens": 40})
+    family = family_for(args)
+    encoder = PromptEncoder(args)
+    assert encoder.t5_tokens == 40 - 16  # the tiny CLIP tokenizer's 16 tokens, then T5's
+    eng = StepEngine(family, load_backend("torch", family.spec(), buckets=family.buckets()), args.bucket_set(), 6)
+    reqs = [
+        {"prompt": "a red house", "negative_prompt": "blurry", "height": 64, "width": 64, "steps": 3, "seed": 1},
+        {"prompt": "a cat", "height": 64, "width": 64, "steps": 4, "seed": 2},  # guided by an empty negative
+        {"prompt": "a dog", "height": 64, "width": 64, "steps": 3, "seed": 3, "guidance_scale": 1.0},  # one row
+    ]
+    gens = []
+    for r in reqs:
+        req = parse_request(r, family.limits())
+        negative = family.negative_text(req)
+        texts = [req.prompt] + ([negative] if negative is not None else [])
+        encoded = encoder.encode(texts)
+        gens.append(eng.new(req.encoded(encoded[0], encoded[1] if len(encoded) > 1 else None)))
+        eng.admit(gens[-1])
+    assert [g.rows for g in gens] == [2, 2, 1] and gens[0].embeds.shape[1] == 40
+    while len(eng):
+        eng.step(eng.pick())
+    text = tiny_sd3_text_encoders(TOKENIZERS, 40 - 16)
+    for g, r in zip(gens, reqs):
+        np.testing.assert_allclose(g.latents[0].numpy(), sd3_pipeline_latents(r, text=text), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"clip_2": None}, "SD3 encodes with two CLIPs; add clip_2"),
+        (
+            {"clip_2": TEXT["clip_2"] | {"config": SD3_CLIP_2_CONFIG | {"projection_dim": 20}}},
+            "projection_dim \\(12 \\+ 20\\) are not the transformer's pooled_projection_dim 24",
+        ),
+        ({"t5": TEXT["t5"] | {"config": T5_CONFIG | {"d_model": 48}}}, "d_model 48 is not the transformer's"),
+    ],
+)
+def test_text_encoders_that_do_not_fit_are_refused(change: dict[str, Any], message: str) -> None:
+    args = GenerationArgs.model_validate(ARGS | {"text_encoders": {k: v for k, v in (TEXT | change).items() if v}})
+    with pytest.raises(ConfigError, match=message):
+        text_configs(args, family_for(args))

@@ -98,6 +98,7 @@ def test_prompts_are_the_pipelines_batched_with_embeddings() -> None:
             {"clip": {"class": "CLIPTextModel", "path": "/nonexistent-clip", "tokenizer": "x"}},
             "/nonexistent-clip/config.json is not a readable",
         ),
+        ({"clip_2": TEXT["clip"]}, "text_encoders.clip_2: FLUX has one CLIP; remove clip_2"),
     ],
 )
 def test_encoders_that_do_not_fit_are_refused_naming_the_fix(change: dict[str, Any], message: str) -> None:
