@@ -188,6 +188,26 @@ def tiny_sd3_vae(seed: int = 0) -> torch.nn.Module:
     return diffusers.AutoencoderKL.from_config(SD3_VAE_CONFIG).eval()
 
 
+def sd3_fields(h: int, w: int, steps: int, seed: int, guided: bool = True, **extra: Any) -> dict[str, Any]:
+    """A tiny SD3 generation request: random prompt embeddings from ``seed``, and under guidance
+    (``guided``, SD3's default 7) random negative ones; unguided, ``guidance_scale`` 1 (one row)."""
+    rng = np.random.default_rng(300 + seed)
+    out: dict[str, Any] = {
+        "prompt_embeds": rng.standard_normal((8, 32)).astype(np.float32),
+        "pooled_prompt_embeds": rng.standard_normal(24).astype(np.float32),
+        "height": h,
+        "width": w,
+        "steps": steps,
+        "seed": seed,
+    }
+    if guided:
+        out["negative_prompt_embeds"] = rng.standard_normal((8, 32)).astype(np.float32)
+        out["negative_pooled_prompt_embeds"] = rng.standard_normal(24).astype(np.float32)
+    else:
+        out["guidance_scale"] = 1.0
+    return out | extra
+
+
 def sd3_pipeline_latents(
     fields: dict[str, Any], vae: torch.nn.Module | None = None, text: dict[str, Any] | None = None
 ) -> np.ndarray:

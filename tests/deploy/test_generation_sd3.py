@@ -26,6 +26,7 @@ from tests.models import (
     SD3_SCHEDULER,
     SD3_VAE_CONFIG,
     T5_CONFIG,
+    sd3_fields,
     sd3_pipeline_latents,
     tiny_sd3_text_encoders,
     tiny_sd3_vae,
@@ -52,22 +53,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         yield env
 
 
-def fields(h: int, w: int, steps: int, seed: int, guided: bool = True, **extra: Any) -> dict[str, Any]:
-    rng = np.random.default_rng(2000 + seed)
-    out: dict[str, Any] = {
-        "prompt_embeds": rng.standard_normal((8, 32)).astype(np.float32),
-        "pooled_prompt_embeds": rng.standard_normal(24).astype(np.float32),
-        "height": h,
-        "width": w,
-        "steps": steps,
-        "seed": seed,
-    }
-    if guided:
-        out["negative_prompt_embeds"] = rng.standard_normal((8, 32)).astype(np.float32)
-        out["negative_pooled_prompt_embeds"] = rng.standard_normal(24).astype(np.float32)
-    else:
-        out["guidance_scale"] = 1.0
-    return out | extra
+fields = sd3_fields
 
 
 def post(body: dict[str, Any]) -> requests.Response:
