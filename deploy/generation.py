@@ -101,13 +101,12 @@ class GenerationReplica(GenerationRoutes):
                 wake.clear()
                 await wake.wait()
                 continue
-            try:
-                await asyncio.to_thread(self.engine.step, batch)
-            except Exception as e:  # the pass failed: its requests fail with the reason, the loop goes on
-                log.error("generation pass of %d requests failed: %s: %s", len(batch), type(e).__name__, e)
-                for gen in batch:
-                    self.engine.cancel(gen)
-                    self._finish(gen, RuntimeError(f"generation failed: {type(e).__name__}: {e}"))
+            # A failed pass is retried in halves: only a request that fails alone fails, with the
+            # reason; the loop goes on.
+            _, failed = await asyncio.to_thread(self.engine.step_or_split, batch)
+            for gen, why in failed:
+                log.error("generation %d failed at step %d: %s", gen.id, gen.step, why)
+                self._finish(gen, RuntimeError(f"generation failed: {why}"))
 
     def _finish(self, gen: Generation, outcome: Any) -> None:
         queue: asyncio.Queue[Any] | None = getattr(gen, "events", None)

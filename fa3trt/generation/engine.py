@@ -10,7 +10,9 @@ Contract:
   request in flight miss a deadline that one would otherwise meet; ``cancel(gen)`` drops it
   (its memory is free once the pass in flight, if any, is done).
 - ``pick()`` is the next pass's requests (``fa3trt.generation.policy``); ``step(batch)`` runs one
-  pass over them and each one's scheduler step, and returns the requests it finished. Requests
+  pass over them and each one's scheduler step, and returns the requests it finished;
+  ``step_or_split(batch)`` retries a failed pass in halves, so only a request that fails alone
+  fails (with why). Requests
   join and leave at any step boundary. ``admit``, ``cancel`` and ``pick`` may be called from
   another thread than ``step``'s (a lock guards the requests in flight).
 - ``warm(rows)`` runs passes of each bucket's size at every row count and records the cost
@@ -178,9 +180,16 @@ class StepEngine:
     def step(self, batch: Sequence[Generation]) -> list[Generation]:
         """One pass over ``batch`` and each one's scheduler step; the requests it finished."""
         batch = list(batch)
+        return self._advance(batch, self._pass(batch))
+
+    def _pass(self, batch: list[Generation]) -> list[torch.Tensor]:
+        """One transformer pass over ``batch``: each request's model output."""
         with torch.inference_mode():
-            out = self.backend.run(self.family.inputs(batch))
-            noises = self.family.noise(out, batch)
+            return self.family.noise(self.backend.run(self.family.inputs(batch)), batch)
+
+    def _advance(self, batch: list[Generation], noises: list[torch.Tensor]) -> list[Generation]:
+        """Each request's scheduler step from its model output; the requests this finished."""
+        with torch.inference_mode():
             for gen, noise in zip(batch, noises):
                 t = gen.timesteps[gen.step]
                 gen.latents = gen.scheduler.step(noise, t, gen.latents, return_dict=False)[0].to(gen.latents.dtype)
@@ -200,6 +209,29 @@ class StepEngine:
     def _sync(self) -> None:
         if self.backend.device.type == "cuda":
             torch.cuda.synchronize(self.backend.device)
+
+    def step_or_split(self, batch: Sequence[Generation]) -> tuple[list[Generation], list[tuple[Generation, str]]]:
+        """``step``, with a failed pass retried in halves, so a failure stays with the requests
+        that cause it (a pass too large for the device's memory runs as smaller ones). Returns the
+        requests it finished and those that failed alone, each with why (dropped from flight)."""
+        batch = list(batch)
+        try:
+            noises = self._pass(batch)
+        except Exception as e:  # any failure of the pass; its frames go with this block
+            why = f"{type(e).__name__}: {e}"
+        else:
+            return self._advance(batch, noises), []
+        # Only here, with the failed pass's frames (its batch, its activations) gone, is their memory free.
+        if self.backend.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            self.cancel(batch[0])
+            return [], [(batch[0], why)]
+        log.warning("a pass of %d requests failed (%s); retrying in halves", len(batch), why)
+        h = len(batch) // 2
+        done_a, failed_a = self.step_or_split(batch[:h])
+        done_b, failed_b = self.step_or_split(batch[h:])
+        return done_a + done_b, failed_a + failed_b
 
     def warm(self, rows: Sequence[int] | None = None, steps: int = 4) -> CostModel:
         """Passes of each bucket's largest square image with the longest prompt at each row count

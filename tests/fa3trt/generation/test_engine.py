@@ -211,3 +211,43 @@ def test_warm_up_measures_every_bucket_and_row_count(family: FluxFamily, backend
     assert all(s > 0 for s in cost.seconds_by.values())
     assert eng.passes == 0 and len(eng) == 0  # warm-up leaves no trace
     assert cost.seconds(1, 3) >= cost.seconds(1, 2)
+
+
+class SmallDevice:
+    """The torch backend on a device whose memory holds one row of a pass (a larger pass raises
+    PyTorch's out-of-memory error, as a CUDA device does), and on which a pass holding a row whose
+    pooled embedding starts with ``POISON`` fails (a request that fails alone)."""
+
+    POISON = 1234.0
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.device, self.dtype = inner, inner.device, inner.dtype
+
+    def run(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if bool((batch["pooled_projections"][:, 0] == self.POISON).any()):
+            raise RuntimeError("the kernel failed on this row")
+        if batch["hidden_states"].shape[0] > 1:
+            raise torch.OutOfMemoryError("out of memory: this device holds one row of a pass")
+        return self.inner.run(batch)
+
+
+def test_a_failed_pass_is_retried_in_halves_and_only_the_request_that_fails_alone_fails(
+    family: FluxFamily, backend: Any, eager: torch.nn.Module
+) -> None:
+    reqs = [fields(64, 64, 3, k) for k in range(4)]
+    poisoned = fields(64, 64, 3, 9)
+    poisoned["pooled_prompt_embeds"][0] = SmallDevice.POISON
+    eng = StepEngine(family, SmallDevice(backend), family.args.bucket_set(), 8)  # type: ignore[arg-type]
+    gens = [eng.new(parse_request(r, family.limits())) for r in [*reqs, poisoned]]
+    for g in gens:
+        eng.admit(g)
+    failed: list[tuple[Any, str]] = []
+    while len(eng):
+        batch = eng.pick()
+        assert len(batch) == len(eng)  # every request of one size shares each pass it tries
+        failed += eng.step_or_split(batch)[1]
+    assert [(g, why) for g, why in failed] == [(gens[-1], "RuntimeError: the kernel failed on this row")]
+    assert gens[-1].step == 0 and gens[-1].cancelled
+    for g, r in zip(gens, reqs):
+        assert g.done
+        np.testing.assert_allclose(g.latents[0].numpy(), flux_pipeline_latents(eager, r), atol=ATOL, rtol=0)
