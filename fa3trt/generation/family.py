@@ -79,7 +79,8 @@ def noise_from_seed(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> to
 
 class Family(abc.ABC):
     """What the adapters share (see the module docstring); a subclass sets the model's widths in
-    ``__init__`` and gives ``spec``, ``start``, ``inputs``, ``noise`` and ``image_latents``."""
+    ``__init__`` and gives ``spec``, ``start``, ``inputs``, ``noise``, ``image_latents`` and
+    ``negative_text``."""
 
     name = ""
     default_scheduler: dict[str, Any] = {}
