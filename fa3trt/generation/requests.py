@@ -122,20 +122,30 @@ class GenerateRequest:
         return self.true_cfg_scale > 1.0 and self.negative_prompt_embeds is not None
 
 
-def _array(raw: Mapping[str, Any], name: str, rank: int, last: int, lead: str = "T") -> np.ndarray:
+def _array(raw: Mapping[str, Any], name: str, shape: tuple[int | None, ...], want: str) -> np.ndarray:
+    """``raw[name]`` as float32 of ``shape`` (None: any size along that axis; a leading batch of
+    one is dropped), finite; ``want`` says what to send where the shape is not."""
     value = raw[name]
     try:
         arr = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError) as e:
         raise InvalidInputError(f"{name} must be an array of numbers ({e})") from e
-    if arr.ndim == rank + 1 and arr.shape[0] == 1:  # a batch of one, as diffusers' pipelines take them
+    if arr.ndim == len(shape) + 1 and arr.shape[0] == 1:  # a batch of one, as diffusers' pipelines take them
         arr = arr[0]
-    if arr.ndim != rank or arr.shape[-1] != last:
-        want = f"({lead + ', ' if rank == 2 else ''}{last})"
-        raise InvalidInputError(f"{name} has shape {tuple(arr.shape)}; it must be {want}")
+    if arr.ndim != len(shape) or any(n is not None and a != n for a, n in zip(arr.shape, shape)):
+        raise InvalidInputError(f"{name} has shape {tuple(arr.shape)}; {want}")
     if not np.isfinite(arr).all():
         raise InvalidInputError(f"{name} holds NaN or Inf; send finite values")
     return arr
+
+
+def _embeds(raw: Mapping[str, Any], name: str, width: int) -> np.ndarray:
+    """A sequence (T, width) of embeddings."""
+    return _array(raw, name, (None, width), f"it must be (T, {width})")
+
+
+def _pooled(raw: Mapping[str, Any], name: str, width: int) -> np.ndarray:
+    return _array(raw, name, (width,), f"it must be ({width})")
 
 
 def _number(raw: Mapping[str, Any], name: str, kind: type, lo: float, hi: float, default: Any = None) -> Any:
@@ -220,10 +230,10 @@ def parse_request(raw: Any, limits: Limits) -> GenerateRequest:
             if name not in raw:
                 alt = "prompt, or " if limits.prompts else ""
                 raise InvalidInputError(f"{name} is missing; send {alt}prompt_embeds and pooled_prompt_embeds")
-        embeds = _array(raw, "prompt_embeds", 2, limits.text_dim)
+        embeds = _embeds(raw, "prompt_embeds", limits.text_dim)
         if not 1 <= embeds.shape[0] <= limits.max_text_tokens:
             raise InvalidInputError(f"prompt_embeds has {embeds.shape[0]} tokens; send 1 to {limits.max_text_tokens}")
-        pooled = _array(raw, "pooled_prompt_embeds", 1, limits.pooled_dim)
+        pooled = _pooled(raw, "pooled_prompt_embeds", limits.pooled_dim)
     height, width = _size(raw, limits)
     req = GenerateRequest(
         prompt_embeds=embeds,
@@ -249,8 +259,8 @@ def parse_request(raw: Any, limits: Limits) -> GenerateRequest:
     if negatives:
         if len(negatives) != 2:
             raise InvalidInputError("send both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
-        req.negative_prompt_embeds = _array(raw, "negative_prompt_embeds", 2, limits.text_dim)
-        req.negative_pooled_prompt_embeds = _array(raw, "negative_pooled_prompt_embeds", 1, limits.pooled_dim)
+        req.negative_prompt_embeds = _embeds(raw, "negative_prompt_embeds", limits.text_dim)
+        req.negative_pooled_prompt_embeds = _pooled(raw, "negative_pooled_prompt_embeds", limits.pooled_dim)
         if req.negative_prompt_embeds.shape != embeds.shape:
             raise InvalidInputError(
                 f"negative_prompt_embeds has shape {req.negative_prompt_embeds.shape}; it must be prompt_embeds' {embeds.shape}"
@@ -270,22 +280,10 @@ def parse_request(raw: Any, limits: Limits) -> GenerateRequest:
 
 def _latents(raw: Mapping[str, Any], limits: Limits, height: int, width: int) -> np.ndarray:
     if limits.spatial:
-        want: tuple[int, ...] = (limits.channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
-        try:
-            arr = np.asarray(raw["latents"], dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise InvalidInputError(f"latents must be an array of numbers ({e})") from e
-        if arr.ndim == 4 and arr.shape[0] == 1:  # a batch of one, as diffusers' pipelines take them
-            arr = arr[0]
-        if arr.shape != want:
-            raise InvalidInputError(
-                f"latents has shape {arr.shape}; height x width = {height} x {width} makes latents of shape {want}"
-            )
-        if not np.isfinite(arr).all():
-            raise InvalidInputError("latents holds NaN or Inf; send finite values")
-        return arr
+        want = (limits.channels, height // limits.vae_scale_factor, width // limits.vae_scale_factor)
+        return _array(raw, "latents", want, f"height x width = {height} x {width} makes latents of shape {want}")
     tokens = (height // limits.pixel_step) * (width // limits.pixel_step)
-    arr = _array(raw, "latents", 2, limits.channels, lead="S")
+    arr = _array(raw, "latents", (None, limits.channels), f"it must be (S, {limits.channels})")
     if arr.shape[0] != tokens:
         raise InvalidInputError(
             f"latents has {arr.shape[0]} tokens; height x width = {height} x {width} makes {tokens} "
