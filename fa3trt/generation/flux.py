@@ -31,7 +31,7 @@ from fa3trt.generation.family import Family, Start, noise_from_seed
 from fa3trt.generation.requests import GenerateRequest
 from fa3trt.models.spec import SourceSpec
 
-__all__ = ["FluxFamily", "calculate_shift", "unpack"]
+__all__ = ["FluxFamily", "calculate_shift", "scheduler_shift", "unpack"]
 
 TIMESTEP_SCALE = 1000.0
 """The pipeline passes the transformer the scheduler's timestep divided by this."""
@@ -41,6 +41,18 @@ def calculate_shift(tokens: int, base_len: int, max_len: int, base_shift: float,
     """The flow-matching shift ``mu`` for an image of ``tokens`` tokens (diffusers' FLUX rule)."""
     m = (max_shift - base_shift) / (max_len - base_len)
     return tokens * m + base_shift - m * base_len
+
+
+def scheduler_shift(config: Any, tokens: int, max_shift: float) -> float:
+    """``calculate_shift`` from a flow-matching scheduler's config, with diffusers' defaults where it
+    names none (``max_shift``: the family's pipeline's own default)."""
+    return calculate_shift(
+        tokens,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", max_shift),
+    )
 
 
 def unpack(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
@@ -107,13 +119,7 @@ class FluxFamily(Family):
         config = scheduler.config
         # As the pipeline: evenly spaced sigmas, unless the scheduler makes its own.
         sigmas = None if getattr(config, "use_flow_sigmas", False) else np.linspace(1.0, 1 / req.steps, req.steps)
-        mu = calculate_shift(
-            latents.shape[1],
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = scheduler_shift(config, latents.shape[1], max_shift=1.15)
         scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
         scheduler.set_begin_index(0)
         cfg_scale = req.true_cfg_scale if req.cfg else 1.0

@@ -30,7 +30,7 @@ from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import GenerationArgs
 from fa3trt.generation.family import Family, Start, noise_from_seed
-from fa3trt.generation.flux import calculate_shift
+from fa3trt.generation.flux import scheduler_shift
 from fa3trt.generation.requests import GenerateRequest
 from fa3trt.models.spec import SourceSpec
 
@@ -107,13 +107,7 @@ class SD3Family(Family):
         config = scheduler.config
         kwargs: dict[str, Any] = {}
         if config.get("use_dynamic_shifting", None):
-            kwargs["mu"] = calculate_shift(
-                self.tokens(req.height, req.width),
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
+            kwargs["mu"] = scheduler_shift(config, self.tokens(req.height, req.width), max_shift=1.16)
         scheduler.set_timesteps(req.steps, device=device, **kwargs)
         return Start(latents, embeds, pooled, 0.0, req.guidance_scale if cfg else 1.0, scheduler, scheduler.timesteps)
 
