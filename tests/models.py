@@ -72,6 +72,15 @@ FLUX_DEV_SCHEDULER = {
 }
 
 
+def field_tensor(
+    fields: dict[str, Any], name: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor | None:
+    """A request field as a pipeline takes it: a batch of one, on ``device`` in ``dtype`` (None if absent)."""
+    if name not in fields:
+        return None
+    return torch.from_numpy(np.asarray(fields[name], np.float32))[None].to(device, dtype)
+
+
 def flux_pipeline_latents(
     transformer: torch.nn.Module,
     fields: dict[str, Any],
@@ -88,9 +97,7 @@ def flux_pipeline_latents(
     param = next(transformer.parameters())
 
     def tensor(name: str) -> torch.Tensor | None:
-        if name not in fields:
-            return None
-        return torch.from_numpy(np.asarray(fields[name], np.float32))[None].to(param.device, param.dtype)
+        return field_tensor(fields, name, param.device, param.dtype)
 
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV_SCHEDULER),
@@ -222,7 +229,7 @@ def sd3_pipeline_latents(
         prompts["max_sequence_length"] = text["max_sequence_length"]
 
     def tensor(name: str) -> torch.Tensor | None:
-        return torch.from_numpy(np.asarray(fields[name], np.float32))[None] if name in fields else None
+        return field_tensor(fields, name)
 
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=tiny_sd3_gen(),
