@@ -35,7 +35,7 @@ import torch
 
 from fa3trt.buckets import Buckets
 from fa3trt.errors import DeadlineError
-from fa3trt.generation.family import Family
+from fa3trt.generation.family import Family, Start
 from fa3trt.generation.policy import CostModel, Policy, finish_times, pick
 from fa3trt.generation.requests import GenerateRequest
 
@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 _ids = itertools.count()
 
 
-@dataclass(eq=False)
-class Generation:
-    """One request in flight: its state on the device, its step, its deadline."""
+@dataclass(eq=False, kw_only=True)
+class Generation(Start):
+    """One request in flight: its state on the device (``Start``'s, its latents moved on each
+    step), its step, its deadline."""
 
     request: GenerateRequest
     key: tuple[Any, ...]
@@ -55,14 +56,6 @@ class Generation:
     bucket: int
     arrival: float
     deadline: float
-    latents: torch.Tensor
-    embeds: torch.Tensor
-    pooled: torch.Tensor
-    guidance: float
-    cfg_scale: float
-    scheduler: Any
-    timesteps: torch.Tensor
-    shared: dict[str, torch.Tensor]
     id: int = field(default_factory=lambda: next(_ids))
     step: int = 0
     cancelled: bool = False
@@ -121,19 +114,12 @@ class StepEngine:
         key = (request.height, request.width, int(request.prompt_embeds.shape[0]))
         deadline = now + request.deadline_ms / 1e3 if request.deadline_ms is not None else math.inf
         return Generation(
-            request,
-            key,
-            self.buckets.index(tokens),
-            now,
-            deadline,
-            start.latents,
-            start.embeds,
-            start.pooled,
-            start.guidance,
-            start.cfg_scale,
-            start.scheduler,
-            start.timesteps,
-            start.shared,
+            **vars(start),
+            request=request,
+            key=key,
+            bucket=self.buckets.index(tokens),
+            arrival=now,
+            deadline=deadline,
             on_step=on_step,
         )
 

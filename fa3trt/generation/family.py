@@ -48,9 +48,9 @@ FAMILIES = {
 """The transformer classes the generation app runs, and their adapters."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Start:
-    """A request's state before its first step."""
+    """A request's state before its first step (a ``Generation`` carries it on, step by step)."""
 
     latents: torch.Tensor
     """(1, ...) latents in the model's dtype on the device, as the family's model takes them."""
