@@ -17,6 +17,8 @@
 #   bash bench/gpu_suite.sh generation  # generation on the server: bench.generation (step-level EDF/FIFO vs a loop per
 #                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SIZES, ARMS, TEXT, SUFFIX), then the
 #                                       # generation GPU test (a FLUX-width generation vs the eager pipeline; TESTS=0: none)
+#   bash bench/gpu_suite.sh fp8         # FP8 attention: its GPU tests, then bench.fp8 (per kernel and shape vs bf16, the error,
+#                                       # realistic activations, the seed model and a FLUX-width DiT end to end; PARTS, SUFFIX)
 #   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: every transport (bench.transports), its identity twin
 #                                       # (CLIENTS, CONCURRENCY, DURATION, WARMUP, TRANSPORTS, SUFFIX, CUDA_GRAPHS=1, INGRESS=N;
 #                                       #  IDENTITY=0: no identity twin; PROFILE=1: py-spy of the replica)
@@ -40,6 +42,14 @@ case "$1" in
     for b in ${BENCHES:-attention fa3_kernel plugin_overhead host_path host_staging model_throughput routing cudnn_ragged_probe}; do
       [ -f "bench/$b.py" ] && python3 -m bench.$b --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     done
+    ;;
+  fp8)
+    # FP8 attention (mode 1): its GPU tests (every FP8 kernel against float64, Triton quantization, CUDA graphs,
+    # the plugin's enqueue core, a served model), then bench.fp8 (PARTS=attention,realistic,e2e).
+    python3 -m pytest -q -m gpu tests/fa3trt/attention/kernels/test_fp8.py tests/fa3trt/attention/kernels/test_kernels.py \
+      tests/fa3trt/trt/plugin/test_plugin.py -k "fp8 or FP8" -p no:cacheprovider 2>&1 | tee -a "$log" | tail -15
+    python3 -m bench.fp8 --out "$out" --name "fp8${SUFFIX:-}" --parts "${PARTS:-attention,realistic,e2e}" 2>&1 \
+      | grep --line-buffered -vE "UserWarning|^\s*$" | tee -a "$log"
     ;;
   generation)
     python3 -m bench.generation --config "${CONFIG:-examples/generate_flux_gpu.yaml}" --requests "${REQUESTS:-60}" \

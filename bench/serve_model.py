@@ -87,7 +87,8 @@ def time_batches(run: Callable[[list[dict[str, np.ndarray]]], Any], reqs: list[A
 def direct_passes(app: AppArgs, reqs: list[Any], limit: int, device: torch.device, want: set[str]) -> dict[str, Any]:
     """The model called in this process (see the module docstring); the unrouted answers of the
     first requests (the reference)."""
-    from fa3trt.attention.routing import compile_routed, route_attention
+    from fa3trt.attention.compiled import compile_routed
+    from fa3trt.attention.routing import route_attention
 
     spec, sig = app.model, app.model.signature()
     model = load_source(spec).module.to(device)

@@ -4,8 +4,9 @@ Importing this package needs neither TensorRT, CUDA nor FA3: those are imported 
 modules that use them (``fa3trt.trt._trt`` alone imports TensorRT; ``fa3trt.attention.kernels.fa3`` alone FA3).
 """
 
+from fa3trt.attention.compiled import compile_routed
 from fa3trt.attention.op import attention
-from fa3trt.attention.routing import RoutingReport, compile_routed, route_attention
+from fa3trt.attention.routing import RoutingReport, route_attention
 from fa3trt.errors import (
     ArtifactCorruptError,
     ArtifactNotFoundError,

@@ -8,8 +8,9 @@ user's model's attention calls to it.
 Nothing here imports a model, the exporter, TensorRT or the serving code.
 """
 
+from fa3trt.attention.compiled import compile_routed
 from fa3trt.attention.op import MODE_FP8, MODE_NATIVE, PLUGIN_DOMAIN, PLUGIN_NAME, PLUGIN_VERSION, attention
-from fa3trt.attention.routing import RoutingReport, compile_routed, route_attention
+from fa3trt.attention.routing import RoutingReport, route_attention
 
 __all__ = [
     "attention",

@@ -12,7 +12,8 @@ Contract:
   ``model`` runs the attention function registered as ``"fa3trt"``, whose masks are built as for
   SDPA (a left-alone call runs transformers' SDPA attention). ``"auto"``: both where ``model``
   holds a ``PreTrainedModel``, else ``"sdpa"``.
-- ``torch.compile``: ``compiled = compile_routed(model, method, key_padding_masks=...)``, then
+- ``torch.compile``: ``compiled = compile_routed(model, method, key_padding_masks=...)``
+  (``fa3trt.attention.compiled``), then
   ``compiled(**inputs)``. It compiles ``model`` once and runs each call under a router of its
   own. Both hooks route inside dynamo's trace: each routed call is one ``attn::custom_attn``
   node of the compiled graph, so the routed model compiles to the graphs of the unrouted one
@@ -34,6 +35,7 @@ Contract:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import threading
@@ -51,8 +53,7 @@ from fa3trt.errors import ConfigError
 
 __all__ = [
     "route_attention",
-    "compile_routed",
-    "CompiledRouted",
+    "hook_names",
     "tracing",
     "RoutingReport",
     "METHODS",
@@ -93,14 +94,19 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan) -> torch
     graph's one ``attn::custom_attn`` node (and its transposes). No context manager wraps it: a
     graph break inside one makes dynamo give up the whole frame, which then runs eagerly."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    return attention(qt, kt, vt, None, 0, seq_lens_k=plan.seq_lens_k, causal=plan.causal, softmax_scale=plan.scale)
+    return attention(
+        qt, kt, vt, None, plan.mode, seq_lens_k=plan.seq_lens_k, causal=plan.causal, softmax_scale=plan.scale
+    )
 
 
 class _Router:
-    def __init__(self, report: RoutingReport, key_padding_masks: bool = False, causal_model: bool = False) -> None:
+    def __init__(
+        self, report: RoutingReport, key_padding_masks: bool = False, causal_model: bool = False, mode: int = 0
+    ) -> None:
         self.report = report
         self.key_padding_masks = key_padding_masks
         self.causal_model = causal_model
+        self.mode = mode
 
     def leave(self, reason: str) -> None:
         self.report.left[reason] = self.report.left.get(reason, 0) + 1
@@ -120,7 +126,7 @@ class _Router:
         self.report.routed += 1
         for need in plan.needs:
             self.report.routed_with[need] = self.report.routed_with.get(need, 0) + 1
-        return plan
+        return dataclasses.replace(plan, mode=self.mode) if self.mode else plan
 
 
 def _sdpa_args(
@@ -297,9 +303,13 @@ def _interface(models: list[Any]) -> Iterator[None]:
             config._attn_implementation = implementation
 
 
-def _hooks(model: torch.nn.Module, method: str, key_padding_masks: Any, caller: str) -> tuple[list[Any], list[str]]:
+def hook_names(
+    model: torch.nn.Module, method: str, key_padding_masks: Any, caller: str, attn_mode: Any = 0
+) -> tuple[list[Any], list[str]]:
     """The ``PreTrainedModel``s to hook and the hooks ``method`` uses on ``model``; ``ConfigError``
     for an argument that is not one of those documented."""
+    if attn_mode not in (0, 1):
+        raise ConfigError(f"{caller}: attn_mode must be 0 (attention in the input dtype) or 1 (FP8), got {attn_mode!r}")
     if method not in METHODS:
         raise ConfigError(f"{caller}: method must be one of {list(METHODS)}, got {method!r}")
     if not isinstance(key_padding_masks, bool):
@@ -318,7 +328,12 @@ def _hooks(model: torch.nn.Module, method: str, key_padding_masks: Any, caller: 
 
 @contextlib.contextmanager
 def route_attention(
-    model: torch.nn.Module, method: str = "auto", *, key_padding_masks: bool = False, log_level: int = logging.INFO
+    model: torch.nn.Module,
+    method: str = "auto",
+    *,
+    key_padding_masks: bool = False,
+    attn_mode: int = 0,
+    log_level: int = logging.INFO,
 ) -> Iterator[RoutingReport]:
     """Route ``model``'s attention calls to ``fa3trt.attention`` inside the block; yields the
     ``RoutingReport``, filled as the model runs and logged on exit at ``log_level`` (a server
@@ -326,10 +341,11 @@ def route_attention(
 
     ``method``: ``"auto"``, ``"sdpa"`` or ``"transformers"`` (see the module docstring).
     ``key_padding_masks``: the caller promises that every mask the model builds is a key-padding
-    prefix mask, so masks become key lengths under tracing too (see the module docstring)."""
-    models, hooks = _hooks(model, method, key_padding_masks, "route_attention")
+    prefix mask, so masks become key lengths under tracing too (see the module docstring).
+    ``attn_mode``: the op's mode for the routed calls (1: FP8 attention)."""
+    models, hooks = hook_names(model, method, key_padding_masks, "route_attention", attn_mode)
     report = RoutingReport("+".join(hooks))
-    router = _Router(report, key_padding_masks, key_padding_masks and _has_causal_module(model))
+    router = _Router(report, key_padding_masks, key_padding_masks and _has_causal_module(model), attn_mode)
     routers: list[_Router] = _local.__dict__.setdefault("routers", [])
     # Set before any trace reads it: a compiled call guards on the attribute, and one traced
     # while it was missing would recompile once it exists.
@@ -347,50 +363,3 @@ def route_attention(
         finally:
             routers.remove(router)
             log.log(log_level, "%s", report.summary())
-
-
-# --------------------------------------------------------------------------- torch.compile
-class CompiledRouted:
-    """``model`` compiled once by ``torch.compile``, each call run under ``route_attention``
-    (made by ``compile_routed``). One call at a time, as for ``route_attention``'s
-    transformers hook.
-
-    ``report``: the totals over every call; ``last_report``: the last call's (None before one)."""
-
-    def __init__(
-        self, model: torch.nn.Module, method: str, key_padding_masks: bool, compile_kwargs: dict[str, Any]
-    ) -> None:
-        _, hooks = _hooks(model, method, key_padding_masks, "compile_routed")
-        prepare_dynamo()
-        self.module = model
-        self.method = method
-        self.key_padding_masks = key_padding_masks
-        self.compiled = torch.compile(model, **compile_kwargs)
-        self.report = RoutingReport("+".join(hooks))
-        self.last_report: RoutingReport | None = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """The compiled model's output for these inputs, its attention routed."""
-        # A new report per call: the compiled graphs guard on the counts they find at the start
-        # (dynamo replays the counting after each graph), which are then always zero.
-        with route_attention(
-            self.module, self.method, key_padding_masks=self.key_padding_masks, log_level=logging.DEBUG
-        ) as report:
-            out = self.compiled(*args, **kwargs)
-        self.last_report = report
-        self.report.add(report)
-        return out
-
-
-def compile_routed(
-    model: torch.nn.Module, method: str = "auto", *, key_padding_masks: bool = False, **compile_kwargs: Any
-) -> CompiledRouted:
-    """``model`` under ``torch.compile(model, **compile_kwargs)`` with its attention routed as
-    ``route_attention(model, method, key_padding_masks=...)`` routes it: call the result as the
-    model (``compiled(**inputs)``). Each routed call is one ``attn::custom_attn`` node inside the
-    compiled graph; the calls' reports are ``.last_report`` and, added up, ``.report``.
-
-    ``key_padding_masks``: as for ``route_attention``. A compiled graph cannot read a mask's
-    values, so without the promise every mask stays a mask (the call is left alone); with it a
-    mask of a key-padding shape becomes key lengths counted in the graph."""
-    return CompiledRouted(model, method, key_padding_masks, compile_kwargs)

@@ -48,6 +48,8 @@ class Plan:
     scale: float | None
     groups: int
     needs: tuple[str, ...]
+    mode: int = 0
+    """The op's mode: 0 in the input dtype, 1 FP8 (a model routed with ``mode=1``)."""
 
 
 def values_hidden(t: torch.Tensor) -> bool:

@@ -73,6 +73,7 @@ def export_source(
         axis_ranges={a: sig.axis_range(a, buckets) for a in sig.axis_names()},
         axis_steps={a: sig.step(a) for a in sig.axis_names() if sig.step(a) > 1},
         routing=spec.routing,
+        attn_mode=0 if spec.routing == "off" else spec.attn_mode,
         # The server makes a fill: mask input from each request's length: a key-padding prefix mask.
         key_padding_masks=any(t.fill == "mask" for t in sig.inputs),
     )

@@ -149,6 +149,9 @@ class SourceSpec(_Strict):
     routing: Literal["auto", "sdpa", "transformers", "off"] = Field(
         "auto", description="How attention reaches fa3trt.attention (fa3trt.route_attention); off: not routed."
     )
+    attn_mode: Literal[0, 1] = Field(
+        0, description="The routed attention calls' mode: 0 in the model dtype; 1 FP8 (e4m3) attention."
+    )
     inputs: dict[str, InputArgs] = Field(min_length=1, description="The model's keyword inputs by name.")
     output: OutputArgs = Field(default_factory=lambda: OutputArgs())
     bucketed_axis: str = Field(description="The axis whose size picks the bucket (the sequence or token axis).")
@@ -182,6 +185,8 @@ class SourceSpec(_Strict):
         for k in wrong:
             if getattr(self, k) is not None:
                 raise ValueError(f"model.{shown.get(k, k)} does not apply to source {self.source}; remove it")
+        if self.attn_mode == 1 and self.routing == "off":
+            raise ValueError("model.attn_mode 1 (FP8) applies to routed attention calls; set model.routing to auto")
         if self.source in ("diffusers", "transformers") and (self.config is None) == (self.path is None):
             raise ValueError(f"model.source {self.source} needs exactly one of model.config and model.path")
         _weights_file(self.weights)

@@ -240,6 +240,7 @@ def export_onnx(
     axis_steps: dict[str, int] | None = None,
     routing: str = "auto",
     key_padding_masks: bool = False,
+    attn_mode: int = 0,
     plugin_namespace: str = "",
     external_data: bool | None = None,
     narrow_int64_inputs: bool = True,
@@ -250,7 +251,8 @@ def export_onnx(
     name (min, max), defaults ``DEFAULT_AXIS_RANGES``; ``axis_steps``: per axis name the step its
     sizes are a multiple of. ``routing``: a ``route_attention`` method (``"auto"``) or ``"off"``;
     ``key_padding_masks``: the caller's promise that every mask the model builds is a key-padding
-    prefix mask (``route_attention``'s). ``external_data``: None decides by size.
+    prefix mask (``route_attention``'s); ``attn_mode``: the routed calls' mode (1: FP8 attention,
+    recorded on each plugin node). ``external_data``: None decides by size.
     ``narrow_int64_inputs``: int64 inputs become int32 graph inputs, widened inside the graph
     (``fa3trt.onnx.calls``' docstring says why); False keeps them int64.
     """
@@ -287,7 +289,9 @@ def export_onnx(
     report: RoutingReport | None = None
     with contextlib.ExitStack() as stack:
         if routing != "off":
-            report = stack.enter_context(route_attention(model, routing, key_padding_masks=key_padding_masks))
+            report = stack.enter_context(
+                route_attention(model, routing, key_padding_masks=key_padding_masks, attn_mode=attn_mode)
+            )
         program, strict = _trace(call, args, shapes, where)
     try:
         with onnx_export_mode():

@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
+from fa3trt.attention.compiled import compile_routed
 from fa3trt.attention.kernels.fp8 import require_fp8_kernel
 from fa3trt.attention.kernels.registry import get
 from fa3trt.attention.kernels.selector import lengths_on_device, select_kernel
 from fa3trt.attention.op import MODE_FP8, AttentionCall, recording_calls
-from fa3trt.attention.routing import RoutingReport, compile_routed, route_attention
+from fa3trt.attention.routing import RoutingReport, route_attention
 from fa3trt.errors import ConfigError
 from fa3trt.models.sources import load_source, model_id
 from fa3trt.models.spec import AnyModelSpec
@@ -108,7 +109,9 @@ class TorchBackend:
             if self.spec.routing == "off":
                 self.module(**sample)
             else:
-                with route_attention(self.module, self.spec.routing, log_level=logging.DEBUG) as report:
+                with route_attention(
+                    self.module, self.spec.routing, attn_mode=self.spec.attn_mode, log_level=logging.DEBUG
+                ) as report:
                     self.module(**sample)
                 self.routing = RoutingReport(report.method)  # the hooks used; the counts are the batches'
                 if "transformers" in report.method:
@@ -125,7 +128,9 @@ class TorchBackend:
             # The server makes a fill: mask input from each request's length: a key-padding
             # prefix mask, so a compiled graph may count its kept keys as the lengths.
             promise = any(t.fill == "mask" for t in self.signature.inputs)
-            compiled = compile_routed(self.module, self.spec.routing, key_padding_masks=promise)
+            compiled = compile_routed(
+                self.module, self.spec.routing, key_padding_masks=promise, attn_mode=self.spec.attn_mode
+            )
             self.routing = compiled.report
         self._lock = threading.Lock()  # one compiled call at a time (its report, dynamo's caches)
 
@@ -138,7 +143,9 @@ class TorchBackend:
         """The model's selected output for one batch, routed by the spec's method."""
         if self.spec.routing == "off":
             return select_output(self.module(**batch), self.spec.select)
-        with route_attention(self.module, self.spec.routing, log_level=logging.DEBUG) as report:
+        with route_attention(
+            self.module, self.spec.routing, attn_mode=self.spec.attn_mode, log_level=logging.DEBUG
+        ) as report:
             out = self.module(**batch)
         with self._report_lock:
             self.routing.add(report)

@@ -37,6 +37,8 @@ __all__ = [
     "SequsedKernel",
     "FLOAT_DTYPES",
     "HALF_DTYPES",
+    "FP8_DTYPE",
+    "FP8_MAX",
     "Shape",
     "log_once",
     "host_lengths",
@@ -55,6 +57,9 @@ Shape = tuple[int, ...]
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+FP8_DTYPE = torch.float8_e4m3fn
+"""The FP8 format of the op's mode 1 (e4m3: 3 mantissa bits, no infinities)."""
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 
 
 @functools.cache
@@ -160,6 +165,9 @@ class AttentionKernel:
     """Writes a caller's output buffer itself (``launcher``)."""
     fp8: ClassVar[bool] = False
     """Has a real FP8 e4m3 kernel (``forward_fp8``); others get FP8 numerics by emulation."""
+    fp8_scales: ClassVar[str] = "head"
+    """The descale factors ``forward_fp8`` takes: "head" (per batch row and head, (B, H)) or
+    "tensor" (one per tensor, (1,))."""
     cuda_only: ClassVar[bool] = True
     """Runs on CUDA devices only."""
     capability: ClassVar[tuple[tuple[int, int], tuple[int, int]] | None] = None
@@ -232,8 +240,14 @@ class AttentionKernel:
         *,
         causal: bool = False,
         scale: float | None = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """FP8 e4m3 inputs with per-(batch, head) descale factors; only where ``fp8`` is set."""
+        """FP8 e4m3 inputs with their descale factors (``fp8_scales``), output in ``out_dtype``
+        (where the kernel can; the caller converts); only where ``fp8`` is set. With ``out`` (a
+        contiguous (B, Sq, H, D) tensor) a kernel that can writes the answer there, rows past a
+        query length left for the caller to zero, and returns ``out``; otherwise a new tensor
+        as ``forward``'s."""
         raise ConfigError(f"attention kernel {cls.name!r} has no FP8 kernel")
 
     @classmethod

@@ -34,7 +34,6 @@ import collections
 import contextlib
 import functools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from typing import Any
 
 import torch
 
+from fa3trt.attention.kernels.base import default_scale
 from fa3trt.attention.kernels.tail import zero_tail_
 from fa3trt.errors import CudnnGraphUnsupportedError, InvalidInputError, MissingDependencyError
 
@@ -53,6 +53,8 @@ __all__ = [
     "frontend_versions",
     "cached_plans",
     "cached_graph",
+    "graph_key",
+    "prepared",
     "INSTALL_HINT",
 ]
 
@@ -67,8 +69,9 @@ _UID_Q, _UID_K, _UID_V, _UID_O, _UID_LEN_Q, _UID_LEN_KV = 1, 2, 3, 4, 5, 6
 
 _DTYPES = (torch.bfloat16, torch.float16)
 
-# (B, Sq, Sk, H, Hk, D, dtype, device index, q strides, k/v strides in (B, S, H, D) order, scale)
-GraphKey = tuple[int, int, int, int, int, int, torch.dtype, int, tuple[int, ...], tuple[int, ...], float]
+# (B, Sq, Sk, H, Hk, D, input dtype, device index, q strides, k/v strides in (B, S, H, D) order, scale,
+#  output dtype)
+GraphKey = tuple[int, int, int, int, int, int, torch.dtype, int, tuple[int, ...], tuple[int, ...], float, torch.dtype]
 
 
 @functools.cache
@@ -115,6 +118,8 @@ class _Graph:
     workspace: int  # bytes
     build_ms: float
     workspaces: dict[int, torch.Tensor] = field(default_factory=dict)  # stream handle -> buffer
+    scratch_uids: tuple[int, ...] = ()  # outputs the plan writes and nobody reads (an FP8 graph's amax)
+    scratch: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class _ThreadState(threading.local):
@@ -132,17 +137,19 @@ def cached_plans() -> int:
     return len(_state.graphs)
 
 
-def _key(q: torch.Tensor, k: torch.Tensor, scale: float) -> GraphKey:
+def graph_key(q: torch.Tensor, k: torch.Tensor, scale: float, out_dtype: torch.dtype | None = None) -> GraphKey:
+    """The cache key of the graph for these tensors (``out_dtype`` None: q's dtype)."""
     b, sq, h, d = q.shape
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return (b, sq, k.shape[1], h, k.shape[2], d, q.dtype, dev, tuple(q.stride()), tuple(k.stride()), scale)
+    out = q.dtype if out_dtype is None else out_dtype
+    return (b, sq, k.shape[1], h, k.shape[2], d, q.dtype, dev, tuple(q.stride()), tuple(k.stride()), scale, out)
 
 
 def cached_graph(q: torch.Tensor, k: torch.Tensor | None = None, scale: float | None = None) -> Any | None:
     """The calling thread's cached graph for these tensors (with its ``build_ms`` and
     ``workspace``), its refusal, or None; for probes and benchmarks."""
     k = q if k is None else k
-    return _state.graphs.get(_key(q, k, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale))
+    return _state.graphs.get(graph_key(q, k, default_scale(q.shape[3]) if scale is None else scale))
 
 
 def _handle(cudnn: Any, device: int, stream: int) -> Any:
@@ -157,7 +164,7 @@ def _handle(cudnn: Any, device: int, stream: int) -> Any:
 
 
 def _build(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
-    b, sq, sk, h, hk, d, dtype, _, (qb, qs, qh, qd), (kb, ks, kh, kd), scale = key
+    b, sq, sk, h, hk, d, dtype, _, (qb, qs, qh, qd), (kb, ks, kh, kd), scale, _ = key
     io = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
     f32, i32 = cudnn.data_type.FLOAT, cudnn.data_type.INT32
     t0 = time.perf_counter()
@@ -197,18 +204,21 @@ def _build(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
     return _Graph(g, workspace, (time.perf_counter() - t0) * 1e3)
 
 
-def _graph(cudnn: Any, handle: Any, key: GraphKey) -> _Graph:
+Build = Callable[[Any, Any, GraphKey], _Graph]
+
+
+def _graph(cudnn: Any, handle: Any, key: GraphKey, build: Build) -> _Graph:
     cache = _state.graphs
     hit = cache.get(key)
     if hit is None:
         try:
-            hit = _build(cudnn, handle, key)
+            hit = build(cudnn, handle, key)
             log.info("cuDNN ragged SDPA plan for B,Sq,Sk,H,Hk,D=%s %s built in %.0f ms", key[:6], key[6], hit.build_ms)
         except Exception as e:  # cudnnGraphNotSupportedError, RuntimeError from the binding, ...
             b, sq, sk, h, hk, d, dtype, dev = key[:8]
             hit = CudnnGraphUnsupportedError(
-                f"cuDNN refused the ragged SDPA graph for q (B={b}, S={sq}, H={h}, D={d}), k/v (S={sk}, H={hk}) "
-                f"{dtype} on cuda:{dev}: {type(e).__name__}: {e}"
+                f"cuDNN refused the ragged SDPA graph ({dtype} in, {key[11]} out) for q (B={b}, S={sq}, H={h}, D={d}), k/v (S={sk}, H={hk}) "
+                f"on cuda:{dev}: {type(e).__name__}: {e}"
             )
         cache[key] = hit  # a refusal is cached too: a caller falling back must not pay a rebuild per call
         if len(cache) > MAX_GRAPHS:
@@ -253,19 +263,7 @@ def prepare(
     v share their strides. Padded rows are left as cuDNN leaves them. Raises
     CudnnGraphUnsupportedError.
     """
-    cudnn = _require()
-    key = _key(q, k, 1.0 / math.sqrt(q.shape[3]) if scale is None else scale)
-    dev = key[7]
-    # Handle creation and plan build bind to the current device: switch only when it differs.
-    ctx = torch.cuda.device(dev) if torch.cuda.current_device() != dev else contextlib.nullcontext()
-    with ctx:
-        stream = torch.cuda.current_stream(dev).cuda_stream
-        handle = _handle(cudnn, dev, stream)
-        entry = _graph(cudnn, handle, key)
-    # One workspace per (graph, stream): calls on one stream run in order, so it is reused.
-    workspace = entry.workspaces.get(stream)
-    if workspace is None:
-        workspace = entry.workspaces[stream] = torch.empty(max(entry.workspace, 1), dtype=torch.uint8, device=q.device)
+    key = graph_key(q, k, default_scale(q.shape[3]) if scale is None else scale)
     # Only the data pointers are read: the graph declared BHSD dims over this BSHD memory.
     pack = {
         _UID_Q: q,
@@ -275,6 +273,29 @@ def prepare(
         _UID_LEN_Q: lens,
         _UID_LEN_KV: lens if lens_k is None else lens_k,
     }
+    return prepared(key, _build, pack, q.device)
+
+
+def prepared(key: GraphKey, build: Build, pack: dict[int, torch.Tensor], device: torch.device) -> Callable[[], None]:
+    """A launch of ``key``'s graph (built by ``build`` on first sight, cached per thread) on the
+    variant ``pack``, on the current stream: handle, plan and workspace are looked up once, so
+    each call is one ``execute``. Raises CudnnGraphUnsupportedError (cached too)."""
+    cudnn = _require()
+    dev = key[7]
+    # Handle creation and plan build bind to the current device: switch only when it differs.
+    ctx = torch.cuda.device(dev) if torch.cuda.current_device() != dev else contextlib.nullcontext()
+    with ctx:
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        handle = _handle(cudnn, dev, stream)
+        entry = _graph(cudnn, handle, key, build)
+    # One workspace per (graph, stream): calls on one stream run in order, so it is reused.
+    workspace = entry.workspaces.get(stream)
+    if workspace is None:
+        workspace = entry.workspaces[stream] = torch.empty(max(entry.workspace, 1), dtype=torch.uint8, device=device)
+    for uid in entry.scratch_uids:
+        if uid not in entry.scratch:
+            entry.scratch[uid] = torch.empty(1, dtype=torch.float32, device=device)
+        pack[uid] = entry.scratch[uid]
     graph, streams = entry.graph, _state.streams
 
     def launch() -> None:

@@ -1,36 +1,104 @@
-"""FP8 attention (the op's mode 1): per-(batch, head) e4m3 quantization, and the one fallback.
+"""FP8 attention (the op's mode 1): e4m3 quantization, the FP8 kernel's choice, and the one fallback.
 
-A kernel with a real FP8 kernel (``AttentionKernel.fp8``, FA3) computes on the e4m3 inputs with
-their descale factors. Any other kernel computes on the dequantized inputs in the input dtype:
-FP8 numerics without FP8 speed, announced once per (kernel, dtype) with a ``RuntimeWarning``.
-The op and the TensorRT plugin both call ``run_fp8``; only the fallback's kernel call differs.
+The FP8 kernel is the first kernel of the registry's order that computes in FP8 (``fp8``), is
+available on the device, holds the head dim and takes the call's features (FA3's e4m3 kernel
+where ``python -m fa3trt.fa3_build`` built it, else cuDNN's FP8 SDPA); ``FA3TRT_ATTN_KERNEL``
+naming an FP8 kernel forces it. q, k, v are quantized once, with the scales that kernel takes
+(per (batch, head) for FA3, per tensor for cuDNN), computed on the device: no host sync. On a
+GPU the per-tensor quantization is one reduction (the amax) and one fused Triton pass (scale,
+clamp, cast). Without an FP8 kernel (the CPU, or a shape the kernel refuses) the caller's kernel
+computes on the dequantized inputs in the input dtype: FP8 numerics without FP8 speed, announced
+once per (kernel, dtype) with a ``RuntimeWarning``. The op and the TensorRT plugin both call
+``run_fp8``.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from fa3trt.attention.kernels.base import AttentionKernel
+from fa3trt.attention.kernels import cudnn_graph
+from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX, AttentionKernel, log_once
 from fa3trt.attention.kernels.registry import KERNELS, available_kernels
-from fa3trt.errors import MissingDependencyError
+from fa3trt.attention.kernels.selector import forced_kernel
+from fa3trt.errors import CudnnGraphUnsupportedError, MissingDependencyError
 
-__all__ = ["FP8_DTYPE", "quantize", "dequantize", "run_fp8", "EMULATION_WARNED", "fp8_refusal", "require_fp8_kernel"]
+__all__ = [
+    "FP8_DTYPE",
+    "quantize",
+    "dequantize",
+    "fp8_kernel",
+    "choose_fp8_kernel",
+    "run_fp8",
+    "EMULATION_WARNED",
+    "fp8_refusal",
+    "require_fp8_kernel",
+]
 
-FP8_DTYPE = torch.float8_e4m3fn
-_FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+log = logging.getLogger(__name__)
+
+_FP8_MAX = FP8_MAX
 
 EMULATION_WARNED: set[tuple[str, torch.dtype]] = set()
 """(kernel, dtype) pairs whose emulated FP8 has been announced in this process."""
 
 
-def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(batch, head) e4m3 quantization of a (B, S, H, D) tensor.
+@functools.cache
+def _triton_cast() -> Any | None:
+    """A Triton kernel writing e4m3(clamp(x * scale)) for rows of a strided (rows, ROW) view, or None."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception as e:
+        log.debug("Triton unavailable, FP8 quantization runs as torch ops: %s", e)
+        return None
 
-    Returns (fp8 tensor, descale of shape (B, H) in float32) with ``t ≈ fp8 * descale``.
+    @triton.jit
+    def cast(x_ptr, y_ptr, scale_ptr, row_stride, ROW: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        keep = cols < ROW
+        x = tl.load(x_ptr + row * row_stride + cols, mask=keep, other=0.0).to(tl.float32)
+        y = tl.minimum(tl.maximum(x * tl.load(scale_ptr), -FMAX), FMAX)
+        tl.store(y_ptr + row * ROW + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
+
+    return cast
+
+
+def _cast(t: torch.Tensor, scale: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """e4m3(clamp(t * scale)) as a new contiguous tensor; ``scale`` a float32 (1,) on t's device.
+    One Triton pass on an sm89+ GPU where t's last two dims are one contiguous row (a fused QKV
+    projection's views are); torch ops otherwise (``method``: auto, triton or torch)."""
+    b, s, h, d = t.shape
+    row = h * d
+    rows_ok = t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == s * t.stride(1))
+    kernel = _triton_cast() if method != "torch" and t.is_cuda and rows_ok else None
+    if kernel is not None and torch.cuda.get_device_capability(t.device) >= (8, 9) and t.numel():
+        out = torch.empty((b, s, h, d), dtype=FP8_DTYPE, device=t.device)
+        block = min(1024, 1 << (row - 1).bit_length())
+        kernel[(b * s, -(-row // block))](t, out, scale, t.stride(1), ROW=row, BLOCK=block, FMAX=_FP8_MAX)
+        return out
+    if method == "triton":
+        raise MissingDependencyError(f"FP8 quantization with Triton needs an sm89+ GPU and Triton; got {t.device}")
+    return (t.float() * scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize(t: torch.Tensor, per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 quantization of a (B, S, H, D) tensor with scales computed on its device (no host sync).
+
+    Returns (fp8 tensor, float32 descale) with ``t ≈ fp8 * descale``: descale of shape (B, H)
+    (per batch row and head), or (1,) with ``per_tensor`` (one factor for the whole tensor).
     """
+    if per_tensor:
+        # The amax in one reduction with no temporary (the inf-norm), exact in any float dtype.
+        amax = torch.linalg.vector_norm(t, ord=float("inf")).float().clamp_min(1e-12).reshape(1)
+        descale = amax / _FP8_MAX
+        return _cast(t, descale.reciprocal()), descale
     amax = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)  # (B, H)
     descale = amax / _FP8_MAX
     q8 = (t.float() / descale[:, None, :, None]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
@@ -38,8 +106,47 @@ def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(q8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of ``quantize``, in ``dtype``."""
+    """The inverse of ``quantize``, in ``dtype`` (either shape of descale)."""
+    if descale.dim() == 1:
+        return (q8.float() * descale).to(dtype)
     return (q8.float() * descale[:, None, :, None]).to(dtype)
+
+
+def choose_fp8_kernel(
+    available: list[str],
+    head_dim: int,
+    forced: str | None = None,
+    *,
+    cross: bool = False,
+    causal: bool = False,
+    gqa: bool = False,
+) -> type[AttentionKernel] | None:
+    """The FP8 kernel for a call: ``forced`` where it is an FP8 kernel in ``available`` that
+    holds ``head_dim`` and takes the call's features, else the first FP8 kernel of
+    ``available`` (the registry's order) that does, else None (the call is emulated)."""
+    first = [forced] if forced in available and KERNELS[forced].fp8 else []
+    for name in first + available:
+        k = KERNELS[name]
+        if k.fp8 and k.supports(FP8_DTYPE, head_dim) and k.takes(cross=cross, causal=causal, gqa=gqa):
+            return k
+    return None
+
+
+_chosen: dict[tuple[object, ...], type[AttentionKernel] | None] = {}
+
+
+def fp8_kernel(
+    device: torch.device, head_dim: int, *, cross: bool = False, causal: bool = False, gqa: bool = False
+) -> type[AttentionKernel] | None:
+    """``choose_fp8_kernel`` on ``device``, chosen once per (device, head dim, features, forced
+    kernel) and logged once."""
+    forced = forced_kernel()
+    key = (str(device), head_dim, cross, causal, gqa, forced)
+    if key not in _chosen:
+        kernel = choose_fp8_kernel(available_kernels(device), head_dim, forced, cross=cross, causal=causal, gqa=gqa)
+        _chosen[key] = kernel
+        log.info("FP8 attention on %s at head dim %d: %s", device, head_dim, kernel.name if kernel else "emulated")
+    return _chosen[key]
 
 
 Emulated = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,44 +163,57 @@ def run_fp8(
     *,
     causal: bool = False,
     scale: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of FP8-quantized q (B, Sq, H, D) over k, v (B, Sk, Hk, D), in q's dtype.
 
-    On ``kernel``'s FP8 kernel where it has one for this head dim; otherwise ``emulated`` runs
-    on the dequantized inputs (the caller's kernel call, with its own lengths).
+    On the device's FP8 kernel (``fp8_kernel``) where there is one for this call; otherwise
+    ``emulated`` (the caller's call on ``kernel``, with its own lengths) runs on the dequantized
+    inputs. ``out``: a buffer the FP8 kernel may write into (``forward_fp8``'s); the result is
+    ``out`` itself when it did, its rows past a query length then the caller's to zero.
     """
-    (q8, qs), (k8, ks), (v8, vs) = quantize(q), quantize(k), quantize(v)
-    if kernel.fp8 and kernel.supports(FP8_DTYPE, q.shape[-1]):
-        out = kernel.forward_fp8(q8, k8, v8, seq_lens, (qs, ks, vs), seq_lens_k, causal=causal, scale=scale)
-        return out.to(q.dtype)
+    cross = q.shape[1] != k.shape[1] or (seq_lens_k is not None and seq_lens_k is not seq_lens)
+    fk = fp8_kernel(q.device, q.shape[-1], cross=cross, causal=causal, gqa=q.shape[2] != k.shape[2])
+    if fk is not None:
+        per_tensor = fk.fp8_scales == "tensor"
+        (q8, qs), (k8, ks), (v8, vs) = (quantize(t, per_tensor) for t in (q, k, v))
+        try:
+            res = fk.forward_fp8(
+                q8, k8, v8, seq_lens, (qs, ks, vs), seq_lens_k, causal=causal, scale=scale, out_dtype=q.dtype, out=out
+            )
+            return res.to(q.dtype)
+        except CudnnGraphUnsupportedError as e:  # cached per shape: one refusal, then emulation
+            log_once(f"FP8 attention: {e}; this shape is emulated on {kernel.name!r}")
+        return emulated(dequantize(q8, qs, q.dtype), dequantize(k8, ks, q.dtype), dequantize(v8, vs, q.dtype))
     if (kernel.name, q.dtype) not in EMULATION_WARNED:
         EMULATION_WARNED.add((kernel.name, q.dtype))
         warnings.warn(
-            "attention mode=1 (FP8): no FP8 kernel here (FA3 not installed, or built without FP8 "
-            f"at head dim {q.shape[-1]}), so q, k, v are quantized to FP8 e4m3 and computed with the "
-            f"{kernel.name!r} kernel in {q.dtype}: FP8 numerics without FP8 speed. "
-            "Build FA3 (python -m fa3trt.fa3_build) for the FP8 kernel.",
+            f"attention mode=1 (FP8): no FP8 attention kernel here for head dim {q.shape[-1]} (FA3 with FP8, "
+            "or cuDNN's FP8 SDPA through the cuDNN frontend on sm90+), so q, k, v are quantized to FP8 e4m3 and "
+            f"computed with the {kernel.name!r} kernel in {q.dtype}: FP8 numerics without FP8 speed.",
             RuntimeWarning,
             stacklevel=3,
         )
+    (q8, qs), (k8, ks), (v8, vs) = quantize(q), quantize(k), quantize(v)
     return emulated(dequantize(q8, qs, q.dtype), dequantize(k8, ks, q.dtype), dequantize(v8, vs, q.dtype))
 
 
 def fp8_refusal(device_type: str, available: list[str], head_dim: int) -> str | None:
     """Why a model in mode 1 (FP8) must not load on this device, or None when it may.
 
-    On a GPU, mode 1 loads only where a kernel computes in FP8 (FA3 built with FP8 at this head
-    dim): the emulation quantizes and computes in the input dtype, slower than mode 0 there
-    (docs/benchmarks.md, section 1), which is no reason to choose FP8. On the CPU the emulation
-    is the FP8 numerics reference and loads."""
+    On a GPU, mode 1 loads only where a kernel computes in FP8 at this head dim (cuDNN's FP8
+    SDPA on sm90+, or FA3 built with FP8): the emulation quantizes and computes in the input
+    dtype, slower than mode 0 there (docs/benchmarks.md, section 1), which is no reason to
+    choose FP8. On the CPU the emulation is the FP8 numerics reference and loads."""
     if device_type != "cuda":
         return None
     if any(KERNELS[n].fp8 and KERNELS[n].supports(FP8_DTYPE, head_dim) for n in available):
         return None
     return (
         f"attention mode 1 (FP8) needs an FP8 attention kernel at head dim {head_dim} on this GPU, and none of "
-        f"{available} is one: build FA3 with FP8 (python -m fa3trt.fa3_build <flash-attention checkout>, sm90), "
-        "or set the model's attn_mode to 0. Without it FP8 would be emulated, slower than attn_mode 0."
+        f"{available} is one: on sm90+ install the cuDNN frontend ({cudnn_graph.INSTALL_HINT}) for cuDNN's FP8 "
+        "SDPA, or build FA3 with FP8 (python -m fa3trt.fa3_build <flash-attention checkout>, sm90); or set the "
+        "model's attn_mode to 0. Without one FP8 would be emulated, slower than attn_mode 0."
     )
 
 

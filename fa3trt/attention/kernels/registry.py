@@ -7,6 +7,7 @@ import torch
 
 from fa3trt.attention.kernels.base import AttentionKernel
 from fa3trt.attention.kernels.cudnn import Cudnn, CudnnPadded
+from fa3trt.attention.kernels.cudnn_fp8 import CudnnFP8
 from fa3trt.attention.kernels.fa3 import FA3
 from fa3trt.attention.kernels.flash import Efficient, EfficientSeqused, Flash, FlashSeqused
 from fa3trt.attention.kernels.flash_cute import FlashCute
@@ -16,7 +17,8 @@ from fa3trt.errors import ConfigError
 __all__ = ["KERNELS", "get", "names", "available_kernels", "device_length_kernels", "direct_write_kernels"]
 
 KERNELS: dict[str, type[AttentionKernel]] = {
-    k.name: k for k in (FA3, FlashCute, Cudnn, CudnnPadded, Flash, FlashSeqused, Efficient, EfficientSeqused, Math)
+    k.name: k
+    for k in (FA3, CudnnFP8, FlashCute, Cudnn, CudnnPadded, Flash, FlashSeqused, Efficient, EfficientSeqused, Math)
 }
 """Name -> kernel, most preferred first (a kernel that lacks a shape falls to a later one)."""
 

@@ -146,11 +146,11 @@ def choose_enqueue_kernel(
     it declares ``auto_from``, runs on at least that capability; else the memory-efficient
     kernel, which takes fp32 and runs on every GPU. ``forced`` wins when it reads lengths on
     the device, is available and fits (else ``ConfigError``); a host-length kernel there is
-    ignored and logged.
+    ignored and logged, an FP8-only kernel left to mode 1's choice.
     """
     if forced:
         kernel = get(forced)
-        if kernel.device_lengths:
+        if kernel.device_lengths and kernel.dtypes:
             if forced != _LAST_RESORT and forced not in available:
                 raise ConfigError(
                     f"{KERNEL_ENV}={forced} names a kernel that is not available here (available: {list(available)}); "
@@ -162,7 +162,8 @@ def choose_enqueue_kernel(
                     f"use {KERNEL_ENV}={_LAST_RESORT} or unset it"
                 )
             return forced
-        _log_ignored_force(forced)
+        if kernel.dtypes:  # an FP8-only kernel is forced for mode 1 calls (fa3trt.attention.kernels.fp8)
+            _log_ignored_force(forced)
     for name in device_length_kernels():
         kernel = KERNELS[name]
         auto = kernel.auto_from is None or capability >= kernel.auto_from

@@ -241,13 +241,16 @@ class _Binding:
         # Lengths past S would make the FP8 kernel read past the buffers.
         lens_q = r.lens_q.clamp(0, r.sq)
         lens_k = None if r.lens_k is r.lens_q else r.lens_k.clamp(0, r.sk)
-        return fp8.run_fp8(kernel, q4, k4, v4, lens_q, emulated, lens_k, causal=causal, scale=scale)
+        return fp8.run_fp8(kernel, q4, k4, v4, lens_q, emulated, lens_k, causal=causal, scale=scale, out=self.out)
 
     def run(self) -> None:
         if self.direct and self._run_direct():
             return
         if self.qkv is None:
             res = self._fp8()
+            if res is self.out:  # the FP8 kernel wrote the output buffer itself: zero its padded rows
+                tail.zero_tail_(self.out, self.ragged.lens_q)
+                return
         else:
             q, k, v = self.qkv
             res = self.kernel.forward_packed(q, k, v, self.ragged, self.causal, self.scale)

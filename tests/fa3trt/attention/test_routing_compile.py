@@ -18,8 +18,9 @@ import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from fa3trt.attention.compiled import CompiledRouted, compile_routed
 from fa3trt.attention.kernels.math import Math
-from fa3trt.attention.routing import CompiledRouted, compile_routed, route_attention
+from fa3trt.attention.routing import route_attention
 from tests.models import flux_inputs, tiny_bert, tiny_flux
 
 diffusers = pytest.importorskip("diffusers")

@@ -19,6 +19,7 @@ from tests.utils import rel_err
 def test_registry_lists_every_kernel_once_with_its_capabilities() -> None:
     assert names() == [
         "fa3",
+        "cudnn_fp8",
         "flash_cute",
         "cudnn",
         "cudnn_padded",
@@ -30,10 +31,18 @@ def test_registry_lists_every_kernel_once_with_its_capabilities() -> None:
     ]
     assert all(KERNELS[n].name == n for n in names())
     # The lists the plugin reads are derived from the kernels' own declarations.
-    assert device_length_kernels() == ["fa3", "flash_cute", "cudnn_padded", "flash_seqused", "efficient_seqused"]
+    assert device_length_kernels() == [
+        "fa3",
+        "cudnn_fp8",
+        "flash_cute",
+        "cudnn_padded",
+        "flash_seqused",
+        "efficient_seqused",
+    ]
     assert direct_write_kernels() == ["fa3", "flash_cute", "cudnn_padded"]
     assert set(direct_write_kernels()) <= set(device_length_kernels())
-    assert [n for n in names() if KERNELS[n].fp8] == ["fa3"]
+    assert [n for n in names() if KERNELS[n].fp8] == ["fa3", "cudnn_fp8"]
+    assert [n for n in names() if not KERNELS[n].dtypes] == ["cudnn_fp8"]  # FP8 only
     assert [n for n in names() if not KERNELS[n].cuda_only] == ["math"]
     with pytest.raises(ConfigError, match=r"no attention kernel is called 'fa4'; choose one of \['fa3'"):
         get("fa4")
@@ -49,7 +58,9 @@ def test_one_vocabulary_for_the_op_and_the_plugin(monkeypatch: pytest.MonkeyPatc
         assert forced_kernel() == name  # every kernel name is valid for the op ...
         chosen = choose_enqueue_kernel(torch.bfloat16, everything, sm90, name)
         # ... and the plugin: the name itself where it reads lengths on the GPU, else its own choice.
-        assert chosen == name if name in device_length_kernels() else chosen in device_length_kernels()
+        # (an FP8-only kernel is forced for mode 1 calls only).
+        direct = name in device_length_kernels() and KERNELS[name].dtypes
+        assert chosen == name if direct else chosen in device_length_kernels()
     monkeypatch.setenv(KERNEL_ENV, "efficient_seqused_v2")
     with pytest.raises(
         ConfigError, match=r"FA3TRT_ATTN_KERNEL='efficient_seqused_v2' is not an attention kernel; set one of \["
