@@ -131,6 +131,7 @@ def _flux_spec(config: str) -> Any:
 
 def realistic_errors(config: str) -> list[dict[str, Any]]:
     """FP8 against float64 on the q, k, v of each attention call of the FLUX-width transformer."""
+    from fa3trt.attention.routing import _sdpa_args
     from fa3trt.models.sources import load_source
 
     spec = _flux_spec(config)
@@ -140,9 +141,10 @@ def realistic_errors(config: str) -> list[dict[str, Any]]:
     captured: list[tuple[torch.Tensor, ...]] = []
     sdpa = F.scaled_dot_product_attention
 
-    def capture(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def capture(*args: Any, **kwargs: Any) -> torch.Tensor:
+        q, k, v = _sdpa_args(*args, **kwargs)[:3]  # diffusers passes them by keyword
         captured.append(tuple(t.transpose(1, 2).contiguous() for t in (q, k, v)))
-        return sdpa(q, k, v, *args, **kwargs)
+        return sdpa(*args, **kwargs)
 
     F.scaled_dot_product_attention = capture
     try:

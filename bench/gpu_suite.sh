@@ -13,7 +13,8 @@
 #   bash bench/gpu_suite.sh scale-serve  # all GPUs: build jobs, then `serve run serve_config.yaml` (a replica per GPU) over HTTP
 #   bash bench/gpu_suite.sh pipeline  # the one pipeline: serving GPU tests (STEP=tests), bench.serve_model per CONFIGS with
 #                                     # PASSES (STEP=models: served vs direct, CUDA graphs, compile), the seed model's served
-#                                     # requests/s of this tree against BASELINE's (STEP=seed, RUNS); STEP=all for every step
+#                                     # requests/s of this tree against BASELINE's (STEP=seed, RUNS; PROFILE=1: py-spy of the replica,
+#                                     # PROFILE_AT, PROFILE_S); STEP=all for every step
 #   bash bench/gpu_suite.sh generation  # generation on the server: bench.generation (step-level EDF/FIFO vs a loop per
 #                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SIZES, ARMS, TEXT, SUFFIX), then the
 #                                       # generation GPU test (a FLUX-width generation vs the eager pipeline; TESTS=0: none)
@@ -76,6 +77,12 @@ case "$1" in
       for run in ${RUNS:-1 2}; do
         for tree in "$PWD" ${BASELINE:+"$(cd "$BASELINE" && pwd)"}; do
           label=$([ "$tree" = "$PWD" ] && echo new || echo baseline)
+          if [ "${PROFILE:-0}" = 1 ] && command -v py-spy >/dev/null; then
+            # PROFILE=1: py-spy of the replica PROFILE_AT s after the start, for PROFILE_S s (every thread).
+            (sleep "${PROFILE_AT:-60}"; pid=$(pgrep -f "ServeReplica" | head -1)
+             [ -n "$pid" ] && py-spy record --pid "$pid" --duration "${PROFILE_S:-10}" --rate 200 --format raw --threads \
+               --nonblocking --output "$out/pyspy_seed_${label}_run$run.txt" >/dev/null 2>&1) &
+          fi
           (cd "$tree" && PYTHONPATH="$site:$tree" python3 -m bench.serving --preset seed --layers 2 --scenarios buckets \
             --requests "${SEED_REQUESTS:-640}" --concurrency 32 --out "$out" --name "serving_seed2_${label}_run$run" 2>&1 \
             | grep --line-buffered -E "serve buckets|card:" | sed "s/^/$label run $run: /" | tee -a "$log")

@@ -53,8 +53,8 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def make_requests(sig: Signature, length: int, other: int, n: int) -> list[dict[str, np.ndarray]]:
-    """``n`` requests of one shape (the bucketed axis at ``length``, every other at ``other``),
+def make_requests(sig: Signature, length: int, other: dict[str, int], n: int) -> list[dict[str, np.ndarray]]:
+    """``n`` requests of one shape (the bucketed axis at ``length``, every other at its ``other`` size),
     sharing their unbatched inputs (positions), as one client's requests of one size do."""
     reqs = [sig.sample_request(length, seed=i, other=other) for i in range(n)]
     for r in reqs[1:]:
@@ -199,11 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     app = AppArgs.model_validate(raw)
     sig, buckets = app.model.signature(), app.bucket_set()
     length = args.length or sig.sample_sizes(buckets)[sig.bucketed]
-    other = args.other or max((hi for a, (_, hi) in sig.ranges.items() if a != sig.bucketed), default=length)
+    # Every other axis at its largest accepted size (at most --other where given).
+    largest = sig.sample_sizes(buckets)
+    other = {a: n for a, n in largest.items() if a != sig.bucketed}
+    if args.other:
+        other = {a: max(sig.accepted(a, 1, args.other) or (n, n)) if n > args.other else n for a, n in other.items()}
     limit = buckets.batch_limit(buckets.index(length), app.batching.max_batch_tokens)
     reqs = make_requests(sig, length, other, args.requests)
     name = args.name or f"serve_model_{Path(args.config).stem}"
-    print(f"card: {card()}   {app.model.describe()}, {sig.bucketed}={length}, others {other}, batch limit {limit}")
+    shown = ", ".join(f"{a}={n}" for a, n in other.items())
+    print(f"card: {card()}   {app.model.describe()}, {sig.bucketed}={length}, {shown}, batch limit {limit}")
     d = direct_passes(app, reqs, limit, torch.device(args.device), want)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the direct model is gone; the replica gets the card

@@ -284,11 +284,16 @@ class Signature:
                 out[t.name] = torch.ones(shape, dtype=t.torch_dtype)
         return out
 
-    def sample_request(self, length: int, seed: int = 0, other: int | None = None) -> dict[str, np.ndarray]:
+    def sample_request(
+        self, length: int, seed: int = 0, other: int | Mapping[str, int] | None = None
+    ) -> dict[str, np.ndarray]:
         """Random inputs of one request as a client sends them (no batch axis, bfloat16 as
-        float32): the bucketed axis at ``length``, every other named axis at ``other`` (default
-        its smallest accepted size)."""
-        sizes = self.smallest_sizes() if other is None else {a: other for a in self.ranges}
+        float32): the bucketed axis at ``length``, every other named axis at ``other`` (one size
+        for all, or a size per axis; default and for an axis not named, its smallest accepted size)."""
+        if isinstance(other, int):
+            sizes = {a: other for a in self.ranges}
+        else:
+            sizes = {**self.smallest_sizes(), **(other or {})}
         batch = self.samples(sizes | {self.bucketed: length}, 1, seed)
         out = {}
         for t in self.sent:

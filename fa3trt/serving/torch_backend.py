@@ -163,8 +163,9 @@ class TorchBackend:
                     y = self.graphs.run(batch, b, n)
                 except RuntimeError as e:
                     if not len(self.graphs):
+                        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                         raise ConfigError(
-                            f"cuda_graphs: this model cannot run as a CUDA graph on {self.device} ({e}); its forward "
+                            f"cuda_graphs: this model cannot run as a CUDA graph on {self.device} ({why}); its forward "
                             "waits on the host (or its attention kernel reads lengths on the host: install FA3 or "
                             "FlashAttention's CuTe kernel). Set cuda_graphs to false"
                         ) from e

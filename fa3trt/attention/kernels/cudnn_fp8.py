@@ -30,6 +30,7 @@ from fa3trt.attention.kernels.base import (
     default_scale,
     key_lengths,
 )
+from fa3trt.attention.kernels.scale_cast import scale_cast
 from fa3trt.attention.kernels.tail import zero_tail_
 from fa3trt.errors import CudnnGraphUnsupportedError, InvalidInputError
 
@@ -39,6 +40,9 @@ __all__ = ["CudnnFP8", "attention_fp8", "prepare_fp8"]
 _UID_DESCALE_Q, _UID_DESCALE_K, _UID_DESCALE_V = 11, 12, 13
 _UID_DESCALE_S, _UID_SCALE_S, _UID_SCALE_O = 14, 15, 16
 _UID_AMAX_S, _UID_AMAX_O = 17, 18
+
+_E4M3_OUT: set[tuple[object, ...]] = set()
+"""Shapes whose graph with the output in the model's dtype cuDNN refused: they write e4m3."""
 
 _OUT_TYPES = {torch.bfloat16: "BFLOAT16", torch.float16: "HALF", FP8_DTYPE: "FP8_E4M3"}
 
@@ -196,13 +200,17 @@ def attention_fp8(
         lens_k = keys.to(device=dev, dtype=torch.int32).clamp(0, sk)
     if out is None:
         out = torch.empty(q8.shape, dtype=out_dtype, device=dev)
-    try:
-        prepare_fp8(q8, k8, v8, descale, lens, lens_k, out, scale=scale)()
-    except CudnnGraphUnsupportedError:
-        # This cuDNN writes e4m3 only: o8 = o / descale_v fits e4m3, since |o| <= max|v|.
-        o8 = torch.empty(q8.shape, dtype=FP8_DTYPE, device=dev)
-        prepare_fp8(q8, k8, v8, descale, lens, lens_k, o8, descale[2].reciprocal(), scale)()
-        out.copy_(o8.float() * descale[2])
+    shape_key = (tuple(q8.shape), tuple(k8.shape), dev, out_dtype)
+    if shape_key not in _E4M3_OUT:
+        try:
+            prepare_fp8(q8, k8, v8, descale, lens, lens_k, out, scale=scale)()
+            return zero_tail_(out, lens) if zero_tail and seq_lens is not None else out
+        except CudnnGraphUnsupportedError:
+            _E4M3_OUT.add(shape_key)  # cuDNN before Blackwell writes FP8 SDPA's output in e4m3 only
+    # o8 = o / descale_v fits e4m3 (|o| <= max|v|), and one pass turns it into out's dtype.
+    o8 = torch.empty(q8.shape, dtype=FP8_DTYPE, device=dev)
+    prepare_fp8(q8, k8, v8, descale, lens, lens_k, o8, descale[2].reciprocal(), scale)()
+    scale_cast(o8, descale[2], out_dtype, out=out)
     return zero_tail_(out, lens) if zero_tail and seq_lens is not None else out
 
 

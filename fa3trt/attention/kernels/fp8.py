@@ -14,17 +14,16 @@ once per (kernel, dtype) with a ``RuntimeWarning``. The op and the TensorRT plug
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from fa3trt.attention.kernels import cudnn_graph
 from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX, AttentionKernel, log_once
 from fa3trt.attention.kernels.registry import KERNELS, available_kernels
+from fa3trt.attention.kernels.scale_cast import scale_cast
 from fa3trt.attention.kernels.selector import forced_kernel
 from fa3trt.errors import CudnnGraphUnsupportedError, MissingDependencyError
 
@@ -48,46 +47,6 @@ EMULATION_WARNED: set[tuple[str, torch.dtype]] = set()
 """(kernel, dtype) pairs whose emulated FP8 has been announced in this process."""
 
 
-@functools.cache
-def _triton_cast() -> Any | None:
-    """A Triton kernel writing e4m3(clamp(x * scale)) for rows of a strided (rows, ROW) view, or None."""
-    try:
-        import triton
-        import triton.language as tl
-    except Exception as e:
-        log.debug("Triton unavailable, FP8 quantization runs as torch ops: %s", e)
-        return None
-
-    @triton.jit
-    def cast(x_ptr, y_ptr, scale_ptr, row_stride, ROW: tl.constexpr, BLOCK: tl.constexpr, FMAX: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        keep = cols < ROW
-        x = tl.load(x_ptr + row * row_stride + cols, mask=keep, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x * tl.load(scale_ptr), -FMAX), FMAX)
-        tl.store(y_ptr + row * ROW + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
-
-    return cast
-
-
-def _cast(t: torch.Tensor, scale: torch.Tensor, method: str = "auto") -> torch.Tensor:
-    """e4m3(clamp(t * scale)) as a new contiguous tensor; ``scale`` a float32 (1,) on t's device.
-    One Triton pass on an sm89+ GPU where t's last two dims are one contiguous row (a fused QKV
-    projection's views are); torch ops otherwise (``method``: auto, triton or torch)."""
-    b, s, h, d = t.shape
-    row = h * d
-    rows_ok = t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == s * t.stride(1))
-    kernel = _triton_cast() if method != "torch" and t.is_cuda and rows_ok else None
-    if kernel is not None and torch.cuda.get_device_capability(t.device) >= (8, 9) and t.numel():
-        out = torch.empty((b, s, h, d), dtype=FP8_DTYPE, device=t.device)
-        block = min(1024, 1 << (row - 1).bit_length())
-        kernel[(b * s, -(-row // block))](t, out, scale, t.stride(1), ROW=row, BLOCK=block, FMAX=_FP8_MAX)
-        return out
-    if method == "triton":
-        raise MissingDependencyError(f"FP8 quantization with Triton needs an sm89+ GPU and Triton; got {t.device}")
-    return (t.float() * scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
-
-
 def quantize(t: torch.Tensor, per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 quantization of a (B, S, H, D) tensor with scales computed on its device (no host sync).
 
@@ -98,7 +57,7 @@ def quantize(t: torch.Tensor, per_tensor: bool = False) -> tuple[torch.Tensor, t
         # The amax in one reduction with no temporary (the inf-norm), exact in any float dtype.
         amax = torch.linalg.vector_norm(t, ord=float("inf")).float().clamp_min(1e-12).reshape(1)
         descale = amax / _FP8_MAX
-        return _cast(t, descale.reciprocal()), descale
+        return scale_cast(t, descale.reciprocal(), FP8_DTYPE, clamp=_FP8_MAX), descale
     amax = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)  # (B, H)
     descale = amax / _FP8_MAX
     q8 = (t.float() / descale[:, None, :, None]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)

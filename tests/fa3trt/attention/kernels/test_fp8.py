@@ -12,6 +12,7 @@ import fa3trt
 from fa3trt.attention.kernels import KERNEL_ENV, KERNELS, fp8
 from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX
 from fa3trt.attention.kernels.registry import available_kernels
+from fa3trt.attention.kernels.scale_cast import scale_cast
 from fa3trt.attention.op import recording_calls
 from fa3trt.testing import reference_attention
 from tests.models import flux_inputs, tiny_flux
@@ -168,8 +169,12 @@ def _fp8_kernels() -> list[str]:
 
 
 def _forced(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """``name`` forced for this test only: the process's cached choices are set aside meanwhile."""
+    from fa3trt.attention.kernels import selector
+
     monkeypatch.setenv(KERNEL_ENV, name)
-    fp8._chosen.clear()
+    monkeypatch.setattr(fp8, "_chosen", {})
+    monkeypatch.setattr(selector, "_selected", {})
 
 
 @gpu
@@ -221,9 +226,11 @@ def test_triton_quantization_equals_the_torch_ops() -> None:
     for t in (qkv[:, :, 0], qkv[:, :, 2].contiguous(), qkv[:1, :, 1]):
         _, descale = fp8.quantize(t, per_tensor=True)
         scale = descale.reciprocal()
-        assert torch.equal(
-            fp8._cast(t, scale, "triton").view(torch.uint8), fp8._cast(t, scale, "torch").view(torch.uint8)
-        )
+        fast, ops = (scale_cast(t, scale, FP8_DTYPE, clamp=FP8_MAX, method=m) for m in ("triton", "torch"))
+        assert torch.equal(fast.view(torch.uint8), ops.view(torch.uint8))
+        # ... and back (an e4m3 output into the model's dtype).
+        back = [scale_cast(fast, descale, torch.bfloat16, method=m) for m in ("triton", "torch")]
+        assert torch.equal(back[0], back[1])
 
 
 @gpu
