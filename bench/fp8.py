@@ -32,6 +32,7 @@ import yaml
 from bench._common import card, pyplot, save, save_figure, time_cuda_ms
 from fa3trt.attention.kernels import KERNEL_ENV, KERNELS, cudnn, fp8
 from fa3trt.attention.kernels.registry import available_kernels
+from fa3trt.attention.kernels.selector import select_kernel
 from fa3trt.attention.op import attention
 from fa3trt.testing import reference_attention
 
@@ -237,6 +238,7 @@ def main() -> None:
     p.add_argument("--parts", default="attention,realistic,e2e")
     args = p.parse_args()
     parts = set(args.parts.split(","))
+    select_kernel("cuda")  # the op's own choice, made before any kernel is forced below
     result: dict[str, Any] = {"kernels": [n for n in available_kernels("cuda") if KERNELS[n].fp8]}
     print(f"card: {card()}   FP8 kernels: {result['kernels']}")
     if "attention" in parts:
