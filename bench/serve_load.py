@@ -78,6 +78,18 @@ class LoadResult:
         return d
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every element is finite, in one pass over the bytes. NumPy's float16 arithmetic is
+    emulated: ``np.isfinite`` takes 13.6 ms for one 2048 x 4096 float16 answer on a 2-core host,
+    enough to make a load client the bottleneck of a GPU replica. A half is finite exactly when
+    its five exponent bits are not all ones: its bits with the sign cleared are below 0x7C00."""
+    if x.size == 0:
+        return True
+    if x.dtype == np.float16:
+        return int((x.view(np.uint16) & 0x7FFF).max()) < 0x7C00
+    return bool(np.isfinite(x).all())
+
+
 def single_width(info: dict[str, Any]) -> int:
     """The last axis's size of the one input a single-array request carries (``/v1/info``'s
     signature): the reference model's hidden size."""
@@ -144,7 +156,7 @@ async def run_load(
         t0 = time.perf_counter()
         try:
             y = await send(x)
-            if y.shape != x.shape or y.dtype != x.dtype or (check_values and not np.isfinite(y).all()):
+            if y.shape != x.shape or y.dtype != x.dtype or (check_values and not all_finite(y)):
                 raise ValueError(f"bad answer: shape {y.shape} dtype {y.dtype} for input {x.shape} {x.dtype}")
             ms = (time.perf_counter() - t0) * 1e3
             lat.append(ms)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from bench.serve_load import run_load
+from bench.serve_load import all_finite, run_load
 
 
 def _echo(delay: float, fail_len: int | None = None):  # type: ignore[no-untyped-def]
@@ -116,3 +116,14 @@ def test_stats_delta_per_batch_phases() -> None:
     assert d["wake_lag"]["samples"] == 20 and d["wake_lag"]["mean_ms"] == pytest.approx(3.0)
     assert d["wake_lag"]["over_5ms"] == pytest.approx(0.1)
     assert stats_delta(before, {**after, "replica": "other"}) == {}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_all_finite_finds_every_non_finite_value(dtype: type) -> None:
+    y = np.random.default_rng(0).standard_normal((64, 48)).astype(dtype) * 1000
+    assert all_finite(y) and all_finite(y[:0])
+    for bad in (np.inf, -np.inf, np.nan):
+        z = y.copy()
+        z[63, 47] = bad
+        assert not all_finite(z), bad
+    assert all_finite(np.array([np.finfo(dtype).max, np.finfo(dtype).min, -0.0], dtype=dtype))
