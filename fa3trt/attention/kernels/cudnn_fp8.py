@@ -189,8 +189,10 @@ def attention_fp8(
     b, sq, _, _ = q8.shape
     sk = k8.shape[1]
     dev = q8.device
-    full = None if seq_lens is not None else torch.full((b,), sq, dtype=torch.int32, device=dev)
-    lens = full if seq_lens is None else seq_lens.to(device=dev, dtype=torch.int32).clamp(0, sq)
+    if seq_lens is None:
+        lens = torch.full((b,), sq, dtype=torch.int32, device=dev)
+    else:
+        lens = seq_lens.to(device=dev, dtype=torch.int32).clamp(0, sq)
     keys = key_lengths(seq_lens, seq_lens_k, sq, sk)
     if keys is None:
         lens_k = lens if sk == sq else torch.full((b,), sk, dtype=torch.int32, device=dev)  # every key
