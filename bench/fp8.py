@@ -132,7 +132,6 @@ def _flux_spec(config: str) -> Any:
 
 def realistic_errors(config: str) -> list[dict[str, Any]]:
     """FP8 against float64 on the q, k, v of each attention call of the FLUX-width transformer."""
-    from fa3trt.attention.routing import _sdpa_args
     from fa3trt.models.sources import load_source
 
     spec = _flux_spec(config)
@@ -143,7 +142,8 @@ def realistic_errors(config: str) -> list[dict[str, Any]]:
     sdpa = F.scaled_dot_product_attention
 
     def capture(*args: Any, **kwargs: Any) -> torch.Tensor:
-        q, k, v = _sdpa_args(*args, **kwargs)[:3]  # diffusers passes them by keyword
+        given = list(args[:3])  # diffusers passes query, key and value by keyword
+        q, k, v = given + [kwargs[n] for n in ("query", "key", "value")[len(given) :]]
         captured.append(tuple(t.transpose(1, 2).contiguous() for t in (q, k, v)))
         return sdpa(*args, **kwargs)
 
