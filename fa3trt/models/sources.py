@@ -208,6 +208,8 @@ def model_id(spec: AnyModelSpec) -> str:
         d = {"source": spec.source, "model": spec.config().compute_hash()}
     else:
         d = spec.model_dump(mode="json", by_alias=True)
+        if not spec.attn_mode:  # the default leaves the ids of models stored before it existed as they were
+            del d["attn_mode"]
         if spec.path is not None:  # by content, not by where the folder is
             d["path"] = _folder_digest(spec.path)
     if spec.weights is not None:

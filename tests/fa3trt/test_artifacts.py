@@ -59,6 +59,8 @@ def test_onnx_key_covers_the_model_and_the_buckets(tmp_path: Path) -> None:
         onnx_key(ReferenceSpec(preset="tiny", weights=str(weights)), buckets),
         onnx_key(tiny, Buckets((64, 512))),  # the bucketed axis's range
         onnx_key(bert_spec()[0], buckets),
+        onnx_key(bert_spec()[0].model_copy(update={"attn_mode": 1}), buckets),  # FP8 routed calls
+        onnx_key(ReferenceSpec(preset="tiny", attn_mode=1), buckets),
     ]
     assert len(set(others)) == len(others) and key not in others
 
