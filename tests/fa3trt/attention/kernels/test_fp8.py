@@ -270,3 +270,16 @@ def test_a_served_model_in_fp8_answers_close_to_its_bf16_answer() -> None:
     for i, n in enumerate(lens.tolist()):
         assert 0 < rel_err(outs[1][i, :n], outs[0][i, :n]) < FP8_BOUND
         assert torch.all(outs[1][i, n:] == 0)
+
+
+def test_a_compiled_routed_model_runs_its_attention_in_fp8() -> None:
+    from fa3trt.attention.compiled import compile_routed
+
+    model, inputs = tiny_flux(double=1, single=1), flux_inputs(b=2, img=16, txt=8)
+    compiled = compile_routed(model, attn_mode=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the CPU's emulation is announced
+        want = model(**inputs).sample
+        got = compiled(**inputs).sample
+    assert compiled.report.routed == 2
+    assert 0 < rel_err(got, want) < FP8_BOUND
