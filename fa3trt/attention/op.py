@@ -74,6 +74,7 @@ class AttentionCall(NamedTuple):
     mode: int
     head_dim: int
     dtype: torch.dtype
+    causal: bool = False
 
 
 _recorded: contextvars.ContextVar[list[AttentionCall] | None] = contextvars.ContextVar("fa3trt_calls", default=None)
@@ -279,7 +280,7 @@ def attention(
         seq_lens_k = seq_lens_k.to(torch.int32)
     scale = default_scale(q.shape[3]) if softmax_scale is None else float(softmax_scale)
     if not torch.compiler.is_compiling() and (calls := _recorded.get()) is not None:
-        calls.append(AttentionCall(int(mode), int(q.shape[3]), q.dtype))
+        calls.append(AttentionCall(int(mode), int(q.shape[3]), q.dtype, bool(causal)))
     if _in_export():
         b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         lens_q = torch.full((b,), sq, dtype=torch.int32, device=q.device) if seq_lens is None else seq_lens

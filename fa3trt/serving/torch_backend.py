@@ -116,8 +116,8 @@ class TorchBackend:
                 self.routing = RoutingReport(report.method)  # the hooks used; the counts are the batches'
                 if "transformers" in report.method:
                     self._lock = threading.Lock()
-        for head_dim in sorted({c.head_dim for c in calls if c.mode == MODE_FP8}):
-            require_fp8_kernel(self.device, head_dim)
+        for head_dim, causal in sorted({(c.head_dim, c.causal) for c in calls if c.mode == MODE_FP8}):
+            require_fp8_kernel(self.device, head_dim, causal=causal)
         return sorted(set(calls), key=lambda c: (c.mode, c.head_dim, str(c.dtype)))
 
     def _compile(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:

@@ -77,7 +77,7 @@ def check_plugin_calls(metadata: dict[str, Any], device: torch.device) -> None:
     at a head dim no FP8 kernel of ``device`` takes (``fa3trt.attention.kernels.fp8``)."""
     for call in metadata.get("plugin_calls") or []:
         if int(call.get("mode", 0)) == MODE_FP8 and call.get("head_dim"):
-            require_fp8_kernel(device, int(call["head_dim"]))
+            require_fp8_kernel(device, int(call["head_dim"]), causal=bool(call.get("causal", 0)))
 
 
 def deserialize_engine(

@@ -157,7 +157,7 @@ def run_fp8(
     return emulated(dequantize(q8, qs, q.dtype), dequantize(k8, ks, q.dtype), dequantize(v8, vs, q.dtype))
 
 
-def fp8_refusal(device_type: str, available: list[str], head_dim: int) -> str | None:
+def fp8_refusal(device_type: str, available: list[str], head_dim: int, *, causal: bool = False) -> str | None:
     """Why a model in mode 1 (FP8) must not load on this device, or None when it may.
 
     On a GPU, mode 1 loads only where a kernel computes in FP8 at this head dim (cuDNN's FP8
@@ -166,18 +166,21 @@ def fp8_refusal(device_type: str, available: list[str], head_dim: int) -> str | 
     choose FP8. On the CPU the emulation is the FP8 numerics reference and loads."""
     if device_type != "cuda":
         return None
-    if any(KERNELS[n].fp8 and KERNELS[n].supports(FP8_DTYPE, head_dim) for n in available):
+    if any(KERNELS[n].fp8 and KERNELS[n].supports(FP8_DTYPE, head_dim) and KERNELS[n].takes(causal=causal)
+           for n in available):  # fmt: skip
         return None
+    what = "a causal FP8 attention kernel" if causal else "an FP8 attention kernel"
     return (
-        f"attention mode 1 (FP8) needs an FP8 attention kernel at head dim {head_dim} on this GPU, and none of "
+        f"attention mode 1 (FP8) needs {what} at head dim {head_dim} on this GPU, and none of "
         f"{available} is one: on sm90+ install the cuDNN frontend ({cudnn_graph.INSTALL_HINT}) for cuDNN's FP8 "
         "SDPA, or build FA3 with FP8 (python -m fa3trt.fa3_build <flash-attention checkout>, sm90); or set the "
         "model's attn_mode to 0. Without one FP8 would be emulated, slower than attn_mode 0."
     )
 
 
-def require_fp8_kernel(device: torch.device, head_dim: int) -> None:
-    """``MissingDependencyError`` with ``fp8_refusal``'s reason when mode 1 must not load here."""
-    reason = fp8_refusal(device.type, available_kernels(device), head_dim)
+def require_fp8_kernel(device: torch.device, head_dim: int, *, causal: bool = False) -> None:
+    """``MissingDependencyError`` with ``fp8_refusal``'s reason when mode 1 must not load here
+    (``causal``: the model's calls are causal, which cuDNN's FP8 graph here does not take)."""
+    reason = fp8_refusal(device.type, available_kernels(device), head_dim, causal=causal)
     if reason is not None:
         raise MissingDependencyError(reason)

@@ -96,6 +96,9 @@ def test_the_fp8_kernel_is_the_first_fp8_kernel_that_takes_the_call(monkeypatch:
 
 def test_mode_1_loads_where_cudnn_has_its_fp8_kernel() -> None:
     assert fp8.fp8_refusal("cuda", ["cudnn_fp8", "flash_cute", "cudnn"], 128) is None
+    # A causal model: cuDNN's FP8 graph here is non-causal, so its calls would be emulated.
+    causal = fp8.fp8_refusal("cuda", ["cudnn_fp8", "flash_cute", "cudnn"], 128, causal=True)
+    assert causal is not None and "a causal FP8 attention kernel" in causal
     reason = fp8.fp8_refusal("cuda", ["flash", "efficient_seqused", "math"], 128)  # a GPU before Hopper
     assert reason is not None and "nvidia-cudnn-frontend" in reason and "fa3_build" in reason
 
