@@ -47,7 +47,8 @@ _E4M3_OUT: set[tuple[object, ...]] = set()
 _OUT_TYPES = {torch.bfloat16: "BFLOAT16", torch.float16: "HALF", FP8_DTYPE: "FP8_E4M3"}
 
 # Per device: the constant scalars of the graph (P's scale 448 and its inverse, the output scale
-# 1), made with fill kernels so that a first call inside a CUDA graph capture may make them.
+# 1), made by the first call on the device, which is never inside a CUDA graph capture: the plan
+# build that comes with a first call cannot run inside one either (warm-up runs before capture).
 _CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
