@@ -201,6 +201,29 @@ class Family(abc.ABC):
     def negative_text(self, req: GenerateRequest) -> str | None:
         """The negative prompt a ``prompt`` request is encoded with, or None (no guided row)."""
 
+    # The text encoders (fa3trt.generation.text): which the family takes, its pipeline as their
+    # host, and that pipeline's encode_prompt.
+    @abc.abstractmethod
+    def check_text_encoders(self, configs: dict[str, dict[str, Any]]) -> None:
+        """``ConfigError`` naming the field where the encoders' configs (by name: clip, clip_2,
+        t5) do not fit the transformer."""
+
+    @abc.abstractmethod
+    def text_pipeline(self, parts: dict[str, tuple[Any, Any]], max_tokens: int) -> Any:
+        """The family's diffusers pipeline holding the encoders (``parts``: name -> (model,
+        tokenizer)) and nothing else, for its ``encode_prompt``."""
+
+    @abc.abstractmethod
+    def encode_prompts(
+        self, pipe: Any, prompts: list[str], device: torch.device, max_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence embeddings (N, T, D), pooled (N, P)) of ``prompts``, as the pipeline makes them."""
+
+
+def config_width(cfg: dict[str, Any], key: str = "hidden_size") -> Any:
+    """An encoder config's ``key``, at its top or in its ``text_config`` (CLIP's full configs)."""
+    return cfg.get(key, cfg.get("text_config", {}).get(key))
+
 
 def family_for(args: GenerationArgs) -> Family:
     """The adapter of ``args.transformer``'s class (see the module docstring)."""

@@ -20,6 +20,7 @@ timesteps are its own, and the transformer treats the rows of a batch apart.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import FLUX_SCHEDULER, GenerationArgs
-from fa3trt.generation.family import Family, Start, noise_from_seed
+from fa3trt.generation.family import Family, Start, config_width, noise_from_seed
 from fa3trt.generation.requests import GenerateRequest
 from fa3trt.models.spec import SourceSpec
 
@@ -166,3 +167,35 @@ class FluxFamily(Family):
 
     def negative_text(self, req: GenerateRequest) -> str | None:
         return req.negative_prompt if req.negative_prompt and req.true_cfg_scale > 1.0 else None
+
+    def check_text_encoders(self, configs: dict[str, dict[str, Any]]) -> None:
+        if "clip_2" in configs:
+            raise ConfigError("text_encoders.clip_2: FLUX has one CLIP; remove clip_2")
+        if config_width(configs["clip"]) != self.pooled_dim:
+            raise ConfigError(
+                f"text_encoders.clip: hidden_size {config_width(configs['clip'])} is not the transformer's "
+                f"pooled_projection_dim {self.pooled_dim}"
+            )
+        if configs["t5"].get("d_model") != self.text_dim:
+            raise ConfigError(
+                f"text_encoders.t5: d_model {configs['t5'].get('d_model')} is not the transformer's "
+                f"joint_attention_dim {self.text_dim}"
+            )
+
+    def text_pipeline(self, parts: dict[str, tuple[Any, Any]], max_tokens: int) -> Any:
+        diffusers = importlib.import_module("diffusers")
+        return diffusers.FluxPipeline(
+            scheduler=None,
+            vae=None,
+            text_encoder=parts["clip"][0],
+            tokenizer=parts["clip"][1],
+            text_encoder_2=parts["t5"][0],
+            tokenizer_2=parts["t5"][1],
+            transformer=None,
+        )
+
+    def encode_prompts(
+        self, pipe: Any, prompts: list[str], device: torch.device, max_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device, max_sequence_length=max_tokens)
+        return embeds, pooled

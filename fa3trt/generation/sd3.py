@@ -21,6 +21,7 @@ largest bucket's square, within the model's ``pos_embed_max_size``.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import GenerationArgs
-from fa3trt.generation.family import Family, Start, noise_from_seed
+from fa3trt.generation.family import Family, Start, config_width, noise_from_seed
 from fa3trt.generation.flux import scheduler_shift
 from fa3trt.generation.requests import GenerateRequest
 from fa3trt.models.spec import SourceSpec
@@ -143,3 +144,54 @@ class SD3Family(Family):
 
     def negative_text(self, req: GenerateRequest) -> str | None:
         return (req.negative_prompt or "") if req.guidance_scale > 1.0 else None
+
+    def check_text_encoders(self, configs: dict[str, dict[str, Any]]) -> None:
+        if "clip_2" not in configs:
+            raise ConfigError("text_encoders.clip_2: SD3 encodes with two CLIPs; add clip_2 (CLIP-G, text_encoder_2/)")
+        projections = [config_width(configs[n], "projection_dim") or 512 for n in ("clip", "clip_2")]
+        if sum(projections) != self.pooled_dim:
+            raise ConfigError(
+                f"text_encoders: clip's and clip_2's projection_dim ({projections[0]} + {projections[1]}) are not "
+                f"the transformer's pooled_projection_dim {self.pooled_dim}"
+            )
+        t5 = configs["t5"].get("d_model")
+        if t5 != self.text_dim:
+            raise ConfigError(
+                f"text_encoders.t5: d_model {t5} is not the transformer's joint_attention_dim {self.text_dim}"
+            )
+        widths = [config_width(configs[n]) for n in ("clip", "clip_2")]
+        if sum(widths) > t5:
+            raise ConfigError(
+                f"text_encoders: clip's and clip_2's hidden_size ({widths[0]} + {widths[1]}) are wider than t5's "
+                f"d_model {t5}"
+            )
+
+    def text_pipeline(self, parts: dict[str, tuple[Any, Any]], max_tokens: int) -> Any:
+        diffusers = importlib.import_module("diffusers")
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=None,
+            scheduler=None,
+            vae=None,
+            text_encoder=parts["clip"][0],
+            tokenizer=parts["clip"][1],
+            text_encoder_2=parts["clip_2"][0],
+            tokenizer_2=parts["clip_2"][1],
+            text_encoder_3=parts["t5"][0],
+            tokenizer_3=parts["t5"][1],
+        )
+        if max_tokens - int(pipe.tokenizer_max_length) < 1:
+            raise ConfigError(
+                f"max_text_tokens = {max_tokens} leaves T5 no tokens after the CLIPs' {pipe.tokenizer_max_length}; "
+                "raise it (SD3: 77 + 256 = 333)"
+            )
+        return pipe
+
+    def encode_prompts(
+        self, pipe: Any, prompts: list[str], device: torch.device, max_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The CLIPs' tokens first, then T5's: T5 gets what the CLIPs leave of max_tokens.
+        t5_tokens = max_tokens - int(pipe.tokenizer_max_length)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, None, None, device=device, do_classifier_free_guidance=False, max_sequence_length=t5_tokens
+        )
+        return embeds, pooled

@@ -162,7 +162,7 @@ def test_prompts_are_encoded_and_generated_as_the_pipeline_does() -> None:
     args = GenerationArgs.model_validate(ARGS | {"text_encoders": TEXT, "max_text_tokens": 40})
     family = family_for(args)
     encoder = PromptEncoder(args)
-    assert encoder.t5_tokens == 40 - 16  # the tiny CLIP tokenizer's 16 tokens, then T5's
+    assert encoder.pipe.tokenizer_max_length == 16  # the tiny CLIP tokenizer's 16 tokens, then T5's 24
     eng = StepEngine(family, load_backend("torch", family.spec(), buckets=family.buckets()), args.bucket_set(), 6)
     reqs = [
         {"prompt": "a red house", "negative_prompt": "blurry", "height": 64, "width": 64, "steps": 3, "seed": 1},
