@@ -36,7 +36,7 @@ from fa3trt.errors import CudnnGraphUnsupportedError, InvalidInputError
 
 __all__ = ["CudnnFP8", "attention_fp8", "prepare_fp8"]
 
-# Variant-pack uids beyond cudnn_graph's 1-6 (q, k, v, o, seq_len_q, seq_len_kv).
+# Variant-pack uids beyond cudnn_graph's (q, k, v, o, seq_len_q, seq_len_kv: 1-6).
 _UID_DESCALE_Q, _UID_DESCALE_K, _UID_DESCALE_V = 11, 12, 13
 _UID_DESCALE_S, _UID_SCALE_S, _UID_SCALE_O = 14, 15, 16
 _UID_AMAX_S, _UID_AMAX_O = 17, 18
@@ -70,11 +70,13 @@ def _build_variant(cudnn: Any, handle: Any, key: cudnn_graph.GraphKey, amax_s: b
     # BHSD dims over BSHD memory, as in the bf16 graph (cudnn_graph._build).
     dims, strides = [b, h, sq, d], [sq * h * d, d, h * d, 1]
     kv_dims, kv_strides = [b, hk, sk, d], [kb, kh, ks, kd]
-    q = g.tensor(name="q", dim=dims, stride=[qb, qh, qs, qd], data_type=e4m3, uid=1)
-    k = g.tensor(name="k", dim=kv_dims, stride=kv_strides, data_type=e4m3, uid=2)
-    v = g.tensor(name="v", dim=kv_dims, stride=kv_strides, data_type=e4m3, uid=3)
-    len_q = g.tensor(name="seq_len_q", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=5)
-    len_kv = g.tensor(name="seq_len_kv", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=6)
+    q = g.tensor(name="q", dim=dims, stride=[qb, qh, qs, qd], data_type=e4m3, uid=cudnn_graph._UID_Q)
+    k = g.tensor(name="k", dim=kv_dims, stride=kv_strides, data_type=e4m3, uid=cudnn_graph._UID_K)
+    v = g.tensor(name="v", dim=kv_dims, stride=kv_strides, data_type=e4m3, uid=cudnn_graph._UID_V)
+    len_q = g.tensor(name="seq_len_q", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=cudnn_graph._UID_LEN_Q)
+    len_kv = g.tensor(
+        name="seq_len_kv", dim=[b, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32, uid=cudnn_graph._UID_LEN_KV
+    )
 
     def scalar(name: str, uid: int) -> Any:
         return g.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32, uid=uid)
@@ -98,7 +100,9 @@ def _build_variant(cudnn: Any, handle: Any, key: cudnn_graph.GraphKey, amax_s: b
         o, _, amax_s_t, amax_o_t = g.sdpa_fp8(generate_stats=False, **common)
     except TypeError:  # releases before generate_stats took is_inference
         o, _, amax_s_t, amax_o_t = g.sdpa_fp8(is_inference=True, **common)
-    o.set_output(True).set_dim(dims).set_stride(strides).set_uid(4).set_data_type(getattr(dt, _OUT_TYPES[out_dtype]))
+    o.set_output(True).set_dim(dims).set_stride(strides).set_uid(cudnn_graph._UID_O).set_data_type(
+        getattr(dt, _OUT_TYPES[out_dtype])
+    )
     scratch = [(amax_o_t, _UID_AMAX_O)] + ([(amax_s_t, _UID_AMAX_S)] if amax_s else [])
     for t, uid in scratch:
         t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32).set_uid(uid)
@@ -137,12 +141,12 @@ def prepare_fp8(
     key = cudnn_graph.graph_key(q8, k8, default_scale(q8.shape[3]) if scale is None else scale, out.dtype)
     scale_s, descale_s, one = _constants(q8.device)
     pack = {
-        1: q8,
-        2: k8,
-        3: v8,
-        4: out,
-        5: lens,
-        6: lens_k,
+        cudnn_graph._UID_Q: q8,
+        cudnn_graph._UID_K: k8,
+        cudnn_graph._UID_V: v8,
+        cudnn_graph._UID_O: out,
+        cudnn_graph._UID_LEN_Q: lens,
+        cudnn_graph._UID_LEN_KV: lens_k,
         _UID_DESCALE_Q: descale[0],
         _UID_DESCALE_K: descale[1],
         _UID_DESCALE_V: descale[2],

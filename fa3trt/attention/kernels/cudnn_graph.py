@@ -217,8 +217,8 @@ def _graph(cudnn: Any, handle: Any, key: GraphKey, build: Build) -> _Graph:
         except Exception as e:  # cudnnGraphNotSupportedError, RuntimeError from the binding, ...
             b, sq, sk, h, hk, d, dtype, dev = key[:8]
             hit = CudnnGraphUnsupportedError(
-                f"cuDNN refused the ragged SDPA graph ({dtype} in, {key[11]} out) for q (B={b}, S={sq}, H={h}, D={d}), k/v (S={sk}, H={hk}) "
-                f"on cuda:{dev}: {type(e).__name__}: {e}"
+                f"cuDNN refused the ragged SDPA graph ({dtype} in, {key[11]} out) for q (B={b}, S={sq}, H={h}, "
+                f"D={d}), k/v (S={sk}, H={hk}) on cuda:{dev}: {type(e).__name__}: {e}"
             )
         cache[key] = hit  # a refusal is cached too: a caller falling back must not pay a rebuild per call
         if len(cache) > MAX_GRAPHS:
