@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fa3trt._hashing import spec_hash
+from fa3trt.attention.kernels.base import dense_batch
 from fa3trt.attention.op import MODE_FP8, MODE_NATIVE, attention
 from fa3trt.attention.rules import values_hidden
 from fa3trt.errors import ConfigError, InvalidInputError
@@ -124,12 +125,6 @@ class Block(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
 
 
-def _all_full(seq_lens: torch.Tensor, s: int) -> bool:
-    """Host lengths, outside any trace, that are all ``s`` (a served batch of equal lengths): read
-    without a sync. Lengths on the device, or in a trace (an export keeps the mask), are not."""
-    return seq_lens.device.type == "cpu" and not values_hidden(seq_lens) and bool((seq_lens == s).all())
-
-
 class Transformer(nn.Module):
     """The block stack. ``forward(x, seq_lens)``; padded rows of the output are zero."""
 
@@ -145,7 +140,8 @@ class Transformer(nn.Module):
         b, s, _ = x.shape
         for blk in self.blocks:
             x = blk(x, seq_lens)
-        if seq_lens is None or _all_full(seq_lens, s):  # every sequence fills the batch: nothing to mask
+        # Every sequence fills the batch (host lengths, read without a sync; a trace keeps the mask).
+        if seq_lens is None or (not values_hidden(seq_lens) and dense_batch(seq_lens, s)):
             return self.norm(x)
         keep = torch.arange(s, device=x.device)[None, :] < to_device(seq_lens, x.device)[:, None]
         return self.norm(x) * keep[:, :, None].to(x.dtype)

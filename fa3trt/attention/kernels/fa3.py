@@ -217,7 +217,6 @@ class FA3(SequsedKernel):
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # FA3's e4m3 kernel writes bfloat16 whatever out_dtype asks: run_fp8 converts.
-        if out is not None and out.dtype == torch.bfloat16:
-            return attention(q8, k8, v8, seq_lens, seq_lens_k, causal=causal, softmax_scale=scale, descale=descale,
-                             out=out, zero_tail=False)  # fmt: skip
-        return attention(q8, k8, v8, seq_lens, seq_lens_k, causal=causal, softmax_scale=scale, descale=descale)
+        into = out if out is not None and out.dtype == torch.bfloat16 else None
+        return attention(q8, k8, v8, seq_lens, seq_lens_k, causal=causal, softmax_scale=scale, descale=descale,
+                         out=into, zero_tail=into is None)  # fmt: skip

@@ -41,8 +41,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FP8_MAX = FP8_MAX
-
 EMULATION_WARNED: set[tuple[str, torch.dtype]] = set()
 """(kernel, dtype) pairs whose emulated FP8 has been announced in this process."""
 
@@ -56,11 +54,11 @@ def quantize(t: torch.Tensor, per_tensor: bool = False) -> tuple[torch.Tensor, t
     if per_tensor:
         # The amax in one reduction with no temporary (the inf-norm), exact in any float dtype.
         amax = torch.linalg.vector_norm(t, ord=float("inf")).float().clamp_min(1e-12).reshape(1)
-        descale = amax / _FP8_MAX
-        return scale_cast(t, descale.reciprocal(), FP8_DTYPE, clamp=_FP8_MAX), descale
+        descale = amax / FP8_MAX
+        return scale_cast(t, descale.reciprocal(), FP8_DTYPE, clamp=FP8_MAX), descale
     amax = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)  # (B, H)
-    descale = amax / _FP8_MAX
-    q8 = (t.float() / descale[:, None, :, None]).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_DTYPE)
+    descale = amax / FP8_MAX
+    q8 = (t.float() / descale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q8, descale
 
 
@@ -133,9 +131,9 @@ def run_fp8(
     """
     cross = q.shape[1] != k.shape[1] or (seq_lens_k is not None and seq_lens_k is not seq_lens)
     fk = fp8_kernel(q.device, q.shape[-1], cross=cross, causal=causal, gqa=q.shape[2] != k.shape[2])
+    per_tensor = fk is not None and fk.fp8_scales == "tensor"
+    (q8, qs), (k8, ks), (v8, vs) = (quantize(t, per_tensor) for t in (q, k, v))
     if fk is not None:
-        per_tensor = fk.fp8_scales == "tensor"
-        (q8, qs), (k8, ks), (v8, vs) = (quantize(t, per_tensor) for t in (q, k, v))
         try:
             res = fk.forward_fp8(
                 q8, k8, v8, seq_lens, (qs, ks, vs), seq_lens_k, causal=causal, scale=scale, out_dtype=q.dtype, out=out
@@ -143,8 +141,7 @@ def run_fp8(
             return res.to(q.dtype)
         except CudnnGraphUnsupportedError as e:  # cached per shape: one refusal, then emulation
             log_once(f"FP8 attention: {e}; this shape is emulated on {kernel.name!r}")
-        return emulated(dequantize(q8, qs, q.dtype), dequantize(k8, ks, q.dtype), dequantize(v8, vs, q.dtype))
-    if (kernel.name, q.dtype) not in EMULATION_WARNED:
+    elif (kernel.name, q.dtype) not in EMULATION_WARNED:
         EMULATION_WARNED.add((kernel.name, q.dtype))
         warnings.warn(
             f"attention mode=1 (FP8): no FP8 attention kernel here for head dim {q.shape[-1]} (FA3 with FP8, "
@@ -153,7 +150,6 @@ def run_fp8(
             RuntimeWarning,
             stacklevel=3,
         )
-    (q8, qs), (k8, ks), (v8, vs) = quantize(q), quantize(k), quantize(v)
     return emulated(dequantize(q8, qs, q.dtype), dequantize(k8, ks, q.dtype), dequantize(v8, vs, q.dtype))
 
 
@@ -166,8 +162,7 @@ def fp8_refusal(device_type: str, available: list[str], head_dim: int, *, causal
     choose FP8. On the CPU the emulation is the FP8 numerics reference and loads."""
     if device_type != "cuda":
         return None
-    if any(KERNELS[n].fp8 and KERNELS[n].supports(FP8_DTYPE, head_dim) and KERNELS[n].takes(causal=causal)
-           for n in available):  # fmt: skip
+    if choose_fp8_kernel(available, head_dim, causal=causal) is not None:
         return None
     what = "a causal FP8 attention kernel" if causal else "an FP8 attention kernel"
     return (
