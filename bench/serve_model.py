@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     largest = sig.sample_sizes(buckets)
     other = {a: n for a, n in largest.items() if a != sig.bucketed}
     if args.other:
-        other = {a: max(sig.accepted(a, 1, args.other) or (n, n)) if n > args.other else n for a, n in other.items()}
+        other = {a: (sig.accepted(a, 1, min(n, args.other)) or (n, n))[1] for a, n in other.items()}
     limit = buckets.batch_limit(buckets.index(length), app.batching.max_batch_tokens)
     reqs = make_requests(sig, length, other, args.requests)
     name = args.name or f"serve_model_{Path(args.config).stem}"

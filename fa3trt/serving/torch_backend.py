@@ -109,9 +109,7 @@ class TorchBackend:
             if self.spec.routing == "off":
                 self.module(**sample)
             else:
-                with route_attention(
-                    self.module, self.spec.routing, attn_mode=self.spec.attn_mode, log_level=logging.DEBUG
-                ) as report:
+                with self._routed() as report:
                     self.module(**sample)
                 self.routing = RoutingReport(report.method)  # the hooks used; the counts are the batches'
                 if "transformers" in report.method:
@@ -119,6 +117,11 @@ class TorchBackend:
         for head_dim, causal in sorted({(c.head_dim, c.causal) for c in calls if c.mode == MODE_FP8}):
             require_fp8_kernel(self.device, head_dim, causal=causal)
         return sorted(set(calls), key=lambda c: (c.mode, c.head_dim, str(c.dtype)))
+
+    def _routed(self) -> contextlib.AbstractContextManager[RoutingReport]:
+        """The model's attention routed for one eager call, as its spec says (a server routing
+        every batch logs at DEBUG and reports its totals instead)."""
+        return route_attention(self.module, self.spec.routing, attn_mode=self.spec.attn_mode, log_level=logging.DEBUG)
 
     def _compile(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         """The model under ``torch.compile``, its routed attention one op node of the graph."""
@@ -143,9 +146,7 @@ class TorchBackend:
         """The model's selected output for one batch, routed by the spec's method."""
         if self.spec.routing == "off":
             return select_output(self.module(**batch), self.spec.select)
-        with route_attention(
-            self.module, self.spec.routing, attn_mode=self.spec.attn_mode, log_level=logging.DEBUG
-        ) as report:
+        with self._routed() as report:
             out = self.module(**batch)
         with self._report_lock:
             self.routing.add(report)
