@@ -18,6 +18,9 @@
 #   bash bench/gpu_suite.sh generation  # generation on the server: bench.generation (step-level EDF/FIFO vs a loop per
 #                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SIZES, ARMS, TEXT, SUFFIX), then the
 #                                       # generation GPU test (a FLUX-width generation vs the eager pipeline; TESTS=0: none)
+#   bash bench/gpu_suite.sh fa3         # FA3 built from FA3_SRC (a flash-attention checkout with csrc/cutlass/include) by
+#                                       # python -m fa3trt.fa3_build into /tmp/fa3build (later steps import it from there), a
+#                                       # copy under $OUT/fa3build to carry to a fresh machine as FA3_BUILD=<that folder>
 #   bash bench/gpu_suite.sh fp8         # FP8 attention: its GPU tests, then bench.fp8 (per kernel and shape vs bf16, the error,
 #                                       # realistic activations, the seed model and a FLUX-width DiT end to end; PARTS, SUFFIX)
 #   bash bench/gpu_suite.sh transports  # `serve run` of the 2-layer seed model: every transport (bench.transports), its identity twin
@@ -32,6 +35,9 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 [ -d /tmp/site/bin ] && export PATH="/tmp/site/bin:$PATH"
 # FlashAttention's CuTe DSL: the DSL's packages (a .pth file elsewhere) and a disk cache of compiled kernels.
 [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ] && export PYTHONPATH="$PYTHONPATH:/tmp/site/nvidia_cutlass_dsl/dsl_packages"
+# FA3 proper, where the fa3 step built it on this machine (or FA3_BUILD names a build carried here).
+fa3build=${FA3_BUILD:-/tmp/fa3build}
+[ -d "$fa3build/flash_attn_3" ] && export PYTHONPATH="$PYTHONPATH:$(cd "$fa3build" && pwd)"
 export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=${FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED:-1}
 export FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=${FLASH_ATTENTION_CUTE_DSL_CACHE_DIR:-/tmp/flash_cute_cache}
 log="$out/gpu_${1}.log"
@@ -43,6 +49,20 @@ case "$1" in
     for b in ${BENCHES:-attention fa3_kernel plugin_overhead host_path host_staging model_throughput routing cudnn_ragged_probe}; do
       [ -f "bench/$b.py" ] && python3 -m bench.$b --out "$out" 2>&1 | grep -v "^\s*$" | tee -a "$log"
     done
+    ;;
+  fa3)
+    src=$(cd "${FA3_SRC:?FA3_SRC=<flash-attention checkout>}" && pwd)
+    { command -v ninja || python3 -c "import ninja"; } >/dev/null 2>&1 || echo "no ninja: FA3's files compile one at a time" | tee -a "$log"
+    start=$(date +%s)
+    python3 -m fa3trt.fa3_build "$src" --inplace 2>&1 | grep -E "^\[[0-9]+/[0-9]+\]|error|Error|FA3 build" | tee -a "$log"
+    echo "FA3 build: $(( $(date +%s) - start )) s" | tee -a "$log"
+    rm -rf /tmp/fa3build && mkdir -p /tmp/fa3build
+    cp -r "$src/hopper/flash_attn_3" "$src/hopper/flash_attn_interface.py" "$src/hopper/flash_attn_config.py" /tmp/fa3build/
+    rm -rf "$out/fa3build" && cp -r /tmp/fa3build "$out/fa3build"
+    PYTHONPATH="$PYTHONPATH:/tmp/fa3build" python3 -c "
+import torch; from fa3trt.attention.kernels import fa3
+print('FA3 importable:', fa3.op() is not None, '; built:', sorted(k for k, v in fa3.build_flags().items() if not v))
+" 2>&1 | tee -a "$log"
     ;;
   fp8)
     # FP8 attention (mode 1): its GPU tests (every FP8 kernel against float64, Triton quantization, CUDA graphs,

@@ -114,19 +114,20 @@ def direct_passes(app: AppArgs, reqs: list[Any], limit: int, device: torch.devic
         routed_err = _rel(routed(_stack(sig, reqs[:1], device)).float().cpu()[0].numpy(), out["refs"][0])
         out["routed_rel_err"] = routed_err
     if want & {"compiled-sdpa", "compiled-routed"}:
-        # Compiled in the user's own way; the first pass compiles, the timed one replays.
+        # Compiled in the user's own way; the first pass compiles, the timed one replays. Each
+        # compiled model's answer to the first request is checked too (eager unrouted reference).
+        compiled: dict[str, Any] = {}
         with torch.inference_mode():
             if "compiled-sdpa" in want:
-                plain = torch.compile(model)
-                out["compiled-sdpa"] = time_batches(
-                    lambda b: select_output(plain(**_stack(sig, b, device)), spec.select).cpu(), reqs, limit
-                )
+                compiled["compiled-sdpa"] = torch.compile(model)
             if "compiled-routed" in want and spec.routing != "off":
-                ours = compile_routed(model, spec.routing)
-                out["compiled-routed"] = time_batches(
-                    lambda b: select_output(ours(**_stack(sig, b, device)), spec.select).cpu(), reqs, limit
-                )
-                out["compiled_routing"] = ours.report.as_dict()
+                compiled["compiled-routed"] = compile_routed(model, spec.routing)
+            for name, fn in compiled.items():
+                out[name] = time_batches(lambda b, fn=fn: select_output(fn(**_stack(sig, b, device)), spec.select).cpu(), reqs, limit)  # fmt: skip
+                answer = select_output(fn(**_stack(sig, reqs[:1], device)), spec.select).float().cpu()[0].numpy()
+                out.setdefault("compiled_rel_err", {})[name] = _rel(answer, out["refs"][0])
+            if "compiled-routed" in compiled:
+                out["compiled_routing"] = compiled["compiled-routed"].report.as_dict()
     return out
 
 
@@ -244,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         err = f"  answers' max rel err {errors[k]:.1e}" if k in errors else ""
         print(f"{k:18s} {v:8.2f} {ratio}  {ref_name}{err}")
     print(f"routed vs unrouted (eager, one request): rel err {d['routed_rel_err']:.2e}")
+    for k, e in d.get("compiled_rel_err", {}).items():
+        print(f"{k} vs unrouted eager (one request): rel err {e:.2e}")
+    if "compiled_routing" in d:
+        print(f"compiled-routed routing report (every call): {d['compiled_routing']}")
     result = {
         "config": args.config,
         "card": card(),
@@ -259,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "compiled_over_sdpa": {k: rates[k] / compiled_base for k in rates if compiled_base and "compile" in k},
         "answer_max_rel_err": errors,
         "routed_rel_err": d["routed_rel_err"],
+        "compiled_rel_err": d.get("compiled_rel_err"),
         "served": {k: {kk: vv for kk, vv in s.items() if kk != "answers"} for k, s in served.items()},
         "compiled_routing": d.get("compiled_routing"),
     }

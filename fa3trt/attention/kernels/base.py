@@ -166,8 +166,8 @@ class AttentionKernel:
     fp8: ClassVar[bool] = False
     """Has a real FP8 e4m3 kernel (``forward_fp8``); others get FP8 numerics by emulation."""
     fp8_scales: ClassVar[str] = "head"
-    """The descale factors ``forward_fp8`` takes: "head" (per batch row and head, (B, H)) or
-    "tensor" (one per tensor, (1,))."""
+    """The descale factors ``forward_fp8`` takes: "head" (per batch row and key head, (B, Hk),
+    q's per group of query heads) or "tensor" (one per tensor, (1,))."""
     cuda_only: ClassVar[bool] = True
     """Runs on CUDA devices only."""
     capability: ClassVar[tuple[tuple[int, int], tuple[int, int]] | None] = None

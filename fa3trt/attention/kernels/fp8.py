@@ -45,28 +45,39 @@ EMULATION_WARNED: set[tuple[str, torch.dtype]] = set()
 """(kernel, dtype) pairs whose emulated FP8 has been announced in this process."""
 
 
-def quantize(t: torch.Tensor, per_tensor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(t: torch.Tensor, per_tensor: bool = False, heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 quantization of a (B, S, H, D) tensor with scales computed on its device (no host sync).
 
-    Returns (fp8 tensor, float32 descale) with ``t ≈ fp8 * descale``: descale of shape (B, H)
-    (per batch row and head), or (1,) with ``per_tensor`` (one factor for the whole tensor).
+    Returns (fp8 tensor, float32 descale) with ``t ≈ fp8 * descale``: descale of shape (B, heads)
+    (per batch row and head, ``heads`` = H by default; fewer: one factor per group of H / heads
+    consecutive heads, as FA3 takes q's under grouped-query attention, one per key head), or
+    (1,) with ``per_tensor`` (one factor for the whole tensor). Two passes over ``t`` either way:
+    one reduction for the amax (the inf-norm: no temporary, exact in any float dtype) and one
+    fused scale, clamp and cast (``scale_cast``).
     """
+    b, s, h, d = t.shape
+    heads = h if heads is None else heads
     if per_tensor:
-        # The amax in one reduction with no temporary (the inf-norm), exact in any float dtype.
-        amax = torch.linalg.vector_norm(t, ord=float("inf")).float().clamp_min(1e-12).reshape(1)
-        descale = amax / FP8_MAX
-        return scale_cast(t, descale.reciprocal(), FP8_DTYPE, clamp=FP8_MAX), descale
-    amax = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12)  # (B, H)
-    descale = amax / FP8_MAX
-    q8 = (t.float() / descale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q8, descale
+        amax = torch.linalg.vector_norm(t, ord=float("inf")).reshape(1)
+    else:
+        grouped = t.unflatten(2, (heads, h // heads))
+        amax = torch.linalg.vector_norm(grouped, ord=float("inf"), dim=(1, 3, 4))  # (B, heads)
+    descale = amax.float().clamp_min(1e-12) / FP8_MAX
+    return scale_cast(t, _per_head(descale, h).reciprocal(), FP8_DTYPE, clamp=FP8_MAX), descale
+
+
+def _per_head(descale: torch.Tensor, heads: int) -> torch.Tensor:
+    """A (B, groups) descale as one factor per head (B, heads); a per-tensor one as it is."""
+    if descale.dim() == 1 or descale.shape[1] == heads:
+        return descale
+    return descale.repeat_interleave(heads // descale.shape[1], dim=1)
 
 
 def dequantize(q8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of ``quantize``, in ``dtype`` (either shape of descale)."""
+    """The inverse of ``quantize``, in ``dtype`` (any shape of descale it returns)."""
     if descale.dim() == 1:
         return (q8.float() * descale).to(dtype)
-    return (q8.float() * descale[:, None, :, None]).to(dtype)
+    return (q8.float() * _per_head(descale, q8.shape[2])[:, None, :, None]).to(dtype)
 
 
 def choose_fp8_kernel(
@@ -132,7 +143,8 @@ def run_fp8(
     cross = q.shape[1] != k.shape[1] or (seq_lens_k is not None and seq_lens_k is not seq_lens)
     fk = fp8_kernel(q.device, q.shape[-1], cross=cross, causal=causal, gqa=q.shape[2] != k.shape[2])
     per_tensor = fk is not None and fk.fp8_scales == "tensor"
-    (q8, qs), (k8, ks), (v8, vs) = (quantize(t, per_tensor) for t in (q, k, v))
+    # q's factors per key head (its group of query heads): FA3 takes q's descale as (B, Hk).
+    (q8, qs), (k8, ks), (v8, vs) = (quantize(t, per_tensor, k.shape[2]) for t in (q, k, v))
     if fk is not None:
         try:
             res = fk.forward_fp8(

@@ -22,6 +22,7 @@ from fa3trt.attention.compiled import CompiledRouted, compile_routed
 from fa3trt.attention.kernels.math import Math
 from fa3trt.attention.routing import route_attention
 from tests.models import flux_inputs, tiny_bert, tiny_flux
+from tests.utils import gpu
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -239,3 +240,26 @@ def test_flux_through_a_compiling_backend(backend: str) -> None:
     with torch.no_grad():
         close(compiled(**inputs, return_dict=False)[0], model(**inputs, return_dict=False)[0])
     assert counter.frame_count == 1 and nodes(counter, OP) == 2
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compiled_routing_on_cuda_routes_every_call_after_a_plain_compile(backend: str) -> None:
+    # The user's order (bench.serve_model's too): the model compiled plainly first, then routed.
+    # The routed graphs must hold the op, not reuse the plain ones, and count every call.
+    model = tiny_flux().to("cuda", torch.bfloat16)
+    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in flux_inputs().items()}
+    with torch.inference_mode():
+        expected = model(**inputs, return_dict=False)[0]
+        plain = torch.compile(model, backend=backend)
+        plain(**inputs)
+        compiled, counter = routed(model) if backend == "eager" else (compile_routed(model, backend=backend), None)
+        for _ in range(2):
+            got = compiled(**inputs, return_dict=False)[0]
+            assert compiled.last_report is not None
+            assert compiled.last_report.as_dict() == {"method": "sdpa", "routed": 4, "routed_with": {}, "left": {}}
+            torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+        if counter is not None:
+            assert nodes(counter, OP) == 4 and nodes(counter, SDPA) == 0
+        # ... and the plain compiled model stays unrouted.
+        torch.testing.assert_close(plain(**inputs, return_dict=False)[0], expected, rtol=2e-2, atol=2e-2)

@@ -57,12 +57,23 @@ def test_per_tensor_quantization_maps_the_amax_to_the_e4m3_max() -> None:
     assert torch.isfinite(dz).all() and torch.equal(zeros.float(), torch.zeros(1, 4, 2, 8))
 
 
-def test_strided_views_quantize_like_their_copies() -> None:
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_strided_views_quantize_like_their_copies(per_tensor: bool) -> None:
     qkv = torch.randn(2, 12, 3, 4, 16)  # a fused QKV projection's output: q, k, v are strided views
     q = qkv[:, :, 0]
-    a, da = fp8.quantize(q, per_tensor=True)
-    b, db = fp8.quantize(q.contiguous(), per_tensor=True)
+    a, da = fp8.quantize(q, per_tensor=per_tensor)
+    b, db = fp8.quantize(q.contiguous(), per_tensor=per_tensor)
     assert torch.equal(a.float(), b.float()) and torch.equal(da, db)
+
+
+def test_per_head_quantization_maps_each_heads_amax_to_the_e4m3_max() -> None:
+    t = torch.randn(2, 16, 3, 8) * torch.tensor([1.0, 100.0, 0.01])[None, None, :, None]
+    q8, descale = fp8.quantize(t)
+    assert descale.shape == (2, 3) and descale.dtype == torch.float32
+    torch.testing.assert_close(descale, t.abs().amax(dim=(1, 3)) / FP8_MAX)
+    assert torch.equal(q8.float().abs().amax(dim=(1, 3)), torch.full((2, 3), FP8_MAX))
+    with pytest.raises(ValueError, match=r"pass one element or \(2, 3\)"):
+        scale_cast(t, torch.ones(3, 2), FP8_DTYPE)
 
 
 @pytest.mark.parametrize("per_tensor", [False, True])
@@ -227,10 +238,11 @@ def test_triton_quantization_equals_the_torch_ops() -> None:
         pytest.skip("e4m3 casts need sm89+")
     qkv = torch.randn(3, 777, 3, 8, 128, device="cuda", dtype=torch.bfloat16) * 3
     for t in (qkv[:, :, 0], qkv[:, :, 2].contiguous(), qkv[:1, :, 1]):
-        _, descale = fp8.quantize(t, per_tensor=True)
-        scale = descale.reciprocal()
-        fast, ops = (scale_cast(t, scale, FP8_DTYPE, clamp=FP8_MAX, method=m) for m in ("triton", "torch"))
-        assert torch.equal(fast.view(torch.uint8), ops.view(torch.uint8))
+        for per_tensor in (True, False):  # one scale, and one per (batch row, head)
+            _, descale = fp8.quantize(t, per_tensor=per_tensor)
+            scale = descale.reciprocal()
+            fast, ops = (scale_cast(t, scale, FP8_DTYPE, clamp=FP8_MAX, method=m) for m in ("triton", "torch"))
+            assert torch.equal(fast.view(torch.uint8), ops.view(torch.uint8)), per_tensor
         # ... and back (an e4m3 output into the model's dtype).
         back = [scale_cast(fast, descale, torch.bfloat16, method=m) for m in ("triton", "torch")]
         assert torch.equal(back[0], back[1])
@@ -286,3 +298,12 @@ def test_a_compiled_routed_model_runs_its_attention_in_fp8() -> None:
         got = compiled(**inputs).sample
     assert compiled.report.routed == 2
     assert 0 < rel_err(got, want) < FP8_BOUND
+
+
+def test_grouped_query_heads_share_one_factor_per_key_head() -> None:
+    # FA3 takes q's descale per (batch, key head): under GQA each group of query heads shares it.
+    t = torch.randn(2, 16, 6, 8) * torch.tensor([1.0, 2.0, 100.0, 50.0, 0.5, 0.1])[None, None, :, None]
+    q8, descale = fp8.quantize(t, heads=3)
+    assert descale.shape == (2, 3)
+    torch.testing.assert_close(descale, t.unflatten(2, (3, 2)).abs().amax(dim=(1, 3, 4)) / FP8_MAX)
+    assert rel_err(fp8.dequantize(q8, descale, torch.float32), t) < 0.05
