@@ -60,8 +60,8 @@ case "$1" in
     cp -r "$src/hopper/flash_attn_3" "$src/hopper/flash_attn_interface.py" "$src/hopper/flash_attn_config.py" /tmp/fa3build/
     rm -rf "$out/fa3build" && cp -r /tmp/fa3build "$out/fa3build"
     PYTHONPATH="$PYTHONPATH:/tmp/fa3build" python3 -c "
-import torch; from fa3trt.attention.kernels import fa3
-print('FA3 importable:', fa3.op() is not None, '; built:', sorted(k for k, v in fa3.build_flags().items() if not v))
+import torch, flash_attn_interface, flash_attn_config
+print('FA3 op:', torch.ops.flash_attn_3.fwd.default._schema.name, '; disabled:', sorted(k for k, v in flash_attn_config.CONFIG['build_flags'].items() if v))
 " 2>&1 | tee -a "$log"
     ;;
   fp8)
