@@ -28,7 +28,6 @@ from fa3trt.attention.kernels.base import (
     FP8_MAX,
     AttentionKernel,
     default_scale,
-    key_lengths,
 )
 from fa3trt.attention.kernels.scale_cast import scale_cast
 from fa3trt.attention.kernels.tail import zero_tail_
@@ -191,20 +190,8 @@ def attention_fp8(
     _check(q8, k8, v8, descale)
     if q8.stride(3) != 1 or k8.stride(3) != 1 or v8.stride() != k8.stride():
         q8, k8, v8 = q8.contiguous(), k8.contiguous(), v8.contiguous()
-    b, sq, _, _ = q8.shape
-    sk = k8.shape[1]
     dev = q8.device
-    if seq_lens is None:
-        lens = torch.full((b,), sq, dtype=torch.int32, device=dev)
-    else:
-        lens = seq_lens.to(device=dev, dtype=torch.int32).clamp(0, sq)
-    keys = key_lengths(seq_lens, seq_lens_k, sq, sk)
-    if keys is None:
-        lens_k = lens if sk == sq else torch.full((b,), sk, dtype=torch.int32, device=dev)  # every key
-    elif keys is seq_lens:
-        lens_k = lens
-    else:
-        lens_k = keys.to(device=dev, dtype=torch.int32).clamp(0, sk)
+    lens, lens_k = cudnn_graph.clamped_lengths(q8, k8, seq_lens, seq_lens_k)
     if out is None:
         out = torch.empty(q8.shape, dtype=out_dtype, device=dev)
     shape_key = (tuple(q8.shape), tuple(k8.shape), dev, out_dtype)

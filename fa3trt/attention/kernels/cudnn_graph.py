@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from fa3trt.attention.kernels.base import default_scale
+from fa3trt.attention.kernels.base import default_scale, key_lengths
 from fa3trt.attention.kernels.tail import zero_tail_
 from fa3trt.errors import CudnnGraphUnsupportedError, InvalidInputError, MissingDependencyError
 
@@ -307,6 +307,24 @@ def prepared(key: GraphKey, build: Build, pack: dict[int, torch.Tensor], device:
     return launch
 
 
+def clamped_lengths(
+    q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor | None, seq_lens_k: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query lengths, key lengths) as int32 on q's device for a graph's variant pack, clamped on
+    the device to [0, Sq] and [0, Sk] (a length past S would make cuDNN read past the tensors):
+    every query where ``seq_lens`` is None, the key lengths the call means (``key_lengths``;
+    every key where it means none), the query lengths' own tensor for padded self-attention."""
+    b, sq, sk, dev = q.shape[0], q.shape[1], k.shape[1], q.device
+    if seq_lens is None:
+        lens = torch.full((b,), sq, dtype=torch.int32, device=dev)
+    else:
+        lens = seq_lens.to(device=dev, dtype=torch.int32).clamp(0, sq)
+    keys = key_lengths(seq_lens, seq_lens_k, sq, sk)
+    if keys is None:
+        return lens, lens if sk == sq else torch.full((b,), sk, dtype=torch.int32, device=dev)
+    return lens, lens if keys is seq_lens else keys.to(device=dev, dtype=torch.int32).clamp(0, sk)
+
+
 def ragged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -333,13 +351,7 @@ def ragged_attention(
     _check(q, k, v, seq_lens)
     if q.stride(3) != 1 or k.stride(3) != 1 or v.stride() != k.stride():
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    # Clamped on the device: a length past S would make cuDNN read past the tensors.
-    lens = seq_lens.to(device=q.device, dtype=torch.int32).clamp(0, q.shape[1])
-    lens_k = None
-    if seq_lens_k is not None and seq_lens_k is not seq_lens:
-        lens_k = seq_lens_k.to(device=q.device, dtype=torch.int32).clamp(0, k.shape[1])
-    elif k.shape[1] != q.shape[1]:
-        lens_k = torch.full_like(lens, k.shape[1])  # every key, as the op reads a missing seq_lens_k
+    lens, lens_k = clamped_lengths(q, k, seq_lens, seq_lens_k)
     out = torch.empty_like(q)
     prepare(q, k, v, lens, out, lens_k, scale)()
     return zero_tail_(out, lens) if zero_tail else out
