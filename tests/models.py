@@ -108,6 +108,22 @@ def flux_pipeline_latents(
         tokenizer_2=(text or {}).get("t5_tokenizer"),
         transformer=transformer,
     )
+    cfg = {"true_cfg_scale": fields.get("true_cfg_scale", 1.0)}
+    return run_pipeline(pipe, fields, tensor, text, vae, guidance_scale=fields.get("guidance_scale", 3.5), **cfg)
+
+
+def run_pipeline(
+    pipe: Any,
+    fields: dict[str, Any],
+    tensor: Any,
+    text: dict[str, Any] | None,
+    vae: torch.nn.Module | None,
+    **extra: Any,
+) -> np.ndarray:
+    """A diffusers pipeline's answer to a generation request's fields (``tensor(name)``: a field
+    as the pipeline takes it): its prompts or their embeddings, size, steps, seed or initial
+    latents, and ``extra`` (guidance). The final latents (``output_type="latent"``), or with
+    ``vae`` the decoded image as an (H, W, 3) uint8 array."""
     prompts = {k: fields[k] for k in ("prompt", "negative_prompt") if k in fields}
     if prompts:
         prompts["max_sequence_length"] = (text or {})["max_sequence_length"]
@@ -115,22 +131,19 @@ def flux_pipeline_latents(
     with torch.inference_mode():
         out = pipe(
             **prompts,
+            **extra,
             prompt_embeds=tensor("prompt_embeds"),
             pooled_prompt_embeds=tensor("pooled_prompt_embeds"),
             negative_prompt_embeds=tensor("negative_prompt_embeds"),
             negative_pooled_prompt_embeds=tensor("negative_pooled_prompt_embeds"),
-            true_cfg_scale=fields.get("true_cfg_scale", 1.0),
             height=fields["height"],
             width=fields["width"],
             num_inference_steps=fields["steps"],
-            guidance_scale=fields.get("guidance_scale", 3.5),
             generator=torch.Generator("cpu").manual_seed(fields.get("seed", 0)),
             latents=tensor("latents"),
             output_type="latent" if vae is None else "pil",
         )
-    if vae is not None:
-        return np.asarray(out.images[0])
-    return out.images[0].float().cpu().numpy()
+    return np.asarray(out.images[0]) if vae is not None else out.images[0].float().cpu().numpy()
 
 
 def tiny_flux_gen(seed: int = 0) -> torch.nn.Module:
@@ -224,9 +237,6 @@ def sd3_pipeline_latents(
     ``negative_prompt``) encoded by the pipeline itself."""
     diffusers = pytest.importorskip("diffusers")
     text = text or {}
-    prompts = {k: fields[k] for k in ("prompt", "negative_prompt") if k in fields}
-    if prompts:
-        prompts["max_sequence_length"] = text["max_sequence_length"]
 
     def tensor(name: str) -> torch.Tensor | None:
         return field_tensor(fields, name)
@@ -242,23 +252,7 @@ def sd3_pipeline_latents(
         text_encoder_3=text.get("t5"),
         tokenizer_3=text.get("t5_tokenizer"),
     )
-    pipe.set_progress_bar_config(disable=True)
-    with torch.inference_mode():
-        out = pipe(
-            **prompts,
-            prompt_embeds=tensor("prompt_embeds"),
-            pooled_prompt_embeds=tensor("pooled_prompt_embeds"),
-            negative_prompt_embeds=tensor("negative_prompt_embeds"),
-            negative_pooled_prompt_embeds=tensor("negative_pooled_prompt_embeds"),
-            height=fields["height"],
-            width=fields["width"],
-            num_inference_steps=fields["steps"],
-            guidance_scale=fields.get("guidance_scale", 7.0),
-            generator=torch.Generator("cpu").manual_seed(fields.get("seed", 0)),
-            latents=tensor("latents"),
-            output_type="latent" if vae is None else "pil",
-        )
-    return np.asarray(out.images[0]) if vae is not None else out.images[0].float().numpy()
+    return run_pipeline(pipe, fields, tensor, text, vae, guidance_scale=fields.get("guidance_scale", 7.0))
 
 
 # The generation app's tiny text encoders (examples/generate_flux.yaml) and their tokenizers
