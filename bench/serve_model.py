@@ -123,12 +123,24 @@ def direct_passes(app: AppArgs, reqs: list[Any], limit: int, device: torch.devic
             if "compiled-routed" in want and spec.routing != "off":
                 compiled["compiled-routed"] = compile_routed(model, spec.routing)
             for name, fn in compiled.items():
+                before = _dynamo_counts()
                 out[name] = time_batches(lambda b, fn=fn: select_output(fn(**_stack(sig, b, device)), spec.select).cpu(), reqs, limit)  # fmt: skip
                 answer = select_output(fn(**_stack(sig, reqs[:1], device)), spec.select).float().cpu()[0].numpy()
                 out.setdefault("compiled_rel_err", {})[name] = _rel(answer, out["refs"][0])
+                after = _dynamo_counts()  # what dynamo made of this pass: graphs, breaks, recompiles
+                out.setdefault("dynamo", {})[name] = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}  # fmt: skip
             if "compiled-routed" in compiled:
                 out["compiled_routing"] = compiled["compiled-routed"].report.as_dict()
     return out
+
+
+def _dynamo_counts() -> dict[str, int]:
+    """Dynamo's own counters so far: unique graphs, graph breaks by reason, recompiles."""
+    from torch._dynamo.utils import counters
+
+    got = {f"stats {k}": v for k, v in counters["stats"].items()}
+    got |= {f"break: {k[:120]}": v for k, v in counters["graph_break"].items()}
+    return got | {f"recompiles {k}": v for k, v in counters["recompiles"].items()}
 
 
 async def _send(handle: Any, reqs: list[dict[str, np.ndarray]], concurrency: int) -> tuple[list[Any], list[float]]:
@@ -249,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k} vs unrouted eager (one request): rel err {e:.2e}")
     if "compiled_routing" in d:
         print(f"compiled-routed routing report (every call): {d['compiled_routing']}")
+    for k, c in d.get("dynamo", {}).items():
+        print(f"{k}: dynamo {c}")
     result = {
         "config": args.config,
         "card": card(),
@@ -265,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "answer_max_rel_err": errors,
         "routed_rel_err": d["routed_rel_err"],
         "compiled_rel_err": d.get("compiled_rel_err"),
+        "dynamo": d.get("dynamo"),
         "served": {k: {kk: vv for kk, vv in s.items() if kk != "answers"} for k, s in served.items()},
         "compiled_routing": d.get("compiled_routing"),
     }
