@@ -23,7 +23,7 @@ import torch
 from fa3trt.attention.kernels import cudnn_graph
 from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX, AttentionKernel, log_once
 from fa3trt.attention.kernels.registry import KERNELS, available_kernels
-from fa3trt.attention.kernels.scale_cast import scale_cast
+from fa3trt.attention.kernels.scale_cast import quantize_cast, scale_cast
 from fa3trt.attention.kernels.selector import forced_kernel
 from fa3trt.errors import CudnnGraphUnsupportedError, MissingDependencyError
 
@@ -53,31 +53,20 @@ def quantize(t: torch.Tensor, per_tensor: bool = False, heads: int | None = None
     consecutive heads, as FA3 takes q's under grouped-query attention, one per key head), or
     (1,) with ``per_tensor`` (one factor for the whole tensor). Two passes over ``t`` either way:
     one reduction for the amax (the inf-norm: no temporary, exact in any float dtype) and one
-    fused scale, clamp and cast (``scale_cast``).
+    fused scale, clamp and cast that derives the factors from it (``quantize_cast``).
     """
     b, s, h, d = t.shape
-    heads = h if heads is None else heads
     if per_tensor:
         amax = torch.linalg.vector_norm(t, ord=float("inf")).reshape(1)
     else:
-        grouped = t.unflatten(2, (heads, h // heads))
-        amax = torch.linalg.vector_norm(grouped, ord=float("inf"), dim=(1, 3, 4))  # (B, heads)
-    descale = amax.float().clamp_min(1e-12) / FP8_MAX
-    return scale_cast(t, _per_head(descale, h).reciprocal(), FP8_DTYPE, clamp=FP8_MAX), descale
-
-
-def _per_head(descale: torch.Tensor, heads: int) -> torch.Tensor:
-    """A (B, groups) descale as one factor per head (B, heads); a per-tensor one as it is."""
-    if descale.dim() == 1 or descale.shape[1] == heads:
-        return descale
-    return descale.repeat_interleave(heads // descale.shape[1], dim=1)
+        heads = h if heads is None else heads
+        amax = torch.linalg.vector_norm(t.unflatten(2, (heads, h // heads)), ord=float("inf"), dim=(1, 3, 4))
+    return quantize_cast(t, amax, FP8_DTYPE, FP8_MAX)
 
 
 def dequantize(q8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of ``quantize``, in ``dtype`` (any shape of descale it returns)."""
-    if descale.dim() == 1:
-        return (q8.float() * descale).to(dtype)
-    return (q8.float() * _per_head(descale, q8.shape[2])[:, None, :, None]).to(dtype)
+    return scale_cast(q8, descale, dtype, method="torch")
 
 
 def choose_fp8_kernel(

@@ -12,7 +12,7 @@ import fa3trt
 from fa3trt.attention.kernels import KERNEL_ENV, KERNELS, fp8
 from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX
 from fa3trt.attention.kernels.registry import available_kernels
-from fa3trt.attention.kernels.scale_cast import scale_cast
+from fa3trt.attention.kernels.scale_cast import quantize_cast, scale_cast
 from fa3trt.attention.op import recording_calls
 from fa3trt.testing import reference_attention
 from tests.models import flux_inputs, tiny_flux
@@ -72,7 +72,7 @@ def test_per_head_quantization_maps_each_heads_amax_to_the_e4m3_max() -> None:
     assert descale.shape == (2, 3) and descale.dtype == torch.float32
     torch.testing.assert_close(descale, t.abs().amax(dim=(1, 3)) / FP8_MAX)
     assert torch.equal(q8.float().abs().amax(dim=(1, 3)), torch.full((2, 3), FP8_MAX))
-    with pytest.raises(ValueError, match=r"pass one element or \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"pass one element or \(2, G\) with G dividing 3"):
         scale_cast(t, torch.ones(3, 2), FP8_DTYPE)
 
 
@@ -238,14 +238,20 @@ def test_triton_quantization_equals_the_torch_ops() -> None:
         pytest.skip("e4m3 casts need sm89+")
     qkv = torch.randn(3, 777, 3, 8, 128, device="cuda", dtype=torch.bfloat16) * 3
     for t in (qkv[:, :, 0], qkv[:, :, 2].contiguous(), qkv[:1, :, 1]):
-        for per_tensor in (True, False):  # one scale, and one per (batch row, head)
-            _, descale = fp8.quantize(t, per_tensor=per_tensor)
-            scale = descale.reciprocal()
-            fast, ops = (scale_cast(t, scale, FP8_DTYPE, clamp=FP8_MAX, method=m) for m in ("triton", "torch"))
-            assert torch.equal(fast.view(torch.uint8), ops.view(torch.uint8)), per_tensor
-        # ... and back (an e4m3 output into the model's dtype).
-        back = [scale_cast(fast, descale, torch.bfloat16, method=m) for m in ("triton", "torch")]
-        assert torch.equal(back[0], back[1])
+        b = t.shape[0]
+        whole = torch.linalg.vector_norm(t, ord=float("inf")).reshape(1)
+        per_head = t.abs().amax(dim=(1, 3))
+        per_pair = t.unflatten(2, (4, 2)).abs().amax(dim=(1, 3, 4))  # (B, 4): GQA's q, 2 heads per key head
+        for amax in (whole, per_head, per_pair):
+            (fast, d_fast), (ops, d_ops) = (
+                quantize_cast(t, amax, FP8_DTYPE, FP8_MAX, method=m) for m in ("triton", "torch")
+            )
+            assert torch.equal(fast.view(torch.uint8), ops.view(torch.uint8)), amax.shape
+            assert torch.equal(d_fast, d_ops) and d_fast.shape == amax.shape, amax.shape
+            assert torch.equal(fast.float().abs().amax(), torch.tensor(FP8_MAX, device="cuda"))
+            # ... and back (an e4m3 output into the model's dtype), with the same factors.
+            back = [scale_cast(fast, d_fast, torch.bfloat16, method=m) for m in ("triton", "torch")]
+            assert torch.equal(back[0], back[1]), b
 
 
 @gpu
