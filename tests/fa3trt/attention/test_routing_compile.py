@@ -25,7 +25,6 @@ from tests.models import flux_inputs, tiny_bert, tiny_flux
 from tests.utils import gpu
 
 diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 SDPA = torch._C._nn.scaled_dot_product_attention
