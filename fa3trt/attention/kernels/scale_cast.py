@@ -17,11 +17,15 @@ from typing import Any
 
 import torch
 
+from fa3trt.attention.kernels.base import log_once
 from fa3trt.errors import MissingDependencyError
 
 __all__ = ["scale_cast", "quantize_cast"]
 
 log = logging.getLogger(__name__)
+
+_failed: set[str] = set()
+"""Devices where the Triton kernel failed to build: the torch ops run there."""
 
 _TINY = 1e-12
 """The smallest amax a scale is derived from (an all-zero tensor gets a finite scale)."""
@@ -45,35 +49,40 @@ def _kernel() -> Any | None:
         descale_ptr,
         row_stride,
         seq,
+        seq_blocks,
         ROW: tl.constexpr,
         GROUPS: tl.constexpr,
         PER_GROUP: tl.constexpr,
         FROM_AMAX: tl.constexpr,
+        ROWS: tl.constexpr,
         BLOCK: tl.constexpr,
+        CHUNKS: tl.constexpr,
         CLAMP: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        keep = cols < ROW
-        x = tl.load(x_ptr + row * row_stride + cols, mask=keep, other=0.0).to(tl.float32)
-        rows = cols.to(tl.int64) * 0 + row  # the row as a vector, for the masks below
-        if PER_GROUP:  # scale (B, GROUPS): this row's batch index, each column's group of heads
-            at = (rows // seq) * GROUPS + cols // (ROW // GROUPS)
-            first = (
-                keep & (rows % seq == 0) & (cols % (ROW // GROUPS) == 0)
-            )  # a batch's first row, a group's first column
-        else:
-            at = rows * 0
-            first = (rows == 0) & (cols == 0)
-        scale = tl.load(scale_ptr + at, mask=keep, other=1.0).to(tl.float32)
+        # A program: ROWS rows of one batch row's sequence by BLOCK columns of one group of heads,
+        # so its scale is one value (its division done once, not per element).
+        width: tl.constexpr = ROW // GROUPS
+        batch = tl.program_id(0) // seq_blocks
+        seq_block = tl.program_id(0) % seq_blocks
+        group = tl.program_id(1) // CHUNKS
+        chunk = tl.program_id(1) % CHUNKS
+        rows = seq_block * ROWS + tl.arange(0, ROWS)
+        local = chunk * BLOCK + tl.arange(0, BLOCK)
+        keep = (rows < seq)[:, None] & (local < width)[None, :]
+        at_row = (batch * seq + rows).to(tl.int64)[:, None]
+        cols = (group * width + local)[None, :]
+        x = tl.load(x_ptr + at_row * row_stride + cols, mask=keep, other=0.0).to(tl.float32)
+        at = (batch * GROUPS + group) * PER_GROUP  # the scale's index: 0 for one scale
+        scale = tl.load(scale_ptr + at).to(tl.float32)
         if FROM_AMAX:  # scale_ptr holds the amax: descale = max(amax, tiny) / CLAMP, written once
-            descale = tl.math.div_rn(tl.maximum(scale, 1e-12), tl.full(scale.shape, CLAMP, tl.float32))
-            tl.store(descale_ptr + at, descale, mask=first)
-            scale = tl.math.div_rn(tl.full(descale.shape, 1.0, tl.float32), descale)
+            descale = tl.math.div_rn(tl.maximum(scale, 1e-12), CLAMP)
+            once = local + seq_block + chunk == 0  # the group's first program, at its first column
+            tl.store(descale_ptr + at + local * 0, tl.zeros([BLOCK], tl.float32) + descale, mask=once)
+            scale = tl.math.div_rn(1.0, descale)
         y = x * scale
         if CLAMP > 0:
             y = tl.minimum(tl.maximum(y, -CLAMP), CLAMP)
-        tl.store(y_ptr + row * ROW + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
+        tl.store(y_ptr + at_row * ROW + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
 
     return cast
 
@@ -106,21 +115,32 @@ def _launch(
     b, s, h, d = t.shape
     groups = _groups(t, scale)
     rows_ok = t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == s * t.stride(1))
-    kernel = _kernel() if method != "torch" and t.is_cuda and rows_ok else None
+    usable = method != "torch" and t.is_cuda and rows_ok and str(t.device) not in _failed
+    kernel = _kernel() if usable else None
     if kernel is None or torch.cuda.get_device_capability(t.device) < (8, 9):
         if method == "triton":
             raise MissingDependencyError(f"scale_cast(method='triton') needs Triton on an sm89+ GPU; got {t.device}")
         return None
     if out is None:
         out = torch.empty((b, s, h, d), dtype=dtype, device=t.device)
-    if t.numel():
-        row = h * d
-        block = min(1024, 1 << (row - 1).bit_length())
-        kernel[(b * s, -(-row // block))](
-            t, out, scale.contiguous(), scale if descale is None else descale, t.stride(1), s,
-            ROW=row, GROUPS=max(groups, 1), PER_GROUP=groups > 0, FROM_AMAX=descale is not None, BLOCK=block,
-            CLAMP=clamp,
+    if not t.numel():
+        return out
+    width = h * d // max(groups, 1)  # columns of one group of heads
+    block = min(2048, 1 << (width - 1).bit_length())
+    rows = max(1, 2048 // block)  # about 2048 elements a program
+    chunks, seq_blocks = -(-width // block), -(-s // rows)
+    try:
+        kernel[(b * seq_blocks, max(groups, 1) * chunks)](
+            t, out, scale.contiguous(), scale if descale is None else descale, t.stride(1), s, seq_blocks,
+            ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), FROM_AMAX=descale is not None, ROWS=rows,
+            BLOCK=block, CHUNKS=chunks, CLAMP=clamp,
         )  # fmt: skip
+    except Exception as e:  # Triton failing to build it for this GPU: the torch ops compute the same values
+        if method == "triton":
+            raise
+        log_once(f"scale_cast: the Triton kernel failed on {t.device} ({type(e).__name__}: {e}); torch ops instead")
+        _failed.add(str(t.device))
+        return None
     return out
 
 
