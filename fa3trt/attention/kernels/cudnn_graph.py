@@ -320,9 +320,11 @@ def clamped_lengths(
     else:
         lens = seq_lens.to(device=dev, dtype=torch.int32).clamp(0, sq)
     keys = key_lengths(seq_lens, seq_lens_k, sq, sk)
+    if sk == sq and keys is seq_lens:  # padded self-attention (or every key of every query)
+        return lens, lens
     if keys is None:
-        return lens, lens if sk == sq else torch.full((b,), sk, dtype=torch.int32, device=dev)
-    return lens, lens if keys is seq_lens else keys.to(device=dev, dtype=torch.int32).clamp(0, sk)
+        return lens, torch.full((b,), sk, dtype=torch.int32, device=dev)
+    return lens, keys.to(device=dev, dtype=torch.int32).clamp(0, sk)
 
 
 def ragged_attention(

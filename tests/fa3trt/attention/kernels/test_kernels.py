@@ -183,3 +183,24 @@ def test_fp8_model_is_refused_on_a_gpu_without_an_fp8_kernel() -> None:
     else:
         with pytest.raises(MissingDependencyError, match="fa3_build"):
             TorchBackend(spec, device="cuda")
+
+
+def test_cudnn_graphs_lengths_are_clamped_to_their_own_axis() -> None:
+    # What a cuDNN graph's variant pack reads: query lengths within Sq, key lengths within Sk
+    # (a key length past Sk would make cuDNN read past k), one tensor for padded self-attention.
+    from fa3trt.attention.kernels.cudnn_graph import clamped_lengths
+
+    def qk(sq: int, sk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(2, sq, 1, 8), torch.zeros(2, sk, 1, 8)
+
+    lens = torch.tensor([5, 2], dtype=torch.int32)
+    got, got_k = clamped_lengths(*qk(4, 4), lens, None)
+    assert got.tolist() == [4, 2] and got_k is got
+    got, got_k = clamped_lengths(*qk(4, 3), lens, lens)  # cross-attention, the same lengths for keys
+    assert got.tolist() == [4, 2] and got_k.tolist() == [3, 2]
+    got, got_k = clamped_lengths(*qk(4, 6), lens, None)  # no key lengths: every key
+    assert got.tolist() == [4, 2] and got_k.tolist() == [6, 6]
+    got, got_k = clamped_lengths(*qk(4, 4), None, None)
+    assert got.tolist() == [4, 4] and got_k is got
+    got, got_k = clamped_lengths(*qk(4, 4), lens, torch.tensor([1, 9]))
+    assert got.tolist() == [4, 2] and got_k.tolist() == [1, 4] and got_k.dtype == torch.int32
