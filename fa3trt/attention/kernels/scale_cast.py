@@ -177,8 +177,8 @@ def scale_cast(
 def quantize_cast(
     t: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, clamp: float, *, method: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``dtype(clamp(t / descale))``, descale) with ``descale = max(amax, 1e-12) / clamp`` in
-    float32: ``amax`` (any float dtype, one element or (B, G) as ``scale_cast``'s scale) maps to
+    """(``dtype(clamp(t * (1 / descale)))``, descale) with ``descale = max(amax, 1e-12) / clamp``
+    in float32: ``amax`` (any float dtype, one element or (B, G) as ``scale_cast``'s scale) maps to
     ``clamp``. One pass on the GPU, the scales derived inside it (no separate launches for them)."""
     descale = torch.empty(amax.shape, dtype=torch.float32, device=t.device)
     got = _launch(t, amax, dtype, clamp, None, method, descale)
