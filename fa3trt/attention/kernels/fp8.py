@@ -55,7 +55,7 @@ def quantize(t: torch.Tensor, per_tensor: bool = False, heads: int | None = None
     one reduction for the amax (the inf-norm: no temporary, exact in any float dtype) and one
     fused scale, clamp and cast that derives the factors from it (``quantize_cast``).
     """
-    b, s, h, d = t.shape
+    h = t.shape[2]
     if per_tensor:
         amax = torch.linalg.vector_norm(t, ord=float("inf")).reshape(1)
     else:
