@@ -66,16 +66,55 @@ def make_fields(limits: Any, size: int, steps: int, seed: int, text: int) -> dic
     return fields
 
 
-def workload(args: argparse.Namespace, limits: Any, rate: float) -> list[tuple[float, dict[str, Any]]]:
-    """Poisson arrivals at ``rate`` per second of the size and step mix (the same draw for every arm)."""
-    rng = np.random.default_rng(args.seed)
-    lo, hi = (int(v) for v in args.steps.split("-"))
-    sizes = [int(s) for s in args.sizes.split(",")]
+def arrival_plan(seed: int, sizes: list[int], steps: str, requests: int, rate: float) -> list[tuple[float, int, int]]:
+    """Poisson arrivals at ``rate`` per second: (seconds from the start, size, steps) per request,
+    the sizes in turn and the steps uniform in ``steps`` ("lo-hi"). The same draw for every arm,
+    and for ``bench.generation_sim``'s replay of a run."""
+    rng = np.random.default_rng(seed)
+    lo, hi = (int(v) for v in steps.split("-"))
     t, out = 0.0, []
-    for i in range(args.requests):
+    for i in range(requests):
         t += float(rng.exponential(1.0 / rate))
-        out.append((t, make_fields(limits, sizes[i % len(sizes)], int(rng.integers(lo, hi + 1)), i, args.text)))
+        out.append((t, sizes[i % len(sizes)], int(rng.integers(lo, hi + 1))))
     return out
+
+
+def workload(args: argparse.Namespace, limits: Any, rate: float) -> list[tuple[float, dict[str, Any]]]:
+    """``arrival_plan``'s requests as request fields (random prompt embeddings of ``--text`` tokens)."""
+    sizes = [int(s) for s in args.sizes.split(",")]
+    plan = arrival_plan(args.seed, sizes, args.steps, args.requests, rate)
+    return [(t, make_fields(limits, size, steps, i, args.text)) for i, (t, size, steps) in enumerate(plan)]
+
+
+def summarize(
+    arm: str,
+    n: int,
+    start: float,
+    done: list[tuple[float, float, float]],
+    refused: int,
+    busy: float,
+    passes: int,
+    rows: int,
+) -> dict[str, Any]:
+    """One arm's figures from its finished requests (arrival, end, deadline budget; seconds from
+    the start), out of ``n`` sent, the first at ``start``."""
+    span = max(end for _, end, _ in done) - start if done else 0.0
+    lat = np.array([end - at for at, end, _ in done]) * 1e3
+    late = sum(1 for at, end, budget in done if end - at > budget)
+    return {
+        "arm": arm,
+        "requests": n,
+        "finished": len(done),
+        "throughput_rps": len(done) / span if span else 0.0,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else math.nan,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else math.nan,
+        "late": late,
+        "refused": refused,
+        "miss_rate": (late + refused) / n,
+        "busy": busy / span if span else 0.0,
+        "rows_per_pass": rows / passes if passes else 0.0,
+        "passes": passes,
+    }
 
 
 def run_arm(
@@ -129,24 +168,8 @@ def run_arm(
         passes += 1
         rows += sum(g.rows for g in batch)
         done.extend((g, end - t0) for g in finished)
-    span = max(t for _, t in done) - arrivals[0][0] if done else 0.0
-    lat = np.array([t - arrival_of[g.id] for g, t in done]) * 1e3
-    late = sum(1 for g, t in done if t - arrival_of[g.id] > g.budget)  # type: ignore[attr-defined]
-    n = len(arrivals)
-    return {
-        "arm": arm,
-        "requests": n,
-        "finished": len(done),
-        "throughput_rps": len(done) / span if span else 0.0,
-        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else math.nan,
-        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else math.nan,
-        "late": late,
-        "refused": refused,
-        "miss_rate": (late + refused) / n,
-        "busy": busy / span if span else 0.0,
-        "rows_per_pass": rows / passes if passes else 0.0,
-        "passes": passes,
-    }
+    ends = [(arrival_of[g.id], end, g.budget) for g, end in done]  # type: ignore[attr-defined]
+    return summarize(arm, len(arrivals), arrivals[0][0], ends, refused, busy, passes, rows)
 
 
 def alone_step_seconds(eng: StepEngine, limits: Any, sizes: list[int], steps: int, text: int) -> dict[int, float]:
@@ -163,6 +186,34 @@ def alone_step_seconds(eng: StepEngine, limits: Any, sizes: list[int], steps: in
             if timed:
                 out[size] = (time.perf_counter() - s) / steps
     return out
+
+
+def print_goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The issue's goals per load as ratios of ``step-edf`` against ``alone`` and ``request`` (and
+    FIFO's misses beside EDF's), printed and returned."""
+    goals = {}
+    for load in sorted({r["load"] for r in rows}):
+        by = {r["arm"]: r for r in rows if r["load"] == load}
+        if {"alone", "request", "step-edf"} <= set(by):
+            goals[f"{load:g}"] = {
+                "throughput_vs_alone": by["step-edf"]["throughput_rps"] / by["alone"]["throughput_rps"],
+                "throughput_vs_request": by["step-edf"]["throughput_rps"] / by["request"]["throughput_rps"],
+                "p99_vs_alone": by["step-edf"]["p99_ms"] / by["alone"]["p99_ms"],
+                "edf_miss_rate": by["step-edf"]["miss_rate"],
+                "fifo_miss_rate": by.get("step-fifo", {}).get("miss_rate"),
+            }
+            print(
+                f"load {load:g}: " + ", ".join(f"{k} {v:.3g}" for k, v in goals[f"{load:g}"].items() if v is not None)
+            )
+    return goals
+
+
+def print_row(r: dict[str, Any]) -> None:
+    print(
+        f"load {r['load']:.1f} {r['arm']:9s} {r['throughput_rps']:7.2f} req/s  p50 {r['p50_ms']:8.1f} ms  "
+        f"p99 {r['p99_ms']:8.1f} ms  late {r['late']:3d}  refused {r['refused']:3d}  "
+        f"busy {r['busy']:.2f}  rows/pass {r['rows_per_pass']:.2f}"
+    )
 
 
 def plot(rows: list[dict[str, Any]], out: Path, name: str, title: str) -> Path:
@@ -215,31 +266,16 @@ def main() -> None:
         for arm in args.arms.split(","):
             r = run_arm(arm, eng, limits, arrivals, deadline_of) | {"load": load}
             rows.append(r)
-            print(
-                f"load {load:.1f} {arm:9s} {r['throughput_rps']:7.2f} req/s  p50 {r['p50_ms']:8.1f} ms  "
-                f"p99 {r['p99_ms']:8.1f} ms  late {r['late']:3d}  refused {r['refused']:3d}  "
-                f"busy {r['busy']:.2f}  rows/pass {r['rows_per_pass']:.2f}"
-            )
-    goals = {}
-    for load in sorted({r["load"] for r in rows}):
-        by = {r["arm"]: r for r in rows if r["load"] == load}
-        if {"alone", "request", "step-edf"} <= set(by):
-            goals[f"{load:g}"] = {
-                "throughput_vs_alone": by["step-edf"]["throughput_rps"] / by["alone"]["throughput_rps"],
-                "throughput_vs_request": by["step-edf"]["throughput_rps"] / by["request"]["throughput_rps"],
-                "p99_vs_alone": by["step-edf"]["p99_ms"] / by["alone"]["p99_ms"],
-                "edf_miss_rate": by["step-edf"]["miss_rate"],
-                "fifo_miss_rate": by.get("step-fifo", {}).get("miss_rate"),
-            }
-            print(
-                f"load {load:g}: " + ", ".join(f"{k} {v:.3g}" for k, v in goals[f"{load:g}"].items() if v is not None)
-            )
+            print_row(r)
+    goals = print_goals(rows)
     result = {
         "config": args.config,
         "device": args.device,
         "args": vars(args),
         "cost_model_s": cost.to_dict(),
         "alone_s_per_step": {str(k): v for k, v in per_step.items()},
+        "bucket_of_size": {str(s): eng.buckets.index(family.tokens(s, s)) for s in sizes},
+        "rows_of_size": {str(s): eng.new(parse_request(make_fields(limits, s, lo, 0, 1), limits)).rows for s in sizes},
         "capacity_rps": capacity,
         "runs": rows,
         "goals": goals,

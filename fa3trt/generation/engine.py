@@ -36,7 +36,7 @@ import torch
 from fa3trt.buckets import Buckets
 from fa3trt.errors import DeadlineError
 from fa3trt.generation.family import Family, Start
-from fa3trt.generation.policy import CostModel, Policy, finish_times, pick
+from fa3trt.generation.policy import CostModel, Policy, admission, pick
 from fa3trt.generation.requests import GenerateRequest
 
 __all__ = ["Generation", "StepEngine"]
@@ -128,25 +128,9 @@ class StepEngine:
         raises ``DeadlineError`` when its deadline cannot be met, or when going ahead of a request
         in flight would make that one miss a deadline it would otherwise meet."""
         with self._lock:
-            now = self.clock()
-            after = finish_times([*self.active, gen], self.cost, self.policy, self.max_rows)
-            eta = next(t for s, t in after if s is gen)
-            if now + eta > gen.deadline:
-                budget = (gen.deadline - gen.arrival) * 1e3
-                raise DeadlineError(
-                    f"deadline_ms {budget:.0f} cannot be met: this request would take about {eta * 1e3:.0f} ms with "
-                    f"the {len(self.active)} in flight; retry later, or give it {math.ceil(eta * 1e3)} ms",
-                    eta,
-                )
-            before = dict((s.id, t) for s, t in finish_times(self.active, self.cost, self.policy, self.max_rows))
-            for s, t in after:
-                if s is not gen and now + t > s.deadline >= now + before[s.id]:
-                    raise DeadlineError(
-                        f"this request would make a request in flight miss its deadline: its passes (about "
-                        f"{math.ceil(eta * 1e3)} ms) run ahead of or beside one due in {(s.deadline - now) * 1e3:.0f} "
-                        "ms; retry later" + ("" if gen.deadline == math.inf else ", or give it a later deadline"),
-                        eta,
-                    )
+            eta, refused = admission(gen, self.active, self.cost, self.policy, self.max_rows, self.clock())
+            if refused is not None:
+                raise DeadlineError(refused, eta)
             self.active.append(gen)
             return eta
 

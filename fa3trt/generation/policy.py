@@ -7,20 +7,25 @@ Contract:
   to one whose deadline is nearer: preemption, its latents and step index kept where they are.
 - ``pick(states, policy, max_rows)``: the first request in that order, and the requests of its
   shape (only equal shapes share a pass) next in order, up to ``max_rows`` rows.
-- ``CostModel``: seconds per pass by (bucket, rows), measured at warm-up; ``seconds`` reads the
-  nearest measured row count at or above, never below a smaller count's (linearly past the largest).
+- ``CostModel``: seconds per pass by (bucket, rows), measured at warm-up (1 and powers of two);
+  ``seconds`` is linear between the measured row counts around it (a batch of any size runs at its
+  size: no padding to a measured one), never below a smaller count's, linear past the largest.
 - ``finish_times(states, cost, policy, max_rows)``: each request's time until it finishes if
-  nothing else arrives: the loop's passes replayed, ``pick``'s batches at the measured seconds; ``estimate(new, ...)`` is ``new``'s if admitted now. A request is admitted
-  only if it meets its deadline and every request in flight that would meet its own still does.
+  nothing else arrives: the loop's passes replayed, ``pick``'s batches at the measured seconds; ``estimate(new, ...)`` is ``new``'s if admitted now.
+- ``admission(new, states, cost, policy, max_rows, now)``: ``new``'s estimate and why it is
+  refused (None when admitted): a request is admitted only if it meets its deadline and every
+  request in flight that would meet its own still does. The engine's admission check, and the
+  one ``bench.generation_sim`` replays.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
-__all__ = ["Policy", "order", "pick", "CostModel", "finish_times", "estimate", "Scheduled"]
+__all__ = ["Policy", "order", "pick", "CostModel", "finish_times", "estimate", "admission", "Scheduled"]
 
 Policy = Literal["edf", "fifo"]
 
@@ -78,18 +83,24 @@ class CostModel:
         self.seconds_by[(bucket, rows)] = seconds
 
     def seconds(self, bucket: int, rows: int) -> float:
-        """The measured pass at ``rows`` or the nearest row count above; never less than a
-        smaller row count's (a timing's noise does not make a larger batch look cheaper)."""
+        """The pass at ``rows``: measured, or linear between the measured row counts around it
+        (linearly past the largest); never less than a smaller row count's (a timing's noise does
+        not make a larger batch look cheaper)."""
         measured = sorted((r, s) for (b, r), s in self.seconds_by.items() if b == bucket)
         if not measured:
             return 0.0
-        floor = 0.0
+        envelope, floor = [], 0.0
         for r, s in measured:
             floor = max(floor, s)
+            envelope.append((r, floor))
+        below = (0, envelope[0][1])  # fewer rows than the smallest count measured cost as much as it
+        for r, s in envelope:
             if r >= rows:
-                return floor
-        r, _ = measured[-1]
-        return floor * rows / r
+                r0, s0 = below
+                return s if r == rows or r0 == 0 else s0 + (s - s0) * (rows - r0) / (r - r0)
+            below = (r, s)
+        r, s = envelope[-1]
+        return s * rows / r
 
     def to_dict(self) -> dict[str, float]:
         return {f"{b}x{r}": s for (b, r), s in sorted(self.seconds_by.items())}
@@ -118,3 +129,27 @@ def finish_times(states: Sequence[S], cost: CostModel, policy: Policy, max_rows:
 def estimate(new: S, states: Sequence[S], cost: CostModel, policy: Policy, max_rows: int) -> float:
     """Seconds until ``new`` finishes if admitted now (see the module docstring)."""
     return next(t for s, t in finish_times([*states, new], cost, policy, max_rows) if s is new)
+
+
+def admission(
+    new: S, states: Sequence[S], cost: CostModel, policy: Policy, max_rows: int, now: float
+) -> tuple[float, str | None]:
+    """(``new``'s seconds to its end if admitted at ``now``, why it is refused or None): see the
+    module docstring. Deadlines are on ``now``'s clock."""
+    after = finish_times([*states, new], cost, policy, max_rows)
+    eta = next(t for s, t in after if s is new)
+    if now + eta > new.deadline:
+        budget = (new.deadline - new.arrival) * 1e3
+        return eta, (
+            f"deadline_ms {budget:.0f} cannot be met: this request would take about {eta * 1e3:.0f} ms with "
+            f"the {len(states)} in flight; retry later, or give it {math.ceil(eta * 1e3)} ms"
+        )
+    before = {id(s): t for s, t in finish_times(states, cost, policy, max_rows)}
+    for s, t in after:
+        if s is not new and now + t > s.deadline >= now + before[id(s)]:
+            return eta, (
+                f"this request would make a request in flight miss its deadline: its passes (about "
+                f"{math.ceil(eta * 1e3)} ms) run ahead of or beside one due in {(s.deadline - now) * 1e3:.0f} "
+                "ms; retry later" + ("" if new.deadline == math.inf else ", or give it a later deadline")
+            )
+    return eta, None
