@@ -146,7 +146,8 @@ class GenerationReplica(GenerationRoutes):
     async def _answer(self, gen: Generation, t0: float) -> dict[str, Any]:
         """The finished request's latents, or its PNG from the VAE deployment."""
         self.counts["finished"] += 1
-        latents = gen.latents[0].float().cpu().numpy()
+        # Off the event loop: the copy waits for the device's last pass of this request.
+        latents = await asyncio.to_thread(lambda: gen.latents[0].float().cpu().numpy())
         out: dict[str, Any] = {"steps": gen.steps}
         if gen.request.output == "png":
             out["png"] = await self.vae.decode.remote(latents, gen.request.height, gen.request.width)

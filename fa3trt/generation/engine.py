@@ -13,7 +13,8 @@ Contract:
   pass over them and each one's scheduler step, and returns the requests it finished;
   ``step_or_split(batch)`` retries a failed pass in halves, so only a request that fails alone
   fails (with why). Requests
-  join and leave at any step boundary. ``admit``, ``cancel`` and ``pick`` may be called from
+  join and leave at any step boundary. On a GPU the host queues a pass while the device runs the
+  one before, never further ahead. ``admit``, ``cancel`` and ``pick`` may be called from
   another thread than ``step``'s (a lock guards the requests in flight).
 - ``warm(rows)`` runs passes of each bucket's size at every row count and records the cost
   model; warm-up requests never reach a caller.
@@ -97,6 +98,7 @@ class StepEngine:
         self._lock = threading.Lock()
         self.passes = 0
         self.rows_run = 0
+        self._in_flight: torch.cuda.Event | None = None  # the pass the device may still be running
 
     def new(
         self,
@@ -164,6 +166,7 @@ class StepEngine:
                 t = gen.timesteps[gen.step]
                 gen.latents = gen.scheduler.step(noise, t, gen.latents, return_dict=False)[0].to(gen.latents.dtype)
                 gen.step += 1
+        self._queued()
         self.passes += 1
         self.rows_run += sum(g.rows for g in batch)
         finished = [g for g in batch if g.done]
@@ -175,6 +178,19 @@ class StepEngine:
             if g.on_step is not None and not g.cancelled:
                 g.on_step(g)
         return finished
+
+    def _queued(self) -> None:
+        """Bounds the host's lead over the device to one pass: the pass just queued runs while the
+        host picks and queues the next, and every decision (admission, order, cancellation) is
+        taken at most one pass ahead of the device, on a step count that pass is about to make
+        true. (Unbounded, the host runs as far ahead as CUDA's launch queue lets it.)"""
+        if self.backend.device.type != "cuda":
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.backend.device))
+        if self._in_flight is not None:
+            self._in_flight.synchronize()
+        self._in_flight = done
 
     def _sync(self) -> None:
         if self.backend.device.type == "cuda":
