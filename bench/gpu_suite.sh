@@ -16,8 +16,9 @@
 #                                     # requests/s of this tree against BASELINE's (STEP=seed, RUNS; PROFILE=1: py-spy of the replica,
 #                                     # PROFILE_AT, PROFILE_S); STEP=all for every step
 #   bash bench/gpu_suite.sh generation  # generation on the server: bench.generation (step-level EDF/FIFO vs a loop per
-#                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SIZES, ARMS, TEXT, SUFFIX), then the
-#                                       # generation GPU test (a FLUX-width generation vs the eager pipeline; TESTS=0: none)
+#                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SIZES, ARMS, TEXT, SUFFIX), its
+#                                       # replay on a simulated clock (bench.generation_sim), then the generation GPU test
+#                                       # (a FLUX-width generation vs the eager pipeline; TESTS=0: none)
 #   bash bench/gpu_suite.sh fa3         # FA3 built from FA3_SRC (a flash-attention checkout with csrc/cutlass/include) by
 #                                       # python -m fa3trt.fa3_build into /tmp/fa3build (later steps import it from there), a
 #                                       # copy under $OUT/fa3build to carry to a fresh machine as FA3_BUILD=<that folder>
@@ -76,6 +77,8 @@ print('FA3 op:', torch.ops.flash_attn_3.fwd.default._schema.name, '; disabled:',
     python3 -m bench.generation --config "${CONFIG:-examples/generate_flux_gpu.yaml}" --requests "${REQUESTS:-60}" \
       --loads "${LOADS:-0.5,0.8,1.0}" --sizes "${SIZES:-512,768,1024}" --arms "${ARMS:-alone,request,step-fifo,step-edf}" --text "${TEXT:-512}" \
       --out "$out" --name "generation${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING|UserWarning|exe_args|^\s*$" | tee -a "$log"
+    # the same arrivals replayed from this run's pass times (the replay checked against the run)
+    python3 -m bench.generation_sim "$out/generation${SUFFIX:-}.json" 2>&1 | tee -a "$log" | tail -16
     [ "${TESTS:-1}" = 1 ] && python3 -m pytest -q -m gpu tests/fa3trt/generation -p no:cacheprovider 2>&1 | tee -a "$log" | tail -8
     ;;
   pipeline)
