@@ -300,6 +300,7 @@ def main() -> None:
         "bucket_of_size": {str(s): eng.buckets.index(family.tokens(s, s)) for s in sizes},
         "rows_of_size": {str(s): eng.new(parse_request(make_fields(limits, s, lo, 0, 1), limits)).rows for s in sizes},
         "capacity_rps": capacity,
+        "runs_as": {str(r): backend.batch_rows(r) for r in range(1, app.max_batch_rows + 1)},
         "runs": rows,
         "goals": goals,
     }

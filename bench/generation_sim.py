@@ -53,9 +53,11 @@ class Request:
         return self.steps - self.step
 
 
-def cost_model(seconds_by: dict[str, float]) -> CostModel:
-    """A ``CostModel`` from its JSON form (``"{bucket}x{rows}": seconds``)."""
-    cost = CostModel()
+def cost_model(seconds_by: dict[str, float], runs_as: dict[str, int] | None = None) -> CostModel:
+    """A ``CostModel`` from its JSON form (``"{bucket}x{rows}": seconds``; the rows a batch ran as,
+    where the run recorded them)."""
+    rounded = {int(k): int(v) for k, v in (runs_as or {}).items()}
+    cost = CostModel(runs_as=(lambda b: rounded.get(b, b)) if rounded else None)
     for key, s in seconds_by.items():
         bucket, rows = (int(v) for v in key.split("x"))
         cost.record(bucket, rows, s)
@@ -64,14 +66,14 @@ def cost_model(seconds_by: dict[str, float]) -> CostModel:
 
 def truth_model(run: dict[str, Any], truth: str) -> CostModel:
     """The seconds a pass takes in the replay (see the module docstring)."""
-    measured = cost_model(run["cost_model_s"])
+    measured = cost_model(run["cost_model_s"], run.get("runs_as"))
     if truth == "synced":
         return measured
     shift = {}
     for size, per_step in run["alone_s_per_step"].items():
         bucket, rows = bucket_of(run, int(size)), rows_of(run, int(size))
         shift[bucket] = per_step - measured.seconds(bucket, rows)
-    queued = CostModel()
+    queued = CostModel(runs_as=measured.runs_as)
     for (bucket, rows), s in measured.seconds_by.items():
         queued.record(bucket, rows, max(s + shift.get(bucket, 0.0), 0.25 * s))
     return queued
@@ -173,7 +175,7 @@ def main() -> None:
     per_step = {int(s): v for s, v in run["alone_s_per_step"].items()}
     capacity = 1.0 / (sum(per_step[s] * (lo + hi) / 2 for s in sizes) / len(sizes))  # as bench.generation's
     truth = truth_model(run, args.truth)
-    model = truth if args.model == "truth" else cost_model(run["cost_model_s"])
+    model = truth if args.model == "truth" else cost_model(run["cost_model_s"], run.get("runs_as"))
     max_rows = args.max_rows or max(int(k.split("x")[1]) for k in run["cost_model_s"])
     print(f"replay of {args.run} ({run.get('card')}): truth {args.truth}, admission model {args.model}")
     print(f"pass seconds by bucket x rows: { {k: round(v, 4) for k, v in truth.to_dict().items()} }")

@@ -93,7 +93,7 @@ class StepEngine:
     ) -> None:
         self.family, self.backend, self.buckets = family, backend, buckets
         self.max_rows, self.policy, self.clock = max_rows, policy, clock
-        self.cost = CostModel()
+        self.cost = CostModel(runs_as=backend.batch_rows)
         self.active: list[Generation] = []
         self._lock = threading.Lock()
         self.passes = 0

@@ -8,8 +8,9 @@ Contract:
 - ``pick(states, policy, max_rows)``: the first request in that order, and the requests of its
   shape (only equal shapes share a pass) next in order, up to ``max_rows`` rows.
 - ``CostModel``: seconds per pass by (bucket, rows), measured at warm-up (1 and powers of two);
-  ``seconds`` is linear between the measured row counts around it (a batch of any size runs at its
-  size: no padding to a measured one), never below a smaller count's, linear past the largest.
+  ``seconds`` is linear between the measured row counts around the rows the batch runs as (its
+  own, or the CUDA graph's it replays: ``runs_as``), never below a smaller count's, linear past
+  the largest.
 - ``finish_times(states, cost, policy, max_rows)``: each request's time until it finishes if
   nothing else arrives: the loop's passes replayed, ``pick``'s batches at the measured seconds; ``estimate(new, ...)`` is ``new``'s if admitted now.
 - ``admission(new, states, cost, policy, max_rows, now)``: ``new``'s estimate and why it is
@@ -21,7 +22,7 @@ Contract:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -78,6 +79,8 @@ class CostModel:
     """Seconds per transformer pass (and its scheduler steps) by (bucket, rows)."""
 
     seconds_by: dict[tuple[int, int], float] = field(default_factory=dict)
+    runs_as: Callable[[int], int] | None = None
+    """The rows a batch runs as (the backend's ``batch_rows``: CUDA graphs round it up); None: as it is."""
 
     def record(self, bucket: int, rows: int, seconds: float) -> None:
         self.seconds_by[(bucket, rows)] = seconds
@@ -89,6 +92,8 @@ class CostModel:
         measured = sorted((r, s) for (b, r), s in self.seconds_by.items() if b == bucket)
         if not measured:
             return 0.0
+        if self.runs_as is not None:
+            rows = self.runs_as(rows)
         envelope, floor = [], 0.0
         for r, s in measured:
             floor = max(floor, s)

@@ -62,6 +62,10 @@ class Backend(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    def batch_rows(self, b: int) -> int:
+        """The rows a batch of ``b`` runs as (CUDA graphs round it up), so it costs what they cost."""
+        ...
+
 
 def describe_device(backend: str, device: torch.device, dtype: str, kernel: str | None) -> dict[str, Any]:
     """The head of every backend's ``describe()``: which backend, on which device, in which
@@ -110,6 +114,9 @@ class IdentityBackend:
     def warmup(self, batches: Sequence[dict[str, torch.Tensor]]) -> None:
         for b in batches:
             self.run(b)
+
+    def batch_rows(self, b: int) -> int:
+        return b
 
     def describe(self) -> dict[str, Any]:
         return describe_device(self.name, self.device, self.spec.model_dtype, None) | {

@@ -104,6 +104,9 @@ class TensorRTBackend:
         torch.cuda.synchronize(self.device)
         log.info("tensorrt backend warmed %d batches in %.2fs", len(batches), time.perf_counter() - t0)
 
+    def batch_rows(self, b: int) -> int:
+        return b  # a profile takes any batch up to its largest
+
     def describe(self) -> dict[str, Any]:
         return describe_device(self.name, self.device, self.spec.model_dtype, "plugin") | {
             "model": {"spec": self.spec.describe(), "model_id": model_id(self.spec)},

@@ -184,6 +184,10 @@ class TorchBackend:
         routed = self.routing.summary() if self.spec.routing != "off" else "routing off"
         log.info("torch backend warmed %d batches in %.2fs; %s", len(batches), time.perf_counter() - t0, routed)
 
+    def batch_rows(self, b: int) -> int:
+        """``b``, or under CUDA graphs the rows of the graph it replays."""
+        return b if self.graphs is None else self.graphs.shape_for(b, 0)[0]
+
     def describe(self) -> dict[str, Any]:
         return describe_device(self.name, self.device, self.spec.model_dtype, self.kernel) | {
             "model": {"spec": self.spec.describe(), "model_id": self.model_id},

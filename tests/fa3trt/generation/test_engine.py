@@ -222,6 +222,7 @@ class SmallDevice:
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.device, self.dtype = inner, inner.device, inner.dtype
+        self.batch_rows = inner.batch_rows
 
     def run(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if bool((batch["pooled_projections"][:, 0] == self.POISON).any()):

@@ -163,6 +163,8 @@ def test_policy_orders_picks_and_replays_the_passes() -> None:
     assert [cost.seconds(0, r) for r in (1, 2, 3, 4, 8)] == [1.0, 1.5, 1.5, 1.5, 3.0]
     between = CostModel({(1, 1): 1.0, (1, 4): 2.5, (1, 8): 4.5})  # between measured counts: linear
     assert [between.seconds(1, r) for r in (1, 2, 3, 4, 6, 8, 16)] == [1.0, 1.5, 2.0, 2.5, 3.5, 4.5, 9.0]
+    graphs = CostModel(between.seconds_by, runs_as=lambda b: {5: 6, 7: 8}.get(b, b))  # CUDA graphs: 5 rows run as 6
+    assert [graphs.seconds(1, r) for r in (4, 5, 6, 7)] == [2.5, 3.5, 3.5, 4.5]
     # edf: b alone 2 x 1.0; then c, a, d together (4 rows: 1.5) for d's 1 pass, c and a (2 rows)
     # for 2 passes until c is done, a alone for its last.
     times = dict((s.key + (s.arrival,), t) for s, t in finish_times([a, b, c, d], cost, "edf", 8))

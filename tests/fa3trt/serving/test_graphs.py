@@ -55,7 +55,8 @@ def test_cuda_graphs_need_a_gpu() -> None:
         TorchBackend(ReferenceSpec(), device="cpu", cuda_graphs=True)
     with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device"):
         load_backend("torch", ReferenceSpec(), device="cpu", cuda_graphs=True)
-    assert load_backend("torch", ReferenceSpec(), device="cpu").describe()["cuda_graphs"] is None
+    eager = load_backend("torch", ReferenceSpec(), device="cpu")
+    assert eager.describe()["cuda_graphs"] is None and [eager.batch_rows(b) for b in (1, 5, 7)] == [1, 5, 7]
 
 
 def _side_by_side(loop: Callable[[int], None], n: int) -> None:
@@ -92,6 +93,7 @@ def test_graphed_batches_match_each_sequence_alone(graphed: tuple[TorchBackend, 
             assert not y[i, len(r) :].any()
     # (3, 100) and (3, 120) share one graph; (5, ...) ran in a (6, 128) graph, (1, 300) in (1, 384), (2, 7) in (2, 128).
     assert len(be.graphs) == 4 and be.describe()["cuda_graphs"]["captured"] == 4
+    assert [be.batch_rows(b) for b in (1, 3, 5, 7)] == [1, 3, 6, 8]  # what a batch costs: its graph's rows
 
 
 @gpu
