@@ -12,7 +12,8 @@ Contract:
   own, or the CUDA graph's it replays: ``runs_as``), never below a smaller count's, linear past
   the largest.
 - ``finish_times(states, cost, policy, max_rows)``: each request's time until it finishes if
-  nothing else arrives: the loop's passes replayed, ``pick``'s batches at the measured seconds; ``estimate(new, ...)`` is ``new``'s if admitted now.
+  nothing else arrives: the loop's passes replayed, ``pick``'s batches at the measured seconds;
+  ``estimate(new, ...)`` is ``new``'s if admitted now.
 - ``admission(new, states, cost, policy, max_rows, now)``: ``new``'s estimate and why it is
   refused (None when admitted): a request is admitted only if it meets its deadline and every
   request in flight that would meet its own still does. The engine's admission check, and the
