@@ -17,10 +17,9 @@ code, one backend):
 A request's deadline is ``--slack`` times its size's loop alone. Passes are queued as the app
 queues them (the engine keeps the host one pass ahead of the device), with a device sync only
 after a pass that finishes requests (their answers leave the device); the busy fraction is the
-passes' device time (CUDA events). Reports throughput, p50/p99
-latency, deadline misses (answered late, and refused at admission), the device's busy fraction and
-the rows per pass; the goals are printed as ratios against ``alone`` and ``request`` measured in
-this process.
+passes' device time (CUDA events). Reports throughput, p50/p99 latency, deadline misses (answered
+late, and refused at admission), the device's busy fraction and the rows per pass; the goals are
+printed as ratios against ``alone`` and ``request`` measured in this process.
 
     python -m bench.generation --out docs/benchmarks                       # GPU, FLUX width
     python -m bench.generation --config examples/generate_flux.yaml --device cpu --sizes 64,128 \\
