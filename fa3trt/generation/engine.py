@@ -16,8 +16,8 @@ Contract:
   join and leave at any step boundary. On a GPU the host queues a pass while the device runs the
   one before, never further ahead. ``admit``, ``cancel`` and ``pick`` may be called from
   another thread than ``step``'s (a lock guards the requests in flight).
-- ``warm(rows)`` runs passes of each bucket's size at every row count and records the cost
-  model; warm-up requests never reach a caller.
+- ``warm(rows)`` runs passes of each bucket's size at 1 row and each power of two up to
+  ``max_rows`` (or at ``rows``) and records the cost model; warm-up requests never reach a caller.
 """
 
 from __future__ import annotations
