@@ -12,8 +12,7 @@ Contract:
   own, or the CUDA graph's it replays: ``runs_as``), never below a smaller count's, linear past
   the largest.
 - ``finish_times(states, cost, policy, max_rows)``: each request's time until it finishes if
-  nothing else arrives: the loop's passes replayed, ``pick``'s batches at the measured seconds;
-  ``estimate(new, ...)`` is ``new``'s if admitted now.
+  nothing else arrives: the loop's passes replayed, ``pick``'s batches at the measured seconds.
 - ``admission(new, states, cost, policy, max_rows, now)``: ``new``'s estimate and why it is
   refused (None when admitted): a request is admitted only if it meets its deadline and every
   request in flight that would meet its own still does. The engine's admission check, and the
@@ -27,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
-__all__ = ["Policy", "order", "pick", "CostModel", "finish_times", "estimate", "admission", "Scheduled"]
+__all__ = ["Policy", "order", "pick", "CostModel", "finish_times", "admission", "Scheduled"]
 
 Policy = Literal["edf", "fifo"]
 
@@ -130,11 +129,6 @@ def finish_times(states: Sequence[S], cost: CostModel, policy: Policy, max_rows:
                 done[id(s)] = t
         live = [s for s in live if left[id(s)] > 0]
     return [(s, done.get(id(s), 0.0)) for s in ranked]
-
-
-def estimate(new: S, states: Sequence[S], cost: CostModel, policy: Policy, max_rows: int) -> float:
-    """Seconds until ``new`` finishes if admitted now (see the module docstring)."""
-    return next(t for s, t in finish_times([*states, new], cost, policy, max_rows) if s is new)
 
 
 def admission(
