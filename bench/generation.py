@@ -95,6 +95,13 @@ def workload(args: argparse.Namespace, limits: Any, rate: float) -> list[tuple[f
     return [(t, make_fields(limits, size, steps, i, args.text)) for i, (t, size, steps) in enumerate(plan)]
 
 
+def capacity_rps(per_step: dict[int, float], sizes: list[int], steps: str) -> float:
+    """Requests/s of the loop alone over the size mix: each size's step alone times the mean of
+    ``steps`` ("lo-hi"), averaged over the sizes."""
+    lo, hi = (int(v) for v in steps.split("-"))
+    return 1.0 / float(np.mean([per_step[s] * (lo + hi) / 2 for s in sizes]))
+
+
 def summarize(
     arm: str,
     n: int,
@@ -276,10 +283,9 @@ def main() -> None:
     eng = StepEngine(family, backend, app.bucket_set(), app.max_batch_rows, clock=time.perf_counter)
     cost = eng.warm()
     sizes = [int(s) for s in args.sizes.split(",")]
-    lo, hi = (int(v) for v in args.steps.split("-"))
+    lo = int(args.steps.split("-")[0])
     per_step = alone_step_seconds(eng, limits, sizes, lo, args.text)
-    mean_alone = float(np.mean([per_step[s] * (lo + hi) / 2 for s in sizes]))
-    capacity = 1.0 / mean_alone
+    capacity = capacity_rps(per_step, sizes, args.steps)
     deadline_of = {s: args.slack * per_step[s] for s in sizes}  # seconds per step of the budget
     print(f"card: {backend.describe().get('device_name')}; alone s/step {per_step}; capacity {capacity:.2f} req/s")
     rows: list[dict[str, Any]] = []

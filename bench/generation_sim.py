@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import save
-from bench.generation import ARMS, arrival_plan, plot, print_goals, print_row, summarize
+from bench.generation import ARMS, arrival_plan, capacity_rps, plot, print_goals, print_row, summarize
 from fa3trt.generation.policy import CostModel, Policy, admission, pick
 
 
@@ -171,11 +171,9 @@ def main() -> None:
     slack = args.slack if args.slack is not None else float(a["slack"])
     requests = args.requests or int(a["requests"])
     sizes = [int(s) for s in (args.sizes or a["sizes"]).split(",")]
-    lo, hi = (int(v) for v in a["steps"].split("-"))
-    per_step = {int(s): v for s, v in run["alone_s_per_step"].items()}
-    capacity = 1.0 / (sum(per_step[s] * (lo + hi) / 2 for s in sizes) / len(sizes))  # as bench.generation's
+    capacity = capacity_rps({int(s): v for s, v in run["alone_s_per_step"].items()}, sizes, a["steps"])
     truth = truth_model(run, args.truth)
-    model = truth if args.model == "truth" else cost_model(run["cost_model_s"], run.get("runs_as"))
+    model = truth if args.model == "truth" else truth_model(run, "synced")  # the cost model as measured
     max_rows = args.max_rows or max(int(k.split("x")[1]) for k in run["cost_model_s"])
     print(f"replay of {args.run} ({run.get('card')}): truth {args.truth}, admission model {args.model}")
     print(f"pass seconds by bucket x rows: { {k: round(v, 4) for k, v in truth.to_dict().items()} }")
