@@ -150,16 +150,14 @@ def _routed_sdpa(*args: Any, **kwargs: Any) -> Any:
     """``F.scaled_dot_product_attention`` while a router is open: the innermost ``sdpa`` router
     of this thread decides; other threads and our own calls get PyTorch's SDPA. Traced by
     dynamo under torch.compile, it routes there too (the op becomes a node of the graph, the
-    counts are replayed after it). Strict torch.export gets PyTorch's SDPA, for the modes of
-    ``tracing()`` to route: they see SDPA under any name, this function only under its own."""
+    counts are replayed after it). Inside ``tracing()`` (strict torch.export) it calls PyTorch's
+    SDPA, for the modes to route: they see SDPA under any name, this function only under its own.
+    (Not ``torch.compiler.is_exporting()``: dynamo's trace for torch.compile reads it as True in
+    PyTorch 2.11, so the compiled model would route nothing.)"""
     routers = getattr(_local, "sdpa_routers", None)
-    if not routers or not _intercepting() or _strict_exporting():
+    if not routers or not _intercepting() or getattr(_local, "modes", 0):
         return _SDPA(*args, **kwargs)
     return _route_sdpa(routers[-1], args, kwargs)
-
-
-def _strict_exporting() -> bool:
-    return torch.compiler.is_dynamo_compiling() and torch.compiler.is_exporting()
 
 
 def _route_sdpa(router: _Router, args: Any, kwargs: Any) -> Any:
@@ -222,10 +220,14 @@ def tracing() -> Iterator[None]:
     (``compile_routed``): a mode there breaks the graph at every Tensor method written in Python
     (see the module docstring), and the replaced SDPA function routes there by itself."""
     prepare_dynamo()
-    with contextlib.ExitStack() as stack:
-        for router in list(_sdpa_routers()):
-            stack.enter_context(_SdpaMode(router))
-        yield
+    _local.modes = getattr(_local, "modes", 0) + 1
+    try:
+        with contextlib.ExitStack() as stack:
+            for router in list(_sdpa_routers()):
+                stack.enter_context(_SdpaMode(router))
+            yield
+    finally:
+        _local.modes -= 1
 
 
 def _transformers_attention(

@@ -184,5 +184,9 @@ def quantize_cast(
     got = _launch(t, amax, dtype, clamp, None, method, descale)
     if got is not None:
         return got, descale
-    descale = amax.float().clamp_min(_TINY) / clamp
+    # Divided by a tensor, not a Python number: CUDA's division by a host scalar multiplies by its
+    # reciprocal, one rounding more than the Triton kernel's division, so a factor could differ in
+    # its last bit and a product on a rounding tie land on the other e4m3 value.
+    divisor = torch.full((), clamp, dtype=torch.float32, device=amax.device)
+    descale = torch.div(amax.float().clamp_min(_TINY), divisor)
     return scale_cast(t, descale.reciprocal(), dtype, clamp=clamp, method="torch"), descale
