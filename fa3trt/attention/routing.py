@@ -48,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from fa3trt.attention.op import attention
 from fa3trt.attention.report import RoutingReport
-from fa3trt.attention.rules import Plan, Promise, plan_call, prepare_dynamo
+from fa3trt.attention.rules import Plan, Promise, in_strict_trace, plan_call, prepare_dynamo, strict_trace
 from fa3trt.errors import ConfigError
 
 __all__ = [
@@ -155,7 +155,7 @@ def _routed_sdpa(*args: Any, **kwargs: Any) -> Any:
     (Not ``torch.compiler.is_exporting()``: dynamo's trace for torch.compile reads it as True in
     PyTorch 2.11, so the compiled model would route nothing.)"""
     routers = getattr(_local, "sdpa_routers", None)
-    if not routers or not _intercepting() or getattr(_local, "modes", 0):
+    if not routers or not _intercepting() or in_strict_trace():
         return _SDPA(*args, **kwargs)
     return _route_sdpa(routers[-1], args, kwargs)
 
@@ -220,14 +220,10 @@ def tracing() -> Iterator[None]:
     (``compile_routed``): a mode there breaks the graph at every Tensor method written in Python
     (see the module docstring), and the replaced SDPA function routes there by itself."""
     prepare_dynamo()
-    _local.modes = getattr(_local, "modes", 0) + 1
-    try:
-        with contextlib.ExitStack() as stack:
-            for router in list(_sdpa_routers()):
-                stack.enter_context(_SdpaMode(router))
-            yield
-    finally:
-        _local.modes -= 1
+    with strict_trace(), contextlib.ExitStack() as stack:
+        for router in list(_sdpa_routers()):
+            stack.enter_context(_SdpaMode(router))
+        yield
 
 
 def _transformers_attention(

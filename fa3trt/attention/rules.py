@@ -24,8 +24,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +38,17 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from fa3trt.attention.kernels.base import FLOAT_DTYPES
 from fa3trt.attention.kernels.registry import available_kernels, get
 
-__all__ = ["Plan", "Promise", "plan_call", "key_lengths", "kernel_takes", "values_hidden", "prepare_dynamo"]
+__all__ = [
+    "Plan",
+    "Promise",
+    "plan_call",
+    "key_lengths",
+    "kernel_takes",
+    "values_hidden",
+    "prepare_dynamo",
+    "strict_trace",
+    "in_strict_trace",
+]
 
 
 @dataclass(frozen=True)
@@ -57,11 +70,33 @@ def values_hidden(t: torch.Tensor) -> bool:
     return tracing or torch.onnx.is_in_onnx_export() or type(t) is not torch.Tensor
 
 
+_trace = threading.local()
+
+
+@contextlib.contextmanager
+def strict_trace() -> Iterator[None]:
+    """Marks this thread's strict ``torch.export`` trace (``fa3trt.attention.routing.tracing()``).
+    Inside dynamo's trace this mark, not ``torch.compiler.is_exporting()``, tells an export from
+    a ``torch.compile``: PyTorch 2.11 reads ``is_exporting()`` as True in both."""
+    _trace.depth = getattr(_trace, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _trace.depth -= 1
+
+
+def in_strict_trace() -> bool:
+    """Whether this thread is inside ``strict_trace()``."""
+    return getattr(_trace, "depth", 0) > 0
+
+
 def _exporting(t: torch.Tensor) -> bool:
     """A trace for a program that runs without autograd (torch.export, ONNX export, jit tracing),
     or a tensor subclass (fake, functional): what needs grad there does not matter. A
     torch.compile trace runs with autograd, so there it does."""
-    exporting = torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    exporting = in_strict_trace() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if not torch.compiler.is_dynamo_compiling():  # non-strict export: is_exporting() is right there
+        exporting = exporting or torch.compiler.is_exporting()
     return exporting or type(t) is not torch.Tensor
 
 
