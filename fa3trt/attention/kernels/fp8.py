@@ -23,7 +23,7 @@ import torch
 from fa3trt.attention.kernels import cudnn_graph
 from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX, AttentionKernel, log_once
 from fa3trt.attention.kernels.registry import KERNELS, available_kernels
-from fa3trt.attention.kernels.scale_cast import quantize_cast, scale_cast
+from fa3trt.attention.kernels.scale_cast import absmax, quantize_cast, scale_cast
 from fa3trt.attention.kernels.selector import forced_kernel
 from fa3trt.errors import CudnnGraphUnsupportedError, MissingDependencyError
 
@@ -52,15 +52,10 @@ def quantize(t: torch.Tensor, per_tensor: bool = False, heads: int | None = None
     (per batch row and head, ``heads`` = H by default; fewer: one factor per group of H / heads
     consecutive heads, as FA3 takes q's under grouped-query attention, one per key head), or
     (1,) with ``per_tensor`` (one factor for the whole tensor). Two passes over ``t`` either way:
-    one reduction for the amax (the inf-norm: no temporary, exact in any float dtype) and one
-    fused scale, clamp and cast that derives the factors from it (``quantize_cast``).
+    one reduction for the amax (``absmax``: no temporary, exact in any float dtype) and one fused
+    scale, clamp and cast that derives the factors from it (``quantize_cast``).
     """
-    h = t.shape[2]
-    if per_tensor:
-        amax = torch.linalg.vector_norm(t, ord=float("inf")).reshape(1)
-    else:
-        heads = h if heads is None else heads
-        amax = torch.linalg.vector_norm(t.unflatten(2, (heads, h // heads)), ord=float("inf"), dim=(1, 3, 4))
+    amax = absmax(t, 0 if per_tensor else (t.shape[2] if heads is None else heads))
     return quantize_cast(t, amax, FP8_DTYPE, FP8_MAX)
 
 

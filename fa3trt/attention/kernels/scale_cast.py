@@ -20,7 +20,7 @@ import torch
 from fa3trt.attention.kernels.base import log_once
 from fa3trt.errors import MissingDependencyError
 
-__all__ = ["scale_cast", "quantize_cast"]
+__all__ = ["scale_cast", "quantize_cast", "absmax"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,96 @@ def _kernel() -> Any | None:
     return cast
 
 
+@functools.cache
+def _amax_kernel() -> Any | None:
+    """The Triton reduction for ``absmax``, or None without Triton."""
+    try:
+        import triton
+        import triton.language as tl
+    except Exception as e:
+        log.debug("Triton unavailable, amax reductions run as torch ops: %s", e)
+        return None
+
+    @triton.jit
+    def amax(
+        x_ptr,
+        out_ptr,
+        row_stride,
+        seq,
+        seq_blocks,
+        ROW: tl.constexpr,
+        GROUPS: tl.constexpr,
+        PER_GROUP: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
+        CHUNKS: tl.constexpr,
+    ):
+        # A program: ROWS rows of one batch row's sequence by BLOCK columns of one group of heads
+        # (the cast's tiles); its max joins the group's by one integer atomic (an amax is >= 0,
+        # where float32's order is its bits' order as int32).
+        width: tl.constexpr = ROW // GROUPS
+        batch = tl.program_id(0) // seq_blocks
+        rows = (tl.program_id(0) % seq_blocks) * ROWS + tl.arange(0, ROWS)
+        group = tl.program_id(1) // CHUNKS
+        local = (tl.program_id(1) % CHUNKS) * BLOCK + tl.arange(0, BLOCK)
+        keep = (rows < seq)[:, None] & (local < width)[None, :]
+        at_row = (batch * seq + rows).to(tl.int64)[:, None]
+        x = tl.load(x_ptr + at_row * row_stride + (group * width + local)[None, :], mask=keep, other=0.0)
+        top = tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0)
+        tl.atomic_max(out_ptr + (batch * GROUPS + group) * PER_GROUP, top.to(tl.int32, bitcast=True))
+
+    return amax
+
+
+def _rows_ok(t: torch.Tensor) -> bool:
+    """Whether the kernels can walk ``t``'s (B, S, H, D) elements as strided rows of H * D."""
+    b, s, h, d = t.shape
+    return t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == s * t.stride(1))
+
+
+def _amax_launch(kernel: Any, t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``kernel`` over ``t`` (rows walkable, see ``_rows_ok``): the amax per (batch row, group) as
+    (B, groups) float32, or of the whole tensor as (1,) with ``groups`` 0."""
+    b, s, h, d = t.shape
+    bits = torch.zeros((b, groups) if groups else (1,), dtype=torch.int32, device=t.device)
+    if not t.numel():
+        return bits.view(torch.float32)
+    width = h * d // max(groups, 1)
+    block = min(2048, 1 << (width - 1).bit_length())
+    rows = max(1, 4096 // block)  # about 4096 elements a program
+    chunks, seq_blocks = -(-width // block), -(-s // rows)
+    kernel[(b * seq_blocks, max(groups, 1) * chunks)](
+        t, bits, t.stride(1), s, seq_blocks,
+        ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), ROWS=rows, BLOCK=block, CHUNKS=chunks,
+    )  # fmt: skip
+    return bits.view(torch.float32)
+
+
+def absmax(t: torch.Tensor, groups: int = 0, *, method: str = "auto") -> torch.Tensor:
+    """max |t| of a (B, S, H, D) tensor on its device, float32: per batch row and group of H /
+    ``groups`` consecutive heads as (B, groups), or of the whole tensor as (1,) with ``groups`` 0.
+    On a GPU one Triton pass reads each element once (no temporary); elsewhere the inf-norm
+    reduction computes the same values (a max is exact). ``method``: auto, triton or torch."""
+    b, s, h, d = t.shape
+    if groups and h % groups:
+        raise ValueError(f"absmax: {groups} groups do not divide the tensor's {h} heads (shape {tuple(t.shape)})")
+    usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
+    kernel = _amax_kernel() if usable else None
+    if kernel is not None:
+        try:
+            return _amax_launch(kernel, t, groups)
+        except Exception as e:  # Triton failing to build it for this GPU: the torch reduction instead
+            if method == "triton":
+                raise
+            log_once(f"absmax: the Triton kernel failed on {t.device} ({type(e).__name__}: {e}); torch ops instead")
+            _failed.add(str(t.device))
+    elif method == "triton":
+        raise MissingDependencyError(f"absmax(method='triton') needs Triton on a GPU; got {t.device}")
+    if not groups:
+        return torch.linalg.vector_norm(t, ord=float("inf")).float().reshape(1)
+    return torch.linalg.vector_norm(t.unflatten(2, (groups, h // groups)), ord=float("inf"), dim=(1, 3, 4)).float()
+
+
 def _groups(t: torch.Tensor, scale: torch.Tensor) -> int:
     """How many scale groups each row of ``t`` has: 0 for one scale, else G of a (B, G) scale
     whose G divides H; anything else is refused, naming both shapes."""
@@ -114,8 +204,7 @@ def _launch(
     when given), else None for the torch ops."""
     b, s, h, d = t.shape
     groups = _groups(t, scale)
-    rows_ok = t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == s * t.stride(1))
-    usable = method != "torch" and t.is_cuda and rows_ok and str(t.device) not in _failed
+    usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
     kernel = _kernel() if usable else None
     if kernel is None or torch.cuda.get_device_capability(t.device) < (8, 9):
         if method == "triton":

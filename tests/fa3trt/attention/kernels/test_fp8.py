@@ -12,7 +12,7 @@ import fa3trt
 from fa3trt.attention.kernels import KERNEL_ENV, KERNELS, fp8
 from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX
 from fa3trt.attention.kernels.registry import available_kernels
-from fa3trt.attention.kernels.scale_cast import quantize_cast, scale_cast
+from fa3trt.attention.kernels.scale_cast import absmax, quantize_cast, scale_cast
 from fa3trt.attention.op import recording_calls
 from fa3trt.testing import reference_attention
 from tests.models import flux_inputs, tiny_flux
@@ -232,6 +232,25 @@ def test_every_fp8_kernel_within_the_bound(monkeypatch: pytest.MonkeyPatch, case
             assert torch.all(got[i, n:] == 0), (name, i)
 
 
+def test_absmax_is_the_largest_magnitude_per_group_of_heads() -> None:
+    # Against NumPy in float64; on the CPU it is the torch reduction (the Triton pass: GPU test below).
+    import numpy as np
+
+    t = torch.randn(3, 37, 8, 16, dtype=torch.bfloat16)
+    t[1, 5, 6, 3] = -50.0  # a negative extreme in one group only
+    a = t.double().numpy()
+    for groups in (0, 8, 4, 1):
+        got = absmax(t, groups)
+        assert got.dtype == torch.float32
+        if groups == 0:
+            want = np.abs(a).max().reshape(1)
+        else:
+            want = np.abs(a.reshape(3, 37, groups, 8 // groups, 16)).max(axis=(1, 3, 4))
+        np.testing.assert_array_equal(got.double().numpy(), want)
+    with pytest.raises(ValueError, match="3 groups do not divide the tensor's 8 heads"):
+        absmax(t, 3)
+
+
 @gpu
 def test_triton_quantization_equals_the_torch_ops() -> None:
     if torch.cuda.get_device_capability() < (8, 9):
@@ -249,6 +268,8 @@ def test_triton_quantization_equals_the_torch_ops() -> None:
             assert torch.equal(fast.view(torch.uint8), ops.view(torch.uint8)), amax.shape
             assert torch.equal(d_fast, d_ops) and d_fast.shape == amax.shape, amax.shape
             assert torch.equal(fast.float().abs().amax(), torch.tensor(FP8_MAX, device="cuda"))
+            groups = amax.shape[1] if amax.dim() == 2 else 0  # the amax itself, by one Triton pass
+            assert torch.equal(absmax(t, groups, method="triton"), amax.float()), amax.shape
             # ... and back (an e4m3 output into the model's dtype), with the same factors.
             back = [scale_cast(fast, d_fast, torch.bfloat16, method=m) for m in ("triton", "torch")]
             assert torch.equal(back[0], back[1]), b
