@@ -18,7 +18,8 @@
 #   bash bench/gpu_suite.sh generation  # generation on the server: bench.generation (step-level EDF/FIFO vs a loop per
 #                                       # request vs request-level batching; CONFIG, REQUESTS, LOADS, SIZES, ARMS, TEXT, SUFFIX), its
 #                                       # replay on a simulated clock (bench.generation_sim), then the generation GPU test
-#                                       # (a FLUX-width generation vs the eager pipeline; TESTS=0: none)
+#                                       # (a FLUX-width generation vs the eager pipeline; TESTS=0: none; CUDA_GRAPHS=1:
+#                                       # the config's passes as CUDA graphs)
 #   bash bench/gpu_suite.sh fa3         # FA3 built from FA3_SRC (a flash-attention checkout with csrc/cutlass/include) by
 #                                       # python -m fa3trt.fa3_build into /tmp/fa3build (later steps import it from there), a
 #                                       # copy under $OUT/fa3build to carry to a fresh machine as FA3_BUILD=<that folder>
@@ -74,7 +75,14 @@ print('FA3 op:', torch.ops.flash_attn_3.fwd.default._schema.name, '; disabled:',
       | grep --line-buffered -vE "UserWarning|^\s*$" | tee -a "$log"
     ;;
   generation)
-    python3 -m bench.generation --config "${CONFIG:-examples/generate_flux_gpu.yaml}" --requests "${REQUESTS:-60}" \
+    # CUDA_GRAPHS=1: the config with cuda_graphs: true (each pass one graph replay).
+    config=${CONFIG:-examples/generate_flux_gpu.yaml}
+    if [ "${CUDA_GRAPHS:-0}" = 1 ]; then
+      sed 's/^\( *cuda_graphs:\) false/\1 true/' "$config" >/tmp/generation_graphs.yaml
+      grep -q "cuda_graphs: true" /tmp/generation_graphs.yaml || { echo "CUDA_GRAPHS=1: no 'cuda_graphs: false' line in $config" | tee -a "$log"; exit 1; }
+      config=/tmp/generation_graphs.yaml
+    fi
+    python3 -m bench.generation --config "$config" --requests "${REQUESTS:-60}" \
       --loads "${LOADS:-0.5,0.8,1.0}" --sizes "${SIZES:-512,768,1024}" --arms "${ARMS:-alone,request,step-fifo,step-edf}" --text "${TEXT:-512}" \
       --out "$out" --name "generation${SUFFIX:-}" 2>&1 | grep --line-buffered -vE "^\(|INFO|WARNING|UserWarning|exe_args|^\s*$" | tee -a "$log"
     # the same arrivals replayed from this run's pass times (the replay checked against the run)
