@@ -32,13 +32,14 @@ _TINY = 1e-12
 
 
 @functools.cache
-def _kernel() -> Any | None:
-    """The Triton kernel over rows of a strided (rows, ROW) view, or None without Triton."""
+def _kernels() -> tuple[Any, Any] | None:
+    """The Triton kernels over rows of a strided (rows, ROW) view, (cast, amax), or None without
+    Triton."""
     try:
         import triton
         import triton.language as tl
     except Exception as e:
-        log.debug("Triton unavailable, scaled casts run as torch ops: %s", e)
+        log.debug("Triton unavailable, scaled casts and amax reductions run as torch ops: %s", e)
         return None
 
     @triton.jit
@@ -84,19 +85,6 @@ def _kernel() -> Any | None:
             y = tl.minimum(tl.maximum(y, -CLAMP), CLAMP)
         tl.store(y_ptr + at_row * ROW + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
 
-    return cast
-
-
-@functools.cache
-def _amax_kernel() -> Any | None:
-    """The Triton reduction for ``absmax``, or None without Triton."""
-    try:
-        import triton
-        import triton.language as tl
-    except Exception as e:
-        log.debug("Triton unavailable, amax reductions run as torch ops: %s", e)
-        return None
-
     @triton.jit
     def amax(
         x_ptr,
@@ -125,13 +113,29 @@ def _amax_kernel() -> Any | None:
         top = tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0)
         tl.atomic_max(out_ptr + (batch * GROUPS + group) * PER_GROUP, top.to(tl.int32, bitcast=True))
 
-    return amax
+    return cast, amax
+
+
+def _kernel(which: int) -> Any | None:
+    """The cast (0) or the amax reduction (1), or None without Triton."""
+    kernels = _kernels()
+    return None if kernels is None else kernels[which]
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
     """Whether the kernels can walk ``t``'s (B, S, H, D) elements as strided rows of H * D."""
     b, s, h, d = t.shape
     return t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == s * t.stride(1))
+
+
+def _tiles(t: torch.Tensor, groups: int, elements: int) -> tuple[int, int, int, int]:
+    """The kernels' tiles over ``t`` (B, S, H, D): (BLOCK columns of one group of heads, ROWS rows,
+    CHUNKS of columns a group, sequence blocks a batch row), about ``elements`` a program."""
+    _, s, h, d = t.shape
+    width = h * d // max(groups, 1)  # columns of one group of heads
+    block = min(2048, 1 << (width - 1).bit_length())
+    rows = max(1, elements // block)
+    return block, rows, -(-width // block), -(-s // rows)
 
 
 def _amax_launch(kernel: Any, t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -141,10 +145,7 @@ def _amax_launch(kernel: Any, t: torch.Tensor, groups: int) -> torch.Tensor:
     bits = torch.zeros((b, groups) if groups else (1,), dtype=torch.int32, device=t.device)
     if not t.numel():
         return bits.view(torch.float32)
-    width = h * d // max(groups, 1)
-    block = min(2048, 1 << (width - 1).bit_length())
-    rows = max(1, 4096 // block)  # about 4096 elements a program
-    chunks, seq_blocks = -(-width // block), -(-s // rows)
+    block, rows, chunks, seq_blocks = _tiles(t, groups, 4096)
     kernel[(b * seq_blocks, max(groups, 1) * chunks)](
         t, bits, t.stride(1), s, seq_blocks,
         ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), ROWS=rows, BLOCK=block, CHUNKS=chunks,
@@ -161,7 +162,7 @@ def absmax(t: torch.Tensor, groups: int = 0, *, method: str = "auto") -> torch.T
     if groups and h % groups:
         raise ValueError(f"absmax: {groups} groups do not divide the tensor's {h} heads (shape {tuple(t.shape)})")
     usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
-    kernel = _amax_kernel() if usable else None
+    kernel = _kernel(1) if usable else None
     if kernel is not None:
         try:
             return _amax_launch(kernel, t, groups)
@@ -205,7 +206,7 @@ def _launch(
     b, s, h, d = t.shape
     groups = _groups(t, scale)
     usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
-    kernel = _kernel() if usable else None
+    kernel = _kernel(0) if usable else None
     if kernel is None or torch.cuda.get_device_capability(t.device) < (8, 9):
         if method == "triton":
             raise MissingDependencyError(f"scale_cast(method='triton') needs Triton on an sm89+ GPU; got {t.device}")
@@ -214,10 +215,7 @@ def _launch(
         out = torch.empty((b, s, h, d), dtype=dtype, device=t.device)
     if not t.numel():
         return out
-    width = h * d // max(groups, 1)  # columns of one group of heads
-    block = min(2048, 1 << (width - 1).bit_length())
-    rows = max(1, 2048 // block)  # about 2048 elements a program
-    chunks, seq_blocks = -(-width // block), -(-s // rows)
+    block, rows, chunks, seq_blocks = _tiles(t, groups, 2048)
     try:
         kernel[(b * seq_blocks, max(groups, 1) * chunks)](
             t, out, scale.contiguous(), scale if descale is None else descale, t.stride(1), s, seq_blocks,
