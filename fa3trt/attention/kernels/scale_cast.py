@@ -32,9 +32,9 @@ _TINY = 1e-12
 
 
 @functools.cache
-def _kernels() -> tuple[Any, Any] | None:
-    """The Triton kernels over rows of a strided (rows, ROW) view, (cast, amax), or None without
-    Triton."""
+def _kernel() -> Any | None:
+    """The Triton kernel over rows of a strided (rows, ROW) view (the scaled cast, or with AMAX the
+    amax reduction), or None without Triton."""
     try:
         import triton
         import triton.language as tl
@@ -43,7 +43,7 @@ def _kernels() -> tuple[Any, Any] | None:
         return None
 
     @triton.jit
-    def cast(
+    def rows_pass(
         x_ptr,
         y_ptr,
         scale_ptr,
@@ -59,6 +59,7 @@ def _kernels() -> tuple[Any, Any] | None:
         BLOCK: tl.constexpr,
         CHUNKS: tl.constexpr,
         CLAMP: tl.constexpr,
+        AMAX: tl.constexpr,
     ):
         # A program: ROWS rows of one batch row's sequence by BLOCK columns of one group of heads,
         # so its scale is one value (its division done once, not per element).
@@ -74,52 +75,23 @@ def _kernels() -> tuple[Any, Any] | None:
         cols = (group * width + local)[None, :]
         x = tl.load(x_ptr + at_row * row_stride + cols, mask=keep, other=0.0).to(tl.float32)
         at = (batch * GROUPS + group) * PER_GROUP  # the scale's index: 0 for one scale
-        scale = tl.load(scale_ptr + at).to(tl.float32)
-        if FROM_AMAX:  # scale_ptr holds the amax: descale = max(amax, tiny) / CLAMP, written once
-            descale = tl.math.div_rn(tl.maximum(scale, 1e-12), CLAMP)
-            once = local + seq_block + chunk == 0  # the group's first program, at its first column
-            tl.store(descale_ptr + at + local * 0, tl.zeros([BLOCK], tl.float32) + descale, mask=once)
-            scale = tl.math.div_rn(1.0, descale)
-        y = x * scale
-        if CLAMP > 0:
-            y = tl.minimum(tl.maximum(y, -CLAMP), CLAMP)
-        tl.store(y_ptr + at_row * ROW + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
+        if AMAX:  # the tile's max joins the group's in y_ptr (int32) by one atomic: an amax is >= 0,
+            # where float32's order is its bits' order as int32
+            top = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+            tl.atomic_max(y_ptr + at, top.to(tl.int32, bitcast=True))
+        else:
+            scale = tl.load(scale_ptr + at).to(tl.float32)
+            if FROM_AMAX:  # scale_ptr holds the amax: descale = max(amax, tiny) / CLAMP, written once
+                descale = tl.math.div_rn(tl.maximum(scale, 1e-12), CLAMP)
+                once = local + seq_block + chunk == 0  # the group's first program, at its first column
+                tl.store(descale_ptr + at + local * 0, tl.zeros([BLOCK], tl.float32) + descale, mask=once)
+                scale = tl.math.div_rn(1.0, descale)
+            y = x * scale
+            if CLAMP > 0:
+                y = tl.minimum(tl.maximum(y, -CLAMP), CLAMP)
+            tl.store(y_ptr + at_row * ROW + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
 
-    @triton.jit
-    def amax(
-        x_ptr,
-        out_ptr,
-        row_stride,
-        seq,
-        seq_blocks,
-        ROW: tl.constexpr,
-        GROUPS: tl.constexpr,
-        PER_GROUP: tl.constexpr,
-        ROWS: tl.constexpr,
-        BLOCK: tl.constexpr,
-        CHUNKS: tl.constexpr,
-    ):
-        # A program: ROWS rows of one batch row's sequence by BLOCK columns of one group of heads
-        # (the cast's tiles); its max joins the group's by one integer atomic (an amax is >= 0,
-        # where float32's order is its bits' order as int32).
-        width: tl.constexpr = ROW // GROUPS
-        batch = tl.program_id(0) // seq_blocks
-        rows = (tl.program_id(0) % seq_blocks) * ROWS + tl.arange(0, ROWS)
-        group = tl.program_id(1) // CHUNKS
-        local = (tl.program_id(1) % CHUNKS) * BLOCK + tl.arange(0, BLOCK)
-        keep = (rows < seq)[:, None] & (local < width)[None, :]
-        at_row = (batch * seq + rows).to(tl.int64)[:, None]
-        x = tl.load(x_ptr + at_row * row_stride + (group * width + local)[None, :], mask=keep, other=0.0)
-        top = tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0)
-        tl.atomic_max(out_ptr + (batch * GROUPS + group) * PER_GROUP, top.to(tl.int32, bitcast=True))
-
-    return cast, amax
-
-
-def _kernel(which: int) -> Any | None:
-    """The cast (0) or the amax reduction (1), or None without Triton."""
-    kernels = _kernels()
-    return None if kernels is None else kernels[which]
+    return rows_pass
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
@@ -147,8 +119,9 @@ def _amax_launch(kernel: Any, t: torch.Tensor, groups: int) -> torch.Tensor:
         return bits.view(torch.float32)
     block, rows, chunks, seq_blocks = _tiles(t, groups, 4096)
     kernel[(b * seq_blocks, max(groups, 1) * chunks)](
-        t, bits, t.stride(1), s, seq_blocks,
-        ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), ROWS=rows, BLOCK=block, CHUNKS=chunks,
+        t, bits, bits, bits, t.stride(1), s, seq_blocks,
+        ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), FROM_AMAX=False, ROWS=rows, BLOCK=block,
+        CHUNKS=chunks, CLAMP=0.0, AMAX=True,
     )  # fmt: skip
     return bits.view(torch.float32)
 
@@ -162,7 +135,7 @@ def absmax(t: torch.Tensor, groups: int = 0, *, method: str = "auto") -> torch.T
     if groups and h % groups:
         raise ValueError(f"absmax: {groups} groups do not divide the tensor's {h} heads (shape {tuple(t.shape)})")
     usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
-    kernel = _kernel(1) if usable else None
+    kernel = _kernel() if usable else None
     if kernel is not None:
         try:
             return _amax_launch(kernel, t, groups)
@@ -206,7 +179,7 @@ def _launch(
     b, s, h, d = t.shape
     groups = _groups(t, scale)
     usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
-    kernel = _kernel(0) if usable else None
+    kernel = _kernel() if usable else None
     if kernel is None or torch.cuda.get_device_capability(t.device) < (8, 9):
         if method == "triton":
             raise MissingDependencyError(f"scale_cast(method='triton') needs Triton on an sm89+ GPU; got {t.device}")
@@ -220,7 +193,7 @@ def _launch(
         kernel[(b * seq_blocks, max(groups, 1) * chunks)](
             t, out, scale.contiguous(), scale if descale is None else descale, t.stride(1), s, seq_blocks,
             ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), FROM_AMAX=descale is not None, ROWS=rows,
-            BLOCK=block, CHUNKS=chunks, CLAMP=clamp,
+            BLOCK=block, CHUNKS=chunks, CLAMP=clamp, AMAX=False,
         )  # fmt: skip
     except Exception as e:  # Triton failing to build it for this GPU: the torch ops compute the same values
         if method == "triton":
