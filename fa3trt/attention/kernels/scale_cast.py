@@ -6,7 +6,8 @@ row and group of heads) and turns an e4m3 output back into the model's dtype (``
 On an sm89+ GPU one Triton kernel reads each element once and writes it once, in any of these
 dtypes, over strided rows (a fused QKV projection's views); elsewhere (the CPU, Triton missing,
 rows it cannot walk) torch ops compute the same float32 scale, product, clamp and cast: the same
-values, since each step rounds once, to nearest even.
+values, since each step rounds once, to nearest even. The amax it starts from (``absmax``) is the
+same kernel's other pass on a GPU, the inf-norm reduction elsewhere: a max, exact either way.
 """
 
 from __future__ import annotations
