@@ -101,6 +101,29 @@ def _rows_ok(t: torch.Tensor) -> bool:
     return t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == s * t.stride(1))
 
 
+def _triton(t: torch.Tensor, method: str, who: str, sm: tuple[int, int] = (0, 0)) -> Any | None:
+    """The Triton kernel where it runs for ``t`` (Triton present, a GPU of compute capability
+    ``sm`` or later where it has not failed, rows it can walk), else None for the torch ops;
+    ``method`` "triton" raises instead, "torch" always gets None."""
+    usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
+    kernel = _kernel() if usable else None
+    if kernel is None or torch.cuda.get_device_capability(t.device) < sm:
+        if method == "triton":
+            gpu = f"an sm{sm[0]}{sm[1]}+ GPU" if sm > (0, 0) else "a GPU"
+            raise MissingDependencyError(f"{who}(method='triton') needs Triton on {gpu}; got {t.device}")
+        return None
+    return kernel
+
+
+def _fell_back(t: torch.Tensor, method: str, who: str, e: Exception) -> None:
+    """Triton failing to build the kernel for ``t``'s GPU: the torch ops run there from now on
+    (re-raised with ``method`` "triton")."""
+    if method == "triton":
+        raise e
+    log_once(f"{who}: the Triton kernel failed on {t.device} ({type(e).__name__}: {e}); torch ops instead")
+    _failed.add(str(t.device))
+
+
 def _tiles(t: torch.Tensor, groups: int, elements: int) -> tuple[int, int, int, int]:
     """The kernels' tiles over ``t`` (B, S, H, D): (BLOCK columns of one group of heads, ROWS rows,
     CHUNKS of columns a group, sequence blocks a batch row), about ``elements`` a program."""
@@ -135,18 +158,12 @@ def absmax(t: torch.Tensor, groups: int = 0, *, method: str = "auto") -> torch.T
     b, s, h, d = t.shape
     if groups and h % groups:
         raise ValueError(f"absmax: {groups} groups do not divide the tensor's {h} heads (shape {tuple(t.shape)})")
-    usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
-    kernel = _kernel() if usable else None
+    kernel = _triton(t, method, "absmax")
     if kernel is not None:
         try:
             return _amax_launch(kernel, t, groups)
-        except Exception as e:  # Triton failing to build it for this GPU: the torch reduction instead
-            if method == "triton":
-                raise
-            log_once(f"absmax: the Triton kernel failed on {t.device} ({type(e).__name__}: {e}); torch ops instead")
-            _failed.add(str(t.device))
-    elif method == "triton":
-        raise MissingDependencyError(f"absmax(method='triton') needs Triton on a GPU; got {t.device}")
+        except Exception as e:  # the torch reduction instead
+            _fell_back(t, method, "absmax", e)
     if not groups:
         return torch.linalg.vector_norm(t, ord=float("inf")).float().reshape(1)
     return torch.linalg.vector_norm(t.unflatten(2, (groups, h // groups)), ord=float("inf"), dim=(1, 3, 4)).float()
@@ -179,11 +196,8 @@ def _launch(
     when given), else None for the torch ops."""
     b, s, h, d = t.shape
     groups = _groups(t, scale)
-    usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
-    kernel = _kernel() if usable else None
-    if kernel is None or torch.cuda.get_device_capability(t.device) < (8, 9):
-        if method == "triton":
-            raise MissingDependencyError(f"scale_cast(method='triton') needs Triton on an sm89+ GPU; got {t.device}")
+    kernel = _triton(t, method, "scale_cast", (8, 9))
+    if kernel is None:
         return None
     if out is None:
         out = torch.empty((b, s, h, d), dtype=dtype, device=t.device)
@@ -196,11 +210,8 @@ def _launch(
             ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), FROM_AMAX=descale is not None, ROWS=rows,
             BLOCK=block, CHUNKS=chunks, CLAMP=clamp, AMAX=False,
         )  # fmt: skip
-    except Exception as e:  # Triton failing to build it for this GPU: the torch ops compute the same values
-        if method == "triton":
-            raise
-        log_once(f"scale_cast: the Triton kernel failed on {t.device} ({type(e).__name__}: {e}); torch ops instead")
-        _failed.add(str(t.device))
+    except Exception as e:  # the torch ops compute the same values
+        _fell_back(t, method, "scale_cast", e)
         return None
     return out
 
