@@ -5,9 +5,9 @@ available on the device, holds the head dim and takes the call's features (FA3's
 where ``python -m fa3trt.fa3_build`` built it, else cuDNN's FP8 SDPA); ``FA3TRT_ATTN_KERNEL``
 naming an FP8 kernel forces it. q, k, v are quantized once, with the scales that kernel takes
 (per (batch, head) for FA3, per tensor for cuDNN), computed on the device: no host sync. On a
-GPU the per-tensor quantization is one reduction (the amax) and one fused Triton pass (scale,
-clamp, cast). Without an FP8 kernel (the CPU, or a shape the kernel refuses) the caller's kernel
-computes on the dequantized inputs in the input dtype: FP8 numerics without FP8 speed, announced
+GPU the quantization is one fused Triton pass per tensor (power-of-two factors from a sample of
+its rows, checked against its amax in the same pass: ``fa3trt.attention.kernels.quantize``).
+Without an FP8 kernel (the CPU, or a shape the kernel refuses) the caller's kernel computes on the dequantized inputs in the input dtype: FP8 numerics without FP8 speed, announced
 once per (kernel, dtype) with a ``RuntimeWarning``. The op and the TensorRT plugin both call
 ``run_fp8``.
 """
@@ -22,8 +22,9 @@ import torch
 
 from fa3trt.attention.kernels import cudnn_graph
 from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX, AttentionKernel, log_once
+from fa3trt.attention.kernels.quantize import quantize_pow2
 from fa3trt.attention.kernels.registry import KERNELS, available_kernels
-from fa3trt.attention.kernels.scale_cast import absmax, quantize_cast, scale_cast
+from fa3trt.attention.kernels.scale_cast import scale_cast
 from fa3trt.attention.kernels.selector import forced_kernel
 from fa3trt.errors import CudnnGraphUnsupportedError, MissingDependencyError
 
@@ -46,17 +47,16 @@ EMULATION_WARNED: set[tuple[str, torch.dtype]] = set()
 
 
 def quantize(t: torch.Tensor, per_tensor: bool = False, heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 quantization of a (B, S, H, D) tensor with scales computed on its device (no host sync).
+    """e4m3 quantization of a (B, S, H, D) tensor with factors computed on its device (no host sync).
 
     Returns (fp8 tensor, float32 descale) with ``t ≈ fp8 * descale``: descale of shape (B, heads)
     (per batch row and head, ``heads`` = H by default; fewer: one factor per group of H / heads
     consecutive heads, as FA3 takes q's under grouped-query attention, one per key head), or
-    (1,) with ``per_tensor`` (one factor for the whole tensor). Two passes over ``t`` either way:
-    one reduction for the amax (``absmax``: no temporary, exact in any float dtype) and one fused
-    scale, clamp and cast that derives the factors from it (``quantize_cast``).
+    (1,) with ``per_tensor`` (one factor for the whole tensor). Each factor is a power of two
+    that puts its group's largest value within (128, 448], chosen from a sample of the rows and
+    checked against the true amax within the same pass (``quantize_pow2``): one pass over ``t``.
     """
-    amax = absmax(t, 0 if per_tensor else (t.shape[2] if heads is None else heads))
-    return quantize_cast(t, amax, FP8_DTYPE, FP8_MAX)
+    return quantize_pow2(t, 0 if per_tensor else (t.shape[2] if heads is None else heads), FP8_DTYPE, FP8_MAX)
 
 
 def dequantize(q8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,19 +1,22 @@
-"""``dtype(clamp(x * scale))`` of a (B, S, H, D) tensor in one pass, with the scale on the device.
+"""``dtype(clamp(x * scale))`` of a (B, S, H, D) tensor in one pass, with the scale on the device,
+and the amax such a scale comes from.
 
-FP8 attention quantizes q, k, v with it (``quantize_cast``: to e4m3, clamped to e4m3's range,
-the scale derived from the amax inside the same pass; one scale for the tensor, or one per batch
-row and group of heads) and turns an e4m3 output back into the model's dtype (``scale_cast``).
-On an sm89+ GPU one Triton kernel reads each element once and writes it once, in any of these
-dtypes, over strided rows (a fused QKV projection's views); elsewhere (the CPU, Triton missing,
-rows it cannot walk) torch ops compute the same float32 scale, product, clamp and cast: the same
-values, since each step rounds once, to nearest even. The amax it starts from (``absmax``) is the
-same kernel's other pass on a GPU, the inf-norm reduction elsewhere: a max, exact either way.
+FP8 attention turns an e4m3 output back into the model's dtype with ``scale_cast`` (and
+dequantizes with it where it emulates); ``fa3trt.attention.kernels.quantize`` quantizes q, k, v
+with the same walk over rows. On an sm89+ GPU one Triton kernel reads each element once and writes
+it once, in any of these dtypes, over strided rows (a fused QKV projection's views); elsewhere
+(the CPU, Triton missing, rows it cannot walk) torch ops compute the same float32 product, clamp
+and cast: the same values, since each step rounds once, to nearest even. ``absmax`` (max |x| per
+batch row and group of heads) is the same kernel's other pass on a GPU, the inf-norm reduction
+elsewhere: a max, exact either way. ``triton_kernel`` and ``fell_back`` are the one place that
+decides whether a Triton kernel of this package runs for a tensor and falls back when it fails.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,15 +24,12 @@ import torch
 from fa3trt.attention.kernels.base import log_once
 from fa3trt.errors import MissingDependencyError
 
-__all__ = ["scale_cast", "quantize_cast", "absmax"]
+__all__ = ["scale_cast", "absmax", "triton_kernel", "fell_back"]
 
 log = logging.getLogger(__name__)
 
 _failed: set[str] = set()
 """Devices where the Triton kernel failed to build: the torch ops run there."""
-
-_TINY = 1e-12
-"""The smallest amax a scale is derived from (an all-zero tensor gets a finite scale)."""
 
 
 @functools.cache
@@ -48,14 +48,12 @@ def _kernel() -> Any | None:
         x_ptr,
         y_ptr,
         scale_ptr,
-        descale_ptr,
         row_stride,
         seq,
         seq_blocks,
         ROW: tl.constexpr,
         GROUPS: tl.constexpr,
         PER_GROUP: tl.constexpr,
-        FROM_AMAX: tl.constexpr,
         ROWS: tl.constexpr,
         BLOCK: tl.constexpr,
         CHUNKS: tl.constexpr,
@@ -81,13 +79,7 @@ def _kernel() -> Any | None:
             top = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
             tl.atomic_max(y_ptr + at, top.to(tl.int32, bitcast=True))
         else:
-            scale = tl.load(scale_ptr + at).to(tl.float32)
-            if FROM_AMAX:  # scale_ptr holds the amax: descale = max(amax, tiny) / CLAMP, written once
-                descale = tl.math.div_rn(tl.maximum(scale, 1e-12), CLAMP)
-                once = local + seq_block + chunk == 0  # the group's first program, at its first column
-                tl.store(descale_ptr + at + local * 0, tl.zeros([BLOCK], tl.float32) + descale, mask=once)
-                scale = tl.math.div_rn(1.0, descale)
-            y = x * scale
+            y = x * tl.load(scale_ptr + at).to(tl.float32)
             if CLAMP > 0:
                 y = tl.minimum(tl.maximum(y, -CLAMP), CLAMP)
             tl.store(y_ptr + at_row * ROW + cols, y.to(y_ptr.dtype.element_ty), mask=keep)
@@ -101,12 +93,21 @@ def _rows_ok(t: torch.Tensor) -> bool:
     return t.stride(3) == 1 and t.stride(2) == d and (b == 1 or t.stride(0) == s * t.stride(1))
 
 
-def _triton(t: torch.Tensor, method: str, who: str, sm: tuple[int, int] = (0, 0)) -> Any | None:
-    """The Triton kernel where it runs for ``t`` (Triton present, a GPU of compute capability
-    ``sm`` or later where it has not failed, rows it can walk), else None for the torch ops;
-    ``method`` "triton" raises instead, "torch" always gets None."""
-    usable = method != "torch" and t.is_cuda and _rows_ok(t) and str(t.device) not in _failed
-    kernel = _kernel() if usable else None
+def triton_kernel(
+    t: torch.Tensor,
+    method: str,
+    who: str,
+    sm: tuple[int, int] = (0, 0),
+    build: Callable[[], Any | None] | None = None,
+    walkable: bool | None = None,
+) -> Any | None:
+    """The Triton kernel ``build()`` makes (default: this module's) where it runs for ``t`` (Triton
+    present, a GPU of compute capability ``sm`` or later where no kernel has failed, rows it can
+    walk: ``walkable``, default ``_rows_ok``), else None for the torch ops; ``method`` "triton"
+    raises instead, "torch" always gets None."""
+    ok = _rows_ok(t) if walkable is None else walkable
+    usable = method != "torch" and t.is_cuda and ok and str(t.device) not in _failed
+    kernel = (build or _kernel)() if usable else None
     if kernel is None or torch.cuda.get_device_capability(t.device) < sm:
         if method == "triton":
             gpu = f"an sm{sm[0]}{sm[1]}+ GPU" if sm > (0, 0) else "a GPU"
@@ -115,7 +116,7 @@ def _triton(t: torch.Tensor, method: str, who: str, sm: tuple[int, int] = (0, 0)
     return kernel
 
 
-def _fell_back(t: torch.Tensor, method: str, who: str, e: Exception) -> None:
+def fell_back(t: torch.Tensor, method: str, who: str, e: Exception) -> None:
     """Triton failing to build the kernel for ``t``'s GPU: the torch ops run there from now on
     (re-raised with ``method`` "triton")."""
     if method == "triton":
@@ -143,8 +144,8 @@ def _amax_launch(kernel: Any, t: torch.Tensor, groups: int) -> torch.Tensor:
         return bits.view(torch.float32)
     block, rows, chunks, seq_blocks = _tiles(t, groups, 4096)
     kernel[(b * seq_blocks, max(groups, 1) * chunks)](
-        t, bits, bits, bits, t.stride(1), s, seq_blocks,
-        ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), FROM_AMAX=False, ROWS=rows, BLOCK=block,
+        t, bits, bits, t.stride(1), s, seq_blocks,
+        ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), ROWS=rows, BLOCK=block,
         CHUNKS=chunks, CLAMP=0.0, AMAX=True,
     )  # fmt: skip
     return bits.view(torch.float32)
@@ -158,12 +159,12 @@ def absmax(t: torch.Tensor, groups: int = 0, *, method: str = "auto") -> torch.T
     b, s, h, d = t.shape
     if groups and h % groups:
         raise ValueError(f"absmax: {groups} groups do not divide the tensor's {h} heads (shape {tuple(t.shape)})")
-    kernel = _triton(t, method, "absmax")
+    kernel = triton_kernel(t, method, "absmax")
     if kernel is not None:
         try:
             return _amax_launch(kernel, t, groups)
         except Exception as e:  # the torch reduction instead
-            _fell_back(t, method, "absmax", e)
+            fell_back(t, method, "absmax", e)
     if not groups:
         return torch.linalg.vector_norm(t, ord=float("inf")).float().reshape(1)
     return torch.linalg.vector_norm(t.unflatten(2, (groups, h // groups)), ord=float("inf"), dim=(1, 3, 4)).float()
@@ -184,19 +185,12 @@ def _groups(t: torch.Tensor, scale: torch.Tensor) -> int:
 
 
 def _launch(
-    t: torch.Tensor,
-    scale: torch.Tensor,
-    dtype: torch.dtype,
-    clamp: float,
-    out: torch.Tensor | None,
-    method: str,
-    descale: torch.Tensor | None,
+    t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, clamp: float, out: torch.Tensor | None, method: str
 ) -> torch.Tensor | None:
-    """The Triton pass where it runs (the output; ``descale`` written from the amax in ``scale``
-    when given), else None for the torch ops."""
+    """The Triton pass where it runs (the output), else None for the torch ops."""
     b, s, h, d = t.shape
     groups = _groups(t, scale)
-    kernel = _triton(t, method, "scale_cast", (8, 9))
+    kernel = triton_kernel(t, method, "scale_cast", (8, 9))
     if kernel is None:
         return None
     if out is None:
@@ -206,12 +200,12 @@ def _launch(
     block, rows, chunks, seq_blocks = _tiles(t, groups, 2048)
     try:
         kernel[(b * seq_blocks, max(groups, 1) * chunks)](
-            t, out, scale.contiguous(), scale if descale is None else descale, t.stride(1), s, seq_blocks,
-            ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), FROM_AMAX=descale is not None, ROWS=rows,
-            BLOCK=block, CHUNKS=chunks, CLAMP=clamp, AMAX=False,
+            t, out, scale.contiguous(), t.stride(1), s, seq_blocks,
+            ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), ROWS=rows, BLOCK=block, CHUNKS=chunks,
+            CLAMP=clamp, AMAX=False,
         )  # fmt: skip
     except Exception as e:  # the torch ops compute the same values
-        _fell_back(t, method, "scale_cast", e)
+        fell_back(t, method, "scale_cast", e)
         return None
     return out
 
@@ -237,28 +231,10 @@ def scale_cast(
     on t's device, of one element or of shape (B, G) (one per batch row and group of H / G
     consecutive heads); ``clamp`` > 0 bounds the product to [-clamp, clamp]. ``method``: auto,
     triton or torch."""
-    got = _launch(t, scale, dtype, clamp, out, method, None)
+    got = _launch(t, scale, dtype, clamp, out, method)
     if got is not None:
         return got
     if out is None:
         out = torch.empty(t.shape, dtype=dtype, device=t.device)
     y = t.float() * _per_element(t, scale)
     return out.copy_(y.clamp_(-clamp, clamp) if clamp > 0 else y)
-
-
-def quantize_cast(
-    t: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype, clamp: float, *, method: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``dtype(clamp(t * (1 / descale)))``, descale) with ``descale = max(amax, 1e-12) / clamp``
-    in float32: ``amax`` (any float dtype, one element or (B, G) as ``scale_cast``'s scale) maps to
-    ``clamp``. One pass on the GPU, the scales derived inside it (no separate launches for them)."""
-    descale = torch.empty(amax.shape, dtype=torch.float32, device=t.device)
-    got = _launch(t, amax, dtype, clamp, None, method, descale)
-    if got is not None:
-        return got, descale
-    # Divided by a tensor, not a Python number: CUDA's division by a host scalar multiplies by its
-    # reciprocal, one rounding more than the Triton kernel's division, so a factor could differ in
-    # its last bit and a product on a rounding tie land on the other e4m3 value.
-    divisor = torch.full((), clamp, dtype=torch.float32, device=amax.device)
-    descale = torch.div(amax.float().clamp_min(_TINY), divisor)
-    return scale_cast(t, descale.reciprocal(), dtype, clamp=clamp, method="torch"), descale

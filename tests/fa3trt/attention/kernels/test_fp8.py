@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import fa3trt
 from fa3trt.attention.kernels import KERNEL_ENV, KERNELS, fp8
 from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX
+from fa3trt.attention.kernels.quantize import quantize_pow2
 from fa3trt.attention.kernels.registry import available_kernels
-from fa3trt.attention.kernels.scale_cast import absmax, quantize_cast, scale_cast
+from fa3trt.attention.kernels.scale_cast import absmax, scale_cast
 from fa3trt.attention.op import recording_calls
 from fa3trt.testing import reference_attention
 from tests.models import flux_inputs, tiny_flux
@@ -39,22 +41,66 @@ def _qkv(
     return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 
-def test_per_tensor_quantization_maps_the_amax_to_the_e4m3_max() -> None:
-    t = torch.randn(2, 16, 3, 8) * torch.tensor([1.0, 100.0, 0.01])[None, None, :, None]
+def _want_descale(t: torch.Tensor, groups: int) -> np.ndarray:
+    """The quantization's factors by its rule, in NumPy float64: a power of two putting the amax of
+    every 16th row of the group within (128, 256], unless the group's true amax would then pass
+    448; then the true amax's."""
+    a = np.abs(t.double().numpy())
+
+    def per_group(x: np.ndarray) -> np.ndarray:  # (B, rows, H, D): max per (B, group), or of all as (1,)
+        return x.reshape(x.shape[0], x.shape[1], groups, -1).max(axis=(1, 3)) if groups else x.max().reshape(1)
+
+    amax, est = (per_group(x).clip(1e-12) for x in (a, a[:, ::16]))
+
+    def up(x: np.ndarray) -> np.ndarray:
+        mant, exp = np.frexp(x)
+        return exp - (mant == 0.5)
+
+    final = np.where(amax * 2.0 ** (8 - up(est)) > FP8_MAX, up(amax), up(est))
+    return 2.0 ** (final - 8)
+
+
+def _within_half_a_step(back: torch.Tensor, t: torch.Tensor, descale: torch.Tensor) -> bool:
+    """Every value back within half an e4m3 step of where it was: 2^-4 of it (3 mantissa bits), or
+    2^-10 of the factor below e4m3's normal range (subnormals 2^-9 apart): nothing clipped."""
+    per = descale if descale.numel() == 1 else descale.repeat_interleave(t.shape[2] // descale.shape[1], 1)
+    per = per.reshape(-1) if descale.numel() == 1 else per[:, None, :, None]
+    return bool(((back - t).abs() <= torch.maximum(t.abs() / 16, per / 1024)).all())
+
+
+def test_per_tensor_quantization_puts_the_amax_within_the_e4m3_range_by_a_power_of_two() -> None:
+    t = torch.randn(2, 40, 3, 8) * torch.tensor([1.0, 100.0, 0.01])[None, None, :, None]
     q8, descale = fp8.quantize(t, per_tensor=True)
     assert q8.dtype == FP8_DTYPE and q8.is_contiguous() and descale.shape == (1,) and descale.dtype == torch.float32
-    assert torch.isclose(descale, t.abs().max() / FP8_MAX).all()
-    assert q8.float().abs().max() == FP8_MAX  # the largest value lands on e4m3's largest
+    np.testing.assert_array_equal(descale.double().numpy(), _want_descale(t, 0))
+    assert 128 < t.abs().max() / descale <= FP8_MAX
     back = fp8.dequantize(q8, descale, torch.float32)
-    # One factor for the tensor: e4m3's 3 mantissa bits hold each value within 2^-4 relative,
-    # until it falls below e4m3's normal range (2^-6 of the factor): the 0.01 head then loses
-    # precision that per-head factors keep. Both are within the bound on the whole tensor.
+    assert _within_half_a_step(back, t, descale)
+    # One factor for the tensor: the 0.01 head falls below e4m3's normal range and loses precision
+    # that per-head factors keep. Both are within the bound on the whole tensor.
     assert rel_err(back, t) < 0.05
     assert rel_err(back[:, :, 2], t[:, :, 2]) > rel_err(
         fp8.dequantize(*fp8.quantize(t), torch.float32)[:, :, 2], t[:, :, 2]
     )
     zeros, dz = fp8.quantize(torch.zeros(1, 4, 2, 8), per_tensor=True)  # no division by a zero amax
     assert torch.isfinite(dz).all() and torch.equal(zeros.float(), torch.zeros(1, 4, 2, 8))
+
+
+def test_a_large_value_the_sample_misses_gets_its_groups_factor_from_the_true_amax() -> None:
+    t = torch.randn(3, 50, 4, 8)
+    t[1, 7, 2, 5] = 1000.0  # row 7: not in the sample (rows 0, 16, 32, 48)
+    t[2, 32, 1, 0] = -300.0  # in it
+    q8, descale = fp8.quantize(t)
+    np.testing.assert_array_equal(descale.double().numpy(), _want_descale(t, 4))
+    assert descale[1, 2] == 4.0 and descale[2, 1] == 2.0  # 1000 -> 250, -300 -> -150
+    assert descale[1, 1] <= 1 / 32 and descale[0, 2] <= 1 / 32  # the others: from their own values
+    back = fp8.dequantize(q8, descale, torch.float32)
+    # 1000 / 4 = 250: e4m3's nearest is 256 (steps of 16 there); at the sample's factor it would clip to 7.
+    assert _within_half_a_step(back, t, descale) and back[1, 7, 2, 5] == 1024.0
+    # A batch row's values and factors are its own, whatever it is batched with.
+    alone, d_alone = fp8.quantize(t[1:2, :20])
+    together, d_together = fp8.quantize(torch.cat([t[1:2, :20], 1e3 * torch.randn(2, 20, 4, 8)]))
+    assert torch.equal(alone.float(), together[:1].float()) and torch.equal(d_alone, d_together[:1])
 
 
 @pytest.mark.parametrize("per_tensor", [False, True])
@@ -66,14 +112,18 @@ def test_strided_views_quantize_like_their_copies(per_tensor: bool) -> None:
     assert torch.equal(a.float(), b.float()) and torch.equal(da, db)
 
 
-def test_per_head_quantization_maps_each_heads_amax_to_the_e4m3_max() -> None:
-    t = torch.randn(2, 16, 3, 8) * torch.tensor([1.0, 100.0, 0.01])[None, None, :, None]
+def test_per_head_quantization_puts_each_heads_amax_within_the_e4m3_range() -> None:
+    t = torch.randn(2, 40, 3, 8) * torch.tensor([1.0, 100.0, 0.01])[None, None, :, None]
     q8, descale = fp8.quantize(t)
     assert descale.shape == (2, 3) and descale.dtype == torch.float32
-    torch.testing.assert_close(descale, t.abs().amax(dim=(1, 3)) / FP8_MAX)
-    assert torch.equal(q8.float().abs().amax(dim=(1, 3)), torch.full((2, 3), FP8_MAX))
+    np.testing.assert_array_equal(descale.double().numpy(), _want_descale(t, 3))
+    ratio = t.abs().amax(dim=(1, 3)) / descale
+    assert bool(((ratio > 128) & (ratio <= FP8_MAX)).all()), ratio
+    assert _within_half_a_step(fp8.dequantize(q8, descale, torch.float32), t, descale)
     with pytest.raises(ValueError, match=r"pass one element or \(2, G\) with G dividing 3"):
         scale_cast(t, torch.ones(3, 2), FP8_DTYPE)
+    with pytest.raises(ValueError, match="2 groups do not divide the tensor's 3 heads"):
+        fp8.quantize(t, heads=2)
 
 
 @pytest.mark.parametrize("per_tensor", [False, True])
@@ -256,23 +306,20 @@ def test_triton_quantization_equals_the_torch_ops() -> None:
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("e4m3 casts need sm89+")
     qkv = torch.randn(3, 777, 3, 8, 128, device="cuda", dtype=torch.bfloat16) * 3
-    for t in (qkv[:, :, 0], qkv[:, :, 2].contiguous(), qkv[:1, :, 1]):
-        b = t.shape[0]
-        whole = torch.linalg.vector_norm(t, ord=float("inf")).reshape(1)
-        per_head = t.abs().amax(dim=(1, 3))
-        per_pair = t.unflatten(2, (4, 2)).abs().amax(dim=(1, 3, 4))  # (B, 4): GQA's q, 2 heads per key head
-        for amax in (whole, per_head, per_pair):
+    qkv[1, 21, 0, 5, 7] = 2000.0  # off the sample (every 16th row): its group is cast again
+    for t in (qkv[:, :, 0], qkv[:, :, 2].contiguous(), qkv[:1, :, 1], qkv[:, :300, 0]):
+        for groups in (0, 8, 4):  # per tensor, per head, GQA's q (2 heads per key head)
             (fast, d_fast), (ops, d_ops) = (
-                quantize_cast(t, amax, FP8_DTYPE, FP8_MAX, method=m) for m in ("triton", "torch")
+                quantize_pow2(t, groups, FP8_DTYPE, FP8_MAX, method=m) for m in ("triton", "torch")
             )
-            assert torch.equal(fast.view(torch.uint8), ops.view(torch.uint8)), amax.shape
-            assert torch.equal(d_fast, d_ops) and d_fast.shape == amax.shape, amax.shape
-            assert torch.equal(fast.float().abs().amax(), torch.tensor(FP8_MAX, device="cuda"))
-            groups = amax.shape[1] if amax.dim() == 2 else 0  # the amax itself, by one Triton pass
-            assert torch.equal(absmax(t, groups, method="triton"), amax.float()), amax.shape
+            assert torch.equal(fast.view(torch.uint8), ops.view(torch.uint8)), (t.shape, groups)
+            assert torch.equal(d_fast, d_ops), (t.shape, groups)
+            np.testing.assert_array_equal(d_fast.double().cpu().numpy(), _want_descale(t.cpu(), groups))
+            amax = absmax(t, groups, method="torch")  # the amax itself, by one Triton pass
+            assert torch.equal(absmax(t, groups, method="triton"), amax), (t.shape, groups)
             # ... and back (an e4m3 output into the model's dtype), with the same factors.
             back = [scale_cast(fast, d_fast, torch.bfloat16, method=m) for m in ("triton", "torch")]
-            assert torch.equal(back[0], back[1]), b
+            assert torch.equal(back[0], back[1]), (t.shape, groups)
 
 
 @gpu
@@ -332,5 +379,6 @@ def test_grouped_query_heads_share_one_factor_per_key_head() -> None:
     t = torch.randn(2, 16, 6, 8) * torch.tensor([1.0, 2.0, 100.0, 50.0, 0.5, 0.1])[None, None, :, None]
     q8, descale = fp8.quantize(t, heads=3)
     assert descale.shape == (2, 3)
-    torch.testing.assert_close(descale, t.unflatten(2, (3, 2)).abs().amax(dim=(1, 3, 4)) / FP8_MAX)
-    assert rel_err(fp8.dequantize(q8, descale, torch.float32), t) < 0.05
+    np.testing.assert_array_equal(descale.double().numpy(), _want_descale(t, 3))
+    back = fp8.dequantize(q8, descale, torch.float32)
+    assert _within_half_a_step(back, t, descale) and rel_err(back, t) < 0.05
