@@ -38,8 +38,9 @@ from fa3trt.generation.config import GenerationArgs
 from fa3trt.generation.parts import part_config
 from fa3trt.generation.requests import GenerateRequest, Limits
 from fa3trt.models.spec import SourceSpec
+from fa3trt.transfer import to_device
 
-__all__ = ["FAMILIES", "Family", "Start", "family_for", "noise_from_seed"]
+__all__ = ["FAMILIES", "Family", "Start", "family_for", "noise_from_seed", "on_device", "schedule"]
 
 FAMILIES = {
     "FluxTransformer2DModel": "fa3trt.generation.flux:FluxFamily",
@@ -75,6 +76,24 @@ def noise_from_seed(shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> to
 
     g = torch.Generator("cpu").manual_seed(seed)
     return randn_tensor(shape, generator=g, device=torch.device("cpu"), dtype=dtype)
+
+
+def on_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on ``device`` in ``dtype``, queued through page-locked memory: preparing a
+    request or a pass never waits for the pass the device is running (a copy from pageable
+    memory waits for the whole stream; on a serving loop that keeps one pass queued ahead, the
+    device would then idle while the host prepares and launches the next)."""
+    return to_device(t if dtype is None else t.to(dtype), device)
+
+
+def schedule(scheduler: Any, device: torch.device, **kwargs: Any) -> torch.Tensor:
+    """``scheduler.set_timesteps(**kwargs)`` on the CPU (where the scheduler keeps its sigmas), its
+    first step index set to 0 where it takes one (no lookup of the timestep on the device at the
+    first step); the timesteps on ``device``, queued."""
+    scheduler.set_timesteps(device="cpu", **kwargs)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    return on_device(scheduler.timesteps, device)
 
 
 class Family(abc.ABC):
@@ -177,9 +196,8 @@ class Family(abc.ABC):
             at = 0 if negative_first else 1
             rows.insert(at, req.negative_prompt_embeds)
             pooled.insert(at, req.negative_pooled_prompt_embeds)
-        return (
-            torch.from_numpy(np.stack(rows)).to(device, dtype),
-            torch.from_numpy(np.stack(pooled)).to(device, dtype),
+        return on_device(torch.from_numpy(np.stack(rows)), device, dtype), on_device(
+            torch.from_numpy(np.stack(pooled)), device, dtype
         )
 
     @abc.abstractmethod

@@ -28,7 +28,7 @@ import torch
 
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import FLUX_SCHEDULER, GenerationArgs
-from fa3trt.generation.family import Family, Start, config_width, noise_from_seed
+from fa3trt.generation.family import Family, Start, config_width, noise_from_seed, on_device, schedule
 from fa3trt.generation.requests import GenerateRequest
 from fa3trt.models.spec import SourceSpec
 
@@ -103,17 +103,17 @@ class FluxFamily(Family):
         h, w = 2 * (req.height // self.pixel_step), 2 * (req.width // self.pixel_step)
         c = self.latent_channels
         if req.latents is not None:
-            latents = torch.from_numpy(req.latents)[None].to(device, dtype)
+            latents = on_device(torch.from_numpy(req.latents)[None], device, dtype)
         else:  # drawn as the pipeline draws them, then packed
             noise = noise_from_seed((1, c, h, w), req.seed, dtype)
             latents = noise.view(1, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, -1, c * 4)
-            latents = latents.to(device)
+            latents = on_device(latents, device)
         ids = torch.zeros(h // 2, w // 2, 3)
         ids[..., 1] += torch.arange(h // 2)[:, None]
         ids[..., 2] += torch.arange(w // 2)[None, :]
         shared = {
-            "img_ids": ids.reshape(-1, 3).to(device, dtype),
-            "txt_ids": torch.zeros(req.prompt_embeds.shape[0], 3).to(device, dtype),
+            "img_ids": on_device(ids.reshape(-1, 3), device, dtype),
+            "txt_ids": torch.zeros(req.prompt_embeds.shape[0], 3, device=device, dtype=dtype),
         }
         embeds, pooled = self._rows(req, req.cfg, negative_first=False, device=device, dtype=dtype)
         scheduler = self.scheduler()
@@ -121,10 +121,9 @@ class FluxFamily(Family):
         # As the pipeline: evenly spaced sigmas, unless the scheduler makes its own.
         sigmas = None if getattr(config, "use_flow_sigmas", False) else np.linspace(1.0, 1 / req.steps, req.steps)
         mu = scheduler_shift(config, latents.shape[1], max_shift=1.15)
-        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-        scheduler.set_begin_index(0)
+        timesteps = schedule(scheduler, device, sigmas=sigmas, mu=mu)
         cfg_scale = req.true_cfg_scale if req.cfg else 1.0
-        return Start(latents, embeds, pooled, req.guidance_scale, cfg_scale, scheduler, scheduler.timesteps, shared)
+        return Start(latents, embeds, pooled, req.guidance_scale, cfg_scale, scheduler, timesteps, shared)
 
     def inputs(self, states: list[Any]) -> dict[str, torch.Tensor]:
         """One pass over ``states`` (each at its own step; equal image and text sizes)."""
@@ -147,7 +146,7 @@ class FluxFamily(Family):
             **first.shared,
         }
         if self.guidance_embeds:
-            batch["guidance"] = torch.tensor(guidance, dtype=torch.float32, device=first.latents.device)
+            batch["guidance"] = on_device(torch.tensor(guidance, dtype=torch.float32), first.latents.device)
         return batch
 
     def noise(self, out: torch.Tensor, states: list[Any]) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ import torch
 from fa3trt.buckets import Buckets
 from fa3trt.errors import ConfigError
 from fa3trt.generation.config import GenerationArgs
-from fa3trt.generation.family import Family, Start, config_width, noise_from_seed
+from fa3trt.generation.family import Family, Start, config_width, noise_from_seed, on_device, schedule
 from fa3trt.generation.flux import scheduler_shift
 from fa3trt.generation.requests import GenerateRequest
 from fa3trt.models.spec import SourceSpec
@@ -99,9 +99,9 @@ class SD3Family(Family):
         vsf = self.args.vae_scale_factor
         shape = (1, self.channels, req.height // vsf, req.width // vsf)
         if req.latents is not None:
-            latents = torch.from_numpy(req.latents)[None].to(device, dtype)
+            latents = on_device(torch.from_numpy(req.latents)[None], device, dtype)
         else:
-            latents = noise_from_seed(shape, req.seed, dtype).to(device)
+            latents = on_device(noise_from_seed(shape, req.seed, dtype), device)
         cfg = req.guidance_scale > 1.0  # parse_request made sure it has its negative rows
         embeds, pooled = self._rows(req, cfg, negative_first=True, device=device, dtype=dtype)
         scheduler = self.scheduler()
@@ -109,8 +109,8 @@ class SD3Family(Family):
         kwargs: dict[str, Any] = {}
         if config.get("use_dynamic_shifting", None):
             kwargs["mu"] = scheduler_shift(config, self.tokens(req.height, req.width), max_shift=1.16)
-        scheduler.set_timesteps(req.steps, device=device, **kwargs)
-        return Start(latents, embeds, pooled, 0.0, req.guidance_scale if cfg else 1.0, scheduler, scheduler.timesteps)
+        timesteps = schedule(scheduler, device, num_inference_steps=req.steps, **kwargs)
+        return Start(latents, embeds, pooled, 0.0, req.guidance_scale if cfg else 1.0, scheduler, timesteps)
 
     def inputs(self, states: list[Any]) -> dict[str, torch.Tensor]:
         """One pass over ``states`` (each at its own step; equal image and text sizes)."""

@@ -56,3 +56,38 @@ def test_flux_width_generation_batched_matches_the_pipeline_alone() -> None:
         got = g.latents[0].float().cpu().numpy()
         err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         assert err < 5e-2, (r["height"], r["steps"], err)  # bf16: two attention kernels' rounding over the steps
+
+
+def test_preparing_a_request_and_a_pass_never_waits_for_the_device() -> None:
+    """A request's start (noise, prompt rows, timesteps) and a pass's inputs are queued through
+    page-locked memory: with a pass in flight, neither synchronizes with the device (a copy from
+    pageable memory would, and the device would idle while the host prepares the next pass)."""
+    args = GenerationArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
+    family = FluxFamily(args)
+    limits = family.limits()
+    backend = load_backend("torch", family.spec(), device="cuda")
+    eng = StepEngine(family, backend, args.bucket_set(), args.max_batch_rows)
+    rng = np.random.default_rng(1)
+
+    def request(seed: int) -> object:
+        fields = {
+            "prompt_embeds": rng.standard_normal((64, limits.text_dim)).astype(np.float32),
+            "pooled_prompt_embeds": rng.standard_normal(limits.pooled_dim).astype(np.float32),
+            "height": 512,
+            "width": 512,
+            "steps": 4,
+            "seed": seed,
+        }
+        return parse_request(fields, limits)
+
+    eng.admit(eng.new(request(0)))
+    eng.step(eng.pick())  # the first pass of this shape compiles and allocates outside the check
+    torch.cuda.synchronize()
+    eng.step(eng.pick())  # queued: the device runs it meanwhile
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gen = eng.new(request(1))
+        family.inputs([*eng.pick(), gen])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
