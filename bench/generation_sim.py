@@ -131,7 +131,7 @@ def replay(
                 active.append(req)
             else:
                 refused += 1
-        batch = pick(active, policy, max_rows)
+        batch = pick(active, policy, max_rows, model, now)
         if not batch:
             if nxt < len(plan):
                 now = max(now, plan[nxt][0])

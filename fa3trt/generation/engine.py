@@ -144,7 +144,7 @@ class StepEngine:
 
     def pick(self) -> list[Generation]:
         with self._lock:
-            return pick(self.active, self.policy, self.max_rows)
+            return pick(self.active, self.policy, self.max_rows, self.cost, self.clock())
 
     def __len__(self) -> int:
         return len(self.active)

@@ -5,14 +5,17 @@ Contract:
 - ``order(states, policy)``: ``edf``, earliest deadline first (no deadline last; ties in arrival
   order), or ``fifo``, arrival order. Re-ordered at every step boundary, so a long request yields
   to one whose deadline is nearer: preemption, its latents and step index kept where they are.
-- ``pick(states, policy, max_rows)``: the first request in that order, and the requests of its
-  shape (only equal shapes share a pass) next in order, up to ``max_rows`` rows.
+- ``pick(states, policy, max_rows, cost, now)``: the first request in that order, and the
+  requests of its shape (only equal shapes share a pass) next in order, up to ``max_rows`` rows.
+  Under ``edf`` with a cost model, a request joins only if it makes no request already in the
+  batch miss a deadline that one would meet without it (each one's remaining passes at the
+  batch's rows): a later deadline waits rather than slow an earlier one past its own.
 - ``CostModel``: seconds per pass by (bucket, rows), measured at warm-up (1 and powers of two);
   ``seconds`` is linear between the measured row counts around the rows the batch runs as (its
   own, or the CUDA graph's it replays: ``runs_as``), never below a smaller count's, linear past
   the largest.
-- ``finish_times(states, cost, policy, max_rows)``: each request's time until it finishes if
-  nothing else arrives: the loop's passes replayed, ``pick``'s batches at the measured seconds.
+- ``finish_times(states, cost, policy, max_rows, now)``: each request's time until it finishes
+  if nothing else arrives: the loop's passes replayed, ``pick``'s batches at the measured seconds.
 - ``admission(new, states, cost, policy, max_rows, now)``: ``new``'s estimate and why it is
   refused (None when admitted): a request is admitted only if it meets its deadline and every
   request in flight that would meet its own still does. The engine's admission check, and the
@@ -56,21 +59,33 @@ def order(states: Sequence[S], policy: Policy) -> list[S]:
     return sorted(states, key=lambda s: (s.deadline, s.arrival))
 
 
-def pick(states: Sequence[S], policy: Policy, max_rows: int) -> list[S]:
+def pick(
+    states: Sequence[S], policy: Policy, max_rows: int, cost: CostModel | None = None, now: float = 0.0
+) -> list[S]:
     """The next pass's requests (see the module docstring); empty when nothing is in flight."""
-    return _fill(order(states, policy), max_rows)
+    return _fill(order(states, policy), max_rows, cost if policy == "edf" else None, now)
 
 
-def _fill(ranked: Sequence[S], max_rows: int) -> list[S]:
-    """The first of ``ranked`` and the requests of its shape next in order, up to ``max_rows`` rows."""
+def _fill(ranked: Sequence[S], max_rows: int, cost: CostModel | None = None, now: float = 0.0) -> list[S]:
+    """The first of ``ranked`` and the requests of its shape next in order, up to ``max_rows``
+    rows; with ``cost``, a request joins only if no request already in the batch that would
+    finish by its deadline at the batch's rows would miss it at the rows with it (at ``now``)."""
     if not ranked:
         return []
     head = ranked[0]
     batch, rows = [head], head.rows
+
+    def on_time(s: S, n: int) -> bool:  # s's remaining passes all at n rows
+        assert cost is not None
+        return now + s.remaining * cost.seconds(head.bucket, n) <= s.deadline
+
     for s in ranked[1:]:
-        if s.key == head.key and rows + s.rows <= max_rows:
-            batch.append(s)
-            rows += s.rows
+        if s.key != head.key or rows + s.rows > max_rows:
+            continue
+        if cost is not None and any(on_time(m, rows) and not on_time(m, rows + s.rows) for m in batch):
+            continue  # it waits: joining would slow a request that makes its deadline past it
+        batch.append(s)
+        rows += s.rows
     return batch
 
 
@@ -111,16 +126,18 @@ class CostModel:
         return {f"{b}x{r}": s for (b, r), s in sorted(self.seconds_by.items())}
 
 
-def finish_times(states: Sequence[S], cost: CostModel, policy: Policy, max_rows: int) -> list[tuple[S, float]]:
+def finish_times(
+    states: Sequence[S], cost: CostModel, policy: Policy, max_rows: int, now: float = 0.0
+) -> list[tuple[S, float]]:
     """Each request in serving order with the seconds until it finishes, if nothing else
-    arrives: the loop's passes replayed (``pick``'s batches at the cost model's seconds), a
-    batch's passes at once until one of its requests is done."""
+    arrives: the loop's passes replayed (``pick``'s batches at the cost model's seconds, from
+    ``now`` on the deadlines' clock), a batch's passes at once until one of its requests is done."""
     ranked = order(states, policy)
     left = {id(s): s.remaining for s in ranked}
     done: dict[int, float] = {}
     live, t = [s for s in ranked if left[id(s)] > 0], 0.0
     while live:
-        batch = _fill(live, max_rows)
+        batch = _fill(live, max_rows, cost if policy == "edf" else None, now + t)
         passes = min(left[id(s)] for s in batch)
         t += passes * cost.seconds(batch[0].bucket, sum(s.rows for s in batch))
         for s in batch:
@@ -136,7 +153,7 @@ def admission(
 ) -> tuple[float, str | None]:
     """(``new``'s seconds to its end if admitted at ``now``, why it is refused or None): see the
     module docstring. Deadlines are on ``now``'s clock."""
-    after = finish_times([*states, new], cost, policy, max_rows)
+    after = finish_times([*states, new], cost, policy, max_rows, now)
     eta = next(t for s, t in after if s is new)
     if now + eta > new.deadline:
         budget = (new.deadline - new.arrival) * 1e3
@@ -144,7 +161,7 @@ def admission(
             f"deadline_ms {budget:.0f} cannot be met: this request would take about {eta * 1e3:.0f} ms with "
             f"the {len(states)} in flight; retry later, or give it {math.ceil(eta * 1e3)} ms"
         )
-    before = {id(s): t for s, t in finish_times(states, cost, policy, max_rows)}
+    before = {id(s): t for s, t in finish_times(states, cost, policy, max_rows, now)}
     for s, t in after:
         if s is not new and now + t > s.deadline >= now + before[id(s)]:
             return eta, (

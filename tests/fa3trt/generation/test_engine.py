@@ -181,12 +181,13 @@ def test_a_deadline_that_cannot_be_met_is_refused_with_the_estimate(family: Flux
     with pytest.raises(DeadlineError, match="would make a request in flight miss its deadline"):
         eng.admit(pushy)
     # Without a deadline it goes last; of the small one's shape it would share (and slow: 15 ms a
-    # pass) the small one's passes past its deadline, so only another shape is admitted.
-    with pytest.raises(DeadlineError, match="would make a request in flight miss"):
-        eng.admit(eng.new(parse_request(fields(32, 32, 4, 5), limits)))
+    # pass) the small one's passes past its deadline, so it waits for them: admitted, after both.
+    waiter = eng.new(parse_request(fields(32, 32, 4, 5), limits))
+    assert eng.admit(waiter) == pytest.approx(0.05 + 0.1 + 0.04)
+    assert eng.pick() == [small]
     patient = eng.new(parse_request(fields(32, 64, 4, 6), limits))
-    assert eng.admit(patient) == pytest.approx(0.05 + 0.1 + 0.04)
-    assert eng.active == [first, small, patient]
+    assert eng.admit(patient) == pytest.approx(0.05 + 0.1 + 0.04 + 0.04)
+    assert eng.active == [first, small, waiter, patient]
 
 
 def test_a_cancelled_request_leaves_the_next_pass(family: FluxFamily, backend: Any) -> None:

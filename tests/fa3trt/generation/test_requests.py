@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from fa3trt.errors import ConfigError, InvalidInputError
 from fa3trt.generation import FluxFamily, GenerationArgs, family_for, parse_request
-from fa3trt.generation.policy import CostModel, finish_times, order, pick
+from fa3trt.generation.policy import CostModel, admission, finish_times, order, pick
 from fa3trt.generation.requests import Limits
 
 LIMITS = Limits(
@@ -167,5 +167,27 @@ def test_policy_orders_picks_and_replays_the_passes() -> None:
     assert [graphs.seconds(1, r) for r in (4, 5, 6, 7)] == [2.5, 3.5, 3.5, 4.5]
     # edf: b alone 2 x 1.0; then c, a, d together (4 rows: 1.5) for d's 1 pass, c and a (2 rows)
     # for 2 passes until c is done, a alone for its last.
+    times = dict((s.key + (s.arrival,), t) for s, t in finish_times([a, b, c, d], cost, "fifo", 8))
+    # fifo: a, c, d together (4 rows: 1.5) for d's 1 pass, a and c (2 rows) for 2 passes until c
+    # is done, a alone for its last, then b.
+    assert times == {("x", 0): 5.5, ("y", 1): 7.5, ("x", 2): 4.5, ("x", 3): 1.5}
+
+
+def test_under_edf_a_later_deadline_waits_rather_than_make_an_earlier_one_late() -> None:
+    # Pass seconds: 1.0 at one row, 1.5 at two or three.
+    cost = CostModel({(0, 1): 1.0, (0, 2): 1.5, (0, 4): 1.5})
+    a, b, c, d = S("x", 1, 0, 9, 4), S("y", 1, 1, 2, 2), S("x", 1, 2, 5, 3), S("x", 2, 3, float("inf"), 1)
+    # Without the cost model every request of c's shape joins it; with it, c (3 passes, due at 5)
+    # makes its deadline alone from t = 2 and not at two rows, so a and d wait.
+    assert pick([a, c, d], "edf", 8) == [c, a, d]
+    assert pick([a, c, d], "edf", 8, cost, now=2.0) == [c]
+    assert pick([a, c, d], "edf", 8, cost, now=0.0) == [c, a, d]  # due at 5: 4.5 at two rows is in time
+    assert pick([a, c, d], "fifo", 8, cost, now=2.0) == [a, c, d]  # arrival order, no deadlines
+    # edf: b alone 2 x 1.0; c alone to 5 (in time, where joined by a and d it would end at 6.5);
+    # a alone to 9 (d would make it late); d last.
     times = dict((s.key + (s.arrival,), t) for s, t in finish_times([a, b, c, d], cost, "edf", 8))
-    assert times == {("y", 1): 2.0, ("x", 3): 3.5, ("x", 2): 6.5, ("x", 0): 7.5}
+    assert times == {("y", 1): 2.0, ("x", 2): 5.0, ("x", 0): 9.0, ("x", 3): 10.5}
+    # The admission check replays the same plan: a request that can wait is admitted.
+    # At t = 2 with c in flight, a request of 3 passes due at 8: beside c both would end at 6.5, c
+    # late; waiting for c, it ends at 8.
+    assert admission(S("x", 1, 2, 8.0, 3), [c], cost, "edf", 8, 2.0) == (6.0, None)
