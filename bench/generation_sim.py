@@ -32,7 +32,7 @@ from typing import Any
 
 from bench._common import save
 from bench.generation import ARMS, arrival_plan, capacity_rps, plot, print_goals, print_row, summarize
-from fa3trt.generation.policy import CostModel, Policy, admission, pick
+from fa3trt.generation.policy import CostModel, Planner, Policy, admission
 
 
 @dataclass(eq=False)
@@ -112,6 +112,7 @@ def replay(
     done: list[tuple[float, float, float]] = []
     refused = passes = rows = nxt = 0
     now = busy = 0.0
+    planner = Planner()
     while nxt < len(plan) or waiting or active:
         while nxt < len(plan) and plan[nxt][0] <= now:
             at, size, steps = plan[nxt]
@@ -127,11 +128,12 @@ def replay(
         else:
             admit = []
         for req in admit:
-            if admission(req, active, model, policy, max_rows, now)[1] is None:
+            if admission(req, active, model, policy, max_rows, now, planner.current(active))[1] is None:
                 active.append(req)
+                planner.replan()
             else:
                 refused += 1
-        batch = pick(active, policy, max_rows, model, now)
+        batch = planner.pick(active, policy, max_rows, model, now)
         if not batch:
             if nxt < len(plan):
                 now = max(now, plan[nxt][0])

@@ -37,7 +37,7 @@ import torch
 from fa3trt.buckets import Buckets
 from fa3trt.errors import DeadlineError
 from fa3trt.generation.family import Family, Start
-from fa3trt.generation.policy import CostModel, Policy, admission, pick
+from fa3trt.generation.policy import CostModel, Planner, Policy, admission
 from fa3trt.generation.requests import GenerateRequest
 
 __all__ = ["Generation", "StepEngine"]
@@ -94,6 +94,7 @@ class StepEngine:
         self.family, self.backend, self.buckets = family, backend, buckets
         self.max_rows, self.policy, self.clock = max_rows, policy, clock
         self.cost = CostModel(runs_as=backend.batch_rows)
+        self.planner = Planner()
         self.active: list[Generation] = []
         self._lock = threading.Lock()
         self.passes = 0
@@ -130,10 +131,12 @@ class StepEngine:
         raises ``DeadlineError`` when its deadline cannot be met, or when going ahead of a request
         in flight would make that one miss a deadline it would otherwise meet."""
         with self._lock:
-            eta, refused = admission(gen, self.active, self.cost, self.policy, self.max_rows, self.clock())
+            current = self.planner.current(self.active)
+            eta, refused = admission(gen, self.active, self.cost, self.policy, self.max_rows, self.clock(), current)
             if refused is not None:
                 raise DeadlineError(refused, eta)
             self.active.append(gen)
+            self.planner.replan()
             return eta
 
     def cancel(self, gen: Generation) -> None:
@@ -144,7 +147,7 @@ class StepEngine:
 
     def pick(self) -> list[Generation]:
         with self._lock:
-            return pick(self.active, self.policy, self.max_rows, self.cost, self.clock())
+            return self.planner.pick(self.active, self.policy, self.max_rows, self.cost, self.clock())
 
     def __len__(self) -> int:
         return len(self.active)

@@ -10,6 +10,9 @@ Contract:
   Under ``edf`` with a cost model, a request joins only if it makes no request already in the
   batch miss a deadline that one would meet without it (each one's remaining passes at the
   batch's rows): a later deadline waits rather than slow an earlier one past its own.
+- ``Planner``: ``pick`` for a serving loop, its batch kept until a request of it finishes or
+  leaves, or one is admitted (``replan``): the passes ``finish_times`` replays (from the kept
+  batch, ``current``, for the requests in flight without the new one).
 - ``CostModel``: seconds per pass by (bucket, rows), measured at warm-up (1 and powers of two);
   ``seconds`` is linear between the measured row counts around the rows the batch runs as (its
   own, or the CUDA graph's it replays: ``runs_as``), never below a smaller count's, linear past
@@ -29,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
-__all__ = ["Policy", "order", "pick", "CostModel", "finish_times", "admission", "Scheduled"]
+__all__ = ["Policy", "order", "pick", "Planner", "CostModel", "finish_times", "admission", "Scheduled"]
 
 Policy = Literal["edf", "fifo"]
 
@@ -66,10 +69,17 @@ def pick(
     return _fill(order(states, policy), max_rows, cost if policy == "edf" else None, now)
 
 
-def _fill(ranked: Sequence[S], max_rows: int, cost: CostModel | None = None, now: float = 0.0) -> list[S]:
+def _fill(
+    ranked: Sequence[S],
+    max_rows: int,
+    cost: CostModel | None = None,
+    now: float = 0.0,
+    left: dict[int, int] | None = None,
+) -> list[S]:
     """The first of ``ranked`` and the requests of its shape next in order, up to ``max_rows``
     rows; with ``cost``, a request joins only if no request already in the batch that would
-    finish by its deadline at the batch's rows would miss it at the rows with it (at ``now``)."""
+    finish by its deadline at the batch's rows would miss it at the rows with it (at ``now``,
+    with the passes ``left`` to each, by id: default its ``remaining``)."""
     if not ranked:
         return []
     head = ranked[0]
@@ -77,7 +87,8 @@ def _fill(ranked: Sequence[S], max_rows: int, cost: CostModel | None = None, now
 
     def on_time(s: S, n: int) -> bool:  # s's remaining passes all at n rows
         assert cost is not None
-        return now + s.remaining * cost.seconds(head.bucket, n) <= s.deadline
+        passes = s.remaining if left is None else left[id(s)]
+        return now + passes * cost.seconds(head.bucket, n) <= s.deadline
 
     for s in ranked[1:]:
         if s.key != head.key or rows + s.rows > max_rows:
@@ -87,6 +98,33 @@ def _fill(ranked: Sequence[S], max_rows: int, cost: CostModel | None = None, now
         batch.append(s)
         rows += s.rows
     return batch
+
+
+class Planner:
+    """``pick`` for a serving loop: the batch kept from one pass to the next until one of its
+    requests finishes or leaves, or a request is admitted (``replan``), so the passes run the
+    plan ``finish_times`` replays for the admission check. (Re-filled every pass under ``edf``, a
+    waiting request would join as the batch's deadlines loosen, and the slower passes would delay
+    the requests planned after the batch past the times they were admitted on.)"""
+
+    def __init__(self) -> None:
+        self._batch: list[Any] = []
+
+    def replan(self) -> None:
+        self._batch = []
+
+    def current(self, states: Sequence[S]) -> list[S] | None:
+        """The batch the next pass runs if nothing changes, where one is kept (None: a new fill)."""
+        live = {id(s) for s in states if s.remaining > 0}
+        return list(self._batch) if self._batch and all(id(s) in live for s in self._batch) else None
+
+    def pick(
+        self, states: Sequence[S], policy: Policy, max_rows: int, cost: CostModel | None = None, now: float = 0.0
+    ) -> list[S]:
+        kept = self.current(states)
+        if kept is None:
+            self._batch = kept = pick(states, policy, max_rows, cost, now)
+        return kept
 
 
 @dataclass
@@ -127,17 +165,24 @@ class CostModel:
 
 
 def finish_times(
-    states: Sequence[S], cost: CostModel, policy: Policy, max_rows: int, now: float = 0.0
+    states: Sequence[S],
+    cost: CostModel,
+    policy: Policy,
+    max_rows: int,
+    now: float = 0.0,
+    first: Sequence[S] | None = None,
 ) -> list[tuple[S, float]]:
     """Each request in serving order with the seconds until it finishes, if nothing else
     arrives: the loop's passes replayed (``pick``'s batches at the cost model's seconds, from
-    ``now`` on the deadlines' clock), a batch's passes at once until one of its requests is done."""
+    ``now`` on the deadlines' clock; ``first``: the batch the loop keeps, where it keeps one), a
+    batch's passes at once until one of its requests is done."""
     ranked = order(states, policy)
     left = {id(s): s.remaining for s in ranked}
     done: dict[int, float] = {}
     live, t = [s for s in ranked if left[id(s)] > 0], 0.0
     while live:
-        batch = _fill(live, max_rows, cost if policy == "edf" else None, now + t)
+        batch = list(first) if first else _fill(live, max_rows, cost if policy == "edf" else None, now + t, left)
+        first = None
         passes = min(left[id(s)] for s in batch)
         t += passes * cost.seconds(batch[0].bucket, sum(s.rows for s in batch))
         for s in batch:
@@ -149,10 +194,17 @@ def finish_times(
 
 
 def admission(
-    new: S, states: Sequence[S], cost: CostModel, policy: Policy, max_rows: int, now: float
+    new: S,
+    states: Sequence[S],
+    cost: CostModel,
+    policy: Policy,
+    max_rows: int,
+    now: float,
+    current: Sequence[S] | None = None,
 ) -> tuple[float, str | None]:
     """(``new``'s seconds to its end if admitted at ``now``, why it is refused or None): see the
-    module docstring. Deadlines are on ``now``'s clock."""
+    module docstring. Deadlines are on ``now``'s clock; ``current``: the batch the loop keeps
+    (``Planner.current``), which it runs on if ``new`` is refused (if admitted, it plans anew)."""
     after = finish_times([*states, new], cost, policy, max_rows, now)
     eta = next(t for s, t in after if s is new)
     if now + eta > new.deadline:
@@ -161,7 +213,7 @@ def admission(
             f"deadline_ms {budget:.0f} cannot be met: this request would take about {eta * 1e3:.0f} ms with "
             f"the {len(states)} in flight; retry later, or give it {math.ceil(eta * 1e3)} ms"
         )
-    before = {id(s): t for s, t in finish_times(states, cost, policy, max_rows, now)}
+    before = {id(s): t for s, t in finish_times(states, cost, policy, max_rows, now, current)}
     for s, t in after:
         if s is not new and now + t > s.deadline >= now + before[id(s)]:
             return eta, (

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from fa3trt.errors import ConfigError, InvalidInputError
 from fa3trt.generation import FluxFamily, GenerationArgs, family_for, parse_request
-from fa3trt.generation.policy import CostModel, admission, finish_times, order, pick
+from fa3trt.generation.policy import CostModel, Planner, admission, finish_times, order, pick
 from fa3trt.generation.requests import Limits
 
 LIMITS = Limits(
@@ -191,3 +191,29 @@ def test_under_edf_a_later_deadline_waits_rather_than_make_an_earlier_one_late()
     # At t = 2 with c in flight, a request of 3 passes due at 8: beside c both would end at 6.5, c
     # late; waiting for c, it ends at 8.
     assert admission(S("x", 1, 2, 8.0, 3), [c], cost, "edf", 8, 2.0) == (6.0, None)
+
+
+def test_the_loop_keeps_its_batch_until_one_of_it_finishes_or_a_request_is_admitted() -> None:
+    cost = CostModel({(0, 1): 1.0, (0, 2): 1.5, (0, 4): 1.5})
+    c, a = S("x", 1, 2, 5.5, 3), S("x", 1, 0, 9, 4)
+    planner = Planner()
+    assert planner.pick([a, c], "edf", 8, cost, now=2.0) == [c]  # beside a, c would end at 6.5: a waits
+    # Two passes on, c's last pass would end in time beside a (4 + 1.5 <= 5.5): re-filled, a
+    # would join, but the loop runs the plan it was admitted on, c alone to its end.
+    c.remaining = 1
+    assert pick([a, c], "edf", 8, cost, now=4.0) == [c, a]
+    assert planner.current([a, c]) == [c] and planner.pick([a, c], "edf", 8, cost, now=4.0) == [c]
+    planner.replan()  # a request admitted: a new plan
+    assert planner.pick([a, c], "edf", 8, cost, now=4.0) == [c, a]
+    c.remaining = 0  # done: the next pick fills anew
+    assert planner.current([a]) is None and planner.pick([a], "edf", 8, cost, now=5.5) == [a]
+
+
+def test_the_replayed_plan_reads_each_requests_passes_left_at_that_point() -> None:
+    cost = CostModel({(0, 1): 1.0, (0, 2): 1.5, (0, 4): 1.5})
+    e, a, c = S("x", 1, 0, 2, 1), S("x", 1, 1, 5, 4), S("x", 1, 2, 3.5, 3)
+    # All three share e's one pass (to 1.5; c, due at 3.5, is late at two rows either way). Then
+    # c has 2 passes left: alone they end at 3.5, in time, beside a at 4.5: a waits for c. (Read
+    # at c's 3 passes of the start, c would look late alone too, and a would join and make it so.)
+    times = dict((s.arrival, t) for s, t in finish_times([e, a, c], cost, "edf", 8))
+    assert times == {0: 1.5, 2: 3.5, 1: 6.5}
