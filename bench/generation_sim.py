@@ -32,7 +32,7 @@ from typing import Any
 
 from bench._common import save
 from bench.generation import ARMS, arrival_plan, capacity_rps, plot, print_goals, print_row, summarize
-from fa3trt.generation.policy import CostModel, Planner, Policy, admission
+from fa3trt.generation.policy import CostModel, Planner, Policy
 
 
 @dataclass(eq=False)
@@ -128,9 +128,8 @@ def replay(
         else:
             admit = []
         for req in admit:
-            if admission(req, active, model, policy, max_rows, now, planner.current(active))[1] is None:
+            if planner.admit(req, active, model, policy, max_rows, now)[1] is None:
                 active.append(req)
-                planner.replan()
             else:
                 refused += 1
         batch = planner.pick(active, policy, max_rows, model, now)

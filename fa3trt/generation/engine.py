@@ -9,11 +9,11 @@ Contract:
   in its message) when the cost model says its deadline cannot be met, or that it would make a
   request in flight miss a deadline that one would otherwise meet; ``cancel(gen)`` drops it
   (its memory is free once the pass in flight, if any, is done).
-- ``pick()`` is the next pass's requests (``fa3trt.generation.policy``); ``step(batch)`` runs one
-  pass over them and each one's scheduler step, and returns the requests it finished;
-  ``step_or_split(batch)`` retries a failed pass in halves, so only a request that fails alone
-  fails (with why). Requests
-  join and leave at any step boundary. On a GPU the host queues a pass while the device runs the
+- ``pick()`` is the next pass's requests (``fa3trt.generation.policy.Planner``: the plan the
+  admission check replays); ``step(batch)`` runs one pass over them and each one's scheduler
+  step, and returns the requests it finished; ``step_or_split(batch)`` retries a failed pass in
+  halves, so only a request that fails alone fails (with why). Requests join and leave at any
+  step boundary. On a GPU the host queues a pass while the device runs the
   one before, never further ahead. ``admit``, ``cancel`` and ``pick`` may be called from
   another thread than ``step``'s (a lock guards the requests in flight).
 - ``warm(rows)`` runs passes of each bucket's size at 1 row and each power of two up to
@@ -37,7 +37,7 @@ import torch
 from fa3trt.buckets import Buckets
 from fa3trt.errors import DeadlineError
 from fa3trt.generation.family import Family, Start
-from fa3trt.generation.policy import CostModel, Planner, Policy, admission
+from fa3trt.generation.policy import CostModel, Planner, Policy
 from fa3trt.generation.requests import GenerateRequest
 
 __all__ = ["Generation", "StepEngine"]
@@ -131,12 +131,10 @@ class StepEngine:
         raises ``DeadlineError`` when its deadline cannot be met, or when going ahead of a request
         in flight would make that one miss a deadline it would otherwise meet."""
         with self._lock:
-            current = self.planner.current(self.active)
-            eta, refused = admission(gen, self.active, self.cost, self.policy, self.max_rows, self.clock(), current)
+            eta, refused = self.planner.admit(gen, self.active, self.cost, self.policy, self.max_rows, self.clock())
             if refused is not None:
                 raise DeadlineError(refused, eta)
             self.active.append(gen)
-            self.planner.replan()
             return eta
 
     def cancel(self, gen: Generation) -> None:

@@ -181,13 +181,32 @@ def test_a_deadline_that_cannot_be_met_is_refused_with_the_estimate(family: Flux
     with pytest.raises(DeadlineError, match="would make a request in flight miss its deadline"):
         eng.admit(pushy)
     # Without a deadline it goes last; of the small one's shape it would share (and slow: 15 ms a
-    # pass) the small one's passes past its deadline, so it waits for them: admitted, after both.
+    # pass) the small one's passes past its deadline. With requests refused just now the loop
+    # fills its passes greedily (every row counts), so it is refused; another shape is admitted.
+    with pytest.raises(DeadlineError, match="would make a request in flight miss"):
+        eng.admit(eng.new(parse_request(fields(32, 32, 4, 5), limits)))
+    patient = eng.new(parse_request(fields(32, 64, 4, 6), limits))
+    assert eng.admit(patient) == pytest.approx(0.05 + 0.1 + 0.04)
+    assert eng.active == [first, small, patient]
+
+
+def test_with_room_a_later_deadline_waits_rather_than_slow_an_earlier_one(family: FluxFamily, backend: Any) -> None:
+    clock = Clock()
+    eng = engine(family, backend, clock=clock)
+    limits = family.limits()
+    eng.cost.record(0, 1, 0.01)
+    eng.cost.record(0, 2, 0.015)
+    first = eng.new(parse_request(fields(64, 64, 10, 1, deadline_ms=165), limits))
+    small = eng.new(parse_request(fields(32, 32, 5, 2, deadline_ms=70), limits))
+    assert eng.admit(first) == pytest.approx(0.1) and eng.admit(small) == pytest.approx(0.05)
+    # Of the small one's shape, beside it it would end it at 75 ms, past its 70: it waits for the
+    # small one and the first (a nearer deadline), then runs its own 4 passes.
     waiter = eng.new(parse_request(fields(32, 32, 4, 5), limits))
     assert eng.admit(waiter) == pytest.approx(0.05 + 0.1 + 0.04)
     assert eng.pick() == [small]
-    patient = eng.new(parse_request(fields(32, 64, 4, 6), limits))
-    assert eng.admit(patient) == pytest.approx(0.05 + 0.1 + 0.04 + 0.04)
-    assert eng.active == [first, small, waiter, patient]
+    for _ in range(5):
+        eng.step(eng.pick())
+    assert small.done and eng.pick() == [first]
 
 
 def test_a_cancelled_request_leaves_the_next_pass(family: FluxFamily, backend: Any) -> None:

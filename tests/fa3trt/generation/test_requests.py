@@ -212,8 +212,29 @@ def test_the_loop_keeps_its_batch_until_one_of_it_finishes_or_a_request_is_admit
 def test_the_replayed_plan_reads_each_requests_passes_left_at_that_point() -> None:
     cost = CostModel({(0, 1): 1.0, (0, 2): 1.5, (0, 4): 1.5})
     e, a, c = S("x", 1, 0, 2, 1), S("x", 1, 1, 5, 4), S("x", 1, 2, 3.5, 3)
-    # All three share e's one pass (to 1.5; c, due at 3.5, is late at two rows either way). Then
-    # c has 2 passes left: alone they end at 3.5, in time, beside a at 4.5: a waits for c. (Read
-    # at c's 3 passes of the start, c would look late alone too, and a would join and make it so.)
+    # c shares e's one pass (to 1.5), a does not (beside it c would end at 4.5). Then c has 2
+    # passes left: alone they end at 3.5, in time, beside a at 4.5: a waits for c again. (Read at
+    # c's 3 passes of the start, c would look late alone too, and a would join and make it so.)
     times = dict((s.arrival, t) for s, t in finish_times([e, a, c], cost, "edf", 8))
-    assert times == {0: 1.5, 2: 3.5, 1: 6.5}
+    assert times == {0: 1.5, 2: 3.5, 1: 7.5}
+
+
+def test_after_a_refusal_the_loop_fills_its_batches_greedily_for_a_while() -> None:
+    cost = CostModel({(0, 1): 1.0, (0, 2): 1.5, (0, 4): 1.5})
+    c = S("x", 1, 0, 3.5, 3)  # alone it ends at 3 (at 3.5 from t = 0.5), beside another at 5
+    a = S("x", 1, 0.5, 12.0, 4)
+    patient = Planner()
+    assert patient.admit(c, [], cost, "edf", 8, 0.0) == (3.0, None)
+    assert patient.admit(a, [c], cost, "edf", 8, 0.5)[1] is None  # with room, a waits for c
+    assert patient.pick([c, a], "edf", 8, cost, 0.5) == [c] and patient.patient
+    greedy = Planner()
+    greedy.admit(c, [], cost, "edf", 8, 0.0)
+    # 3 passes due at 2: it cannot make it; refused, the loop fills greedily for 3 x 2 s, and a,
+    # which would now share c's passes and make it late, is refused too.
+    assert "cannot be met" in str(greedy.admit(S("y", 1, 0, 2.0, 3), [c], cost, "edf", 8, 0.0)[1])
+    assert not greedy.patient
+    assert "would make a request in flight miss" in str(greedy.admit(a, [c], cost, "edf", 8, 0.5)[1])
+    # Each refusal holds it greedy for 3 of its deadlines: a's (11.5 s) to 0.5 + 34.5; past that,
+    # with no refusal since, it fills patiently again.
+    assert greedy.admit(S("z", 1, 34.0, 40.0, 1), [c], cost, "edf", 8, 34.0)[1] is None and not greedy.patient
+    assert greedy.admit(S("z", 1, 35.5, 40.0, 1), [c], cost, "edf", 8, 35.5)[1] is None and greedy.patient
