@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from fa3trt.generation import FluxFamily, GenerationArgs, StepEngine, parse_request
+from fa3trt.generation.requests import GenerateRequest
 from fa3trt.serving import load_backend
 from tests.models import flux_pipeline_latents
 
@@ -22,25 +23,33 @@ if not torch.cuda.is_available():
 CONFIG = Path(__file__).resolve().parents[3] / "examples/generate_flux_gpu.yaml"
 
 
-def test_flux_width_generation_batched_matches_the_pipeline_alone() -> None:
+def _engine() -> tuple[GenerationArgs, FluxFamily, StepEngine]:
+    """The FLUX-width config's transformer on this GPU, under the torch backend, in a loop."""
     args = GenerationArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
     family = FluxFamily(args)
-    limits = family.limits()
     backend = load_backend("torch", family.spec(), device="cuda")
-    eng = StepEngine(family, backend, args.bucket_set(), args.max_batch_rows)
+    return args, family, StepEngine(family, backend, args.bucket_set(), args.max_batch_rows)
+
+
+def _fields(
+    family: FluxFamily, rng: np.random.Generator, size: int, steps: int, seed: int, text: int = 128
+) -> dict[str, object]:
+    limits = family.limits()
+    return {
+        "prompt_embeds": rng.standard_normal((text, limits.text_dim)).astype(np.float32),
+        "pooled_prompt_embeds": rng.standard_normal(limits.pooled_dim).astype(np.float32),
+        "height": size,
+        "width": size,
+        "steps": steps,
+        "seed": seed,
+    }
+
+
+def test_flux_width_generation_batched_matches_the_pipeline_alone() -> None:
+    args, family, eng = _engine()
+    limits = family.limits()
     rng = np.random.default_rng(0)
-
-    def fields(size: int, steps: int, seed: int) -> dict[str, object]:
-        return {
-            "prompt_embeds": rng.standard_normal((128, limits.text_dim)).astype(np.float32),
-            "pooled_prompt_embeds": rng.standard_normal(limits.pooled_dim).astype(np.float32),
-            "height": size,
-            "width": size,
-            "steps": steps,
-            "seed": seed,
-        }
-
-    reqs = [fields(512, 8, 1), fields(512, 6, 2), fields(768, 5, 3)]
+    reqs = [_fields(family, rng, 512, 8, 1), _fields(family, rng, 512, 6, 2), _fields(family, rng, 768, 5, 3)]
     gens = [eng.new(parse_request(r, limits)) for r in reqs]
     eng.admit(gens[0])
     eng.step(eng.pick())
@@ -62,23 +71,12 @@ def test_preparing_a_request_and_a_pass_never_waits_for_the_device() -> None:
     """A request's start (noise, prompt rows, timesteps) and a pass's inputs are queued through
     page-locked memory: with a pass in flight, neither synchronizes with the device (a copy from
     pageable memory would, and the device would idle while the host prepares the next pass)."""
-    args = GenerationArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
-    family = FluxFamily(args)
+    _, family, eng = _engine()
     limits = family.limits()
-    backend = load_backend("torch", family.spec(), device="cuda")
-    eng = StepEngine(family, backend, args.bucket_set(), args.max_batch_rows)
     rng = np.random.default_rng(1)
 
-    def request(seed: int) -> object:
-        fields = {
-            "prompt_embeds": rng.standard_normal((64, limits.text_dim)).astype(np.float32),
-            "pooled_prompt_embeds": rng.standard_normal(limits.pooled_dim).astype(np.float32),
-            "height": 512,
-            "width": 512,
-            "steps": 4,
-            "seed": seed,
-        }
-        return parse_request(fields, limits)
+    def request(seed: int) -> GenerateRequest:
+        return parse_request(_fields(family, rng, 512, 4, seed, text=64), limits)
 
     eng.admit(eng.new(request(0)))
     eng.step(eng.pick())  # the first pass of this shape compiles and allocates outside the check
