@@ -15,9 +15,9 @@ code, one backend):
 - ``step-edf``: the same, earliest deadline first with the admission check (what the app runs).
 
 A request's deadline is ``--slack`` times its size's loop alone. Passes are queued as the app
-queues them (the engine keeps the host one pass ahead of the device), with a device sync only
-after a pass that finishes requests (their answers leave the device); the busy fraction is the
-passes' device time (CUDA events). Reports throughput, p50/p99 latency, deadline misses (answered
+queues them (the engine keeps the host one pass ahead of the device), never waited for: a
+finished request ends when its last pass ends on the device (a CUDA event; the app copies its
+answer out on another thread); the busy fraction is the passes' device time (CUDA events). Reports throughput, p50/p99 latency, deadline misses (answered
 late, and refused at admission), the device's busy fraction and the rows per pass; the goals are
 printed as ratios against ``alone`` and ``request`` measured in this process.
 
@@ -145,7 +145,10 @@ def run_arm(
     refused = passes = rows = 0
     busy = 0.0
     timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    ended: list[tuple[Generation, torch.cuda.Event]] = []  # a finishing pass's end on the device
     nxt = 0
+    _sync(device)
+    start = _event(device) if device.type == "cuda" else None
     t0 = time.perf_counter()
     while nxt < len(arrivals) or waiting or len(eng):
         now = time.perf_counter() - t0
@@ -182,15 +185,18 @@ def run_arm(
         finished = eng.step(batch)  # queued: the engine keeps the host one pass ahead of the device
         if begin is not None:
             timed.append((begin, _event(device)))
-        if finished:  # their answers leave the device, as the app copies them out: a sync
-            _sync(device)
-        end = time.perf_counter()
-        busy += end - s if begin is None else 0.0
+            # Each finished request ends when its last pass does on the device (the app copies
+            # its answer out on another thread; the loop does not wait for it).
+            ended.extend((g, timed[-1][1]) for g in finished)
+        else:
+            busy += time.perf_counter() - s
+            done.extend((g, time.perf_counter() - t0) for g in finished)
         passes += 1
         rows += sum(g.rows for g in batch)
-        done.extend((g, end - t0) for g in finished)
     _sync(device)
     busy += sum(a.elapsed_time(b) for a, b in timed) / 1e3  # each pass's time on the device
+    if start is not None:
+        done.extend((g, start.elapsed_time(event) / 1e3) for g, event in ended)
     ends = [(arrival_of[g.id], end, g.budget) for g, end in done]  # type: ignore[attr-defined]
     return summarize(arm, len(arrivals), arrivals[0][0], ends, refused, busy, passes, rows)
 
