@@ -262,7 +262,8 @@ def admission(
 ) -> tuple[float, str | None]:
     """(``new``'s seconds to its end if admitted at ``now``, why it is refused or None): see the
     module docstring. Deadlines are on ``now``'s clock; ``current``: the batch the loop keeps
-    (``Planner.current``), which it runs on if ``new`` is refused (if admitted, it plans anew)."""
+    (``Planner.current``), which it runs on if ``new`` is refused (if admitted, it plans anew);
+    ``patient``: whether the plans fill batches patiently (``Planner``)."""
     after = finish_times([*states, new], cost, policy, max_rows, now, patient=patient)
     eta = next(t for s, t in after if s is new)
     if now + eta > new.deadline:

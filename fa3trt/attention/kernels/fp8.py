@@ -7,9 +7,9 @@ naming an FP8 kernel forces it. q, k, v are quantized once, with the scales that
 (per (batch, head) for FA3, per tensor for cuDNN), computed on the device: no host sync. On a
 GPU the quantization is one fused Triton pass per tensor (power-of-two factors from a sample of
 its rows, checked against its amax in the same pass: ``fa3trt.attention.kernels.quantize``).
-Without an FP8 kernel (the CPU, or a shape the kernel refuses) the caller's kernel computes on the dequantized inputs in the input dtype: FP8 numerics without FP8 speed, announced
-once per (kernel, dtype) with a ``RuntimeWarning``. The op and the TensorRT plugin both call
-``run_fp8``.
+Without an FP8 kernel (the CPU, or a shape the kernel refuses) the caller's kernel computes on
+the dequantized inputs in the input dtype: FP8 numerics without FP8 speed, announced once per
+(kernel, dtype) with a ``RuntimeWarning``. The op and the TensorRT plugin both call ``run_fp8``.
 """
 
 from __future__ import annotations
