@@ -11,8 +11,9 @@ Contract:
   group (a pass over 1/SAMPLE of it); the cast pass takes the group's true amax as it goes, and
   where the true amax times the sample's factor would pass ``clamp`` (a large value the sample
   missed) a last pass casts that group again with the true amax's factor. So every group's
-  largest value lands within (2^(TOP-1), clamp], the result depends on the group's values alone
-  (not on its batch, the launch or the device), and the common case reads t once (and 1/SAMPLE
+  largest value lands within (2^(TOP-1), clamp] (an all-zero group's at 0), the result depends
+  on the group's values alone (its batch row's, padded rows included; with one factor for the
+  tensor, every row's), not on the launch or the device, and the common case reads t once (and 1/SAMPLE
   of it) and writes it once: the one quantization pass FP8 attention pays for, where an exact
   amax factor needs a whole reduction pass before it.
 - On an sm89+ GPU the passes are one Triton kernel (three launches: the sample's amax, the cast,
