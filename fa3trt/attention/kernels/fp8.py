@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from fa3trt.attention.kernels import cudnn_graph
-from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX, AttentionKernel, log_once
+from fa3trt.attention.kernels.base import FP8_DTYPE, FP8_MAX, AttentionKernel, dense_batch, key_lengths, log_once
 from fa3trt.attention.kernels.quantize import quantize_pow2
 from fa3trt.attention.kernels.registry import KERNELS, available_kernels
 from fa3trt.attention.kernels.scale_cast import scale_cast
@@ -46,7 +46,9 @@ EMULATION_WARNED: set[tuple[str, torch.dtype]] = set()
 """(kernel, dtype) pairs whose emulated FP8 has been announced in this process."""
 
 
-def quantize(t: torch.Tensor, per_tensor: bool = False, heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    t: torch.Tensor, per_tensor: bool = False, heads: int | None = None, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 quantization of a (B, S, H, D) tensor with factors computed on its device (no host sync).
 
     Returns (fp8 tensor, float32 descale) with ``t ≈ fp8 * descale``: descale of shape (B, heads)
@@ -55,8 +57,11 @@ def quantize(t: torch.Tensor, per_tensor: bool = False, heads: int | None = None
     (1,) with ``per_tensor`` (one factor for the whole tensor). Each factor is a power of two
     that puts its group's largest value within (128, 448], chosen from a sample of the rows and
     checked against the true amax within the same pass (``quantize_pow2``): one pass over ``t``.
+    ``lengths`` ((B,) int32, any device): each row's padding past its length counts for no
+    factor and is quantized to 0, so a row's factors do not depend on the batch it is padded in.
     """
-    return quantize_pow2(t, 0 if per_tensor else (t.shape[2] if heads is None else heads), FP8_DTYPE, FP8_MAX)
+    groups = 0 if per_tensor else (t.shape[2] if heads is None else heads)
+    return quantize_pow2(t, groups, FP8_DTYPE, FP8_MAX, lengths=lengths)
 
 
 def dequantize(q8: torch.Tensor, descale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,8 +132,13 @@ def run_fp8(
     cross = q.shape[1] != k.shape[1] or (seq_lens_k is not None and seq_lens_k is not seq_lens)
     fk = fp8_kernel(q.device, q.shape[-1], cross=cross, causal=causal, gqa=q.shape[2] != k.shape[2])
     per_tensor = fk is not None and fk.fp8_scales == "tensor"
-    # q's factors per key head (its group of query heads): FA3 takes q's descale as (B, Hk).
-    (q8, qs), (k8, ks), (v8, vs) = (quantize(t, per_tensor, k.shape[2]) for t in (q, k, v))
+    # q's factors per key head (its group of query heads): FA3 takes q's descale as (B, Hk); the
+    # padding past each length counts for no factor (host lengths that are all full: none).
+    lens_k = key_lengths(seq_lens, seq_lens_k, q.shape[1], k.shape[1])
+    lq = None if dense_batch(seq_lens, q.shape[1]) else seq_lens
+    lk = None if dense_batch(lens_k, k.shape[1]) else lens_k
+    q8, qs = quantize(q, per_tensor, k.shape[2], lq)
+    (k8, ks), (v8, vs) = (quantize(t, per_tensor, None, lk) for t in (k, v))
     if fk is not None:
         try:
             res = fk.forward_fp8(

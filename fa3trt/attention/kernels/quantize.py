@@ -1,9 +1,10 @@
 """e4m3 quantization of q, k, v in one pass over each: power-of-two factors from a sample.
 
 Contract:
-- ``quantize_pow2(t, groups, dtype, clamp)`` of a (B, S, H, D) tensor returns (``dtype(clamp(t *
-  2^k))`` contiguous, ``descale = 2^-k`` float32): one factor per batch row and group of H /
-  ``groups`` consecutive heads, (B, groups), or one for the tensor, (1,), with ``groups`` 0.
+- ``quantize_pow2(t, groups, dtype, clamp, lengths=None)`` of a (B, S, H, D) tensor returns
+  (``dtype(clamp(t * 2^k))`` contiguous, ``descale = 2^-k`` float32): one factor per batch row
+  and group of H / ``groups`` consecutive heads, (B, groups), or one for the tensor, (1,), with
+  ``groups`` 0.
 - The factor is a power of two, so the product is exact and the cast the only rounding (to
   nearest even): the Triton kernel and the torch ops give the same bits.
 - k maps an amax ``a`` into (2^(TOP-1), 2^TOP], TOP = floor(log2 clamp) (e4m3: 448 -> 256):
@@ -12,8 +13,9 @@ Contract:
   where the true amax times the sample's factor would pass ``clamp`` (a large value the sample
   missed) a last pass casts that group again with the true amax's factor. So every group's
   largest value lands within (2^(TOP-1), clamp] (an all-zero group's at 0), the result depends
-  on the group's values alone (its batch row's, padded rows included; with one factor for the
-  tensor, every row's), not on the launch or the device, and the common case reads t once (and 1/SAMPLE
+  on the group's values alone (its batch row's up to ``lengths``, where given: the padding past
+  it reads as 0, counts for no factor and is written as 0; with one factor for the tensor, every
+  row's), not on the launch or the device, and the common case reads t once (and 1/SAMPLE
   of it) and writes it once: the one quantization pass FP8 attention pays for, where an exact
   amax factor needs a whole reduction pass before it.
 - On an sm89+ GPU the passes are one Triton kernel (three launches: the sample's amax, the cast,
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 
 from fa3trt.attention.kernels.scale_cast import absmax, fell_back, scale_cast, triton_kernel
+from fa3trt.transfer import lengths_to_device
 
 __all__ = ["quantize_pow2", "SAMPLE"]
 
@@ -64,6 +67,7 @@ def _kernel() -> Any | None:
         est_ptr,
         amax_ptr,
         descale_ptr,
+        lens_ptr,
         batch_stride,
         row_stride,
         seq,
@@ -80,10 +84,12 @@ def _kernel() -> Any | None:
         TOP: tl.constexpr,
         STAGE: tl.constexpr,
         SPREAD: tl.constexpr,
+        LENS: tl.constexpr,
     ):
         # est_ptr, amax_ptr: int32 bits of float32 amaxes (>= 0, where float32's order is its bits'
         # order as int32), joined by atomic max. A factor 2^(TOP - ceil(log2 a)) and its inverse
-        # are made from the exponent bits: exact.
+        # are made from the exponent bits: exact. With LENS, a batch row's rows past its length
+        # (lens_ptr) are read as 0: they count for no amax and are written as 0.
         width: tl.constexpr = ROW // GROUPS
         if STAGE == 2:
             # Program (piece, i): a group's tiles i, i + SPREAD, ... where its sample's factor
@@ -108,24 +114,33 @@ def _kernel() -> Any | None:
                 seq_block = (tile // CHUNKS) % seq_blocks
                 group = (tile // CHUNKS // seq_blocks) % GROUPS
                 batch = tile // CHUNKS // seq_blocks // GROUPS
+                if LENS:  # noqa: SIM108 (a branch Triton resolves at compile time)
+                    valid = tl.minimum(tl.maximum(tl.load(lens_ptr + batch), 0), seq)
+                else:
+                    valid = seq
                 rows = seq_block * ROWS + tl.arange(0, ROWS)
                 local = chunk * BLOCK + tl.arange(0, BLOCK)
-                keep = (rows < seq)[:, None] & (local < width)[None, :]
+                inside = (rows < seq)[:, None] & (local < width)[None, :]
+                keep = (rows < valid)[:, None] & (local < width)[None, :]
                 cols = (group * width + local)[None, :]
                 src = batch.to(tl.int64) * batch_stride + rows.to(tl.int64)[:, None] * row_stride + cols
                 x = tl.load(x_ptr + src, mask=keep, other=0.0).to(tl.float32)
                 y = tl.minimum(tl.maximum(x * scale, -CLAMP), CLAMP)
                 dst = (batch * seq + rows).to(tl.int64)[:, None] * ROW + cols
-                tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=keep)
+                tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=inside)
         else:
             # Program: ROWS rows (every STEP-th) of one batch row by BLOCK columns of one group.
             batch = tl.program_id(0) // seq_blocks
             seq_block = tl.program_id(0) % seq_blocks
             group = tl.program_id(1) // CHUNKS
             chunk = tl.program_id(1) % CHUNKS
+            if LENS:  # noqa: SIM108 (a branch Triton resolves at compile time)
+                valid = tl.minimum(tl.maximum(tl.load(lens_ptr + batch), 0), seq)
+            else:
+                valid = seq
             rows = (seq_block * ROWS + tl.arange(0, ROWS)) * STEP
             local = chunk * BLOCK + tl.arange(0, BLOCK)
-            keep = (rows < seq)[:, None] & (local < width)[None, :]
+            keep = (rows < valid)[:, None] & (local < width)[None, :]
             cols = (group * width + local)[None, :]
             src = batch.to(tl.int64) * batch_stride + rows.to(tl.int64)[:, None] * row_stride + cols
             x = tl.load(x_ptr + src, mask=keep, other=0.0).to(tl.float32)
@@ -140,7 +155,8 @@ def _kernel() -> Any | None:
                 y = x * ((TOP - e_up + 127) << 23).to(tl.float32, bitcast=True)
                 y = tl.minimum(tl.maximum(y, -CLAMP), CLAMP)
                 dst = (batch * seq + rows).to(tl.int64)[:, None] * ROW + cols
-                tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=keep)
+                inside = (rows < seq)[:, None] & (local < width)[None, :]
+                tl.store(y_ptr + dst, y.to(y_ptr.dtype.element_ty), mask=inside)
                 tl.atomic_max(amax_ptr + at, top)
 
     return pow2_pass
@@ -158,9 +174,12 @@ def _pow2(n: torch.Tensor) -> torch.Tensor:
 
 
 def _torch(
-    t: torch.Tensor, groups: int, dtype: torch.dtype, clamp: float, top: int
+    t: torch.Tensor, groups: int, dtype: torch.dtype, clamp: float, top: int, lengths: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch ops computing the kernel's values (the module docstring's rule)."""
+    if lengths is not None:  # rows past a length read as 0
+        keep = torch.arange(t.shape[1], device=t.device)[None, :] < lengths.to(t.device)[:, None]
+        t = torch.where(keep[:, :, None, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
     est, amax = absmax(t[:, ::SAMPLE], groups, method="torch"), absmax(t, groups, method="torch")
     est_up, amax_up = _ceil_log2(est), _ceil_log2(amax)
     redo = amax.clamp(TINY, HUGE) * _pow2(top - est_up) > clamp
@@ -168,17 +187,29 @@ def _torch(
     return scale_cast(t, _pow2(top - up), dtype, clamp=clamp, method="torch"), _pow2(up - top)
 
 
-def _launch(kernel: Any, t: torch.Tensor, groups: int, dtype: torch.dtype, clamp: float, top: int) -> Any:
+def _launch(
+    kernel: Any,
+    t: torch.Tensor,
+    groups: int,
+    dtype: torch.dtype,
+    clamp: float,
+    top: int,
+    lengths: torch.Tensor | None,
+) -> Any:
     b, s, h, d = t.shape
     g = max(groups, 1)
     width = h * d // g
     out = torch.empty((b, s, h, d), dtype=dtype, device=t.device)
     stats = torch.zeros((2, b, groups) if groups else (2, 1), dtype=torch.int32, device=t.device)
     descale = torch.empty(stats.shape[1:], dtype=torch.float32, device=t.device)
+    lens = stats if lengths is None else lengths_to_device(lengths, t.device)
     block = min(2048, 1 << (width - 1).bit_length())
     chunks = -(-width // block)
-    fixed = dict(ROW=h * d, GROUPS=g, PER_GROUP=int(groups > 0), BLOCK=block, CHUNKS=chunks, CLAMP=clamp, TOP=top)
-    head = (t, out, stats[0], stats[1], descale, t.stride(0), t.stride(1), s)
+    fixed = dict(
+        ROW=h * d, GROUPS=g, PER_GROUP=int(groups > 0), BLOCK=block, CHUNKS=chunks, CLAMP=clamp, TOP=top,
+        LENS=lengths is not None,
+    )  # fmt: skip
+    head = (t, out, stats[0], stats[1], descale, lens, t.stride(0), t.stride(1), s)
     rows = max(1, 4096 // block)  # the sample: every SAMPLE-th row
     blocks = math.ceil(math.ceil(s / SAMPLE) / rows)
     kernel[(b * blocks, g * chunks)](*head, blocks, 0, **fixed, ROWS=rows, STEP=SAMPLE, STAGE=0, SPREAD=1)
@@ -192,15 +223,25 @@ def _launch(kernel: Any, t: torch.Tensor, groups: int, dtype: torch.dtype, clamp
 
 
 def quantize_pow2(
-    t: torch.Tensor, groups: int, dtype: torch.dtype, clamp: float, *, method: str = "auto"
+    t: torch.Tensor,
+    groups: int,
+    dtype: torch.dtype,
+    clamp: float,
+    *,
+    lengths: torch.Tensor | None = None,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``dtype(clamp(t * 2^k))``, ``2^-k``) per batch row and group of heads, (B, ``groups``), or
-    for the tensor with ``groups`` 0 (see the module docstring). ``method``: auto, triton or torch."""
+    for the tensor with ``groups`` 0 (see the module docstring). ``lengths`` ((B,) int32, any
+    device): each batch row's rows past its length count for no factor and are written as 0
+    (a padded batch's padding then moves no row's factors). ``method``: auto, triton or torch."""
     b, s, h, d = t.shape
     if groups and h % groups:
         raise ValueError(f"quantize: {groups} groups do not divide the tensor's {h} heads (shape {tuple(t.shape)})")
     if clamp < 1:
         raise ValueError(f"quantize: clamp must be >= 1 (the format's largest value), got {clamp}")
+    if lengths is not None and tuple(lengths.shape) != (b,):
+        raise ValueError(f"quantize: lengths of shape {tuple(lengths.shape)} for {b} batch rows; pass ({b},)")
     if not t.numel():
         return torch.empty(t.shape, dtype=dtype, device=t.device), torch.ones(
             (b, groups) if groups else (1,), dtype=torch.float32, device=t.device
@@ -210,7 +251,7 @@ def quantize_pow2(
     kernel = triton_kernel(t, method, "quantize", (8, 9), build=_kernel, walkable=walkable)
     if kernel is not None:
         try:
-            return _launch(kernel, t, groups, dtype, clamp, top)  # type: ignore[no-any-return]
+            return _launch(kernel, t, groups, dtype, clamp, top, lengths)  # type: ignore[no-any-return]
         except Exception as e:  # the torch ops compute the same values
             fell_back(t, method, "quantize", e)
-    return _torch(t, groups, dtype, clamp, top)
+    return _torch(t, groups, dtype, clamp, top, lengths)

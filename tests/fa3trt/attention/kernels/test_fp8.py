@@ -112,6 +112,29 @@ def test_strided_views_quantize_like_their_copies(per_tensor: bool) -> None:
     assert torch.equal(a.float(), b.float()) and torch.equal(da, db)
 
 
+def test_padding_past_a_length_counts_for_no_factor_and_is_quantized_to_zero() -> None:
+    t = torch.randn(2, 40, 4, 8)
+    t[0, 25:] = 1e4  # row 0 is 20 long: what its batch pads it with
+    lens = torch.tensor([20, 40], dtype=torch.int32)
+    for groups in (4, 2, 0):
+        q8, descale = quantize_pow2(t, groups, FP8_DTYPE, FP8_MAX, lengths=lens)
+        alone, d_alone = quantize_pow2(t[:1, :20], groups, FP8_DTYPE, FP8_MAX)
+        assert torch.equal(q8[0, :20].float(), alone[0].float()) and torch.equal(
+            q8[0, 20:].float(), torch.zeros(20, 4, 8)
+        )
+        if groups:  # (one factor for the tensor: row 1's values share it)
+            assert torch.equal(descale[:1], d_alone)
+        np.testing.assert_array_equal(descale.double().numpy(), _want_descale(_masked(t, lens), groups))
+    with pytest.raises(ValueError, match=r"lengths of shape \(3,\) for 2 batch rows"):
+        quantize_pow2(t, 4, FP8_DTYPE, FP8_MAX, lengths=torch.tensor([1, 2, 3], dtype=torch.int32))
+
+
+def _masked(t: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """``t`` with each batch row's rows past its length zeroed."""
+    keep = torch.arange(t.shape[1])[None, :] < lens[:, None]
+    return t * keep[:, :, None, None]
+
+
 def test_per_head_quantization_puts_each_heads_amax_within_the_e4m3_range() -> None:
     t = torch.randn(2, 40, 3, 8) * torch.tensor([1.0, 100.0, 0.01])[None, None, :, None]
     q8, descale = fp8.quantize(t)
@@ -320,6 +343,13 @@ def test_triton_quantization_equals_the_torch_ops() -> None:
             # ... and back (an e4m3 output into the model's dtype), with the same factors.
             back = [scale_cast(fast, d_fast, torch.bfloat16, method=m) for m in ("triton", "torch")]
             assert torch.equal(back[0], back[1]), (t.shape, groups)
+            # A padded batch: each row's padding past its length (on the device) counts for nothing.
+            lens = torch.tensor([t.shape[1], 21, 300][: t.shape[0]], dtype=torch.int32, device="cuda")
+            (fast, d_fast), (ops, d_ops) = (
+                quantize_pow2(t, groups, FP8_DTYPE, FP8_MAX, lengths=lens, method=m) for m in ("triton", "torch")
+            )
+            assert torch.equal(fast.view(torch.uint8), ops.view(torch.uint8)), (t.shape, groups, "lengths")
+            assert torch.equal(d_fast, d_ops), (t.shape, groups, "lengths")
 
 
 @gpu
