@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from bench.generation import make_fields
 from fa3trt.generation import FluxFamily, GenerationArgs, StepEngine, parse_request
 from fa3trt.generation.requests import GenerateRequest
 from fa3trt.serving import load_backend
@@ -31,25 +32,14 @@ def _engine() -> tuple[GenerationArgs, FluxFamily, StepEngine]:
     return args, family, StepEngine(family, backend, args.bucket_set(), args.max_batch_rows)
 
 
-def _fields(
-    family: FluxFamily, rng: np.random.Generator, size: int, steps: int, seed: int, text: int = 128
-) -> dict[str, object]:
-    limits = family.limits()
-    return {
-        "prompt_embeds": rng.standard_normal((text, limits.text_dim)).astype(np.float32),
-        "pooled_prompt_embeds": rng.standard_normal(limits.pooled_dim).astype(np.float32),
-        "height": size,
-        "width": size,
-        "steps": steps,
-        "seed": seed,
-    }
-
-
 def test_flux_width_generation_batched_matches_the_pipeline_alone() -> None:
     args, family, eng = _engine()
     limits = family.limits()
-    rng = np.random.default_rng(0)
-    reqs = [_fields(family, rng, 512, 8, 1), _fields(family, rng, 512, 6, 2), _fields(family, rng, 768, 5, 3)]
+    reqs = [
+        make_fields(limits, 512, 8, 1, 128),
+        make_fields(limits, 512, 6, 2, 128),
+        make_fields(limits, 768, 5, 3, 128),
+    ]
     gens = [eng.new(parse_request(r, limits)) for r in reqs]
     eng.admit(gens[0])
     eng.step(eng.pick())
@@ -73,10 +63,9 @@ def test_preparing_a_request_and_a_pass_never_waits_for_the_device() -> None:
     pageable memory would, and the device would idle while the host prepares the next pass)."""
     _, family, eng = _engine()
     limits = family.limits()
-    rng = np.random.default_rng(1)
 
     def request(seed: int) -> GenerateRequest:
-        return parse_request(_fields(family, rng, 512, 4, seed, text=64), limits)
+        return parse_request(make_fields(limits, 512, 4, seed, 64), limits)
 
     eng.admit(eng.new(request(0)))
     eng.step(eng.pick())  # the first pass of this shape compiles and allocates outside the check
