@@ -4,7 +4,7 @@ what a change to the scheduling or the admission check does, without the card.
 Reads a ``bench.generation`` result (its JSON: the card's cost model by bucket and rows, each
 size's step in the loop alone, the capacity, the run's arguments) and replays the same Poisson
 arrivals (``bench.generation.arrival_plan``, the same draw) at the same loads through the same
-policy code as the app (``fa3trt.generation.policy``: ``pick``, ``admission``), the loop of
+policy code as the app (``fa3trt.generation.policy.Planner``: its ``pick`` and ``admit``), the loop of
 ``bench.generation.run_arm`` with each pass taking the seconds of ``--truth``:
 
 - ``synced``: the cost model as measured, every pass followed by a device sync (how the warm-up
