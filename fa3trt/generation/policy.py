@@ -96,11 +96,12 @@ def _fill(
         return []
     head = ranked[0]
     batch = [head]
+    alone = _ends(batch, cost, now, left) if cost is not None else {}
     for i, s in enumerate(ranked[1:], 1):
         if s.key != head.key or sum(m.rows for m in batch) + s.rows > max_rows:
             continue
         if cost is not None:
-            alone, beside = _ends(batch, cost, now, left), _ends([*batch, s], cost, now, left)
+            beside = _ends([*batch, s], cost, now, left)
             if any(alone[id(m)] <= m.deadline < beside[id(m)] for m in batch):
                 continue  # it waits: joining would slow a request that makes its deadline past it
             # ... or one ahead of it in the order that waits for this batch to end.
@@ -110,6 +111,7 @@ def _fill(
                 done_alone + _alone(r, cost, left) <= r.deadline < done_beside + _alone(r, cost, left) for r in waiting
             ):
                 continue
+            alone = beside  # the batch's ends from now on
         batch.append(s)
     return batch
 

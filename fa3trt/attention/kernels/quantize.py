@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fa3trt.attention.kernels.scale_cast import absmax, fell_back, scale_cast, triton_kernel
+from fa3trt.attention.kernels.scale_cast import absmax, fell_back, scale_cast, tiles, triton_kernel
 from fa3trt.transfer import lengths_to_device
 
 __all__ = ["quantize_pow2", "SAMPLE"]
@@ -198,27 +198,22 @@ def _launch(
 ) -> Any:
     b, s, h, d = t.shape
     g = max(groups, 1)
-    width = h * d // g
     out = torch.empty((b, s, h, d), dtype=dtype, device=t.device)
     stats = torch.zeros((2, b, groups) if groups else (2, 1), dtype=torch.int32, device=t.device)
     descale = torch.empty(stats.shape[1:], dtype=torch.float32, device=t.device)
     lens = stats if lengths is None else lengths_to_device(lengths, t.device)
-    block = min(2048, 1 << (width - 1).bit_length())
-    chunks = -(-width // block)
+    block, rows, chunks, blocks = tiles(t, groups, 4096, seq=math.ceil(s / SAMPLE))  # the sample
     fixed = dict(
         ROW=h * d, GROUPS=g, PER_GROUP=int(groups > 0), BLOCK=block, CHUNKS=chunks, CLAMP=clamp, TOP=top,
         LENS=lengths is not None,
     )  # fmt: skip
     head = (t, out, stats[0], stats[1], descale, lens, t.stride(0), t.stride(1), s)
-    rows = max(1, 4096 // block)  # the sample: every SAMPLE-th row
-    blocks = math.ceil(math.ceil(s / SAMPLE) / rows)
     kernel[(b * blocks, g * chunks)](*head, blocks, 0, **fixed, ROWS=rows, STEP=SAMPLE, STAGE=0, SPREAD=1)
-    rows = max(1, 2048 // block)
-    blocks = -(-s // rows)
+    _, rows, _, blocks = tiles(t, groups, 2048)
     kernel[(b * blocks, g * chunks)](*head, blocks, 0, **fixed, ROWS=rows, STEP=1, STAGE=1, SPREAD=1)
-    pieces, tiles = (b * groups, blocks * chunks) if groups else (1, b * blocks * chunks)
-    spread = 1 << (min(tiles, max(1, 1024 // pieces)).bit_length() - 1)  # about 1024 programs in all
-    kernel[(pieces, spread)](*head, blocks, tiles, **fixed, ROWS=rows, STEP=1, STAGE=2, SPREAD=spread)
+    pieces, per_piece = (b * groups, blocks * chunks) if groups else (1, b * blocks * chunks)
+    spread = 1 << (min(per_piece, max(1, 1024 // pieces)).bit_length() - 1)  # about 1024 programs in all
+    kernel[(pieces, spread)](*head, blocks, per_piece, **fixed, ROWS=rows, STEP=1, STAGE=2, SPREAD=spread)
     return out, descale
 
 

@@ -24,7 +24,7 @@ import torch
 from fa3trt.attention.kernels.base import log_once
 from fa3trt.errors import MissingDependencyError
 
-__all__ = ["scale_cast", "absmax", "triton_kernel", "fell_back"]
+__all__ = ["scale_cast", "absmax", "triton_kernel", "fell_back", "tiles"]
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,12 @@ def fell_back(t: torch.Tensor, method: str, who: str, e: Exception) -> None:
     _failed.add(str(t.device))
 
 
-def _tiles(t: torch.Tensor, groups: int, elements: int) -> tuple[int, int, int, int]:
+def tiles(t: torch.Tensor, groups: int, elements: int, seq: int | None = None) -> tuple[int, int, int, int]:
     """The kernels' tiles over ``t`` (B, S, H, D): (BLOCK columns of one group of heads, ROWS rows,
-    CHUNKS of columns a group, sequence blocks a batch row), about ``elements`` a program."""
+    CHUNKS of columns a group, sequence blocks a batch row), about ``elements`` a program; over
+    ``seq`` rows a batch row where given (a pass over some of them), else S."""
     _, s, h, d = t.shape
+    s = s if seq is None else seq
     width = h * d // max(groups, 1)  # columns of one group of heads
     block = min(2048, 1 << (width - 1).bit_length())
     rows = max(1, elements // block)
@@ -142,7 +144,7 @@ def _amax_launch(kernel: Any, t: torch.Tensor, groups: int) -> torch.Tensor:
     bits = torch.zeros((b, groups) if groups else (1,), dtype=torch.int32, device=t.device)
     if not t.numel():
         return bits.view(torch.float32)
-    block, rows, chunks, seq_blocks = _tiles(t, groups, 4096)
+    block, rows, chunks, seq_blocks = tiles(t, groups, 4096)
     kernel[(b * seq_blocks, max(groups, 1) * chunks)](
         t, bits, bits, t.stride(1), s, seq_blocks,
         ROW=h * d, GROUPS=max(groups, 1), PER_GROUP=int(groups > 0), ROWS=rows, BLOCK=block,
@@ -197,7 +199,7 @@ def _launch(
         out = torch.empty((b, s, h, d), dtype=dtype, device=t.device)
     if not t.numel():
         return out
-    block, rows, chunks, seq_blocks = _tiles(t, groups, 2048)
+    block, rows, chunks, seq_blocks = tiles(t, groups, 2048)
     try:
         kernel[(b * seq_blocks, max(groups, 1) * chunks)](
             t, out, scale.contiguous(), t.stride(1), s, seq_blocks,
